@@ -1,0 +1,611 @@
+"""Automatic discovery of alignment spaces for any PyTorch model.
+
+The model's forward pass is captured with ``torch.export`` (non-strict mode, which handles timm and
+transformers models), then every axis of every tensor in the exported graph is propagated through a
+table of op rules (:mod:`alignment._rules`) into a union-find of axis classes. Classes that touch the
+model's inputs or outputs, kernels, or positions are fixed; the remaining classes that hold parameter
+axes are the alignment spaces.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._axes import AxisAlgebra, Dim
+from ._rules import IGNORED, RULES
+from .errors import ExportError, UnfollowableOpError
+from .graph import FixedAxis, Graph, Member, Observation, Space
+
+
+def discover(model: nn.Module, example_input: Any, *, strict: bool = False) -> Graph:
+    """Discover the alignment spaces of ``model``.
+
+    Args:
+        model: any ``nn.Module``; it is not modified (parameters, buffers, train/eval mode and
+            ``requires_grad`` flags are left as they are).
+        example_input: an input batch (a tensor, or a tuple of positional inputs, or a dict of
+            keyword inputs). Use a batch of at least 2 so the batch axis is not confused with
+            broadcasting.
+        strict: passed to ``torch.export.export`` (non-strict by default).
+
+    Returns:
+        The :class:`~alignment.graph.Graph` of spaces, fixed axes and observation points.
+
+    Raises:
+        ExportError: if ``torch.export`` cannot capture the forward pass.
+        UnfollowableOpError: if an op mixes hidden features in a way discovery cannot follow; the
+            message names the op and the module.
+    """
+    args, kwargs = _as_args(example_input)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(model, args, kwargs=kwargs, strict=strict)
+    except Exception as exc:  # torch raises many types; report them as one
+        raise ExportError(
+            f"torch.export could not capture {type(model).__name__}.forward: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}. Check that the example input runs through "
+            f"the model, or simplify data-dependent control flow."
+        ) from exc
+    finally:
+        for n, p in model.named_parameters():
+            if p.requires_grad != flags.get(n, p.requires_grad):
+                p.requires_grad_(flags[n])
+    tracer = _Tracer(ep, model)
+    tracer.run()
+    return tracer.build_graph()
+
+
+def _as_args(example_input: Any) -> tuple[tuple, dict]:
+    if isinstance(example_input, dict):
+        return (), dict(example_input)
+    if isinstance(example_input, (tuple, list)):
+        return tuple(example_input), {}
+    return (example_input,), {}
+
+
+class _Tracer:
+    """Propagates axis classes through an exported program."""
+
+    def __init__(self, ep: torch.export.ExportedProgram, model: nn.Module):
+        self.ep = ep
+        self.model = model
+        self.A = AxisAlgebra()
+        self.C = self.A.C
+        self.info: dict[torch.fx.Node, Any] = {}
+        self.tensor_of: dict[str, str] = {}  # placeholder name -> state_dict name
+        self.tensor_kind: dict[str, str] = {}
+        self.tensor_dims: dict[str, list[Dim]] = {}
+        self.checks: list[tuple[list[int], torch.fx.Node, str]] = []
+        self.unknown: list[tuple[torch.fx.Node, list[int]]] = []
+        self.activation_classes: set[int] = set()
+
+    # -- helpers used by rules ----------------------------------------------------------------
+    @staticmethod
+    def opname(node: torch.fx.Node) -> str:
+        t = node.target
+        if hasattr(t, "overloadpacket"):
+            return str(t.overloadpacket)
+        if hasattr(t, "name") and callable(getattr(t, "name")):
+            return t.name().replace("::", ".")
+        return getattr(t, "__name__", str(t))
+
+    @staticmethod
+    def is_tensor(x: Any) -> bool:
+        return isinstance(x, torch.fx.Node) and isinstance(x.meta.get("val"), torch.Tensor)
+
+    def dims(self, x: Any) -> list[Dim]:
+        if not isinstance(x, torch.fx.Node):
+            return []
+        v = self.info.get(x)
+        if v is None:
+            return []
+        return v
+
+    def tensor_args(self, node: torch.fx.Node) -> list[torch.fx.Node]:
+        out = []
+
+        def visit(a):
+            if isinstance(a, torch.fx.Node):
+                if self.is_tensor(a):
+                    out.append(a)
+            elif isinstance(a, (list, tuple)):
+                for b in a:
+                    visit(b)
+
+        for a in node.args:
+            visit(a)
+        for a in node.kwargs.values():
+            visit(a)
+        return out
+
+    @staticmethod
+    def shape_of_val(v: Any) -> tuple[int, ...]:
+        return tuple(int(s) for s in v.shape)
+
+    def shape_of(self, x: torch.fx.Node) -> tuple[int, ...]:
+        return self.shape_of_val(x.meta["val"])
+
+    def shape(self, node: torch.fx.Node) -> tuple[int, ...]:
+        v = node.meta["val"]
+        if isinstance(v, (tuple, list)):
+            v = v[0]
+        return self.shape_of_val(v)
+
+    def fresh_like_val(self, v: Any, reason: str | None) -> Any:
+        if isinstance(v, torch.Tensor):
+            return [self.A.fresh(int(s), reason) for s in v.shape]
+        if isinstance(v, (tuple, list)):
+            return [self.fresh_like_val(u, reason) for u in v]
+        return None
+
+    def fresh_like(self, node: torch.fx.Node, reason: str | None) -> Any:
+        return self.fresh_like_val(node.meta.get("val"), reason)
+
+    def elementwise(self, node: torch.fx.Node, inputs: list, base: list[Dim] | None = None) -> list[Dim]:
+        """Broadcasting elementwise op: aligned axes of equal size index the same features."""
+        shape = self.shape(node)
+        n = len(shape)
+        tensors = ([base] if base is not None else []) + [self.dims(t) for t in inputs if self.is_tensor(t)]
+        tensors = [t for t in tensors if t is not None]
+        out: list[Dim | None] = [None] * n
+        src: list[tuple[list[Dim], int] | None] = [None] * n
+        for t in tensors:
+            off = n - len(t)
+            for i, d in enumerate(t):
+                j = off + i
+                if d.size == shape[j] and d.size > 1:
+                    if out[j] is None:
+                        out[j], src[j] = d, (t, i)
+        result = [d if d is not None else self.A.fresh(int(shape[j])) for j, d in enumerate(out)]
+        for t in tensors:
+            off = n - len(t)
+            for i, d in enumerate(t):
+                j = off + i
+                if src[j] is not None and d.size == shape[j] and d.size > 1:
+                    st, si = src[j]
+                    if st is t and si == i:
+                        continue
+                    soff = n - len(st)
+                    # positions of the source tensor -> positions of t (right-aligned broadcasting)
+                    posmap = {p: (p + soff) - off for p in range(len(st)) if 0 <= (p + soff) - off < len(t)}
+                    self.A.unify(st, si, t, i, posmap)
+        return self.A.sanitize(result)
+
+    def matmul(self, a: list[Dim], b: list[Dim], node: torch.fx.Node) -> list[Dim]:
+        """``torch.matmul`` semantics: contraction of a's last axis with b's second-to-last."""
+        shape = self.shape(node)
+        if len(a) == 1 and len(b) == 1:
+            self.A.unify(a, 0, b, 0)
+            return []
+        if len(b) == 1:
+            self.A.unify(a, len(a) - 1, b, 0)
+            return list(a[:-1])
+        if len(a) == 1:
+            self.A.unify(a, 0, b, len(b) - 2)
+            return list(b[:-2]) + [b[-1]]
+        self.A.unify(a, len(a) - 1, b, len(b) - 2)
+        nb = len(shape) - 2
+        out: list[Dim] = []
+        for j in range(nb):
+            ia, ib = j - (nb - (len(a) - 2)), j - (nb - (len(b) - 2))
+            da = a[ia] if ia >= 0 else None
+            db = b[ib] if ib >= 0 else None
+            if da is not None and db is not None:
+                self.A.unify(a, ia, b, ib, {p: p - (len(a) - len(b)) for p in range(len(a))})
+            pick = da if da is not None and da.size == shape[j] else db
+            out.append(pick if pick is not None else self.A.fresh(int(shape[j])))
+        out.append(a[-2])
+        out.append(b[-1])
+        return self.A.sanitize(out)
+
+    def reshape(self, x: list[Dim], ins: tuple[int, ...], outs: tuple[int, ...]) -> list[Dim]:
+        """View/reshape: group input and output axes with equal products; merge and split."""
+        in_idx = [i for i, s in enumerate(ins) if s != 1]
+        out_idx = [i for i, s in enumerate(outs) if s != 1]
+        result: list[Dim | None] = [None] * len(outs)
+        i = j = 0
+        while i < len(in_idx) and j < len(out_idx):
+            gi, go = [in_idx[i]], [out_idx[j]]
+            pi, po = ins[in_idx[i]], outs[out_idx[j]]
+            while pi != po:
+                if pi < po:
+                    i += 1
+                    gi.append(in_idx[i])
+                    pi *= ins[in_idx[i]]
+                else:
+                    j += 1
+                    go.append(out_idx[j])
+                    po *= outs[out_idx[j]]
+            if len(gi) == 1 and len(go) == 1:
+                result[go[0]] = x[gi[0]]
+            else:
+                merged = x[gi[0]] if len(gi) == 1 else self.A.merge(x, gi)
+                parts = self.A.split(merged, [outs[k] for k in go]) if len(go) > 1 else [merged]
+                for k, d in zip(go, parts):
+                    result[k] = d
+            i += 1
+            j += 1
+        final = [d if d is not None else self.A.fresh(int(outs[k])) for k, d in enumerate(result)]
+        return self.A.sanitize(final)
+
+    def require_fixed(self, d: Dim, node: torch.fx.Node, why: str, defer: bool = True) -> None:
+        """Record that axis ``d`` must turn out fixed, or the op cannot be followed."""
+        if d.size > 1:
+            self.checks.append((d.classes(), node, why))
+
+    def unfollowable(self, node: torch.fx.Node, why: str) -> UnfollowableOpError:
+        mod, typ = self.module_of(node)
+        op = self.opname(node)
+        return UnfollowableOpError(
+            f"discovery cannot follow `{op}` in module `{mod or '<root>'}` ({typ}): {why}. "
+            f"Register an axis rule with alignment.register_op_rule('{op}') or "
+            f"alignment.register_op_kind('{op}', 'elementwise'|'fixed'), or keep this part of the model out "
+            f"of alignment.",
+            op=op,
+            module=mod,
+        )
+
+    @staticmethod
+    def module_of(node: torch.fx.Node) -> tuple[str, str]:
+        stack = node.meta.get("nn_module_stack") or {}
+        if not stack:
+            return "", "root"
+        path, typ = list(stack.values())[-1]
+        typ = typ if isinstance(typ, str) else getattr(typ, "__qualname__", str(typ))
+        return _clean_path(path), typ.rsplit(".", 1)[-1]
+
+    # -- main loop ---------------------------------------------------------------------------
+    def run(self) -> None:
+        sig = self.ep.graph_signature
+        specs = {s.arg.name: s for s in sig.input_specs if hasattr(s.arg, "name")}
+        state_names = set(self.ep.state_dict) | set(getattr(self.ep, "constants", {}) or {})
+        for node in self.ep.graph.nodes:
+            if node.op == "placeholder":
+                self._placeholder(node, specs.get(node.name), state_names)
+            elif node.op == "call_function":
+                self._call(node)
+            elif node.op == "output":
+                self._output(node)
+            for d in self._flat_dims(self.info.get(node)):
+                self.activation_classes.update(d.classes())
+
+    def _flat_dims(self, v: Any):
+        if isinstance(v, list):
+            for x in v:
+                if isinstance(x, Dim):
+                    yield x
+                else:
+                    yield from self._flat_dims(x)
+
+    def _placeholder(self, node, spec, state_names) -> None:
+        val = node.meta.get("val")
+        kind = getattr(spec, "kind", None)
+        kname = getattr(kind, "name", "")
+        if kname in ("PARAMETER", "BUFFER") and isinstance(val, torch.Tensor):
+            dims = [self.A.fresh(int(s)) for s in val.shape]
+            self.tensor_of[node.name] = spec.target
+            self.tensor_kind[spec.target] = "parameter" if kname == "PARAMETER" else "buffer"
+            self.tensor_dims[spec.target] = dims
+            if not node.users:
+                for d in dims:
+                    self.A.fix_dim(d, "unused in forward")
+            self.info[node] = dims
+        elif kname == "CONSTANT_TENSOR" and isinstance(val, torch.Tensor):
+            self.info[node] = self.fresh_like_val(val, "constant")
+        elif isinstance(val, torch.Tensor):
+            self.info[node] = self.fresh_like_val(val, "model input")
+        else:
+            self.info[node] = self.fresh_like_val(val, "model input") if isinstance(val, (list, tuple)) else None
+
+    def _call(self, node) -> None:
+        if node.target is operator.getitem:
+            src, idx = node.args
+            v = self.info.get(src)
+            self.info[node] = v[idx] if isinstance(v, list) and idx < len(v) and not isinstance(v[0], Dim) else None
+            if self.info[node] is None and isinstance(node.meta.get("val"), torch.Tensor):
+                self.info[node] = self.fresh_like(node, "output of an unfollowed op")
+            return
+        op = self.opname(node)
+        if op in IGNORED or not _has_tensor(node.meta.get("val")) and op not in RULES:
+            self.info[node] = self.fresh_like(node, "scalar")
+            return
+        rule = RULES.get(op)
+        if rule is None:
+            touched = [c for t in self.tensor_args(node) for d in self.dims(t) for c in d.classes()]
+            out = self.fresh_like(node, None)
+            touched += [c for d in self._flat_dims(out) for c in d.classes()]
+            self.unknown.append((node, touched))
+            self.info[node] = out
+            return
+        args = _bind(node)
+        out = rule(self, node, args)
+        self._check_shapes(node, out)
+        self.info[node] = out
+
+    def _check_shapes(self, node, out) -> None:
+        val = node.meta.get("val")
+
+        def check(v, o):
+            if isinstance(v, torch.Tensor):
+                got = [d.size for d in o] if isinstance(o, list) else None
+                if got != [int(s) for s in v.shape]:
+                    raise AssertionError(
+                        f"internal error in the axis rule of {self.opname(node)} ({node.name}): "
+                        f"rule gave sizes {got}, traced shape {list(v.shape)}"
+                    )
+            elif isinstance(v, (tuple, list)) and isinstance(o, list):
+                for vv, oo in zip(v, o):
+                    if vv is not None and oo is not None:
+                        check(vv, oo)
+
+        check(val, out)
+
+    def _output(self, node) -> None:
+        sig = self.ep.graph_signature
+        outs = node.args[0]
+        for spec, o in zip(sig.output_specs, outs):
+            kname = getattr(getattr(spec, "kind", None), "name", "")
+            dims = self.info.get(o) if isinstance(o, torch.fx.Node) else None
+            if not isinstance(dims, list) or (dims and not isinstance(dims[0], Dim)):
+                continue
+            if kname in ("BUFFER_MUTATION", "PARAMETER_MUTATION") and spec.target in self.tensor_dims:
+                target = self.tensor_dims[spec.target]
+                for i in range(min(len(dims), len(target))):
+                    self.A.unify(dims, i, target, i)
+            else:
+                for d in dims:
+                    self.A.fix_dim(d, "model output")
+
+    # -- finalisation -------------------------------------------------------------------------
+    def _finalise(self) -> None:
+        C = self.C
+        # identical structure means identical index sets (query and key halves of one attention)
+        changed = True
+        while changed:
+            changed = False
+            seen: dict[tuple, int] = {}
+            for r, st in list(C.struct.items()):
+                if C.find(r) != r:
+                    continue
+                key = (None if st.outer is None else C.find(st.outer), tuple(C.find(p) for p in st.parts))
+                if key in seen and C.find(seen[key]) != r:
+                    C.union(seen[key], r)
+                    changed = True
+                else:
+                    seen[key] = r
+        # fixed flat classes fix their parts; structures of only fixed parts are fixed
+        changed = True
+        while changed:
+            changed = False
+            for r, st in list(C.struct.items()):
+                if C.find(r) != r:
+                    continue
+                if C.is_fixed(r):
+                    for c in ([st.outer] if st.outer is not None else []) + st.parts:
+                        if not C.is_fixed(c):
+                            C.fix(c, C.fixed[r])
+                            changed = True
+                elif all(C.is_fixed(p) for p in st.parts) and (st.outer is None or C.is_fixed(st.outer)):
+                    C.fix(r, "all parts fixed")
+                    changed = True
+        # classes that never appear in an activation were not related by any rule: keep fixed
+        live: set[int] = set()
+        stack = [C.find(c) for c in self.activation_classes]
+        while stack:
+            r = C.find(stack.pop())
+            if r in live:
+                continue
+            live.add(r)
+            st = C.struct.get(r)
+            if st is not None:
+                stack.extend(([st.outer] if st.outer is not None else []) + st.parts)
+        self.live = live
+
+    def _checks(self) -> None:
+        C = self.C
+        for classes, node, why in self.checks:
+            if any(not C.is_fixed(c) for c in classes):
+                raise self.unfollowable(node, f"it {why}, and that axis holds hidden features")
+        for node, classes in self.unknown:
+            if any(not C.is_fixed(c) for c in classes):
+                raise self.unfollowable(node, "there is no axis rule for this op and it touches hidden features")
+
+    def _pieces(self, c: int, off: int):
+        """Ranges of class ``c``: (start, stop, root or None, fixed reason)."""
+        C = self.C
+        r = C.find(c)
+        n = C.size[r]
+        if C.is_fixed(r):
+            yield off, off + n, None, C.fixed[r]
+            return
+        if r not in self.live:
+            yield off, off + n, None, "not related to any activation"
+            return
+        st = C.struct.get(r)
+        if st is None or (st.outer is not None and not C.is_fixed(st.outer)):
+            yield off, off + n, r, None
+            return
+        for p in st.parts:
+            yield from self._pieces(p, off)
+            off += C.size[C.find(p)]
+
+    def build_graph(self) -> Graph:
+        self._finalise()
+        self._checks()
+        C = self.C
+        members: dict[int, list[Member]] = defaultdict(list)
+        fixed: list[FixedAxis] = []
+        first: dict[int, tuple[int, str, int, bool]] = {}
+        shapes: dict[str, tuple[int, ...]] = {}
+        order = list(self.tensor_dims)
+        for ti, t in enumerate(order):
+            dims = self.tensor_dims[t]
+            shapes[t] = tuple(d.size for d in dims)
+            for ax, d in enumerate(dims):
+                pieces = list(self._pieces(d.cls, 0))
+                for start, stop, r, reason in pieces:
+                    if r is None:
+                        fixed.append(FixedAxis(t, ax, start, stop, reason or "fixed"))
+                        continue
+                    members[r].append(Member(t, self.tensor_kind[t], ax, start, stop))
+                    whole = len(pieces) == 1
+                    suffix = "" if whole else f"#{[p[0] for p in pieces].index(start)}"
+                    cand = (0 if (ax == 0 and len(dims) >= 2) else 1, ti, _name_from(t) + suffix)
+                    if r not in first or cand < first[r][:3]:
+                        first[r] = (*cand, True)
+        # heads structure
+        heads_of: dict[int, int] = {}
+        inner_of: dict[int, int] = {}
+        for r in list(members):
+            st = C.struct.get(r)
+            if st is not None and st.outer is not None and not C.is_fixed(st.outer):
+                heads_of[r] = C.find(st.outer)
+                for p in st.parts:
+                    if not C.is_fixed(p):
+                        inner_of.setdefault(C.find(p), r)
+        names: dict[int, str] = {}
+        used: set[str] = set()
+
+        def unique(n: str) -> str:
+            base, k = n, 1
+            while n in used:
+                n = f"{base}~{k}"
+                k += 1
+            used.add(n)
+            return n
+
+        feature_roots = sorted(members, key=lambda r: (first[r][1], first[r][0], first[r][2]))
+        for r in feature_roots:
+            if r not in inner_of and C.find(r) not in set(heads_of.values()):
+                names[r] = unique(first[r][2])
+        for r in feature_roots:
+            if r in heads_of and heads_of[r] not in names:
+                names[heads_of[r]] = unique(names[r] + ".heads")
+        for r in feature_roots:
+            if r not in names:
+                if r in inner_of:
+                    names[r] = unique(names[inner_of[r]] + ".inner")
+                else:
+                    names[r] = unique(first[r][2])
+
+        def tree(c: int) -> tuple:
+            r = C.find(c)
+            n = C.size[r]
+            if C.is_fixed(r):
+                return ("fixed", n)
+            st = C.struct.get(r)
+            if st is None:
+                return ("leaf", names.get(r, f"_c{r}"), n)
+            if st.outer is None or C.is_fixed(st.outer):
+                return ("cat", [tree(p) for p in st.parts])
+            h = C.find(st.outer)
+            return ("heads", names.get(h, f"_c{h}"), C.size[h], [tree(p) for p in st.parts])
+
+        observations = self._observations(names)
+        spaces: list[Space] = []
+        for r in feature_roots:
+            s = Space(name=names[r], width=C.size[r], members=members[r], observations=observations.get(r, []))
+            if r in heads_of:
+                h = heads_of[r]
+                s.heads, s.num_heads = names[h], C.size[h]
+                s.head_dim = C.size[r] // C.size[h]
+            if r in inner_of:
+                s.kind, s.parent = "inner", names[inner_of[r]]
+            if r in set(heads_of.values()):
+                s.kind = "heads"
+            s.tree = tree(r) if r not in set(heads_of.values()) else ("leaf", names[r], C.size[r])
+            spaces.append(s)
+        for h in sorted(set(heads_of.values()) - set(members)):
+            spaces.append(
+                Space(name=names[h], width=C.size[h], kind="heads", observations=observations.get(h, []),
+                      tree=("leaf", names[h], C.size[h]))
+            )
+        graph = Graph(spaces=spaces, fixed=fixed, shapes=shapes, notes=list(C.notes),
+                      model_class=type(self.model).__name__)
+        return graph
+
+    def _observations(self, names: dict[int, str]) -> dict[int, list[Observation]]:
+        """Hook points: tensors that leave (outputs) or enter (inputs) a module call."""
+        scope_nodes: dict[str, list[torch.fx.Node]] = defaultdict(list)
+        scope_path: dict[str, str] = {}
+        for node in self.ep.graph.nodes:
+            if node.op != "call_function":
+                continue
+            for key, (path, _typ) in (node.meta.get("nn_module_stack") or {}).items():
+                scope_nodes[key].append(node)
+                scope_path[key] = _clean_path(path)
+        calls: dict[str, list[str]] = defaultdict(list)
+        for key in scope_nodes:
+            calls[scope_path[key]].append(key)
+        result: dict[int, list[Observation]] = defaultdict(list)
+        for key, nodes in scope_nodes.items():
+            path = scope_path[key]
+            if not path:
+                continue
+            call = calls[path].index(key)
+            inside = set(nodes)
+            outs = [n for n in nodes if any(u not in inside for u in n.users) and self.is_tensor(n)]
+            ins = []
+            for n in nodes:
+                for a in self.tensor_args(n):
+                    if a not in inside and a.op != "placeholder" or (
+                        a.op == "placeholder" and a.name not in self.tensor_of
+                    ):
+                        if a not in inside and a not in ins:
+                            ins.append(a)
+            for io, group in (("output", outs), ("input", ins)):
+                if len(group) != 1:
+                    continue
+                n = group[0]
+                dims = self.info.get(n)
+                if not isinstance(dims, list) or not dims or not isinstance(dims[0], Dim):
+                    continue
+                for ax, d in enumerate(dims):
+                    if not d.plain or d.size == 1:
+                        continue
+                    for start, stop, r, _ in self._pieces(d.cls, 0):
+                        if r is not None and r in names:
+                            result[r].append(Observation(path, io, ax, start, stop, call, len(dims)))
+        return result
+
+
+def _has_tensor(v: Any) -> bool:
+    if isinstance(v, torch.Tensor):
+        return True
+    if isinstance(v, (tuple, list)):
+        return any(_has_tensor(x) for x in v)
+    return False
+
+
+def _bind(node: torch.fx.Node) -> dict[str, Any]:
+    """Arguments of an ATen node by schema name (defaults filled in)."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return {f"arg{i}": a for i, a in enumerate(node.args)} | dict(node.kwargs)
+    out: dict[str, Any] = {}
+    for i, arg in enumerate(schema.arguments):
+        if i < len(node.args):
+            out[arg.name] = node.args[i]
+        elif arg.name in node.kwargs:
+            out[arg.name] = node.kwargs[arg.name]
+        elif arg.has_default_value():
+            out[arg.name] = arg.default_value
+    return out
+
+
+def _clean_path(path: str) -> str:
+    # torch.export records paths like "layer1.0.conv1" (older versions: "L['self'].layer1[0].conv1")
+    p = path.replace("L['self']", "").replace("L__self__", "")
+    p = p.replace("['", ".").replace("']", "").replace("[", ".").replace("]", "")
+    return p.strip(".")
+
+
+def _name_from(tensor: str) -> str:
+    head, _, last = tensor.rpartition(".")
+    return head if head and last in ("weight", "bias", "running_mean", "running_var") else tensor

@@ -1,0 +1,287 @@
+"""The graph of alignment spaces of a model, as returned by :func:`alignment.discover`.
+
+A :class:`Space` is a set of parameter axes (with index ranges) that index the same hidden features.
+Its structure says how its indices may be permuted:
+
+* a plain space: any permutation;
+* a space structured in heads (attention query-key or value-output dims): heads move as whole
+  blocks, with the permutation of the space's ``heads`` space (shared by the query-key and
+  value-output spaces of one attention block), and dims may be permuted within each head;
+* ``heads`` spaces: the head index itself (members are parameters indexed by head, e.g. a relative
+  position bias table);
+* ``inner`` spaces: a dims-within-head axis shared by all heads (e.g. a per-head-dim norm); its
+  permutation is part of its parent's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from .errors import PermutationError, SpaceMismatchError
+
+
+@dataclass(frozen=True)
+class Member:
+    """A parameter or buffer axis range that belongs to a space.
+
+    Attributes:
+        tensor: dotted name in the model's ``state_dict`` (e.g. ``"layer1.0.conv1.weight"``).
+        kind: ``"parameter"`` or ``"buffer"``.
+        axis: the tensor axis.
+        start: first index of the range along ``axis``.
+        stop: one past the last index; ``stop - start`` equals the space's width.
+    """
+
+    tensor: str
+    kind: str
+    axis: int
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class FixedAxis:
+    """A parameter or buffer axis range that must not be permuted, and why."""
+
+    tensor: str
+    axis: int
+    start: int
+    stop: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Where a space's features can be read with a forward hook.
+
+    Attributes:
+        module: dotted module path ('' is the root module).
+        io: ``"output"`` (forward hook's output) or ``"input"`` (first positional input).
+        dim: the tensor axis holding the features (non-negative, for the traced rank).
+        start: first feature index along ``dim``.
+        stop: one past the last; ``stop - start`` equals the space's width.
+        call: which call of the module (0 for the first) when a module runs several times.
+        ndim: rank of the observed tensor at trace time.
+    """
+
+    module: str
+    io: str
+    dim: int
+    start: int
+    stop: int
+    call: int = 0
+    ndim: int = 0
+
+
+@dataclass
+class Space:
+    """An alignment space: parameter axes indexing the same hidden features.
+
+    Attributes:
+        name: stable name, derived from module paths (equal for models of one family at any width).
+        width: number of features.
+        kind: ``"features"``, ``"heads"`` or ``"inner"`` (see the module docstring).
+        members: parameter and buffer axis ranges in this space.
+        observations: hook points where the features can be read.
+        heads: for a space structured in heads, the name of its heads space; else None.
+        num_heads: number of heads (None when not structured in heads).
+        head_dim: dims per head (None when not structured in heads).
+        parent: for ``inner`` spaces, the space whose permutation determines this one's.
+    """
+
+    name: str
+    width: int
+    kind: str = "features"
+    members: list[Member] = field(default_factory=list)
+    observations: list[Observation] = field(default_factory=list)
+    heads: str | None = None
+    num_heads: int | None = None
+    head_dim: int | None = None
+    parent: str | None = None
+    tree: tuple = field(default=(), repr=False)
+
+    @property
+    def alignable(self) -> bool:
+        """Whether a solver should choose this space's permutation (False for derived spaces)."""
+        return self.kind == "features"
+
+    def __repr__(self) -> str:
+        extra = f", heads={self.num_heads}x{self.head_dim}" if self.num_heads else ""
+        return f"Space({self.name!r}, width={self.width}, kind={self.kind}{extra}, members={len(self.members)})"
+
+
+@dataclass
+class Graph:
+    """Alignment spaces of a model plus the axes that are fixed.
+
+    Attributes:
+        spaces: every space, in a deterministic order (order of first use in the forward pass).
+        fixed: parameter/buffer axis ranges that must not be permuted.
+        shapes: shape of every parameter and buffer the graph describes.
+        notes: remarks from discovery (e.g. axes kept fixed for a reason worth knowing).
+        model_class: class name of the discovered model.
+    """
+
+    spaces: list[Space]
+    fixed: list[FixedAxis]
+    shapes: dict[str, tuple[int, ...]]
+    notes: list[str] = field(default_factory=list)
+    model_class: str = ""
+
+    def __post_init__(self) -> None:
+        self._by_name = {s.name: s for s in self.spaces}
+
+    # -- lookup -----------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> Space:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise SpaceMismatchError(
+                f"no space named {name!r} in this graph of {self.model_class}; "
+                f"known spaces: {', '.join(list(self._by_name)[:8])}..."
+            ) from None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._by_name
+
+    def __iter__(self) -> Iterator[Space]:
+        return iter(self.spaces)
+
+    def __len__(self) -> int:
+        return len(self.spaces)
+
+    @property
+    def alignable_spaces(self) -> list[Space]:
+        """Spaces whose permutation a solver chooses (excludes heads and inner spaces)."""
+        return [s for s in self.spaces if s.alignable]
+
+    def layout(self, tensor: str) -> list[list[tuple[int, int, str | None]]]:
+        """For each axis of ``tensor``, its ranges as ``(start, stop, space name or None if fixed)``."""
+        if tensor not in self.shapes:
+            raise SpaceMismatchError(f"tensor {tensor!r} is not described by this graph of {self.model_class}")
+        return self._layouts()[tensor]
+
+    def _layouts(self) -> dict[str, list[list[tuple[int, int, str | None]]]]:
+        if getattr(self, "_layout_cache", None) is None:
+            lay: dict[str, list[list[tuple[int, int, str | None]]]] = {
+                t: [[] for _ in shape] for t, shape in self.shapes.items()
+            }
+            for s in self.spaces:
+                for m in s.members:
+                    lay[m.tensor][m.axis].append((m.start, m.stop, s.name))
+            for f in self.fixed:
+                lay[f.tensor][f.axis].append((f.start, f.stop, None))
+            for t, axes in lay.items():
+                for i, ranges in enumerate(axes):
+                    ranges.sort()
+                    # fill any gap (cannot happen for a complete graph) with fixed ranges
+                    filled, pos = [], 0
+                    for a, b, n in ranges:
+                        if a > pos:
+                            filled.append((pos, a, None))
+                        filled.append((a, b, n))
+                        pos = max(pos, b)
+                    if pos < self.shapes[t][i]:
+                        filled.append((pos, self.shapes[t][i], None))
+                    axes[i] = filled
+            self._layout_cache = lay
+        return self._layout_cache
+
+    # -- permutations -----------------------------------------------------------------------
+    def identity_permutations(self) -> dict[str, torch.Tensor]:
+        """The identity permutation of every space."""
+        return {s.name: torch.arange(s.width) for s in self.spaces}
+
+    def random_permutations(self, seed: int = 0) -> dict[str, torch.Tensor]:
+        """A random valid permutation for every space.
+
+        Heads move as blocks (one head permutation shared by the spaces of an attention block), dims
+        move within heads, concatenation segments are permuted separately, and derived spaces get the
+        permutation their parent implies. Convention: the permuted model's feature ``i`` is the
+        original's feature ``perm[i]``.
+
+        Args:
+            seed: seed of the random generator (the same seed gives the same permutations).
+
+        Returns:
+            A dict from space name to a ``LongTensor`` permutation of ``range(width)``.
+        """
+        gen = torch.Generator().manual_seed(seed)
+        return self._draw(lambda n: torch.randperm(n, generator=gen))
+
+    def _draw(self, leaf_perm) -> dict[str, torch.Tensor]:
+        cache: dict[str, torch.Tensor] = {}
+
+        def perm(tree) -> torch.Tensor:
+            kind = tree[0]
+            if kind == "fixed":
+                return torch.arange(tree[1])
+            if kind == "leaf":
+                key, n = tree[1], tree[2]
+                if key not in cache:
+                    cache[key] = leaf_perm(n)
+                return cache[key]
+            if kind == "cat":
+                out, off = [], 0
+                for sub in tree[1]:
+                    p = perm(sub)
+                    out.append(p + off)
+                    off += len(p)
+                return torch.cat(out)
+            if kind == "heads":
+                _, hkey, nh, parts = tree
+                if hkey not in cache:
+                    cache[hkey] = leaf_perm(nh)
+                pi = cache[hkey]
+                sub = [perm(p) for p in parts]
+                d = len(sub[0])
+                return torch.cat([int(pi[h]) * d + sub[int(pi[h])] for h in range(nh)])
+            raise AssertionError(kind)
+
+        out = {}
+        for s in self.spaces:
+            out[s.name] = perm(s.tree)
+            cache.setdefault(s.name, out[s.name])
+        return out
+
+    def validate_permutations(self, perms: dict[str, torch.Tensor]) -> None:
+        """Check that ``perms`` holds a valid permutation for every space.
+
+        Raises:
+            PermutationError: naming the space whose permutation is missing, of the wrong size, not
+                a bijection, or inconsistent with its head structure.
+        """
+        for s in self.spaces:
+            if s.name not in perms:
+                raise PermutationError(f"no permutation given for space {s.name!r} (width {s.width})")
+            p = torch.as_tensor(perms[s.name])
+            if p.shape != (s.width,):
+                raise PermutationError(
+                    f"permutation for space {s.name!r} has shape {tuple(p.shape)}, expected ({s.width},)"
+                )
+            if not torch.equal(torch.sort(p).values, torch.arange(s.width, device=p.device)):
+                raise PermutationError(f"permutation for space {s.name!r} is not a bijection of range({s.width})")
+            if s.heads is not None:
+                d = s.head_dim
+                blocks = p.view(-1, d) // d
+                if not bool((blocks == blocks[:, :1]).all()):
+                    raise PermutationError(f"permutation for space {s.name!r} splits heads of {d} dims")
+                hp = torch.as_tensor(perms[s.heads])
+                if not torch.equal(blocks[:, 0].cpu(), hp.cpu()):
+                    raise PermutationError(
+                        f"permutation for space {s.name!r} moves heads differently from its heads space {s.heads!r}"
+                    )
+
+    def summary(self) -> str:
+        """A human-readable table of the spaces."""
+        lines = [f"{self.model_class}: {len(self.spaces)} spaces"]
+        for s in self.spaces:
+            extra = f" heads={s.num_heads}x{s.head_dim}" if s.num_heads else ""
+            lines.append(f"  {s.name:50s} {s.kind:8s} width={s.width:<5d}{extra} members={len(s.members)}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"Graph({self.model_class}, spaces={len(self.spaces)}, fixed={len(self.fixed)})"

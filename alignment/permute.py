@@ -1,0 +1,83 @@
+"""Applying permutations of alignment spaces to a model (the simplest use of the maps engine)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .errors import SpaceMismatchError
+from .graph import Graph
+
+
+def axis_index(graph: Graph, tensor: str, axis: int, perms: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The gather index that permutes ``axis`` of ``tensor`` (None when the axis is untouched)."""
+    pieces = graph.layout(tensor)[axis]
+    if all(name is None for _, _, name in pieces):
+        return None
+    parts = []
+    for start, stop, name in pieces:
+        if name is None:
+            parts.append(torch.arange(start, stop))
+        else:
+            parts.append(torch.as_tensor(perms[name]).cpu().long() + start)
+    return torch.cat(parts)
+
+
+def permute_state(state: dict[str, torch.Tensor], graph: Graph, perms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Permute every tensor of a state dict that the graph describes; others are copied as is.
+
+    Args:
+        state: a ``state_dict`` of the model the graph was discovered on.
+        graph: its alignment graph.
+        perms: a permutation per space (see :meth:`Graph.random_permutations`).
+
+    Returns:
+        A new state dict; the input tensors are not modified.
+    """
+    out = {}
+    for name, t in state.items():
+        if name not in graph.shapes:
+            out[name] = t.clone()
+            continue
+        if tuple(t.shape) != graph.shapes[name]:
+            raise SpaceMismatchError(
+                f"tensor {name!r} has shape {tuple(t.shape)} but the graph was discovered with "
+                f"{graph.shapes[name]}; discover the graph on this model"
+            )
+        for ax in range(t.dim()):
+            idx = axis_index(graph, name, ax, perms)
+            if idx is not None:
+                t = t.index_select(ax, idx.to(t.device))
+        out[name] = t.clone() if t is state[name] else t
+    return out
+
+
+def permute(model: nn.Module, graph: Graph, perms: dict[str, torch.Tensor]) -> nn.Module:
+    """Return a copy of ``model`` with the hidden features of every space permuted.
+
+    A model's function is unchanged by any valid permutation (see
+    :meth:`Graph.random_permutations`); this is how the toolkit checks its discovery.
+
+    Args:
+        model: the model the graph was discovered on (not modified).
+        graph: its alignment graph.
+        perms: a permutation for every space, keyed by space name; spaces left out keep their order.
+
+    Returns:
+        A new model of the same class with permuted parameters and buffers.
+    """
+    full = graph.identity_permutations()
+    full.update({k: torch.as_tensor(v) for k, v in perms.items()})
+    unknown = set(perms) - set(full)
+    if unknown:
+        raise SpaceMismatchError(f"permutations given for unknown spaces: {sorted(unknown)[:5]}")
+    graph.validate_permutations(full)
+    new = copy.deepcopy(model)
+    state = permute_state(model.state_dict(), graph, full)
+    with torch.no_grad():
+        for name, t in new.state_dict(keep_vars=True).items():
+            if name in state and t.shape == state[name].shape:
+                t.copy_(state[name])
+    return new
