@@ -177,6 +177,8 @@ def _conv(tr, node, a, transposed=False):
     shape = tr.shape(node)
     for k in range(2, len(w)):
         tr.A.fix_dim(w[k], "kernel")
+    for d in x[len(x) - nsp:]:
+        tr.A.fix_dim(d, "spatial")
     w_in, w_out = (0, 1) if transposed else (1, 0)
     cin, cout = x[cdim], None
     if groups == 1:
@@ -289,6 +291,8 @@ def _spatial(tr, node, a, nsp=None):
         m = re.search(r"(\d)d", tr.opname(node))
         nsp = int(m.group(1)) if m else len(x) - 2
     keep = x[: len(x) - nsp]
+    for d in x[len(x) - nsp:]:
+        tr.A.fix_dim(d, "spatial")
     out = list(keep) + [tr.A.fresh(int(s), "spatial") for s in shape[len(keep):]]
     return out
 
@@ -643,7 +647,9 @@ def _index(tr, node, a):
     shape = tr.shape(node)
     used = [i for i, t in enumerate(idx) if t is not None]
     for i in used:
-        tr.require_fixed(x[i], node, "gathers positions of this axis by index")
+        tr.A.fix_dim(x[i], "indexed by position")
+        for d in tr.dims(idx[i]):
+            tr.A.fix_dim(d, "index")
     # advanced indices broadcast together; the result replaces the indexed axes
     idx_shapes = [tr.shape_of(idx[i]) for i in used]
     nb = max(len(s) for s in idx_shapes) if idx_shapes else 0
@@ -664,7 +670,7 @@ def _index(tr, node, a):
 def _index_select(tr, node, a):
     x = tr.dims(a["self"])
     d = _norm(int(a["dim"]), len(x))
-    tr.require_fixed(x[d], node, "gathers positions of this axis by index")
+    tr.A.fix_dim(x[d], "indexed by position")
     out = list(x)
     out[d] = tr.A.fresh(int(tr.shape(node)[d]), "indexed")
     return tr.A.sanitize(out)
@@ -674,7 +680,7 @@ def _index_select(tr, node, a):
 def _gather(tr, node, a):
     x = tr.dims(a["self"])
     d = _norm(int(a.get("dim", 0)), len(x))
-    tr.require_fixed(x[d], node, "gathers positions of this axis by index")
+    tr.A.fix_dim(x[d], "indexed by position")
     ix = tr.dims(a["index"])
     out = []
     for i, s in enumerate(tr.shape(node)):

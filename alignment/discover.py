@@ -9,6 +9,7 @@ axes are the alignment spaces.
 
 from __future__ import annotations
 
+import copy
 import operator
 from collections import defaultdict
 from typing import Any
@@ -42,20 +43,18 @@ def discover(model: nn.Module, example_input: Any, *, strict: bool = False) -> G
             message names the op and the module.
     """
     args, kwargs = _as_args(example_input)
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    # export a copy: tracing runs the forward, which may fill caches (timm's attention-bias caches)
+    # or otherwise touch module state; the user's model must stay exactly as it was
+    traced = copy.deepcopy(model)
     try:
         with torch.no_grad():
-            ep = torch.export.export(model, args, kwargs=kwargs, strict=strict)
+            ep = torch.export.export(traced, args, kwargs=kwargs, strict=strict)
     except Exception as exc:  # torch raises many types; report them as one
         raise ExportError(
             f"torch.export could not capture {type(model).__name__}.forward: {type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''}. Check that the example input runs through "
             f"the model, or simplify data-dependent control flow."
         ) from exc
-    finally:
-        for n, p in model.named_parameters():
-            if p.requires_grad != flags.get(n, p.requires_grad):
-                p.requires_grad_(flags[n])
     tracer = _Tracer(ep, model)
     tracer.run()
     return tracer.build_graph()
@@ -270,10 +269,10 @@ class _Tracer:
                 self._placeholder(node, specs.get(node.name), state_names)
             elif node.op == "call_function":
                 self._call(node)
+                for d in self._flat_dims(self.info.get(node)):
+                    self.activation_classes.update(d.classes())
             elif node.op == "output":
                 self._output(node)
-            for d in self._flat_dims(self.info.get(node)):
-                self.activation_classes.update(d.classes())
 
     def _flat_dims(self, v: Any):
         if isinstance(v, list):
@@ -481,18 +480,34 @@ class _Tracer:
             return n
 
         feature_roots = sorted(members, key=lambda r: (first[r][1], first[r][0], first[r][2]))
+        # a block index that is produced by a layer (a depthwise conv's input channels) is a
+        # feature space of its own; attention head indices only index bias tables
+        head_roots = {
+            h for h in heads_of.values()
+            if not any(m.tensor.endswith("weight") and len(shapes[m.tensor]) >= 2 and m.axis == 0
+                       for m in members.get(h, []))
+        }
         for r in feature_roots:
-            if r not in inner_of and C.find(r) not in set(heads_of.values()):
+            if r not in inner_of and r not in head_roots:
                 names[r] = unique(first[r][2])
-        for r in feature_roots:
-            if r in heads_of and heads_of[r] not in names:
-                names[heads_of[r]] = unique(names[r] + ".heads")
-        for r in feature_roots:
-            if r not in names:
-                if r in inner_of:
+        # heads and inner spaces are named after the space they structure; loop for nesting
+        pending = [r for r in feature_roots if r not in names] + sorted(head_roots - set(members))
+        while pending:
+            progress = False
+            for r in list(pending):
+                owner = next((q for q in feature_roots if heads_of.get(q) == r and q in names), None)
+                if r in head_roots and owner is not None:
+                    names[r] = unique(names[owner] + ".heads")
+                elif r in inner_of and inner_of[r] in names:
                     names[r] = unique(names[inner_of[r]] + ".inner")
                 else:
-                    names[r] = unique(first[r][2])
+                    continue
+                pending.remove(r)
+                progress = True
+            if not progress:
+                for r in pending:
+                    names[r] = unique(first[r][2] if r in first else f"heads{r}")
+                pending = []
 
         def tree(c: int) -> tuple:
             r = C.find(c)
@@ -517,11 +532,11 @@ class _Tracer:
                 s.head_dim = C.size[r] // C.size[h]
             if r in inner_of:
                 s.kind, s.parent = "inner", names[inner_of[r]]
-            if r in set(heads_of.values()):
+            if r in head_roots:
                 s.kind = "heads"
-            s.tree = tree(r) if r not in set(heads_of.values()) else ("leaf", names[r], C.size[r])
+            s.tree = tree(r) if r not in head_roots else ("leaf", names[r], C.size[r])
             spaces.append(s)
-        for h in sorted(set(heads_of.values()) - set(members)):
+        for h in sorted(head_roots - set(members)):
             spaces.append(
                 Space(name=names[h], width=C.size[h], kind="heads", observations=observations.get(h, []),
                       tree=("leaf", names[h], C.size[h]))

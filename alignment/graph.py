@@ -214,6 +214,7 @@ class Graph:
 
     def _draw(self, leaf_perm) -> dict[str, torch.Tensor]:
         cache: dict[str, torch.Tensor] = {}
+        trees = {s.name: s.tree for s in self.spaces}
 
         def perm(tree) -> torch.Tensor:
             kind = tree[0]
@@ -234,7 +235,9 @@ class Graph:
             if kind == "heads":
                 _, hkey, nh, parts = tree
                 if hkey not in cache:
-                    cache[hkey] = leaf_perm(nh)
+                    # the block index may itself be a structured space (a depthwise conv's input)
+                    own = trees.get(hkey)
+                    cache[hkey] = perm(own) if own is not None and own[0] != "leaf" else leaf_perm(nh)
                 pi = cache[hkey]
                 sub = [perm(p) for p in parts]
                 d = len(sub[0])
@@ -243,7 +246,7 @@ class Graph:
 
         out = {}
         for s in self.spaces:
-            out[s.name] = perm(s.tree)
+            out[s.name] = cache[s.name] if s.name in cache else perm(s.tree)
             cache.setdefault(s.name, out[s.name])
         return out
 

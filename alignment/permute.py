@@ -75,9 +75,27 @@ def permute(model: nn.Module, graph: Graph, perms: dict[str, torch.Tensor]) -> n
         raise SpaceMismatchError(f"permutations given for unknown spaces: {sorted(unknown)[:5]}")
     graph.validate_permutations(full)
     new = copy.deepcopy(model)
-    state = permute_state(model.state_dict(), graph, full)
+    state = permute_state(model_tensors(model), graph, full)
     with torch.no_grad():
-        for name, t in new.state_dict(keep_vars=True).items():
+        for name, t in model_tensors(new).items():
             if name in state and t.shape == state[name].shape:
                 t.copy_(state[name])
+    reset_caches(new, model.training)
     return new
+
+
+def reset_caches(model: nn.Module, training: bool) -> None:
+    """Drop tensors a model caches from its own weights (e.g. timm's attention-bias caches).
+
+    Such modules clear their caches when switched to training mode, so a round trip through
+    ``train()`` leaves the new model computing from its new weights, in the caller's mode.
+    """
+    model.train(True)
+    model.train(training)
+
+
+def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of ``model`` by dotted name, non-persistent buffers included."""
+    out = dict(model.named_parameters(remove_duplicate=False))
+    out.update(dict(model.named_buffers(remove_duplicate=False)))
+    return out

@@ -1,0 +1,1 @@
+"""Building fused models: maps engine, resizing, data, zoo, evaluation, API and CLI."""

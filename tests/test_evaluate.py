@@ -1,0 +1,199 @@
+"""Tests of fusion.evaluate on models with hand-set logits (exact expected values)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fusion.evaluate import (
+    EvaluationError,
+    accuracy,
+    ensemble_accuracy,
+    evaluate_loss_and_accuracy,
+    extract_logits,
+    joint_accuracy,
+    predict_logits,
+    split_task_accuracy,
+)
+
+
+class TableModel(nn.Module):
+    """Returns row ``i`` of a fixed logits table for input ``i`` (inputs are N x 1 indices)."""
+
+    def __init__(self, table: list[list[float]], hf_output: bool = False) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.tensor(table, dtype=torch.float32))
+        self.dropout = nn.Dropout(0.9)
+        self.hf_output = hf_output
+
+    def forward(self, x: torch.Tensor):  # noqa: ANN201 - tensor or ModelOutput
+        logits = self.dropout(self.table[x[:, 0].long()])
+        if self.hf_output:
+            from transformers.modeling_outputs import ImageClassifierOutput
+
+            return ImageClassifierOutput(logits=logits)
+        return logits
+
+
+def _data(labels: list[int]) -> TensorDataset:
+    n = len(labels)
+    return TensorDataset(torch.arange(n, dtype=torch.float32).unsqueeze(1), torch.tensor(labels))
+
+
+def _onehot(preds: list[int], width: int, scale: float = 5.0) -> list[list[float]]:
+    return [[scale if j == p else 0.0 for j in range(width)] for p in preds]
+
+
+# --------------------------------------------------------------------------- predict_logits
+
+
+def test_predict_logits_matches_forward_and_restores_modes() -> None:
+    table = torch.randn(10, 3, generator=torch.Generator().manual_seed(0)).tolist()
+    model = TableModel(table)
+    model.train()
+    model.dropout.eval()  # mixed flags must come back exactly
+    data = _data([0] * 10)
+    logits, labels = predict_logits(model, data, batch_size=3)
+    assert logits.shape == (10, 3) and logits.dtype == torch.float32
+    assert labels.dtype == torch.int64 and labels.shape == (10,)
+    assert torch.allclose(logits, torch.tensor(table))  # dropout disabled during evaluation
+    assert model.training and not model.dropout.training
+    assert model.table.grad is None
+
+
+@pytest.mark.parametrize("kind", ["dataset", "loader", "tuple"])
+def test_predict_logits_accepts_loaders_and_tuples(kind: str) -> None:
+    table = _onehot([1, 0, 2, 2], 3)
+    ds = _data([1, 0, 2, 0])
+    data = {"dataset": ds, "loader": DataLoader(ds, batch_size=3), "tuple": ds.tensors}[kind]
+    logits, labels = predict_logits(TableModel(table), data)
+    assert torch.equal(logits, torch.tensor(table))
+    assert labels.tolist() == [1, 0, 2, 0]
+
+
+def test_hf_model_output_and_extract_logits() -> None:
+    model = TableModel(_onehot([0, 1], 2), hf_output=True)
+    logits, _ = predict_logits(model, _data([0, 1]))
+    assert torch.equal(logits, torch.tensor(_onehot([0, 1], 2)))
+    t = torch.ones(2, 2)
+    assert extract_logits((t, None)) is t and extract_logits({"logits": t}) is t
+    with pytest.raises(TypeError, match="logits"):
+        extract_logits("nothing")
+
+
+def test_predict_logits_other_device_uses_a_copy() -> None:
+    model = TableModel(_onehot([0], 2))
+    logits, _ = predict_logits(model, _data([0]), device="cpu")
+    assert logits.shape == (1, 2) and model.table.device.type == "cpu"
+
+
+def test_empty_data_raises() -> None:
+    with pytest.raises(EvaluationError, match="empty"):
+        predict_logits(TableModel(_onehot([0], 2)), TensorDataset(torch.zeros(0, 1), torch.zeros(0, dtype=torch.long)))
+
+
+# --------------------------------------------------------------------------- accuracy, loss, ensembles
+
+
+def test_accuracy_and_loss_exact() -> None:
+    labels = [0, 1, 2, 0, 1]
+    preds = [0, 1, 0, 0, 2]  # 3 of 5 right
+    table = _onehot(preds, 3)
+    model = TableModel(table)
+    assert accuracy(model, _data(labels)) == pytest.approx(0.6)
+    result = evaluate_loss_and_accuracy(model, _data(labels), label_smoothing=0.1)
+    expected = F.cross_entropy(torch.tensor(table), torch.tensor(labels), label_smoothing=0.1).item()
+    assert result["accuracy"] == pytest.approx(0.6)
+    assert result["loss"] == pytest.approx(expected)
+    assert result["n"] == 5
+
+
+def test_accuracy_rejects_labels_outside_head() -> None:
+    with pytest.raises(EvaluationError, match="2 outputs.*0..4.*remap=True"):
+        accuracy(TableModel(_onehot([0, 1], 2)), _data([0, 4]))
+
+
+def test_ensemble_averages_probabilities() -> None:
+    labels = [0, 1, 0]
+    # Model a: confident right on 0, barely wrong on 1 and 2; model b: the reverse.
+    a = TableModel([[4.0, 0.0], [0.1, 0.0], [0.0, 0.1]])
+    b = TableModel([[0.0, 0.1], [0.0, 4.0], [4.0, 0.0]])
+    assert accuracy(a, _data(labels)) == pytest.approx(1 / 3)
+    assert accuracy(b, _data(labels)) == pytest.approx(2 / 3)
+    assert ensemble_accuracy([a, b], _data(labels)) == pytest.approx(1.0)
+    with pytest.raises(EvaluationError, match="share their head"):
+        ensemble_accuracy([a, TableModel(_onehot([0, 0, 0], 3))], _data(labels))
+    with pytest.raises(EvaluationError, match="at least one"):
+        ensemble_accuracy([], _data(labels))
+
+
+# --------------------------------------------------------------------------- split tasks
+
+
+def test_split_task_accuracy_exact() -> None:
+    # Original labels; model A knows [0, 1, 2] (head order), model B knows [4, 3].
+    labels = [0, 1, 2, 3, 4, 4]
+    a_preds = [0, 1, 1, 0, 0, 0]  # on its examples (labels 0,1,2): right, right, wrong
+    b_preds = [0, 0, 0, 1, 0, 1]  # head 0 = label 4, head 1 = label 3: on 3,4,4 -> right, right, wrong
+    model_a = TableModel(_onehot(a_preds, 3, scale=2.0))
+    model_b = TableModel(_onehot(b_preds, 2, scale=3.0))
+    result = split_task_accuracy([model_a, model_b], [[0, 1, 2], [4, 3]], _data(labels))
+    assert result["per_task"] == pytest.approx([2 / 3, 2 / 3])
+    assert result["task_mean"] == pytest.approx(2 / 3)
+    # Joint: B's logits (3.0) beat A's (2.0) everywhere, so predictions are B's labels:
+    # [4, 4, 4, 3, 4, 3] vs [0, 1, 2, 3, 4, 4] -> 2 of 6.
+    assert result["joint"] == pytest.approx(2 / 6)
+
+
+def test_joint_accuracy_maps_columns_to_labels() -> None:
+    order = [5, 6, 0, 1]
+    labels = [5, 6, 0, 1, 1, 9]  # label 9 is not in the head and is ignored
+    columns = [0, 1, 2, 3, 2, 0]
+    model = TableModel(_onehot(columns, 4))
+    assert joint_accuracy(model, order, _data(labels)) == pytest.approx(4 / 5)
+    with pytest.raises(EvaluationError, match="4 outputs but classes_order lists 3"):
+        joint_accuracy(model, [0, 1, 2], _data(labels))
+
+
+def test_split_task_errors() -> None:
+    a = TableModel(_onehot([0, 0], 2))
+    with pytest.raises(EvaluationError, match="overlap"):
+        split_task_accuracy([a, a], [[0, 1], [1, 2]], _data([0, 1]))
+    with pytest.raises(EvaluationError, match="2 models but 1 class lists"):
+        split_task_accuracy([a, a], [[0, 1]], _data([0, 1]))
+    with pytest.raises(EvaluationError, match="Model 1 has 2 outputs"):
+        split_task_accuracy([a, a], [[0, 1], [2, 3, 4]], _data([0, 1]))
+    with pytest.raises(EvaluationError, match=r"no examples of task 1's classes \[2, 3\]"):
+        split_task_accuracy([a, a], [[0, 1], [2, 3]], _data([0, 1]))
+
+
+# --------------------------------------------------------------------------- real zoo (slow)
+
+
+def _shared_zoo() -> Path | None:
+    env = os.environ.get("FUSION_ZOO")
+    path = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "zoo"
+    return path if (path / "manifest.json").is_file() else None
+
+
+@pytest.mark.slow
+def test_real_split_models() -> None:
+    zoo = _shared_zoo()
+    if zoo is None:
+        pytest.skip("model zoo not available (set FUSION_ZOO)")
+    from fusion.data import load_fashion_mnist
+    from fusion.zoo import load_model
+
+    model_a, entry_a = load_model("r18w32-A-s4", zoo)
+    model_b, entry_b = load_model("r18w32-B-s5", zoo)
+    test = load_fashion_mnist("test")  # original labels
+    result = split_task_accuracy([model_a, model_b], [entry_a.classes, entry_b.classes], test)
+    assert result["per_task"][0] == pytest.approx(entry_a.test_accuracy, abs=1e-3)
+    assert result["per_task"][1] == pytest.approx(entry_b.test_accuracy, abs=1e-3)
+    assert 0.3 < result["joint"] <= max(result["per_task"])

@@ -1,0 +1,513 @@
+"""Tests for fusion.modules: replace_tensor / sync_module_attributes / check_consistency."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fusion.modules import (
+    GroupsNotDivisibleError,
+    HeadsNotDivisibleError,
+    UnknownModuleError,
+    UnknownTensorError,
+    check_consistency,
+    register_attribute_sync,
+    replace_tensor,
+    sync_module_attributes,
+    unregister_attribute_sync,
+)
+
+timm = pytest.importorskip("timm")
+transformers = pytest.importorskip("transformers")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _resize(t: torch.Tensor, axes: list[int], factor: float) -> torch.Tensor:
+    out = t.detach()
+    for a in axes:
+        n = out.shape[a]
+        if factor < 1:
+            out = out.narrow(a, 0, int(n * factor))
+        else:  # widen by repeating the tensor along the axis
+            out = torch.cat([out] * int(factor), dim=a)
+    return out.clone()
+
+
+def resize_widths(model: nn.Module, axes_fn, factor: float = 0.5) -> dict[str, torch.Size]:
+    """Resize every hidden-width axis (as told by ``axes_fn(name, tensor)``); return old shapes."""
+    state = model.state_dict(keep_vars=True)
+    old_shapes = {n: t.shape for n, t in state.items()}
+    for name, t in state.items():
+        axes = axes_fn(name, t)
+        if axes:
+            replace_tensor(model, name, _resize(t, axes, factor))
+    return old_shapes
+
+
+def timm_resnet_axes(name: str, t: torch.Tensor) -> list[int]:
+    if t.dim() == 0:  # num_batches_tracked
+        return []
+    if name == "conv1.weight":  # input channels untouched
+        return [0]
+    if name.startswith("fc."):  # classes untouched
+        return [1] if name.endswith("weight") else []
+    return [0, 1] if t.dim() == 4 else [0]
+
+
+def timm_vit_axes(name: str, t: torch.Tensor) -> list[int]:
+    if name in ("cls_token", "pos_embed"):  # (1, tokens, dim): tokens untouched
+        return [2]
+    if name.startswith("patch_embed.proj"):
+        return [0]
+    if name.startswith("head."):
+        return [1] if name.endswith("weight") else []
+    # qkv.weight (3*dim, dim): halving axis 0 keeps it a multiple of 3
+    return [0, 1] if t.dim() == 2 else [0]
+
+
+def hf_vit_axes(name: str, t: torch.Tensor) -> list[int]:
+    if name.endswith(("cls_token", "position_embeddings")):
+        return [2]
+    if "patch_embeddings.projection" in name:
+        return [0]
+    if name.startswith("classifier."):
+        return [1] if name.endswith("weight") else []
+    return [0, 1] if t.dim() == 2 else [0]
+
+
+def hf_resnet_axes(name: str, t: torch.Tensor) -> list[int]:
+    if t.dim() == 0:
+        return []
+    if name == "resnet.embedder.embedder.convolution.weight":
+        return [0]
+    if name.startswith("classifier."):
+        return [1] if name.endswith("weight") else []
+    return [0, 1] if t.dim() == 4 else [0]
+
+
+def make_timm_resnet():
+    torch.manual_seed(0)
+    return timm.create_model(
+        "resnet18", pretrained=False, channels=(16, 32, 64, 128), stem_width=16, in_chans=1, num_classes=10
+    ).eval()
+
+
+def make_timm_vit(**kw):
+    torch.manual_seed(0)
+    args = dict(img_size=28, patch_size=7, embed_dim=64, depth=2, num_heads=4, in_chans=1, num_classes=10)
+    args.update(kw)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **args).eval()
+
+
+def make_hf_vit():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        image_size=28, patch_size=7, num_channels=1, num_labels=10,
+    )
+    return ViTForImageClassification(cfg).eval()
+
+
+def make_hf_resnet(layer_type="basic"):
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(0)
+    if layer_type == "basic":
+        cfg = ResNetConfig(num_channels=1, embedding_size=16, hidden_sizes=[16, 32, 64], depths=[1, 1, 1],
+                           layer_type="basic", num_labels=10)
+    else:
+        cfg = ResNetConfig(num_channels=1, embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1],
+                           layer_type="bottleneck", num_labels=10)
+    return ResNetForImageClassification(cfg).eval()
+
+
+X = torch.randn(2, 1, 28, 28)
+
+
+# --------------------------------------------------------------------------- replace_tensor
+
+
+def test_replace_tensor_keeps_kind_and_flags():
+    m = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8))
+    m[0].weight.requires_grad_(False)
+    m[1].register_buffer("extra", torch.zeros(8), persistent=False)
+
+    replace_tensor(m, "0.weight", torch.randn(3, 4))
+    assert isinstance(m[0].weight, nn.Parameter) and not m[0].weight.requires_grad
+    assert m[0].weight.shape == (3, 4)
+    replace_tensor(m, "0.bias", torch.randn(3))
+    assert isinstance(m[0].bias, nn.Parameter) and m[0].bias.requires_grad
+
+    replace_tensor(m, "1.running_mean", torch.zeros(3))
+    assert "running_mean" in m[1]._buffers and not isinstance(m[1].running_mean, nn.Parameter)
+    assert "1.running_mean" in m.state_dict()
+    replace_tensor(m, "1.extra", torch.ones(3))
+    assert m[1].extra.shape == (3,) and "1.extra" not in m.state_dict()
+
+
+def test_replace_tensor_top_level_and_tied():
+    vit = make_timm_vit()
+    replace_tensor(vit, "cls_token", torch.zeros(1, 1, 32))
+    assert isinstance(vit.cls_token, nn.Parameter) and vit.cls_token.shape == (1, 1, 32)
+
+    emb = nn.Embedding(10, 8)
+    head = nn.Linear(8, 10, bias=False)
+    head.weight = emb.weight
+    m = nn.ModuleDict({"emb": emb, "head": head})
+    replace_tensor(m, "emb.weight", torch.randn(10, 4))
+    assert m["head"].weight is m["emb"].weight and m["head"].weight.shape == (10, 4)
+
+
+def test_replace_tensor_unknown_name():
+    m = nn.Sequential(nn.Linear(4, 8))
+    for bad in ("0.weights", "1.weight", "nope"):
+        with pytest.raises(UnknownTensorError) as exc:
+            replace_tensor(m, bad, torch.zeros(1))
+        assert isinstance(exc.value, KeyError)
+        assert bad in str(exc.value)
+
+
+# --------------------------------------------------------------------------- timm
+
+
+def test_timm_resnet_halved():
+    m = make_timm_resnet()
+    old = resize_widths(m, timm_resnet_axes)
+    assert check_consistency(m)  # stale attributes are reported before syncing
+    sync_module_attributes(m, old_shapes=old)
+    assert check_consistency(m) == []
+    assert m(X).shape == (2, 10)
+    assert m.conv1.out_channels == 32 and m.bn1.num_features == 32
+    assert (m.layer1[0].conv1.in_channels, m.layer1[0].conv1.out_channels) == (32, 8)
+    assert m.layer4[1].bn2.num_features == 64
+    assert m.num_features == 64 and m.head_hidden_size == 64 and m.fc.in_features == 64
+    assert [f["num_chs"] for f in m.feature_info] == [32, 8, 16, 32, 64]
+
+
+def test_timm_resnet_features_after_sync():
+    m = make_timm_resnet()
+    sync_module_attributes(m, old_shapes=resize_widths(m, timm_resnet_axes))
+    feats = m.forward_features(X)
+    assert feats.shape[1] == m.num_features
+
+
+def _vit_state_roundtrip(m, **kw):
+    """A natively built model of the new widths loads the state dict and computes the same."""
+    ref = make_timm_vit(**kw)
+    ref.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(ref(X), m(X))
+
+
+def test_timm_vit_halved_keeps_heads():
+    m = make_timm_vit()
+    old = resize_widths(m, timm_vit_axes)
+    problems = check_consistency(m)
+    assert any("blocks.0.attn" in p for p in problems)
+    sync_module_attributes(m, old_shapes=old)
+    assert check_consistency(m) == []
+    assert m(X).shape == (2, 10)
+    for blk in m.blocks:
+        a = blk.attn
+        assert (a.num_heads, a.head_dim, a.attn_dim) == (4, 8, 32)
+        assert math.isclose(a.scale, 8 ** -0.5)
+        assert blk.norm1.normalized_shape == (32,)
+        assert (blk.mlp.fc1.in_features, blk.mlp.fc1.out_features) == (32, 128)
+    assert m.embed_dim == m.num_features == m.head_hidden_size == 32
+    assert [f["num_chs"] for f in m.feature_info] == [32, 32]
+    assert m.head.in_features == 32 and m.patch_embed.proj.out_channels == 32
+    _vit_state_roundtrip(m, embed_dim=32, num_heads=4)
+
+
+def test_timm_vit_scale_used_by_unfused_path():
+    m = make_timm_vit()
+    sync_module_attributes(m, old_shapes=resize_widths(m, timm_vit_axes))
+    with torch.no_grad():
+        fused = m(X)
+        for blk in m.blocks:
+            blk.attn.fused_attn = False
+        torch.testing.assert_close(m(X), fused)
+
+
+def test_timm_vit_num_heads_override():
+    m = make_timm_vit()
+    old = resize_widths(m, timm_vit_axes)
+    sync_module_attributes(m, num_heads={"blocks.0.attn": 2, "blocks.1.attn": 2}, old_shapes=old)
+    assert check_consistency(m) == []
+    for blk in m.blocks:
+        assert (blk.attn.num_heads, blk.attn.head_dim) == (2, 16)
+        assert math.isclose(blk.attn.scale, 16 ** -0.5)
+    _vit_state_roundtrip(m, embed_dim=32, num_heads=2)
+
+
+def test_timm_vit_heads_not_divisible():
+    m = make_timm_vit()
+    old = resize_widths(m, timm_vit_axes)
+    with pytest.raises(HeadsNotDivisibleError, match="blocks.0.attn"):
+        sync_module_attributes(m, num_heads={"blocks.0.attn": 3}, old_shapes=old)
+
+
+def test_timm_vit_default_heads_not_divisible():
+    m = make_timm_vit()
+    # qkv 3*64 -> 3*30: 30 is not divisible by the kept 4 heads
+    idx = torch.cat([torch.arange(0, 30), torch.arange(64, 94), torch.arange(128, 158)])
+    replace_tensor(m, "blocks.0.attn.qkv.weight", m.blocks[0].attn.qkv.weight[idx])
+    replace_tensor(m, "blocks.0.attn.qkv.bias", m.blocks[0].attn.qkv.bias[idx])
+    replace_tensor(m, "blocks.0.attn.proj.weight", m.blocks[0].attn.proj.weight[:, :30])
+    with pytest.raises(HeadsNotDivisibleError, match="not divisible by num_heads=4"):
+        sync_module_attributes(m)
+
+
+def test_unused_num_heads_key_is_an_error():
+    m = make_timm_vit()
+    with pytest.raises(ValueError, match="blocks.9.attn"):
+        sync_module_attributes(m, num_heads={"blocks.9.attn": 2})
+
+
+def test_timm_vit_widened_without_old_shapes():
+    m = make_timm_vit()
+    resize_widths(m, timm_vit_axes, factor=2)
+    sync_module_attributes(m)  # no old_shapes: every known module is re-derived
+    assert check_consistency(m) == []
+    assert m(X).shape == (2, 10)
+    assert m.embed_dim == 128 and m.blocks[0].attn.head_dim == 32
+    assert math.isclose(m.blocks[0].attn.scale, 32 ** -0.5)
+
+
+def test_sync_is_noop_on_unchanged_model():
+    m = make_timm_vit()
+    before = {n: dict(vars(mod)) for n, mod in m.named_modules()}
+    old = {n: t.shape for n, t in m.state_dict().items()}
+    sync_module_attributes(m, old_shapes=old)
+    sync_module_attributes(m)
+    for n, mod in m.named_modules():
+        for k, v in before[n].items():
+            if isinstance(v, (int, float, tuple)):
+                assert getattr(mod, k) == v, (n, k)
+
+
+# --------------------------------------------------------------------------- transformers
+
+
+def test_hf_vit_halved():
+    from transformers import ViTForImageClassification
+
+    m = make_hf_vit()
+    old = resize_widths(m, hf_vit_axes)
+    assert check_consistency(m)
+    sync_module_attributes(m, old_shapes=old)
+    assert check_consistency(m) == []
+    assert m(X).logits.shape == (2, 10)
+    cfg = m.config
+    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads) == (32, 64, 4)
+    for layer in m.vit.layers:
+        att = layer.attention
+        assert (att.num_attention_heads, att.head_dim) == (4, 8)
+        assert math.isclose(att.scaling, 8 ** -0.5)
+    ref = ViTForImageClassification(copy.deepcopy(cfg)).eval()
+    ref.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(ref(X).logits, m(X).logits)
+
+
+def test_hf_vit_num_heads_override():
+    m = make_hf_vit()
+    old = resize_widths(m, hf_vit_axes)
+    heads = {f"vit.layers.{i}.attention": 2 for i in range(2)}
+    sync_module_attributes(m, num_heads=heads, old_shapes=old)
+    assert check_consistency(m) == []
+    assert m.config.num_attention_heads == 2
+    att = m.vit.layers[0].attention
+    assert (att.num_attention_heads, att.head_dim) == (2, 16) and math.isclose(att.scaling, 16 ** -0.5)
+    assert m(X).logits.shape == (2, 10)
+
+
+@pytest.mark.parametrize("layer_type", ["basic", "bottleneck"])
+def test_hf_resnet_halved(layer_type):
+    from transformers import ResNetForImageClassification
+
+    m = make_hf_resnet(layer_type)
+    old_sizes = list(m.config.hidden_sizes)
+    old = resize_widths(m, hf_resnet_axes)
+    sync_module_attributes(m, old_shapes=old)
+    assert check_consistency(m) == []
+    assert m(X).logits.shape == (2, 10)
+    assert m.config.embedding_size == 8
+    assert m.config.hidden_sizes == [s // 2 for s in old_sizes]
+    ref = ResNetForImageClassification(copy.deepcopy(m.config)).eval()
+    ref.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(ref(X).logits, m(X).logits)
+
+
+# --------------------------------------------------------------------------- torch.nn
+
+
+def test_torch_nn_layers():
+    torch.manual_seed(0)
+    m = nn.ModuleDict({
+        "conv": nn.Conv2d(1, 16, 3, padding=1),
+        "gn": nn.GroupNorm(4, 16),
+        "dw": nn.Conv2d(16, 16, 3, padding=1, groups=16),
+        "grouped": nn.Conv2d(16, 16, 3, padding=1, groups=2),
+        "up": nn.ConvTranspose2d(16, 8, 2, stride=2),
+        "bn": nn.BatchNorm2d(8),
+        "emb": nn.Embedding(5, 16),
+        "ln": nn.LayerNorm(16),
+        "mha": nn.MultiheadAttention(16, 4, batch_first=True),
+    })
+    axes = {
+        "conv.weight": [0], "conv.bias": [0], "gn.weight": [0], "gn.bias": [0],
+        "dw.weight": [0], "dw.bias": [0], "grouped.weight": [0, 1], "grouped.bias": [0],
+        "up.weight": [0, 1], "up.bias": [0], "bn.weight": [0], "bn.bias": [0],
+        "bn.running_mean": [0], "bn.running_var": [0], "emb.weight": [1], "ln.weight": [0], "ln.bias": [0],
+        "mha.in_proj_weight": [0, 1], "mha.in_proj_bias": [0], "mha.out_proj.weight": [0, 1],
+        "mha.out_proj.bias": [0],
+    }
+    old = resize_widths(m, lambda n, t: axes.get(n, []))
+    sync_module_attributes(m, old_shapes=old)
+    assert check_consistency(m) == []
+    assert (m["dw"].in_channels, m["dw"].out_channels, m["dw"].groups) == (8, 8, 8)
+    assert (m["grouped"].in_channels, m["grouped"].out_channels, m["grouped"].groups) == (8, 8, 2)
+    assert (m["up"].in_channels, m["up"].out_channels) == (8, 4)
+    assert m["gn"].num_channels == 8 and m["gn"].num_groups == 4
+    assert m["emb"].embedding_dim == 8 and m["ln"].normalized_shape == (8,)
+    assert (m["mha"].embed_dim, m["mha"].num_heads, m["mha"].head_dim) == (8, 4, 2)
+    y = m["grouped"](m["dw"](m["gn"](m["conv"](X))))
+    assert m["bn"](m["up"](y)).shape == (2, 4, 56, 56)
+    tok = m["ln"](m["emb"](torch.tensor([[0, 1, 2]])))
+    assert m["mha"](tok, tok, tok)[0].shape == (1, 3, 8)
+
+
+def test_group_divisibility_errors():
+    conv = nn.Conv2d(8, 8, 3, groups=4)
+    replace_tensor(conv, "weight", torch.randn(6, 2, 3, 3))
+    replace_tensor(conv, "bias", torch.randn(6))
+    with pytest.raises(GroupsNotDivisibleError, match="groups=4"):
+        sync_module_attributes(conv)
+
+    gn = nn.GroupNorm(4, 8)
+    replace_tensor(gn, "weight", torch.ones(6))
+    replace_tensor(gn, "bias", torch.zeros(6))
+    with pytest.raises(GroupsNotDivisibleError, match="num_groups=4"):
+        sync_module_attributes(gn)
+
+
+# --------------------------------------------------------------------------- unknown modules / registry
+
+
+class Scale(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.kernel = 3
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * self.weight.view(1, self.dim)
+
+
+class WideLinear(nn.Linear):
+    def __init__(self, i, o):
+        super().__init__(i, o)
+        self.hidden = o
+
+
+def _custom_model(cls=Scale):
+    return nn.Sequential(nn.Linear(4, 16), cls(16), nn.Linear(16, 2))
+
+
+_CUSTOM_AXES = {"0.weight": [0], "0.bias": [0], "1.weight": [0], "2.weight": [1]}
+
+
+def test_unknown_module_error():
+    m = _custom_model()
+    old = resize_widths(m, lambda n, t: _CUSTOM_AXES.get(n, []))
+    with pytest.raises(UnknownModuleError) as exc:
+        sync_module_attributes(m, old_shapes=old)
+    msg = str(exc.value)
+    assert "'1'" in msg and "Scale" in msg and "register_attribute_sync" in msg and "dim" in msg
+    assert "kernel" not in msg
+    assert exc.value.modules[0][0] == "1"
+    # without old shapes there is no detection (and the model stays broken)
+    sync_module_attributes(m)
+    with pytest.raises(RuntimeError):
+        m(torch.randn(3, 4))
+
+
+def test_unknown_module_not_reported_when_unchanged():
+    m = _custom_model()
+    old = {n: t.shape for n, t in m.state_dict().items()}
+    replace_tensor(m, "2.weight", torch.randn(3, 16))
+    replace_tensor(m, "2.bias", torch.randn(3))
+    sync_module_attributes(m, old_shapes=old)
+    assert m[2].out_features == 3 and m[1].dim == 16
+
+
+def test_unknown_subclass_attribute_is_reported():
+    m = nn.Sequential(nn.Linear(4, 16), WideLinear(16, 16))
+    old = resize_widths(m, lambda n, t: {"0.weight": [0], "0.bias": [0], "1.weight": [0, 1], "1.bias": [0]}.get(n, []))
+    with pytest.raises(UnknownModuleError, match="hidden"):
+        sync_module_attributes(m, old_shapes=old)
+
+
+def test_registered_handler_is_used():
+    calls = []
+
+    @register_attribute_sync(Scale, check=lambda mod, path: [] if mod.dim == mod.weight.shape[0] else [f"{path}: dim"])
+    def _sync_scale(module, path, ctx):
+        calls.append(path)
+        module.dim = int(module.weight.shape[0])
+
+    try:
+        m = _custom_model()
+        old = resize_widths(m, lambda n, t: _CUSTOM_AXES.get(n, []))
+        assert check_consistency(m) == ["0: weight (8, 4) but (out_features, in_features)=(16, 4)",
+                                        "0: bias (8,) but out_features=16", "1: dim",
+                                        "2: weight (2, 8) but (out_features, in_features)=(2, 16)"]
+        sync_module_attributes(m, old_shapes=old)
+        assert calls == ["1"] and m[1].dim == 8
+        assert check_consistency(m) == []
+        assert m(torch.randn(3, 4)).shape == (3, 2)
+    finally:
+        unregister_attribute_sync(Scale)
+
+
+# --------------------------------------------------------------------------- more timm families
+
+
+def _halve_sizes(widths: set[int]):
+    """Axes whose size is one of ``widths`` (works when widths do not collide with other dims)."""
+    return lambda name, t: [a for a, s in enumerate(t.shape) if s in widths] if t.dim() else []
+
+
+def test_timm_convnext_halved():
+    torch.manual_seed(0)
+    m = timm.create_model("convnextv2_atto", pretrained=False, dims=(16, 32, 64, 128), depths=(1, 1, 1, 1),
+                          in_chans=1, num_classes=10).eval()
+    old = resize_widths(m, _halve_sizes({16, 32, 64, 128, 256, 512}))
+    sync_module_attributes(m, old_shapes=old)
+    assert check_consistency(m) == []
+    assert m(torch.randn(2, 1, 64, 64)).shape == (2, 10)  # stride-32 network: 28x28 is too small
+    assert m.num_features == m.head_hidden_size == m.head.in_features == 64
+    assert m.stages[0].blocks[0].conv_dw.groups == 8  # depthwise stays depthwise
+    assert [f["num_chs"] for f in m.feature_info] == [8, 16, 32, 64]
+
+
+def test_timm_vit_attention_pool_latent():
+    m = make_timm_vit(global_pool="map")
+    old = resize_widths(m, _halve_sizes({64, 128, 192, 256}))
+    sync_module_attributes(m, num_heads={"attn_pool": 2}, old_shapes=old)
+    assert check_consistency(m) == []
+    assert m(X).shape == (2, 10)
+    pool = m.attn_pool
+    assert (pool.num_heads, pool.head_dim, pool.latent_dim, pool.out_features) == (2, 16, 32, 32)
+    assert math.isclose(pool.scale, 16 ** -0.5)

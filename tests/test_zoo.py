@@ -1,0 +1,303 @@
+"""Tests of fusion.zoo: building, saving and loading models; the real zoo."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from fusion import zoo as fzoo
+from fusion.zoo import (
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    ModelNotInZooError,
+    UnknownArchitectureError,
+    ZooEntry,
+    ZooNotFoundError,
+    build_model,
+    find_zoo,
+    load_manifest,
+    load_model,
+    load_model_file,
+    save_model,
+    save_weights,
+    write_manifest,
+)
+
+TINY_RESNET = {
+    "library": "timm",
+    "name": "resnet18",
+    "kwargs": {"channels": [4, 8, 8, 8], "in_chans": 1, "stem_width": 4},
+}
+TINY_VIT = {
+    "library": "timm",
+    "name": "vit_tiny_patch16_224",
+    "kwargs": {"depth": 1, "embed_dim": 16, "img_size": 28, "in_chans": 1, "num_heads": 2, "patch_size": 7},
+}
+HF_VIT = {
+    "library": "transformers",
+    "name": "ViTForImageClassification",
+    "kwargs": {
+        "image_size": 28,
+        "patch_size": 7,
+        "num_channels": 1,
+        "hidden_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 32,
+    },
+}
+HF_RESNET = {
+    "library": "transformers",
+    "name": "ResNetForImageClassification",
+    "kwargs": {"num_channels": 1, "embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1]},
+}
+
+
+def shared_zoo() -> Path | None:
+    """The real zoo: $FUSION_ZOO or <repo>/../shared/zoo, if present."""
+    env = os.environ.get("FUSION_ZOO")
+    path = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "zoo"
+    return path if (path / "manifest.json").is_file() else None
+
+
+def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(x)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _x(n: int = 3) -> torch.Tensor:
+    return torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+
+
+# --------------------------------------------------------------------------- build_model
+
+
+@pytest.mark.parametrize("arch", [TINY_RESNET, TINY_VIT, HF_VIT, HF_RESNET], ids=["timm-resnet", "timm-vit", "hf-vit", "hf-resnet"])
+def test_build_model_shapes(arch: dict) -> None:
+    model = build_model(arch, 7)
+    assert not model.training
+    assert _logits(model, _x()).shape == (3, 7)
+
+
+def test_build_model_uses_matching_transformers_config() -> None:
+    import transformers
+
+    model = build_model(HF_RESNET, 4)
+    assert isinstance(model.config, transformers.ResNetConfig)
+    assert model.config.num_labels == 4 and model.config.hidden_sizes == [8, 16]
+
+
+def test_build_model_errors() -> None:
+    with pytest.raises(UnknownArchitectureError, match=r"'keras'.*timm, transformers"):
+        build_model({"library": "keras", "name": "x"}, 10)
+    with pytest.raises(UnknownArchitectureError, match="no_such_net"):
+        build_model({"library": "timm", "name": "no_such_net"}, 10)
+    with pytest.raises(UnknownArchitectureError, match="NoSuchModelForImageClassification"):
+        build_model({"library": "transformers", "name": "NoSuchModelForImageClassification"}, 10)
+    with pytest.raises(UnknownArchitectureError, match="pretrained"):
+        build_model({**TINY_RESNET, "kwargs": {**TINY_RESNET["kwargs"], "pretrained": True}}, 10)
+    with pytest.raises(UnknownArchitectureError, match="library"):
+        build_model({"name": "resnet18"}, 10)
+
+
+# --------------------------------------------------------------------------- find_zoo / manifest
+
+
+def test_find_zoo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FUSION_ZOO", raising=False)
+    with pytest.raises(ZooNotFoundError, match="FUSION_ZOO"):
+        find_zoo()
+    monkeypatch.setenv("FUSION_ZOO", str(tmp_path))
+    with pytest.raises(ZooNotFoundError, match="manifest.json"):
+        find_zoo()
+    (tmp_path / "manifest.json").write_text("{}")
+    assert find_zoo() == tmp_path.resolve()
+    assert find_zoo(tmp_path) == tmp_path.resolve()
+
+
+def _make_zoo(folder: Path) -> nn.Module:
+    torch.manual_seed(0)
+    model = build_model(TINY_RESNET, 5)
+    save_weights(model, folder / "tiny-B.safetensors")
+    entry = {
+        "arch": TINY_RESNET,
+        "num_classes": 5,
+        "classes": [5, 6, 7, 8, 9],
+        "seed": 3,
+        "epochs": 1,
+        "test_accuracy": 0.5,
+        "train_seconds": 12,
+    }
+    write_manifest(folder, {"tiny-B": entry})
+    return model
+
+
+def test_manifest_and_load_model_roundtrip(tmp_path: Path) -> None:
+    model = _make_zoo(tmp_path)
+    manifest = load_manifest(tmp_path)
+    entry = manifest["tiny-B"]
+    assert entry.classes == [5, 6, 7, 8, 9] and entry.num_classes == 5
+    assert entry.arch == TINY_RESNET and entry.seed == 3 and entry.test_accuracy == 0.5
+    assert entry.extra == {"train_seconds": 12}
+    assert entry.weights == tmp_path.resolve() / "tiny-B.safetensors"
+    assert entry.to_dict() == json.loads((tmp_path / "manifest.json").read_text())["tiny-B"]
+
+    loaded, same = load_model("tiny-B", tmp_path)
+    assert same == entry and not loaded.training
+    x = _x()
+    assert torch.equal(_logits(loaded, x), _logits(model, x))
+    loaded2, _ = load_model(entry)
+    assert torch.equal(_logits(loaded2, x), _logits(model, x))
+
+    with pytest.raises(ModelNotInZooError) as info:
+        load_model("nope", tmp_path)
+    assert "'nope'" in str(info.value) and "tiny-B" in str(info.value)
+
+
+def test_write_manifest_merges(tmp_path: Path) -> None:
+    _make_zoo(tmp_path)
+    write_manifest(tmp_path, {"other": {"arch": TINY_VIT, "num_classes": 2, "classes": [0, 1]}})
+    assert sorted(load_manifest(tmp_path)) == ["other", "tiny-B"]
+
+
+def test_manifest_errors(tmp_path: Path) -> None:
+    (tmp_path / "manifest.json").write_text(json.dumps({"m": {"arch": TINY_RESNET, "num_classes": 3, "classes": [0, 1]}}))
+    with pytest.raises(fzoo.ManifestError, match="'m'.*2 classes.*num_classes is 3"):
+        load_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"m": {"num_classes": 3}}))
+    with pytest.raises(fzoo.ManifestError, match="'arch'"):
+        load_manifest(tmp_path)
+
+
+def test_checkpoint_mismatch_names_keys(tmp_path: Path) -> None:
+    model = _make_zoo(tmp_path)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    del state["fc.weight"]
+    state["extra.bias"] = torch.zeros(2)
+    save_file(state, str(tmp_path / "tiny-B.safetensors"))
+    with pytest.raises(CheckpointMismatchError) as info:
+        load_model("tiny-B", tmp_path)
+    message = str(info.value)
+    assert "missing keys (1): fc.weight" in message and "unexpected keys (1): extra.bias" in message
+
+    save_weights(build_model(TINY_RESNET, 7), tmp_path / "tiny-B.safetensors")
+    with pytest.raises(CheckpointMismatchError, match=r"shape mismatches \(2\): fc.weight: checkpoint \(7, 8\) vs model \(5, 8\)"):
+        load_model("tiny-B", tmp_path)
+
+    (tmp_path / "tiny-B.safetensors").unlink()
+    with pytest.raises(CheckpointNotFoundError, match="tiny-B"):
+        load_model("tiny-B", tmp_path)
+
+
+# --------------------------------------------------------------------------- save_model / load_model_file
+
+
+@pytest.mark.parametrize("arch", [TINY_VIT, HF_VIT], ids=["timm-vit", "hf-vit"])
+def test_save_model_roundtrip(tmp_path: Path, arch: dict) -> None:
+    torch.manual_seed(1)
+    model = build_model(arch, 4).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    path = save_model(model, tmp_path / "out" / "fused", arch, 4, classes=[9, 8, 7, 6], extra={"method": "test"})
+    assert path == tmp_path / "out" / "fused.safetensors"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["fused.json", "fused.safetensors"]
+    # The caller's model is untouched.
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+    sidecar = json.loads((tmp_path / "out" / "fused.json").read_text())
+    assert sidecar["arch"]["name"] == arch["name"] and sidecar["classes"] == [9, 8, 7, 6]
+    assert sidecar["method"] == "test"
+
+    loaded, entry = load_model_file(path)
+    assert entry.classes == [9, 8, 7, 6] and entry.extra == {"method": "test"}
+    x = _x()
+    assert torch.equal(_logits(loaded, x), _logits(model.eval(), x))
+    # The stem and the sidecar path work too.
+    assert torch.equal(_logits(load_model_file(tmp_path / "out" / "fused")[0], x), _logits(loaded, x))
+    assert torch.equal(_logits(load_model_file(tmp_path / "out" / "fused.json")[0], x), _logits(loaded, x))
+
+
+def test_save_model_refuses_mismatch_and_writes_nothing(tmp_path: Path) -> None:
+    model = build_model(TINY_RESNET, 3)
+    with pytest.raises(CheckpointMismatchError, match="Refusing to save"):
+        save_model(model, tmp_path / "m.safetensors", TINY_RESNET, 4)
+    with pytest.raises(ValueError, match="classes has 2 labels"):
+        save_model(model, tmp_path / "m.safetensors", TINY_RESNET, 3, classes=[0, 1])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_load_model_file_without_sidecar(tmp_path: Path) -> None:
+    save_weights(build_model(TINY_RESNET, 3), tmp_path / "bare.safetensors")
+    with pytest.raises(CheckpointNotFoundError, match="bare.json"):
+        load_model_file(tmp_path / "bare.safetensors")
+
+
+class _Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        self.b.weight = self.a.weight  # shared tensor
+        self.register_buffer("view", self.a.weight.data[:2].t())  # non-contiguous view
+
+
+def test_save_weights_handles_shared_and_noncontiguous(tmp_path: Path) -> None:
+    model = _Tied()
+    path = save_weights(model, tmp_path / "tied.safetensors")
+    state = load_file(str(path))
+    assert torch.equal(state["a.weight"], state["b.weight"])
+    assert torch.equal(state["view"], model.a.weight.data[:2].t())
+    assert model.b.weight is model.a.weight  # the model keeps its tying
+
+
+# --------------------------------------------------------------------------- real zoo
+
+
+def test_real_zoo_manifest() -> None:
+    zoo = shared_zoo()
+    if zoo is None:
+        pytest.skip("model zoo not available (set FUSION_ZOO)")
+    manifest = load_manifest(zoo)
+    assert len(manifest) >= 11
+    assert manifest["r18w32-A-s4"].classes == [0, 1, 2, 3, 4]
+    assert manifest["vit128-B-s5"].classes == [5, 6, 7, 8, 9]
+    assert all(isinstance(e, ZooEntry) and e.weights.is_file() for e in manifest.values())
+
+
+def test_real_zoo_checkpoint_accuracy() -> None:
+    zoo = shared_zoo()
+    if zoo is None:
+        pytest.skip("model zoo not available (set FUSION_ZOO)")
+    from fusion.data import DatasetNotFoundError, load_fashion_mnist
+    from fusion.evaluate import accuracy
+
+    try:
+        test = load_fashion_mnist("test")
+    except DatasetNotFoundError:
+        pytest.skip("Fashion-MNIST not installed")
+    model, entry = load_model("r18w16-s2", zoo)
+    subset = torch.utils.data.TensorDataset(test.tensors[0][:1000], test.tensors[1][:1000])
+    acc = accuracy(model, subset)
+    assert acc > 0.87, acc
+    assert abs(acc - entry.test_accuracy) < 0.03
+
+
+@pytest.mark.slow
+def test_real_zoo_every_checkpoint_reproduces() -> None:
+    zoo = shared_zoo()
+    if zoo is None:
+        pytest.skip("model zoo not available (set FUSION_ZOO)")
+    from fusion.data import load_fashion_mnist
+    from fusion.evaluate import accuracy
+
+    for name, entry in load_manifest(zoo).items():
+        model, _ = load_model(entry)
+        acc = accuracy(model, load_fashion_mnist("test", classes=entry.classes))
+        assert abs(100 * (acc - entry.test_accuracy)) <= 0.1, (name, acc, entry.test_accuracy)
