@@ -115,6 +115,7 @@ def _linear(tr, node, a):
     x, w = tr.dims(a["input"]), tr.dims(a["weight"])
     out = list(x[:-1])
     tr.A.unify(x, len(x) - 1, w, 1)
+    tr.mark_contracted(w, 1)
     if len(w) == 2:
         out.append(w[0])
     if a.get("bias") is not None:
@@ -127,6 +128,8 @@ def _linear(tr, node, a):
 def _addmm(tr, node, a):
     m1, m2 = tr.dims(a["mat1"]), tr.dims(a["mat2"])
     tr.A.unify(m1, 1, m2, 0)
+    tr.mark_contracted(m1, 1)
+    tr.mark_contracted(m2, 0)
     out = [m1[0], m2[1]]
     return tr.elementwise(node, [a["self"]], base=out)
 
@@ -159,6 +162,8 @@ def _einsum(tr, node, a):
     first: dict[str, tuple[list[Dim], int]] = {}
     for t, dims in zip(terms, ops):
         for i, ch in enumerate(t):
+            if ch not in rhs:
+                tr.mark_contracted(dims, i)
             if ch in first:
                 fx, fi = first[ch]
                 tr.A.unify(fx, fi, dims, i)
@@ -180,6 +185,7 @@ def _conv(tr, node, a, transposed=False):
     for d in x[len(x) - nsp:]:
         tr.A.fix_dim(d, "spatial")
     w_in, w_out = (0, 1) if transposed else (1, 0)
+    tr.mark_contracted(w, w_in)
     cin, cout = x[cdim], None
     if groups == 1:
         tr.A.unify(x, cdim, w, w_in)

@@ -83,6 +83,8 @@ class _Tracer:
         self.checks: list[tuple[list[int], torch.fx.Node, str]] = []
         self.unknown: list[tuple[torch.fx.Node, list[int]]] = []
         self.activation_classes: set[int] = set()
+        self.dim_owner: dict[int, tuple[str, int]] = {}  # id(Dim) of a parameter axis -> (tensor, axis)
+        self.contracted: set[tuple[str, int]] = set()
 
     # -- helpers used by rules ----------------------------------------------------------------
     @staticmethod
@@ -179,6 +181,8 @@ class _Tracer:
     def matmul(self, a: list[Dim], b: list[Dim], node: torch.fx.Node) -> list[Dim]:
         """``torch.matmul`` semantics: contraction of a's last axis with b's second-to-last."""
         shape = self.shape(node)
+        self.mark_contracted(a, len(a) - 1)
+        self.mark_contracted(b, max(len(b) - 2, 0))
         if len(a) == 1 and len(b) == 1:
             self.A.unify(a, 0, b, 0)
             return []
@@ -232,6 +236,12 @@ class _Tracer:
             j += 1
         final = [d if d is not None else self.A.fresh(int(outs[k])) for k, d in enumerate(result)]
         return self.A.sanitize(final)
+
+    def mark_contracted(self, dims: list[Dim], i: int) -> None:
+        """Record that axis ``i`` of ``dims`` is summed against incoming features (role ``in``)."""
+        owner = self.dim_owner.get(id(dims[i])) if 0 <= i < len(dims) else None
+        if owner is not None:
+            self.contracted.add(owner)
 
     def require_fixed(self, d: Dim, node: torch.fx.Node, why: str, defer: bool = True) -> None:
         """Record that axis ``d`` must turn out fixed, or the op cannot be followed."""
@@ -291,6 +301,8 @@ class _Tracer:
             self.tensor_of[node.name] = spec.target
             self.tensor_kind[spec.target] = "parameter" if kname == "PARAMETER" else "buffer"
             self.tensor_dims[spec.target] = dims
+            for ax, d in enumerate(dims):
+                self.dim_owner[id(d)] = (spec.target, ax)
             if not node.users:
                 for d in dims:
                     self.A.fix_dim(d, "unused in forward")
@@ -452,7 +464,8 @@ class _Tracer:
                     if r is None:
                         fixed.append(FixedAxis(t, ax, start, stop, reason or "fixed"))
                         continue
-                    members[r].append(Member(t, self.tensor_kind[t], ax, start, stop))
+                    role = "in" if (t, ax) in self.contracted else "out"
+                    members[r].append(Member(t, self.tensor_kind[t], ax, start, stop, role))
                     whole = len(pieces) == 1
                     suffix = "" if whole else f"#{[p[0] for p in pieces].index(start)}"
                     cand = (0 if (ax == 0 and len(dims) >= 2) else 1, ti, _name_from(t) + suffix)

@@ -33,6 +33,9 @@ class Member:
         axis: the tensor axis.
         start: first index of the range along ``axis``.
         stop: one past the last index; ``stop - start`` equals the space's width.
+        role: ``"in"`` if the axis is summed against the space's incoming features (the input axis
+            of a linear or conv weight: it takes the unmerge map), else ``"out"`` (it indexes the
+            features themselves: output axes, biases, norm parameters; it takes the merge map).
     """
 
     tensor: str
@@ -40,6 +43,7 @@ class Member:
     axis: int
     start: int
     stop: int
+    role: str = "out"
 
 
 @dataclass(frozen=True)

@@ -69,10 +69,13 @@ def permute(model: nn.Module, graph: Graph, perms: dict[str, torch.Tensor]) -> n
         A new model of the same class with permuted parameters and buffers.
     """
     full = graph.identity_permutations()
-    full.update({k: torch.as_tensor(v) for k, v in perms.items()})
     unknown = set(perms) - set(full)
     if unknown:
-        raise SpaceMismatchError(f"permutations given for unknown spaces: {sorted(unknown)[:5]}")
+        raise SpaceMismatchError(
+            f"permutations given for spaces this graph does not have: {sorted(unknown)[:5]}; "
+            f"see graph.summary() for the space names"
+        )
+    full.update({k: torch.as_tensor(v) for k, v in perms.items()})
     graph.validate_permutations(full)
     new = copy.deepcopy(model)
     state = permute_state(model_tensors(model), graph, full)

@@ -1,0 +1,273 @@
+"""Discovery of alignment spaces: permutation invariance, coverage, errors, structure."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import alignment
+from alignment import UnfollowableOpError, discover, permute
+from alignment.errors import PermutationError
+from tests import tiny_models
+from tests.conftest import rel_err
+from tests.tiny_models import NAMES, logits
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_random_permutation_keeps_function(tiny, name):
+    model, x = tiny(name)
+    before = _state(model)
+    graph = discover(model, x)
+    assert len(graph.alignable_spaces) > 0
+    perms = graph.random_permutations(seed=1)
+    assert any(not torch.equal(p, torch.arange(len(p))) for p in perms.values())
+    permuted = permute(model, graph, perms)
+    with torch.no_grad():
+        y0, y1 = logits(model(x)), logits(permuted(x))
+    assert rel_err(y0, y1) < 1e-5
+    # the permuted model really differs, the input model is untouched
+    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), permuted.state_dict().values()))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not model.training
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_axis_is_in_a_space_or_fixed(tiny, name):
+    model, x = tiny(name)
+    graph = discover(model, x)
+    tensors = dict(model.named_parameters())
+    tensors.update(dict(model.named_buffers()))
+    assert set(graph.shapes) == set(tensors)
+    for t, shape in graph.shapes.items():
+        for ax, n in enumerate(shape):
+            cover = torch.zeros(n, dtype=torch.long)
+            for s in graph.spaces:
+                for m in s.members:
+                    if m.tensor == t and m.axis == ax:
+                        assert m.stop - m.start == s.width
+                        cover[m.start:m.stop] += 1
+            for f in graph.fixed:
+                if f.tensor == t and f.axis == ax:
+                    assert f.reason
+                    cover[f.start:f.stop] += 1
+            assert bool((cover == 1).all()), f"{t} axis {ax} covered {cover.tolist()}"
+
+
+def test_input_and_output_axes_are_fixed(tiny):
+    model, x = tiny("timm_resnet18")
+    graph = discover(model, x)
+    fixed = {(f.tensor, f.axis): f.reason for f in graph.fixed}
+    assert ("conv1.weight", 1) in fixed  # image channels
+    assert ("fc.weight", 0) in fixed and ("fc.bias", 0) in fixed  # logits
+    assert fixed[("conv1.weight", 2)] == "kernel"
+
+
+class CumsumOverChannels(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.mixer = Mixer()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.mixer(self.conv(x)).mean((2, 3)))
+
+
+class Mixer(nn.Module):
+    def forward(self, x):
+        return torch.cumsum(x, dim=1)
+
+
+def test_unfollowable_op_raises_naming_op_and_module():
+    model = CumsumOverChannels().eval()
+    with pytest.raises(UnfollowableOpError) as info:
+        discover(model, torch.randn(2, 1, 8, 8))
+    err = info.value
+    assert err.op == "aten.cumsum" and err.module == "mixer"
+    assert "aten.cumsum" in str(err) and "`mixer`" in str(err) and "register_op_rule" in str(err)
+
+
+@torch.library.custom_op("fusiontests::wobble", mutates_args=())
+def _wobble(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(x)
+
+
+@_wobble.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class UsesCustomOp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(6, 8)
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(_wobble(self.fc1(x)))
+
+
+def test_unknown_op_raises_then_registered_rule_is_used():
+    model = UsesCustomOp().eval()
+    x = torch.randn(4, 6)
+    with pytest.raises(UnfollowableOpError, match="fusiontests.wobble"):
+        discover(model, x)
+    alignment.register_op_kind("fusiontests.wobble", "elementwise")
+    graph = discover(model, x)
+    assert [s.name for s in graph.alignable_spaces] == ["fc1"]
+    p = permute(model, graph, graph.random_permutations(seed=0))
+    with torch.no_grad():
+        assert rel_err(model(x), p(x)) < 1e-6
+
+
+def test_frozen_parameters_and_train_mode_are_left_alone(tiny):
+    model, x = tiny("timm_vit")
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    before = _state(model)
+    graph = discover(model, x)
+    assert len(graph.alignable_spaces) == 7
+    assert model.training and all(m.training for m in model.modules())
+    assert not any(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_batchnorm_train_mode_discovery_does_not_touch_running_stats(tiny):
+    model, x = tiny("timm_resnet18")
+    model.train()
+    before = _state(model)
+    graph = discover(model, x)
+    assert "layer1.0.conv1" in graph
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_attention_spaces_have_head_structure(tiny):
+    model, x = tiny("timm_vit")
+    graph = discover(model, x)
+    qk, vo = graph["blocks.0.attn.qkv#0"], graph["blocks.0.attn.qkv#2"]
+    assert (qk.num_heads, qk.head_dim, vo.num_heads, vo.head_dim) == (4, 16, 4, 16)
+    assert qk.heads == vo.heads and graph[qk.heads].kind == "heads"
+    # q and k rows of the fused qkv weight are in the same space, v rows in the other
+    ranges = sorted((m.start, m.stop) for m in qk.members if m.tensor == "blocks.0.attn.qkv.weight")
+    assert ranges == [(0, 64), (64, 128)]
+    perms = graph.random_permutations(seed=5)
+    for space in (qk, vo):
+        blocks = perms[space.name].view(4, 16) // 16
+        assert bool((blocks == blocks[:, :1]).all())  # heads move as whole blocks
+        assert torch.equal(blocks[:, 0], perms[qk.heads])
+    bad = dict(perms)
+    bad[qk.name] = torch.arange(64).roll(3)
+    with pytest.raises(PermutationError, match="splits heads"):
+        graph.validate_permutations(bad)
+
+
+def test_hf_vit_query_key_and_value_spaces(tiny):
+    model, x = tiny("hf_vit")
+    graph = discover(model, x)
+    heads = [s for s in graph.spaces if s.num_heads]
+    assert len(heads) == 4 and all(s.num_heads == 4 and s.head_dim == 16 for s in heads)
+    qk = next(s for s in heads if any("k_proj" in m.tensor or "key" in m.tensor for m in s.members))
+    assert any("q_proj" in m.tensor or "query" in m.tensor for m in qk.members)
+    assert not any("v_proj" in m.tensor or "value" in m.tensor for m in qk.members)
+
+
+def test_concat_segments_are_separate_spaces(tiny):
+    model, x = tiny("cnn")
+    graph = discover(model, x)
+    mix_in = sorted((m.start, m.stop, s.name) for s in graph.spaces for m in s.members
+                    if m.tensor == "mix.weight" and m.axis == 1)
+    assert [(a, b) for a, b, _ in mix_in] == [(0, 4), (4, 8)]
+    assert mix_in[0][2] == "b" and mix_in[1][2] == "c2"
+    roles = {(m.tensor, m.axis): m.role for s in graph.spaces for m in s.members}
+    assert roles[("mix.weight", 1)] == "in" and roles[("mix.weight", 0)] == "out"
+    assert roles[("proj", 1)] == "in" and roles[("gamma", 0)] == "out"
+
+
+def test_spaces_pair_by_name_across_widths():
+    x = torch.randn(2, 1, 28, 28)
+    for small, big in ((tiny_models.timm_resnet18((8, 16, 32, 64)), tiny_models.timm_resnet18()),
+                       (tiny_models.timm_vit(32), tiny_models.timm_vit(64)),
+                       (tiny_models.hf_vit(32), tiny_models.hf_vit(64))):
+        ga, gb = discover(small.eval(), x), discover(big.eval(), x)
+        assert [s.name for s in ga.spaces] == [s.name for s in gb.spaces]
+        # every hidden width doubles, except timm's default ResNet stem (64 wide whatever stem_width)
+        assert all(a.width * 2 == b.width or (a.name == "conv1" and a.width == b.width == 64)
+                   for a, b in zip(ga.alignable_spaces, gb.alignable_spaces))
+
+
+def test_observation_points_read_the_space_features(tiny):
+    model, x = tiny("timm_resnet18")
+    graph = discover(model, x)
+    space = graph["layer1.0.conv1"]
+    modules = dict(model.named_modules())
+    seen = {}
+    hooks = []
+    for ob in space.observations:
+        def hook(mod, inp, out, ob=ob):
+            t = out if ob.io == "output" else inp[0]
+            seen[(ob.module, ob.io)] = t.shape[ob.dim]
+
+        if ob.io == "output":
+            hooks.append(modules[ob.module].register_forward_hook(hook))
+        else:
+            hooks.append(modules[ob.module].register_forward_hook(lambda m, i, o, h=hook: h(m, i, o)))
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    assert ("layer1.0.conv1", "output") in seen and ("layer1.0.conv2", "input") in seen
+    assert set(seen.values()) == {space.width}
+
+
+def test_same_seed_same_permutations(tiny):
+    model, x = tiny("timm_vit")
+    graph = discover(model, x)
+    a, b = graph.random_permutations(seed=7), graph.random_permutations(seed=7)
+    c = graph.random_permutations(seed=8)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_permute_rejects_bad_permutations(tiny):
+    model, x = tiny("mlp")
+    graph = discover(model, x)
+    with pytest.raises(PermutationError, match="not a bijection"):
+        permute(model, graph, {"fc1": torch.zeros(32, dtype=torch.long)})
+    with pytest.raises(alignment.SpaceMismatchError):
+        permute(model, graph, {"nope": torch.arange(3)})
+
+
+def test_summary_lists_spaces(tiny):
+    model, x = tiny("mlp")
+    graph = discover(model, x)
+    text = graph.summary()
+    assert "fc1" in text and "width=32" in text and repr(graph).startswith("Graph(TinyMLP")
+
+
+def test_export_failure_is_reported():
+    class Broken(nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow
+                return x
+            return -x
+
+    with pytest.raises(alignment.ExportError, match="Broken"):
+        discover(Broken(), torch.randn(2, 3))
+
+
+def test_deepcopy_is_not_required_by_user():
+    # discovery must not leave hooks or state on the model
+    model = tiny_models.TinyMLP().eval()
+    state = copy.deepcopy(model.state_dict())
+    discover(model, torch.randn(2, 1, 8, 8))
+    assert not model._forward_hooks and not model._forward_pre_hooks
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())

@@ -1,0 +1,89 @@
+"""Resizing helper: narrower copies that run, with consistent module attributes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alignment import discover
+from fusion.modules import check_consistency
+from fusion.resize import WidthError, resize, resize_like, selection_indices
+from tests import tiny_models
+from tests.tiny_models import logits
+
+
+def _params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+def test_halve_timm_resnet18(tiny):
+    model, x = tiny("timm_resnet18")
+    small = resize(model, 0.5, x)
+    assert small.layer1[0].conv1.out_channels == 8 and small.layer4[1].bn2.num_features == 64
+    assert small.fc.in_features == 64 and small.num_features == 64
+    assert check_consistency(small) == []
+    with torch.no_grad():
+        assert logits(small(x)).shape == (2, 10)
+    assert model.layer1[0].conv1.out_channels == 16  # input untouched
+
+
+def test_halve_timm_vit(tiny):
+    model, x = tiny("timm_vit")
+    small = resize(model, 0.5, x)
+    attn = small.blocks[0].attn
+    assert small.embed_dim == 32 and small.num_features == 32
+    assert (attn.num_heads, attn.head_dim) == (4, 8) and attn.scale == pytest.approx(8 ** -0.5)
+    assert small.blocks[0].mlp.fc1.out_features == 128 and small.norm.normalized_shape == (32,)
+    assert check_consistency(small) == []
+    with torch.no_grad():
+        assert logits(small(x)).shape == (2, 10)
+
+
+def test_halve_hf_vit(tiny):
+    model, x = tiny("hf_vit")
+    small = resize(model, 0.5, x)
+    assert small.config.hidden_size == 32 and small.config.intermediate_size == 64
+    assert check_consistency(small) == []
+    with torch.no_grad():
+        assert logits(small(x)).shape == (2, 10)
+    assert model.config.hidden_size == 64
+
+
+def test_resize_keeps_first_features_exactly():
+    model = tiny_models.TinyMLP(width=8).eval()
+    x = torch.randn(3, 1, 8, 8)
+    small = resize(model, 0.5, x)
+    assert torch.equal(small.fc1.weight, model.fc1.weight[:4])
+    assert torch.equal(small.fc2.weight, model.fc2.weight[:4, :4])
+    assert torch.equal(small.fc3.weight, model.fc3.weight[:, :4])
+
+
+def test_scores_choose_features():
+    model = tiny_models.TinyMLP(width=8).eval()
+    x = torch.randn(3, 1, 8, 8)
+    graph = discover(model, x)
+    scores = {"fc1": torch.tensor([0, 9, 0, 8, 0, 0, 7, 0.0])}
+    idx = selection_indices(graph, {"fc1": 3, "*": 1.0}, scores)
+    assert idx["fc1"].tolist() == [1, 3, 6]
+    assert selection_indices(graph, 0.5)["fc1"].tolist() == [0, 1, 2, 3]
+
+
+def test_resize_into_user_built_target(tiny):
+    model, x = tiny("timm_resnet18")
+    target = tiny_models.timm_resnet18((8, 16, 32, 64)).eval()
+    out = resize_like(model, target, x)
+    assert type(out) is type(target)
+    for (n, a), (_, b) in zip(out.state_dict().items(), target.state_dict().items()):
+        assert a.shape == b.shape, n
+    assert torch.equal(out.layer1[0].conv1.weight, model.layer1[0].conv1.weight[:8])
+
+
+def test_width_errors():
+    model = tiny_models.TinyMLP(width=8).eval()
+    x = torch.randn(3, 1, 8, 8)
+    with pytest.raises(WidthError, match="cannot keep 16"):
+        resize(model, 16, x)
+    with pytest.raises(WidthError, match="positive"):
+        resize(model, -0.5, x)
+    with pytest.raises(ValueError, match="example_input"):
+        resize(model, 0.5)
