@@ -140,7 +140,7 @@ def align(
                 raise CalibrationError(f"method {method!r} needs calibration data for activation statistics")
             t1 = time.perf_counter()
             cached["stats"] = collect(models, graphs, calibration, device=dev, progress=progress,
-                                      points=options.get("points", "consumers"))
+                                      points=options.get("points", "auto"))
             seconds["collect"] = time.perf_counter() - t1
             if report is not None:
                 report.calibration_samples = cached["stats"].samples

@@ -1,0 +1,133 @@
+"""fuse(): exactness on permuted copies, determinism, no mutation, methods and repairs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fusion
+from alignment import discover, permute
+from alignment.errors import SpaceMismatchError
+from alignment.solvers import UnknownMethodError
+from fusion.api import CalibrationError
+from fusion.repair import UnknownRepairError
+from tests.conftest import rel_err
+from tests.tiny_models import build, logits
+
+
+def _permuted_copy(name, seed=0):
+    model, x = build(name, seed=seed)
+    graph = discover(model, x)
+    other = permute(model, graph, graph.random_permutations(seed=11))
+    cal = torch.randn(48, *x.shape[1:], generator=torch.Generator().manual_seed(5))
+    return model, other, x, cal
+
+
+@pytest.mark.parametrize("name", ["cnn", "timm_vit", "timm_resnet18", "hf_vit"])
+@pytest.mark.parametrize("method", ["permute", "weight_matching"])
+def test_fusing_a_permuted_copy_returns_the_original(name, method):
+    model, other, x, cal = _permuted_copy(name)
+    fused = fusion.fuse([model, other], cal, method=method, repair="none")
+    with torch.no_grad():
+        y0, y1 = logits(model(x)), logits(fused(x))
+    assert rel_err(y0, y1) < 1e-5
+    rep = fused.fusion_report
+    assert rep.method == method and "match" in rep.seconds and "apply" in rep.seconds
+
+
+def test_plain_average_of_a_permuted_copy_is_not_the_original():
+    model, other, x, cal = _permuted_copy("cnn")
+    fused = fusion.fuse([model, other], cal, method="average", repair="none")
+    with torch.no_grad():
+        assert rel_err(logits(model(x)), logits(fused(x))) > 1e-2
+
+
+def test_three_models_merge_many():
+    model, x = build("timm_vit")
+    graph = discover(model, x)
+    copies = [permute(model, graph, graph.random_permutations(seed=s)) for s in (1, 2)]
+    cal = torch.randn(32, 1, 28, 28)
+    fused = fusion.fuse([model, *copies], cal, method="permute", repair="none", iterations=2)
+    with torch.no_grad():
+        assert rel_err(model(x), fused(x)) < 1e-5
+
+
+def test_same_seed_same_weights_and_inputs_untouched():
+    a, x = build("cnn", seed=0)
+    b, _ = build("cnn", seed=1)
+    states = [{k: v.clone() for k, v in m.state_dict().items()} for m in (a, b)]
+    cal = torch.randn(32, 1, 12, 12)
+    f1 = fusion.fuse([a, b], cal, method="weight_matching", repair="reset_bn", seed=3)
+    f2 = fusion.fuse([a, b], cal, method="weight_matching", repair="reset_bn", seed=3)
+    for (k, v1), v2 in zip(f1.state_dict().items(), f2.state_dict().values()):
+        assert torch.equal(v1, v2), k
+    for m, st in zip((a, b), states):
+        assert all(torch.equal(st[k], v) for k, v in m.state_dict().items())
+        assert not m.training
+
+
+def test_alpha_endpoints_give_each_model():
+    a, x = build("mlp", seed=0)
+    b, _ = build("mlp", seed=1)
+    cal = torch.randn(64, 1, 8, 8)
+    for alpha, ref in ((0.0, a), (1.0, b)):
+        fused = fusion.fuse([a, b], cal, method="permute", repair="none", alpha=alpha)
+        with torch.no_grad():
+            assert rel_err(ref(x), fused(x)) < 1e-5
+
+
+def test_reset_bn_recomputes_running_statistics():
+    a, x = build("timm_resnet18", seed=0)
+    b, _ = build("timm_resnet18", seed=1)
+    cal = torch.randn(64, 1, 28, 28)
+    raw = fusion.fuse([a, b], cal, method="permute", repair="none")
+    reset = fusion.fuse([a, b], cal, method="permute", repair="reset_bn")
+    assert not torch.allclose(raw.bn1.running_var, reset.bn1.running_var)
+    # after the reset, bn1's running mean is the mean of conv1's output on the calibration data
+    with torch.no_grad():
+        h = reset.conv1(cal)
+    torch.testing.assert_close(reset.bn1.running_mean, h.mean((0, 2, 3)), rtol=1e-4, atol=1e-4)
+    assert not reset.training
+
+
+@pytest.mark.parametrize("name,path,space", [("timm_resnet18", "bn1", "conv1"), ("timm_vit", "norm", "patch_embed.proj")])
+def test_repair_matches_interpolated_source_statistics(name, path, space):
+    a, x = build(name, seed=0)
+    b, _ = build(name, seed=1)
+    cal = torch.randn(64, *x.shape[1:], generator=torch.Generator().manual_seed(0))
+    al = fusion.align([a, b], cal, method="permute")
+    fused = fusion.fuse([a, b], cal, method="permute", repair="repair")
+    assert fused.fusion_report.repair == "repair"
+
+    def stats(model):
+        got = {}
+        mod = dict(model.named_modules())[path]
+        h = mod.register_forward_hook(lambda m, i, o: got.setdefault("o", o.detach()))
+        with torch.no_grad():
+            model(cal)
+        h.remove()
+        o = got["o"].movedim(1, -1) if got["o"].dim() == 4 else got["o"]
+        o = o.reshape(-1, o.shape[-1]).double()
+        return o.mean(0), o.std(0, unbiased=False)
+
+    (ma, sa), (mb, sb), (mf, sf) = stats(a), stats(b), stats(fused)
+    pa, pb = (p[space] for p in al.result.perms)
+    torch.testing.assert_close(sf, 0.5 * (sa[pa] + sb[pb]), rtol=0.05, atol=1e-3)
+    torch.testing.assert_close(mf, 0.5 * (ma[pa] + mb[pb]), rtol=0.05, atol=0.05)
+
+
+def test_list_methods_and_errors():
+    assert {"average", "permute", "weight_matching"} <= set(fusion.list_methods())
+    a, x = build("mlp")
+    with pytest.raises(UnknownMethodError, match="registered methods"):
+        fusion.fuse([a, a], x, method="nope")
+    with pytest.raises(UnknownRepairError, match="reset_bn"):
+        fusion.fuse([a, a], x, repair="nope")
+    with pytest.raises(CalibrationError, match="calibration"):
+        fusion.fuse([a, a], None, method="permute", repair="none", example_input=x)
+    wide, _ = build("cnn")
+    from tests.tiny_models import TinyCNN
+
+    narrow = TinyCNN(c=4).eval()
+    with pytest.raises(SpaceMismatchError, match="widths"):
+        fusion.fuse([wide, narrow], torch.randn(8, 1, 12, 12), method="permute", repair="none")
