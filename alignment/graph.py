@@ -23,6 +23,18 @@ import torch
 from .errors import PermutationError, SpaceMismatchError
 
 
+def tree_size(tree: tuple) -> int:
+    """Number of features described by a space's structure tree (see :attr:`Space.tree`)."""
+    kind = tree[0]
+    if kind == "fixed":
+        return tree[1]
+    if kind == "leaf":
+        return tree[2]
+    if kind == "cat":
+        return sum(tree_size(t) for t in tree[1])
+    return tree[2] * tree_size(tree[3][0])
+
+
 @dataclass(frozen=True)
 class Member:
     """A parameter or buffer axis range that belongs to a space.

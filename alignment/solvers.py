@@ -20,7 +20,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from .errors import FusionError, SpaceMismatchError
-from .graph import Graph, Space
+from .graph import Graph, Space, tree_size
 from .permute import axis_index, model_tensors
 
 METHODS: dict[str, Callable[["MatchContext"], "MatchResult"]] = {}
@@ -99,17 +99,6 @@ def _lsa(S: torch.Tensor) -> tuple[torch.Tensor, float]:
     return perm, float(A[r, c].sum())
 
 
-def _size(tree) -> int:
-    k = tree[0]
-    if k == "fixed":
-        return tree[1]
-    if k == "leaf":
-        return tree[2]
-    if k == "cat":
-        return sum(_size(t) for t in tree[1])
-    return tree[2] * _size(tree[3][0])
-
-
 def _solve_tree(tree, S: torch.Tensor, cache: dict[str, torch.Tensor], groups) -> torch.Tensor:
     kind = tree[0]
     if kind == "fixed":
@@ -122,12 +111,12 @@ def _solve_tree(tree, S: torch.Tensor, cache: dict[str, torch.Tensor], groups) -
     if kind == "cat":
         out, off = [], 0
         for sub in tree[1]:
-            n = _size(sub)
+            n = tree_size(sub)
             out.append(_solve_tree(sub, S[off:off + n, off:off + n], cache, groups) + off)
             off += n
         return torch.cat(out)
     _, hkey, nh, parts = tree
-    d = _size(parts[0])
+    d = tree_size(parts[0])
     if hkey not in cache:
         raise SpaceMismatchError(f"internal: heads {hkey!r} must be solved before the spaces they structure")
     pi = cache[hkey]

@@ -15,7 +15,7 @@ from torch import nn
 
 from alignment import discover
 from alignment.errors import SpaceMismatchError
-from alignment.graph import Graph
+from alignment.graph import Graph, tree_size
 
 from .engine import SpaceMap, apply_maps, selection_map
 
@@ -94,10 +94,10 @@ def selection_indices(
             out, off = [], 0
             for sub in tree[1]:
                 out.append(select(sub, keep_all, factor) + off)
-                off += _tree_size(sub)
+                off += tree_size(sub)
             return torch.cat(out)
         _, hkey, nh, parts = tree
-        d = _tree_size(parts[0])
+        d = tree_size(parts[0])
         if kinds.get(hkey) == "heads":
             # attention: keep every head, shrink the dims within each head
             heads = choose(hkey, nh, keep_all=True)
@@ -119,17 +119,6 @@ def selection_indices(
         result[s.name] = cache[s.name] if s.name in cache else select(s.tree, name=s.name)
         cache.setdefault(s.name, result[s.name])
     return result
-
-
-def _tree_size(tree) -> int:
-    kind = tree[0]
-    if kind in ("fixed",):
-        return tree[1]
-    if kind == "leaf":
-        return tree[2]
-    if kind == "cat":
-        return sum(_tree_size(t) for t in tree[1])
-    return tree[2] * _tree_size(tree[3][0])
 
 
 def resize(
