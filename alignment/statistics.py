@@ -216,7 +216,11 @@ def collect(
     """
     t0 = time.perf_counter()
     dev = torch.device(device) if device is not None else model_device(models[0])
-    runs = [m if model_device(m) == dev else _copy_to(m, dev) for m in models]
+    runs = []
+    for m in models:
+        # the same object twice (fusing a model with itself) needs its own hooks and call counts
+        dup = any(m is r for r in models[: len(runs)])
+        runs.append(_copy_to(m, dev) if dup or model_device(m) != dev else m)
     names = list(spaces) if spaces is not None else [s.name for s in graphs[0].spaces if s.observations]
     stats = Statistics()
     # per model: module -> list of (space, point index, observation)

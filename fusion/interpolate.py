@@ -8,6 +8,7 @@ shows how much aligning hidden units lowers the loss/accuracy barrier between th
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -75,9 +76,19 @@ def interpolation_curve(
         models evaluated as they are.
     """
     _check(models, repair)
+    models = _distinct(models)
     t0 = time.perf_counter()
     al = align(models, calibration, method=method, device=device, progress=progress, **options)
     return _curve(al, models, calibration, data, alphas, method, repair, device, time.perf_counter() - t0)
+
+
+def _distinct(models: Sequence[nn.Module]) -> list[nn.Module]:
+    """The models, the second copied if it is the same object as the first (statistics hooks need
+    distinct modules)."""
+    models = list(models)
+    if len(models) == 2 and models[1] is models[0]:
+        models[1] = copy.deepcopy(models[0])
+    return models
 
 
 def _check(models: Sequence[nn.Module], repair: str) -> None:
@@ -195,6 +206,7 @@ def interpolation_report(
     """
     for r in repairs:
         _check(models, r)
+    models = _distinct(models)
     curves = []
     for m in methods:  # one alignment per method, shared by its repairs
         t0 = time.perf_counter()

@@ -131,3 +131,11 @@ def test_list_methods_and_errors():
     narrow = TinyCNN(c=4).eval()
     with pytest.raises(SpaceMismatchError, match="widths"):
         fusion.fuse([wide, narrow], torch.randn(8, 1, 12, 12), method="permute", repair="none")
+
+
+def test_fusing_a_model_with_itself_returns_it():
+    model, x = build("timm_resnet18")
+    cal = torch.randn(16, 1, 28, 28)
+    fused = fusion.fuse([model, model], cal, method="permute", repair="none")
+    with torch.no_grad():
+        assert rel_err(model(x), fused(x)) < 1e-5

@@ -1,0 +1,119 @@
+"""Interpolation curves between two models (fusion.interpolate)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from fusion.evaluate import evaluate_loss_and_accuracy
+from fusion.interpolate import _barriers, default_alphas, interpolation_curve, interpolation_report
+from fusion.repair import UnknownRepairError
+from tests import tiny_models
+
+KEYS = {"method", "repair", "alphas", "accuracy", "loss", "barrier_accuracy", "barrier_loss", "seconds"}
+
+
+def _pair(name: str):
+    a, x = tiny_models.build(name, seed=0)
+    b, _ = tiny_models.build(name, seed=1)
+    return [a, b], x
+
+
+def _data(shape, n=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, *shape[1:], generator=g), torch.randint(0, 10, (n,), generator=g))
+
+
+def test_default_alphas():
+    a = default_alphas()
+    assert len(a) == 11 and a[0] == 0.0 and a[-1] == 1.0 and a[5] == 0.5
+    assert default_alphas(3) == [0.0, 0.5, 1.0]
+    with pytest.raises(ValueError):
+        default_alphas(1)
+
+
+def test_barriers_of_straight_and_bent_curves():
+    alphas = [0.0, 0.5, 1.0]
+    assert _barriers(alphas, [0.8, 0.7, 0.6], [1.0, 1.5, 2.0], [0.8, 0.6], [1.0, 2.0]) == pytest.approx((0.0, 0.0))
+    b_acc, b_loss = _barriers(alphas, [0.8, 0.3, 0.6], [1.0, 4.0, 2.0], [0.8, 0.6], [1.0, 2.0])
+    assert b_acc == pytest.approx(0.4) and b_loss == pytest.approx(2.5)
+
+
+def test_curve_keys_lengths_and_endpoints():
+    models, x = _pair("mlp")
+    data = _data(x.shape)
+    calibration = _data(x.shape, n=64, seed=5).tensors[0]
+    alphas = [0.0, 0.25, 0.5, 1.0]
+    c = interpolation_curve(models, calibration, data, alphas=alphas, method="average", repair="none")
+    assert KEYS <= set(c)
+    assert c["method"] == "average" and c["repair"] == "none" and c["alphas"] == alphas
+    assert len(c["accuracy"]) == len(c["loss"]) == len(alphas)
+    assert all(math.isfinite(v) for v in c["accuracy"] + c["loss"]) and c["seconds"] >= 0
+    # alpha 0 is model A exactly, alpha 1 model B
+    ref_a = evaluate_loss_and_accuracy(models[0], data)
+    ref_b = evaluate_loss_and_accuracy(models[1], data)
+    assert c["accuracy"][0] == ref_a["accuracy"]
+    assert c["loss"][0] == pytest.approx(ref_a["loss"], abs=1e-6)
+    assert c["accuracy"][-1] == ref_b["accuracy"]
+    assert c["barrier_accuracy"] >= 0.0 and c["barrier_loss"] >= -1e-6  # endpoints are on the line
+
+
+def test_curve_default_alphas_and_permute():
+    models, x = _pair("mlp")
+    data = _data(x.shape, n=48)
+    c = interpolation_curve(models, data, data, method="permute", repair="none", seed=0)
+    assert len(c["alphas"]) == 11 and len(c["accuracy"]) == 11
+    # permuting hidden units does not change a model's function: the ends are the sources
+    assert c["accuracy"][0] == evaluate_loss_and_accuracy(models[0], data)["accuracy"]
+    assert c["accuracy"][-1] == evaluate_loss_and_accuracy(models[1], data)["accuracy"]
+
+
+@pytest.mark.parametrize("repair", ["reset_bn", "repair"])
+def test_curve_with_batchnorm_repairs(repair):
+    models, x = _pair("cnn")
+    data = _data(x.shape, n=48)
+    c = interpolation_curve(models, data, data, alphas=[0.25, 0.5], method="permute", repair=repair)
+    assert len(c["accuracy"]) == 2 and all(math.isfinite(v) for v in c["loss"])
+    # alphas without 0 and 1: the endpoints are the source models as they are
+    assert c["endpoints"]["accuracy"] == [evaluate_loss_and_accuracy(m, data)["accuracy"] for m in models]
+
+
+def test_curve_of_a_model_with_itself_is_flat():
+    """The same object twice is fine (copied), and the path from a model to itself is flat."""
+    models, x = _pair("mlp")
+    data = _data(x.shape, n=48)
+    c = interpolation_curve([models[0], models[0]], data, data, alphas=[0.0, 0.5, 1.0], method="permute",
+                            repair="none")
+    assert len(set(c["accuracy"])) == 1
+    assert c["barrier_accuracy"] == pytest.approx(0.0, abs=1e-12)
+    assert c["barrier_loss"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_curve_rejects_bad_arguments():
+    models, x = _pair("mlp")
+    data = _data(x.shape, n=16)
+    with pytest.raises(ValueError):
+        interpolation_curve(models[:1], data, data)
+    with pytest.raises(UnknownRepairError):
+        interpolation_curve(models, data, data, repair="nope")
+
+
+def test_report_writes_only_into_out(tmp_path):
+    models, x = _pair("mlp")
+    data = _data(x.shape, n=32)
+    out = tmp_path / "sub" / "dir"
+    curves = interpolation_report(models, data, data, methods=("average", "permute"), repairs=("none",),
+                                  alphas=[0.0, 0.5, 1.0], out=out)
+    assert [(c["method"], c["repair"]) for c in curves] == [("average", "none"), ("permute", "none")]
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["interpolation.json", "interpolation.png"]
+    assert json.loads((out / "interpolation.json").read_text())[1]["accuracy"] == curves[1]["accuracy"]
+    assert (out / "interpolation.png").stat().st_size > 1000
+    # without out nothing is written
+    before = sorted(tmp_path.rglob("*"))
+    assert len(interpolation_report(models, data, data, methods=("average",), repairs=("none",),
+                                    alphas=[0.0, 1.0])) == 1
+    assert sorted(tmp_path.rglob("*")) == before
