@@ -76,12 +76,16 @@ class MatchResult:
     Attributes:
         perms: per model, per space name, ``perm`` with fused feature ``k`` = model feature ``perm[k]``
             (None for methods that return general maps).
-        maps: per space name, a :class:`fusion.engine.SpaceMap` (filled by map-based methods).
+        maps: per space name, a :class:`alignment.maps.SpaceMap` (methods whose maps do not depend on
+            the interpolation weights).
+        plans: per model, per space name, a non-negative ``n x n_i`` plan from the model's features to
+            the fused ones (see :func:`alignment.maps.plan_maps`); used by methods for any widths.
         costs: per space name, a matching score (higher is better; e.g. mean matched correlation).
     """
 
     perms: list[dict[str, torch.Tensor]] | None = None
     maps: dict[str, Any] | None = None
+    plans: list[dict[str, torch.Tensor]] | None = None
     costs: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -215,14 +219,14 @@ def solve_permutations(graph: Graph, sims: Callable[[str], torch.Tensor], spaces
 # methods
 def _check_same_widths(ctx: MatchContext, method: str) -> None:
     g0 = ctx.graphs[0]
-    for g in ctx.graphs[1:]:
+    for g in list(ctx.graphs[1:]) + ([ctx.target_graph] if ctx.target_graph is not None else []):
         for s in g0.spaces:
             if s.name not in g:
                 raise SpaceMismatchError(f"{method}: space {s.name!r} missing from a model; models must be of one family")
             if g[s.name].width != s.width:
                 raise SpaceMismatchError(
                     f"{method}: space {s.name!r} has widths {s.width} and {g[s.name].width}; permutation "
-                    f"matching needs equal widths (use method='ot', or a target model, for different widths)"
+                    f"{method} needs equal widths (use method='ot', 'merge' or 'permute' for different widths)"
                 )
 
 
@@ -241,7 +245,13 @@ def activation_matching(ctx: MatchContext) -> MatchResult:
 
     Every model is matched to the first (the reference); options ``iterations`` (default 0 for two
     models, 3 for more) then rematch each model to the others in the fused order (MergeMany).
+    When the models' widths differ from the target's, matching is one-to-one on rectangular
+    correlation matrices against an anchor model of the target width: the best-matched units are
+    kept and the others dropped (or, when widening, fused units matched by fewer models average
+    those that match them).
     """
+    if not _same_widths_as_target(ctx):
+        return _rect_permute(ctx)
     t0 = time.perf_counter()
     _check_same_widths(ctx, "permute")
     stats = ctx.statistics()
@@ -383,3 +393,154 @@ def _ranked(members):
         r = seen.get(k, 0)
         seen[k] = r + 1
         yield r, m
+
+
+# -------------------------------------------------------------------------------------------------
+# map-based methods: any widths (see alignment.transport)
+def _target(ctx: MatchContext) -> Graph:
+    return ctx.target_graph if ctx.target_graph is not None else ctx.graphs[0]
+
+
+def _same_widths_as_target(ctx: MatchContext) -> bool:
+    t = _target(ctx)
+    return all(s.name in g and g[s.name].width == s.width for g in ctx.graphs for s in t.spaces)
+
+
+def _activation_or_weight_gram(ctx: MatchContext, cost: str, walk_plans):
+    from .transport import activation_gram, weight_gram
+
+    tensors = [{k: v.detach().double().cpu() for k, v in model_tensors(m).items()} for m in ctx.models]
+    wgram = weight_gram(ctx.graphs, _target(ctx), tensors, walk_plans)
+    if cost == "weights":
+        return wgram
+    stats = ctx.statistics()
+    agram = activation_gram(stats, cost)
+
+    def gram(name):
+        # spaces with no observation point (rare) are compared by their weights
+        return agram(name) if name in stats.points else wgram(name)
+    return gram
+
+
+def _option(ctx: MatchContext, name: str, default, allowed=None):
+    v = ctx.options.get(name, default)
+    if allowed is not None and v not in allowed:
+        raise SpaceMismatchError(f"option {name}={v!r} is not one of {', '.join(map(str, allowed))}")
+    return v
+
+
+def _plan_method(ctx: MatchContext, leaf_solver, cost: str, scores=None, sweeps: int = 1) -> MatchResult:
+    from .transport import PlanWalk
+
+    t0 = time.perf_counter()
+    target = _target(ctx)
+    for i, g in enumerate(ctx.graphs):
+        missing = [s.name for s in target.spaces if s.members and s.name not in g]
+        if missing:
+            raise SpaceMismatchError(f"model {i} has no space(s) {missing[:4]} of the target; models and target "
+                                     f"must be of one family")
+    anchor = ctx.options.get("anchor")
+    if anchor is not None and not (isinstance(anchor, int) and 0 <= anchor < len(ctx.models)):
+        raise SpaceMismatchError(f"anchor={anchor!r} is not a model index (0..{len(ctx.models) - 1})")
+    holder: dict[str, Any] = {"walk": None, "prev": {}}
+
+    def plans_of(name):
+        # the newest plan of a space: solved in this sweep, else in the last one (Gauss-Seidel)
+        w = holder["walk"]
+        if w is not None and name in w.plans:
+            return w.plans[name]
+        return holder["prev"].get(name)
+
+    gram = _activation_or_weight_gram(ctx, cost, plans_of)
+    walk = None
+    for _ in range(max(1, sweeps)):
+        walk = PlanWalk(ctx.graphs, target, ctx.alpha, gram, leaf_solver, anchor=anchor, scores=scores,
+                        cost="correlation" if cost == "correlation" else "distance", seed=ctx.seed)
+        holder["walk"] = walk
+        new = walk.solve_all()
+        prev = holder["prev"]
+        changed = not prev or any(not all(torch.allclose(a, b) for a, b in zip(new[k], prev[k])) for k in new)
+        holder["prev"] = dict(new)
+        if not changed:
+            break
+    return MatchResult(plans=[{k: v[i] for k, v in walk.plans.items()} for i in range(len(ctx.models))],
+                       costs=dict(walk.costs), seconds=time.perf_counter() - t0)
+
+
+@register_method("ot")
+def optimal_transport(ctx: MatchContext) -> MatchResult:
+    """Optimal-transport fusion (OTFusion) for any widths, soft or exact.
+
+    Every model's units are transported onto the target's units with uniform masses; the merge map
+    of a fused unit averages what was sent to it, the unmerge map spreads a model unit over where it
+    went. The target units are those of an *anchor* model of the target width (the first such model,
+    or option ``anchor``); where no model has the target width (compression, or fusion into a new
+    width) they are a free-support barycenter of all models' units, seeded by k-means++.
+
+    Options:
+        cost: ``"correlation"`` (default, one minus activation correlation), ``"distance"``
+            (Euclidean distance between activations) or ``"weights"`` (between weight vectors; no
+            calibration data needed).
+        solver: ``"emd"`` (exact, default) or ``"sinkhorn"`` (entropic).
+        reg: Sinkhorn regularisation relative to the largest cost (default 0.01).
+        anchor: index of the anchor model.
+        iterations: barycenter iterations (default 0 with an anchor model, else 20).
+        sweeps: for ``cost="weights"``, passes over all spaces (each uses the others' last plans;
+            default 5).
+    """
+    from functools import partial
+
+    from .transport import COSTS, ot_leaf
+
+    cost = _option(ctx, "cost", "correlation", COSTS)
+    solver = _option(ctx, "solver", "emd", ("emd", "sinkhorn"))
+    reg = float(ctx.options.get("reg", 0.01))
+    iterations = ctx.options.get("iterations")
+    leaf = partial(ot_leaf, solver=solver, reg=reg, cost="correlation" if cost == "correlation" else "distance",
+                   iterations=iterations)
+    sweeps = int(ctx.options.get("sweeps", 5)) if cost == "weights" else 1
+    return _plan_method(ctx, leaf, cost, sweeps=sweeps)
+
+
+def _rect_permute(ctx: MatchContext) -> MatchResult:
+    """Hungarian matching for different widths: one-to-one pairs, the best-matched units kept."""
+    from functools import partial
+
+    from .transport import ot_leaf
+
+    leaf = partial(ot_leaf, solver="hungarian", cost="correlation", iterations=ctx.options.get("iterations"))
+    return _plan_method(ctx, leaf, "correlation")
+
+
+@register_method("merge")
+def correlation_merge(ctx: MatchContext) -> MatchResult:
+    """Merge the most correlated features (agglomerative, average linkage) down to the target width.
+
+    Units of every model are pooled and the most similar groups merged first, within one model or
+    across models, until the target width remains; a fused unit is the (model-weighted) mean of its
+    group. With one model this is compression by merging redundant features.
+
+    Options:
+        cost: ``"correlation"`` (default) or ``"weights"`` (cosine of weight vectors).
+    """
+    from .transport import merge_leaf
+
+    cost = _option(ctx, "cost", "correlation", ("correlation", "weights"))
+    return _plan_method(ctx, merge_leaf, cost)
+
+
+@register_method("magnitude")
+def magnitude_pruning(ctx: MatchContext) -> MatchResult:
+    """Structured magnitude pruning of one model: keep the units of largest L1 weight norm.
+
+    The baseline for compression. A unit's score sums the L1 norms of its rows in every weight matrix
+    that produces the space (every conv or linear writing to a residual stream). Needs no data.
+    """
+    from .transport import magnitude_leaf, magnitude_scores
+
+    if len(ctx.models) != 1:
+        raise SpaceMismatchError(f"magnitude pruning compresses one model, got {len(ctx.models)}; "
+                                 f"use method='ot' or 'merge' to fuse several")
+    tensors = model_tensors(ctx.models[0])
+    g = ctx.graphs[0]
+    return _plan_method(ctx, magnitude_leaf, "weights", scores=lambda name: magnitude_scores(g, tensors, name))

@@ -15,6 +15,8 @@ from alignment.graph import Graph
 from alignment.solvers import MatchContext, MatchResult, get_method
 from alignment.statistics import Statistics, _batches, collect, model_device
 
+from alignment.maps import correct_query_key, plan_maps
+
 from .engine import SpaceMap, apply_maps, permutation_map
 from .repair import REPAIRS, UnknownRepairError, repair as repair_fn, reset_bn
 
@@ -65,18 +67,25 @@ class Alignment:
         graphs: their alignment graphs.
         result: the method's :class:`~alignment.solvers.MatchResult`.
         target: the model fused tensors are written into (None: a copy of the first model).
+        target_graph: the target's graph (None: the first model's).
     """
 
     models: Sequence[nn.Module]
     graphs: Sequence[Graph]
     result: MatchResult
     target: nn.Module | None = None
+    target_graph: Graph | None = None
 
     def maps(self, alpha: Sequence[float]) -> dict[str, SpaceMap]:
         """Per-space merge/unmerge maps for interpolation weights ``alpha``."""
         if self.result.maps is not None:
             return self.result.maps
         g0 = self.graphs[0]
+        tg = self.target_graph if self.target_graph is not None else g0
+        if self.result.plans is not None:
+            maps = {s.name: plan_maps([p[s.name] for p in self.result.plans], alpha)
+                    for s in tg.spaces if s.members}
+            return correct_query_key(maps, self.graphs, alpha)
         return {
             s.name: permutation_map([p[s.name] for p in self.result.perms], alpha)
             for s in g0.spaces if s.members
@@ -111,6 +120,7 @@ def align(
     example_input: Any = None,
     progress: bool = False,
     report: FusionReport | None = None,
+    width: Any = None,
     **options: Any,
 ) -> Alignment:
     """Discover, collect statistics and match: everything of :func:`fuse` but building the model.
@@ -130,6 +140,13 @@ def align(
     ex = example_input.to(model_device(models[0])) if isinstance(example_input, torch.Tensor) else example_input
     graphs = [discover(m, ex if model_device(m) == model_device(models[0]) else ex.to(model_device(m)))
               for m in models]
+    if width is not None:
+        if target is not None:
+            raise ValueError("give either target (a model of the fused widths) or width (a factor), not both")
+        from .resize import resize
+
+        # the fused architecture: the first model resized (its features are only a template)
+        target = resize(models[0], width, graph=graphs[0])
     target_graph = discover(target, ex) if target is not None else None
     seconds["discover"] = time.perf_counter() - t
     cached: dict[str, Statistics] = {}
@@ -153,7 +170,7 @@ def align(
     seconds["match"] = time.perf_counter() - t - seconds.get("collect", 0.0)
     if report is not None:
         report.costs = dict(result.costs)
-    return Alignment(models=models, graphs=graphs, result=result, target=target)
+    return Alignment(models=models, graphs=graphs, result=result, target=target, target_graph=target_graph)
 
 
 def fuse(
@@ -167,6 +184,7 @@ def fuse(
     device: str | torch.device | None = None,
     example_input: Any = None,
     progress: bool = False,
+    width: Any = None,
     **options: Any,
 ) -> nn.Module:
     """Fuse models into one by aligning their hidden units.
@@ -176,15 +194,21 @@ def fuse(
             it). They are never modified.
         calibration: calibration inputs for statistics and repair: a tensor, a dataset, or an
             iterable of batches or ``(x, y)`` pairs.
-        method: a registered method (:func:`list_methods`): ``"permute"`` (activation matching),
-            ``"weight_matching"``, ``"average"`` (plain averaging), ...
+        method: a registered method (:func:`list_methods`): ``"permute"`` (activation matching;
+            rectangular for different widths), ``"weight_matching"``, ``"average"`` (plain
+            averaging), ``"ot"`` (optimal transport, any widths), ``"merge"`` (merge correlated
+            features, any narrower width), ``"magnitude"`` (L1 pruning of one model), ...
         repair: ``"reset_bn"`` (BatchNorm statistics reset), ``"repair"`` (REPAIR), or ``"none"``.
-        target: a model to write the fused weights into (default: a copy of the first model).
+        target: a model of the fused widths to write the fused weights into (e.g. the same
+            architecture built narrower; its own weights are not used). Default: a copy of the
+            first model. With one model and a narrower target, fusion is compression.
         alpha: interpolation weights (default uniform; a float ``a`` means ``[1 - a, a]``).
         seed: seed for randomised solvers (the same seed gives the same fused weights).
         device: where to collect statistics and repair (e.g. ``"cuda"``); default: the models' device.
         example_input: input batch for discovery (default: the first calibration batch).
         progress: show progress bars.
+        width: instead of ``target``, the fused widths relative to the first model: a factor
+            (``0.5``), a width, or a per-space dict (see :func:`fusion.resize.resize`).
         **options: method options (e.g. ``iterations`` for ``permute``, ``max_iter`` for
             ``weight_matching``).
 
@@ -200,10 +224,10 @@ def fuse(
     report = FusionReport(method=method, repair=repair, alpha=weights)
     t_all = time.perf_counter()
     al = align(models, calibration, method=method, target=target, seed=seed, device=device,
-               example_input=example_input, progress=progress, report=report, **options)
+               example_input=example_input, progress=progress, report=report, width=width, **options)
     t = time.perf_counter()
     maps = al.maps(weights)
-    fused = apply_maps(models, al.graphs, maps, alpha=weights, target=target)
+    fused = apply_maps(models, al.graphs, maps, alpha=weights, target=al.target)
     report.seconds["apply"] = time.perf_counter() - t
     t = time.perf_counter()
     if device is not None:

@@ -16,7 +16,6 @@ weighted exactly once.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -24,73 +23,12 @@ from torch import nn
 
 from alignment.errors import SpaceMismatchError
 from alignment.graph import Graph
+from alignment.maps import (  # noqa: F401  (re-exported: the engine's vocabulary)
+    SpaceMap, axis_matrix, axis_roles, map_tensor, permutation_map, plan_maps, selection_map,
+)
 from alignment.permute import model_tensors, reset_caches
 
 from .modules import replace_tensor, sync_module_attributes
-
-
-@dataclass
-class SpaceMap:
-    """Merge and unmerge maps of one space for each of N models.
-
-    Attributes:
-        merge: per model, ``M_i`` of shape ``(n, n_i)`` (weights included).
-        unmerge: per model, ``U_i`` of shape ``(n_i, n)``.
-    """
-
-    merge: list[torch.Tensor]
-    unmerge: list[torch.Tensor]
-
-    @property
-    def width(self) -> int:
-        """Fused width ``n``."""
-        return int(self.merge[0].shape[0])
-
-    def __post_init__(self) -> None:
-        if len(self.merge) != len(self.unmerge):
-            raise ValueError("merge and unmerge need one map per model")
-        for i, (m, u) in enumerate(zip(self.merge, self.unmerge)):
-            if m.shape[0] != u.shape[1] or m.shape[1] != u.shape[0]:
-                raise ValueError(
-                    f"model {i}: merge map {tuple(m.shape)} and unmerge map {tuple(u.shape)} do not fit "
-                    f"(expected (n, n_i) and (n_i, n))"
-                )
-
-
-def permutation_map(perms: Sequence[torch.Tensor], alpha: Sequence[float]) -> SpaceMap:
-    """Maps for permutation alignment: ``M_i = alpha_i P_i``, ``U_i = P_i^T``.
-
-    Args:
-        perms: per model, a permutation (fused feature ``k`` is model i's feature ``perms[i][k]``).
-        alpha: interpolation weight of each model.
-    """
-    merge, unmerge = [], []
-    for p, a in zip(perms, alpha):
-        p = torch.as_tensor(p).long().cpu()
-        P = torch.zeros(len(p), len(p), dtype=torch.float64)
-        P[torch.arange(len(p)), p] = 1.0
-        merge.append(a * P)
-        unmerge.append(P.t().clone())
-    return SpaceMap(merge, unmerge)
-
-
-def selection_map(indices: torch.Tensor, n_source: int) -> SpaceMap:
-    """Maps for keeping a subset of one model's features (width reduction by selection)."""
-    idx = torch.as_tensor(indices).long().cpu()
-    S = torch.zeros(len(idx), n_source, dtype=torch.float64)
-    S[torch.arange(len(idx)), idx] = 1.0
-    return SpaceMap([S], [S.t().clone()])
-
-
-def axis_roles(graph: Graph) -> dict[tuple[str, int], str]:
-    """Role of every (tensor, axis) that holds a space: ``"in"`` or ``"out"``."""
-    roles: dict[tuple[str, int], str] = {}
-    for s in graph.spaces:
-        for m in s.members:
-            key = (m.tensor, m.axis)
-            if roles.get(key) != "in":
-                roles[key] = m.role
-    return roles
 
 
 def fuse_tensors(
@@ -127,42 +65,10 @@ def fuse_tensors(
         for i, (tens, g) in enumerate(zip(tensors, graphs)):
             if name not in tens or name not in g.shapes:
                 raise SpaceMismatchError(f"model {i} has no tensor {name!r}; models must be of one family")
-            t = tens[name].detach().to(torch.float64)
-            layout = g.layout(name)
-            out_axes = [ax for ax, pcs in enumerate(layout)
-                        if any(sp is not None for *_, sp in pcs) and roles[i].get((name, ax)) == "out"]
-            for ax, pieces in enumerate(layout):
-                if all(sp is None for *_, sp in pieces):
-                    continue
-                primary = bool(out_axes) and ax == out_axes[0]
-                role = roles[i].get((name, ax), "out")
-                A = _axis_matrix(pieces, maps, i, role, primary, alpha[i], name, ax)
-                t = torch.movedim(torch.tensordot(A.to(t.device), t, dims=([1], [ax])), 0, ax)
-            if not out_axes:
-                t = t * alpha[i]
+            t = map_tensor(tens[name], g, name, roles[i], maps, i, alpha[i])
             total = t if total is None else total + t
         out[name] = total.to(t0.dtype)
     return out
-
-
-def _axis_matrix(pieces, maps, i, role, primary, alpha_i, name, ax) -> torch.Tensor:
-    blocks = []
-    for start, stop, sp in pieces:
-        if sp is None:
-            eye = torch.eye(stop - start, dtype=torch.float64)
-            blocks.append(eye * alpha_i if primary else eye)
-            continue
-        if sp not in maps:
-            raise SpaceMismatchError(f"no map given for space {sp!r} (used by {name!r} axis {ax})")
-        sm = maps[sp]
-        m = sm.merge[i] if (role == "out" and primary) else sm.unmerge[i].t()
-        if m.shape[1] != stop - start:
-            raise SpaceMismatchError(
-                f"map for space {sp!r} expects {m.shape[1]} features of model {i}, but {name!r} axis {ax} "
-                f"has {stop - start} there"
-            )
-        blocks.append(m.to(torch.float64).cpu())
-    return torch.block_diag(*blocks)
 
 
 def build_model(template: nn.Module, tensors: dict[str, torch.Tensor], num_heads: dict[str, int] | None = None) -> nn.Module:

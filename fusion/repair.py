@@ -20,7 +20,7 @@ from alignment.errors import FusionError
 from alignment.graph import Graph
 from alignment.statistics import _batches, model_device
 
-from .engine import SpaceMap, _axis_matrix
+from .engine import SpaceMap, axis_matrix
 
 REPAIRS = ("none", "reset_bn", "repair")
 _BN = (nn.modules.batchnorm._BatchNorm,)
@@ -150,7 +150,7 @@ def repair(
             continue
         mu_t, sd_t = 0, 0
         for i, g in enumerate(graphs):
-            A = _axis_matrix(g.layout(name)[0], maps, i, "out", True, alpha[i], name, 0)
+            A = axis_matrix(g.layout(name)[0], maps, i, "out", True, alpha[i], name, 0)
             mu, sd = src_stats[i][path]
             mu_t = mu_t + A @ mu.cpu()
             sd_t = sd_t + A @ sd.cpu()

@@ -17,7 +17,9 @@ from alignment import discover
 from alignment.errors import SpaceMismatchError
 from alignment.graph import Graph, tree_size
 
-from .engine import SpaceMap, apply_maps, selection_map
+from alignment.maps import correct_query_key, permutation_plan, plan_maps
+
+from .engine import SpaceMap, apply_maps
 
 WidthSpec = float | int | Mapping[str, float | int]
 
@@ -51,13 +53,13 @@ def selection_indices(
     Args:
         graph: the model's alignment graph.
         width: a factor for every space (``0.5``), an absolute width (``int``), or a dict from space
-            name to factor/width (key ``"*"`` for the rest). Widths larger than a space are an error
-            (selection cannot widen; use a fusion method with a target model to widen).
+            name to factor/width (key ``"*"`` for the rest). Widths larger than a space repeat its
+            features (the first ones, or the highest-scoring ones, again).
         scores: optional per-space feature scores (length = width); the highest-scoring features are
             kept (in their original order). Without scores, the first features are kept.
 
     Returns:
-        Per space, a sorted ``LongTensor`` of kept feature indices.
+        Per space, a ``LongTensor`` of kept feature indices (sorted, then any repeats).
     """
     kinds = {s.name: s.kind for s in graph.spaces}
     trees = {s.name: s.tree for s in graph.spaces}
@@ -72,15 +74,16 @@ def selection_indices(
             k = max(1, int(round(n * factor)))
         else:
             k = _leaf_width(key, n, width)
-        if k > n:
-            raise WidthError(f"space {key!r} has {n} features; cannot keep {k} by selection")
         if scores is not None and key in scores:
             sc = torch.as_tensor(scores[key]).flatten().double()
             if sc.numel() != n:
                 raise WidthError(f"scores for space {key!r} have {sc.numel()} entries, expected {n}")
-            idx = torch.sort(torch.topk(sc, k).indices).values
+            order = torch.argsort(sc, descending=True)
+            idx = torch.cat([torch.sort(order[:min(k, n)]).values, order[: max(k - n, 0)]]) if k > n \
+                else torch.sort(order[:k]).values
         else:
-            idx = torch.arange(k)
+            # widening repeats features (cyclically): copies split their consumers' weights
+            idx = torch.arange(k) % n
         cache[key] = idx
         return idx
 
@@ -129,7 +132,11 @@ def resize(
     graph: Graph | None = None,
     scores: Mapping[str, torch.Tensor] | None = None,
 ) -> nn.Module:
-    """A narrower copy of ``model``, keeping a subset of the features of every space.
+    """A narrower (or wider) copy of ``model``, keeping a subset of the features of every space.
+
+    Narrowing keeps the selected features; widening repeats features and splits their consumers'
+    weights between the copies, so a widened model computes the same function (Net2Net). Attention
+    logits keep their scale when head_dim changes (see :func:`alignment.maps.correct_query_key`).
 
     Module attributes (``in_features``, ``num_features``, attention head sizes, timm ``embed_dim``,
     HF config widths...) are updated so the copy runs; an unknown module whose attributes store a
@@ -150,8 +157,8 @@ def resize(
             raise ValueError("resize needs example_input (or a graph from alignment.discover)")
         graph = discover(model, example_input)
     idx = selection_indices(graph, width, scores)
-    maps = {s.name: selection_map(idx[s.name], s.width) for s in graph.spaces if s.members}
-    return apply_maps([model], [graph], maps, alpha=[1.0])
+    maps = {s.name: plan_maps([permutation_plan(idx[s.name], s.width)], [1.0]) for s in graph.spaces if s.members}
+    return apply_maps([model], [graph], correct_query_key(maps, [graph], [1.0]), alpha=[1.0])
 
 
 def target_widths(graph: Graph) -> dict[str, int]:
@@ -184,5 +191,5 @@ def resize_like(model: nn.Module, target: nn.Module, example_input: Any,
                 f"space {s.name!r}: the target's width {g_tgt[s.name].width} is not reachable by selection "
                 f"from {s.width} with this structure"
             )
-        maps[s.name] = selection_map(idx[s.name], s.width)
-    return apply_maps([model], [g_src], maps, alpha=[1.0], target=target)
+        maps[s.name] = plan_maps([permutation_plan(idx[s.name], s.width)], [1.0])
+    return apply_maps([model], [g_src], correct_query_key(maps, [g_src], [1.0]), alpha=[1.0], target=target)

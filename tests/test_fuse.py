@@ -129,8 +129,9 @@ def test_list_methods_and_errors():
     from tests.tiny_models import TinyCNN
 
     narrow = TinyCNN(c=4).eval()
-    with pytest.raises(SpaceMismatchError, match="widths"):
-        fusion.fuse([wide, narrow], torch.randn(8, 1, 12, 12), method="permute", repair="none")
+    for method in ("average", "weight_matching"):
+        with pytest.raises(SpaceMismatchError, match="equal widths"):
+            fusion.fuse([wide, narrow], torch.randn(8, 1, 12, 12), method=method, repair="none")
 
 
 def test_fusing_a_model_with_itself_returns_it():

@@ -9,6 +9,7 @@ from alignment import discover
 from fusion.modules import check_consistency
 from fusion.resize import WidthError, resize, resize_like, selection_indices
 from tests import tiny_models
+from tests.conftest import rel_err
 from tests.tiny_models import logits
 
 
@@ -81,9 +82,24 @@ def test_resize_into_user_built_target(tiny):
 def test_width_errors():
     model = tiny_models.TinyMLP(width=8).eval()
     x = torch.randn(3, 1, 8, 8)
-    with pytest.raises(WidthError, match="cannot keep 16"):
-        resize(model, 16, x)
     with pytest.raises(WidthError, match="positive"):
         resize(model, -0.5, x)
     with pytest.raises(ValueError, match="example_input"):
         resize(model, 0.5)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "timm_resnet18", "timm_vit", "hf_vit"])
+def test_widening_repeats_units_and_keeps_the_function(tiny, name):
+    # Net2Net: copies split their consumers' weights; attention logits keep their scale
+    model, x = tiny(name)
+    wide = resize(model, 2.0, x)
+    graph, wgraph = discover(model, x), discover(wide, x)
+    assert all(wgraph[s.name].width == 2 * s.width for s in graph.spaces if s.kind == "features")
+    with torch.no_grad():
+        assert rel_err(tiny_models.logits(model(x)), tiny_models.logits(wide(x))) < 1e-5
+
+
+def test_widening_with_scores_repeats_the_best_units():
+    g = discover(tiny_models.TinyMLP(width=4).eval(), torch.randn(2, 1, 8, 8))
+    idx = selection_indices(g, 6, scores={"fc1": torch.tensor([0.1, 0.9, 0.5, 0.2])})
+    assert idx["fc1"].tolist() == [0, 1, 2, 3, 1, 2]

@@ -1,0 +1,219 @@
+"""Per-space merge/unmerge maps: what every solver produces and the engine applies.
+
+For models ``i = 1..N`` and a space of fused width ``n``, a :class:`SpaceMap` holds, per model, a
+merge map ``M_i`` (``n x n_i``: fused features ~ sum_i M_i f_i) and an unmerge map ``U_i``
+(``n_i x n``: model i's features ~ U_i f_fused). Solvers describe a correspondence by *plans*: per
+model a non-negative ``n x n_i`` matrix ``T_i`` saying how much of model i's feature ``j`` goes to
+fused feature ``k`` (a permutation matrix, a selection, a transport plan, a cluster membership).
+:func:`plan_maps` turns plans and interpolation weights into maps:
+
+* ``M_i[k] = alpha_i T_i[k] / sum_j T_i[k, j]``, renormalised over the models that send anything
+  to ``k`` (a fused feature that only some models match is the weighted mean of those);
+* ``U_i[j] = T_i[:, j] / sum_k T_i[k, j]`` (a model feature is the mean of the fused features it
+  went to; a feature sent nowhere is dropped: its row of ``U_i`` is zero).
+
+For a permutation these give ``M_i = alpha_i P_i`` and ``U_i = P_i^T``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .errors import SpaceMismatchError
+from .graph import Graph
+
+
+@dataclass
+class SpaceMap:
+    """Merge and unmerge maps of one space for each of N models.
+
+    Attributes:
+        merge: per model, ``M_i`` of shape ``(n, n_i)`` (weights included).
+        unmerge: per model, ``U_i`` of shape ``(n_i, n)``.
+    """
+
+    merge: list[torch.Tensor]
+    unmerge: list[torch.Tensor]
+
+    @property
+    def width(self) -> int:
+        """Fused width ``n``."""
+        return int(self.merge[0].shape[0])
+
+    def __post_init__(self) -> None:
+        if len(self.merge) != len(self.unmerge):
+            raise ValueError("merge and unmerge need one map per model")
+        for i, (m, u) in enumerate(zip(self.merge, self.unmerge)):
+            if m.shape[0] != u.shape[1] or m.shape[1] != u.shape[0]:
+                raise ValueError(
+                    f"model {i}: merge map {tuple(m.shape)} and unmerge map {tuple(u.shape)} do not fit "
+                    f"(expected (n, n_i) and (n_i, n))"
+                )
+
+
+def permutation_plan(perm: torch.Tensor, n_source: int | None = None) -> torch.Tensor:
+    """0/1 plan of a permutation or selection: fused feature ``k`` is model feature ``perm[k]``."""
+    p = torch.as_tensor(perm).long().cpu()
+    T = torch.zeros(len(p), n_source if n_source is not None else len(p), dtype=torch.float64)
+    T[torch.arange(len(p)), p] = 1.0
+    return T
+
+
+def plan_maps(plans: Sequence[torch.Tensor], alpha: Sequence[float]) -> SpaceMap:
+    """Merge/unmerge maps from per-model plans (``n x n_i``) and interpolation weights.
+
+    See the module docstring for the formulas. Every fused feature must receive something from at
+    least one model.
+    """
+    plans = [torch.as_tensor(T, dtype=torch.float64).cpu() for T in plans]
+    n = plans[0].shape[0]
+    if any(T.shape[0] != n for T in plans):
+        raise SpaceMismatchError(f"plans give different fused widths: {[tuple(T.shape) for T in plans]}")
+    rows = [T.sum(1) for T in plans]
+    weight = sum(float(a) * (r > 0).double() for a, r in zip(alpha, rows))
+    if bool((weight <= 0).any()) and sum(alpha) > 0:
+        k = int(torch.nonzero(weight <= 0)[0])
+        raise SpaceMismatchError(f"fused feature {k} receives nothing from any model (empty plan row)")
+    weight = torch.where(weight > 0, weight, torch.ones_like(weight))
+    merge, unmerge = [], []
+    for T, r, a in zip(plans, rows, alpha):
+        safe = torch.where(r > 0, r, torch.ones_like(r))
+        merge.append(float(a) * T / safe[:, None] / weight[:, None])
+        c = T.sum(0)
+        safe_c = torch.where(c > 0, c, torch.ones_like(c))
+        unmerge.append((T / safe_c[None, :]).t().contiguous())
+    return SpaceMap(merge, unmerge)
+
+
+def permutation_map(perms: Sequence[torch.Tensor], alpha: Sequence[float]) -> SpaceMap:
+    """Maps for permutation alignment: ``M_i = alpha_i P_i``, ``U_i = P_i^T``.
+
+    Args:
+        perms: per model, a permutation (fused feature ``k`` is model i's feature ``perms[i][k]``).
+        alpha: interpolation weight of each model.
+    """
+    merge, unmerge = [], []
+    for p, a in zip(perms, alpha):
+        P = permutation_plan(p)
+        merge.append(a * P)
+        unmerge.append(P.t().clone())
+    return SpaceMap(merge, unmerge)
+
+
+def selection_map(indices: torch.Tensor, n_source: int) -> SpaceMap:
+    """Maps for keeping a subset of one model's features (width reduction by selection)."""
+    S = permutation_plan(indices, n_source)
+    return SpaceMap([S], [S.t().clone()])
+
+
+def axis_roles(graph: Graph) -> dict[tuple[str, int], str]:
+    """Role of every (tensor, axis) that holds a space: ``"in"`` or ``"out"``."""
+    roles: dict[tuple[str, int], str] = {}
+    for s in graph.spaces:
+        for m in s.members:
+            key = (m.tensor, m.axis)
+            if roles.get(key) != "in":
+                roles[key] = m.role
+    return roles
+
+
+def axis_matrix(pieces, maps: dict[str, SpaceMap], i: int, role: str, primary: bool, alpha_i: float,
+                name: str, ax: int) -> torch.Tensor:
+    """The matrix applied to one axis of model ``i``'s tensor ``name`` (block diagonal over its ranges).
+
+    ``pieces`` is the axis' layout (see :meth:`Graph.layout`); the primary output axis takes merge maps
+    (and ``alpha_i`` on fixed ranges), every other axis the transposed unmerge maps.
+    """
+    blocks = []
+    for start, stop, sp in pieces:
+        if sp is None:
+            eye = torch.eye(stop - start, dtype=torch.float64)
+            blocks.append(eye * alpha_i if primary else eye)
+            continue
+        if sp not in maps:
+            raise SpaceMismatchError(f"no map given for space {sp!r} (used by {name!r} axis {ax})")
+        sm = maps[sp]
+        m = sm.merge[i] if (role == "out" and primary) else sm.unmerge[i].t()
+        if m.shape[1] != stop - start:
+            raise SpaceMismatchError(
+                f"map for space {sp!r} expects {m.shape[1]} features of model {i}, but {name!r} axis {ax} "
+                f"has {stop - start} there"
+            )
+        blocks.append(m.to(torch.float64).cpu())
+    return torch.block_diag(*blocks)
+
+
+def map_tensor(t: torch.Tensor, graph: Graph, name: str, roles: dict[tuple[str, int], str],
+               maps: dict[str, SpaceMap], i: int, alpha_i: float, skip_axis: int | None = None) -> torch.Tensor:
+    """Model ``i``'s tensor ``name`` carried into the fused basis (float64): ``M_i[out] . W_i . U_i[in]``.
+
+    Args:
+        t: the tensor.
+        graph: model ``i``'s graph.
+        name: the tensor's name in the graph.
+        roles: :func:`axis_roles` of the graph.
+        maps: maps of every space on the tensor's axes.
+        i: the model's index in the maps.
+        alpha_i: the model's interpolation weight (applied once: on the primary output axis, or to the
+            whole tensor when no output axis is in a space).
+        skip_axis: leave this axis as it is (solvers compare units along it).
+    """
+    t = t.detach().to(torch.float64)
+    layout = graph.layout(name)
+    out_axes = [ax for ax, pcs in enumerate(layout)
+                if any(sp is not None for *_, sp in pcs) and roles.get((name, ax)) == "out"]
+    for ax, pieces in enumerate(layout):
+        if ax == skip_axis or all(sp is None for *_, sp in pieces):
+            continue
+        primary = bool(out_axes) and ax == out_axes[0]
+        role = roles.get((name, ax), "out")
+        A = axis_matrix(pieces, maps, i, role, primary, alpha_i, name, ax)
+        t = torch.movedim(torch.tensordot(A.to(t.device), t, dims=([1], [ax])), 0, ax)
+    if not out_axes:
+        t = t * alpha_i
+    return t
+
+
+def query_key_spaces(graph: Graph) -> list[str]:
+    """Attention spaces contracted against themselves (query . key): heads-structured spaces none of
+    whose members consumes the features (no ``in`` role)."""
+    out = []
+    for s in graph.spaces:
+        if (s.members and s.tree and s.tree[0] == "heads" and s.tree[1] in graph
+                and graph[s.tree[1]].kind == "heads" and all(m.role == "out" for m in s.members)):
+            out.append(s.name)
+    return out
+
+
+def correct_query_key(maps: dict[str, SpaceMap], graphs: Sequence[Graph], alpha: Sequence[float]) -> dict[str, SpaceMap]:
+    """Rescale query-key maps so attention logits survive merges, splits and head_dim changes.
+
+    Queries and keys both take merge maps, so ``q* . k*`` approximates ``sum_i alpha_i q_i . k_i``
+    only for permutations. In general ``q_i . k_i ~ q*^T U_i^T U_i k*``, and the logit scale
+    ``head_dim**-0.5`` changes with the fused head_dim; both are folded into the merge maps:
+    ``M_i <- D^(1/2) M_i`` with ``D = sum_i alpha_i sqrt(d / d_i) U_i^T U_i`` (``d_i``, ``d``: source
+    and fused head dims; ``D`` is block-diagonal over heads). Permutations give ``D = I`` (no change).
+    Heads are kept, so the head count comes from the first graph. Returns new maps.
+    """
+    out = dict(maps)
+    for name in query_key_spaces(graphs[0]):
+        if name not in maps:
+            continue
+        sm = maps[name]
+        nh = graphs[0][name].tree[2]
+        d = sm.width / nh
+        D = torch.zeros(sm.width, sm.width, dtype=torch.float64)
+        for i, (U, a) in enumerate(zip(sm.unmerge, alpha)):
+            di = graphs[i][name].width / nh
+            U = U.double().cpu()
+            D += float(a) * math.sqrt(d / di) * (U.t() @ U)
+        if torch.allclose(D, torch.eye(sm.width, dtype=torch.float64), atol=1e-12):
+            continue
+        evals, evecs = torch.linalg.eigh((D + D.t()) / 2)
+        root = evecs @ torch.diag(evals.clamp_min(0).sqrt()) @ evecs.t()
+        out[name] = SpaceMap([root @ M.double().cpu() for M in sm.merge], list(sm.unmerge))
+    return out

@@ -1,0 +1,247 @@
+"""Map solvers for any widths: optimal transport, rectangular matching, merging, magnitude pruning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fusion
+from alignment import discover, permute
+from alignment.errors import SpaceMismatchError
+from alignment.maps import correct_query_key, permutation_map, permutation_plan, plan_maps
+from alignment.permute import model_tensors
+from alignment.statistics import collect
+from alignment.transport import TransportError, magnitude_scores, transport_plan
+from fusion.resize import resize
+from tests import tiny_models
+from tests.conftest import rel_err
+from tests.tiny_models import build, logits
+
+ARCHS = ["mlp", "cnn", "timm_resnet18", "timm_vit", "hf_vit"]
+NARROW = {
+    "timm_resnet18": lambda: tiny_models.timm_resnet18((8, 16, 32, 64)),
+    "timm_vit": lambda: tiny_models.timm_vit(embed_dim=32, heads=4),
+    "hf_vit": lambda: tiny_models.hf_vit(hidden=32, heads=4),
+}
+
+
+def _cal(x, n=256, seed=5):
+    return torch.randn(n, *x.shape[1:], generator=torch.Generator().manual_seed(seed))
+
+
+def _state(m):
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def _same_state(m, state):
+    return all(torch.equal(v, state[k]) for k, v in m.state_dict().items())
+
+
+# -------------------------------------------------------------------------------------------------
+# plans
+def test_exact_ot_plan_recovers_a_planted_permutation():
+    g = torch.Generator().manual_seed(0)
+    n = 12
+    perm = torch.randperm(n, generator=g)
+    cost = torch.rand(n, n, generator=g) + 0.5
+    cost[torch.arange(n), perm] = 0.0
+    T = transport_plan(cost, "emd")
+    assert torch.allclose(T * n, permutation_plan(perm))
+    H = transport_plan(cost, "hungarian")
+    assert torch.equal(H > 0, permutation_plan(perm) > 0)
+
+
+def test_sinkhorn_plans_approach_the_exact_plan_as_reg_shrinks():
+    g = torch.Generator().manual_seed(1)
+    cost = torch.rand(10, 14, generator=g)
+    exact = transport_plan(cost, "emd")
+    errs = [float((transport_plan(cost, "sinkhorn", reg=r) - exact).abs().sum()) for r in (1.0, 0.1, 0.01, 0.001)]
+    assert all(a > b for a, b in zip(errs, errs[1:])), errs
+    assert errs[-1] < 0.05
+    for T in (exact, transport_plan(cost, "sinkhorn", reg=0.01)):
+        torch.testing.assert_close(T.sum(1), torch.full((10,), 0.1, dtype=torch.float64), atol=1e-6, rtol=0)
+        torch.testing.assert_close(T.sum(0), torch.full((14,), 1 / 14, dtype=torch.float64), atol=1e-6, rtol=0)
+    with pytest.raises(TransportError, match="reg > 0"):
+        transport_plan(cost, "sinkhorn", reg=0.0)
+    with pytest.raises(TransportError, match="unknown OT solver"):
+        transport_plan(cost, "simplex")
+
+
+def test_plan_maps_formulas():
+    # model 0 sends units 0,1 to fused 0 and unit 2 to fused 1; model 1 only matches fused 0
+    T0 = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    T1 = torch.tensor([[2.0, 0.0]] + [[0.0, 0.0]])
+    sm = plan_maps([T0, T1], [0.25, 0.75])
+    torch.testing.assert_close(sm.merge[0], torch.tensor([[0.125, 0.125, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64))
+    torch.testing.assert_close(sm.merge[1], torch.tensor([[0.75, 0.0], [0.0, 0.0]], dtype=torch.float64))
+    torch.testing.assert_close(sm.unmerge[0], T0.t().double())
+    torch.testing.assert_close(sm.unmerge[1], torch.tensor([[1.0, 0.0], [0.0, 0.0]], dtype=torch.float64))
+    p = torch.tensor([2, 0, 1])
+    q = torch.tensor([1, 2, 0])
+    ref = permutation_map([p, q], [0.3, 0.7])
+    got = plan_maps([permutation_plan(p), permutation_plan(q)], [0.3, 0.7])
+    for i in range(2):
+        torch.testing.assert_close(ref.merge[i], got.merge[i])
+        assert torch.equal(ref.unmerge[i], got.unmerge[i])
+    with pytest.raises(SpaceMismatchError, match="receives nothing"):
+        plan_maps([torch.tensor([[1.0], [0.0]])], [1.0])
+
+
+def test_balanced_merge_pairs_copies_and_caps_group_sizes():
+    from alignment.transport import Leaf, merge_leaf
+
+    # 3 distinct directions, 6 units: each direction twice; halving must pair the copies
+    base = torch.eye(3, dtype=torch.float64)
+    R = torch.cat([base, base])
+    (T,), score = merge_leaf(Leaf(R @ R.t(), [6], 3, [1.0]))
+    assert sorted(tuple(torch.nonzero(r).flatten().tolist()) for r in T) == [(0, 3), (1, 4), (2, 5)]
+    assert score == pytest.approx(1.0)
+    # all alike: balanced groups (pairs), not one blob
+    G = torch.ones(8, 8, dtype=torch.float64)
+    (T,), _ = merge_leaf(Leaf(G, [8], 4, [1.0]))
+    assert T.sum(1).tolist() == [2.0] * 4
+    (T,), _ = merge_leaf(Leaf(G, [8], 4, [1.0]), balanced=False)
+    assert T.sum(1).max() >= 2
+
+
+def test_query_key_correction_leaves_permutations_alone():
+    model, x = build("timm_vit")
+    g = discover(model, x)
+    maps = {s.name: permutation_map([torch.randperm(s.width)], [1.0]) for s in g.spaces if s.members}
+    out = correct_query_key(maps, [g], [1.0])
+    assert all(out[k] is maps[k] for k in maps)
+
+
+# -------------------------------------------------------------------------------------------------
+# OT between a model and a permuted copy
+@pytest.mark.parametrize("name", ARCHS)
+@pytest.mark.parametrize("opts", [{}, {"cost": "distance"}, {"cost": "weights"}],
+                         ids=["correlation", "distance", "weights"])
+def test_exact_ot_recovers_the_permutation_and_the_function(name, opts):
+    model, x = build(name)
+    graph = discover(model, x)
+    perms = graph.random_permutations(seed=11)
+    other = permute(model, graph, perms)
+    cal = _cal(x)
+    al = fusion.align([model, other], cal, method="ot", **opts)
+    stats = collect([model], [graph], cal)
+    for s in graph.spaces:
+        if s.members and s.kind == "features":
+            # fused unit k is the reference's unit k, which the permuted copy holds at inv(perm)[k];
+            # units constant on the calibration data (dead ReLUs) are interchangeable, so skipped
+            live = stats.correlation(s.name).diagonal() > 0.5 if s.name in stats.points else torch.ones(s.width, dtype=torch.bool)
+            inv = torch.argsort(perms[s.name])
+            T = al.result.plans[1][s.name]
+            assert torch.equal((T > 0)[live], (permutation_plan(inv, s.width) > 0)[live]), s.name
+    fused = al.apply()
+    with torch.no_grad():
+        assert rel_err(logits(model(cal[:8])), logits(fused(cal[:8]))) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["mlp", "timm_vit"])
+def test_sinkhorn_fusion_approaches_the_exact_one_as_reg_shrinks(name):
+    model, x = build(name)
+    graph = discover(model, x)
+    other = permute(model, graph, graph.random_permutations(seed=3))
+    cal = _cal(x)
+    with torch.no_grad():
+        y = logits(model(x))
+        errs = [rel_err(y, logits(fusion.fuse([model, other], cal, method="ot", solver="sinkhorn", reg=r,
+                                               repair="none")(x))) for r in (0.3, 0.03, 0.003)]
+    assert errs[0] > errs[1] > errs[2], errs
+    assert errs[-1] < 1e-3
+
+
+# -------------------------------------------------------------------------------------------------
+# across widths
+@pytest.mark.parametrize("name", ["timm_resnet18", "timm_vit", "hf_vit"])
+@pytest.mark.parametrize("method", ["ot", "permute", "merge"])
+def test_fusion_across_widths_into_a_user_built_target(name, method):
+    wide, x = build(name, seed=0)
+    torch.manual_seed(1)
+    narrow = tiny_models.randomize(NARROW[name]().eval(), 1)
+    torch.manual_seed(2)
+    target = NARROW[name]().eval()
+    before = [_state(m) for m in (wide, narrow, target)]
+    cal = _cal(x, 64)
+    fused = fusion.fuse([wide, narrow], cal, method=method, repair="reset_bn", target=target)
+    want = model_tensors(target)
+    got = model_tensors(fused)
+    assert set(got) == set(want)
+    assert all(got[k].shape == want[k].shape for k in want)
+    assert any(not torch.equal(got[k], want[k]) for k in want)  # the target's own weights are not used
+    with torch.no_grad():
+        y = logits(fused(x))
+    assert y.shape == logits(target(x)).shape and torch.isfinite(y).all()
+    assert all(_same_state(m, s) for m, s in zip((wide, narrow, target), before))
+    # and into the large width (the wide model's architecture)
+    big = fusion.fuse([wide, narrow], cal, method=method, repair="reset_bn")
+    assert all(model_tensors(big)[k].shape == v.shape for k, v in model_tensors(wide).items())
+
+
+def test_width_factor_builds_the_target_by_resizing():
+    a, x = build("timm_vit", seed=0)
+    b, _ = build("timm_vit", seed=1)
+    fused = fusion.fuse([a, b], _cal(x, 64), method="ot", repair="none", width=0.5)
+    g = discover(fused, x)
+    ga = discover(a, x)
+    assert all(g[s.name].width * 2 == s.width for s in ga.spaces if s.kind == "features")
+    assert fused.blocks[0].attn.num_heads == 4 and fused.blocks[0].attn.head_dim == 8
+    with pytest.raises(ValueError, match="not both"):
+        fusion.fuse([a, b], _cal(x, 8), method="ot", width=0.5, target=a)
+
+
+def test_anchor_option_and_errors():
+    wide, x = build("timm_vit", seed=0)
+    narrow = tiny_models.randomize(NARROW["timm_vit"]().eval(), 1)
+    cal = _cal(x, 32)
+    fused = fusion.fuse([wide, narrow], cal, method="ot", repair="none", target=narrow, anchor=1)
+    assert fused.blocks[0].mlp.fc1.out_features == narrow.blocks[0].mlp.fc1.out_features
+    # an anchor model of another width is not used where its widths differ (barycenter instead)
+    other = fusion.fuse([wide, narrow], cal, method="ot", repair="none", target=narrow, anchor=0)
+    assert not torch.equal(fused.blocks[0].mlp.fc1.weight, other.blocks[0].mlp.fc1.weight)
+    with pytest.raises(SpaceMismatchError, match="anchor"):
+        fusion.fuse([wide, narrow], cal, method="ot", repair="none", anchor=5)
+    with pytest.raises(SpaceMismatchError, match="cost"):
+        fusion.fuse([wide, narrow], cal, method="ot", repair="none", cost="cosine")
+    other_heads = tiny_models.timm_vit(embed_dim=32, heads=2).eval()
+    with pytest.raises(SpaceMismatchError, match="heads"):
+        fusion.fuse([wide], cal, method="ot", repair="none", target=other_heads)
+
+
+# -------------------------------------------------------------------------------------------------
+# compression (one model)
+@pytest.mark.parametrize("name", ARCHS)
+@pytest.mark.parametrize("method", ["ot", "merge"])
+def test_compressing_a_widened_model_recovers_the_original(name, method):
+    # every unit of the widened model has an exact copy: merging the copies is lossless, and the
+    # attention logits must keep their scale when head_dim halves
+    model, x = build(name)
+    wide = resize(model, 2.0, x)
+    cal = _cal(x, 512)
+    fused = fusion.fuse([wide], cal, method=method, repair="none", target=model)
+    with torch.no_grad():  # on calibration inputs: dead units are interchangeable there
+        assert rel_err(logits(model(cal[:8])), logits(fused(cal[:8]))) < 1e-5
+
+
+def test_magnitude_pruning_keeps_the_largest_l1_units():
+    model, x = build("timm_resnet18")
+    pruned = fusion.fuse([model], _cal(x, 32), method="magnitude", repair="none", width=0.5)
+    g = discover(model, x)
+    tens = model_tensors(model)
+    scores = {s.name: magnitude_scores(g, tens, s.name) for s in g.spaces if s.members}
+    ref = resize(model, 0.5, x, scores=scores)
+    for k, v in model_tensors(ref).items():
+        assert torch.equal(v, model_tensors(pruned)[k]), k
+
+
+def test_one_model_methods_errors():
+    a, x = build("mlp", seed=0)
+    b, _ = build("mlp", seed=1)
+    with pytest.raises(SpaceMismatchError, match="one model"):
+        fusion.fuse([a, b], _cal(x, 8), method="magnitude", repair="none")
+    with pytest.raises(SpaceMismatchError, match="cannot widen"):
+        fusion.fuse([a], _cal(x, 8), method="merge", repair="none", width=2.0)
+    wide = fusion.fuse([a], _cal(x, 64), method="ot", repair="none", width=2.0)  # OT may widen (splits units)
+    with torch.no_grad():
+        assert rel_err(logits(a(x)), logits(wide(x))) < 1e-5
