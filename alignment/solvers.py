@@ -414,7 +414,16 @@ def _activation_or_weight_gram(ctx: MatchContext, cost: str, walk_plans):
     if cost == "weights":
         return wgram
     stats = ctx.statistics()
-    agram = activation_gram(stats, cost)
+    g0 = ctx.graphs[0]
+
+    def kind(name: str) -> str:
+        if cost != "auto":
+            return cost
+        # measured on the zoo: BatchNorm spaces match best by correlation (BN rescales units),
+        # spaces without it (ViT residual streams, MLPs) by Euclidean distance (scale matters)
+        return "correlation" if any(m.tensor.endswith("running_mean") for m in g0[name].members) else "distance"
+
+    agram = activation_gram(stats, kind)
 
     def gram(name):
         # spaces with no observation point (rare) are compared by their weights
@@ -455,7 +464,7 @@ def _plan_method(ctx: MatchContext, leaf_solver, cost: str, scores=None, sweeps:
     walk = None
     for _ in range(max(1, sweeps)):
         walk = PlanWalk(ctx.graphs, target, ctx.alpha, gram, leaf_solver, anchor=anchor, scores=scores,
-                        cost="correlation" if cost == "correlation" else "distance", seed=ctx.seed)
+                        seed=ctx.seed)
         holder["walk"] = walk
         new = walk.solve_all()
         prev = holder["prev"]
@@ -478,9 +487,10 @@ def optimal_transport(ctx: MatchContext) -> MatchResult:
     width) they are a free-support barycenter of all models' units, seeded by k-means++.
 
     Options:
-        cost: ``"correlation"`` (default, one minus activation correlation), ``"distance"``
-            (Euclidean distance between activations) or ``"weights"`` (between weight vectors; no
-            calibration data needed).
+        cost: ``"auto"`` (default: correlation for spaces with BatchNorm, distance elsewhere;
+            measured on the zoo, see benchmarks/results/fuse_widths.md), ``"correlation"`` (one
+            minus activation correlation), ``"distance"`` (Euclidean distance between activations)
+            or ``"weights"`` (between weight vectors; no calibration data needed).
         solver: ``"emd"`` (exact, default) or ``"sinkhorn"`` (entropic).
         reg: Sinkhorn regularisation relative to the largest cost (default 0.01).
         anchor: index of the anchor model.
@@ -492,12 +502,11 @@ def optimal_transport(ctx: MatchContext) -> MatchResult:
 
     from .transport import COSTS, ot_leaf
 
-    cost = _option(ctx, "cost", "correlation", COSTS)
+    cost = _option(ctx, "cost", "auto", COSTS)
     solver = _option(ctx, "solver", "emd", ("emd", "sinkhorn"))
     reg = float(ctx.options.get("reg", 0.01))
     iterations = ctx.options.get("iterations")
-    leaf = partial(ot_leaf, solver=solver, reg=reg, cost="correlation" if cost == "correlation" else "distance",
-                   iterations=iterations)
+    leaf = partial(ot_leaf, solver=solver, reg=reg, iterations=iterations)
     sweeps = int(ctx.options.get("sweeps", 5)) if cost == "weights" else 1
     return _plan_method(ctx, leaf, cost, sweeps=sweeps)
 
@@ -508,7 +517,7 @@ def _rect_permute(ctx: MatchContext) -> MatchResult:
 
     from .transport import ot_leaf
 
-    leaf = partial(ot_leaf, solver="hungarian", cost="correlation", iterations=ctx.options.get("iterations"))
+    leaf = partial(ot_leaf, solver="hungarian", iterations=ctx.options.get("iterations"))
     return _plan_method(ctx, leaf, "correlation")
 
 

@@ -32,7 +32,7 @@ from .graph import Graph, tree_size
 from .maps import plan_maps
 
 PLAN_SOLVERS = ("emd", "sinkhorn", "hungarian")
-COSTS = ("correlation", "distance", "weights")
+COSTS = ("auto", "correlation", "distance", "weights")
 
 
 class TransportError(FusionError, ValueError):
@@ -117,18 +117,19 @@ class Leaf:
         anchor: a model whose units define the fused ones (its size is ``n``), or None.
         scores: optional per-unit scores (pooled), e.g. weight magnitudes.
         seed: seed for randomised solvers.
+        cost: the Gram's geometry: ``"correlation"`` (compare directions) or ``"distance"``.
     """
 
-    def __init__(self, G, sizes, n, alpha, anchor=None, scores=None, seed=0):
+    def __init__(self, G, sizes, n, alpha, anchor=None, scores=None, seed=0, cost="correlation"):
         self.G, self.sizes, self.n, self.alpha = G, list(sizes), int(n), list(alpha)
-        self.anchor, self.scores, self.seed = anchor, scores, seed
+        self.anchor, self.scores, self.seed, self.cost = anchor, scores, seed, cost
         offs = [0]
         for s in self.sizes:
             offs.append(offs[-1] + s)
         self.cols = [torch.arange(offs[i], offs[i + 1]) for i in range(len(self.sizes))]
 
 
-def ot_leaf(leaf: Leaf, solver: str = "emd", reg: float = 0.01, cost: str = "correlation",
+def ot_leaf(leaf: Leaf, solver: str = "emd", reg: float = 0.01, cost: str | None = None,
             iterations: int | None = None) -> tuple[list[torch.Tensor], float]:
     """OT of every model's units onto ``n`` anchors; anchors refined as the barycenter.
 
@@ -142,6 +143,7 @@ def ot_leaf(leaf: Leaf, solver: str = "emd", reg: float = 0.01, cost: str = "cor
         (plans, mean matched cosine similarity).
     """
     G, n = leaf.G, leaf.n
+    cost = cost or leaf.cost
     P = G.shape[0]
     if leaf.anchor is not None:
         A = torch.zeros(n, P, dtype=torch.float64)
@@ -247,22 +249,22 @@ class PlanWalk:
         graphs: the models' graphs.
         target: the target graph (fused widths and structure); spaces pair by name.
         alpha: model weights.
-        gram: ``gram(space) -> (G, offsets)``: Gram over the pooled features of all models.
+        gram: ``gram(space) -> (G, offsets, geometry)``: Gram over the pooled features of all models
+            and how to compare in it (``"correlation"`` or ``"distance"``).
         leaf_solver: ``solver(Leaf) -> (plans, score)``.
         anchor: a model index whose units anchor every leaf of its size (default: the first model
             whose leaf has the target size).
         scores: optional ``scores(space) -> pooled unit scores``.
-        cost: cost kind used to score heads against each other.
         seed: seed for randomised leaf solvers.
     """
 
     def __init__(self, graphs: Sequence[Graph], target: Graph, alpha: Sequence[float],
-                 gram: Callable[[str], tuple[torch.Tensor, list[int]]], leaf_solver,
+                 gram: Callable[[str], tuple[torch.Tensor, list[int], str]], leaf_solver,
                  anchor: int | None = None, scores: Callable[[str], torch.Tensor] | None = None,
-                 cost: str = "correlation", seed: int = 0):
+                 seed: int = 0):
         self.graphs, self.target, self.alpha = list(graphs), target, list(alpha)
         self.gram, self.leaf_solver, self.anchor = gram, leaf_solver, anchor
-        self.scores_fn, self.cost, self.seed = scores, cost, seed
+        self.scores_fn, self.seed = scores, seed
         self.cache: dict[str, list[torch.Tensor]] = {}
         self.plans: dict[str, list[torch.Tensor]] = {}
         self.costs: dict[str, float] = {}
@@ -288,10 +290,11 @@ class PlanWalk:
         for i, g in enumerate(self.graphs):
             if name not in g:
                 raise SpaceMismatchError(f"space {name!r} is missing from model {i}; models must be of one family")
-        G, off = self.gram(name)
+        G, off, geometry = self.gram(name)
         idx = [off[i] + torch.arange(g[name].width) for i, g in enumerate(self.graphs)]
         scores = self.scores_fn(name) if self.scores_fn is not None else None
         self._leaf_scores[name] = []
+        self._geometry = geometry
         plans = self._walk(name, self.target[name].tree, [g[name].tree for g in self.graphs], idx, G, scores)
         self.plans[name] = plans
         vals = [v for v in self._leaf_scores[name] if not math.isnan(v)]
@@ -387,7 +390,7 @@ class PlanWalk:
         if anchor is None and self.anchor is None:
             anchor = next((i for i, s in enumerate(sizes) if s == n), None)
         sc = scores[pool] if scores is not None else None
-        leaf = Leaf(G[pool][:, pool], sizes, n, self.alpha, anchor, sc, self.seed)
+        leaf = Leaf(G[pool][:, pool], sizes, n, self.alpha, anchor, sc, self.seed, self._geometry)
         plans, score = self.leaf_solver(leaf)
         self._leaf_scores[space].append(score)
         return plans
@@ -409,7 +412,7 @@ class PlanWalk:
                 continue
             cost = torch.zeros(nh, nh, dtype=torch.float64)
             for s in group:
-                G, off = self.gram(s)
+                G, off, geometry = self.gram(s)
                 dr, di = self.graphs[ref][s].width // nh, g[s].width // nh
                 for a in range(nh):
                     ra = off[ref] + torch.arange(a * dr, (a + 1) * dr)
@@ -417,7 +420,7 @@ class PlanWalk:
                     A[torch.arange(dr), ra] = 1.0
                     for b in range(nh):
                         cb = off[i] + torch.arange(b * di, (b + 1) * di)
-                        C = gram_cost(A, G, cb, self.cost)
+                        C = gram_cost(A, G, cb, geometry)
                         T = transport_plan(C, "emd")
                         cost[a, b] += float((T * C).sum())
             r, c = linear_sum_assignment(cost.numpy())
@@ -441,11 +444,14 @@ def _tree_keys(tree) -> list[str]:
 
 # -------------------------------------------------------------------------------------------------
 # Gram matrices
-def activation_gram(stats, kind: str = "correlation") -> Callable[[str], tuple[torch.Tensor, list[int]]]:
-    """``gram(space)`` from collected statistics: the pooled correlation, or second moments
-    (covariance plus the outer product of the means: Euclidean distances between activations)."""
+def activation_gram(stats, kind: str | Callable[[str], str] = "correlation"
+                    ) -> Callable[[str], tuple[torch.Tensor, list[int], str]]:
+    """``gram(space)`` from collected statistics: the pooled correlation (``kind="correlation"``), or
+    second moments (covariance plus the outer product of the means: Euclidean distances between
+    activations, ``kind="distance"``); ``kind`` may be a function of the space name."""
     def gram(name: str):
-        if kind == "correlation":
+        k = kind(name) if callable(kind) else kind
+        if k == "correlation":
             G = stats.correlation(name).double()
             # units that are constant on the calibration data (dead ReLUs) correlate with nothing;
             # an extra shared dimension makes them alike (two dead units pair with each other, not
@@ -455,7 +461,7 @@ def activation_gram(stats, kind: str = "correlation") -> Callable[[str], tuple[t
         else:
             mu = stats.mean(name)
             G = stats.covariance(name) + torch.outer(mu, mu)
-        return G.double().cpu(), stats.offsets(name)
+        return G.double().cpu(), stats.offsets(name), k
     return gram
 
 
@@ -502,7 +508,7 @@ def initial_plan(n: int, n_i: int) -> torch.Tensor:
 
 
 def weight_gram(graphs: Sequence[Graph], target: Graph, tensors: Sequence[dict[str, torch.Tensor]],
-                plans: Callable[[str], list[torch.Tensor] | None]) -> Callable[[str], tuple[torch.Tensor, list[int]]]:
+                plans: Callable[[str], list[torch.Tensor] | None]) -> Callable[[str], tuple[torch.Tensor, list[int], str]]:
     """``gram(space)`` from weights: inner products of units' weight rows in the fused basis.
 
     ``plans(space)`` gives the current per-model plans of a space (None: not solved yet, the identity
@@ -527,7 +533,7 @@ def weight_gram(graphs: Sequence[Graph], target: Graph, tensors: Sequence[dict[s
         off = [0]
         for r in R:
             off.append(off[-1] + r.shape[0])
-        return Rc @ Rc.t(), off
+        return Rc @ Rc.t(), off, "distance"
 
     return gram
 

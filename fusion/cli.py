@@ -31,6 +31,12 @@ Example:
   fusion fuse timm:resnet18 timm:resnet18 --checkpoint a.safetensors --checkpoint b.safetensors \\
       --kwargs '{"in_chans": 1}' --num-classes 10 --out runs/r18.safetensors
 """
+EPILOG_COMPRESS = """\b
+Example:
+  fusion compress r18w32-s0 --zoo ../shared/zoo --width 0.5 --out runs/r18-half.safetensors --eval
+  fusion compress vit128-s0 --method merge --width 0.5 --repair none --out runs/vit-half.safetensors
+  fusion compress r18w32-s0 --method magnitude --target r18w16-s2 --out runs/r18-pruned.safetensors
+"""
 EPILOG_INTERPOLATE = """\b
 Example:
   fusion interpolate r18w32-s0 r18w32-s1 --zoo ../shared/zoo --out runs/interp
@@ -282,64 +288,85 @@ def eval_cmd(model: str, zoo_dir: str | None, data_root: str | None, limit: int 
     click.echo(f"{model}: accuracy {100 * acc:.2f}% ({round(acc * n)}/{n} correct) on {n} test images")
 
 
-@main.command(epilog=EPILOG_FUSE)
-@click.argument("models", nargs=-1, required=True)
-@click.option("--out", required=True, help="Output .safetensors path (a .json sidecar is written next to it).")
-@click.option("--method", default="permute", show_default=True, help="Fusion method (see `fusion methods`).")
-@click.option("--repair", default="reset_bn", show_default=True,
-              type=click.Choice(["none", "reset_bn", "repair"]), help="Norm repair after fusing.")
-@click.option("--calibration-size", type=int, default=2000, show_default=True,
-              help="Calibration images drawn from the Fashion-MNIST train split.")
-@click.option("--calibration-seed", type=int, default=0, show_default=True, help="Seed of the calibration draw.")
-@click.option("--data", "data_root", default=None, help="Fashion-MNIST folder (default: $FUSION_DATA_DIR or the Debian path).")
-@click.option("--zoo", "zoo_dir", default=None, help="Zoo folder for zoo names (default: $FUSION_ZOO).")
-@click.option("--alpha", "alphas", type=float, multiple=True,
-              help="Interpolation weight: once per model, or once for two models (weight of the second). Default: uniform.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for randomised solvers.")
-@click.option("--device", default=None, help="Device for statistics and repair (default cpu).")
-@click.option("--option", "options", multiple=True, help="Method option key=value (repeatable), e.g. iterations=5.")
-@click.option("--eval", "do_eval", is_flag=True, help="Print the fused model's test accuracy.")
-@click.option("--test-limit", "--limit", "test_limit", type=int, default=None,
-              help="With --eval: evaluate on the first N test images only.")
-@_timm_options
-@_clean_errors
-def fuse(models, out, method, repair, calibration_size, calibration_seed, data_root, zoo_dir, alphas, seed,
-         device, options, do_eval, test_limit, checkpoints, kwargs_json, num_classes) -> None:
-    """Fuse MODELS (two or more) into one model with the first model's architecture.
+def _width_option(text: str | None):
+    """``--width``: a factor (0.5), an absolute width (64), or JSON per-space widths."""
+    import json
 
-    MODELS are zoo names, .safetensors files with a JSON sidecar, HF model folders, or timm:NAME
-    (with --checkpoint, --kwargs, --num-classes). Calibration images come from the Fashion-MNIST
-    train split, restricted to the union of the models' classes.
-    """
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"{text!r} is not a number or a JSON object", param_hint="--width") from exc
+    if isinstance(value, bool) or not isinstance(value, (int, float, dict)):
+        raise click.BadParameter(f"{text!r} is not a number or a JSON object", param_hint="--width")
+    return value
+
+
+def _fusion_options(fn):
+    """Options shared by ``fuse`` and ``compress``."""
+    opts = [
+        click.option("--out", required=True, help="Output .safetensors path (a .json sidecar is written next to it)."),
+        click.option("--repair", default="reset_bn", show_default=True,
+                     type=click.Choice(["none", "reset_bn", "repair"]), help="Norm repair after fusing."),
+        click.option("--target", "target_spec", default=None,
+                     help="A model of the fused widths (zoo name, file, HF folder); only its architecture is used."),
+        click.option("--width", "width_text", default=None,
+                     help="Fused widths relative to the first model: a factor (0.5), a width, or JSON per space."),
+        click.option("--calibration-size", type=int, default=2000, show_default=True,
+                     help="Calibration images drawn from the Fashion-MNIST train split."),
+        click.option("--calibration-seed", type=int, default=0, show_default=True, help="Seed of the calibration draw."),
+        click.option("--data", "data_root", default=None,
+                     help="Fashion-MNIST folder (default: $FUSION_DATA_DIR or the Debian path)."),
+        click.option("--zoo", "zoo_dir", default=None, help="Zoo folder for zoo names (default: $FUSION_ZOO)."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed for randomised solvers."),
+        click.option("--device", default=None, help="Device for statistics and repair (default cpu)."),
+        click.option("--option", "options", multiple=True,
+                     help="Method option key=value (repeatable), e.g. solver=sinkhorn or reg=0.05."),
+        click.option("--eval", "do_eval", is_flag=True, help="Print the fused model's test accuracy."),
+        click.option("--test-limit", "--limit", "test_limit", type=int, default=None,
+                     help="With --eval: evaluate on the first N test images only."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _run_fusion(models, method, alpha, out, repair, target_spec, width_text, calibration_size, calibration_seed,
+                data_root, zoo_dir, seed, device, options, do_eval, test_limit, checkpoints, kwargs_json,
+                num_classes) -> None:
     import dataclasses
 
     from . import fuse as fuse_fn
     from .evaluate import accuracy
-    from .zoo import save_model
+    from .zoo import build_model, example_input, save_model, space_widths
 
-    if len(models) < 2:
-        raise click.UsageError("fuse needs at least two models")
     resolved = _resolve_all(models, zoo_dir, checkpoints, kwargs_json, num_classes)
     mods = [m for m, _ in resolved]
     entries = [e for _, e in resolved]
-    alpha = None
-    if alphas:
-        if len(alphas) == 1 and len(mods) == 2:
-            alpha = float(alphas[0])
-        elif len(alphas) == len(mods):
-            alpha = [float(a) for a in alphas]
-        else:
-            raise click.BadParameter(f"give one --alpha per model ({len(mods)}), or one for two models",
-                                     param_hint="--alpha")
-    arch, n_classes, classes = _arch_of(mods[0], entries[0])
+    target, arch_source = None, (mods[0], entries[0])
+    if target_spec is not None:
+        if width_text is not None:
+            raise click.UsageError("give --target or --width, not both")
+        target, t_entry = resolve_model(target_spec, zoo_dir)
+        arch_source = (target, t_entry)
+    width = _width_option(width_text)
+    arch, n_classes, classes = _arch_of(*arch_source)
     calibration = _calibration(entries, calibration_size, calibration_seed, data_root)
     fused = fuse_fn(mods, calibration, method=method, repair=repair, alpha=alpha, seed=seed, device=device,
-                    progress=True, **_parse_options(options))
+                    target=target, width=width, progress=True, **_parse_options(options))
     fused = fused.to("cpu")
     report = fused.fusion_report
-    path = save_model(fused, out, arch=arch, num_classes=n_classes, classes=classes,
+    # a width the constructor does not build is recorded per space (loading resizes to it)
+    ex = example_input(arch)
+    widths = space_widths(fused, ex)
+    if widths != space_widths(build_model(arch, n_classes), ex):
+        widths_arg = widths
+    else:
+        widths_arg = None
+    path = save_model(fused, out, arch=arch, num_classes=n_classes, classes=classes, widths=widths_arg,
                       extra={"method": method, "repair": repair, "sources": list(models),
-                             "report": dataclasses.asdict(report)})
+                             "target": target_spec, "report": dataclasses.asdict(report)})
     click.echo(report.summary())
     click.echo(f"wrote {path} (+ {path.with_suffix('.json').name})")
     if do_eval:
@@ -347,6 +374,55 @@ def fuse(models, out, method, repair, calibration_size, calibration_seed, data_r
         acc = accuracy(fused, data, device=device)
         n = len(data)
         click.echo(f"fused: accuracy {100 * acc:.2f}% ({round(acc * n)}/{n} correct) on {n} test images")
+
+
+@main.command(epilog=EPILOG_FUSE)
+@click.argument("models", nargs=-1, required=True)
+@click.option("--method", default="permute", show_default=True, help="Fusion method (see `fusion methods`).")
+@click.option("--alpha", "alphas", type=float, multiple=True,
+              help="Interpolation weight: once per model, or once for two models (weight of the second). Default: uniform.")
+@_fusion_options
+@_timm_options
+@_clean_errors
+def fuse(models, method, alphas, **kw) -> None:
+    """Fuse MODELS (two or more) into one model.
+
+    MODELS are zoo names, .safetensors files with a JSON sidecar, HF model folders, or timm:NAME
+    (with --checkpoint, --kwargs, --num-classes). The fused model has the first model's
+    architecture, or that of --target (a model of the same family, e.g. narrower), or the first
+    model's resized by --width. Calibration images come from the Fashion-MNIST train split,
+    restricted to the union of the models' classes.
+    """
+    if len(models) < 2:
+        raise click.UsageError("fuse needs at least two models (use `fusion compress` for one)")
+    alpha = None
+    if alphas:
+        if len(alphas) == 1 and len(models) == 2:
+            alpha = float(alphas[0])
+        elif len(alphas) == len(models):
+            alpha = [float(a) for a in alphas]
+        else:
+            raise click.BadParameter(f"give one --alpha per model ({len(models)}), or one for two models",
+                                     param_hint="--alpha")
+    _run_fusion(models, method, alpha, **kw)
+
+
+@main.command(epilog=EPILOG_COMPRESS)
+@click.argument("model")
+@click.option("--method", default="ot", show_default=True,
+              help="ot (transport onto fewer units), merge (merge correlated features), magnitude (L1 pruning), permute.")
+@_fusion_options
+@_timm_options
+@_clean_errors
+def compress(model, method, **kw) -> None:
+    """Compress MODEL to a narrower width (--width 0.5, or --target a narrower model of its family).
+
+    Features are merged onto fewer units through the same engine as fusion, then norms are repaired
+    on calibration data (--repair).
+    """
+    if kw.get("target_spec") is None and kw.get("width_text") is None:
+        raise click.UsageError("give --width (e.g. 0.5) or --target (a narrower model)")
+    _run_fusion([model], method, None, **kw)
 
 
 def _entry_like(classes):

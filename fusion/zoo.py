@@ -569,6 +569,7 @@ def save_model(
     classes: Iterable[int] | None = None,
     extra: Mapping[str, Any] | None = None,
     check: bool = True,
+    widths: Mapping[str, int] | None = None,
 ) -> Path:
     """Saves a model as ``<stem>.safetensors`` plus a ``<stem>.json`` constructor sidecar.
 
@@ -584,6 +585,9 @@ def save_model(
             model was fused).
         check: Build ``arch`` and verify the state_dict fits it before writing
             anything, so an unloadable pair is never produced.
+        widths: For a model narrower or wider than its constructor builds (compressed, or
+            fused to a width factor): the width of every alignment space. Loading builds
+            ``arch`` and resizes it to these widths (:func:`fusion.resize.resize`).
 
     Returns:
         The path of the ``.safetensors`` file.
@@ -606,6 +610,8 @@ def save_model(
     weights_path, sidecar_path = _model_paths(path)
     if check:
         reference = build_model(spec, num_classes)
+        if widths:
+            reference = _resized(reference, spec, widths)
         problems = _mismatch_report(reference, model.state_dict())
         if problems:
             raise CheckpointMismatchError(
@@ -618,13 +624,37 @@ def save_model(
         "num_classes": num_classes,
         "classes": class_list,
     }
+    if widths:
+        sidecar["widths"] = {str(k): int(v) for k, v in widths.items()}
     for key, value in _jsonable(dict(extra or {}), "extra").items():
-        if key in ("format", "arch", "num_classes", "classes"):
+        if key in ("format", "arch", "num_classes", "classes", "widths"):
             raise ValueError(f"extra must not override the reserved sidecar field {key!r}.")
         sidecar[key] = value
     save_weights(model, weights_path, metadata={"format": SIDECAR_FORMAT})
     sidecar_path.write_text(json.dumps(sidecar, indent=1, sort_keys=True) + "\n")
     return weights_path
+
+
+def example_input(arch: Mapping[str, Any] | ZooEntry, batch: int = 2) -> torch.Tensor:
+    """A random input batch that fits a constructor spec (channels and image size from its kwargs)."""
+    _, _, kwargs = _check_arch(arch)
+    chans = int(kwargs.get("in_chans", kwargs.get("num_channels", 1)))
+    size = kwargs.get("img_size", kwargs.get("image_size", 28))
+    size = int(size[0] if isinstance(size, (list, tuple)) else size)
+    return torch.randn(batch, chans, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def _resized(model: nn.Module, arch, widths: Mapping[str, int]) -> nn.Module:
+    from .resize import resize
+
+    return resize(model, {**{str(k): int(v) for k, v in widths.items()}, "*": 1.0}, example_input(arch))
+
+
+def space_widths(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    """Width of every feature space of a model (what :func:`save_model` records as ``widths``)."""
+    from alignment import discover
+
+    return {s.name: s.width for s in discover(model, example).spaces if s.kind == "features"}
 
 
 def load_model_file(path: str | os.PathLike[str]) -> tuple[nn.Module, ZooEntry]:
@@ -658,5 +688,8 @@ def load_model_file(path: str | os.PathLike[str]) -> tuple[nn.Module, ZooEntry]:
     entry = ZooEntry.from_dict(weights_path.stem, data, weights_path, source=str(sidecar_path))
     entry.extra.pop("format", None)
     model = build_model(entry.arch, entry.num_classes)
+    widths = entry.extra.pop("widths", None)
+    if widths:
+        model = _resized(model, entry.arch, widths)
     load_weights(model, weights_path, what=f"model file {weights_path.name!r}")
     return model.eval(), entry

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 
+import click
 import pytest
 from click.testing import CliRunner
 from torch.utils.data import Subset
@@ -52,7 +53,7 @@ def _correct(output: str, prefix: str) -> tuple[int, int]:
 
 def test_new_commands_have_examples():
     runner = CliRunner()
-    for cmd in ("fuse", "interpolate", "methods"):
+    for cmd in ("fuse", "interpolate", "methods", "compress"):
         res = runner.invoke(main, [cmd, "--help"])
         assert res.exit_code == 0, res.output
         assert "Example:" in res.output and f"fusion {cmd}" in res.output
@@ -216,3 +217,57 @@ def test_interpolate_alignment_lowers_the_barrier(zoo_dir, tmp_path):
 def test_interpolate_rejects_bad_repair(tmp_path):
     res = CliRunner().invoke(main, ["interpolate", "a", "b", "--out", str(tmp_path), "--repairs", "nope"])
     assert res.exit_code != 0 and "--repairs" in res.output
+
+
+def test_compress_round_trip_matches_api(zoo_dir, tmp_path):
+    """`fusion compress --width 0.5` writes a narrower model that reloads (widths in the sidecar)."""
+    from fusion import fuse
+    from fusion.data import calibration_subset, load_fashion_mnist
+    from fusion.evaluate import accuracy
+    from fusion.zoo import load_model, load_model_file
+
+    out = tmp_path / "half.safetensors"
+    n, cal = 200, 128
+    res = CliRunner().invoke(main, [
+        "compress", "r18w32-s0", "--zoo", str(zoo_dir), "--out", str(out), "--width", "0.5",
+        "--calibration-size", str(cal), "--eval", "--test-limit", str(n)])
+    assert res.exit_code == 0, res.output
+    side = json.loads(out.with_suffix(".json").read_text())
+    assert side["method"] == "ot" and side["widths"]["layer4.0.conv1"] == 128
+    model, _ = load_model_file(out)
+    assert model.layer4[0].conv1.out_channels == 128 and model.fc.in_features == 128
+    res = CliRunner().invoke(main, ["eval", str(out), "--limit", str(n)])
+    assert res.exit_code == 0, res.output
+    src, _ = load_model("r18w32-s0", zoo_dir)
+    api = fuse([src], calibration_subset(load_fashion_mnist("train"), cal, seed=0), method="ot",
+               repair="reset_bn", width=0.5)
+    api_acc = accuracy(api, Subset(load_fashion_mnist("test"), range(n)))
+    assert abs(_correct(res.output, str(out))[0] / n - api_acc) < 1e-9
+
+
+def test_fuse_into_a_target_architecture(zoo_dir, tmp_path):
+    """`fusion fuse A B --target C` writes a model with C's architecture (here a narrower ViT)."""
+    from fusion.zoo import load_model_file
+
+    out = tmp_path / "vit.safetensors"
+    res = CliRunner().invoke(main, [
+        "fuse", "vit128-s0", "vit64-s2", "--zoo", str(zoo_dir), "--out", str(out), "--method", "ot",
+        "--target", "vit64-s2", "--repair", "none", "--calibration-size", "64"])
+    assert res.exit_code == 0, res.output
+    side = json.loads(out.with_suffix(".json").read_text())
+    assert side["arch"]["kwargs"]["embed_dim"] == 64 and "widths" not in side
+    model, _ = load_model_file(out)
+    assert model.blocks[0].attn.qkv.out_features == 192
+
+
+def test_width_and_target_usage_errors():
+    runner = CliRunner()
+    res = runner.invoke(main, ["compress", "timm:resnet18", "--out", "x.safetensors"])
+    assert res.exit_code != 0 and "--width" in res.output
+    res = runner.invoke(main, ["fuse", "a", "--out", "x.safetensors"])
+    assert res.exit_code != 0 and "two models" in res.output
+    from fusion.cli import _width_option
+
+    assert _width_option("0.5") == 0.5 and _width_option('{"fc1": 8}') == {"fc1": 8}
+    with pytest.raises(click.BadParameter):
+        _width_option("half")

@@ -115,8 +115,8 @@ def test_query_key_correction_leaves_permutations_alone():
 # -------------------------------------------------------------------------------------------------
 # OT between a model and a permuted copy
 @pytest.mark.parametrize("name", ARCHS)
-@pytest.mark.parametrize("opts", [{}, {"cost": "distance"}, {"cost": "weights"}],
-                         ids=["correlation", "distance", "weights"])
+@pytest.mark.parametrize("opts", [{}, {"cost": "correlation"}, {"cost": "distance"}, {"cost": "weights"}],
+                         ids=["auto", "correlation", "distance", "weights"])
 def test_exact_ot_recovers_the_permutation_and_the_function(name, opts):
     model, x = build(name)
     graph = discover(model, x)
