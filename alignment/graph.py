@@ -304,3 +304,14 @@ class Graph:
 
     def __repr__(self) -> str:
         return f"Graph({self.model_class}, spaces={len(self.spaces)}, fixed={len(self.fixed)})"
+
+
+def ranked_members(members):
+    """``(rank, member)`` pairs: the rank counts earlier members on the same (tensor, axis), so
+    members pair across models of one family by ``(tensor, axis, rank)``."""
+    seen: dict[tuple, int] = {}
+    for m in members:
+        k = (m.tensor, m.axis)
+        r = seen.get(k, 0)
+        seen[k] = r + 1
+        yield r, m

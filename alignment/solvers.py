@@ -20,7 +20,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from .errors import FusionError, SpaceMismatchError
-from .graph import Graph, Space, tree_size
+from .graph import Graph, Space, ranked_members, tree_size
 from .permute import axis_index, model_tensors
 
 METHODS: dict[str, Callable[["MatchContext"], "MatchResult"]] = {}
@@ -366,8 +366,8 @@ def _weight_similarity(g0: Graph, gi: Graph, name: str, t0: dict, ti: dict, perm
     """Sum over the space's member axes of W0 . (Wi with its other axes permuted)^T."""
     s0, si = g0[name], gi[name]
     total = torch.zeros(s0.width, si.width, dtype=torch.float64)
-    members_i = {(m.tensor, m.axis, r): m for r, m in _ranked(si.members)}
-    for r, m in _ranked(s0.members):
+    members_i = {(m.tensor, m.axis, r): m for r, m in ranked_members(si.members)}
+    for r, m in ranked_members(s0.members):
         mi = members_i.get((m.tensor, m.axis, r))
         if mi is None:
             continue
@@ -384,15 +384,6 @@ def _weight_similarity(g0: Graph, gi: Graph, name: str, t0: dict, ti: dict, perm
         if A.shape[1] == B.shape[1]:
             total += A @ B.t()
     return total
-
-
-def _ranked(members):
-    seen: dict[tuple, int] = {}
-    for m in members:
-        k = (m.tensor, m.axis)
-        r = seen.get(k, 0)
-        seen[k] = r + 1
-        yield r, m
 
 
 # -------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from .errors import FusionError, SpaceMismatchError
-from .graph import Graph, tree_size
+from .graph import Graph, ranked_members, tree_size
 from .maps import plan_maps
 
 PLAN_SOLVERS = ("emd", "sinkhorn", "hungarian")
@@ -137,7 +137,10 @@ def ot_leaf(leaf: Leaf, solver: str = "emd", reg: float = 0.01, cost: str | None
     of the pooled units (:func:`merge_leaf`). Each iteration transports every model onto the anchors and moves the anchors to the fused
     units those plans define (a free-support Wasserstein barycenter; with one model and fewer anchors
     than units, balanced k-means). ``iterations`` defaults to 0 with a model anchor (OTFusion) and
-    20 otherwise; iterations stop early once the plans no longer change.
+    20 otherwise; iterations stop early once the plans no longer change. A model narrower than the
+    target, when another model has the target width, is transported partially: each of its units
+    goes (in total) to one fused unit's worth of mass, and fused units it does not match take
+    nothing from it.
 
     Returns:
         (plans, mean matched cosine similarity).
@@ -158,9 +161,22 @@ def ot_leaf(leaf: Leaf, solver: str = "emd", reg: float = 0.01, cost: str | None
         A = torch.zeros(n, P, dtype=torch.float64)
         A[torch.arange(n), torch.arange(n) % P] = 1.0
         iters = 20 if iterations is None else iterations
+    # a model narrower than the target while another model covers every fused unit sends each unit
+    # once (partial transport: a zero-cost dummy source fills the rest), instead of splitting every
+    # unit over several fused units of which only one matches it
+    covered = max(leaf.sizes) >= n
+
+    def plan(C: torch.Tensor) -> torch.Tensor:
+        m = C.shape[1]
+        if solver == "hungarian" or m >= n or not covered:
+            return transport_plan(C, solver, reg)
+        Cd = torch.cat([C, torch.zeros(n, 1, dtype=C.dtype)], dim=1)
+        b = torch.cat([torch.full((m,), 1.0 / n, dtype=torch.float64), torch.tensor([(n - m) / n], dtype=torch.float64)])
+        return transport_plan(Cd, solver, reg, b=b)[:, :m]
+
     plans: list[torch.Tensor] = []
     for it in range(iters + 1):
-        new = [transport_plan(gram_cost(A, G, c, cost), solver, reg) for c in leaf.cols]
+        new = [plan(gram_cost(A, G, c, cost)) for c in leaf.cols]
         done = plans and all(torch.allclose(x, y, atol=1e-12) for x, y in zip(new, plans))
         plans = new
         if done or it == iters:
@@ -474,7 +490,7 @@ def unit_weight_rows(graphs: Sequence[Graph], tensors: Sequence[dict[str, torch.
     """
     from .maps import axis_roles, map_tensor
 
-    ranked = [{(m.tensor, m.axis, r): m for r, m in _ranked(g[name].members)} for g in graphs]
+    ranked = [{(m.tensor, m.axis, r): m for r, m in ranked_members(g[name].members)} for g in graphs]
     keys = [k for k in ranked[0] if all(k in rk for rk in ranked[1:])]
     out = []
     for i, g in enumerate(graphs):
@@ -489,15 +505,6 @@ def unit_weight_rows(graphs: Sequence[Graph], tensors: Sequence[dict[str, torch.
     if len(widths) > 1:
         raise SpaceMismatchError(f"space {name!r}: weight rows of different lengths {sorted(widths)} across models")
     return out
-
-
-def _ranked(members):
-    seen: dict[tuple, int] = {}
-    for m in members:
-        k = (m.tensor, m.axis)
-        r = seen.get(k, 0)
-        seen[k] = r + 1
-        yield r, m
 
 
 def initial_plan(n: int, n_i: int) -> torch.Tensor:

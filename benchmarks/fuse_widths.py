@@ -46,10 +46,11 @@ def compress_methods(spec):
 
 
 def _label(method: str, opts: dict) -> str:
-    names = {"ot": "OT (exact, cost auto)" if not opts else "OT (exact)", "permute": "Hungarian (rectangular)", "merge": "correlation merge",
+    names = {"ot": "OT (exact", "permute": "Hungarian (rectangular)", "merge": "correlation merge",
              "magnitude": "L1 magnitude pruning"}
-    extra = ", ".join(f"{k}={v}" for k, v in opts.items())
-    return names[method] + (f" ({extra})" if extra else "")
+    if method == "ot":
+        return names[method] + ", " + (", ".join(f"{k}={v}" for k, v in opts.items()) or "cost=auto") + ")"
+    return names[method]
 
 
 def main() -> None:

@@ -245,3 +245,11 @@ def test_one_model_methods_errors():
     wide = fusion.fuse([a], _cal(x, 64), method="ot", repair="none", width=2.0)  # OT may widen (splits units)
     with torch.no_grad():
         assert rel_err(logits(a(x)), logits(wide(x))) < 1e-5
+
+
+def test_ranked_members_pairs_repeated_axes():
+    from alignment.graph import Member, ranked_members
+
+    ms = [Member("w", "parameter", 0, 0, 4, "out"), Member("w", "parameter", 0, 4, 8, "out"),
+          Member("w", "parameter", 1, 0, 4, "in")]
+    assert [r for r, _ in ranked_members(ms)] == [0, 1, 0]

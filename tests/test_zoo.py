@@ -301,3 +301,26 @@ def test_real_zoo_every_checkpoint_reproduces() -> None:
         model, _ = load_model(entry)
         acc = accuracy(model, load_fashion_mnist("test", classes=entry.classes))
         assert abs(100 * (acc - entry.test_accuracy)) <= 0.1, (name, acc, entry.test_accuracy)
+
+
+def test_save_model_records_widths_of_a_resized_model(tmp_path: Path) -> None:
+    """A model narrower than its constructor builds is saved with per-space widths and reloads."""
+    from fusion.resize import resize
+
+    arch = {"library": "timm", "name": "resnet18",
+            "kwargs": {"channels": [8, 16, 32, 64], "in_chans": 1, "stem_width": 8}}
+    model = fzoo.build_model(arch, 10).eval()
+    ex = fzoo.example_input(arch)
+    assert tuple(ex.shape) == (2, 1, 28, 28)
+    half = resize(model, 0.5, ex)
+    widths = fzoo.space_widths(half, ex)
+    assert widths["layer4.0.conv1"] == 32
+    with pytest.raises(fzoo.CheckpointMismatchError):
+        fzoo.save_model(half, tmp_path / "bad", arch=arch, num_classes=10)
+    path = fzoo.save_model(half, tmp_path / "half", arch=arch, num_classes=10, widths=widths)
+    loaded, entry = fzoo.load_model_file(path)
+    assert "widths" not in entry.extra
+    for k, v in half.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    with torch.no_grad():
+        assert torch.allclose(half(ex), loaded(ex))
