@@ -22,6 +22,8 @@ from ._rules import IGNORED, RULES
 from .errors import ExportError, UnfollowableOpError
 from .graph import FixedAxis, Graph, Member, Observation, Space
 
+__all__ = ["discover"]
+
 
 def discover(model: nn.Module, example_input: Any, *, strict: bool = False) -> Graph:
     """Discover the alignment spaces of ``model``.
@@ -85,6 +87,7 @@ class _Tracer:
         self.activation_classes: set[int] = set()
         self.dim_owner: dict[int, tuple[str, int]] = {}  # id(Dim) of a parameter axis -> (tensor, axis)
         self.contracted: set[tuple[str, int]] = set()
+        self.first_use: dict[str, None] = {}  # state tensors in the order the forward first uses them
 
     # -- helpers used by rules ----------------------------------------------------------------
     @staticmethod
@@ -278,6 +281,10 @@ class _Tracer:
             if node.op == "placeholder":
                 self._placeholder(node, specs.get(node.name), state_names)
             elif node.op == "call_function":
+                for a in self.tensor_args(node):
+                    t = self.tensor_of.get(a.name) if a.op == "placeholder" else None
+                    if t is not None:
+                        self.first_use.setdefault(t, None)
                 self._call(node)
                 for d in self._flat_dims(self.info.get(node)):
                     self.activation_classes.update(d.classes())
@@ -554,8 +561,9 @@ class _Tracer:
                 Space(name=names[h], width=C.size[h], kind="heads", observations=observations.get(h, []),
                       tree=("leaf", names[h], C.size[h]))
             )
+        modules = list(dict.fromkeys(t.rpartition(".")[0] for t in self.first_use))
         graph = Graph(spaces=spaces, fixed=fixed, shapes=shapes, notes=list(C.notes),
-                      model_class=type(self.model).__name__)
+                      model_class=type(self.model).__name__, modules=modules)
         return graph
 
     def _observations(self, names: dict[int, str]) -> dict[int, list[Observation]]:

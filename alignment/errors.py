@@ -1,14 +1,29 @@
-"""Exception types raised by the toolkit.
+"""Exception and warning types raised by the toolkit.
 
-Every error a user can cause has its own type; the message names the module, op or space at fault
-and says what the user can do about it.
+Every error a user can cause has its own type, derived from :class:`FusionError`; the message names
+the module, op, space or option at fault and says what the user can do about it. Warnings derive
+from :class:`FusionWarning`.
 """
 
 from __future__ import annotations
 
+__all__ = [
+    "FusionError", "FusionWarning", "FallbackWarning", "DiscoveryError", "ExportError",
+    "UnfollowableOpError", "PermutationError", "SpaceMismatchError", "InvalidOptionError",
+    "UnknownNameError", "CalibrationError",
+]
+
 
 class FusionError(Exception):
     """Base class of every error raised on purpose by this toolkit."""
+
+
+class FusionWarning(UserWarning):
+    """Base class of every warning issued by this toolkit."""
+
+
+class FallbackWarning(FusionWarning):
+    """A stage did something other than asked (recorded in the fusion report as well)."""
 
 
 class DiscoveryError(FusionError):
@@ -39,3 +54,18 @@ class PermutationError(FusionError, ValueError):
 
 class SpaceMismatchError(FusionError, ValueError):
     """The spaces of two models (or a model and a graph) do not correspond."""
+
+
+class InvalidOptionError(FusionError, ValueError, TypeError):
+    """An option of a method, repair or refinement is unknown or has a value it does not allow."""
+
+
+class UnknownNameError(FusionError, KeyError):
+    """No method, repair or refinement is registered under the given name."""
+
+    def __str__(self) -> str:  # KeyError would otherwise repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class CalibrationError(FusionError, ValueError):
+    """Calibration data is missing or unusable."""

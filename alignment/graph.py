@@ -21,18 +21,9 @@ from typing import Iterator
 import torch
 
 from .errors import PermutationError, SpaceMismatchError
+from .structure import Leaf, Node, from_tuple
 
-
-def tree_size(tree: tuple) -> int:
-    """Number of features described by a space's structure tree (see :attr:`Space.tree`)."""
-    kind = tree[0]
-    if kind == "fixed":
-        return tree[1]
-    if kind == "leaf":
-        return tree[2]
-    if kind == "cat":
-        return sum(tree_size(t) for t in tree[1])
-    return tree[2] * tree_size(tree[3][0])
+__all__ = ["Member", "FixedAxis", "Observation", "Space", "Graph", "ranked_members"]
 
 
 @dataclass(frozen=True)
@@ -106,6 +97,10 @@ class Space:
         num_heads: number of heads (None when not structured in heads).
         head_dim: dims per head (None when not structured in heads).
         parent: for ``inner`` spaces, the space whose permutation determines this one's.
+        tree: the structure tree (see :mod:`alignment.structure`).
+        producers: modules whose weights write these features (output axes of weight matrices),
+            in execution order.
+        consumers: modules whose weights read these features (input axes), in execution order.
     """
 
     name: str
@@ -117,7 +112,9 @@ class Space:
     num_heads: int | None = None
     head_dim: int | None = None
     parent: str | None = None
-    tree: tuple = field(default=(), repr=False)
+    tree: Node | tuple = field(default=(), repr=False)
+    producers: list[str] = field(default_factory=list, repr=False)
+    consumers: list[str] = field(default_factory=list, repr=False)
 
     @property
     def alignable(self) -> bool:
@@ -139,6 +136,8 @@ class Graph:
         shapes: shape of every parameter and buffer the graph describes.
         notes: remarks from discovery (e.g. axes kept fixed for a reason worth knowing).
         model_class: class name of the discovered model.
+        modules: paths of the modules whose parameters or buffers the forward pass uses, in the
+            order it first uses them (the topology: a stage can walk the network layer by layer).
     """
 
     spaces: list[Space]
@@ -146,9 +145,27 @@ class Graph:
     shapes: dict[str, tuple[int, ...]]
     notes: list[str] = field(default_factory=list)
     model_class: str = ""
+    modules: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._by_name = {s.name: s for s in self.spaces}
+        heads = {s.name for s in self.spaces if s.kind == "heads"}
+        rank = {m: i for i, m in enumerate(self.modules)}
+        for s in self.spaces:
+            if isinstance(s.tree, tuple):
+                s.tree = from_tuple(s.tree, heads) if s.tree else Leaf(s.name, s.width)
+            if not s.producers and not s.consumers:
+                prod = {_module_of(m.tensor) for m in s.members
+                        if m.role == "out" and len(self.shapes.get(m.tensor, ())) >= 2}
+                cons = {_module_of(m.tensor) for m in s.members if m.role == "in"}
+                s.producers = sorted(prod, key=lambda p: (rank.get(p, len(rank)), p))
+                s.consumers = sorted(cons, key=lambda p: (rank.get(p, len(rank)), p))
+
+    def layer_spaces(self, module: str) -> tuple[list[str], list[str]]:
+        """The spaces a module's weights read (input axes) and write (output axes)."""
+        reads = [s.name for s in self.spaces if module in s.consumers]
+        writes = [s.name for s in self.spaces if module in s.producers]
+        return reads, writes
 
     # -- lookup -----------------------------------------------------------------------------
     def __getitem__(self, name: str) -> Space:
@@ -216,8 +233,8 @@ class Graph:
 
         Heads move as blocks (one head permutation shared by the spaces of an attention block), dims
         move within heads, concatenation segments are permuted separately, and derived spaces get the
-        permutation their parent implies. Convention: the permuted model's feature ``i`` is the
-        original's feature ``perm[i]``.
+        permutation their parent implies (the structure walk with a random leaf solver). Convention:
+        the permuted model's feature ``i`` is the original's feature ``perm[i]``.
 
         Args:
             seed: seed of the random generator (the same seed gives the same permutations).
@@ -225,46 +242,12 @@ class Graph:
         Returns:
             A dict from space name to a ``LongTensor`` permutation of ``range(width)``.
         """
-        gen = torch.Generator().manual_seed(seed)
-        return self._draw(lambda n: torch.randperm(n, generator=gen))
+        from .leaves import random_leaf
+        from .structure import Walk
 
-    def _draw(self, leaf_perm) -> dict[str, torch.Tensor]:
-        cache: dict[str, torch.Tensor] = {}
-        trees = {s.name: s.tree for s in self.spaces}
-
-        def perm(tree) -> torch.Tensor:
-            kind = tree[0]
-            if kind == "fixed":
-                return torch.arange(tree[1])
-            if kind == "leaf":
-                key, n = tree[1], tree[2]
-                if key not in cache:
-                    cache[key] = leaf_perm(n)
-                return cache[key]
-            if kind == "cat":
-                out, off = [], 0
-                for sub in tree[1]:
-                    p = perm(sub)
-                    out.append(p + off)
-                    off += len(p)
-                return torch.cat(out)
-            if kind == "heads":
-                _, hkey, nh, parts = tree
-                if hkey not in cache:
-                    # the block index may itself be a structured space (a depthwise conv's input)
-                    own = trees.get(hkey)
-                    cache[hkey] = perm(own) if own is not None and own[0] != "leaf" else leaf_perm(nh)
-                pi = cache[hkey]
-                sub = [perm(p) for p in parts]
-                d = len(sub[0])
-                return torch.cat([int(pi[h]) * d + sub[int(pi[h])] for h in range(nh)])
-            raise AssertionError(kind)
-
-        out = {}
-        for s in self.spaces:
-            out[s.name] = cache[s.name] if s.name in cache else perm(s.tree)
-            cache.setdefault(s.name, out[s.name])
-        return out
+        walk = Walk([self], self, random_leaf, seed=seed, random_heads=True)
+        walk.solve_all([s.name for s in self.spaces])
+        return walk.permutations(0)
 
     def validate_permutations(self, perms: dict[str, torch.Tensor]) -> None:
         """Check that ``perms`` holds a valid permutation for every space.
@@ -315,3 +298,7 @@ def ranked_members(members):
         r = seen.get(k, 0)
         seen[k] = r + 1
         yield r, m
+
+
+def _module_of(tensor: str) -> str:
+    return tensor.rpartition(".")[0]

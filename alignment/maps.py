@@ -25,6 +25,12 @@ import torch
 
 from .errors import SpaceMismatchError
 from .graph import Graph
+from .structure import Heads
+
+__all__ = [
+    "SpaceMap", "permutation_plan", "plan_maps", "permutation_map", "selection_map", "axis_roles",
+    "axis_matrix", "map_tensor", "fuse_tensors", "query_key_spaces", "correct_query_key",
+]
 
 
 @dataclass
@@ -96,18 +102,12 @@ def permutation_map(perms: Sequence[torch.Tensor], alpha: Sequence[float]) -> Sp
         perms: per model, a permutation (fused feature ``k`` is model i's feature ``perms[i][k]``).
         alpha: interpolation weight of each model.
     """
-    merge, unmerge = [], []
-    for p, a in zip(perms, alpha):
-        P = permutation_plan(p)
-        merge.append(a * P)
-        unmerge.append(P.t().clone())
-    return SpaceMap(merge, unmerge)
+    return plan_maps([permutation_plan(p) for p in perms], alpha)
 
 
 def selection_map(indices: torch.Tensor, n_source: int) -> SpaceMap:
     """Maps for keeping a subset of one model's features (width reduction by selection)."""
-    S = permutation_plan(indices, n_source)
-    return SpaceMap([S], [S.t().clone()])
+    return plan_maps([permutation_plan(indices, n_source)], [1.0])
 
 
 def axis_roles(graph: Graph) -> dict[tuple[str, int], str]:
@@ -172,10 +172,69 @@ def map_tensor(t: torch.Tensor, graph: Graph, name: str, roles: dict[tuple[str, 
         primary = bool(out_axes) and ax == out_axes[0]
         role = roles.get((name, ax), "out")
         A = axis_matrix(pieces, maps, i, role, primary, alpha_i, name, ax)
-        t = torch.movedim(torch.tensordot(A.to(t.device), t, dims=([1], [ax])), 0, ax)
+        t = _apply_axis(A, t, ax)
     if not out_axes:
         t = t * alpha_i
     return t
+
+
+def _apply_axis(A: torch.Tensor, t: torch.Tensor, ax: int) -> torch.Tensor:
+    """``A`` applied to axis ``ax`` of ``t``; a gather when every row of ``A`` has one entry
+    (permutations, selections, repeats: exact, and far cheaper than a product)."""
+    nz = A != 0
+    if bool((nz.sum(1) == 1).all()):
+        idx = nz.to(torch.int8).argmax(1)
+        vals = A[torch.arange(A.shape[0]), idx]
+        out = t.index_select(ax, idx.to(t.device))
+        if not bool((vals == 1).all()):
+            shape = [1] * t.dim()
+            shape[ax] = -1
+            out = out * vals.to(t.device).view(shape)
+        return out
+    return torch.movedim(torch.tensordot(A.to(t.device), t, dims=([1], [ax])), 0, ax)
+
+
+def fuse_tensors(
+    tensors: Sequence[dict[str, torch.Tensor]],
+    graphs: Sequence[Graph],
+    maps: dict[str, SpaceMap],
+    alpha: Sequence[float],
+    names: Sequence[str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Apply maps to the tensors of N models: ``W* = sum_i M_i[out] . W_i . U_i[in]``.
+
+    This is the one place where maps meet weights (fusion, permutation, resizing).
+
+    Args:
+        tensors: per model, its parameters and buffers by name (see
+            :func:`alignment.permute.model_tensors`).
+        graphs: per model, its alignment graph (spaces pair by name across models).
+        maps: a :class:`SpaceMap` for every space on the tensors' axes (a missing one is an error).
+        alpha: interpolation weight of each model (used for tensors with no output space axis).
+        names: tensors to fuse (default: every tensor of the first graph).
+
+    Returns:
+        Fused tensors (float tensors in the first model's dtype and device; integer buffers copied
+        from the first model).
+    """
+    if not (len(tensors) == len(graphs) == len(alpha)):
+        raise ValueError("tensors, graphs and alpha need one entry per model")
+    roles = [axis_roles(g) for g in graphs]
+    names = list(names) if names is not None else list(graphs[0].shapes)
+    out: dict[str, torch.Tensor] = {}
+    for name in names:
+        t0 = tensors[0][name]
+        if not t0.is_floating_point():
+            out[name] = t0.clone()
+            continue
+        total = None
+        for i, (tens, g) in enumerate(zip(tensors, graphs)):
+            if name not in tens or name not in g.shapes:
+                raise SpaceMismatchError(f"model {i} has no tensor {name!r}; models must be of one family")
+            t = map_tensor(tens[name], g, name, roles[i], maps, i, alpha[i])
+            total = t if total is None else total + t.to(total.device)
+        out[name] = total.to(device=t0.device, dtype=t0.dtype)
+    return out
 
 
 def query_key_spaces(graph: Graph) -> list[str]:
@@ -183,8 +242,7 @@ def query_key_spaces(graph: Graph) -> list[str]:
     whose members consumes the features (no ``in`` role)."""
     out = []
     for s in graph.spaces:
-        if (s.members and s.tree and s.tree[0] == "heads" and s.tree[1] in graph
-                and graph[s.tree[1]].kind == "heads" and all(m.role == "out" for m in s.members)):
+        if s.members and isinstance(s.tree, Heads) and all(m.role == "out" for m in s.members):
             out.append(s.name)
     return out
 
@@ -204,7 +262,7 @@ def correct_query_key(maps: dict[str, SpaceMap], graphs: Sequence[Graph], alpha:
         if name not in maps:
             continue
         sm = maps[name]
-        nh = graphs[0][name].tree[2]
+        nh = graphs[0][name].tree.count
         d = sm.width / nh
         D = torch.zeros(sm.width, sm.width, dtype=torch.float64)
         for i, (U, a) in enumerate(zip(sm.unmerge, alpha)):

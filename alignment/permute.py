@@ -10,19 +10,7 @@ from torch import nn
 from .errors import SpaceMismatchError
 from .graph import Graph
 
-
-def axis_index(graph: Graph, tensor: str, axis: int, perms: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    """The gather index that permutes ``axis`` of ``tensor`` (None when the axis is untouched)."""
-    pieces = graph.layout(tensor)[axis]
-    if all(name is None for _, _, name in pieces):
-        return None
-    parts = []
-    for start, stop, name in pieces:
-        if name is None:
-            parts.append(torch.arange(start, stop))
-        else:
-            parts.append(torch.as_tensor(perms[name]).cpu().long() + start)
-    return torch.cat(parts)
+__all__ = ["permute", "permute_state", "model_tensors", "reset_caches"]
 
 
 def permute_state(state: dict[str, torch.Tensor], graph: Graph, perms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -31,27 +19,22 @@ def permute_state(state: dict[str, torch.Tensor], graph: Graph, perms: dict[str,
     Args:
         state: a ``state_dict`` of the model the graph was discovered on.
         graph: its alignment graph.
-        perms: a permutation per space (see :meth:`Graph.random_permutations`).
+        perms: a permutation for every space (see :meth:`Graph.random_permutations`).
 
     Returns:
         A new state dict; the input tensors are not modified.
     """
-    out = {}
+    from .maps import fuse_tensors, permutation_map
+
     for name, t in state.items():
-        if name not in graph.shapes:
-            out[name] = t.clone()
-            continue
-        if tuple(t.shape) != graph.shapes[name]:
+        if name in graph.shapes and tuple(t.shape) != graph.shapes[name]:
             raise SpaceMismatchError(
                 f"tensor {name!r} has shape {tuple(t.shape)} but the graph was discovered with "
-                f"{graph.shapes[name]}; discover the graph on this model"
-            )
-        for ax in range(t.dim()):
-            idx = axis_index(graph, name, ax, perms)
-            if idx is not None:
-                t = t.index_select(ax, idx.to(t.device))
-        out[name] = t.clone() if t is state[name] else t
-    return out
+                f"{graph.shapes[name]}; discover the graph on this model")
+    maps = {s.name: permutation_map([perms[s.name]], [1.0]) for s in graph.spaces if s.members}
+    names = [n for n in state if n in graph.shapes]
+    out = fuse_tensors([state], [graph], maps, [1.0], names=names)
+    return {n: out[n] if n in out else t.clone() for n, t in state.items()}
 
 
 def permute(model: nn.Module, graph: Graph, perms: dict[str, torch.Tensor]) -> nn.Module:

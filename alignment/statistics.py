@@ -9,16 +9,20 @@ the stored activations), so it does not grow with the calibration size.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from .errors import SpaceMismatchError
 from .graph import Graph, Observation, Space
+from .runner import model_device, stream
+
+__all__ = ["POINT_POLICIES", "observation_points", "PointStats", "Statistics", "collect"]
 
 
 POINT_POLICIES = ("auto", "consumers", "normalized", "producers", "both", "outputs", "all")
@@ -81,35 +85,52 @@ def _point_key(o: Observation, rank: int) -> tuple:
 
 @dataclass
 class PointStats:
-    """Running sums at one observation point, over the features of all models concatenated."""
+    """Running sums at one observation point, over the features of all models concatenated.
+
+    Allocated eagerly (:meth:`zeros`) so that statistics collected on different data shards or
+    processes have the same shapes and merge by addition.
+    """
 
     widths: list[int]
-    count: int = 0
-    s1: torch.Tensor | None = None
-    s2: torch.Tensor | None = None
+    count: int
+    s1: torch.Tensor
+    s2: torch.Tensor
+
+    @classmethod
+    def zeros(cls, widths: Sequence[int], device: str | torch.device | None = None) -> "PointStats":
+        """Empty sums for models of these widths."""
+        n = sum(widths)
+        return cls(list(widths), 0, torch.zeros(n, dtype=torch.float64, device=device),
+                   torch.zeros(n, n, dtype=torch.float64, device=device))
 
     def update(self, feats: list[torch.Tensor]) -> None:
+        """Add one batch: per model, a ``(samples, width)`` feature matrix."""
         f = torch.cat([x.to(torch.float64) for x in feats], dim=1)
-        if self.s1 is None:
-            n = f.shape[1]
-            self.s1 = torch.zeros(n, dtype=torch.float64, device=f.device)
-            self.s2 = torch.zeros(n, n, dtype=torch.float64, device=f.device)
-        self.s1 += f.sum(0)
-        self.s2 += f.t() @ f
+        self.s1 += f.sum(0).to(self.s1.device)
+        self.s2 += (f.t() @ f).to(self.s2.device)
         self.count += f.shape[0]
 
+    def merge(self, other: "PointStats") -> "PointStats":
+        """Sums over the data of both (a new object)."""
+        if self.widths != other.widths:
+            raise SpaceMismatchError(f"cannot merge statistics of widths {self.widths} and {other.widths}")
+        return PointStats(list(self.widths), self.count + other.count, self.s1 + other.s1.to(self.s1.device),
+                          self.s2 + other.s2.to(self.s2.device))
+
     def mean(self) -> torch.Tensor:
-        return self.s1 / self.count
+        """Mean of every feature."""
+        return self.s1 / max(self.count, 1)
 
     def covariance(self) -> torch.Tensor:
+        """Covariance matrix (population)."""
         mu = self.mean()
-        return self.s2 / self.count - torch.outer(mu, mu)
+        return self.s2 / max(self.count, 1) - torch.outer(mu, mu)
 
     def correlation(self, eps: float = 1e-12) -> torch.Tensor:
+        """Correlation matrix; constant (dead) units correlate with nothing (zero rows)."""
         cov = self.covariance()
         std = cov.diagonal().clamp_min(0).sqrt()
         denom = torch.outer(std, std)
-        # dead (constant) units correlate with nothing; live units have exactly 1 on the diagonal
         live = denom > eps * denom.max().clamp_min(1e-300)
         return torch.where(live, cov / torch.where(live, denom, torch.ones_like(denom)), torch.zeros_like(cov))
 
@@ -130,13 +151,40 @@ class Statistics:
     seconds: float = 0.0
     samples: int = 0
 
+    def merge(self, other: "Statistics") -> "Statistics":
+        """Statistics over the data of both (e.g. collected on two shards, with the same spaces)."""
+        if set(self.points) != set(other.points) or any(len(v) != len(other.points[k]) for k, v in self.points.items()):
+            raise SpaceMismatchError("cannot merge statistics collected at different observation points")
+        return Statistics(
+            points={k: [a.merge(b) for a, b in zip(v, other.points[k])] for k, v in self.points.items()},
+            widths=dict(self.widths), seconds=self.seconds + other.seconds, samples=self.samples + other.samples)
+
+    def all_reduce(self) -> "Statistics":
+        """Sum the statistics over the processes of the default ``torch.distributed`` group (in
+        place; a no-op when no process group is initialised)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return self
+        for pts in self.points.values():
+            for p in pts:
+                dist.all_reduce(p.s1)
+                dist.all_reduce(p.s2)
+                c = torch.tensor([float(p.count)], dtype=torch.float64, device=p.s1.device)
+                dist.all_reduce(c)
+                p.count = int(c.item())
+        n = torch.tensor([float(self.samples)], dtype=torch.float64)
+        dist.all_reduce(n)
+        self.samples = int(n.item())
+        return self
+
     def _points(self, space: str) -> list[PointStats]:
         if space not in self.points or not self.points[space]:
             raise SpaceMismatchError(f"no statistics were collected for space {space!r} (no observation point)")
         return self.points[space]
 
     def offsets(self, space: str) -> list[int]:
-        """Start of each model's block in the joint matrices."""
+        """Start of each model's block in the joint matrices (and the total at the end)."""
         w = self.widths[space]
         return [sum(w[:i]) for i in range(len(w) + 1)]
 
@@ -165,29 +213,6 @@ class Statistics:
         return matrix[o[i]:o[i + 1], o[j]:o[j + 1]]
 
 
-def _batches(data: Any) -> Iterable[torch.Tensor]:
-    """Input tensors from a tensor, a dataset, or an iterable of batches / (x, y) pairs."""
-    if isinstance(data, torch.Tensor):
-        for i in range(0, len(data), 256):
-            yield data[i:i + 256]
-        return
-    if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
-        data = torch.utils.data.DataLoader(data, batch_size=256, shuffle=False)
-    for batch in data:
-        if isinstance(batch, (tuple, list)):
-            batch = batch[0]
-        elif isinstance(batch, dict):
-            batch = batch.get("pixel_values", next(iter(batch.values())))
-        yield batch
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """Device of a model's first parameter (CPU for a parameterless model)."""
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 def collect(
     models: Sequence[nn.Module],
     graphs: Sequence[Graph],
@@ -203,7 +228,7 @@ def collect(
     Args:
         models: models of one family (spaces pair by name); run in eval mode, not modified.
         graphs: their alignment graphs.
-        data: calibration inputs: a tensor, a dataset, or an iterable of batches or ``(x, y)`` pairs.
+        data: calibration inputs (see :func:`alignment.runner.batches`).
         spaces: names of the spaces to collect (default: every space with observation points).
         device: where to run (default: the first model's device); models on another device are
             copied there, the inputs are never changed.
@@ -218,9 +243,9 @@ def collect(
     dev = torch.device(device) if device is not None else model_device(models[0])
     runs = []
     for m in models:
-        # the same object twice (fusing a model with itself) needs its own hooks and call counts
+        # the same object twice (fusing a model with itself) needs its own hooks
         dup = any(m is r for r in models[: len(runs)])
-        runs.append(_copy_to(m, dev) if dup or model_device(m) != dev else m)
+        runs.append(copy.deepcopy(m).to(dev) if dup or model_device(m) != dev else m)
     names = list(spaces) if spaces is not None else [s.name for s in graphs[0].spaces if s.observations]
     stats = Statistics()
     # per model: module -> list of (space, point index, observation)
@@ -235,59 +260,42 @@ def collect(
         if not common:
             continue
         stats.widths[name] = [g[name].width for g in graphs]
-        stats.points[name] = [PointStats(stats.widths[name]) for _ in common]
+        stats.points[name] = [PointStats.zeros(stats.widths[name], dev) for _ in common]
         for k, obs_per_model in enumerate(common):
             for i, o in enumerate(obs_per_model):
                 plans[i][o.module].append((name, k, o))
     buffers: list[dict[tuple[str, int], torch.Tensor]] = [dict() for _ in models]
+    calls: dict[int, int] = {}  # id(module) -> its calls so far in the current forward pass
     hooks = []
     for i, (m, plan) in enumerate(zip(runs, plans)):
         mods = dict(m.named_modules())
         for path, items in plan.items():
             if path not in mods:
                 raise SpaceMismatchError(f"observation module {path!r} not found in model {i}")
-            hooks.extend(_install(mods[path], items, buffers[i]))
-    was_training = [m.training for m in runs]
-    try:
-        for m in runs:
-            m.eval()
-        it = _batches(data)
-        if progress:
-            from tqdm.auto import tqdm
+            hooks.extend(_install(mods[path], items, buffers[i], calls))
 
-            it = tqdm(it, desc="statistics", leave=False)
-        with torch.no_grad():
-            for b, x in enumerate(it):
-                if max_batches is not None and b >= max_batches:
-                    break
-                x = x.to(dev)
-                for i, m in enumerate(runs):
-                    buffers[i].clear()
-                    _CallCounter.reset(m)
-                    m(x)
-                for name, pts in stats.points.items():
-                    for k, ps in enumerate(pts):
-                        feats = [buffers[i].get((name, k)) for i in range(len(runs))]
-                        if any(f is None for f in feats):
-                            raise SpaceMismatchError(
-                                f"observation point {k} of space {name!r} did not fire in every model; "
-                                f"the forward pass differs from the traced one"
-                            )
-                        ps.update(feats)
-                stats.samples += len(x)
+    def before(i: int) -> None:
+        buffers[i].clear()
+        calls.clear()
+
+    def on_batch(x, outs) -> None:
+        for name, pts in stats.points.items():
+            for k, ps in enumerate(pts):
+                feats = [buffers[i].get((name, k)) for i in range(len(runs))]
+                if any(f is None for f in feats):
+                    raise SpaceMismatchError(
+                        f"observation point {k} of space {name!r} did not fire in every model; "
+                        f"the forward pass differs from the traced one")
+                ps.update(feats)
+
+    try:
+        stats.samples = stream(runs, data, device=dev, on_batch=on_batch, before_model=before,
+                               max_batches=max_batches, progress=progress, desc="statistics")
     finally:
         for h in hooks:
             h.remove()
-        for m, t in zip(runs, was_training):
-            m.train(t)
     stats.seconds = time.perf_counter() - t0
     return stats
-
-
-def _copy_to(model: nn.Module, device: torch.device) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(model).to(device)
 
 
 def _pair_points(per_model: list[list[Observation]]) -> list[list[Observation]]:
@@ -305,17 +313,6 @@ def _pair_points(per_model: list[list[Observation]]) -> list[list[Observation]]:
     return [[d[k] for d in keyed] for k in common]
 
 
-class _CallCounter:
-    """Counts calls of hooked modules within one forward pass."""
-
-    counts: dict[int, int] = {}
-
-    @classmethod
-    def reset(cls, model: nn.Module) -> None:
-        for m in model.modules():
-            cls.counts.pop(id(m), None)
-
-
 def _features(t: torch.Tensor, o: Observation) -> torch.Tensor:
     dim = o.dim if t.dim() == o.ndim or o.ndim == 0 else o.dim - o.ndim + t.dim()
     t = t.detach().movedim(dim, -1)
@@ -323,27 +320,27 @@ def _features(t: torch.Tensor, o: Observation) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])[:, o.start:o.stop].clone()
 
 
-def _install(module: nn.Module, items: list[tuple[str, int, Observation]], buf: dict):
+def _install(module: nn.Module, items: list[tuple[str, int, Observation]], buf: dict, calls: dict[int, int]):
     outs = [it for it in items if it[2].io == "output"]
     ins = [it for it in items if it[2].io == "input"]
     handles = []
     key = id(module)
 
     def pre(mod, args):
-        call = _CallCounter.counts.get(key, 0)
+        call = calls.get(key, 0)
         for name, k, o in ins:
             if o.call == call and args and isinstance(args[0], torch.Tensor):
                 buf[(name, k)] = _features(args[0], o)
         if not outs:
-            _CallCounter.counts[key] = call + 1
+            calls[key] = call + 1
 
     def post(mod, args, out):
-        call = _CallCounter.counts.get(key, 0)
+        call = calls.get(key, 0)
         t = out[0] if isinstance(out, (tuple, list)) else getattr(out, "last_hidden_state", out)
         for name, k, o in outs:
             if o.call == call and isinstance(t, torch.Tensor):
                 buf[(name, k)] = _features(t, o)
-        _CallCounter.counts[key] = call + 1
+        calls[key] = call + 1
 
     if ins:
         handles.append(module.register_forward_pre_hook(pre))

@@ -18,8 +18,8 @@ import torch
 
 from alignment import discover
 from alignment.statistics import collect
-from fusion.data import load_fashion_mnist
-from fusion.zoo import load_model
+from fusion.experiments.data import load_fashion_mnist
+from fusion.experiments.zoo import load_model
 
 
 def peak_mib() -> float:

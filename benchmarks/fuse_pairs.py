@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 import fusion
-from fusion.data import calibration_subset, load_fashion_mnist
-from fusion.evaluate import accuracy, ensemble_accuracy
-from fusion.zoo import load_model
+from fusion.experiments.data import calibration_subset, load_fashion_mnist
+from fusion.experiments.evaluate import accuracy, ensemble_accuracy
+from fusion.experiments.zoo import load_model
 
 PAIRS = [("r18w32-s0", "r18w32-s1"), ("vit128-s0", "vit128-s1")]
 METHODS = ["average", "weight_matching", "permute"]

@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 import fusion
-from fusion.data import calibration_subset, load_fashion_mnist
-from fusion.evaluate import accuracy, ensemble_accuracy
-from fusion.zoo import load_model
+from fusion.experiments.data import calibration_subset, load_fashion_mnist
+from fusion.experiments.evaluate import accuracy, ensemble_accuracy
+from fusion.experiments.zoo import load_model
 
 FAMILIES = {
     # alt_cost: the OT cost that cost="auto" does not pick for this family (shown for comparison)

@@ -4,7 +4,7 @@ Writes ``<out>/<name>.safetensors`` and ``<out>/manifest.json`` (entries are add
 to or replace those of an existing manifest in ``--out``). The default spec below
 mirrors the reference zoo: names, architectures, classes, seeds and epochs.
 
-Recipe (``fusion.train``): inputs scaled to [0, 1] and normalised (mean 0.2860, std
+Recipe (``fusion.experiments.train``): inputs scaled to [0, 1] and normalised (mean 0.2860, std
 0.3530); batch 256; random horizontal flip and random shift of up to 2 pixels via
 ``torch.roll``; ResNets: SGD Nesterov, momentum 0.9, weight decay 5e-4, one-cycle
 learning rate peaking at 0.1 with 20% warm-up; ViTs: AdamW, weight decay 0.05,
@@ -35,10 +35,11 @@ except ImportError:  # running from a checkout without `pip install -e .`
 import numpy as np
 import torch
 
-from fusion.data import calibration_subset, load_fashion_mnist
-from fusion.evaluate import accuracy
-from fusion.train import recipe_for_arch, train_model
-from fusion.zoo import ZooEntry, build_model, save_weights, write_manifest
+from fusion.experiments.data import calibration_subset, load_fashion_mnist
+from fusion.experiments.evaluate import accuracy
+from fusion.experiments.train import recipe_for_arch, train_model
+from fusion.experiments.zoo import ZooEntry, write_manifest
+from fusion.io import build_model, save_weights
 
 _ALL = list(range(10))
 _A = [0, 1, 2, 3, 4]

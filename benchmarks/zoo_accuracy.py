@@ -1,7 +1,7 @@
 """Re-measure every checkpoint of a model zoo on Fashion-MNIST and compare with its manifest.
 
-Each model is loaded through ``fusion.zoo`` and evaluated with ``fusion.data`` and
-``fusion.evaluate`` on the Fashion-MNIST test images of its classes (labels
+Each model is loaded through ``fusion.experiments.zoo`` and evaluated with ``fusion.experiments.data`` and
+``fusion.experiments.evaluate`` on the Fashion-MNIST test images of its classes (labels
 remapped to head order, so the -A/-B split models are scored on their five
 classes). A markdown table is printed and written to ``--out``.
 
@@ -33,9 +33,9 @@ except ImportError:  # running from a checkout without `pip install -e .`
 
 import torch
 
-from fusion.data import find_fashion_mnist, load_fashion_mnist
-from fusion.evaluate import accuracy
-from fusion.zoo import ZooEntry, find_zoo, load_manifest, load_model
+from fusion.experiments.data import find_fashion_mnist, load_fashion_mnist
+from fusion.experiments.evaluate import accuracy
+from fusion.experiments.zoo import ZooEntry, find_zoo, load_manifest, load_model
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "zoo_accuracy.md"
 
@@ -82,9 +82,9 @@ def measure(
         difference in points, number of test images and seconds.
 
     Raises:
-        fusion.zoo.ModelNotInZooError: If a name in ``only`` is not in the zoo.
+        fusion.experiments.zoo.ModelNotInZooError: If a name in ``only`` is not in the zoo.
     """
-    from fusion.zoo import ModelNotInZooError
+    from fusion.experiments.zoo import ModelNotInZooError
 
     manifest = load_manifest(zoo_dir)
     names = list(manifest) if not only else list(only)
@@ -152,9 +152,9 @@ def render_markdown(rows: list[dict[str, Any]], zoo_dir: Path, command: str, tol
     lines = [
         "# Zoo checkpoint accuracy",
         "",
-        "Each checkpoint is loaded with `fusion.zoo.load_model` and evaluated with "
-        "`fusion.evaluate.accuracy` on the Fashion-MNIST test images of its classes "
-        "(`fusion.data.load_fashion_mnist('test', classes=entry.classes)`, labels remapped to "
+        "Each checkpoint is loaded with `fusion.experiments.zoo.load_model` and evaluated with "
+        "`fusion.experiments.evaluate.accuracy` on the Fashion-MNIST test images of its classes "
+        "(`fusion.experiments.data.load_fashion_mnist('test', classes=entry.classes)`, labels remapped to "
         "head order, inputs normalised with mean 0.2860 / std 0.3530).",
         "",
         "| name | arch | classes | test images | manifest acc | measured acc | diff (pt) | within tolerance |",

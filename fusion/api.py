@@ -1,8 +1,23 @@
-"""The ``fuse()`` API: discover -> collect -> match -> apply -> repair, one stage per module."""
+"""The ``fuse()`` API: the pipeline's stages composed.
+
+```
+discover --> collect --> match --> apply --> refine --> repair
+(graph)      (stats)     (plans)   (weights)  (lstsq)    (norms)
+```
+
+Each stage is a function of its own module and can be called alone: :func:`alignment.discover`,
+:func:`alignment.statistics.collect`, :func:`alignment.methods.match`,
+:func:`fusion.engine.apply_maps`, :func:`fusion.refine.run_refinement`, :func:`fusion.repair.run_repair`.
+:func:`align` runs the first three and returns an :class:`Alignment` that holds every intermediate
+result (graphs, statistics, plans, maps for any weights, the report); :meth:`Alignment.build` runs
+the rest; :func:`fuse` is both. Every argument is checked before the expensive work starts.
+"""
 
 from __future__ import annotations
 
+import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -10,19 +25,23 @@ import torch
 from torch import nn
 
 from alignment import discover
-from alignment.errors import FusionError
+from alignment.errors import CalibrationError, FallbackWarning, FusionError, InvalidOptionError
 from alignment.graph import Graph
-from alignment.solvers import MatchContext, MatchResult, get_method
-from alignment.statistics import Statistics, _batches, collect, model_device
+from alignment.maps import SpaceMap, correct_query_key, plan_maps
+from alignment.methods import METHODS, MatchContext, MatchResult, match
+from alignment.runner import check_data, first_batch, model_device
+from alignment.statistics import POINT_POLICIES, Statistics, collect
 
-from alignment.maps import correct_query_key, plan_maps
+from .engine import apply_maps
+from .refine import REFINEMENTS, run_refinement
+from .repair import REPAIRS, RepairContext, run_repair
+from .resize import check_width, resize
 
-from .engine import SpaceMap, apply_maps, permutation_map
-from .repair import REPAIRS, UnknownRepairError, repair as repair_fn, reset_bn
+__all__ = ["FusionReport", "Alignment", "align", "fuse", "ModelError"]
 
 
-class CalibrationError(FusionError, ValueError):
-    """Calibration data is missing or unusable."""
+class ModelError(FusionError, TypeError):
+    """The models given to fuse are not usable (none, or not ``nn.Module``)."""
 
 
 @dataclass
@@ -33,41 +52,54 @@ class FusionReport:
         method: the matching method.
         repair: the norm repair.
         alpha: interpolation weights.
-        seconds: wall time per stage (discover, collect, match, apply, repair).
-        costs: per-space matching score (e.g. mean correlation of matched units).
+        refine: the refinement.
+        options: the method's options (defaults filled in).
+        seconds: wall time per stage (discover, collect, match, apply, refine, repair, total).
+        costs: per-space matching score (mean cosine similarity of matched units).
         calibration_samples: number of calibration examples seen by the statistics.
+        fallbacks: every place where a stage did something other than asked (each also warned).
     """
 
     method: str
     repair: str
     alpha: list[float]
+    refine: str = "none"
+    options: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     costs: dict[str, float] = field(default_factory=dict)
     calibration_samples: int = 0
+    fallbacks: list[str] = field(default_factory=list)
+
+    def fallback(self, message: str) -> None:
+        """Record a fallback and warn (once per message)."""
+        if message not in self.fallbacks:
+            self.fallbacks.append(message)
+            warnings.warn(message, FallbackWarning, stacklevel=3)
 
     def summary(self) -> str:
         """A short human-readable summary."""
         st = ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items())
-        mean_cost = sum(self.costs.values()) / len(self.costs) if self.costs else float("nan")
-        return f"{self.method} + {self.repair}: {st}; mean matching score {mean_cost:.3f} over {len(self.costs)} spaces"
-
-
-def _first_batch(data: Any) -> torch.Tensor:
-    for x in _batches(data):
-        return x
-    raise CalibrationError("calibration data is empty")
+        vals = [v for v in self.costs.values() if not math.isnan(v)]
+        score = f"mean matching score {sum(vals) / len(vals):.3f} over {len(vals)} spaces" if vals else "no matching score"
+        fb = f"; {len(self.fallbacks)} fallback(s)" if self.fallbacks else ""
+        refine = f" + {self.refine}" if self.refine != "none" else ""
+        return f"{self.method}{refine} + {self.repair}: {st}; {score}{fb}"
 
 
 @dataclass
 class Alignment:
-    """The result of matching: apply it with any interpolation weights.
+    """The result of matching: build fused models from it with any interpolation weights.
 
     Attributes:
         models: the source models.
         graphs: their alignment graphs.
-        result: the method's :class:`~alignment.solvers.MatchResult`.
+        result: the method's :class:`~alignment.methods.MatchResult` (per-space plans).
         target: the model fused tensors are written into (None: a copy of the first model).
         target_graph: the target's graph (None: the first model's).
+        statistics: the activation statistics (None when the method needed none).
+        report: the fusion report so far.
+        calibration: the calibration data (used by :meth:`build` for refinement and repair).
+        device: where passes over the data run.
     """
 
     models: Sequence[nn.Module]
@@ -75,39 +107,95 @@ class Alignment:
     result: MatchResult
     target: nn.Module | None = None
     target_graph: Graph | None = None
+    statistics: Statistics | None = None
+    report: FusionReport | None = None
+    calibration: Any = None
+    device: str | torch.device | None = None
 
-    def maps(self, alpha: Sequence[float]) -> dict[str, SpaceMap]:
+    @property
+    def plans(self) -> list[dict[str, torch.Tensor]]:
+        """Per model, per space, the plan from the model's features to the fused ones."""
+        return self.result.plans
+
+    def maps(self, alpha: Sequence[float] | float | None = None) -> dict[str, SpaceMap]:
         """Per-space merge/unmerge maps for interpolation weights ``alpha``."""
-        if self.result.maps is not None:
-            return self.result.maps
-        g0 = self.graphs[0]
-        tg = self.target_graph if self.target_graph is not None else g0
-        if self.result.plans is not None:
-            maps = {s.name: plan_maps([p[s.name] for p in self.result.plans], alpha)
-                    for s in tg.spaces if s.members}
-            return correct_query_key(maps, self.graphs, alpha)
-        return {
-            s.name: permutation_map([p[s.name] for p in self.result.perms], alpha)
-            for s in g0.spaces if s.members
-        }
+        alpha = _alpha(alpha, len(self.models))
+        tg = self.target_graph if self.target_graph is not None else self.graphs[0]
+        maps = {s.name: plan_maps([p[s.name] for p in self.result.plans], alpha) for s in tg.spaces if s.members}
+        return correct_query_key(maps, self.graphs, alpha)
 
-    def apply(self, alpha: Sequence[float] | None = None) -> nn.Module:
-        """The fused model (before repair) for interpolation weights ``alpha`` (default uniform)."""
+    def apply(self, alpha: Sequence[float] | float | None = None) -> nn.Module:
+        """The fused model (before refinement and repair) for interpolation weights ``alpha``."""
         alpha = _alpha(alpha, len(self.models))
         return apply_maps(self.models, self.graphs, self.maps(alpha), alpha=alpha, target=self.target)
+
+    def build(self, alpha: Sequence[float] | float | None = None, repair: str = "none", refine: str = "none",
+              repair_options: dict[str, Any] | None = None, refine_options: dict[str, Any] | None = None,
+              progress: bool = False) -> nn.Module:
+        """Apply, refine and repair: the fused model for ``alpha``, with its ``fusion_report``."""
+        repair_options = REPAIRS.validate(repair, dict(repair_options or {}))
+        refine_options = REFINEMENTS.validate(refine, dict(refine_options or {}))
+        if (repair != "none" or refine != "none") and self.calibration is None:
+            raise CalibrationError(f"repair={repair!r} and refine={refine!r} need calibration data "
+                                   f"(or use 'none')")
+        weights = _alpha(alpha, len(self.models))
+        report = _copy_report(self.report, weights, repair, refine)
+        t = time.perf_counter()
+        maps = self.maps(weights)
+        fused = apply_maps(self.models, self.graphs, maps, alpha=weights, target=self.target)
+        report.seconds["apply"] = time.perf_counter() - t
+        if self.device is not None:
+            fused = fused.to(self.device)
+        ctx = RepairContext(fused=fused, sources=self.models, graphs=self.graphs, maps=maps, alpha=weights,
+                            data=self.calibration, device=self.device, progress=progress)
+        t = time.perf_counter()
+        run_refinement(refine, ctx, **refine_options)
+        report.seconds["refine"] = time.perf_counter() - t
+        t = time.perf_counter()
+        run_repair(repair, ctx, **repair_options)
+        report.seconds["repair"] = time.perf_counter() - t
+        for msg in ctx.notes:
+            report.fallback(msg)
+        fused = ctx.fused.to(model_device(self.models[0]))
+        fused.fusion_report = report
+        return fused
+
+
+def _copy_report(base: FusionReport | None, alpha, repair: str, refine: str) -> FusionReport:
+    base = base or FusionReport(method="", repair=repair, alpha=alpha)
+    return FusionReport(method=base.method, repair=repair, alpha=list(alpha), refine=refine,
+                        options=dict(base.options), seconds=dict(base.seconds), costs=dict(base.costs),
+                        calibration_samples=base.calibration_samples, fallbacks=list(base.fallbacks))
 
 
 def _alpha(alpha: Sequence[float] | float | None, n: int) -> list[float]:
     if alpha is None:
         return [1.0 / n] * n
-    if isinstance(alpha, (int, float)):
+    if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
         if n != 2:
-            raise ValueError(f"a single alpha is for two models; give {n} weights")
-        return [1.0 - float(alpha), float(alpha)]
-    alpha = [float(a) for a in alpha]
+            raise InvalidOptionError(f"a single alpha is for two models; give {n} weights")
+        alpha = [1.0 - float(alpha), float(alpha)]
+    if isinstance(alpha, (str, bytes)) or not hasattr(alpha, "__len__"):
+        raise InvalidOptionError(f"alpha must be a number (two models) or one number per model, got {alpha!r}")
     if len(alpha) != n:
-        raise ValueError(f"alpha has {len(alpha)} weights for {n} models")
-    return alpha
+        raise InvalidOptionError(f"alpha has {len(alpha)} weights for {n} models")
+    out = []
+    for a in alpha:
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a):
+            raise InvalidOptionError(f"alpha weights must be finite numbers, got {list(alpha)!r}")
+        out.append(float(a))
+    return out
+
+
+def _check_models(models: Any) -> list[nn.Module]:
+    if isinstance(models, nn.Module) or not isinstance(models, (list, tuple)):
+        raise ModelError("fuse takes a list of models (nn.Module), e.g. fuse([a, b], calibration)")
+    if not models:
+        raise ModelError("fuse needs at least one model")
+    for i, m in enumerate(models):
+        if not isinstance(m, nn.Module):
+            raise ModelError(f"model {i} is a {type(m).__name__}, not an nn.Module; load the weights into a model first")
+    return list(models)
 
 
 def align(
@@ -121,34 +209,39 @@ def align(
     progress: bool = False,
     report: FusionReport | None = None,
     width: Any = None,
+    points: str = "auto",
     **options: Any,
 ) -> Alignment:
     """Discover, collect statistics and match: everything of :func:`fuse` but building the model.
 
-    See :func:`fuse` for the arguments. Returns an :class:`Alignment` to apply with any weights.
+    See :func:`fuse` for the arguments. Returns an :class:`Alignment` to build with any weights.
     """
-    if not models:
-        raise ValueError("fuse needs at least one model")
-    method_fn = get_method(method)
+    models = _check_models(models)
+    checked = METHODS.validate(method, options)
+    if points not in POINT_POLICIES:
+        raise InvalidOptionError(f"points={points!r} is not an observation policy; use one of {', '.join(POINT_POLICIES)}")
+    if width is not None:
+        if target is not None:
+            raise InvalidOptionError("give either target (a model of the fused widths) or width (a factor), not both")
+        check_width(width)
+    if calibration is not None:
+        check_data(calibration)
+    report = report if report is not None else FusionReport(method=method, repair="none", alpha=[])
+    report.method, report.options = method, dict(checked)
     if example_input is None:
         if calibration is None:
             raise CalibrationError(f"method {method!r} needs calibration data or an example_input for discovery")
-        example_input = _first_batch(calibration)[:2]
-    seconds = report.seconds if report is not None else {}
+        example_input = first_batch(calibration)[:2]
     t = time.perf_counter()
     dev = torch.device(device) if device is not None else model_device(models[0])
     ex = example_input.to(model_device(models[0])) if isinstance(example_input, torch.Tensor) else example_input
     graphs = [discover(m, ex if model_device(m) == model_device(models[0]) else ex.to(model_device(m)))
               for m in models]
     if width is not None:
-        if target is not None:
-            raise ValueError("give either target (a model of the fused widths) or width (a factor), not both")
-        from .resize import resize
-
         # the fused architecture: the first model resized (its features are only a template)
         target = resize(models[0], width, graph=graphs[0])
     target_graph = discover(target, ex) if target is not None else None
-    seconds["discover"] = time.perf_counter() - t
+    report.seconds["discover"] = time.perf_counter() - t
     cached: dict[str, Statistics] = {}
 
     def statistics() -> Statistics:
@@ -156,21 +249,20 @@ def align(
             if calibration is None:
                 raise CalibrationError(f"method {method!r} needs calibration data for activation statistics")
             t1 = time.perf_counter()
-            cached["stats"] = collect(models, graphs, calibration, device=dev, progress=progress,
-                                      points=options.get("points", "auto"))
-            seconds["collect"] = time.perf_counter() - t1
-            if report is not None:
-                report.calibration_samples = cached["stats"].samples
+            cached["stats"] = collect(models, graphs, calibration, device=dev, progress=progress, points=points)
+            report.seconds["collect"] = time.perf_counter() - t1
+            report.calibration_samples = cached["stats"].samples
         return cached["stats"]
 
     ctx = MatchContext(models=models, graphs=graphs, alpha=[1.0 / len(models)] * len(models),
-                       statistics=statistics, target_graph=target_graph, seed=seed, options=dict(options))
+                       statistics=statistics, target_graph=target_graph, seed=seed)
     t = time.perf_counter()
-    result = method_fn(ctx)
-    seconds["match"] = time.perf_counter() - t - seconds.get("collect", 0.0)
-    if report is not None:
-        report.costs = dict(result.costs)
-    return Alignment(models=models, graphs=graphs, result=result, target=target, target_graph=target_graph)
+    result = match(ctx, method, **options)
+    report.seconds["match"] = time.perf_counter() - t - report.seconds.get("collect", 0.0)
+    report.costs = dict(result.costs)
+    report.fallbacks.extend(m for m in result.notes if m not in report.fallbacks)
+    return Alignment(models=models, graphs=graphs, result=result, target=target, target_graph=target_graph,
+                     statistics=cached.get("stats"), report=report, calibration=calibration, device=device)
 
 
 def fuse(
@@ -185,6 +277,10 @@ def fuse(
     example_input: Any = None,
     progress: bool = False,
     width: Any = None,
+    refine: str = "none",
+    points: str = "auto",
+    repair_options: dict[str, Any] | None = None,
+    refine_options: dict[str, Any] | None = None,
     **options: Any,
 ) -> nn.Module:
     """Fuse models into one by aligning their hidden units.
@@ -192,52 +288,49 @@ def fuse(
     Args:
         models: models of one family (same architecture; widths may differ for methods that allow
             it). They are never modified.
-        calibration: calibration inputs for statistics and repair: a tensor, a dataset, or an
-            iterable of batches or ``(x, y)`` pairs.
-        method: a registered method (:func:`list_methods`): ``"permute"`` (activation matching;
-            rectangular for different widths), ``"weight_matching"``, ``"average"`` (plain
-            averaging), ``"ot"`` (optimal transport, any widths), ``"merge"`` (merge correlated
-            features, any narrower width), ``"magnitude"`` (L1 pruning of one model), ...
+        calibration: calibration inputs for statistics, refinement and repair: a tensor, a dataset,
+            a ``DataLoader`` or a list of batches (tensors, ``(x, y)`` pairs or dicts with
+            ``pixel_values``).
+        method: a registered method (:func:`list_methods`; ``fusion methods`` lists their options):
+            ``"permute"`` (activation matching; rectangular for different widths),
+            ``"weight_matching"``, ``"average"`` (plain averaging), ``"ot"`` (optimal transport, any
+            widths), ``"merge"`` (merge correlated features, any narrower width), ``"magnitude"``
+            (L1 pruning of one model), ...
         repair: ``"reset_bn"`` (BatchNorm statistics reset), ``"repair"`` (REPAIR), or ``"none"``.
         target: a model of the fused widths to write the fused weights into (e.g. the same
             architecture built narrower; its own weights are not used). Default: a copy of the
             first model. With one model and a narrower target, fusion is compression.
         alpha: interpolation weights (default uniform; a float ``a`` means ``[1 - a, a]``).
         seed: seed for randomised solvers (the same seed gives the same fused weights).
-        device: where to collect statistics and repair (e.g. ``"cuda"``); default: the models' device.
+        device: where to collect statistics, refine and repair (e.g. ``"cuda"``); default: the
+            models' device.
         example_input: input batch for discovery (default: the first calibration batch).
         progress: show progress bars.
         width: instead of ``target``, the fused widths relative to the first model: a factor
             (``0.5``), a width, or a per-space dict (see :func:`fusion.resize.resize`).
+        refine: a registered refinement (``"none"``).
+        points: where activations are observed (see :func:`alignment.statistics.observation_points`).
+        repair_options: options of the repair (e.g. ``{"eps": 1e-5}`` for ``"repair"``).
+        refine_options: options of the refinement.
         **options: method options (e.g. ``iterations`` for ``permute``, ``max_iter`` for
-            ``weight_matching``).
+            ``weight_matching``); an unknown one raises :class:`~alignment.errors.InvalidOptionError`.
 
     Returns:
         The fused model, with the same forward signature as the inputs. Its ``fusion_report``
-        attribute is a :class:`FusionReport` (per-space matching scores, wall time per stage).
+        attribute is a :class:`FusionReport` (per-space matching scores, wall time per stage, every
+        fallback taken).
     """
-    if repair not in REPAIRS:
-        raise UnknownRepairError(f"unknown repair {repair!r}; use one of {', '.join(REPAIRS)}")
-    if repair != "none" and calibration is None:
-        raise CalibrationError(f"repair={repair!r} needs calibration data (or use repair='none')")
+    models = _check_models(models)
     weights = _alpha(alpha, len(models))
-    report = FusionReport(method=method, repair=repair, alpha=weights)
+    METHODS.validate(method, options)
+    REPAIRS.validate(repair, dict(repair_options or {}))
+    REFINEMENTS.validate(refine, dict(refine_options or {}))
+    if (repair != "none" or refine != "none") and calibration is None:
+        raise CalibrationError(f"repair={repair!r} and refine={refine!r} need calibration data (or use 'none')")
     t_all = time.perf_counter()
     al = align(models, calibration, method=method, target=target, seed=seed, device=device,
-               example_input=example_input, progress=progress, report=report, width=width, **options)
-    t = time.perf_counter()
-    maps = al.maps(weights)
-    fused = apply_maps(models, al.graphs, maps, alpha=weights, target=al.target)
-    report.seconds["apply"] = time.perf_counter() - t
-    t = time.perf_counter()
-    if device is not None:
-        fused = fused.to(device)
-    if repair == "reset_bn":
-        reset_bn(fused, calibration, device)
-    elif repair == "repair":
-        repair_fn(fused, models, al.graphs, maps, weights, calibration, device)
-    report.seconds["repair"] = time.perf_counter() - t
-    report.seconds["total"] = time.perf_counter() - t_all
-    fused.to(model_device(models[0]))
-    fused.fusion_report = report
+               example_input=example_input, progress=progress, width=width, points=points, **options)
+    fused = al.build(weights, repair=repair, refine=refine, repair_options=repair_options,
+                     refine_options=refine_options, progress=progress)
+    fused.fusion_report.seconds["total"] = time.perf_counter() - t_all
     return fused

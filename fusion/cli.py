@@ -1,13 +1,31 @@
-"""The ``fusion`` command line."""
+"""The ``fusion`` command line.
+
+Every :class:`~alignment.errors.FusionError` a command raises ends as one line on stderr
+(``error: <message>``) and exit code 2; click's usage errors keep their own format (also
+exit code 2).
+"""
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
+import json
 import sys
 from pathlib import Path
+from typing import Any, Sequence
 
 import click
 import torch
+
+from alignment.errors import FusionError
+
+__all__ = [
+    "main",
+    "OptionValueError",
+    "resolve_model",
+    "parse_width",
+    "parse_kwargs",
+    "parse_options",
+]
 
 EPILOG_SPACES = """\b
 Example:
@@ -18,6 +36,9 @@ EPILOG_EVAL = """\b
 Example:
   fusion eval r18w32-s0 --zoo ../shared/zoo
   fusion eval r18w32-A-s4 --zoo ../shared/zoo --limit 1000
+  fusion eval runs/fused.safetensors --data digits --image-size 28 --mean 0.286 --std 0.353
+  fusion eval runs/fused.safetensors --data path/to/images --image-size 28 --mean 0.5 --std 0.5
+  fusion eval runs/fused.safetensors --data mypackage.data:load_split
 """
 EPILOG_ZOO = """\b
 Example:
@@ -30,12 +51,15 @@ Example:
       --calibration-size 1000 --alpha 0.3 --alpha 0.7 --option iterations=5
   fusion fuse timm:resnet18 timm:resnet18 --checkpoint a.safetensors --checkpoint b.safetensors \\
       --kwargs '{"in_chans": 1}' --num-classes 10 --out runs/r18.safetensors
+  fusion fuse timm:resnet18 timm:resnet18 --checkpoint a.pt --checkpoint b.pt \\
+      --data torchvision:CIFAR10 --data-root ~/data --image-size 32 --out runs/cifar.safetensors
 """
 EPILOG_COMPRESS = """\b
 Example:
   fusion compress r18w32-s0 --zoo ../shared/zoo --width 0.5 --out runs/r18-half.safetensors --eval
   fusion compress vit128-s0 --method merge --width 0.5 --repair none --out runs/vit-half.safetensors
   fusion compress r18w32-s0 --method magnitude --target r18w16-s2 --out runs/r18-pruned.safetensors
+  fusion compress hf-model-folder --width 0.5 --data path/to/images --out runs/hf-half.safetensors
 """
 EPILOG_INTERPOLATE = """\b
 Example:
@@ -49,16 +73,46 @@ Example:
 """
 
 
+class OptionValueError(FusionError, ValueError):
+    """A command-line option has a value the toolkit cannot use."""
+
+
+class _OneLineError(click.ClickException):
+    """A FusionError shown as ``error: <message>`` on one line, exit code 2."""
+
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", file=file, err=file is None)
+
+
+class _FusionGroup(click.Group):
+    """Turns any FusionError of a command (or of its option callbacks) into one line and exit 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except FusionError as exc:
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            raise _OneLineError(" ".join(lines) or type(exc).__name__) from exc
+
+
+# ---------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------
+
+
 def resolve_model(spec: str, zoo: str | None = None, checkpoint: str | None = None,
                   kwargs: dict | None = None, num_classes: int | None = None):
     """Load a model from a zoo name, a saved ``.safetensors`` (with JSON sidecar), an HF directory
     or ``timm:NAME`` (with ``checkpoint``, constructor ``kwargs`` and ``num_classes``).
 
     Returns:
-        ``(model, entry)``; ``entry`` is the zoo/sidecar entry (built from the constructor spec for
-        ``timm:`` models; None for HF directories).
+        ``(model, spec)``; ``spec`` is the zoo entry or sidecar :class:`fusion.io.ModelSpec`
+        (built from the constructor spec for ``timm:`` models; None for HF directories).
     """
-    from . import zoo as zoo_mod
+    from .experiments.zoo import load_model
+    from .io import load_model_file
 
     if spec.startswith("timm:"):
         return _load_timm(spec[len("timm:"):], checkpoint, kwargs, num_classes)
@@ -69,42 +123,41 @@ def resolve_model(spec: str, zoo: str | None = None, checkpoint: str | None = No
         model = transformers.AutoModelForImageClassification.from_pretrained(str(path), local_files_only=True)
         return model.eval(), None
     if path.suffix in (".safetensors", ".json") or path.with_suffix(".json").exists():
-        return zoo_mod.load_model_file(path)
-    return zoo_mod.load_model(spec, zoo)
+        return load_model_file(path)
+    return load_model(spec, zoo)
 
 
 def _load_timm(name: str, checkpoint: str | None, kwargs: dict | None, num_classes: int | None):
     """A ``timm`` model built with random initialisation and loaded from ``checkpoint``."""
-    from . import zoo as zoo_mod
+    from .io import CheckpointMismatchError, CheckpointNotFoundError, ModelSpec, build_model, load_weights
 
     if not name:
         raise click.BadParameter("timm models are given as timm:NAME (e.g. timm:resnet18)")
     if checkpoint is None:
         raise click.BadParameter(f"timm:{name} needs a --checkpoint FILE with its weights")
     num_classes = 10 if num_classes is None else int(num_classes)
-    arch = {"library": "timm", "name": name, "kwargs": dict(kwargs or {})}
-    model = zoo_mod.build_model(arch, num_classes)
+    spec = ModelSpec(name=name, library="timm", arch_name=name, kwargs=dict(kwargs or {}),
+                     num_classes=num_classes, classes=list(range(num_classes)), weights=Path(checkpoint))
+    model = build_model(spec, num_classes)
     ckpt = Path(checkpoint)
     if ckpt.suffix == ".safetensors":
-        zoo_mod.load_weights(model, ckpt, what=f"timm:{name}")
+        load_weights(model, ckpt, what=f"timm:{name}")
     else:
         if not ckpt.is_file():
-            raise zoo_mod.CheckpointNotFoundError(f"Checkpoint {ckpt} of timm:{name} not found.")
+            raise CheckpointNotFoundError(f"Checkpoint {ckpt} of timm:{name} not found.")
         state = torch.load(str(ckpt), map_location="cpu", weights_only=True)
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            raise zoo_mod.CheckpointMismatchError(f"Could not load {ckpt} into timm:{name}: {exc}") from exc
-    entry = zoo_mod.ZooEntry(name=name, library="timm", arch_name=name, kwargs=dict(kwargs or {}),
-                             num_classes=num_classes, classes=list(range(num_classes)), weights=ckpt)
-    return model.eval(), entry
+            raise CheckpointMismatchError(f"Could not load {ckpt} into timm:{name}: {exc}") from exc
+    return model.eval(), spec
 
 
 def _resolve_all(specs, zoo_dir, checkpoints, kwargs_json, num_classes):
     """Resolve several model specs; ``timm:`` specs take the checkpoints in order."""
-    kwargs = _parse_kwargs(kwargs_json)
+    kwargs = parse_kwargs(kwargs_json)
     n_timm = sum(1 for s in specs if s.startswith("timm:"))
     checkpoints = list(checkpoints or ())
     if len(checkpoints) != n_timm:
@@ -119,43 +172,17 @@ def _resolve_all(specs, zoo_dir, checkpoints, kwargs_json, num_classes):
     return out
 
 
-def _parse_kwargs(text: str | None) -> dict:
-    if not text:
-        return {}
-    import json
-
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"not valid JSON: {exc}", param_hint="--kwargs") from exc
-    if not isinstance(value, dict):
-        raise click.BadParameter("must be a JSON object", param_hint="--kwargs")
-    return value
-
-
-def _parse_options(items) -> dict:
-    """``key=value`` pairs; values are parsed as JSON when they can be (numbers, booleans...)."""
-    import json
-
-    out = {}
-    for item in items or ():
-        if "=" not in item:
-            raise click.BadParameter(f"{item!r} is not key=value", param_hint="--option")
-        key, value = item.split("=", 1)
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out
-
-
 def _arch_of(model, entry) -> tuple[dict, int, list[int]]:
     """(constructor spec, num_classes, classes) that rebuild ``model``."""
+    from .io import UnknownArchitectureError
+
     if entry is not None:
         return entry.arch, entry.num_classes, list(entry.classes)
     config = getattr(model, "config", None)
     if config is None:
-        raise click.ClickException("cannot tell how to rebuild the first model (no zoo entry or config)")
+        raise UnknownArchitectureError(
+            f"cannot tell how to rebuild {type(model).__name__}: it has no zoo entry, sidecar or "
+            "transformers config")
     drop = {"architectures", "model_type", "transformers_version", "id2label", "label2id", "num_labels",
             "torch_dtype", "_name_or_path", "_attn_implementation_autoset"}
     kwargs = {k: v for k, v in config.to_diff_dict().items() if k not in drop}
@@ -169,73 +196,215 @@ def _classes_union(entries) -> list[int] | None:
     return sorted({int(c) for e in entries for c in e.classes})
 
 
-def _calibration(entries, size: int, seed: int, data_root: str | None):
-    from .data import calibration_subset, load_fashion_mnist
-
-    train = load_fashion_mnist("train", root=data_root, classes=_classes_union(entries), remap=False)
-    try:
-        return calibration_subset(train, size, seed=seed)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--calibration-size") from exc
-
-
-def _test_data(entry, data_root: str | None, limit: int | None):
-    from torch.utils.data import Subset
-
-    from .data import load_fashion_mnist
-
-    classes = list(entry.classes) if entry is not None and entry.classes else None
-    data = load_fashion_mnist("test", root=data_root, classes=classes)
-    if limit:
-        data = Subset(data, range(min(limit, len(data))))
-    return data
-
-
-@contextlib.contextmanager
-def _user_errors():
-    """Turn the toolkit's own errors (bad names, missing files, mismatches) into clean CLI errors."""
-    from alignment.errors import FusionError
-
-    from .data import DataError
-    from .evaluate import EvaluationError
-    from .zoo import ZooError
-
-    try:
-        yield
-    except (FusionError, ZooError, DataError, EvaluationError) as exc:
-        raise click.ClickException(str(exc)) from exc
-
-
-def _clean_errors(fn):
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with _user_errors():
-            return fn(*args, **kwargs)
-
-    return wrapper
-
-
-def _timm_options(fn):
-    fn = click.option("--num-classes", type=int, default=None,
-                      help="Head width of timm:NAME models (default 10).")(fn)
-    fn = click.option("--kwargs", "kwargs_json", default=None,
-                      help='Constructor kwargs of timm:NAME models as JSON, e.g. \'{"in_chans": 1}\'.')(fn)
-    fn = click.option("--checkpoint", "checkpoints", multiple=True,
-                      help="Weights of a timm:NAME model (.safetensors or .pt); once per timm: model, in order.")(fn)
-    return fn
-
-
 def _example_input(entry, model) -> torch.Tensor:
-    chans = 1
+    """A random batch the model accepts: from its constructor spec, else its declared format."""
+    from .experiments.data import input_format
+    from .io import example_input
+
     if entry is not None:
-        chans = int(entry.kwargs.get("in_chans", entry.kwargs.get("num_channels", 1)))
-    size = 28
-    return torch.randn(2, chans, size, size)
+        return example_input(entry)
+    fmt = input_format(model)
+    return torch.randn(2, fmt.channels or 1, *(fmt.image_size or (28, 28)))
 
 
-@click.group()
+# ---------------------------------------------------------------------------
+# Option values
+# ---------------------------------------------------------------------------
+
+
+def parse_kwargs(text: str | None) -> dict:
+    """``--kwargs``: a JSON object of constructor keyword arguments."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not valid JSON: {exc}", param_hint="--kwargs") from exc
+    if not isinstance(value, dict):
+        raise click.BadParameter("must be a JSON object", param_hint="--kwargs")
+    return value
+
+
+def parse_options(items) -> dict:
+    """``key=value`` pairs; values are parsed as JSON when they can be (numbers, booleans...)."""
+    out = {}
+    for item in items or ():
+        if "=" not in item:
+            raise click.BadParameter(f"{item!r} is not key=value", param_hint="--option")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+_WIDTH_FORMS = "give a positive factor (0.5), a width of at least 1 (64), or a JSON object of per-space values"
+
+
+def _width_problem(value: Any) -> str | None:
+    # as fusion.resize reads widths: a float is a factor of the space's width, an int a width
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "is not a number"
+    if isinstance(value, float) and not 0 < value < float("inf"):
+        return "is not a positive width factor"
+    if isinstance(value, int) and value < 1:
+        return "is below 1 (an integer is a width; write a factor as 0.5)"
+    return None
+
+
+def parse_width(text: str | None):
+    """``--width``: a factor (``0.5``), a width (``64``), or a JSON object of per-space values.
+
+    Raises:
+        OptionValueError: If the text is none of those, a factor is not positive or a width
+            is below 1; the message repeats the text.
+    """
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    if isinstance(value, dict):
+        if not value:
+            raise OptionValueError(f"--width {text} names no space; {_WIDTH_FORMS}")
+        for key, item in value.items():
+            problem = _width_problem(item)
+            if problem:
+                raise OptionValueError(f"--width {text}: the value for space {key!r} {problem}; {_WIDTH_FORMS}")
+    else:
+        problem = _width_problem(value)
+        if problem:
+            raise OptionValueError(f"--width {text} {problem}; {_WIDTH_FORMS}")
+    return value
+
+
+def _numbers(text: str | None, option: str, kind: type) -> tuple | None:
+    """Comma- or x-separated numbers of an option (``0.5,0.5,0.5``, ``224x224``)."""
+    if text is None:
+        return None
+    parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
+    try:
+        return tuple(kind(p) for p in parts)
+    except ValueError:
+        raise OptionValueError(f"{option} {text!r} is not a list of {kind.__name__} values") from None
+
+
+@dataclasses.dataclass
+class _DataOptions:
+    """Where calibration and evaluation data come from, and in what format."""
+
+    spec: str
+    root: str | None
+    image_size: tuple[int, ...] | None
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+    download: bool
+
+    def load(self, split: str, model, classes: Sequence[int] | None, remap: bool):
+        """One split for ``model``: its declared format where options do not give one."""
+        from .experiments.data import input_format, load_dataset_spec, parse_dataset_spec
+
+        parsed = parse_dataset_spec(self.spec)
+        declared = input_format(model)
+        explicit = {"image_size": self.image_size, "mean": self.mean, "std": self.std}
+        if parsed.kind == "fashion_mnist":  # the zoo's format unless options say otherwise
+            fmt = explicit
+        else:
+            fmt = {k: v if v is not None else getattr(declared, k) for k, v in explicit.items()}
+        missing = [k for k, v in fmt.items() if v is None]
+        if parsed.needs_format and missing:
+            flags = ", ".join("--" + k.replace("_", "-") for k in missing)
+            raise OptionValueError(
+                f"--data {self.spec}: the model does not declare its input {', '.join(missing)} "
+                f"({declared.source}); pass {flags}")
+        return load_dataset_spec(self.spec, split, channels=declared.channels, root=self.root,
+                                 classes=classes, remap=remap, download=self.download, **fmt)
+
+    def calibration(self, model, entries, size: int, seed: int):
+        from torch.utils.data import DataLoader
+
+        from .experiments.data import calibration_subset, first_examples
+
+        train = self.load("train", model, _classes_union(entries), remap=False)
+        if isinstance(train, DataLoader):  # a user's loader: its own order decides
+            return first_examples(train, size)
+        return calibration_subset(train, size, seed=seed)
+
+    def test(self, model, classes: Sequence[int] | None, limit: int | None):
+        from .experiments.data import first_examples
+
+        data = self.load("test", model, list(classes) if classes else None, remap=True)
+        return first_examples(data, limit) if limit else data
+
+
+def _report_accuracy(name: str, model, data, device) -> None:
+    from .experiments.evaluate import evaluate_loss_and_accuracy
+
+    result = evaluate_loss_and_accuracy(model, data, device=device)
+    acc, n = result["accuracy"], result["n"]
+    click.echo(f"{name}: accuracy {100 * acc:.2f}% ({round(acc * n)}/{n} correct) on {n} test images")
+
+
+def _options(*opts):
+    """Decorator applying click options in the order listed."""
+    def apply(fn):
+        for opt in reversed(opts):
+            fn = opt(fn)
+        return fn
+    return apply
+
+
+def _width_callback(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    return parse_width(value)
+
+
+_timm_options = _options(
+    click.option("--checkpoint", "checkpoints", multiple=True,
+                 help="Weights of a timm:NAME model (.safetensors or .pt); once per timm: model, in order."),
+    click.option("--kwargs", "kwargs_json", default=None,
+                 help='Constructor kwargs of timm:NAME models as JSON, e.g. \'{"in_chans": 1}\'.'),
+    click.option("--num-classes", type=int, default=None, help="Head width of timm:NAME models (default 10)."),
+)
+
+_data_options = _options(
+    click.option("--data", "data_spec", default="fashion_mnist", show_default=True,
+                 help="Calibration and test data: fashion_mnist, digits, an image folder (train/ and test/ or "
+                      "val/ subfolders when present), torchvision:NAME, or module:function returning a "
+                      "Dataset or DataLoader."),
+    click.option("--data-root", default=None,
+                 help="Folder of fashion_mnist (default: $FUSION_DATA_DIR or the Debian path) or of "
+                      "torchvision:NAME data."),
+    click.option("--image-size", default=None,
+                 help="Input size for --data, N or HxW (default: what the model declares; fashion_mnist: 28)."),
+    click.option("--mean", default=None,
+                 help="Normalisation mean, one or per channel, comma-separated (default: what the model "
+                      "declares; fashion_mnist: the zoo's)."),
+    click.option("--std", default=None,
+                 help="Normalisation std, one or per channel, comma-separated (default: what the model "
+                      "declares; fashion_mnist: the zoo's)."),
+    click.option("--download", is_flag=True, help="Let torchvision download missing fashion_mnist or "
+                                                  "torchvision:NAME data."),
+)
+
+
+def _data_of(kw: dict) -> _DataOptions:
+    """Pops the data options from a command's keyword arguments."""
+    size = _numbers(kw.pop("image_size"), "--image-size", int)
+    if size is not None and (len(size) not in (1, 2) or min(size) < 1):
+        raise OptionValueError(f"--image-size {size} must be N or HxW with positive sides")
+    return _DataOptions(spec=kw.pop("data_spec"), root=kw.pop("data_root"), image_size=size,
+                        mean=_numbers(kw.pop("mean"), "--mean", float),
+                        std=_numbers(kw.pop("std"), "--std", float), download=kw.pop("download"))
+
+
+# ---------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------
+
+
+@click.group(cls=_FusionGroup)
 def main() -> None:
     """Fuse independently trained vision models by aligning their hidden units."""
 
@@ -244,7 +413,7 @@ def main() -> None:
 @click.option("--zoo", "zoo_dir", default=None, help="Zoo folder (default: $FUSION_ZOO).")
 def zoo(zoo_dir: str | None) -> None:
     """List the checkpoints of a model zoo."""
-    from .zoo import load_manifest
+    from .experiments.zoo import load_manifest
 
     for name, e in load_manifest(zoo_dir).items():
         classes = f"{min(e.classes)}-{max(e.classes)}" if e.classes else "?"
@@ -267,57 +436,36 @@ def spaces(model: str, zoo_dir: str | None) -> None:
 @main.command(name="eval", epilog=EPILOG_EVAL)
 @click.argument("model")
 @click.option("--zoo", "zoo_dir", default=None, help="Zoo folder for zoo names (default: $FUSION_ZOO).")
-@click.option("--data", "data_root", default=None, help="Fashion-MNIST folder (default: $FUSION_DATA_DIR or the Debian path).")
 @click.option("--limit", type=int, default=None, help="Evaluate on the first N test images only.")
 @click.option("--device", default=None, help="Device to evaluate on (e.g. cuda).")
+@_data_options
 @_timm_options
-def eval_cmd(model: str, zoo_dir: str | None, data_root: str | None, limit: int | None, device: str | None,
-             checkpoints, kwargs_json, num_classes) -> None:
-    """Test accuracy of MODEL on Fashion-MNIST (the classes it was trained on).
+def eval_cmd(model: str, zoo_dir: str | None, limit: int | None, device: str | None,
+             checkpoints, kwargs_json, num_classes, **kw) -> None:
+    """Test accuracy of MODEL on the test split of --data (the classes it was trained on).
 
     MODEL is a zoo name, a .safetensors file written by `fusion fuse` (or save_model), an HF model
     folder, or timm:NAME with --checkpoint.
     """
-    from .evaluate import accuracy
-
-    with _user_errors():
-        [(m, entry)] = _resolve_all([model], zoo_dir, checkpoints, kwargs_json, num_classes)
-        data = _test_data(entry, data_root, limit)
-        acc = accuracy(m, data, device=device)
-    n = len(data)
-    click.echo(f"{model}: accuracy {100 * acc:.2f}% ({round(acc * n)}/{n} correct) on {n} test images")
-
-
-def _width_option(text: str | None):
-    """``--width``: a factor (0.5), an absolute width (64), or JSON per-space widths."""
-    import json
-
-    if text is None:
-        return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"{text!r} is not a number or a JSON object", param_hint="--width") from exc
-    if isinstance(value, bool) or not isinstance(value, (int, float, dict)):
-        raise click.BadParameter(f"{text!r} is not a number or a JSON object", param_hint="--width")
-    return value
+    data = _data_of(kw)
+    [(m, entry)] = _resolve_all([model], zoo_dir, checkpoints, kwargs_json, num_classes)
+    _report_accuracy(model, m, data.test(m, entry.classes if entry is not None else None, limit), device)
 
 
 def _fusion_options(fn):
     """Options shared by ``fuse`` and ``compress``."""
-    opts = [
+    return _options(
         click.option("--out", required=True, help="Output .safetensors path (a .json sidecar is written next to it)."),
         click.option("--repair", default="reset_bn", show_default=True,
                      type=click.Choice(["none", "reset_bn", "repair"]), help="Norm repair after fusing."),
         click.option("--target", "target_spec", default=None,
                      help="A model of the fused widths (zoo name, file, HF folder); only its architecture is used."),
-        click.option("--width", "width_text", default=None,
-                     help="Fused widths relative to the first model: a factor (0.5), a width, or JSON per space."),
+        click.option("--width", "width", default=None, callback=_width_callback,
+                     help="Fused widths relative to the first model: a factor (0.5), a width (64), or JSON "
+                          "per space."),
         click.option("--calibration-size", type=int, default=2000, show_default=True,
-                     help="Calibration images drawn from the Fashion-MNIST train split."),
+                     help="Calibration images drawn from the train split of --data."),
         click.option("--calibration-seed", type=int, default=0, show_default=True, help="Seed of the calibration draw."),
-        click.option("--data", "data_root", default=None,
-                     help="Fashion-MNIST folder (default: $FUSION_DATA_DIR or the Debian path)."),
         click.option("--zoo", "zoo_dir", default=None, help="Zoo folder for zoo names (default: $FUSION_ZOO)."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed for randomised solvers."),
         click.option("--device", default=None, help="Device for statistics and repair (default cpu)."),
@@ -326,54 +474,41 @@ def _fusion_options(fn):
         click.option("--eval", "do_eval", is_flag=True, help="Print the fused model's test accuracy."),
         click.option("--test-limit", "--limit", "test_limit", type=int, default=None,
                      help="With --eval: evaluate on the first N test images only."),
-    ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
+    )(_data_options(fn))
 
 
-def _run_fusion(models, method, alpha, out, repair, target_spec, width_text, calibration_size, calibration_seed,
-                data_root, zoo_dir, seed, device, options, do_eval, test_limit, checkpoints, kwargs_json,
-                num_classes) -> None:
-    import dataclasses
-
+def _run_fusion(models, method, alpha, out, repair, target_spec, width, calibration_size, calibration_seed,
+                zoo_dir, seed, device, options, do_eval, test_limit, checkpoints, kwargs_json,
+                num_classes, **kw) -> None:
     from . import fuse as fuse_fn
-    from .evaluate import accuracy
-    from .zoo import build_model, example_input, save_model, space_widths
+    from .io import resized_widths, save_model
 
+    data = _data_of(kw)
+    if target_spec is not None and width is not None:
+        raise click.UsageError("give --target or --width, not both")
     resolved = _resolve_all(models, zoo_dir, checkpoints, kwargs_json, num_classes)
     mods = [m for m, _ in resolved]
     entries = [e for _, e in resolved]
     target, arch_source = None, (mods[0], entries[0])
     if target_spec is not None:
-        if width_text is not None:
-            raise click.UsageError("give --target or --width, not both")
         target, t_entry = resolve_model(target_spec, zoo_dir)
         arch_source = (target, t_entry)
-    width = _width_option(width_text)
     arch, n_classes, classes = _arch_of(*arch_source)
-    calibration = _calibration(entries, calibration_size, calibration_seed, data_root)
+    calibration = data.calibration(mods[0], entries, calibration_size, calibration_seed)
     fused = fuse_fn(mods, calibration, method=method, repair=repair, alpha=alpha, seed=seed, device=device,
-                    target=target, width=width, progress=True, **_parse_options(options))
+                    target=target, width=width, progress=True, **parse_options(options))
     fused = fused.to("cpu")
     report = fused.fusion_report
     # a width the constructor does not build is recorded per space (loading resizes to it)
-    ex = example_input(arch)
-    widths = space_widths(fused, ex)
-    if widths != space_widths(build_model(arch, n_classes), ex):
-        widths_arg = widths
-    else:
-        widths_arg = None
-    path = save_model(fused, out, arch=arch, num_classes=n_classes, classes=classes, widths=widths_arg,
+    path = save_model(fused, out, arch=arch, num_classes=n_classes, classes=classes,
+                      widths=resized_widths(fused, arch, n_classes),
                       extra={"method": method, "repair": repair, "sources": list(models),
                              "target": target_spec, "report": dataclasses.asdict(report)})
     click.echo(report.summary())
     click.echo(f"wrote {path} (+ {path.with_suffix('.json').name})")
     if do_eval:
-        data = _test_data(entries[0] if entries[0] is not None else _entry_like(classes), data_root, test_limit)
-        acc = accuracy(fused, data, device=device)
-        n = len(data)
-        click.echo(f"fused: accuracy {100 * acc:.2f}% ({round(acc * n)}/{n} correct) on {n} test images")
+        test_classes = entries[0].classes if entries[0] is not None else classes
+        _report_accuracy("fused", fused, data.test(fused, test_classes, test_limit), device)
 
 
 @main.command(epilog=EPILOG_FUSE)
@@ -383,15 +518,14 @@ def _run_fusion(models, method, alpha, out, repair, target_spec, width_text, cal
               help="Interpolation weight: once per model, or once for two models (weight of the second). Default: uniform.")
 @_fusion_options
 @_timm_options
-@_clean_errors
 def fuse(models, method, alphas, **kw) -> None:
     """Fuse MODELS (two or more) into one model.
 
     MODELS are zoo names, .safetensors files with a JSON sidecar, HF model folders, or timm:NAME
     (with --checkpoint, --kwargs, --num-classes). The fused model has the first model's
     architecture, or that of --target (a model of the same family, e.g. narrower), or the first
-    model's resized by --width. Calibration images come from the Fashion-MNIST train split,
-    restricted to the union of the models' classes.
+    model's resized by --width. Calibration images come from the train split of --data
+    (Fashion-MNIST by default), restricted to the union of the models' classes.
     """
     if len(models) < 2:
         raise click.UsageError("fuse needs at least two models (use `fusion compress` for one)")
@@ -413,22 +547,15 @@ def fuse(models, method, alphas, **kw) -> None:
               help="ot (transport onto fewer units), merge (merge correlated features), magnitude (L1 pruning), permute.")
 @_fusion_options
 @_timm_options
-@_clean_errors
 def compress(model, method, **kw) -> None:
     """Compress MODEL to a narrower width (--width 0.5, or --target a narrower model of its family).
 
     Features are merged onto fewer units through the same engine as fusion, then norms are repaired
     on calibration data (--repair).
     """
-    if kw.get("target_spec") is None and kw.get("width_text") is None:
+    if kw.get("target_spec") is None and kw.get("width") is None:
         raise click.UsageError("give --width (e.g. 0.5) or --target (a narrower model)")
     _run_fusion([model], method, None, **kw)
-
-
-def _entry_like(classes):
-    from types import SimpleNamespace
-
-    return SimpleNamespace(classes=classes)
 
 
 @main.command(epilog=EPILOG_INTERPOLATE)
@@ -438,18 +565,17 @@ def _entry_like(classes):
 @click.option("--repairs", default="none,reset_bn", show_default=True, help="Comma-separated repairs (none, reset_bn, repair).")
 @click.option("--steps", type=int, default=11, show_default=True, help="Number of alphas from 0 to 1.")
 @click.option("--calibration-size", type=int, default=2000, show_default=True,
-              help="Calibration images drawn from the Fashion-MNIST train split.")
+              help="Calibration images drawn from the train split of --data.")
 @click.option("--calibration-seed", type=int, default=0, show_default=True, help="Seed of the calibration draw.")
 @click.option("--test-limit", type=int, default=None, help="Evaluate on the first N test images only.")
-@click.option("--data", "data_root", default=None, help="Fashion-MNIST folder (default: $FUSION_DATA_DIR or the Debian path).")
 @click.option("--zoo", "zoo_dir", default=None, help="Zoo folder for zoo names (default: $FUSION_ZOO).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for randomised solvers.")
 @click.option("--device", default=None, help="Device for statistics, repair and evaluation (default cpu).")
 @click.option("--option", "options", multiple=True, help="Method option key=value (repeatable).")
+@_data_options
 @_timm_options
-@_clean_errors
-def interpolate(models, out, methods, repairs, steps, calibration_size, calibration_seed, test_limit, data_root,
-                zoo_dir, seed, device, options, checkpoints, kwargs_json, num_classes) -> None:
+def interpolate(models, out, methods, repairs, steps, calibration_size, calibration_seed, test_limit,
+                zoo_dir, seed, device, options, checkpoints, kwargs_json, num_classes, **kw) -> None:
     """Loss and accuracy along the path between two models, per fusion method and repair.
 
     Writes OUT/interpolation.json (the curves) and OUT/interpolation.png (accuracy and loss vs alpha).
@@ -458,6 +584,7 @@ def interpolate(models, out, methods, repairs, steps, calibration_size, calibrat
     from .interpolate import default_alphas, interpolation_report
     from .repair import REPAIRS
 
+    data = _data_of(kw)
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     repair_list = [r.strip() for r in repairs.split(",") if r.strip()]
     bad = [r for r in repair_list if r not in REPAIRS]
@@ -473,12 +600,12 @@ def interpolate(models, out, methods, repairs, steps, calibration_size, calibrat
     if all(e is not None for e in entries) and list(entries[0].classes) != list(entries[1].classes):
         click.echo(f"warning: the models' classes differ ({entries[0].classes} vs {entries[1].classes}); "
                    "evaluating on the first model's", err=True)
-    calibration = _calibration(entries, calibration_size, calibration_seed, data_root)
-    first = entries[0] if entries[0] is not None else _entry_like(_arch_of(mods[0], None)[2])
-    data = _test_data(first, data_root, test_limit)
-    curves = interpolation_report(mods, calibration, data, methods=method_list, repairs=repair_list,
+    calibration = data.calibration(mods[0], entries, calibration_size, calibration_seed)
+    first_classes = entries[0].classes if entries[0] is not None else _arch_of(mods[0], None)[2]
+    test = data.test(mods[0], first_classes, test_limit)
+    curves = interpolation_report(mods, calibration, test, methods=method_list, repairs=repair_list,
                                   alphas=default_alphas(steps), out=out, device=device, progress=True,
-                                  seed=seed, **_parse_options(options))
+                                  seed=seed, **parse_options(options))
     for c in curves:
         click.echo(f"{c['method']:>16s} + {c['repair']:8s}: accuracy "
                    + " ".join(f"{100 * a:.1f}" for a in c["accuracy"])

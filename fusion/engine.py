@@ -1,4 +1,4 @@
-"""The maps engine: applies per-space merge/unmerge maps to models' parameters.
+"""Building fused models: per-space merge/unmerge maps applied to models' parameters.
 
 For models ``i = 1..N`` and a space ``s`` of fused width ``n``, a :class:`SpaceMap` holds, per model,
 a merge map ``M_i`` (``n x n_i``: fused features ~ sum_i M_i f_i) and an unmerge map ``U_i``
@@ -10,7 +10,8 @@ along the axes that belong to spaces: axes that index a space's features (role `
 axes summed against a space's incoming features (role ``in``) take ``U_i``. The merge maps carry the
 models' interpolation weights (for a permutation, ``M_i = alpha_i P_i``); a tensor none of whose
 output axes is in a space (a classifier's logits) takes ``alpha_i`` itself, so every tensor is
-weighted exactly once.
+weighted exactly once. The tensor arithmetic is :func:`alignment.maps.fuse_tensors`; this module
+writes the result into a model whose module attributes match the new widths.
 """
 
 from __future__ import annotations
@@ -23,52 +24,12 @@ from torch import nn
 
 from alignment.errors import SpaceMismatchError
 from alignment.graph import Graph
-from alignment.maps import (  # noqa: F401  (re-exported: the engine's vocabulary)
-    SpaceMap, axis_matrix, axis_roles, map_tensor, permutation_map, plan_maps, selection_map,
-)
+from alignment.maps import SpaceMap, fuse_tensors
 from alignment.permute import model_tensors, reset_caches
 
 from .modules import replace_tensor, sync_module_attributes
 
-
-def fuse_tensors(
-    tensors: Sequence[dict[str, torch.Tensor]],
-    graphs: Sequence[Graph],
-    maps: dict[str, SpaceMap],
-    alpha: Sequence[float],
-    names: Sequence[str] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Apply maps to the tensors of N models.
-
-    Args:
-        tensors: per model, its parameters and buffers by name (see
-            :func:`alignment.permute.model_tensors`).
-        graphs: per model, its alignment graph (spaces pair by name across models).
-        maps: a :class:`SpaceMap` for every space that has members (spaces missing here are an error).
-        alpha: interpolation weight of each model (used for tensors with no output space axis).
-        names: tensors to fuse (default: every tensor of the first graph).
-
-    Returns:
-        Fused tensors (float tensors in the first model's dtype; integer buffers from the first model).
-    """
-    if not (len(tensors) == len(graphs) == len(alpha)):
-        raise ValueError("tensors, graphs and alpha need one entry per model")
-    roles = [axis_roles(g) for g in graphs]
-    names = list(names) if names is not None else list(graphs[0].shapes)
-    out: dict[str, torch.Tensor] = {}
-    for name in names:
-        t0 = tensors[0][name]
-        if not t0.is_floating_point():
-            out[name] = t0.clone()
-            continue
-        total = None
-        for i, (tens, g) in enumerate(zip(tensors, graphs)):
-            if name not in tens or name not in g.shapes:
-                raise SpaceMismatchError(f"model {i} has no tensor {name!r}; models must be of one family")
-            t = map_tensor(tens[name], g, name, roles[i], maps, i, alpha[i])
-            total = t if total is None else total + t
-        out[name] = total.to(t0.dtype)
-    return out
+__all__ = ["build_model", "apply_maps"]
 
 
 def build_model(template: nn.Module, tensors: dict[str, torch.Tensor], num_heads: dict[str, int] | None = None) -> nn.Module:

@@ -18,9 +18,11 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .api import Alignment, align
-from .evaluate import evaluate_loss_and_accuracy
-from .repair import REPAIRS, UnknownRepairError, repair as repair_fn, reset_bn
+from alignment.errors import InvalidOptionError
+
+from .api import Alignment, ModelError, align
+from .experiments.evaluate import evaluate_loss_and_accuracy
+from .repair import REPAIRS
 
 __all__ = ["default_alphas", "interpolation_curve", "interpolation_report", "plot_curves"]
 
@@ -32,7 +34,7 @@ def default_alphas(steps: int = 11) -> list[float]:
     """``steps`` evenly spaced weights from 0 to 1 (both ends exact)."""
     steps = int(steps)
     if steps < 2:
-        raise ValueError(f"an interpolation curve needs at least 2 steps, got {steps}")
+        raise InvalidOptionError(f"an interpolation curve needs at least 2 steps, got {steps}")
     return [i / (steps - 1) for i in range(steps)]
 
 
@@ -93,9 +95,8 @@ def _distinct(models: Sequence[nn.Module]) -> list[nn.Module]:
 
 def _check(models: Sequence[nn.Module], repair: str) -> None:
     if len(models) != 2:
-        raise ValueError(f"an interpolation curve is between two models, got {len(models)}")
-    if repair not in REPAIRS:
-        raise UnknownRepairError(f"unknown repair {repair!r}; use one of {', '.join(REPAIRS)}")
+        raise ModelError(f"an interpolation curve is between two models, got {len(models)}")
+    REPAIRS.validate(repair, {})
 
 
 def _curve(al: Alignment, models: Sequence[nn.Module], calibration: Any, data: Any,
@@ -104,19 +105,13 @@ def _curve(al: Alignment, models: Sequence[nn.Module], calibration: Any, data: A
     """The curve of an existing alignment (``seconds`` includes ``align_seconds``)."""
     alphas = default_alphas() if alphas is None else [float(a) for a in alphas]
     if not alphas:
-        raise ValueError("alphas must not be empty")
+        raise InvalidOptionError("alphas must not be empty")
     t0 = time.perf_counter()
     accs: list[float] = []
     losses: list[float] = []
     for a in alphas:
         weights = [1.0 - a, a]
-        fused = al.apply(weights)
-        if device is not None:
-            fused = fused.to(device)
-        if repair == "reset_bn":
-            reset_bn(fused, calibration, device)
-        elif repair == "repair":
-            repair_fn(fused, models, al.graphs, al.maps(weights), weights, calibration, device)
+        fused = al.build(weights, repair=repair)
         res = evaluate_loss_and_accuracy(fused, data, device=device)
         accs.append(float(res["accuracy"]))
         losses.append(float(res["loss"]))

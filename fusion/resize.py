@@ -1,53 +1,143 @@
-"""Resizing: narrower (or differently sized) copies of a model, per alignment space.
+"""Resizing: narrower (or wider) copies of a model, per alignment space.
 
 Widths are chosen per space (a factor, or an absolute width); features are kept by selection
-(the first ones, or the highest-scoring ones when scores are given). Structure is respected: heads
-are kept and dims within each head are reduced (attention), per-block widths of depthwise convs are
-kept while their block count follows the input space, and concatenation segments shrink separately.
+(the first ones, or the highest-scoring ones when scores are given), through the same structure walk
+as every fusion method (:class:`alignment.structure.Walk` with :func:`alignment.leaves.select_leaf`):
+heads are kept and dims within each head are reduced (attention), per-block widths of depthwise
+convs are kept while their block count follows the input space, and concatenation segments resize
+separately. Widening repeats features and splits their consumers' weights (Net2Net).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from alignment import discover
-from alignment.errors import SpaceMismatchError
-from alignment.graph import Graph, tree_size
+from alignment.errors import FusionError, SpaceMismatchError
+from alignment.graph import Graph
+from alignment.leaves import select_leaf
+from alignment.maps import correct_query_key, plan_maps
+from alignment.structure import Blocks, Cat, Fixed, Heads, Leaf, Node, Walk, tree_size
 
-from alignment.maps import correct_query_key, permutation_plan, plan_maps
+from .engine import apply_maps
 
-from .engine import SpaceMap, apply_maps
+__all__ = ["WidthError", "WidthSpec", "check_width", "resized_graph", "selection_indices", "resize", "resize_like"]
 
 WidthSpec = float | int | Mapping[str, float | int]
 
 
-class WidthError(ValueError):
+class WidthError(FusionError, ValueError):
     """A requested width is not usable for a space."""
+
+
+def _factor_or_width(spec: Any, where: str) -> float | int:
+    if isinstance(spec, bool) or not isinstance(spec, (int, float)):
+        raise WidthError(f"width for {where} must be a factor (float, e.g. 0.5) or a width (int >= 1), got {spec!r}")
+    if isinstance(spec, float) and not (math.isfinite(spec) and spec > 0):
+        raise WidthError(f"width factor for {where} must be a positive finite number, got {spec}")
+    if isinstance(spec, int) and spec < 1:
+        raise WidthError(f"width for {where} must be at least 1, got {spec}")
+    return spec
+
+
+def check_width(width: WidthSpec, graph: Graph | None = None) -> WidthSpec:
+    """Validate a width spec (before any expensive work); with ``graph``, dict keys must name spaces.
+
+    Raises:
+        WidthError: naming the bad value or the unknown space.
+    """
+    if isinstance(width, Mapping):
+        for k, v in width.items():
+            _factor_or_width(v, f"space {k!r}")
+            if graph is not None and k != "*" and k not in graph:
+                raise WidthError(f"width given for unknown space {k!r}; see graph.summary() for the space names "
+                                 f"(or use '*' for every other space)")
+        return width
+    return _factor_or_width(width, "every space")
 
 
 def _leaf_width(key: str, n: int, width: WidthSpec) -> int:
     spec = width.get(key, width.get("*", 1.0)) if isinstance(width, Mapping) else width
-    if isinstance(spec, bool) or not isinstance(spec, (int, float)):
-        raise WidthError(f"width for space {key!r} must be a factor (float) or a width (int), got {spec!r}")
-    if isinstance(spec, float):
-        if spec <= 0:
-            raise WidthError(f"width factor for space {key!r} must be positive, got {spec}")
-        k = max(1, int(round(n * spec)))
-    else:
-        k = int(spec)
-    if k < 1:
-        raise WidthError(f"width for space {key!r} must be at least 1, got {k}")
-    return k
+    spec = _factor_or_width(spec, f"space {key!r}")
+    return max(1, int(round(n * spec))) if isinstance(spec, float) else int(spec)
 
 
-def selection_indices(
-    graph: Graph,
-    width: WidthSpec = 0.5,
-    scores: Mapping[str, torch.Tensor] | None = None,
-) -> dict[str, torch.Tensor]:
+def resized_graph(graph: Graph, width: WidthSpec) -> Graph:
+    """The graph of ``graph``'s model at new widths (structure kept; members as in ``graph``).
+
+    Heads keep their count and change head_dim; blocks indexed by a resized space (depthwise convs)
+    follow its width; concatenation segments and leaves resize by the same rule.
+    """
+    check_width(width, graph)
+    sizes: dict[str, int] = {}
+    new_trees: dict[str, Node] = {}
+
+    def leaf(key: str, n: int, factor: float | None) -> int:
+        if key not in sizes:
+            sizes[key] = n if factor == 1.0 else (max(1, int(round(n * factor))) if factor is not None
+                                                   else _leaf_width(key, n, width))
+        return sizes[key]
+
+    def tree_of(name: str) -> Node:
+        if name not in new_trees:
+            new_trees[name] = resize_tree(graph[name].tree, name)
+        return new_trees[name]
+
+    def resize_tree(t: Node, name: str | None, factor: float | None = None) -> Node:
+        if isinstance(t, Fixed):
+            return t
+        if isinstance(t, Leaf):
+            return Leaf(t.key, leaf(t.key, t.size, factor))
+        if isinstance(t, Cat):
+            return Cat(tuple(resize_tree(p, None, factor) for p in t.parts))
+        if isinstance(t, Blocks):
+            # blocks follow the width of the space indexing them; per-block widths are kept
+            count = tree_size(tree_of(t.key)) if t.key in graph else t.count
+            return Blocks(t.key, count, tuple(t.parts[i % t.count] for i in range(count)))
+        d = tree_size(t.parts[0])
+        if factor is None and name is not None:
+            per_head = _leaf_width(name, t.count * d, width) / t.count
+            if per_head != int(per_head):
+                raise WidthError(f"space {name!r}: a width of {per_head * t.count:g} does not split into "
+                                 f"{t.count} heads")
+            factor = per_head / d
+        return Heads(t.key, t.count, tuple(resize_tree(p, None, factor) for p in t.parts))
+
+    spaces = []
+    order = sorted(graph.spaces, key=lambda s: 0 if s.kind == "features" and not isinstance(s.tree, Heads)
+                   else 1 if s.kind == "features" else 2)
+    for s in order:
+        if s.kind == "heads":
+            t = s.tree
+        else:
+            t = tree_of(s.name)
+        new_trees[s.name] = t
+    for s in graph.spaces:
+        t = new_trees[s.name]
+        spaces.append(dataclasses.replace(s, width=tree_size(t), tree=t))
+    return Graph(spaces=spaces, fixed=list(graph.fixed), shapes=dict(graph.shapes), notes=list(graph.notes),
+                 model_class=graph.model_class, modules=list(graph.modules))
+
+
+def _selection(graph: Graph, target: Graph, scores: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    def score(name: str):
+        if scores is None or name not in scores:
+            return None
+        sc = torch.as_tensor(scores[name]).flatten().double()
+        if sc.numel() != graph[name].width:
+            raise WidthError(f"scores for space {name!r} have {sc.numel()} entries, expected {graph[name].width}")
+        return sc
+    walk = Walk([graph], target, select_leaf, scores=score if scores is not None else None)
+    return {k: v[0] for k, v in walk.solve_all([s.name for s in target.spaces]).items()}
+
+
+def selection_indices(graph: Graph, width: WidthSpec = 0.5,
+                      scores: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Indices of the features each space keeps.
 
     Args:
@@ -61,67 +151,13 @@ def selection_indices(
     Returns:
         Per space, a ``LongTensor`` of kept feature indices (sorted, then any repeats).
     """
-    kinds = {s.name: s.kind for s in graph.spaces}
-    trees = {s.name: s.tree for s in graph.spaces}
-    cache: dict[str, torch.Tensor] = {}
+    plans = _selection(graph, resized_graph(graph, width), scores)
+    return {k: T.argmax(1) for k, T in plans.items()}
 
-    def choose(key: str, n: int, keep_all: bool = False, factor: float | None = None) -> torch.Tensor:
-        if key in cache:
-            return cache[key]
-        if keep_all:
-            k = n
-        elif factor is not None:
-            k = max(1, int(round(n * factor)))
-        else:
-            k = _leaf_width(key, n, width)
-        if scores is not None and key in scores:
-            sc = torch.as_tensor(scores[key]).flatten().double()
-            if sc.numel() != n:
-                raise WidthError(f"scores for space {key!r} have {sc.numel()} entries, expected {n}")
-            order = torch.argsort(sc, descending=True)
-            idx = torch.cat([torch.sort(order[:min(k, n)]).values, order[: max(k - n, 0)]]) if k > n \
-                else torch.sort(order[:k]).values
-        else:
-            # widening repeats features (cyclically): copies split their consumers' weights
-            idx = torch.arange(k) % n
-        cache[key] = idx
-        return idx
 
-    def select(tree, keep_all=False, factor=None, name=None) -> torch.Tensor:
-        kind = tree[0]
-        if kind == "fixed":
-            return torch.arange(tree[1])
-        if kind == "leaf":
-            return choose(tree[1], tree[2], keep_all, factor)
-        if kind == "cat":
-            out, off = [], 0
-            for sub in tree[1]:
-                out.append(select(sub, keep_all, factor) + off)
-                off += tree_size(sub)
-            return torch.cat(out)
-        _, hkey, nh, parts = tree
-        d = tree_size(parts[0])
-        if kinds.get(hkey) == "heads":
-            # attention: keep every head, shrink the dims within each head
-            heads = choose(hkey, nh, keep_all=True)
-            inner_all = keep_all
-            if not keep_all and name is not None:
-                per_head = _leaf_width(name, nh * d, width) / nh
-                if per_head != int(per_head):
-                    raise WidthError(f"space {name!r}: a width of {per_head * nh:g} does not split into {nh} heads")
-                factor = per_head / d
-        else:
-            # blocks indexed by another feature space (depthwise conv): follow its selection
-            own = trees.get(hkey)
-            heads = select(own, name=hkey) if own is not None else choose(hkey, nh)
-            inner_all = True
-        return torch.cat([int(h) * d + select(parts[int(h)], inner_all, factor) for h in heads])
-
-    result = {}
-    for s in graph.spaces:
-        result[s.name] = cache[s.name] if s.name in cache else select(s.tree, name=s.name)
-        cache.setdefault(s.name, result[s.name])
-    return result
+def _apply_selection(model: nn.Module, graph: Graph, plans: dict[str, torch.Tensor], target: nn.Module | None = None):
+    maps = {s.name: plan_maps([plans[s.name]], [1.0]) for s in graph.spaces if s.members}
+    return apply_maps([model], [graph], correct_query_key(maps, [graph], [1.0]), alpha=[1.0], target=target)
 
 
 def resize(
@@ -150,20 +186,14 @@ def resize(
         scores: optional per-space feature scores; the highest-scoring features are kept.
 
     Returns:
-        The resized model (same class, narrower widths).
+        The resized model (same class, new widths).
     """
+    check_width(width)
     if graph is None:
         if example_input is None:
-            raise ValueError("resize needs example_input (or a graph from alignment.discover)")
+            raise WidthError("resize needs example_input (or a graph from alignment.discover)")
         graph = discover(model, example_input)
-    idx = selection_indices(graph, width, scores)
-    maps = {s.name: plan_maps([permutation_plan(idx[s.name], s.width)], [1.0]) for s in graph.spaces if s.members}
-    return apply_maps([model], [graph], correct_query_key(maps, [graph], [1.0]), alpha=[1.0])
-
-
-def target_widths(graph: Graph) -> dict[str, int]:
-    """Width of every space of a graph (for pairing a source with a target model by name)."""
-    return {s.name: s.width for s in graph.spaces}
+    return _apply_selection(model, graph, _selection(graph, resized_graph(graph, width), scores))
 
 
 def resize_like(model: nn.Module, target: nn.Module, example_input: Any,
@@ -180,16 +210,4 @@ def resize_like(model: nn.Module, target: nn.Module, example_input: Any,
         raise SpaceMismatchError(
             f"target model has no space(s) {missing[:4]} of the source; build it from the same family"
         )
-    want = {s.name: g_tgt[s.name].width for s in g_src.spaces}
-    idx = selection_indices(g_src, want, scores)
-    maps: dict[str, SpaceMap] = {}
-    for s in g_src.spaces:
-        if not s.members:
-            continue
-        if len(idx[s.name]) != g_tgt[s.name].width:
-            raise WidthError(
-                f"space {s.name!r}: the target's width {g_tgt[s.name].width} is not reachable by selection "
-                f"from {s.width} with this structure"
-            )
-        maps[s.name] = plan_maps([permutation_plan(idx[s.name], s.width)], [1.0])
-    return apply_maps([model], [g_src], correct_query_key(maps, [g_src], [1.0]), alpha=[1.0], target=target)
+    return _apply_selection(model, g_src, _selection(g_src, g_tgt, scores), target=target)

@@ -51,3 +51,34 @@ def tiny(request):
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative error ||a - b|| / ||a||."""
     return float((a - b).norm() / a.norm())
+
+
+@pytest.fixture(scope="session")
+def trained_pair():
+    """Two small timm ResNets trained briefly from different seeds (the project's recipe, a few
+    thousand Fashion-MNIST images, or scikit-learn's digits when Fashion-MNIST is not installed):
+    a trained zoo that CI builds in seconds. Returns ``(models, calibration, test)``."""
+    import timm
+
+    from fusion.experiments.data import DatasetNotFoundError, calibration_subset, load_digits, load_fashion_mnist
+    from fusion.experiments.train import train_model
+
+    try:
+        train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
+        n_train = 3000
+    except DatasetNotFoundError:
+        train, test = load_digits("train"), load_digits("test")
+        n_train = len(train)
+    subset = calibration_subset(train, n_train, seed=123)
+    # one short epoch: small batches so that it takes enough steps (about 70% test accuracy)
+    recipe = {"optimizer": "sgd", "lr": 0.05, "weight_decay": 5e-4, "batch_size": 64, "flip": False, "max_shift": 0}
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        m = timm.create_model("resnet18", pretrained=False, num_classes=10, in_chans=1,
+                              channels=(8, 16, 32, 64), stem_width=8)
+        train_model(m, subset, recipe, epochs=1, seed=seed, progress=False)
+        models.append(m.eval())
+    cal = calibration_subset(train, 500, seed=7)
+    test = calibration_subset(test, 2000, seed=0)
+    return models, cal, test

@@ -71,23 +71,23 @@ def test_methods_lists_registered_methods():
 def test_parse_options_and_kwargs():
     import click
 
-    from fusion.cli import _parse_kwargs, _parse_options
+    from fusion.cli import parse_kwargs, parse_options
 
-    assert _parse_options(["iterations=5", "mode=fast", "flag=true", "x=1.5"]) == {
+    assert parse_options(["iterations=5", "mode=fast", "flag=true", "x=1.5"]) == {
         "iterations": 5, "mode": "fast", "flag": True, "x": 1.5}
-    assert _parse_kwargs('{"in_chans": 1}') == {"in_chans": 1}
+    assert parse_kwargs('{"in_chans": 1}') == {"in_chans": 1}
     with pytest.raises(click.BadParameter):
-        _parse_options(["novalue"])
+        parse_options(["novalue"])
     with pytest.raises(click.BadParameter):
-        _parse_kwargs("[1, 2]")
+        parse_kwargs("[1, 2]")
 
 
 def test_fuse_round_trip_matches_api(zoo_dir, tmp_path):
     """`fusion fuse` writes a file that `fusion eval` reloads with exactly the API's accuracy."""
     from fusion import fuse
-    from fusion.data import calibration_subset, load_fashion_mnist
-    from fusion.evaluate import accuracy
-    from fusion.zoo import load_model
+    from fusion.experiments.data import calibration_subset, load_fashion_mnist
+    from fusion.experiments.evaluate import accuracy
+    from fusion.experiments.zoo import load_model
 
     out = tmp_path / "fused.safetensors"
     n, cal = 200, 128
@@ -122,9 +122,9 @@ def test_fuse_round_trip_matches_api(zoo_dir, tmp_path):
 
 def test_eval_of_split_fusion_uses_first_models_classes(zoo_dir, tmp_path):
     """A 5+5 split fusion keeps model A's head: eval scores it on A's five classes."""
-    from fusion.data import load_fashion_mnist
-    from fusion.evaluate import accuracy
-    from fusion.zoo import load_model_file
+    from fusion.experiments.data import load_fashion_mnist
+    from fusion.experiments.evaluate import accuracy
+    from fusion.io import load_model_file
 
     out = tmp_path / "ab"
     res = CliRunner().invoke(main, [
@@ -158,11 +158,114 @@ def test_timm_spec_needs_a_checkpoint():
     assert res.exit_code != 0 and "--checkpoint" in res.output
 
 
+def _one_error_line(res, alone: bool = True) -> str:
+    """The single ``error: ...`` line of a FusionError that ended a command (exit code 2).
+
+    ``alone=False`` allows progress bars of libraries (transformers' weight loading) before it.
+    """
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.exit_code == 2 and lines and lines[-1].startswith("error: "), (res.exit_code, res.output)
+    assert len(lines) == 1 or not alone, res.stderr
+    assert sum(line.startswith("error") for line in lines) == 1 and "Traceback" not in res.output
+    assert res.stdout == ""
+    return lines[-1]
+
+
 def test_fuse_unknown_model_is_a_clean_error(zoo_dir, tmp_path):
+    """A FusionError from deep inside (the zoo's ModelNotInZooError) ends as one line, exit code 2."""
     res = CliRunner().invoke(main, ["fuse", "r18w32-s0", "nope", "--zoo", str(zoo_dir),
                                     "--out", str(tmp_path / "x")])
-    assert res.exit_code != 0 and "not in the zoo" in res.output
+    assert "'nope' is not in the zoo" in _one_error_line(res)
     assert not list(tmp_path.iterdir())
+
+
+def test_multiline_fusion_error_is_joined_on_one_line(monkeypatch):
+    from alignment.errors import FusionError
+    from fusion import cli
+
+    def fail(*args, **kwargs):
+        raise FusionError("first line\n  second line\n")
+
+    monkeypatch.setattr(cli, "resolve_model", fail)
+    res = CliRunner().invoke(main, ["spaces", "anything"])
+    assert _one_error_line(res) == "error: first line second line"
+
+
+@pytest.mark.parametrize("width", ["-0.5", "0", "0.0", "half", "true", '{"layer1": -2}', "{}"])
+def test_bad_width_is_one_line_before_loading_anything(tmp_path, width):
+    """--width is checked before any model or zoo is read (the zoo given here does not exist)."""
+    res = CliRunner().invoke(main, ["compress", "r18w32-s0", "--zoo", str(tmp_path / "no-zoo"),
+                                    "--width", width, "--out", str(tmp_path / "x")])
+    line = _one_error_line(res)
+    assert f"--width {width}" in line
+    assert "zoo" not in line.replace("--width", "")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_unknown_data_spec_is_one_line_listing_the_forms(zoo_dir):
+    line = _one_error_line(CliRunner().invoke(main, ["eval", "r18w16-s2", "--zoo", str(zoo_dir),
+                                                     "--data", "no-such-data"]))
+    assert "'no-such-data'" in line and "torchvision:NAME" in line and "module:function" in line
+
+
+def test_data_without_a_declared_format_asks_for_options(zoo_dir):
+    """The zoo's 1-channel ResNet declares no input format: digits need --image-size/--mean/--std."""
+    line = _one_error_line(CliRunner().invoke(main, ["eval", "r18w16-s2", "--zoo", str(zoo_dir),
+                                                     "--data", "digits", "--mean", "0.5"]))
+    assert "--image-size" in line and "--std" in line and "--mean," not in line
+    res = CliRunner().invoke(main, ["eval", "r18w16-s2", "--zoo", str(zoo_dir), "--data", "digits",
+                                    "--image-size", "28", "--mean", "0.286", "--std", "0.353", "--limit", "50"])
+    assert res.exit_code == 0, res.output
+    assert _correct(res.output, "r18w16-s2")[1] == 50
+
+
+def test_data_root_keeps_the_old_data_meaning(zoo_dir, tmp_path, monkeypatch):
+    """--data-root names the Fashion-MNIST folder (what --data used to)."""
+    from tests.test_data import _fake_fashion
+
+    monkeypatch.delenv("FUSION_DATA_DIR", raising=False)
+    _fake_fashion(tmp_path / "fm", n=12)
+    res = CliRunner().invoke(main, ["eval", "r18w16-s2", "--zoo", str(zoo_dir),
+                                    "--data-root", str(tmp_path / "fm")])
+    assert res.exit_code == 0, res.output
+    assert _correct(res.output, "r18w16-s2")[1] == 12
+
+
+def _hf_folder(path):
+    from tests import tiny_models
+
+    tiny_models.build("hf_vit", seed=0)[0].save_pretrained(str(path))
+    return str(path)
+
+
+def test_eval_on_an_image_folder(tmp_path):
+    """An ImageFolder with train/ and test/: the HF model declares its size, --mean/--std complete it."""
+    from tests.test_data import _png_folder
+
+    for split, n in (("train", 2), ("test", 3)):
+        _png_folder(tmp_path / "images" / split, {f"c{k}": [(20 * k, 9, 9)] * n for k in range(10)})
+    model = _hf_folder(tmp_path / "hf")
+    res = CliRunner().invoke(main, ["eval", model, "--data", str(tmp_path / "images")])
+    line = _one_error_line(res, alone=False)
+    assert "--mean, --std" in line and "--image-size" not in line
+    res = CliRunner().invoke(main, ["eval", model, "--data", str(tmp_path / "images"), "--mean", "0.5",
+                                    "--std", "0.5"])
+    assert res.exit_code == 0, res.output
+    assert _correct(res.output, model)[1] == 30
+
+
+def test_compress_with_module_function_data(tmp_path):
+    """module:function data calibrates and evaluates (the function returns model-ready tensors)."""
+    model = _hf_folder(tmp_path / "hf")
+    out = tmp_path / "half.safetensors"
+    res = CliRunner().invoke(main, ["compress", model, "--width", "0.5", "--repair", "none", "--out", str(out),
+                                    "--data", "tests.data_spec_helpers:noise28", "--calibration-size", "32",
+                                    "--eval"])
+    assert res.exit_code == 0, res.output
+    assert _correct(res.output, "fused")[1] == 40
+    res = CliRunner().invoke(main, ["compress", model, "--width", "0.5", "--out", str(out),
+                                    "--data", "tests.data_spec_helpers:noise28", "--calibration-size", "41"])
+    assert "41 exceeds" in _one_error_line(res, alone=False)
 
 
 def test_fuse_hf_directories(tmp_path):
@@ -222,9 +325,10 @@ def test_interpolate_rejects_bad_repair(tmp_path):
 def test_compress_round_trip_matches_api(zoo_dir, tmp_path):
     """`fusion compress --width 0.5` writes a narrower model that reloads (widths in the sidecar)."""
     from fusion import fuse
-    from fusion.data import calibration_subset, load_fashion_mnist
-    from fusion.evaluate import accuracy
-    from fusion.zoo import load_model, load_model_file
+    from fusion.experiments.data import calibration_subset, load_fashion_mnist
+    from fusion.experiments.evaluate import accuracy
+    from fusion.experiments.zoo import load_model
+    from fusion.io import load_model_file
 
     out = tmp_path / "half.safetensors"
     n, cal = 200, 128
@@ -247,7 +351,7 @@ def test_compress_round_trip_matches_api(zoo_dir, tmp_path):
 
 def test_fuse_into_a_target_architecture(zoo_dir, tmp_path):
     """`fusion fuse A B --target C` writes a model with C's architecture (here a narrower ViT)."""
-    from fusion.zoo import load_model_file
+    from fusion.io import load_model_file
 
     out = tmp_path / "vit.safetensors"
     res = CliRunner().invoke(main, [
@@ -266,8 +370,12 @@ def test_width_and_target_usage_errors():
     assert res.exit_code != 0 and "--width" in res.output
     res = runner.invoke(main, ["fuse", "a", "--out", "x.safetensors"])
     assert res.exit_code != 0 and "two models" in res.output
-    from fusion.cli import _width_option
+    from alignment.errors import FusionError
+    from fusion.cli import OptionValueError, parse_width
 
-    assert _width_option("0.5") == 0.5 and _width_option('{"fc1": 8}') == {"fc1": 8}
-    with pytest.raises(click.BadParameter):
-        _width_option("half")
+    assert parse_width("0.5") == 0.5 and parse_width("64") == 64 and parse_width('{"fc1": 8}') == {"fc1": 8}
+    assert parse_width('{"*": 0.5, "fc1": 3}') == {"*": 0.5, "fc1": 3} and parse_width(None) is None
+    for bad in ("half", "-0.5", "0", "0.0", "nan", "[1]", '{"fc1": 0}', '{"fc1": "x"}'):
+        with pytest.raises(OptionValueError):
+            parse_width(bad)
+    assert issubclass(OptionValueError, FusionError)

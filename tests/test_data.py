@@ -1,4 +1,4 @@
-"""Tests of fusion.data: IDX decoding, Fashion-MNIST, digits, subsets and loaders."""
+"""Tests of fusion.experiments.data: IDX decoding, Fashion-MNIST, digits, subsets, loaders, dataset specs."""
 
 from __future__ import annotations
 
@@ -11,18 +11,26 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from fusion import data as fdata
-from fusion.data import (
+from alignment.errors import FusionError
+from fusion.experiments import data as fdata
+from fusion.experiments.data import (
     FASHION_MNIST_MEAN,
     FASHION_MNIST_STD,
     DataFormatError,
+    DataOptionError,
     DatasetNotFoundError,
+    DatasetSpec,
+    DataWarning,
     UnknownDatasetError,
     calibration_subset,
+    first_examples,
+    input_format,
     load_dataset,
+    load_dataset_spec,
     load_digits,
     load_fashion_mnist,
     make_loader,
+    parse_dataset_spec,
 )
 
 
@@ -255,3 +263,185 @@ def test_load_dataset_fashion_alias(tmp_path: Path, no_default_data: Path) -> No
     _fake_fashion(tmp_path / "fm")
     ds = load_dataset("fashion-mnist", "test", root=tmp_path / "fm", classes=[2, 3])
     assert set(ds.tensors[1].tolist()) == {0, 1}
+
+
+# --------------------------------------------------------------------------- dataset specs
+
+
+def _png_folder(root: Path, classes: dict[str, list[tuple[int, ...]]], size: tuple[int, int] = (6, 5)) -> None:
+    """One RGB PNG of a solid colour per entry, in one subfolder per class."""
+    from PIL import Image
+
+    for name, colours in classes.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i, colour in enumerate(colours):
+            Image.new("RGB", size, colour).save(root / name / f"{i}.png")
+
+
+def test_parse_dataset_spec_forms(tmp_path: Path) -> None:
+    assert parse_dataset_spec("fashion-mnist").kind == "fashion_mnist"
+    assert parse_dataset_spec("digits").kind == "digits"
+    cifar = DatasetSpec("torchvision", "CIFAR10", "torchvision:CIFAR10")
+    assert parse_dataset_spec("torchvision:CIFAR10") == cifar and not parse_dataset_spec("fashion_mnist").needs_format
+    assert parse_dataset_spec(str(tmp_path)).kind == "folder"
+    assert parse_dataset_spec("tests.data_spec_helpers:loader").kind == "function"
+    with pytest.raises(DatasetNotFoundError, match="does not exist"):
+        parse_dataset_spec(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("spec", ["cifar10", "torchvision:", "a:b:c", ""])
+def test_unknown_dataset_spec_lists_the_forms(spec: str) -> None:
+    with pytest.raises(UnknownDatasetError) as info:
+        load_dataset_spec(spec, "train")
+    message = str(info.value)
+    assert isinstance(info.value, FusionError) and isinstance(info.value, ValueError)
+    assert repr(spec) in message
+    for form in ("fashion_mnist", "digits", "ImageFolder", "torchvision:NAME", "module:function"):
+        assert form in message
+
+
+def test_unknown_module_or_function_is_an_unknown_spec() -> None:
+    with pytest.raises(UnknownDatasetError, match="no_such_module_xyz"):
+        load_dataset_spec("no_such_module_xyz:load")
+    with pytest.raises(UnknownDatasetError, match="no function 'nope'"):
+        load_dataset_spec("tests.data_spec_helpers:nope")
+    with pytest.raises(DataFormatError, match="list"):
+        load_dataset_spec("tests.data_spec_helpers:not_a_dataset")
+    with pytest.raises(UnknownDatasetError, match="no dataset class 'NoSuchSet'"):
+        load_dataset_spec("torchvision:NoSuchSet")
+
+
+def test_image_folder_with_splits(tmp_path: Path) -> None:
+    _png_folder(tmp_path / "train", {"cat": [(255, 0, 0), (0, 255, 0)], "dog": [(0, 0, 255)]})
+    _png_folder(tmp_path / "val", {"cat": [(255, 255, 255)], "dog": [(0, 0, 0), (255, 255, 255)]})
+    train = load_dataset_spec(str(tmp_path), "train", image_size=(4, 3), mean=0.5, std=0.5, channels=3)
+    assert len(train) == 3
+    x, y = train[0]
+    assert x.shape == (3, 4, 3) and y == 0
+    # solid red: (1 - 0.5) / 0.5 = 1 in the red channel, (0 - 0.5) / 0.5 = -1 elsewhere
+    assert torch.allclose(x[0], torch.ones(4, 3)) and torch.allclose(x[1:], -torch.ones(2, 4, 3))
+    test = load_dataset_spec(str(tmp_path), "test", image_size=4, channels=1)  # val/ is the test split
+    assert [int(y) for _, y in test] == [0, 1, 1]
+    grey, _ = test[0]
+    assert grey.shape == (1, 4, 4) and torch.allclose(grey, torch.ones(1, 4, 4))  # white, in [0, 1]
+    # class restriction through ImageFolder.targets, with the zoo's remapping
+    dogs = load_dataset_spec(str(tmp_path), "test", image_size=4, channels=1, classes=[1])
+    assert len(dogs) == 2 and [y for _, y in dogs] == [0, 0]
+    assert calibration_subset(train, 2, seed=0).tensors[0].shape == (2, 3, 4, 3)
+
+
+def test_image_folder_without_splits_warns_for_test(tmp_path: Path) -> None:
+    _png_folder(tmp_path, {"a": [(10, 20, 30)], "b": [(40, 50, 60)]})
+    train = load_dataset_spec(str(tmp_path), "train")
+    assert len(train) == 2 and train[1][0].shape == (3, 5, 6)  # native size, [0, 1]
+    with pytest.warns(DataWarning, match="same images"):
+        load_dataset_spec(str(tmp_path), "test")
+
+
+def test_image_folder_errors(tmp_path: Path) -> None:
+    _png_folder(tmp_path / "train", {"a": [(0, 0, 0)]})
+    with pytest.raises(DatasetNotFoundError, match="test/ or val/"):
+        load_dataset_spec(str(tmp_path), "test")
+    _png_folder(tmp_path / "test", {"b": [(0, 0, 0)]})
+    with pytest.raises(DataFormatError, match="different class folders"):
+        load_dataset_spec(str(tmp_path), "test")
+    with pytest.raises(DataOptionError, match="mean and std together"):
+        load_dataset_spec(str(tmp_path), "train", mean=0.5)
+    with pytest.raises(DataOptionError, match="split"):
+        load_dataset_spec(str(tmp_path), "validation")
+
+
+def test_module_function_spec_gets_split_and_format() -> None:
+    train = load_dataset_spec("tests.data_spec_helpers:split_tensors", "train")
+    test = load_dataset_spec("tests.data_spec_helpers:split_tensors", "test")
+    assert float(train[0][0].max()) == 1.0 and float(test[0][0].max()) == 7.0
+    # used as returned, class selection applied afterwards
+    subset = load_dataset_spec("tests.data_spec_helpers:split_tensors", "train", classes=[2, 1])
+    assert subset.tensors[1].tolist() == [1, 0, 1, 0]
+    x, y = load_dataset_spec("tests.data_spec_helpers:formatted", "test", image_size=(9, 9), mean=(0.25,),
+                             std=(0.5,), channels=3)[0]
+    assert x.flatten().tolist() == [9.0, 0.25, 0.5, 3.0] and int(y) == 1
+
+
+def test_module_function_spec_may_return_a_loader() -> None:
+    from torch.utils.data import DataLoader
+
+    loader = load_dataset_spec("tests.data_spec_helpers:loader", "train")
+    assert isinstance(loader, DataLoader)
+    head = first_examples(loader, 6)
+    assert head.tensors[0].shape == (6, 1, 2, 2) and head.tensors[1].tolist() == [0, 1, 0, 1, 0, 1]
+    with pytest.warns(DataWarning, match="without selecting the classes"):
+        load_dataset_spec("tests.data_spec_helpers:loader", "train", classes=[0])
+
+
+def test_digits_and_fashion_specs_in_a_model_format(tmp_path: Path, no_default_data: Path) -> None:
+    digits = load_dataset_spec("digits", "test", image_size=16, mean=0.5, std=0.25, channels=3)
+    raw = load_digits("test")
+    x, y = digits[0]
+    assert x.shape == (3, 16, 16) and int(y) == int(raw.tensors[1][0])
+    assert torch.equal(load_dataset_spec("digits", "test").tensors[0], raw.tensors[0])  # no options: as is
+    _fake_fashion(tmp_path / "fm")
+    default = load_dataset_spec("fashion_mnist", "test", root=tmp_path / "fm", channels=1)
+    assert torch.equal(default.tensors[0], load_fashion_mnist("test", root=tmp_path / "fm").tensors[0])
+    wide, _ = load_dataset_spec("fashion_mnist", "test", root=tmp_path / "fm", channels=3)[0]
+    assert wide.shape == (3, 28, 28) and torch.equal(wide[0], default.tensors[0][0, 0])
+
+
+def test_input_format_from_timm_and_transformers(tmp_path: Path) -> None:
+    import timm
+    import transformers
+
+    rgb = timm.create_model("resnet18", pretrained=False, num_classes=3, channels=(8, 8, 8, 8), stem_width=8)
+    fmt = input_format(rgb)
+    assert (fmt.channels, fmt.image_size) == (3, (224, 224))
+    assert fmt.mean == pytest.approx((0.485, 0.456, 0.406)) and fmt.std == pytest.approx((0.229, 0.224, 0.225))
+    grey = timm.create_model("resnet18", pretrained=False, num_classes=3, in_chans=1, channels=(8, 8, 8, 8),
+                             stem_width=8)
+    fmt = input_format(grey)  # the ImageNet config does not describe a 1-channel model
+    assert fmt.channels == 1 and fmt.missing() == ["image_size", "mean", "std"] and "ignored" in fmt.source
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=32, patch_size=8,
+                            embed_dim=16, depth=1, num_heads=2)
+    assert input_format(vit).image_size == (32, 32) and input_format(vit).mean == pytest.approx((0.5,) * 3)
+
+    hf = transformers.ViTForImageClassification(transformers.ViTConfig(
+        image_size=20, patch_size=10, num_channels=1, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=8, num_labels=2))
+    fmt = input_format(hf)
+    assert (fmt.channels, fmt.image_size, fmt.mean) == (1, (20, 20), None)
+    hf.save_pretrained(str(tmp_path / "hf"))
+    (tmp_path / "hf" / "preprocessor_config.json").write_text(
+        '{"image_mean": [0.3], "image_std": [0.2], "size": {"height": 20, "width": 20}}')
+    loaded = transformers.ViTForImageClassification.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
+    fmt = input_format(loaded)
+    assert (fmt.image_size, fmt.mean, fmt.std) == ((20, 20), (0.3,), (0.2,)) and not fmt.missing()
+
+
+def test_every_error_of_the_experiments_derives_from_fusion_error() -> None:
+    import inspect
+
+    from alignment.errors import FusionWarning
+    from fusion import io
+    from fusion.experiments import evaluate, train, zoo
+
+    for module in (fdata, evaluate, train, zoo, io):
+        assert all(hasattr(module, name) for name in module.__all__)
+        for name, obj in inspect.getmembers(module, inspect.isclass):
+            if obj.__module__ != module.__name__:
+                continue
+            if issubclass(obj, Warning):
+                assert issubclass(obj, FusionWarning), (module.__name__, name)
+            elif issubclass(obj, BaseException):
+                assert issubclass(obj, FusionError), (module.__name__, name)
+
+
+def test_torchvision_spec_reads_a_torchvision_dataset(tmp_path: Path, no_default_data: Path) -> None:
+    """torchvision:FashionMNIST over IDX files in torchvision's layout equals the IDX reader's images."""
+    for split in ("train", "test"):
+        _fake_fashion(tmp_path / "tv" / "FashionMNIST" / "raw", split=split, n=12, compress=False)
+    data = load_dataset_spec("torchvision:FashionMNIST", "test", root=tmp_path / "tv", classes=[3, 4])
+    reference = load_fashion_mnist("test", root=tmp_path / "tv", classes=[3, 4], normalize=False)
+    assert len(data) == len(reference) == 2
+    for (x, y), x_ref, y_ref in zip(data, *reference.tensors):
+        assert torch.equal(x, x_ref) and y == int(y_ref)
+    with pytest.raises(DatasetNotFoundError, match="--data-root"):
+        load_dataset_spec("torchvision:FashionMNIST", "train", root=tmp_path / "empty")

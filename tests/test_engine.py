@@ -7,7 +7,8 @@ import torch
 
 from alignment import discover, permute
 from alignment.errors import SpaceMismatchError
-from fusion.engine import SpaceMap, apply_maps, permutation_map
+from alignment.maps import SpaceMap, permutation_map
+from fusion.engine import apply_maps
 from tests.conftest import rel_err
 from tests.tiny_models import NAMES, TinyMLP, logits
 

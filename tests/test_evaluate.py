@@ -1,4 +1,4 @@
-"""Tests of fusion.evaluate on models with hand-set logits (exact expected values)."""
+"""Tests of fusion.experiments.evaluate on models with hand-set logits (exact expected values)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fusion.evaluate import (
+from fusion.experiments.evaluate import (
     EvaluationError,
     accuracy,
     ensemble_accuracy,
@@ -187,8 +187,8 @@ def test_real_split_models() -> None:
     zoo = _shared_zoo()
     if zoo is None:
         pytest.skip("model zoo not available (set FUSION_ZOO)")
-    from fusion.data import load_fashion_mnist
-    from fusion.zoo import load_model
+    from fusion.experiments.data import load_fashion_mnist
+    from fusion.experiments.zoo import load_model
 
     model_a, entry_a = load_model("r18w32-A-s4", zoo)
     model_b, entry_b = load_model("r18w32-B-s5", zoo)

@@ -8,8 +8,8 @@ import torch
 import fusion
 from alignment import discover, permute
 from alignment.errors import SpaceMismatchError
-from alignment.solvers import UnknownMethodError
-from fusion.api import CalibrationError
+from alignment.methods import UnknownMethodError
+from alignment.errors import CalibrationError
 from fusion.repair import UnknownRepairError
 from tests.conftest import rel_err
 from tests.tiny_models import build, logits
@@ -90,36 +90,57 @@ def test_reset_bn_recomputes_running_statistics():
     assert not reset.training
 
 
-@pytest.mark.parametrize("name,path,space", [("timm_resnet18", "bn1", "conv1"), ("timm_vit", "norm", "patch_embed.proj")])
-def test_repair_matches_interpolated_source_statistics(name, path, space):
-    a, x = build(name, seed=0)
-    b, _ = build(name, seed=1)
+def _output_stats(model, path, cal):
+    got = {}
+    mod = dict(model.named_modules())[path]
+    def hook(m, i, o):  # returns None: a hook that returns a value replaces the module's output
+        got.setdefault("o", o.detach().clone())
+
+    h = mod.register_forward_hook(hook)
+    with torch.no_grad():
+        model(cal)
+    h.remove()
+    o = got["o"].movedim(1, -1) if got["o"].dim() == 4 else got["o"]
+    o = o.reshape(-1, o.shape[-1]).double()
+    return o.mean(0), o.std(0, unbiased=False)
+
+
+def test_repair_gives_layernorm_outputs_the_interpolated_source_statistics():
+    """REPAIR on a LayerNorm network: each norm output channel gets the mean and the std (signed by
+    each source's norm weight) of the interpolated aligned source channels."""
+    a, x = build("timm_vit", seed=0)
+    b, _ = build("timm_vit", seed=1)
     cal = torch.randn(64, *x.shape[1:], generator=torch.Generator().manual_seed(0))
     al = fusion.align([a, b], cal, method="permute")
-    fused = fusion.fuse([a, b], cal, method="permute", repair="repair")
+    fused = al.build(repair="repair")
     assert fused.fusion_report.repair == "repair"
+    for path, space in (("norm", "patch_embed.proj"), ("blocks.0.norm1", "patch_embed.proj")):
+        (ma, sa), (mb, sb), (mf, sf) = (_output_stats(m, path, cal) for m in (a, b, fused))
+        pa, pb = (al.result.permutations(i)[space] for i in range(2))
+        wa, wb = (torch.sign(dict(m.named_modules())[path].weight.detach().double()) for m in (a, b))
+        torch.testing.assert_close(sf, (0.5 * (wa[pa] * sa[pa] + wb[pb] * sb[pb])).abs(), rtol=0.05, atol=1e-3)
+        torch.testing.assert_close(mf, 0.5 * (ma[pa] + mb[pb]), rtol=0.05, atol=0.05)
 
-    def stats(model):
-        got = {}
-        mod = dict(model.named_modules())[path]
-        h = mod.register_forward_hook(lambda m, i, o: got.setdefault("o", o.detach()))
-        with torch.no_grad():
-            model(cal)
-        h.remove()
-        o = got["o"].movedim(1, -1) if got["o"].dim() == 4 else got["o"]
-        o = o.reshape(-1, o.shape[-1]).double()
-        return o.mean(0), o.std(0, unbiased=False)
 
-    (ma, sa), (mb, sb), (mf, sf) = stats(a), stats(b), stats(fused)
-    pa, pb = (p[space] for p in al.result.perms)
-    torch.testing.assert_close(sf, 0.5 * (sa[pa] + sb[pb]), rtol=0.05, atol=1e-3)
-    torch.testing.assert_close(mf, 0.5 * (ma[pa] + mb[pb]), rtol=0.05, atol=0.05)
+def test_repair_on_batchnorm_sets_the_affine_before_the_reset():
+    """REPAIR on a BatchNorm network normalises every BN against the upstream it sees after all
+    corrections: on the calibration data, each BN output has mean = bias and std = |weight| (a
+    stale running statistic anywhere would break this downstream)."""
+    a, x = build("timm_resnet18", seed=0)
+    b, _ = build("timm_resnet18", seed=1)
+    cal = torch.randn(64, *x.shape[1:], generator=torch.Generator().manual_seed(0))
+    fused = fusion.fuse([a, b], cal, method="permute", repair="repair")
+    for path in ("bn1", "layer2.0.bn2", "layer4.1.bn1"):
+        bn = dict(fused.named_modules())[path]
+        m, s = _output_stats(fused, path, cal)
+        torch.testing.assert_close(m, bn.bias.detach().double(), rtol=0, atol=2e-2)
+        torch.testing.assert_close(s, bn.weight.detach().double().abs(), rtol=5e-2, atol=1e-3)
 
 
 def test_list_methods_and_errors():
     assert {"average", "permute", "weight_matching"} <= set(fusion.list_methods())
     a, x = build("mlp")
-    with pytest.raises(UnknownMethodError, match="registered methods"):
+    with pytest.raises(UnknownMethodError, match="registered"):
         fusion.fuse([a, a], x, method="nope")
     with pytest.raises(UnknownRepairError, match="reset_bn"):
         fusion.fuse([a, a], x, repair="nope")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from fusion.evaluate import evaluate_loss_and_accuracy
+from fusion.experiments.evaluate import evaluate_loss_and_accuracy
 from fusion.interpolate import _barriers, default_alphas, interpolation_curve, interpolation_report
 from fusion.repair import UnknownRepairError
 from tests import tiny_models

@@ -1,4 +1,4 @@
-"""Tests of fusion.train and the benchmarks/train_zoo.py script."""
+"""Tests of fusion.experiments.train and the benchmarks/train_zoo.py script."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from fusion.data import calibration_subset, load_digits
-from fusion.evaluate import evaluate_loss_and_accuracy
-from fusion.train import (
+from fusion.experiments.data import calibration_subset, load_digits
+from fusion.experiments.evaluate import evaluate_loss_and_accuracy
+from fusion.experiments.train import (
     RESNET_RECIPE,
     VIT_RECIPE,
     TrainingDivergedError,
@@ -147,8 +147,8 @@ def test_default_spec_matches_reference_zoo() -> None:
 
 @pytest.mark.slow
 def test_train_zoo_smoke(tmp_path: Path) -> None:
-    from fusion.data import DatasetNotFoundError, find_fashion_mnist
-    from fusion.zoo import load_manifest, load_model
+    from fusion.experiments.data import DatasetNotFoundError, find_fashion_mnist
+    from fusion.experiments.zoo import load_manifest, load_model
 
     try:
         find_fashion_mnist("train")

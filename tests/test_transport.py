@@ -7,11 +7,13 @@ import torch
 
 import fusion
 from alignment import discover, permute
-from alignment.errors import SpaceMismatchError
+from alignment.errors import InvalidOptionError, SpaceMismatchError
 from alignment.maps import correct_query_key, permutation_map, permutation_plan, plan_maps
 from alignment.permute import model_tensors
 from alignment.statistics import collect
-from alignment.transport import TransportError, magnitude_scores, transport_plan
+from alignment.grams import magnitude_scores
+from alignment.leaves import merge_leaf, transport_plan
+from alignment.structure import LeafProblem
 from fusion.resize import resize
 from tests import tiny_models
 from tests.conftest import rel_err
@@ -61,9 +63,9 @@ def test_sinkhorn_plans_approach_the_exact_plan_as_reg_shrinks():
     for T in (exact, transport_plan(cost, "sinkhorn", reg=0.01)):
         torch.testing.assert_close(T.sum(1), torch.full((10,), 0.1, dtype=torch.float64), atol=1e-6, rtol=0)
         torch.testing.assert_close(T.sum(0), torch.full((14,), 1 / 14, dtype=torch.float64), atol=1e-6, rtol=0)
-    with pytest.raises(TransportError, match="reg > 0"):
+    with pytest.raises(InvalidOptionError, match="reg > 0"):
         transport_plan(cost, "sinkhorn", reg=0.0)
-    with pytest.raises(TransportError, match="unknown OT solver"):
+    with pytest.raises(InvalidOptionError, match="unknown OT solver"):
         transport_plan(cost, "simplex")
 
 
@@ -88,19 +90,17 @@ def test_plan_maps_formulas():
 
 
 def test_balanced_merge_pairs_copies_and_caps_group_sizes():
-    from alignment.transport import Leaf, merge_leaf
-
     # 3 distinct directions, 6 units: each direction twice; halving must pair the copies
     base = torch.eye(3, dtype=torch.float64)
     R = torch.cat([base, base])
-    (T,), score = merge_leaf(Leaf(R @ R.t(), [6], 3, [1.0]))
+    (T,), score = merge_leaf(LeafProblem("s", "s", 3, [6], [1.0], G=R @ R.t()))
     assert sorted(tuple(torch.nonzero(r).flatten().tolist()) for r in T) == [(0, 3), (1, 4), (2, 5)]
     assert score == pytest.approx(1.0)
     # all alike: balanced groups (pairs), not one blob
     G = torch.ones(8, 8, dtype=torch.float64)
-    (T,), _ = merge_leaf(Leaf(G, [8], 4, [1.0]))
+    (T,), _ = merge_leaf(LeafProblem("s", "s", 4, [8], [1.0], G=G))
     assert T.sum(1).tolist() == [2.0] * 4
-    (T,), _ = merge_leaf(Leaf(G, [8], 4, [1.0]), balanced=False)
+    (T,), _ = merge_leaf(LeafProblem("s", "s", 4, [8], [1.0], G=G), balanced=False)
     assert T.sum(1).max() >= 2
 
 
@@ -200,9 +200,9 @@ def test_anchor_option_and_errors():
     # an anchor model of another width is not used where its widths differ (barycenter instead)
     other = fusion.fuse([wide, narrow], cal, method="ot", repair="none", target=narrow, anchor=0)
     assert not torch.equal(fused.blocks[0].mlp.fc1.weight, other.blocks[0].mlp.fc1.weight)
-    with pytest.raises(SpaceMismatchError, match="anchor"):
+    with pytest.raises(InvalidOptionError, match="anchor"):
         fusion.fuse([wide, narrow], cal, method="ot", repair="none", anchor=5)
-    with pytest.raises(SpaceMismatchError, match="cost"):
+    with pytest.raises(InvalidOptionError, match="cost"):
         fusion.fuse([wide, narrow], cal, method="ot", repair="none", cost="cosine")
     other_heads = tiny_models.timm_vit(embed_dim=32, heads=2).eval()
     with pytest.raises(SpaceMismatchError, match="heads"):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from alignment import discover, permute
-from fusion.data import load_fashion_mnist
-from fusion.zoo import load_model
+from fusion.experiments.data import load_fashion_mnist
+from fusion.experiments.zoo import load_model
 from tests.conftest import rel_err
 
 
@@ -29,9 +29,9 @@ def test_compression_beats_magnitude_pruning_on_the_zoo(zoo_dir):
     from torch.utils.data import Subset
 
     import fusion
-    from fusion.data import calibration_subset, load_fashion_mnist
-    from fusion.evaluate import accuracy
-    from fusion.zoo import load_model
+    from fusion.experiments.data import calibration_subset, load_fashion_mnist
+    from fusion.experiments.evaluate import accuracy
+    from fusion.experiments.zoo import load_model
 
     wide, _ = load_model("r18w32-s0", zoo_dir)
     narrow, _ = load_model("r18w16-s2", zoo_dir)

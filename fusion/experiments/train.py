@@ -20,14 +20,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from fusion.data import dataset_tensors
-from fusion.evaluate import extract_logits
+from alignment.errors import FusionError
+from alignment.runner import model_device
+
+from .data import dataset_tensors
+from .evaluate import extract_logits
 
 __all__ = [
     "TrainRecipe",
     "RESNET_RECIPE",
     "VIT_RECIPE",
     "RECIPES",
+    "TrainingError",
+    "RecipeError",
     "TrainingDivergedError",
     "TrainResult",
     "get_recipe",
@@ -37,7 +42,15 @@ __all__ = [
 ]
 
 
-class TrainingDivergedError(RuntimeError):
+class TrainingError(FusionError):
+    """Base class of the errors raised by :mod:`fusion.experiments.train`."""
+
+
+class RecipeError(TrainingError, ValueError):
+    """A recipe, or a setting of a training run (epochs, data, parameters), that cannot be used."""
+
+
+class TrainingDivergedError(TrainingError, RuntimeError):
     """The training loss became NaN or infinite."""
 
 
@@ -71,15 +84,15 @@ class TrainRecipe:
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("sgd", "adamw"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}.")
+            raise RecipeError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}.")
         if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}.")
+            raise RecipeError(f"lr must be positive, got {self.lr}.")
         if self.batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {self.batch_size}.")
+            raise RecipeError(f"batch_size must be positive, got {self.batch_size}.")
         if not 0.0 < self.warmup_fraction < 1.0:
-            raise ValueError(f"warmup_fraction must be in (0, 1), got {self.warmup_fraction}.")
+            raise RecipeError(f"warmup_fraction must be in (0, 1), got {self.warmup_fraction}.")
         if self.max_shift < 0:
-            raise ValueError(f"max_shift must be >= 0, got {self.max_shift}.")
+            raise RecipeError(f"max_shift must be >= 0, got {self.max_shift}.")
 
 
 RESNET_RECIPE = TrainRecipe(optimizer="sgd", lr=0.1, weight_decay=5e-4, momentum=0.9, nesterov=True)
@@ -104,13 +117,13 @@ def get_recipe(recipe: TrainRecipe | str | Mapping[str, Any]) -> TrainRecipe:
         The recipe.
 
     Raises:
-        ValueError: For an unknown name or field.
+        RecipeError: For an unknown name or field, or a value of the wrong type.
     """
     if isinstance(recipe, TrainRecipe):
         return recipe
     if isinstance(recipe, str):
         if recipe not in RECIPES:
-            raise ValueError(f"Unknown recipe {recipe!r}; known recipes: {', '.join(RECIPES)}.")
+            raise RecipeError(f"Unknown recipe {recipe!r}; known recipes: {', '.join(RECIPES)}.")
         return RECIPES[recipe]
     if isinstance(recipe, Mapping):
         fields = dict(recipe)
@@ -118,11 +131,11 @@ def get_recipe(recipe: TrainRecipe | str | Mapping[str, Any]) -> TrainRecipe:
         names = {f.name for f in dataclasses.fields(TrainRecipe)}
         unknown = sorted(set(fields) - names)
         if unknown:
-            raise ValueError(f"Unknown recipe fields {unknown}; valid fields: {sorted(names)}.")
+            raise RecipeError(f"Unknown recipe fields {unknown}; valid fields: {sorted(names)}.")
         if base is not None:
             return dataclasses.replace(get_recipe(base), **fields)
         return TrainRecipe(**fields)
-    raise TypeError(f"recipe must be a TrainRecipe, a name or a mapping, got {type(recipe).__name__}.")
+    raise RecipeError(f"recipe must be a TrainRecipe, a name or a mapping, got {type(recipe).__name__}.")
 
 
 def recipe_for_arch(arch: Mapping[str, Any]) -> TrainRecipe:
@@ -186,16 +199,10 @@ class TrainResult:
     seconds: float
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    return torch.device("cpu")
-
-
 def _make_optimizer(model: nn.Module, recipe: TrainRecipe) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("The model has no trainable parameters.")
+        raise RecipeError("The model has no trainable parameters.")
     if recipe.optimizer == "sgd":
         return torch.optim.SGD(
             params,
@@ -239,7 +246,7 @@ def train_model(
         A :class:`TrainResult` with per-epoch loss and accuracy.
 
     Raises:
-        ValueError: If ``epochs`` is not positive or the data is empty.
+        RecipeError: If ``epochs`` is not positive or the data is empty.
         TrainingDivergedError: If the loss becomes NaN or infinite.
     """
     from tqdm.auto import tqdm
@@ -247,18 +254,18 @@ def train_model(
     recipe = get_recipe(recipe)
     epochs = int(epochs)
     if epochs <= 0:
-        raise ValueError(f"epochs must be positive, got {epochs}.")
+        raise RecipeError(f"epochs must be positive, got {epochs}.")
     x_all, y_all = dataset_tensors(train_data)
     n = len(y_all)
     if n == 0:
-        raise ValueError("train_data is empty.")
+        raise RecipeError("train_data is empty.")
     y_all = y_all.to(torch.int64)
 
     torch.manual_seed(int(seed))
     np.random.seed(int(seed) % 2**32)
     generator = torch.Generator().manual_seed(int(seed))
 
-    target = _device_of(model) if device is None else torch.device(device)
+    target = model_device(model) if device is None else torch.device(device)
     model.to(target)
     optimizer = _make_optimizer(model, recipe)
     starts = list(range(0, n, recipe.batch_size))

@@ -18,8 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from alignment.errors import FusionError
+from alignment.runner import model_device, modes
+
 __all__ = [
     "EvaluationError",
+    "OutputFormatError",
     "extract_logits",
     "eval_mode",
     "predict_logits",
@@ -33,8 +37,12 @@ __all__ = [
 Data = DataLoader | Dataset
 
 
-class EvaluationError(ValueError):
+class EvaluationError(FusionError, ValueError):
     """Inputs to an evaluation that do not fit together (head widths, class lists...)."""
+
+
+class OutputFormatError(EvaluationError, TypeError):
+    """A model output without logits, or data whose batches are not (input, label) pairs."""
 
 
 def extract_logits(output: Any) -> torch.Tensor:
@@ -49,7 +57,7 @@ def extract_logits(output: Any) -> torch.Tensor:
         The logits tensor.
 
     Raises:
-        TypeError: If no logits can be found in ``output``.
+        OutputFormatError: If no logits can be found in ``output``.
     """
     if isinstance(output, torch.Tensor):
         return output
@@ -60,7 +68,7 @@ def extract_logits(output: Any) -> torch.Tensor:
         return output["logits"]
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
-    raise TypeError(
+    raise OutputFormatError(
         f"Cannot find logits in a model output of type {type(output).__name__}; the model "
         "must return a tensor, a tuple starting with one, or an object with .logits."
     )
@@ -76,21 +84,8 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     Yields:
         The same model, in eval mode.
     """
-    flags = [(module, module.training) for module in model.modules()]
-    try:
-        model.eval()
+    with modes([model]):
         yield model
-    finally:
-        for module, training in flags:
-            module.training = training
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
 
 
 def _as_loader(data: Data, batch_size: int) -> DataLoader | Sequence[Any]:
@@ -104,9 +99,9 @@ def _as_loader(data: Data, batch_size: int) -> DataLoader | Sequence[Any]:
         data = TensorDataset(data[0], data[1])
     if isinstance(data, Dataset) or hasattr(data, "__getitem__"):
         if int(batch_size) <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}.")
+            raise EvaluationError(f"batch_size must be positive, got {batch_size}.")
         return DataLoader(data, batch_size=int(batch_size), shuffle=False)  # type: ignore[arg-type]
-    raise TypeError(
+    raise OutputFormatError(
         f"Expected a DataLoader or a dataset of (input, label) pairs, got {type(data).__name__}."
     )
 
@@ -116,13 +111,13 @@ def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         x = batch.get("pixel_values", batch.get("x", batch.get("input")))
         y = batch.get("labels", batch.get("label", batch.get("y")))
         if x is None or y is None:
-            raise TypeError(
+            raise OutputFormatError(
                 f"Batch dict has keys {sorted(batch)}; expected pixel_values/labels (or x/y)."
             )
         return x, y
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
         return batch[0], batch[1]
-    raise TypeError(
+    raise OutputFormatError(
         f"Batches must be (inputs, labels) pairs, got {type(batch).__name__}; evaluation "
         "needs labels."
     )
@@ -152,13 +147,13 @@ def predict_logits(
         ``(logits, labels)``: float32 CPU tensor ``N x C`` and int64 CPU tensor ``N``.
 
     Raises:
-        TypeError: If batches are not (input, label) pairs or outputs hold no logits.
+        OutputFormatError: If batches are not (input, label) pairs or outputs hold no logits.
         EvaluationError: If ``data`` is empty.
     """
-    model_device = _model_device(model)
-    target = model_device if device is None else torch.device(device)
+    home = model_device(model)
+    target = home if device is None else torch.device(device)
     runner = model
-    if target != model_device:
+    if target != home:
         runner = copy.deepcopy(model).to(target)
     loader = _as_loader(data, batch_size)
     all_logits: list[torch.Tensor] = []

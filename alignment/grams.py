@@ -1,0 +1,130 @@
+"""Similarities between the units of N models: Gram matrices over their pooled features.
+
+A Gram matrix ``G`` over the features of all models concatenated (model 0's first) is what every
+Gram-based leaf solver compares units with (:class:`alignment.structure.GramView`):
+
+* :func:`activation_gram`: from collected activation statistics: correlation, or second moments
+  (Euclidean distances between activations);
+* :func:`weight_gram`: from weights: inner products of the units' weight rows, with the other axes
+  of each weight carried into the fused basis by the current plans (weight matching);
+* :func:`magnitude_scores`: per-unit L1 norms (structured pruning scores).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from .errors import SpaceMismatchError
+from .graph import Graph, ranked_members
+from .maps import axis_roles, map_tensor, plan_maps
+from .structure import GramView
+
+__all__ = ["activation_gram", "weight_gram", "unit_weight_rows", "initial_plan", "magnitude_scores"]
+
+
+def activation_gram(stats, kind: str | Callable[[str], str] = "correlation") -> Callable[[str], GramView]:
+    """``gram(space)`` from collected statistics.
+
+    Args:
+        stats: :class:`alignment.statistics.Statistics`.
+        kind: ``"correlation"`` (pooled correlation; compares directions) or ``"distance"``
+            (second moments, covariance plus the outer product of the means: Euclidean distances
+            between activations); may be a function of the space name.
+    """
+    def gram(name: str) -> GramView:
+        k = kind(name) if callable(kind) else kind
+        if k == "correlation":
+            G = stats.correlation(name).double()
+            # units that are constant on the calibration data (dead ReLUs) correlate with nothing;
+            # an extra shared dimension makes them alike (two dead units pair with each other, not
+            # with a live unit) and gives every unit unit norm
+            e = (1.0 - G.diagonal()).clamp(0, 1).sqrt()
+            G = G + torch.outer(e, e)
+        else:
+            mu = stats.mean(name)
+            G = stats.covariance(name) + torch.outer(mu, mu)
+        return GramView(G.double().cpu(), stats.offsets(name), k)
+    return gram
+
+
+def unit_weight_rows(graphs: Sequence[Graph], tensors: Sequence[dict[str, torch.Tensor]], name: str,
+                     maps: Sequence[dict], note: Callable[[str], None] | None = None) -> list[torch.Tensor]:
+    """Per model, one row per unit of space ``name``: the unit's weights on every member tensor,
+    with the tensors' other axes carried into the fused basis by ``maps[i]`` (single-model maps).
+
+    Members pair across models by (tensor, axis, rank); members missing from a model are skipped
+    (and noted).
+    """
+    ranked = [{(m.tensor, m.axis, r): m for r, m in ranked_members(g[name].members)} for g in graphs]
+    keys = [k for k in ranked[0] if all(k in rk for rk in ranked[1:])]
+    if note is not None and len(keys) < max(len(r) for r in ranked):
+        note(f"space {name!r}: {max(len(r) for r in ranked) - len(keys)} member tensor(s) missing from some "
+             f"model are left out of the weight similarity")
+    out = []
+    for i, g in enumerate(graphs):
+        roles = axis_roles(g)
+        rows = []
+        for k in keys:
+            m = ranked[i][k]
+            t = map_tensor(tensors[i][m.tensor], g, m.tensor, roles, maps[i], 0, 1.0, skip_axis=m.axis)
+            rows.append(t.movedim(m.axis, 0)[m.start:m.stop].reshape(m.stop - m.start, -1))
+        out.append(torch.cat(rows, dim=1) if rows else torch.zeros(g[name].width, 0, dtype=torch.float64))
+    widths = {r.shape[1] for r in out}
+    if len(widths) > 1:
+        raise SpaceMismatchError(f"space {name!r}: weight rows of different lengths {sorted(widths)} across models")
+    return out
+
+
+def initial_plan(n: int, n_i: int) -> torch.Tensor:
+    """Identity plan between widths ``n`` and ``n_i`` (first units kept; units tiled when widening)."""
+    T = torch.zeros(n, n_i, dtype=torch.float64)
+    T[torch.arange(n), torch.arange(n) % n_i] = 1.0
+    return T
+
+
+def weight_gram(graphs: Sequence[Graph], target: Graph, tensors: Sequence[dict[str, torch.Tensor]],
+                plans: Callable[[str], list[torch.Tensor] | None], geometry: str = "distance",
+                note: Callable[[str], None] | None = None) -> Callable[[str], GramView]:
+    """``gram(space)`` from weights: inner products of units' weight rows in the fused basis.
+
+    ``plans(space)`` gives the current per-model plans of a space (None: not solved yet, the identity
+    plan is used), so the Gram of a space depends on the alignment of its neighbours. ``geometry``
+    says how leaf solvers compare in it (``"inner"``: weight matching's inner product).
+    """
+    def maps_for(i: int, spaces: set[str]) -> dict:
+        out = {}
+        for s in target.spaces:
+            if s.name not in spaces or s.name not in graphs[i]:
+                continue
+            p = plans(s.name)
+            T = p[i] if p is not None else initial_plan(s.width, graphs[i][s.name].width)
+            out[s.name] = plan_maps([T], [1.0])
+        return out
+
+    def gram(name: str) -> GramView:
+        # only the spaces on the member tensors' other axes are needed
+        touched = {sp for m in graphs[0][name].members for pcs in graphs[0].layout(m.tensor) for *_, sp in pcs
+                   if sp is not None}
+        R = unit_weight_rows(graphs, tensors, name, [maps_for(i, touched) for i in range(len(graphs))], note)
+        off = [0]
+        for r in R:
+            off.append(off[-1] + r.shape[0])
+        Rc = torch.cat(R, dim=0)
+        return GramView(Rc @ Rc.t(), off, geometry)
+
+    return gram
+
+
+def magnitude_scores(graph: Graph, tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """L1 norm of every unit of a space over the weight matrices producing it (structured pruning
+    score; every member counts when the space has no producing weight matrix)."""
+    s = graph[name]
+    members = [m for m in s.members if m.role == "out" and len(graph.shapes[m.tensor]) >= 2] or list(s.members)
+    score = torch.zeros(s.width, dtype=torch.float64)
+    for m in members:
+        t = tensors[m.tensor].detach().double().movedim(m.axis, 0)[m.start:m.stop]
+        score += t.abs().reshape(t.shape[0], -1).sum(1).cpu()
+    return score
+

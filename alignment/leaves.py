@@ -1,0 +1,273 @@
+"""Leaf solvers: the pluggable part of the structure walk (:class:`alignment.structure.Walk`).
+
+A leaf solver takes a :class:`~alignment.structure.LeafProblem` (``n`` fused features from the
+pooled features of N models, with a Gram matrix over the pooled features) and returns one plan per
+model (``n x n_i``, non-negative; see :mod:`alignment.maps`) and a matching score (mean cosine
+similarity of what was matched; NaN when meaningless):
+
+* :func:`ot_leaf`: optimal transport onto anchors (a model of the target width: OTFusion; else a
+  free-support barycenter), exact, entropic or one-to-one (``solver="hungarian"``: permutation
+  matching, rectangular when widths differ);
+* :func:`merge_leaf`: agglomerative merging of the most similar features (within and across models);
+* :func:`magnitude_leaf`: keep the features of largest score (structured pruning);
+* :func:`select_leaf`: keep the first features, or the best-scoring ones (resizing);
+* :func:`random_leaf`: a random permutation.
+
+Units are compared through the Gram matrix (activation correlation, activation second moments or
+weight inner products), so anchors that are combinations of units (barycenters, cluster centres)
+are costed from the Gram alone (:func:`gram_cost`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from .errors import InvalidOptionError, SpaceMismatchError
+from .maps import permutation_plan, plan_maps
+from .merging import greedy_merge
+from .structure import LeafProblem
+
+__all__ = [
+    "PLAN_SOLVERS", "GEOMETRIES", "transport_plan", "gram_cost", "ot_leaf", "merge_leaf", "magnitude_leaf",
+    "select_leaf", "random_leaf",
+]
+
+PLAN_SOLVERS = ("emd", "sinkhorn", "hungarian")
+GEOMETRIES = ("correlation", "distance", "inner")
+
+
+def transport_plan(cost: torch.Tensor, solver: str = "emd", reg: float = 0.01,
+                   a: torch.Tensor | None = None, b: torch.Tensor | None = None,
+                   num_iter: int = 10000, note: Callable[[str], None] | None = None,
+                   where: str = "") -> torch.Tensor:
+    """A transport plan between ``n`` target and ``m`` source units.
+
+    Args:
+        cost: ``n x m`` ground cost (target units x source units).
+        solver: ``"emd"`` (exact OT, POT's network simplex), ``"sinkhorn"`` (entropic OT in the log
+            domain) or ``"hungarian"`` (a 0/1 one-to-one matching of ``min(n, m)`` pairs, mass
+            ``1 / max(n, m)`` each).
+        reg: entropic regularisation for Sinkhorn, relative to the cost scale (costs are divided by
+            their largest value first, so ``reg`` means the same on every space).
+        a: target masses (default uniform, total 1).
+        b: source masses (default uniform, total 1).
+        num_iter: iteration cap of the Sinkhorn solver.
+        note: ``note(message)`` records a fallback (non-finite costs, an unconverged Sinkhorn plan).
+        where: what the plan is for (named in notes).
+
+    Returns:
+        The plan (float64, ``n x m``).
+    """
+    import ot
+
+    C = cost.detach().double().cpu()
+    n, m = C.shape
+    if not torch.isfinite(C).all():
+        big = float(C[torch.isfinite(C)].abs().max()) if torch.isfinite(C).any() else 0.0
+        if note is not None:
+            note(f"{where or 'a plan'}: {int((~torch.isfinite(C)).sum())} non-finite costs (NaN or infinite "
+                 f"statistics?) replaced by the largest finite cost")
+        C = torch.nan_to_num(C, nan=big, posinf=big, neginf=-big)
+    if solver == "hungarian":
+        r, c = linear_sum_assignment(C.numpy())
+        T = torch.zeros(n, m, dtype=torch.float64)
+        T[torch.as_tensor(r), torch.as_tensor(c)] = 1.0 / max(n, m)
+        return T
+    a = torch.full((n,), 1.0 / n, dtype=torch.float64) if a is None else a.double().cpu() / a.sum()
+    b = torch.full((m,), 1.0 / m, dtype=torch.float64) if b is None else b.double().cpu() / b.sum()
+    scale = float(C.abs().max())
+    Cn = (C / scale if scale > 0 else C).numpy()
+    if solver == "emd":
+        T = ot.emd(a.numpy(), b.numpy(), Cn, numItermax=max(num_iter, 100000))
+    elif solver == "sinkhorn":
+        if not reg > 0:
+            raise InvalidOptionError(f"Sinkhorn needs reg > 0, got {reg}; use solver='emd' for exact OT")
+        T, log = ot.sinkhorn(a.numpy(), b.numpy(), Cn, reg, method="sinkhorn_log", numItermax=num_iter,
+                             stopThr=1e-9, log=True, warn=False)
+        err = log.get("err", [0.0])
+        # marginals off by more than 1e-6 (relative to unit total mass) change the maps visibly
+        if note is not None and err and float(err[-1]) > 1e-6:
+            note(f"{where or 'a plan'}: Sinkhorn did not converge in {num_iter} iterations (marginal error "
+                 f"{float(err[-1]):.2e} at reg={reg}); the plan is approximate: raise reg or use solver='emd'")
+    else:
+        raise InvalidOptionError(f"unknown OT solver {solver!r}; use one of {', '.join(PLAN_SOLVERS)}")
+    return torch.as_tensor(np.asarray(T), dtype=torch.float64)
+
+
+def gram_cost(A: torch.Tensor, G: torch.Tensor, cols: torch.Tensor, geometry: str) -> torch.Tensor:
+    """Cost between anchors ``A @ units`` (rows of ``A`` over pooled units) and the units ``cols``.
+
+    ``"correlation"``: ``1 - cos`` in the Gram geometry (for a correlation Gram, one minus the
+    correlation); ``"distance"``: the Euclidean distance; ``"inner"``: minus the inner product.
+    """
+    AG = A @ G[:, cols]
+    if geometry == "inner":
+        return -AG
+    aa = (A @ G * A).sum(1).clamp_min(0)
+    gg = G[cols, cols].clamp_min(0)
+    if geometry == "correlation":
+        den = (aa[:, None] * gg[None, :]).sqrt()
+        return 1.0 - torch.where(den > 1e-300, AG / den.clamp_min(1e-300), torch.zeros_like(AG))
+    return (aa[:, None] + gg[None, :] - 2 * AG).clamp_min(0).sqrt()
+
+
+def _cosine(A: torch.Tensor, G: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    return 1.0 - gram_cost(A, G, cols, "correlation")
+
+
+def _score(plans, A, G, cols, skip: int | None = None) -> float:
+    total, mass = 0.0, 0.0
+    for i, (T, c) in enumerate(zip(plans, cols)):
+        if i == skip:
+            continue
+        total += float((T * _cosine(A, G, c)).sum())
+        mass += float(T.sum())
+    return total / mass if mass > 0 else float("nan")
+
+
+def _need_gram(leaf: LeafProblem, who: str) -> torch.Tensor:
+    if leaf.G is None:
+        raise SpaceMismatchError(f"{who} needs a similarity (Gram) for space {leaf.space!r}")
+    return leaf.G
+
+
+def ot_leaf(leaf: LeafProblem, solver: str = "emd", reg: float = 0.01, iterations: int | None = None
+            ) -> tuple[list[torch.Tensor], float]:
+    """Transport every model's units onto ``n`` anchors; anchors refined as the barycenter.
+
+    The anchors are the units of ``leaf.anchor`` when given (OTFusion; the anchor model's own plan
+    is the identity), else seeded by balanced greedy merging of the pooled units
+    (:func:`merge_leaf`). Each iteration transports every model onto the anchors and moves the
+    anchors to the fused units those plans define (a free-support Wasserstein barycenter; with
+    ``solver="hungarian"`` and several models of one width this is MergeMany-style rematching; with
+    one model and fewer anchors than units, balanced k-means). ``iterations`` defaults to 0 with a
+    model anchor and 20 otherwise; iterations stop early once the plans no longer change. A model
+    narrower than the target, when another model has the target width, is transported partially:
+    each of its units goes (in total) to one fused unit's worth of mass, and fused units it does not
+    match take nothing from it.
+
+    Returns:
+        (plans, mean matched cosine similarity of the non-anchor models).
+    """
+    G = _need_gram(leaf, "optimal transport")
+    n, cols = leaf.n, leaf.cols
+    P = G.shape[0]
+    if leaf.anchor is not None:
+        A = torch.zeros(n, P, dtype=torch.float64)
+        A[torch.arange(n), cols[leaf.anchor]] = 1.0
+        iters = 0 if iterations is None else iterations
+    elif n < P:
+        # seed the barycenter with balanced greedy merging (exact when units come in copies)
+        A = torch.cat(plan_maps(merge_leaf(leaf)[0], leaf.alpha).merge, dim=1)
+        iters = 20 if iterations is None else iterations
+    else:
+        # widening beyond every unit: anchors are the units, repeated
+        A = torch.zeros(n, P, dtype=torch.float64)
+        A[torch.arange(n), torch.arange(n) % P] = 1.0
+        iters = 20 if iterations is None else iterations
+    # a model narrower than the target while another model covers every fused unit sends each unit
+    # once (partial transport: a zero-cost dummy source fills the rest), instead of splitting every
+    # unit over several fused units of which only one matches it
+    covered = max(leaf.sizes) >= n
+    where = f"space {leaf.space!r}"
+
+    def plan(C: torch.Tensor) -> torch.Tensor:
+        m = C.shape[1]
+        if solver == "hungarian" or m >= n or not covered:
+            return transport_plan(C, solver, reg, note=leaf.note, where=where)
+        Cd = torch.cat([C, torch.zeros(n, 1, dtype=C.dtype)], dim=1)
+        b = torch.cat([torch.full((m,), 1.0 / n, dtype=torch.float64),
+                       torch.tensor([(n - m) / n], dtype=torch.float64)])
+        return transport_plan(Cd, solver, reg, b=b, note=leaf.note, where=where)[:, :m]
+
+    plans: list[torch.Tensor] = []
+    fixed = leaf.anchor if iters == 0 else None
+    # MergeMany: one-to-one rematching of each model against the mean of the *other* models
+    leave_one_out = solver == "hungarian" and len(cols) > 2
+    for it in range(iters + 1):
+        new = []
+        for i, c in enumerate(cols):
+            if i == fixed:
+                # the anchor's units are the fused units
+                new.append(torch.eye(n, dtype=torch.float64) / n)
+            elif it > 0 and leave_one_out:
+                # Gauss-Seidel: against the others' newest plans
+                current = new + plans[len(new):]
+                new.append(plan(gram_cost(_others_mean(current, leaf.alpha, i), G, c, leaf.geometry)))
+            else:
+                new.append(plan(gram_cost(A, G, c, leaf.geometry)))
+        done = plans and all(torch.allclose(x, y, atol=1e-12) for x, y in zip(new, plans))
+        plans = new
+        if done or it == iters:
+            break
+        A = torch.cat(plan_maps(plans, leaf.alpha).merge, dim=1)
+    return plans, _score(plans, A, G, cols, skip=fixed)
+
+
+def _others_mean(plans: list[torch.Tensor], alpha: list[float], i: int) -> torch.Tensor:
+    """Fused units as the weighted mean of every model's matched units but model ``i``'s."""
+    keep = [j for j in range(len(plans)) if j != i]
+    total = sum(alpha[j] for j in keep)
+    w = [alpha[j] / total if total > 0 else 1.0 / len(keep) for j in keep]
+    merged = plan_maps([plans[j] for j in keep], w).merge
+    blocks = []
+    for j, T in enumerate(plans):
+        blocks.append(torch.zeros(T.shape[0], T.shape[1], dtype=torch.float64) if j == i else merged[keep.index(j)])
+    return torch.cat(blocks, dim=1)
+
+
+def merge_leaf(leaf: LeafProblem, balanced: bool = True) -> tuple[list[torch.Tensor], float]:
+    """Agglomerative merge of the most similar units (average linkage on cosine similarity).
+
+    Pooled units of all models (and of one model, for compression) are merged, most similar groups
+    first, within one model or across models, until ``n`` groups remain; each group is one fused
+    unit (fused units ordered by their first member). ``balanced`` caps groups at ``ceil(P / n)``
+    units (``P`` pooled units; the cap grows only if no allowed merge is left), so halving a width
+    merges pairs, as in ZipIt, instead of growing a few large blobs.
+    """
+    G = _need_gram(leaf, "merging")
+    n = leaf.n
+    P = G.shape[0]
+    if n > P:
+        raise SpaceMismatchError(f"space {leaf.space!r}: merging cannot widen {P} units into {n}; use "
+                                 f"method='ot' to widen")
+    S = _cosine(torch.eye(P, dtype=torch.float64), G, torch.arange(P))
+    labels = greedy_merge(S, n, balanced=balanced)
+    T = torch.zeros(n, P, dtype=torch.float64)
+    T[labels, torch.arange(P)] = 1.0
+    plans = [T[:, c] for c in leaf.cols]
+    A = plan_maps(plans, leaf.alpha).merge
+    return plans, _score(plans, torch.cat(A, dim=1), G, leaf.cols)
+
+
+def magnitude_leaf(leaf: LeafProblem) -> tuple[list[torch.Tensor], float]:
+    """Keep the ``n`` units of one model with the largest scores (in their original order)."""
+    if leaf.scores is None:
+        raise SpaceMismatchError(f"magnitude selection needs unit scores for space {leaf.space!r}")
+    if leaf.n > leaf.sizes[0]:
+        raise SpaceMismatchError(f"space {leaf.space!r}: magnitude pruning cannot widen {leaf.sizes[0]} units "
+                                 f"into {leaf.n}; use method='ot' to widen")
+    keep = torch.sort(torch.topk(leaf.scores.double(), leaf.n).indices).values
+    return [permutation_plan(keep, leaf.sizes[0])], float("nan")
+
+
+def select_leaf(leaf: LeafProblem) -> tuple[list[torch.Tensor], float]:
+    """Resizing by selection: keep the first ``n`` units of one model, or its best-scoring ones
+    (in their original order); widening repeats units (cyclically, or the best-scoring first)."""
+    m, k = leaf.sizes[0], leaf.n
+    if leaf.scores is not None:
+        order = torch.argsort(leaf.scores.double(), descending=True, stable=True)
+        keep = torch.sort(order[:min(k, m)]).values
+        idx = torch.cat([keep, order[:max(k - m, 0)]]) if k > m else keep
+    else:
+        idx = torch.arange(k) % m
+    return [permutation_plan(idx, m)], float("nan")
+
+
+def random_leaf(leaf: LeafProblem) -> tuple[list[torch.Tensor], float]:
+    """An independent random permutation for every model (equal widths)."""
+    return [permutation_plan(torch.randperm(s, generator=leaf.generator), s) for s in leaf.sizes], float("nan")

@@ -1,0 +1,360 @@
+"""Fusion methods: the match stage. Statistics or weights of the spaces in, per-space plans out.
+
+Every method is a function ``method(ctx, *, options...) -> MatchResult`` registered by name
+(``@register_method("ot")``); its options are typed keyword arguments, checked before any work
+(:mod:`alignment.registry`). Every method returns *plans* (per model and space, a non-negative
+``n x n_i`` matrix; a permutation is a 0/1 plan) through the one structure walk
+(:class:`alignment.structure.Walk`) with a leaf solver (:mod:`alignment.leaves`) and a similarity
+(:mod:`alignment.grams`); :func:`alignment.maps.plan_maps` turns plans into maps for any
+interpolation weights.
+
+| method | leaf solver | similarity |
+|---|---|---|
+| ``average`` | identity plans | none |
+| ``permute`` | Hungarian (rectangular when widths differ; MergeMany rematching for N > 2) | activation correlation |
+| ``weight_matching`` | Hungarian, coordinate descent over spaces | weight inner products |
+| ``ot`` | exact or entropic OT onto an anchor or a barycenter | activations or weights |
+| ``merge`` | agglomerative merging | activation correlation or weight cosine |
+| ``magnitude`` | keep the largest L1 units of one model | weight magnitudes |
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Callable, Literal, Sequence
+
+import torch
+from torch import nn
+
+from .errors import FallbackWarning, InvalidOptionError, SpaceMismatchError, UnknownNameError
+from .grams import activation_gram, magnitude_scores, weight_gram
+from .graph import Graph
+from .leaves import magnitude_leaf, merge_leaf, ot_leaf
+from .permute import model_tensors
+from .registry import Registry
+from .structure import GramView, Walk
+
+__all__ = [
+    "METHODS", "MatchContext", "MatchResult", "UnknownMethodError", "register_method", "list_methods",
+    "get_method", "match",
+]
+
+
+class UnknownMethodError(UnknownNameError):
+    """No fusion method is registered under the given name."""
+
+
+METHODS = Registry("method", UnknownMethodError)
+
+
+def register_method(name: str) -> Callable:
+    """Register a fusion method ``fn(ctx, *, options...) -> MatchResult`` under ``name``."""
+    return METHODS.register(name)
+
+
+def list_methods() -> list[str]:
+    """Names of the registered fusion methods."""
+    return METHODS.names()
+
+
+def get_method(name: str) -> Callable:
+    """The method function registered under ``name``."""
+    return METHODS.get(name).fn
+
+
+@dataclass
+class MatchContext:
+    """What a method may use.
+
+    Attributes:
+        models: the source models (never modified).
+        graphs: their alignment graphs.
+        alpha: interpolation weights (solvers that average units use them).
+        statistics: ``statistics()`` returns the activation statistics (collected on first call).
+        target_graph: the graph of the fused architecture (None: the first model's).
+        seed: seed for randomised solvers.
+        notes: fallbacks taken so far (see :meth:`note`).
+    """
+
+    models: Sequence[nn.Module]
+    graphs: Sequence[Graph]
+    alpha: Sequence[float]
+    statistics: Callable[[], Any] | None = None
+    target_graph: Graph | None = None
+    seed: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def target(self) -> Graph:
+        """The fused architecture's graph."""
+        return self.target_graph if self.target_graph is not None else self.graphs[0]
+
+    def note(self, message: str) -> None:
+        """Record a fallback (the fusion report lists it) and warn once."""
+        if message not in self.notes:
+            self.notes.append(message)
+            warnings.warn(message, FallbackWarning, stacklevel=3)
+
+    def tensors(self) -> list[dict[str, torch.Tensor]]:
+        """Every model's parameters and buffers, float64 on the CPU (cached)."""
+        if not hasattr(self, "_tensors"):
+            self._tensors = [{k: v.detach().double().cpu() for k, v in model_tensors(m).items()}
+                             for m in self.models]
+        return self._tensors
+
+    def stats(self):
+        """The activation statistics (an error when the method was given no calibration data)."""
+        if self.statistics is None:
+            raise SpaceMismatchError("this method needs activation statistics: give calibration data")
+        return self.statistics()
+
+
+@dataclass
+class MatchResult:
+    """Per-space plans chosen by a method.
+
+    Attributes:
+        plans: per model, per space name, a non-negative ``n x n_i`` plan from the model's features
+            to the fused ones (see :func:`alignment.maps.plan_maps`).
+        costs: per space name, a matching score (mean cosine similarity of matched units; higher is
+            better; NaN where meaningless).
+        notes: fallbacks the method took.
+        seconds: wall time of matching (statistics collection excluded).
+    """
+
+    plans: list[dict[str, torch.Tensor]]
+    costs: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def permutations(self, model: int) -> dict[str, torch.Tensor]:
+        """Model ``model``'s plans as index vectors (fused feature ``k`` <- feature ``perm[k]``);
+        exact for permutation and selection plans."""
+        return {k: T.argmax(1) for k, T in self.plans[model].items()}
+
+
+def match(ctx: MatchContext, method: str, **options: Any) -> MatchResult:
+    """The match stage: run ``method`` with checked options on ``ctx``.
+
+    Raises:
+        UnknownMethodError: no such method.
+        InvalidOptionError: an unknown option, or a value the option does not allow.
+    """
+    checked = METHODS.validate(method, options)
+    t0 = time.perf_counter()
+    result = METHODS.get(method).fn(ctx, **checked)
+    result.notes = list(ctx.notes)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+# -------------------------------------------------------------------------------------------------
+# shared machinery
+def _require_same_widths(ctx: MatchContext, method: str) -> None:
+    g0 = ctx.graphs[0]
+    for g in list(ctx.graphs[1:]) + ([ctx.target_graph] if ctx.target_graph is not None else []):
+        for s in g0.spaces:
+            if s.name not in g:
+                raise SpaceMismatchError(f"{method}: space {s.name!r} missing from a model; models must be of one family")
+            if g[s.name].width != s.width:
+                raise SpaceMismatchError(
+                    f"{method}: space {s.name!r} has widths {s.width} and {g[s.name].width}; {method} needs "
+                    f"equal widths (use method='ot', 'merge' or 'permute' for different widths)")
+
+
+def _require_family(ctx: MatchContext) -> None:
+    for i, g in enumerate(ctx.graphs):
+        missing = [s.name for s in ctx.target.spaces if s.members and s.name not in g]
+        if missing:
+            raise SpaceMismatchError(f"model {i} has no space(s) {missing[:4]} of the target; models and target "
+                                     f"must be of one family")
+
+
+def _check_anchor(ctx: MatchContext, anchor: int | None) -> None:
+    if anchor is not None and not 0 <= anchor < len(ctx.models):
+        raise InvalidOptionError(f"anchor={anchor!r} is not a model index (0..{len(ctx.models) - 1})")
+
+
+def _activation_gram(ctx: MatchContext, kind, plans_of) -> Callable[[str], GramView]:
+    """Activation Grams; spaces with no observation point are compared by their weights (noted)."""
+    stats = ctx.stats()
+    agram = activation_gram(stats, kind)
+    wgram = weight_gram(ctx.graphs, ctx.target, ctx.tensors(), plans_of, "distance", ctx.note)
+
+    def gram(name: str) -> GramView:
+        if name in stats.points:
+            return agram(name)
+        ctx.note(f"space {name!r} has no activation statistics (no observation point): its units are "
+                 f"compared by their weights")
+        return wgram(name)
+    return gram
+
+
+def _solve(ctx: MatchContext, leaf_solver, gram_of=None, scores=None, sweeps: int = 1, shuffle: bool = False,
+           anchor: int | None = None) -> MatchResult:
+    """Plans of every space from one walk, or from ``sweeps`` walks of coordinate descent (each space
+    solved with its neighbours' newest plans, in random order per sweep when ``shuffle``)."""
+    _require_family(ctx)
+    holder: dict[str, Any] = {"walk": None, "prev": {}}
+
+    def plans_of(name):
+        # the newest plan of a space: solved in this sweep, else in the last one (Gauss-Seidel)
+        w = holder["walk"]
+        if w is not None and name in w.plans:
+            return w.plans[name]
+        return holder["prev"].get(name)
+
+    gram = gram_of(plans_of) if gram_of is not None else None
+    gen = torch.Generator().manual_seed(ctx.seed)
+    walk = None
+    for _ in range(max(1, sweeps)):
+        walk = Walk(ctx.graphs, ctx.target, leaf_solver, alpha=ctx.alpha, gram=gram, anchor=anchor,
+                    scores=scores, seed=ctx.seed, note=ctx.note)
+        holder["walk"] = walk
+        order = walk.order()
+        if shuffle:
+            order = [order[int(k)] for k in torch.randperm(len(order), generator=gen)]
+        new = walk.solve_all(order)
+        prev = holder["prev"]
+        changed = not prev or any(not all(torch.allclose(a, b) for a, b in zip(new[k], prev[k])) for k in new)
+        holder["prev"] = dict(new)
+        if not changed:
+            break
+    return MatchResult(plans=[{k: v[i] for k, v in walk.plans.items()} for i in range(len(ctx.models))],
+                       costs=dict(walk.costs))
+
+
+def _has_batchnorm(graph: Graph, name: str) -> bool:
+    return any(m.tensor.endswith("running_mean") for m in graph[name].members)
+
+
+# -------------------------------------------------------------------------------------------------
+# methods
+@register_method("average")
+def average(ctx: MatchContext) -> MatchResult:
+    """Plain weight averaging: every model's features are taken in their own order."""
+    _require_same_widths(ctx, "average")
+    plans = [{s.name: torch.eye(s.width, dtype=torch.float64) for s in ctx.graphs[0].spaces if s.members}
+             for _ in ctx.models]
+    return MatchResult(plans=plans, costs={})
+
+
+@register_method("permute")
+def permute(ctx: MatchContext, *, iterations: int | None = None) -> MatchResult:
+    """Hungarian matching of hidden units on the correlation of their activations (Git Re-Basin).
+
+    Every model is matched one-to-one to an anchor (the first model of the target's widths). When
+    widths differ from the target's, matching is rectangular: the best-matched units are kept and
+    the others dropped (or, when widening, fused units matched by fewer models average those that
+    match them); with no model of the target width the fused units are a barycenter.
+
+    Options:
+        iterations: MergeMany-style rematching rounds (each model rematched against the mean of the
+            matched units; default 0 for two models, 3 for more).
+    """
+    if iterations is not None and iterations < 0:
+        raise InvalidOptionError(f"method 'permute': iterations must be >= 0, got {iterations}")
+    if iterations is None:
+        iterations = 0 if len(ctx.models) <= 2 else 3
+    leaf = partial(ot_leaf, solver="hungarian", iterations=iterations)
+    return _solve(ctx, leaf, lambda plans_of: _activation_gram(ctx, "correlation", plans_of))
+
+
+@register_method("weight_matching")
+def weight_matching(ctx: MatchContext, *, max_iter: int = 100) -> MatchResult:
+    """Git Re-Basin weight matching: coordinate descent over spaces, no data.
+
+    Each space's units are matched (Hungarian) on the inner products of their weight rows, with the
+    weights' other axes carried by the current plans of the neighbouring spaces; spaces are visited
+    in a random order (``seed``) per sweep until no plan changes.
+
+    Options:
+        max_iter: the largest number of sweeps.
+    """
+    if max_iter < 1:
+        raise InvalidOptionError(f"method 'weight_matching': max_iter must be >= 1, got {max_iter}")
+    _require_same_widths(ctx, "weight_matching")
+    leaf = partial(ot_leaf, solver="hungarian", iterations=0)
+
+    def gram_of(plans_of):
+        return weight_gram(ctx.graphs, ctx.target, ctx.tensors(), plans_of, "inner", ctx.note)
+    return _solve(ctx, leaf, gram_of, sweeps=max_iter, shuffle=True, anchor=0)
+
+
+@register_method("ot")
+def optimal_transport(ctx: MatchContext, *, cost: Literal["auto", "correlation", "distance", "weights"] = "auto",
+                      solver: Literal["emd", "sinkhorn"] = "emd", reg: float = 0.01, anchor: int | None = None,
+                      iterations: int | None = None, sweeps: int = 5) -> MatchResult:
+    """Optimal-transport fusion (OTFusion) for any widths, soft or exact.
+
+    Every model's units are transported onto the target's units with uniform masses; the merge map
+    of a fused unit averages what was sent to it, the unmerge map spreads a model unit over where it
+    went. The target units are those of an *anchor* model of the target width (the first such model,
+    or option ``anchor``); where no model has the target width (compression, or fusion into a new
+    width) they are a free-support barycenter of all models' units, seeded by balanced merging.
+
+    Options:
+        cost: ``"auto"`` (correlation for spaces with BatchNorm, distance elsewhere; measured on the
+            zoo, see benchmarks/results/fuse_widths.md), ``"correlation"`` (one minus activation
+            correlation), ``"distance"`` (Euclidean distance between activations) or ``"weights"``
+            (between weight vectors; no calibration data needed).
+        solver: ``"emd"`` (exact) or ``"sinkhorn"`` (entropic).
+        reg: Sinkhorn regularisation relative to the largest cost (> 0).
+        anchor: index of the anchor model.
+        iterations: barycenter iterations (default 0 with an anchor model, else 20).
+        sweeps: for ``cost="weights"``, passes over all spaces (each uses the others' last plans).
+    """
+    if not reg > 0:
+        raise InvalidOptionError(f"method 'ot': reg must be > 0, got {reg}")
+    if sweeps < 1 or (iterations is not None and iterations < 0):
+        raise InvalidOptionError(f"method 'ot': sweeps must be >= 1 and iterations >= 0 (got {sweeps}, {iterations})")
+    _check_anchor(ctx, anchor)
+    leaf = partial(ot_leaf, solver=solver, reg=reg, iterations=iterations)
+    if cost == "weights":
+        def gram_of(plans_of):
+            return weight_gram(ctx.graphs, ctx.target, ctx.tensors(), plans_of, "distance", ctx.note)
+        return _solve(ctx, leaf, gram_of, sweeps=sweeps, anchor=anchor)
+    g0 = ctx.graphs[0]
+
+    def kind(name: str) -> str:
+        if cost != "auto":
+            return cost
+        # measured on the zoo: BatchNorm spaces match best by correlation (BN rescales units),
+        # spaces without it (ViT residual streams, MLPs) by Euclidean distance (scale matters)
+        return "correlation" if _has_batchnorm(g0, name) else "distance"
+    return _solve(ctx, leaf, lambda plans_of: _activation_gram(ctx, kind, plans_of), anchor=anchor)
+
+
+@register_method("merge")
+def correlation_merge(ctx: MatchContext, *, cost: Literal["correlation", "weights"] = "correlation") -> MatchResult:
+    """Merge the most correlated features (agglomerative, average linkage) down to the target width.
+
+    Units of every model are pooled and the most similar groups merged first, within one model or
+    across models, until the target width remains; a fused unit is the (model-weighted) mean of its
+    group. With one model this is compression by merging redundant features.
+
+    Options:
+        cost: ``"correlation"`` (activations) or ``"weights"`` (cosine of weight vectors).
+    """
+    if cost == "weights":
+        def gram_of(plans_of):
+            return weight_gram(ctx.graphs, ctx.target, ctx.tensors(), plans_of, "correlation", ctx.note)
+        return _solve(ctx, merge_leaf, gram_of)
+    return _solve(ctx, merge_leaf, lambda plans_of: _activation_gram(ctx, "correlation", plans_of))
+
+
+@register_method("magnitude")
+def magnitude_pruning(ctx: MatchContext) -> MatchResult:
+    """Structured magnitude pruning of one model: keep the units of largest L1 weight norm.
+
+    The baseline for compression. A unit's score sums the L1 norms of its rows in every weight matrix
+    that produces the space (every conv or linear writing to a residual stream). Needs no data.
+    """
+    if len(ctx.models) != 1:
+        raise SpaceMismatchError(f"magnitude pruning compresses one model, got {len(ctx.models)}; "
+                                 f"use method='ot' or 'merge' to fuse several")
+    tensors, g = ctx.tensors()[0], ctx.graphs[0]
+    return _solve(ctx, magnitude_leaf, scores=lambda name: magnitude_scores(g, tensors, name))

@@ -1,0 +1,166 @@
+"""Registries of named, typed callables: fusion methods, repairs and refinements.
+
+A registered function takes a context first and its options as keyword-only arguments with type
+annotations and defaults; the registry checks option names and values before anything runs, in the
+style of timm's ``@register_model`` (and mergekit's typed merge methods)::
+
+    @register_method("ot")
+    def optimal_transport(ctx, *, solver: Literal["emd", "sinkhorn"] = "emd", reg: float = 0.01): ...
+
+An unknown option raises :class:`~alignment.errors.InvalidOptionError` naming it and listing the
+valid ones; a value of the wrong type, or outside a ``Literal``, says what is allowed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import typing
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+from .errors import InvalidOptionError, UnknownNameError
+
+__all__ = ["Option", "Entry", "Registry"]
+
+_NONE = type(None)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One keyword option of a registered function.
+
+    Attributes:
+        name: the keyword.
+        default: its default value.
+        annotation: its type (``int``, ``float``, ``bool``, ``str``, ``Literal[...]``, optionally
+            ``| None``).
+    """
+
+    name: str
+    default: Any
+    annotation: Any
+
+    def allowed(self) -> str:
+        """The allowed values, in words."""
+        parts = []
+        for t in _alternatives(self.annotation):
+            if t is _NONE:
+                parts.append("None")
+            elif typing.get_origin(t) is Literal:
+                parts.extend(repr(v) for v in typing.get_args(t))
+            else:
+                parts.append(getattr(t, "__name__", str(t)))
+        return " or ".join(parts)
+
+    def check(self, value: Any, owner: str) -> Any:
+        """``value`` if the option allows it (ints are accepted for floats), else an error."""
+        for t in _alternatives(self.annotation):
+            if t is Any:
+                return value
+            if t is _NONE and value is None:
+                return value
+            if typing.get_origin(t) is Literal and any(value == v and type(value) is type(v)
+                                                       for v in typing.get_args(t)):
+                return value
+            if t is bool and isinstance(value, bool):
+                return value
+            if t is int and isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+                if not math.isfinite(value):
+                    raise InvalidOptionError(f"{owner}: option {self.name}={value!r} must be a finite number")
+                return float(value)
+            if t is str and isinstance(value, str):
+                return value
+        raise InvalidOptionError(f"{owner}: option {self.name}={value!r} is not allowed; use {self.allowed()}")
+
+
+def _alternatives(annotation: Any) -> tuple:
+    if typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return typing.get_args(annotation)
+    return (annotation,)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A registered function and its options."""
+
+    name: str
+    fn: Callable[..., Any]
+    options: tuple[Option, ...]
+
+    @property
+    def summary(self) -> str:
+        """First line of the function's docstring."""
+        return (inspect.getdoc(self.fn) or "").splitlines()[0] if self.fn.__doc__ else ""
+
+
+class Registry:
+    """Named functions of one kind (``"method"``, ``"repair"``, ``"refinement"``).
+
+    Args:
+        kind: what the registry holds, used in messages.
+        error: exception type raised for an unknown name.
+    """
+
+    def __init__(self, kind: str, error: type[UnknownNameError] = UnknownNameError):
+        self.kind, self.error = kind, error
+        self._entries: dict[str, Entry] = {}
+
+    def register(self, name: str) -> Callable:
+        """Decorator registering ``fn(ctx, *, option: type = default, ...)`` under ``name``."""
+        def deco(fn):
+            hints = typing.get_type_hints(fn)
+            opts = []
+            for p in list(inspect.signature(fn).parameters.values())[1:]:
+                if p.kind is not inspect.Parameter.KEYWORD_ONLY or p.default is inspect.Parameter.empty:
+                    raise TypeError(f"{self.kind} {name!r}: options must be keyword-only with defaults ({p.name})")
+                opts.append(Option(p.name, p.default, hints.get(p.name, Any)))
+            self._entries[name] = Entry(name, fn, tuple(opts))
+            fn.registered_name = name
+            return fn
+        return deco
+
+    def names(self) -> list[str]:
+        """Registered names, sorted."""
+        return sorted(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def __iter__(self):
+        return iter(self.names())
+
+    def get(self, name: str) -> Entry:
+        """The entry registered under ``name``."""
+        if not isinstance(name, str) or name not in self._entries:
+            raise self.error(f"unknown {self.kind} {name!r}; registered: {', '.join(self.names())}")
+        return self._entries[name]
+
+    def validate(self, name: str, options: dict[str, Any]) -> dict[str, Any]:
+        """Checked options of ``name`` (defaults filled in)."""
+        entry = self.get(name)
+        known = {o.name: o for o in entry.options}
+        unknown = [k for k in options if k not in known]
+        if unknown:
+            valid = ", ".join(known) if known else "none"
+            raise InvalidOptionError(f"{self.kind} {name!r} has no option {unknown[0]!r}; its options: {valid}")
+        out = {o.name: o.default for o in entry.options}
+        for k, v in options.items():
+            out[k] = known[k].check(v, f"{self.kind} {name!r}")
+        return out
+
+    def call(self, name: str, ctx: Any, options: dict[str, Any]) -> Any:
+        """Run ``name`` on ``ctx`` with checked options."""
+        return self.get(name).fn(ctx, **self.validate(name, options))
+
+    def describe(self) -> str:
+        """Every registered name with its summary, options and defaults (for ``fusion methods``)."""
+        lines = []
+        for n in self.names():
+            e = self._entries[n]
+            lines.append(f"{n}: {e.summary}")
+            for o in e.options:
+                lines.append(f"    {o.name} = {o.default!r}  ({o.allowed()})")
+        return "\n".join(lines)

@@ -1,0 +1,182 @@
+"""The streaming runner: every pass over calibration data goes through :func:`stream`.
+
+Statistics collection, BatchNorm reset, REPAIR and least-squares refinement all need the same loop:
+take the user's data (a tensor, a dataset, a ``DataLoader`` with any sampler, or any re-iterable of
+batches), pull the input out of each batch (a tensor, an ``(x, y)`` pair, or a dict with
+``pixel_values``), move it to the device, run models with gradients off in eval mode (or with chosen
+modules in training mode), and restore every module's train/eval flag afterwards, even on error.
+What a pass accumulates is up to its hooks; sums that are kept as running totals merge across data
+shards (:meth:`alignment.statistics.Statistics.merge`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .errors import CalibrationError
+
+__all__ = ["DEFAULT_BATCH_SIZE", "batch_input", "batches", "first_batch", "check_data", "model_device",
+           "modes", "stream"]
+
+DEFAULT_BATCH_SIZE = 256
+
+
+def batch_input(batch: Any) -> torch.Tensor:
+    """The model input of one batch: the tensor itself, the first element of an ``(x, y)`` pair, or
+    ``pixel_values`` (else the first tensor value) of a dict."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    if isinstance(batch, dict):
+        if isinstance(batch.get("pixel_values"), torch.Tensor):
+            return batch["pixel_values"]
+        for key in ("image", "images", "input", "inputs", "x"):
+            if isinstance(batch.get(key), torch.Tensor):
+                return batch[key]
+        values = [v for v in batch.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+        if values:
+            return values[0]
+    raise CalibrationError(
+        f"cannot find the model input in a calibration batch of type {type(batch).__name__}; give tensors, "
+        f"(input, label) pairs, or dicts with 'pixel_values'")
+
+
+def check_data(data: Any) -> None:
+    """Reject calibration data that cannot be streamed several times (fusion makes several passes).
+
+    Raises:
+        CalibrationError: for None, an empty tensor, or a one-shot iterator (a generator).
+    """
+    if data is None:
+        raise CalibrationError("no calibration data given; pass a tensor, a dataset or a DataLoader")
+    if isinstance(data, torch.Tensor):
+        if data.dim() == 0 or len(data) == 0:
+            raise CalibrationError(f"calibration tensor has shape {tuple(data.shape)}: it holds no samples")
+        return
+    if isinstance(data, Iterator):
+        raise CalibrationError(
+            f"calibration data is a one-shot iterator ({type(data).__name__}); fusion streams it several times: "
+            f"pass a list of batches, a tensor, a dataset or a DataLoader")
+
+
+def batches(data: Any, batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator[torch.Tensor]:
+    """Input tensors of the calibration data, one batch at a time (see :func:`batch_input`)."""
+    check_data(data)
+    if isinstance(data, torch.Tensor):
+        for i in range(0, len(data), batch_size):
+            yield data[i:i + batch_size]
+        return
+    if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
+        data = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
+    for batch in data:
+        yield batch_input(batch)
+
+
+def first_batch(data: Any) -> torch.Tensor:
+    """The first input batch of the calibration data."""
+    for x in batches(data):
+        return x
+    raise CalibrationError("calibration data is empty")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of a model's first parameter or buffer (CPU for a model with neither)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def modes(models: Sequence[nn.Module], train: Callable[[nn.Module], bool] | None = None):
+    """Put every module of ``models`` in eval mode (modules for which ``train(module)`` is true in
+    training mode) and restore each module's own flag on exit."""
+    saved = [(m, m.training) for model in models for m in model.modules()]
+    try:
+        for model in models:
+            model.eval()
+            if train is not None:
+                for m in model.modules():
+                    if train(m):
+                        m.train()
+        yield
+    finally:
+        # parents first (modules() order), so each child ends with its own flag
+        for m, t in saved:
+            m.train(t)
+
+
+def stream(
+    models: Sequence[nn.Module],
+    data: Any,
+    *,
+    device: str | torch.device | None = None,
+    on_batch: Callable[[torch.Tensor, list[Any]], None] | None = None,
+    before_model: Callable[[int], None] | None = None,
+    train: Callable[[nn.Module], bool] | None = None,
+    max_batches: int | None = None,
+    progress: bool = False,
+    desc: str = "calibration",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> int:
+    """One pass of ``models`` over calibration data.
+
+    Args:
+        models: models to run on every batch (in order); their modes are restored afterwards.
+        data: calibration data (see :func:`batches`).
+        device: where batches go (default: the first model's device).
+        on_batch: ``on_batch(x, outputs)`` after all models ran on batch ``x``.
+        before_model: ``before_model(i)`` before model ``i`` runs on a batch (e.g. to reset hook state).
+        train: modules for which it returns true run in training mode (BatchNorm reset); all others
+            in eval mode.
+        max_batches: stop after this many batches.
+        progress: show a progress bar (with a total when the data has a length).
+        desc: the progress bar's label.
+        batch_size: batch size for tensors and datasets.
+
+    Returns:
+        The number of samples seen.
+    """
+    dev = torch.device(device) if device is not None else (model_device(models[0]) if models else torch.device("cpu"))
+    it: Iterable[torch.Tensor] = batches(data, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        total = _num_batches(data, batch_size)
+        if max_batches is not None and total is not None:
+            total = min(total, max_batches)
+        it = tqdm(it, desc=desc, total=total, leave=False)
+    samples = 0
+    with modes(models, train), torch.no_grad():
+        for b, x in enumerate(it):
+            if max_batches is not None and b >= max_batches:
+                break
+            x = x.to(dev)
+            outs = []
+            for i, m in enumerate(models):
+                if before_model is not None:
+                    before_model(i)
+                outs.append(m(x))
+            if on_batch is not None:
+                on_batch(x, outs)
+            samples += len(x)
+    if samples == 0:
+        raise CalibrationError("calibration data yielded no batches")
+    return samples
+
+
+def _num_batches(data: Any, batch_size: int) -> int | None:
+    if isinstance(data, torch.Tensor):
+        return -(-len(data) // batch_size)
+    if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__"):
+        return -(-len(data) // batch_size)
+    try:
+        return len(data)
+    except TypeError:
+        return None

@@ -1,0 +1,472 @@
+"""Structure trees of alignment spaces, and the one walk over them that every solver uses.
+
+A space's features are not always freely permutable. Its *structure tree* says how they may be
+matched:
+
+* :class:`Leaf`: a plain run of features (any correspondence); leaves with the same ``key`` are the
+  same features (e.g. one dims-within-head axis shared by every head);
+* :class:`Fixed`: features that must stay where they are;
+* :class:`Cat`: concatenation segments, each matched on its own;
+* :class:`Heads`: attention heads: whole heads correspond (one head assignment per ``key``, shared
+  by the query-key and value-output spaces of one attention block), then dims within heads;
+* :class:`Blocks`: blocks indexed by another feature space (a depthwise conv's channels follow its
+  input space).
+
+:class:`Walk` is the only code that walks these trees. Given the graphs of N models, a target graph
+(the fused widths) and a leaf solver, it returns per space and model a non-negative *plan*
+(``n x n_i``, see :mod:`alignment.maps`). Permutation matching, optimal transport, merging,
+magnitude selection, random permutations and resizing are all this walk with another leaf solver.
+
+Heads follow one rule for every method and width: each model's heads are matched to a reference
+model's heads by the minimum total cost of an exact transport between the two heads' dims (an
+assignment when head dims agree), summed over the spaces the heads structure.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence, Union
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from .errors import SpaceMismatchError
+
+__all__ = [
+    "Leaf", "Fixed", "Cat", "Heads", "Blocks", "Node", "tree_size", "tree_keys", "from_tuple",
+    "LeafProblem", "GramView", "Walk",
+]
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """A plain run of ``size`` features; leaves with equal ``key`` hold the same features."""
+
+    key: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Fixed:
+    """``size`` features that keep their place."""
+
+    size: int
+
+
+@dataclass(frozen=True)
+class Cat:
+    """Concatenated segments, matched separately."""
+
+    parts: tuple
+
+
+@dataclass(frozen=True)
+class Heads:
+    """``count`` attention heads (the head index is the heads space ``key``), one subtree per head."""
+
+    key: str
+    count: int
+    parts: tuple
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """``count`` blocks indexed by the feature space ``key`` (depthwise convs), one subtree per block."""
+
+    key: str
+    count: int
+    parts: tuple
+
+
+Node = Union[Leaf, Fixed, Cat, Heads, Blocks]
+
+
+def tree_size(tree: Node) -> int:
+    """Number of features a structure tree describes."""
+    if isinstance(tree, (Leaf, Fixed)):
+        return tree.size
+    if isinstance(tree, Cat):
+        return sum(tree_size(t) for t in tree.parts)
+    return tree.count * tree_size(tree.parts[0])
+
+
+def tree_keys(tree: Node) -> list[str]:
+    """Keys of the leaves (and heads/blocks indices) a tree contains, in order."""
+    if isinstance(tree, Leaf):
+        return [tree.key]
+    if isinstance(tree, Cat):
+        return [k for t in tree.parts for k in tree_keys(t)]
+    if isinstance(tree, (Heads, Blocks)):
+        return [tree.key] + [k for t in tree.parts for k in tree_keys(t)]
+    return []
+
+
+def from_tuple(tree: tuple, heads_keys: set[str]) -> Node:
+    """Typed tree from discovery's tuple form; ``heads_keys`` names the spaces of kind ``heads``."""
+    kind = tree[0]
+    if kind == "fixed":
+        return Fixed(int(tree[1]))
+    if kind == "leaf":
+        return Leaf(tree[1], int(tree[2]))
+    if kind == "cat":
+        return Cat(tuple(from_tuple(t, heads_keys) for t in tree[1]))
+    _, key, count, parts = tree
+    cls = Heads if key in heads_keys else Blocks
+    return cls(key, int(count), tuple(from_tuple(t, heads_keys) for t in parts))
+
+
+# -------------------------------------------------------------------------------------------------
+@dataclass
+class GramView:
+    """Similarity of the pooled units of every model for one space.
+
+    Attributes:
+        G: Gram matrix over the features of all models concatenated (model 0's first).
+        offsets: start of each model's block in ``G`` (and the total at the end).
+        geometry: ``"correlation"`` (compare directions) or ``"distance"`` (Euclidean).
+    """
+
+    G: torch.Tensor
+    offsets: list[int]
+    geometry: str = "correlation"
+
+
+@dataclass
+class LeafProblem:
+    """One leaf to solve: ``n`` fused features from the features of every model.
+
+    Attributes:
+        space: the space being solved (for messages).
+        key: the leaf's key.
+        n: fused width.
+        sizes: number of features of each model.
+        alpha: model weights.
+        G: Gram over the pooled features (model 0's first), or None for solvers that need none.
+        geometry: how to compare in ``G``.
+        anchor: a model whose features define the fused ones (its size is ``n``), or None.
+        scores: optional pooled per-feature scores (e.g. weight magnitudes).
+        generator: random generator for randomised solvers.
+        seed: the fusion seed.
+        note: ``note(message)`` records a fallback in the fusion report.
+    """
+
+    space: str
+    key: str
+    n: int
+    sizes: list[int]
+    alpha: list[float]
+    G: torch.Tensor | None = None
+    geometry: str = "correlation"
+    anchor: int | None = None
+    scores: torch.Tensor | None = None
+    generator: torch.Generator | None = None
+    seed: int = 0
+    note: Callable[[str], None] = field(default=lambda msg: None, repr=False)
+
+    @property
+    def cols(self) -> list[torch.Tensor]:
+        """Pooled indices of each model's features."""
+        out, off = [], 0
+        for s in self.sizes:
+            out.append(torch.arange(off, off + s))
+            off += s
+        return out
+
+
+LeafSolver = Callable[[LeafProblem], "tuple[list[torch.Tensor], float]"]
+
+
+def head_cost(G: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, geometry: str) -> float:
+    """Minimum cost of an exact transport (uniform masses) from units ``rows`` to units ``cols``.
+
+    Equal sizes: the optimal assignment's mean cost (exact OT between uniform equal-size sets is an
+    assignment). Different sizes: ``ot.emd``.
+    """
+    from .leaves import gram_cost, transport_plan
+
+    A = torch.zeros(len(rows), G.shape[0], dtype=torch.float64)
+    A[torch.arange(len(rows)), rows] = 1.0
+    C = gram_cost(A, G, cols, geometry)
+    if len(rows) == len(cols):
+        r, c = linear_sum_assignment(C.numpy())
+        return float(C[torch.as_tensor(r), torch.as_tensor(c)].sum()) / len(rows)
+    return float((transport_plan(C, "emd") * C).sum())
+
+
+class Walk:
+    """Per-space plans for N models onto a target graph, following each space's structure tree.
+
+    Args:
+        graphs: the models' graphs (spaces pair by name).
+        target: the graph of the fused model (its widths and structure).
+        leaf_solver: ``solver(LeafProblem) -> (plans, score)``.
+        alpha: model weights (default uniform).
+        gram: ``gram(space) -> GramView`` (None for solvers that need no similarity).
+        anchor: a model whose features anchor every leaf of its size, and the reference for heads
+            (default: the first model of the target's size).
+        scores: ``scores(space) -> pooled per-feature scores`` (optional).
+        seed: seed of the walk's random generator (randomised solvers and random heads).
+        random_heads: draw head assignments at random instead of matching them (random
+            permutations).
+        note: ``note(message)`` records a fallback in the fusion report.
+    """
+
+    def __init__(self, graphs: Sequence, target, leaf_solver: LeafSolver, alpha: Sequence[float] | None = None,
+                 gram: Callable[[str], GramView] | None = None, anchor: int | None = None,
+                 scores: Callable[[str], torch.Tensor] | None = None, seed: int = 0,
+                 random_heads: bool = False, note: Callable[[str], None] | None = None):
+        self.graphs, self.target = list(graphs), target
+        self.leaf_solver, self.gram_fn, self.anchor = leaf_solver, gram, anchor
+        self.alpha = list(alpha) if alpha is not None else [1.0 / len(self.graphs)] * len(self.graphs)
+        self.scores_fn, self.seed, self.random_heads = scores, seed, random_heads
+        self.note = note or (lambda msg: None)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.cache: dict[str, list[torch.Tensor]] = {}   # leaf key -> per-model plans
+        self.head_perms: dict[str, list[torch.Tensor]] = {}   # heads key -> per-model head assignment
+        self.plans: dict[str, list[torch.Tensor]] = {}
+        self.costs: dict[str, float] = {}
+        self._scores: dict[str, list[float]] = {}
+        self._grams: dict[str, GramView | None] = {}
+        self.groups: dict[str, list[str]] = {}
+        for s in target.spaces:
+            if isinstance(s.tree, Heads):
+                self.groups.setdefault(s.tree.key, []).append(s.name)
+
+    # -- public ----------------------------------------------------------------------------------
+    def order(self) -> list[str]:
+        """Spaces with members: plain feature spaces first, then head-structured ones, then the rest."""
+        def rank(s) -> int:
+            if s.kind != "features":
+                return 3
+            return 2 if isinstance(s.tree, Heads) else 1
+        return [s.name for s in sorted(self.target.spaces, key=rank) if s.members]
+
+    def solve(self, name: str) -> list[torch.Tensor]:
+        """Per-model plans (``n x n_i``) of one space (solved once, then cached)."""
+        if name in self.plans:
+            return self.plans[name]
+        for i, g in enumerate(self.graphs):
+            if name not in g:
+                raise SpaceMismatchError(f"space {name!r} is missing from model {i}; models must be of one family")
+        self._scores[name] = []
+        if self.target[name].kind == "heads":
+            # a head index (e.g. rows of a per-head bias table) follows the head assignment
+            plans = [_perm_plan(pi) for pi in self._heads(name)]
+        else:
+            plans = self._walk(name, self.target[name].tree, [g[name].tree for g in self.graphs],
+                               self._pooled(name))
+        self.plans[name] = plans
+        vals = [v for v in self._scores[name] if not math.isnan(v)]
+        self.costs[name] = sum(vals) / len(vals) if vals else float("nan")
+        return plans
+
+    def solve_all(self, order: Sequence[str] | None = None) -> dict[str, list[torch.Tensor]]:
+        """Plans of every space with members (in ``order`` when given)."""
+        for name in (order if order is not None else self.order()):
+            self.solve(name)
+        return dict(self.plans)
+
+    def reset(self, name: str) -> None:
+        """Forget a space's plans (and its leaves) so the next :meth:`solve` recomputes them."""
+        self.plans.pop(name, None)
+        self._grams.pop(name, None)
+        tree = self.target[name].tree
+        for key in tree_keys(tree):
+            if not isinstance(tree, Blocks) or key != tree.key:
+                self.cache.pop(key, None)
+                self.head_perms.pop(key, None)
+
+    def permutations(self, model: int = 0) -> dict[str, torch.Tensor]:
+        """The solved plans of one model as permutations (fused feature ``k`` = feature ``perm[k]``)."""
+        return {name: plans[model].argmax(1) for name, plans in self.plans.items()}
+
+    # -- internals -------------------------------------------------------------------------------
+    def _gram(self, name: str) -> GramView | None:
+        if name not in self._grams:
+            self._grams[name] = self.gram_fn(name) if self.gram_fn is not None else None
+        return self._grams[name]
+
+    def _pooled(self, name: str) -> list[torch.Tensor]:
+        gv = self._gram(name)
+        off = gv.offsets if gv is not None else None
+        if off is None:
+            off = [0]
+            for g in self.graphs:
+                off.append(off[-1] + g[name].width)
+        return [off[i] + torch.arange(g[name].width) for i, g in enumerate(self.graphs)]
+
+    def _check(self, space: str, ttree: Node, strees: list[Node]) -> None:
+        for i, st in enumerate(strees):
+            plain = (Leaf, Fixed)
+            if type(st) is not type(ttree) and not (isinstance(st, plain) and isinstance(ttree, plain)):
+                raise SpaceMismatchError(
+                    f"space {space!r}: model {i} has structure {type(st).__name__} where the target has "
+                    f"{type(ttree).__name__}; models and target must be of one family")
+
+    def _walk(self, space: str, ttree: Node, strees: list[Node], idx: list[torch.Tensor]) -> list[torch.Tensor]:
+        self._check(space, ttree, strees)
+        n = tree_size(ttree)
+        if isinstance(ttree, Fixed) or any(isinstance(st, Fixed) for st in strees):
+            for i, st in enumerate(strees):
+                if tree_size(st) != n:
+                    raise SpaceMismatchError(f"space {space!r}: a fixed range has {tree_size(st)} features in "
+                                             f"model {i} but {n} in the target")
+            return [torch.eye(n, dtype=torch.float64) for _ in strees]
+        if isinstance(ttree, Leaf):
+            if ttree.key not in self.cache:
+                self.cache[ttree.key] = self._leaf(space, ttree.key, n, idx)
+            return self.cache[ttree.key]
+        if isinstance(ttree, Cat):
+            return self._cat(space, ttree, strees, idx)
+        if isinstance(ttree, Blocks):
+            return self._blocks(space, ttree, strees)
+        return self._heads_walk(space, ttree, strees, idx)
+
+    def _cat(self, space, ttree: Cat, strees, idx):
+        for i, st in enumerate(strees):
+            if len(st.parts) != len(ttree.parts):
+                raise SpaceMismatchError(f"space {space!r}: model {i} concatenates {len(st.parts)} segments, "
+                                         f"the target {len(ttree.parts)}")
+        per_seg, offs = [], [0] * len(strees)
+        for j, sub in enumerate(ttree.parts):
+            subs = [st.parts[j] for st in strees]
+            sub_idx = []
+            for i, st in enumerate(subs):
+                w = tree_size(st)
+                sub_idx.append(idx[i][offs[i]:offs[i] + w])
+                offs[i] += w
+            per_seg.append(self._walk(space, sub, subs, sub_idx))
+        return [torch.block_diag(*[p[i] for p in per_seg]) for i in range(len(strees))]
+
+    def _blocks(self, space, ttree: Blocks, strees):
+        # blocks indexed by another feature space (depthwise conv): follow that space's plan
+        d = tree_size(ttree.parts[0])
+        outer = self.solve(ttree.key)
+        out = []
+        for i, st in enumerate(strees):
+            if st.count != ttree.count:
+                raise SpaceMismatchError(f"space {space!r}: model {i} has {st.count} blocks where the target "
+                                         f"has {ttree.count}")
+            di = tree_size(st.parts[0])
+            if di != d:
+                raise SpaceMismatchError(f"space {space!r}: blocks of {di} features in model {i} but {d} in "
+                                         f"the target (per-block widths of grouped convs must not change)")
+            out.append(torch.kron(outer[i], torch.eye(d, dtype=torch.float64)))
+        return out
+
+    def _heads_walk(self, space, ttree: Heads, strees, idx):
+        nh = ttree.count
+        for i, st in enumerate(strees):
+            if st.count != nh:
+                raise SpaceMismatchError(
+                    f"space {space!r}: model {i} has {st.count} heads where the target has {nh}; heads are "
+                    f"kept when widths change (head_dim changes), so head counts must agree")
+        pis = self._heads(ttree.key)
+        n = tree_size(ttree)
+        d = n // nh
+        sizes = [tree_size(st.parts[0]) for st in strees]
+        shared = self._shared_leaf(ttree, strees)
+        if shared is not None and shared not in self.cache:
+            # one dims-within-head axis shared by every head: solved once over all matched heads
+            self.cache[shared] = self._leaf(space, shared, d, [idx[i][:sizes[i]] for i in range(len(strees))],
+                                            heads=(pis, sizes, nh, idx))
+        plans = [torch.zeros(n, tree_size(st), dtype=torch.float64) for st in strees]
+        for h in range(nh):
+            subs, sub_idx, cols = [], [], []
+            for i, st in enumerate(strees):
+                g = int(pis[i][h])
+                di = sizes[i]
+                subs.append(st.parts[g])
+                sub_idx.append(idx[i][g * di:(g + 1) * di])
+                cols.append((g * di, (g + 1) * di))
+            sub = self._walk(space, ttree.parts[h], subs, sub_idx)
+            for i, (a, b) in enumerate(cols):
+                plans[i][h * d:(h + 1) * d, a:b] = sub[i]
+        return plans
+
+    @staticmethod
+    def _shared_leaf(ttree: Heads, strees) -> str | None:
+        keys = {p.key for p in ttree.parts if isinstance(p, Leaf)}
+        if len(keys) == 1 and all(isinstance(p, Leaf) for p in ttree.parts):
+            return next(iter(keys))
+        return None
+
+    def _leaf(self, space: str, key: str, n: int, idx: list[torch.Tensor], heads=None) -> list[torch.Tensor]:
+        sizes = [len(x) for x in idx]
+        anchor = self.anchor if self.anchor is not None and sizes[self.anchor] == n else None
+        if anchor is None and self.anchor is None:
+            anchor = next((i for i, s in enumerate(sizes) if s == n), None)
+        gv = self._gram(space)
+        G = geometry = None
+        if gv is not None:
+            geometry = gv.geometry
+            if heads is None:
+                pool = torch.cat(idx)
+                G = gv.G[pool][:, pool]
+            else:
+                # the Gram of a shared axis sums the Grams of the matched heads' blocks
+                pis, hsizes, nh, full = heads
+                G = 0
+                for h in range(nh):
+                    pool = torch.cat([full[i][int(pis[i][h]) * hsizes[i]:(int(pis[i][h]) + 1) * hsizes[i]]
+                                      for i in range(len(full))])
+                    G = G + gv.G[pool][:, pool]
+        sc = None
+        if self.scores_fn is not None:
+            pooled = self.scores_fn(space)
+            sc = pooled[torch.cat(idx)] if pooled is not None else None
+        problem = LeafProblem(space=space, key=key, n=n, sizes=sizes, alpha=self.alpha, G=G,
+                              geometry=geometry or "correlation", anchor=anchor, scores=sc,
+                              generator=self.generator, seed=self.seed, note=self.note)
+        plans, score = self.leaf_solver(problem)
+        self._scores.setdefault(space, []).append(score)
+        return plans
+
+    def _heads(self, key: str) -> list[torch.Tensor]:
+        """Per model, fused head ``h`` <- model head ``pi[h]``."""
+        if key in self.head_perms:
+            return self.head_perms[key]
+        nh = self.target[key].width
+        if self.random_heads:
+            pis = [torch.randperm(nh, generator=self.generator) for _ in self.graphs]
+            self.head_perms[key] = pis
+            return pis
+        group = self.groups.get(key, [])
+        ref = self.anchor
+        if ref is None:
+            ref = next((i for i, g in enumerate(self.graphs)
+                        if all(g[s].width == self.target[s].width for s in group)), 0)
+        pis = []
+        for i, g in enumerate(self.graphs):
+            if i == ref or not group:
+                pis.append(torch.arange(nh))
+                continue
+            cost = np.zeros((nh, nh))
+            for s in group:
+                gv = self._gram(s)
+                if gv is None:
+                    continue
+                off = gv.offsets
+                dr, di = self.graphs[ref][s].width // nh, g[s].width // nh
+                for a in range(nh):
+                    rows = off[ref] + torch.arange(a * dr, (a + 1) * dr)
+                    for b in range(nh):
+                        cols = off[i] + torch.arange(b * di, (b + 1) * di)
+                        cost[a, b] += head_cost(gv.G, rows, cols, gv.geometry)
+            if not np.isfinite(cost).all():
+                self.note(f"heads {key!r}: non-finite head costs (NaN statistics?) counted as the largest cost")
+                cost = np.nan_to_num(cost, nan=np.nanmax(cost[np.isfinite(cost)]) if np.isfinite(cost).any() else 0.0)
+            r, c = linear_sum_assignment(cost)
+            pi = torch.empty(nh, dtype=torch.long)
+            pi[torch.as_tensor(r)] = torch.as_tensor(c, dtype=torch.long)
+            pis.append(pi)
+        self.head_perms[key] = pis
+        return pis
+
+
+def _perm_plan(perm: torch.Tensor) -> torch.Tensor:
+    T = torch.zeros(len(perm), len(perm), dtype=torch.float64)
+    T[torch.arange(len(perm)), perm] = 1.0
+    return T

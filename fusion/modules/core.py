@@ -1,0 +1,523 @@
+"""Core of attribute sync: the handler registry, :class:`SyncContext`, :func:`replace_tensor`,
+:func:`sync_module_attributes`, :func:`check_consistency`, the error and warning types, and the
+helpers that the handlers of every library (``torch_modules``, ``timm_modules``, ``hf_modules``) share.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.modules.conv import _ConvNd
+
+from alignment.errors import FusionError, FusionWarning
+
+__all__ = [
+    "AttributeSyncError", "AttributeSyncWarning", "GroupsNotDivisibleError", "HeadsNotDivisibleError", "SyncContext",
+    "SyncHandler", "UnknownModuleError", "UnknownTensorError", "check_consistency", "check_scale", "divide_heads",
+    "is_tensor", "lookup", "module_check", "out_width", "path_label", "register_attribute_sync", "register_config_sync",
+    "register_width_free", "replace_tensor", "sync_module_attributes", "unregister_attribute_sync",
+]
+
+SyncFn = Callable[[nn.Module, str, "SyncContext"], None]
+CheckFn = Callable[[nn.Module, str], list[str]]
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class UnknownTensorError(FusionError, KeyError):
+    """``replace_tensor`` was given a name that is no parameter or buffer of the model."""
+
+    def __str__(self) -> str:  # KeyError would otherwise repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class AttributeSyncError(FusionError, RuntimeError):
+    """Base class of errors raised while synchronising module attributes."""
+
+
+class UnknownModuleError(AttributeSyncError):
+    """A module of an unknown type stores a width that changed; no handler can fix it.
+
+    Attributes:
+        modules: ``[(path, type, [attribute names]), ...]`` of every offending module.
+    """
+
+    def __init__(self, message: str, modules: list[tuple[str, type, list[str]]] | None = None):
+        super().__init__(message)
+        self.modules = modules or []
+
+
+class HeadsNotDivisibleError(AttributeSyncError, ValueError):
+    """The new attention width is not divisible by the number of heads."""
+
+
+class GroupsNotDivisibleError(AttributeSyncError, ValueError):
+    """A grouped convolution / group norm width is not divisible by its groups."""
+
+
+class AttributeSyncWarning(FusionWarning):
+    """Something could be synced only partially (e.g. a config that cannot express it)."""
+
+
+# --------------------------------------------------------------------------- replace_tensor
+
+
+def replace_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Replace, in ``model``, the parameter or buffer at dotted ``name`` by ``tensor`` (any shape).
+
+    A parameter stays an ``nn.Parameter`` with the old ``requires_grad`` (off for integer tensors);
+    a buffer stays a buffer with its persistent flag. Tied parameters or buffers (the same tensor
+    object registered at several places) are replaced everywhere, so tying survives. ``tensor`` is
+    used as given (dtype and device are not changed); it is detached.
+
+    Raises:
+        UnknownTensorError: ``name`` is no parameter or buffer of ``model`` (a ``KeyError``).
+        TypeError: ``tensor`` is not a ``torch.Tensor``.
+    """
+    module_path, _, attr = name.rpartition(".")
+    try:
+        owner = model.get_submodule(module_path) if module_path else model
+    except AttributeError:
+        raise UnknownTensorError(
+            f"model has no parameter or buffer named {name!r} (no module {module_path!r})") from None
+    store = next((s for s in ("_parameters", "_buffers") if attr in getattr(owner, s)), None)
+    if store is None:
+        raise UnknownTensorError(f"model has no parameter or buffer named {name!r}")
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"replace_tensor({name!r}): expected a torch.Tensor, got {type(tensor).__name__}")
+
+    old = getattr(owner, store)[attr]
+    new = tensor.detach()
+    if store == "_parameters":
+        requires_grad = old.requires_grad if old is not None else True
+        new = nn.Parameter(new, requires_grad=requires_grad and (new.is_floating_point() or new.is_complex()))
+    # every (module, attr) slot that holds the very same tensor object (tying)
+    slots = [(owner, attr)]
+    if old is not None:
+        slots += [(mod, key) for mod in model.modules() for key, value in getattr(mod, store).items()
+                  if value is old and not (mod is owner and key == attr)]
+    for mod, key in slots:
+        setattr(mod, key, new)  # a parameter goes through register_parameter; a buffer keeps its persistent flag
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclass
+class SyncHandler:
+    """What is registered for a module type.
+
+    Attributes:
+        sync: ``sync(module, path, ctx)`` re-derives the module's width attributes (``None``: it stores none).
+        check: ``check(module, path) -> list[str]`` reports inconsistencies, or ``None``.
+        managed_attrs: the int attributes ``sync`` keeps in sync, used to detect extra width attributes
+            of *subclasses* (``None``: trust the handler with every attribute).
+    """
+
+    sync: SyncFn | None
+    check: CheckFn | None
+    managed_attrs: frozenset[str] | None
+
+
+_REGISTRY: dict[Any, SyncHandler] = {}
+_CONFIG_REGISTRY: dict[str, tuple[Callable, Callable | None]] = {}
+
+
+def register_attribute_sync(*module_types: type | str, check: CheckFn | None = None,
+                            managed_attrs: Iterable[str] | None = None) -> Callable[[SyncFn], SyncFn]:
+    """Decorator registering ``fn(module, path, ctx)`` as the attribute handler of ``module_types``.
+
+    The handler applies to subclasses too (the nearest registered class in the MRO wins). ``fn``
+    must re-derive the module's width attributes from its current tensors and (already synced)
+    children; ``ctx`` is a :class:`SyncContext`. Types that store no widths: :func:`register_width_free`.
+
+    Args:
+        *module_types: classes, or their dotted names ``"pkg.mod.ClassName"`` (no import needed).
+        check: ``check(module, path) -> list[str]`` adds reports to :func:`check_consistency`.
+        managed_attrs: the int attributes the handler maintains: a subclass that adds *other*
+            int attributes equal to an old width is then reported as :class:`UnknownModuleError`.
+    """
+    if not module_types:
+        raise TypeError("register_attribute_sync needs at least one module type")
+    managed = frozenset(managed_attrs) if managed_attrs is not None else None
+
+    def deco(fn: SyncFn) -> SyncFn:
+        for module_type in module_types:
+            _REGISTRY[module_type] = SyncHandler(fn, check, managed)
+        return fn
+
+    return deco
+
+
+def register_width_free(*module_types: type | str) -> None:
+    """Mark module types (classes or dotted names) as known that store no widths (their tensors define them)."""
+    for module_type in module_types:
+        _REGISTRY[module_type] = SyncHandler(None, None, None)
+
+
+def unregister_attribute_sync(*module_types: type | str) -> None:
+    """Remove the handlers registered for ``module_types`` (classes or dotted names; unknown ones are ignored)."""
+    for module_type in module_types:
+        _REGISTRY.pop(module_type, None)
+
+
+def register_config_sync(*model_types: str, check: Callable | None = None) -> Callable:
+    """Decorator registering ``fn(owner, path, config, ctx)`` for HF configs whose ``model_type`` is in ``model_types``.
+
+    ``owner`` is the shallowest module holding the config (``module.config``), ``path`` its dotted path;
+    ``check(owner, path, config) -> list[str]`` adds reports to :func:`check_consistency`.
+    """
+
+    def deco(fn):
+        for model_type in model_types:
+            _CONFIG_REGISTRY[model_type] = (fn, check)
+        return fn
+
+    return deco
+
+
+def lookup(cls: type) -> tuple[SyncHandler | None, type | None]:
+    """The handler that applies to module class ``cls``.
+
+    Returns:
+        ``(handler, class)`` for the nearest class in ``cls.__mro__`` registered (by class or dotted
+        name), or ``(None, None)``.
+    """
+    for klass in cls.__mro__:
+        if klass is nn.Module or klass is object:
+            break
+        entry = _REGISTRY.get(klass) or _REGISTRY.get(_qualname(klass))
+        if entry is not None:
+            return entry, klass
+    return None, None
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def path_label(path: str) -> str:
+    """``path``, or ``"<root>"`` for the root module (for messages)."""
+    return path or "<root>"
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def is_tensor(t: Any) -> bool:
+    """Whether ``t`` is a materialised tensor (not ``None`` and not a lazy module's placeholder)."""
+    return isinstance(t, torch.Tensor) and not isinstance(t, nn.parameter.UninitializedTensorMixin)
+
+
+def divide_heads(width: int, heads: int, path: str, what: str = "attention width") -> int:
+    """``width // heads`` for the module labelled ``path`` (``what``: the width's name in the message).
+
+    Raises:
+        HeadsNotDivisibleError: ``heads`` does not divide ``width``.
+    """
+    if heads <= 0 or width % heads:
+        raise HeadsNotDivisibleError(
+            f"{path}: {what} {width} is not divisible by num_heads={heads}; pass "
+            f"num_heads={{{path!r}: h}} with h dividing {width}"
+        )
+    return width // heads
+
+
+def check_scale(attr: str, scale: Any, head_dim: int) -> Iterator[str]:
+    """Yield a message if the softmax scale ``attr`` is a float other than ``head_dim**-0.5``."""
+    if isinstance(scale, float) and head_dim > 0 and not math.isclose(scale, head_dim ** -0.5, rel_tol=1e-6):
+        yield f"{attr}={scale:g} but head_dim**-0.5={head_dim ** -0.5:g}"
+
+
+def module_check(fn: Callable[[nn.Module], Iterable[str]]) -> CheckFn:
+    """Decorator turning ``fn(module)``, which yields messages, into a check for :func:`register_attribute_sync`.
+
+    Returns:
+        ``check(module, path) -> list[str]`` whose messages start with ``"<path>: "``.
+    """
+
+    @functools.wraps(fn)
+    def check(m: nn.Module, path: str) -> list[str]:
+        return [f"{path_label(path)}: {message}" for message in fn(m)]
+
+    return check
+
+
+_WIDTH_ATTR = ((nn.Linear, "out_features"), (_ConvNd, "out_channels"), (_NormBase, "num_features"),
+               (nn.GroupNorm, "num_channels"), (nn.Embedding, "embedding_dim"))
+
+
+def _own_out_width(m: nn.Module) -> int | None:
+    """Output width of a single leaf-ish module (attributes assumed synced)."""
+    for cls, attr in _WIDTH_ATTR:
+        if isinstance(m, cls):
+            return getattr(m, attr)
+    for name in ("weight", "gamma"):
+        t = m._parameters.get(name)
+        if t is None:
+            t = m._buffers.get(name)
+        if is_tensor(t) and t.dim() == 1:
+            return int(t.shape[0])
+    return None
+
+
+def out_width(module: nn.Module) -> int | None:
+    """Output width of ``module``: that of its last width-bearing submodule (registration order),
+    or ``None`` if it has none."""
+    last = None
+    for m in module.modules():
+        w = _own_out_width(m)
+        if w is not None:
+            last = w
+    return last
+
+
+# --------------------------------------------------------------------------- context
+
+
+@dataclass
+class SyncContext:
+    """State shared by the handlers of one :func:`sync_module_attributes` call."""
+
+    model: nn.Module
+    num_heads: Mapping[str, int] = field(default_factory=dict)
+    old_shapes: Mapping[str, torch.Size] | None = None
+    warnings: list[str] = field(default_factory=list)
+    used_heads: set[str] = field(default_factory=set)
+
+    def heads(self, path: str, default: int) -> int:
+        """New number of heads of the attention module at ``path`` (``default``: keep).
+
+        Raises:
+            ValueError: the number requested in ``num_heads`` is not a positive int.
+        """
+        if path in self.num_heads:
+            self.used_heads.add(path)
+            value = self.num_heads[path]
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"num_heads[{path!r}] must be a positive int, got {value!r}")
+            return value
+        return int(default)
+
+    def set_heads(self, m: nn.Module, path: str, width: int, heads: str = "num_heads",
+                  head_dim: tuple[str, ...] = ("head_dim",), scale: str | None = "scale",
+                  what: str = "attention width") -> tuple[int, int]:
+        """Split the new attention ``width`` of module ``m`` at ``path`` into heads; return ``(heads, head_dim)``.
+
+        Sets ``m.<heads>`` (see :meth:`heads`), each attribute in ``head_dim`` that ``m`` has, and its
+        softmax scale ``m.<scale>`` if it has one: ``head_dim**-0.5`` if the old scale was the default,
+        else kept (with a warning when the head dim changed).
+
+        Raises:
+            HeadsNotDivisibleError: the number of heads does not divide ``width`` (``what``, in the message).
+        """
+        old_head_dim = next((getattr(m, a) for a in head_dim if hasattr(m, a)), None)
+        n = self.heads(path, getattr(m, heads))
+        d = divide_heads(width, n, path_label(path), what)
+        setattr(m, heads, n)
+        for attr in head_dim:
+            if hasattr(m, attr):
+                setattr(m, attr, d)
+        if scale is not None and hasattr(m, scale):
+            setattr(m, scale, self._rescaled(path, getattr(m, scale), old_head_dim, d, scale))
+        return n, d
+
+    def _rescaled(self, path: str, old_scale: Any, old_head_dim: Any, head_dim: int, attr: str) -> Any:
+        if old_scale is None:
+            return None
+        try:
+            was_default = math.isclose(float(old_scale), float(old_head_dim) ** -0.5, rel_tol=1e-6)
+        except (TypeError, ValueError, ZeroDivisionError):
+            was_default = False
+        if was_default:
+            return float(head_dim) ** -0.5
+        if old_head_dim != head_dim:
+            self.warn(f"{path_label(path)}: {attr}={old_scale} is not head_dim**-0.5 (head_dim was {old_head_dim}); "
+                      f"kept unchanged")
+        return old_scale
+
+    def warn(self, message: str) -> None:
+        """Record ``message`` and issue it as an :class:`AttributeSyncWarning`."""
+        self.warnings.append(message)
+        warnings.warn(message, AttributeSyncWarning, stacklevel=3)
+
+    def old_shape(self, path: str, tensor_name: str) -> torch.Size | None:
+        """Shape before replacement of tensor ``tensor_name`` of the module at ``path`` (if known)."""
+        return None if self.old_shapes is None else self.old_shapes.get(_join(path, tensor_name))
+
+
+# --------------------------------------------------------------------------- unknown modules
+
+_WIDTH_NAME = re.compile(r"(dim|feature|channel|chs|width|hidden|size|planes|heads|embed)", re.I)
+_NOT_WIDTH_NAME = re.compile(
+    r"(patch|kernel|img|image|window|grid|stride|batch|seq|len|vocab|class|label|pool|stage|depth)", re.I)
+
+
+def _changed_modules(modules: list[tuple[str, nn.Module]], old_shapes: Mapping[str, torch.Size]) -> dict[str, set[int]]:
+    """``{module path: old sizes that changed}`` for every module owning a tensor whose shape changed
+    (all old sizes when the number of dims changed)."""
+    changed: dict[str, set[int]] = {}
+    for path, mod in modules:
+        for name, t in [*mod._parameters.items(), *mod._buffers.items()]:
+            key = _join(path, name)
+            if is_tensor(t) and key in old_shapes and tuple(old_shapes[key]) != tuple(t.shape):
+                old, new = tuple(old_shapes[key]), tuple(t.shape)
+                dims = old if len(old) != len(new) else [o for o, n in zip(old, new) if o != n]
+                changed.setdefault(path, set()).update(int(d) for d in dims)
+    return changed
+
+
+def _detect_unknown(modules: list[tuple[str, nn.Module]], changed: Mapping[str, set[int]]) -> None:
+    offenders: list[tuple[str, type, list[str]]] = []
+    for path, mod in modules:
+        own = changed.get(path, set())
+        prefix = path + "." if path else ""
+        below = set().union(*(d for p, d in changed.items() if p != path and p.startswith(prefix)))
+        if not own and not below:
+            continue
+        entry, matched = lookup(type(mod))
+        if entry is None:
+            managed: frozenset[str] = frozenset()
+        elif matched is not type(mod) and entry.managed_attrs is not None:
+            # subclass of a known type: int attributes the base handler does not manage are unknown
+            managed = entry.managed_attrs
+        else:
+            continue
+        bad = {
+            k for k, v in vars(mod).items()
+            if isinstance(v, int) and not isinstance(v, bool) and not k.startswith("__") and k not in managed
+            and (v in own or (v in below and _WIDTH_NAME.search(k) and not _NOT_WIDTH_NAME.search(k)))
+        }
+        if bad:
+            offenders.append((path, type(mod), sorted(bad)))
+    if offenders:
+        path, cls, attrs = offenders[0]
+        others = ", ".join(f"{path_label(p)} ({c.__name__})" for p, c, _ in offenders[1:])
+        more = f" (and {len(offenders) - 1} more: {others})" if others else ""
+        raise UnknownModuleError(
+            f"module {path_label(path)!r} of type {_qualname(cls)} has tensors whose shapes changed and int "
+            f"attribute(s) {attrs} equal to an old width; its attributes cannot be synced automatically{more}. "
+            f"Register a handler: `@register_attribute_sync({cls.__name__})` on `def fn(module, path, ctx): ...` "
+            f"(from fusion.modules) "
+            f"that recomputes those attributes from the module's tensors.",
+            offenders,
+        )
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def _configs(model: nn.Module) -> list[tuple[str, nn.Module, Any]]:
+    """(owner path, owner, config) for every distinct HF-style config, shallowest owner first."""
+    seen: set[int] = set()
+    out = []
+    for path, mod in model.named_modules():
+        cfg = mod.__dict__.get("config")
+        if cfg is None or isinstance(cfg, nn.Module) or id(cfg) in seen or not hasattr(cfg, "model_type"):
+            continue
+        seen.add(id(cfg))
+        out.append((path, mod, cfg))
+    return out
+
+
+def sync_module_attributes(model: nn.Module, num_heads: Mapping[str, int] | None = None,
+                           old_shapes: Mapping[str, torch.Size] | None = None) -> nn.Module:
+    """Update, in place, every width-describing module attribute from the current tensor shapes.
+
+    Also updates Hugging Face ``config`` objects (ViT/DeiT: ``hidden_size``,
+    ``intermediate_size``, ``num_attention_heads``[, ``head_dim``], ``pooler_output_size``;
+    ResNet: ``embedding_size``, ``hidden_sizes``) derived from the weights.
+
+    Args:
+        model: the model (the caller's own copy) whose tensors were replaced
+            with :func:`replace_tensor`.
+        num_heads: ``{attention module path: new number of heads}``.  Attention
+            modules not listed keep their number of heads and get
+            ``head_dim = new q/k width / heads`` (:class:`HeadsNotDivisibleError`
+            if not divisible).  Keys that name no attention module raise
+            ``ValueError``.
+        old_shapes: optional ``{tensor name: shape before replacement}`` (e.g.
+            ``{n: t.shape for n, t in model.state_dict(keep_vars=True).items()}``
+            taken before :func:`replace_tensor`).  When given, (1) modules whose
+            tensors (own or descendants') did not change shape are left alone,
+            and (2) a module of an unknown type that owns changed tensors and
+            stores an int attribute equal to an old width raises
+            :class:`UnknownModuleError` (register a handler with
+            :func:`register_attribute_sync`).  When ``None`` every known module
+            is re-derived (handlers are idempotent) and no unknown-module
+            detection is done.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        UnknownModuleError: see ``old_shapes``.
+        HeadsNotDivisibleError: an attention width is not divisible by its number of heads.
+        GroupsNotDivisibleError: a grouped conv or group norm width is not divisible by its groups.
+        ValueError: ``num_heads`` names no attention module, or a value is not a positive int.
+    """
+    num_heads = dict(num_heads or {})
+    ctx = SyncContext(model=model, num_heads=num_heads, old_shapes=old_shapes)
+    modules = list(model.named_modules())
+    affected: set[str] | None = None
+    if old_shapes is not None:
+        changed = _changed_modules(modules, old_shapes)
+        _detect_unknown(modules, changed)
+        affected = set()
+        for module_path in [*num_heads, *changed]:  # a module and all its ancestors
+            parts = module_path.split(".") if module_path else []
+            affected.update(".".join(parts[:i]) for i in range(len(parts) + 1))
+
+    # children first: reversed pre-order visits every descendant before its ancestor
+    for path, mod in reversed(modules):
+        if affected is not None and path not in affected:
+            continue
+        entry, _ = lookup(type(mod))
+        if entry is not None and entry.sync is not None:
+            entry.sync(mod, path, ctx)
+
+    for path, owner, cfg in _configs(model):
+        if affected is not None and path not in affected:
+            continue
+        handler = _CONFIG_REGISTRY.get(getattr(cfg, "model_type", None))
+        if handler is not None:
+            handler[0](owner, path, cfg, ctx)
+        elif affected is not None:
+            ctx.warn(f"{path_label(path)}.config (model_type={getattr(cfg, 'model_type', None)!r}) is not synced: "
+                     f"no config handler")
+
+    unused = set(num_heads) - ctx.used_heads
+    if unused:
+        raise ValueError(f"num_heads names no known attention module: {sorted(unused)}")
+    return model
+
+
+def check_consistency(model: nn.Module) -> list[str]:
+    """Human-readable inconsistencies between attributes and tensor shapes (known types only).
+
+    Returns:
+        One message per inconsistency, naming the module; empty when all is consistent.
+    """
+    problems: list[str] = []
+    for path, mod in model.named_modules():
+        entry, _ = lookup(type(mod))
+        if entry is not None and entry.check is not None:
+            problems.extend(entry.check(mod, path))
+    for path, owner, cfg in _configs(model):
+        handler = _CONFIG_REGISTRY.get(getattr(cfg, "model_type", None))
+        if handler is not None and handler[1] is not None:
+            problems.extend(handler[1](owner, path, cfg))
+    return problems

@@ -1,0 +1,178 @@
+"""Tests of fusion.io: building models from constructor specs, saving and loading them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from fusion import io as fio
+from fusion.io import (
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    SidecarError,
+    UnknownArchitectureError,
+    build_model,
+    load_model_file,
+    save_model,
+    save_weights,
+)
+
+TINY_RESNET = {
+    "library": "timm",
+    "name": "resnet18",
+    "kwargs": {"channels": [4, 8, 8, 8], "in_chans": 1, "stem_width": 4},
+}
+TINY_VIT = {
+    "library": "timm",
+    "name": "vit_tiny_patch16_224",
+    "kwargs": {"depth": 1, "embed_dim": 16, "img_size": 28, "in_chans": 1, "num_heads": 2, "patch_size": 7},
+}
+HF_VIT = {
+    "library": "transformers",
+    "name": "ViTForImageClassification",
+    "kwargs": {
+        "image_size": 28,
+        "patch_size": 7,
+        "num_channels": 1,
+        "hidden_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 32,
+    },
+}
+HF_RESNET = {
+    "library": "transformers",
+    "name": "ResNetForImageClassification",
+    "kwargs": {"num_channels": 1, "embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1]},
+}
+
+
+def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(x)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _x(n: int = 3) -> torch.Tensor:
+    return torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+
+
+# --------------------------------------------------------------------------- build_model
+
+
+@pytest.mark.parametrize("arch", [TINY_RESNET, TINY_VIT, HF_VIT, HF_RESNET], ids=["timm-resnet", "timm-vit", "hf-vit", "hf-resnet"])
+def test_build_model_shapes(arch: dict) -> None:
+    model = build_model(arch, 7)
+    assert not model.training
+    assert _logits(model, _x()).shape == (3, 7)
+
+
+def test_build_model_uses_matching_transformers_config() -> None:
+    import transformers
+
+    model = build_model(HF_RESNET, 4)
+    assert isinstance(model.config, transformers.ResNetConfig)
+    assert model.config.num_labels == 4 and model.config.hidden_sizes == [8, 16]
+
+
+def test_build_model_errors() -> None:
+    with pytest.raises(UnknownArchitectureError, match=r"'keras'.*timm, transformers"):
+        build_model({"library": "keras", "name": "x"}, 10)
+    with pytest.raises(UnknownArchitectureError, match="no_such_net"):
+        build_model({"library": "timm", "name": "no_such_net"}, 10)
+    with pytest.raises(UnknownArchitectureError, match="NoSuchModelForImageClassification"):
+        build_model({"library": "transformers", "name": "NoSuchModelForImageClassification"}, 10)
+    with pytest.raises(UnknownArchitectureError, match="pretrained"):
+        build_model({**TINY_RESNET, "kwargs": {**TINY_RESNET["kwargs"], "pretrained": True}}, 10)
+    with pytest.raises(UnknownArchitectureError, match="library"):
+        build_model({"name": "resnet18"}, 10)
+
+
+# --------------------------------------------------------------------------- save_model / load_model_file
+
+
+@pytest.mark.parametrize("arch", [TINY_VIT, HF_VIT], ids=["timm-vit", "hf-vit"])
+def test_save_model_roundtrip(tmp_path: Path, arch: dict) -> None:
+    torch.manual_seed(1)
+    model = build_model(arch, 4).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    path = save_model(model, tmp_path / "out" / "fused", arch, 4, classes=[9, 8, 7, 6], extra={"method": "test"})
+    assert path == tmp_path / "out" / "fused.safetensors"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["fused.json", "fused.safetensors"]
+    # The caller's model is untouched.
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+    sidecar = json.loads((tmp_path / "out" / "fused.json").read_text())
+    assert sidecar["arch"]["name"] == arch["name"] and sidecar["classes"] == [9, 8, 7, 6]
+    assert sidecar["method"] == "test"
+
+    loaded, entry = load_model_file(path)
+    assert entry.classes == [9, 8, 7, 6] and entry.extra == {"method": "test"}
+    x = _x()
+    assert torch.equal(_logits(loaded, x), _logits(model.eval(), x))
+    # The stem and the sidecar path work too.
+    assert torch.equal(_logits(load_model_file(tmp_path / "out" / "fused")[0], x), _logits(loaded, x))
+    assert torch.equal(_logits(load_model_file(tmp_path / "out" / "fused.json")[0], x), _logits(loaded, x))
+
+
+def test_save_model_refuses_mismatch_and_writes_nothing(tmp_path: Path) -> None:
+    model = build_model(TINY_RESNET, 3)
+    with pytest.raises(CheckpointMismatchError, match="Refusing to save"):
+        save_model(model, tmp_path / "m.safetensors", TINY_RESNET, 4)
+    with pytest.raises(ValueError, match="classes has 2 labels"):
+        save_model(model, tmp_path / "m.safetensors", TINY_RESNET, 3, classes=[0, 1])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_load_model_file_without_sidecar(tmp_path: Path) -> None:
+    save_weights(build_model(TINY_RESNET, 3), tmp_path / "bare.safetensors")
+    with pytest.raises(CheckpointNotFoundError, match="bare.json"):
+        load_model_file(tmp_path / "bare.safetensors")
+
+
+class _Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        self.b.weight = self.a.weight  # shared tensor
+        self.register_buffer("view", self.a.weight.data[:2].t())  # non-contiguous view
+
+
+def test_save_weights_handles_shared_and_noncontiguous(tmp_path: Path) -> None:
+    model = _Tied()
+    path = save_weights(model, tmp_path / "tied.safetensors")
+    state = load_file(str(path))
+    assert torch.equal(state["a.weight"], state["b.weight"])
+    assert torch.equal(state["view"], model.a.weight.data[:2].t())
+    assert model.b.weight is model.a.weight  # the model keeps its tying
+
+
+
+def test_save_model_records_widths_of_a_resized_model(tmp_path: Path) -> None:
+    """A model narrower than its constructor builds is saved with per-space widths and reloads."""
+    from fusion.resize import resize
+
+    arch = {"library": "timm", "name": "resnet18",
+            "kwargs": {"channels": [8, 16, 32, 64], "in_chans": 1, "stem_width": 8}}
+    model = fio.build_model(arch, 10).eval()
+    ex = fio.example_input(arch)
+    assert tuple(ex.shape) == (2, 1, 28, 28)
+    half = resize(model, 0.5, ex)
+    widths = fio.space_widths(half, ex)
+    assert widths["layer4.0.conv1"] == 32
+    with pytest.raises(fio.CheckpointMismatchError):
+        fio.save_model(half, tmp_path / "bad", arch=arch, num_classes=10)
+    path = fio.save_model(half, tmp_path / "half", arch=arch, num_classes=10, widths=widths)
+    loaded, entry = fio.load_model_file(path)
+    assert "widths" not in entry.extra
+    for k, v in half.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    with torch.no_grad():
+        assert torch.allclose(half(ex), loaded(ex))

@@ -1,0 +1,322 @@
+"""The pipeline's contract: typed options, one exception base, the streaming runner, mergeable
+statistics, topology, plans from every method, interpolation weights, and the package layout."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import pkgutil
+import warnings
+from pathlib import Path
+
+import click
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+
+import alignment
+import fusion
+from alignment import discover
+from alignment.errors import CalibrationError, FallbackWarning, FusionError, FusionWarning, InvalidOptionError
+from alignment.maps import fuse_tensors
+from alignment.methods import METHODS
+from alignment.permute import model_tensors
+from alignment.runner import batches, stream
+from alignment.statistics import collect
+from fusion.repair import REPAIRS
+from tests.conftest import rel_err
+from tests.tiny_models import build, logits
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("alignment", "fusion")
+
+
+def _modules():
+    for pkg in PACKAGES:
+        mod = importlib.import_module(pkg)
+        yield mod
+        for info in pkgutil.walk_packages(mod.__path__, prefix=pkg + "."):
+            yield importlib.import_module(info.name)
+
+
+# -------------------------------------------------------------------------------------------------
+# the contract
+def test_unknown_option_raises_and_names_the_valid_ones():
+    """A misspelt method option is an error that names it and lists the method's options."""
+    a, x = build("mlp", seed=0)
+    b, _ = build("mlp", seed=1)
+    with pytest.raises(InvalidOptionError, match=r"iteratoins.*iterations"):
+        fusion.fuse([a, b], x, method="permute", repair="none", iteratoins=7)
+    with pytest.raises(InvalidOptionError, match=r"'emd' or 'sinkhorn'"):
+        fusion.fuse([a, b], x, method="ot", repair="none", solver="nonsense")
+    with pytest.raises(InvalidOptionError, match="max_iter"):
+        fusion.fuse([a, b], x, method="weight_matching", repair="none", max_iter="many")
+    with pytest.raises(InvalidOptionError, match="finite"):
+        fusion.fuse([a, b], x, method="ot", repair="none", reg=float("nan"))
+    with pytest.raises(InvalidOptionError, match="eps"):
+        fusion.fuse([a, b], x, repair="repair", repair_options={"epsilon": 1.0})
+
+
+def test_options_are_checked_before_any_work(monkeypatch):
+    """Bad options fail before discovery runs (no expensive work is wasted)."""
+    calls = []
+    monkeypatch.setattr(fusion.api, "discover", lambda *a, **k: calls.append(1))
+    a, x = build("mlp")
+    with pytest.raises(InvalidOptionError):
+        fusion.fuse([a, a], x, method="ot", cost="cosine")
+    with pytest.raises(InvalidOptionError):
+        fusion.fuse([a, a], x, alpha=[0.5, float("nan")])
+    assert calls == []
+
+
+def test_registries_describe_options_and_defaults():
+    """`fusion methods` lists every method with its options and defaults (read from signatures)."""
+    text = METHODS.describe()
+    for name in fusion.list_methods():
+        assert text.count(f"\n{name}: ") + text.startswith(f"{name}: ") == 1
+    assert "solver = 'emd'  ('emd' or 'sinkhorn')" in text
+    assert "iterations = None  (int or None)" in text
+    assert "eps = 1e-05" in REPAIRS.describe()
+
+
+def test_every_exception_class_derives_from_fusion_error():
+    """Every exception type defined in the packages derives from FusionError; warnings from
+    FusionWarning (so a caller can catch everything the toolkit raises on purpose)."""
+    seen = 0
+    for mod in _modules():
+        for _, obj in inspect.getmembers(mod, inspect.isclass):
+            if obj.__module__ != mod.__name__ or not issubclass(obj, BaseException):
+                continue
+            seen += 1
+            if issubclass(obj, click.ClickException):
+                continue  # the CLI's presentation of errors (exit codes), not an error of its own
+            if issubclass(obj, Warning):
+                assert issubclass(obj, FusionWarning), f"{mod.__name__}.{obj.__name__}"
+            else:
+                assert issubclass(obj, FusionError), f"{mod.__name__}.{obj.__name__}"
+    assert seen > 10
+
+
+def test_public_modules_declare_all_and_import_no_private_names_across_packages():
+    """Every public module has ``__all__`` naming only things it defines or imports; no module
+    imports an underscore name from another package."""
+    for mod in _modules():
+        if mod.__name__.rsplit(".", 1)[-1].startswith("_"):
+            continue
+        assert hasattr(mod, "__all__"), mod.__name__
+        for name in mod.__all__:
+            assert hasattr(mod, name), f"{mod.__name__}.__all__ names missing {name}"
+    for path in list((ROOT / "alignment").rglob("*.py")) + list((ROOT / "fusion").rglob("*.py")):
+        pkg = path.relative_to(ROOT).parts[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                other = node.module.split(".")[0]
+                if other in PACKAGES and other != pkg:
+                    private = [a.name for a in node.names if a.name.startswith("_")]
+                    private += [p for p in node.module.split(".")[1:] if p.startswith("_")]
+                    assert not private, f"{path}: imports {private} from {node.module}"
+
+
+def test_fallbacks_are_reported_and_warned(monkeypatch):
+    """A space with no activation statistics is compared by its weights: listed in the fusion
+    report's fallbacks and warned, not silently left unaligned."""
+    a, x = build("mlp", seed=0)
+    b, _ = build("mlp", seed=1)
+    real = fusion.api.discover
+
+    def blind(model, example):
+        g = real(model, example)
+        g.spaces[0].observations = []
+        return g
+
+    monkeypatch.setattr(fusion.api, "discover", blind)
+    name = real(a, x).spaces[0].name
+    with pytest.warns(FallbackWarning, match=name):
+        fused = fusion.fuse([a, b], x, method="permute", repair="none")
+    assert any(name in f and "weights" in f for f in fused.fusion_report.fallbacks)
+    assert "fallback" in fused.fusion_report.summary()
+
+
+# -------------------------------------------------------------------------------------------------
+# runner and statistics
+def test_statistics_merge_of_two_halves_equals_the_whole():
+    """Statistics are sums: collected on two halves and merged, they equal one pass over all data."""
+    a, x = build("cnn", seed=0)
+    b, _ = build("cnn", seed=1)
+    graphs = [discover(a, x), discover(b, x)]
+    data = torch.randn(48, *x.shape[1:], generator=torch.Generator().manual_seed(0))
+    whole = collect([a, b], graphs, data)
+    merged = collect([a, b], graphs, data[:20]).merge(collect([a, b], graphs, data[20:]))
+    assert merged.samples == whole.samples == 48
+    for name, pts in whole.points.items():
+        for p, q in zip(pts, merged.points[name]):
+            assert p.count == q.count
+            assert (p.s2 - q.s2).abs().max() <= 1e-10 * p.s2.abs().max()
+            assert (p.s1 - q.s1).abs().max() <= 1e-10 * p.s1.abs().max().clamp_min(1)
+        cov = whole.covariance(name)
+        assert (cov - merged.covariance(name)).abs().max() <= 1e-10 * cov.abs().max()
+
+
+class _Flagged(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.drop = nn.Dropout(0.5)
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append((self.training, self.drop.training, x.shape[0]))
+        return self.drop(self.lin(x))
+
+
+def test_runner_accepts_every_batch_form_and_restores_modes():
+    """Tensors, datasets, DataLoaders with a sampler, (x, y) pairs and dict batches all stream the
+    same inputs; models run in eval mode and get their own flags back, even after an error."""
+    x = torch.randn(10, 4)
+    y = torch.arange(10)
+    ds = torch.utils.data.TensorDataset(x, y)
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, sampler=torch.utils.data.SequentialSampler(ds))
+    dicts = [{"label": y[i:i + 4], "pixel_values": x[i:i + 4]} for i in range(0, 10, 4)]
+    for data in (x, ds, loader, [(x[:5], y[:5]), (x[5:], y[5:])], dicts):
+        assert torch.equal(torch.cat(list(batches(data))), x)
+    m = _Flagged()
+    m.train()
+    m.drop.eval()
+    assert stream([m], loader) == 10
+    assert all(not t and not d for t, d, _ in m.seen)
+    assert m.training and not m.drop.training
+    with pytest.raises(RuntimeError):
+        stream([m], loader, on_batch=lambda *_: (_ for _ in ()).throw(RuntimeError("boom")))
+    assert m.training and not m.drop.training
+
+
+def test_runner_rejects_unusable_calibration_data():
+    """One-shot generators (consumed by the first pass) and batches without an input are errors."""
+    gen = (torch.randn(2, 4) for _ in range(3))
+    with pytest.raises(CalibrationError, match="one-shot"):
+        list(batches(gen))
+    with pytest.raises(CalibrationError, match="model input"):
+        list(batches([{"label": torch.arange(3)}]))
+    with pytest.raises(CalibrationError, match="no samples"):
+        list(batches(torch.zeros(0, 4)))
+
+
+def test_graph_topology_lists_producers_and_consumers_in_execution_order(tiny):
+    """Each space knows the modules that write and read it, in the order the forward runs them."""
+    model, x = tiny("timm_resnet18")
+    g = discover(model, x)
+    assert g.modules.index("conv1") < g.modules.index("layer1.0.conv1") < g.modules.index("fc")
+    stem = g["conv1"]
+    assert stem.producers == ["conv1"]
+    assert stem.consumers == ["layer1.0.conv1", "layer1.0.downsample.0"]
+    stream = g["layer1.0.conv2"]  # the residual stream of layer1: written by both blocks and the shortcut
+    assert stream.producers == ["layer1.0.conv2", "layer1.0.downsample.0", "layer1.1.conv2"]
+    assert stream.consumers[0] == "layer1.1.conv1" and "layer2.0.conv1" in stream.consumers
+    for s in g.spaces:
+        for mods in (s.producers, s.consumers):
+            order = [g.modules.index(p) for p in mods]
+            assert order == sorted(order), s.name
+    assert g.layer_spaces("layer1.0.conv1") == (["conv1"], ["layer1.0.conv1"])
+
+
+# -------------------------------------------------------------------------------------------------
+# methods
+@pytest.mark.parametrize("method", ["ot", "merge"])
+def test_non_uniform_alpha_changes_the_result_and_matches_the_formula(method):
+    """With weights alpha, fused tensors are sum_i M_i W_i U_i with M_i = alpha_i T_i / rowsum(T_i),
+    renormalised over the models matching each fused unit, and U_i the column-normalised T_i^T."""
+    a, x = build("mlp", seed=0)
+    b, _ = build("mlp", seed=1)
+    cal = torch.randn(128, *x.shape[1:], generator=torch.Generator().manual_seed(2))
+    al = fusion.align([a, b], cal, method=method, width=0.75 if method == "merge" else None)
+    alpha = [0.3, 0.7]
+    fused = al.apply(alpha)
+    uniform = al.apply([0.5, 0.5])
+    assert not torch.allclose(fused.fc1.weight, uniform.fc1.weight)
+    maps = {}
+    for name in al.plans[0]:
+        Ts = [p[name] for p in al.plans]
+        present = [(T.sum(1) > 0).double() for T in Ts]
+        w = sum(ai * p for ai, p in zip(alpha, present))
+        M = [ai * T / T.sum(1, keepdim=True).clamp_min(1e-300) / w[:, None] for ai, T in zip(alpha, Ts)]
+        U = [(T / T.sum(0, keepdim=True).clamp_min(1e-300)).t() for T in Ts]
+        from alignment.maps import SpaceMap
+
+        maps[name] = SpaceMap(M, U)
+    want = fuse_tensors([model_tensors(a), model_tensors(b)], al.graphs, maps, alpha)
+    for k, v in model_tensors(fused).items():
+        if k in want:
+            torch.testing.assert_close(v, want[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["ot", "merge"])
+def test_same_seed_gives_identical_weights(method):
+    """Fusion is deterministic for a seed (barycenter seeding and merging included)."""
+    a, x = build("cnn", seed=0)
+    b, _ = build("cnn", seed=1)
+    cal = torch.randn(32, *x.shape[1:], generator=torch.Generator().manual_seed(0))
+    f1 = fusion.fuse([a, b], cal, method=method, repair="none", width=0.5, seed=3)
+    f2 = fusion.fuse([a, b], cal, method=method, repair="none", width=0.5, seed=3)
+    for (k, v), w in zip(model_tensors(f1).items(), model_tensors(f2).values()):
+        assert torch.equal(v, w), k
+
+
+def test_square_and_rectangular_permute_agree_and_equal_the_hungarian_solution():
+    """`permute` without a target and with a separately built target of the same widths give the
+    same weights, and each plain space's matching is scipy's assignment on the correlation block."""
+    from tests.tiny_models import TinyMLP
+
+    a, x = build("mlp", seed=0)
+    b, _ = build("mlp", seed=1)
+    cal = torch.randn(256, *x.shape[1:], generator=torch.Generator().manual_seed(4))
+    plain = fusion.align([a, b], cal, method="permute")
+    rect = fusion.align([a, b], cal, method="permute", target=TinyMLP().eval())
+    for k, v in model_tensors(plain.apply()).items():
+        assert torch.equal(v, model_tensors(rect.apply())[k]), k
+    stats = plain.statistics
+    for name in stats.points:
+        C = stats.block(stats.correlation(name), name, 0, 1).numpy()
+        r, c = linear_sum_assignment(C, maximize=True)
+        assert np.array_equal(plain.result.permutations(1)[name].numpy()[r], c), name
+
+
+def test_merge_many_rematching_changes_and_does_not_worsen_the_pairwise_objective():
+    """With three different models, MergeMany rounds (iterations) rematch every model against the
+    others; the summed pairwise correlation of matched units does not drop."""
+    models = [build("mlp", seed=s)[0] for s in (0, 1, 2)]
+    x = build("mlp")[1]
+    cal = torch.randn(256, *x.shape[1:], generator=torch.Generator().manual_seed(5))
+
+    def objective(al):
+        total = 0.0
+        for name in al.statistics.points:
+            C = al.statistics.correlation(name)
+            perms = [al.result.permutations(i)[name] for i in range(3)]
+            for i in range(3):
+                for j in range(i + 1, 3):
+                    total += float(al.statistics.block(C, name, i, j)[perms[i], perms[j]].sum())
+        return total
+
+    once = fusion.align(models, cal, method="permute", iterations=0)
+    many = fusion.align(models, cal, method="permute", iterations=3)
+    assert any(not torch.equal(once.result.permutations(i)[n], many.result.permutations(i)[n])
+               for i in range(3) for n in once.statistics.points)
+    assert objective(many) >= objective(once) - 1e-9
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "timm_resnet18"])
+def test_fusing_a_widened_copy_across_widths_keeps_the_function(name):
+    """Fusing a model with its widened copy (same function, every unit duplicated) into the narrow
+    width gives back the model's function, with OT and with merging (which pair the copies)."""
+    from fusion.resize import resize
+
+    model, x = build(name, seed=0)
+    wide = resize(model, 2.0, x)
+    cal = torch.randn(256, *x.shape[1:], generator=torch.Generator().manual_seed(0))
+    for method in ("ot", "merge"):
+        fused = fusion.fuse([model, wide], cal, method=method, repair="none", target=model)
+        with torch.no_grad():
+            assert rel_err(logits(model(cal[:8])), logits(fused(cal[:8]))) < 1e-5, method
