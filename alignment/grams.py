@@ -50,31 +50,28 @@ def activation_gram(stats, kind: str | Callable[[str], str] = "correlation") -> 
 
 
 def unit_weight_rows(graphs: Sequence[Graph], tensors: Sequence[dict[str, torch.Tensor]], name: str,
-                     maps: Sequence[dict], note: Callable[[str], None] | None = None) -> list[torch.Tensor]:
-    """Per model, one row per unit of space ``name``: the unit's weights on every member tensor,
-    with the tensors' other axes carried into the fused basis by ``maps[i]`` (single-model maps).
-
-    Members pair across models by (tensor, axis, rank); members missing from a model are skipped
-    (and noted).
+                     maps: Sequence[dict], note: Callable[[str], None] | None = None):
+    """Per member tensor of space ``name`` (paired across models by (tensor, axis, rank)), one row
+    per unit and model: the unit's weights on that tensor, with the tensor's other axes carried
+    into the fused basis by ``maps[i]`` (single-model maps). Yields one list (a matrix per model)
+    per member; members missing from a model are skipped (and noted).
     """
     ranked = [{(m.tensor, m.axis, r): m for r, m in ranked_members(g[name].members)} for g in graphs]
     keys = [k for k in ranked[0] if all(k in rk for rk in ranked[1:])]
     if note is not None and len(keys) < max(len(r) for r in ranked):
         note(f"space {name!r}: {max(len(r) for r in ranked) - len(keys)} member tensor(s) missing from some "
              f"model are left out of the weight similarity")
-    out = []
-    for i, g in enumerate(graphs):
-        roles = axis_roles(g)
+    roles = [axis_roles(g) for g in graphs]
+    for k in keys:
         rows = []
-        for k in keys:
+        for i, g in enumerate(graphs):
             m = ranked[i][k]
-            t = map_tensor(tensors[i][m.tensor], g, m.tensor, roles, maps[i], 0, 1.0, skip_axis=m.axis)
+            t = map_tensor(tensors[i][m.tensor], g, m.tensor, roles[i], maps[i], 0, 1.0, skip_axis=m.axis)
             rows.append(t.movedim(m.axis, 0)[m.start:m.stop].reshape(m.stop - m.start, -1))
-        out.append(torch.cat(rows, dim=1) if rows else torch.zeros(g[name].width, 0, dtype=torch.float64))
-    widths = {r.shape[1] for r in out}
-    if len(widths) > 1:
-        raise SpaceMismatchError(f"space {name!r}: weight rows of different lengths {sorted(widths)} across models")
-    return out
+        if len({r.shape[1] for r in rows}) > 1:
+            raise SpaceMismatchError(f"space {name!r}: rows of {k[0]!r} have different lengths "
+                                     f"{sorted({r.shape[1] for r in rows})} across models")
+        yield rows
 
 
 def initial_plan(n: int, n_i: int) -> torch.Tensor:
@@ -86,33 +83,55 @@ def initial_plan(n: int, n_i: int) -> torch.Tensor:
 
 def weight_gram(graphs: Sequence[Graph], target: Graph, tensors: Sequence[dict[str, torch.Tensor]],
                 plans: Callable[[str], list[torch.Tensor] | None], geometry: str = "distance",
-                note: Callable[[str], None] | None = None) -> Callable[[str], GramView]:
+                note: Callable[[str], None] | None = None, anchor: int | None = None) -> Callable[[str], GramView]:
     """``gram(space)`` from weights: inner products of units' weight rows in the fused basis.
 
     ``plans(space)`` gives the current per-model plans of a space (None: not solved yet, the identity
     plan is used), so the Gram of a space depends on the alignment of its neighbours. ``geometry``
-    says how leaf solvers compare in it (``"inner"``: weight matching's inner product).
+    says how leaf solvers compare in it (``"inner"``: weight matching's inner product). With
+    ``anchor``, only what matching against that model needs is computed: the anchor's rows and
+    columns against the other models, and every unit's norm (the other entries are zero).
     """
+    cache: dict[tuple[int, str], tuple[int, object]] = {}
+
+    def space_map(i: int, s) -> object:
+        p = plans(s.name)
+        T = p[i] if p is not None else None
+        hit = cache.get((i, s.name))
+        if hit is not None and hit[0] == id(T):
+            return hit[1]
+        m = plan_maps([T if T is not None else initial_plan(s.width, graphs[i][s.name].width)], [1.0])
+        cache[(i, s.name)] = (id(T), m)
+        return m
+
     def maps_for(i: int, spaces: set[str]) -> dict:
-        out = {}
-        for s in target.spaces:
-            if s.name not in spaces or s.name not in graphs[i]:
-                continue
-            p = plans(s.name)
-            T = p[i] if p is not None else initial_plan(s.width, graphs[i][s.name].width)
-            out[s.name] = plan_maps([T], [1.0])
-        return out
+        return {s.name: space_map(i, s) for s in target.spaces if s.name in spaces and s.name in graphs[i]}
 
     def gram(name: str) -> GramView:
         # only the spaces on the member tensors' other axes are needed
         touched = {sp for m in graphs[0][name].members for pcs in graphs[0].layout(m.tensor) for *_, sp in pcs
                    if sp is not None}
-        R = unit_weight_rows(graphs, tensors, name, [maps_for(i, touched) for i in range(len(graphs))], note)
+        maps = [maps_for(i, touched) for i in range(len(graphs))]
+        widths = [g[name].width for g in graphs]
         off = [0]
-        for r in R:
-            off.append(off[-1] + r.shape[0])
-        Rc = torch.cat(R, dim=0)
-        return GramView(Rc @ Rc.t(), off, geometry)
+        for w in widths:
+            off.append(off[-1] + w)
+        G = torch.zeros(off[-1], off[-1], dtype=torch.float64)
+        # accumulate member by member: the concatenated rows of a wide space are large
+        for rows in unit_weight_rows(graphs, tensors, name, maps, note):
+            for i, Ri in enumerate(rows):
+                for j in range(i, len(rows)):
+                    if anchor is not None and anchor not in (i, j):
+                        continue
+                    if anchor is not None and i == j:
+                        # leaf solvers matching against the anchor need only each unit's norm here
+                        G[off[i]:off[i + 1], off[i]:off[i + 1]].diagonal().add_((Ri * Ri).sum(1))
+                        continue
+                    B = Ri @ rows[j].t()
+                    G[off[i]:off[i + 1], off[j]:off[j + 1]] += B
+                    if j != i:
+                        G[off[j]:off[j + 1], off[i]:off[i + 1]] += B.t()
+        return GramView(G, off, geometry)
 
     return gram
 

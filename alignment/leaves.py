@@ -62,8 +62,6 @@ def transport_plan(cost: torch.Tensor, solver: str = "emd", reg: float = 0.01,
     Returns:
         The plan (float64, ``n x m``).
     """
-    import ot
-
     C = cost.detach().double().cpu()
     n, m = C.shape
     if not torch.isfinite(C).all():
@@ -77,6 +75,8 @@ def transport_plan(cost: torch.Tensor, solver: str = "emd", reg: float = 0.01,
         T = torch.zeros(n, m, dtype=torch.float64)
         T[torch.as_tensor(r), torch.as_tensor(c)] = 1.0 / max(n, m)
         return T
+    import ot  # imported here: POT's import takes seconds and Hungarian matching needs none of it
+
     a = torch.full((n,), 1.0 / n, dtype=torch.float64) if a is None else a.double().cpu() / a.sum()
     b = torch.full((m,), 1.0 / m, dtype=torch.float64) if b is None else b.double().cpu() / b.sum()
     scale = float(C.abs().max())
@@ -99,15 +99,21 @@ def transport_plan(cost: torch.Tensor, solver: str = "emd", reg: float = 0.01,
 
 
 def gram_cost(A: torch.Tensor, G: torch.Tensor, cols: torch.Tensor, geometry: str) -> torch.Tensor:
-    """Cost between anchors ``A @ units`` (rows of ``A`` over pooled units) and the units ``cols``.
+    """Cost between anchors ``A @ units`` (rows of ``A`` over pooled units, or a LongTensor of
+    pooled unit indices) and the units ``cols``.
 
     ``"correlation"``: ``1 - cos`` in the Gram geometry (for a correlation Gram, one minus the
     correlation); ``"distance"``: the Euclidean distance; ``"inner"``: minus the inner product.
     """
-    AG = A @ G[:, cols]
+    if A.dtype == torch.long:
+        # anchors that are units themselves (indices): no products with the whole Gram
+        AG = G[A][:, cols]
+        aa = G[A, A].clamp_min(0)
+    else:
+        AG = A @ G[:, cols]
+        aa = (A @ G * A).sum(1).clamp_min(0)
     if geometry == "inner":
         return -AG
-    aa = (A @ G * A).sum(1).clamp_min(0)
     gg = G[cols, cols].clamp_min(0)
     if geometry == "correlation":
         den = (aa[:, None] * gg[None, :]).sqrt()
@@ -157,8 +163,7 @@ def ot_leaf(leaf: LeafProblem, solver: str = "emd", reg: float = 0.01, iteration
     n, cols = leaf.n, leaf.cols
     P = G.shape[0]
     if leaf.anchor is not None:
-        A = torch.zeros(n, P, dtype=torch.float64)
-        A[torch.arange(n), cols[leaf.anchor]] = 1.0
+        A = cols[leaf.anchor]  # the anchor's units, by index
         iters = 0 if iterations is None else iterations
     elif n < P:
         # seed the barycenter with balanced greedy merging (exact when units come in copies)

@@ -219,7 +219,7 @@ def _solve(ctx: MatchContext, leaf_solver, gram_of=None, scores=None, sweeps: in
             order = [order[int(k)] for k in torch.randperm(len(order), generator=gen)]
         new = walk.solve_all(order)
         prev = holder["prev"]
-        changed = not prev or any(not all(torch.allclose(a, b) for a, b in zip(new[k], prev[k])) for k in new)
+        changed = not prev or any(not all(torch.equal(a, b) for a, b in zip(new[k], prev[k])) for k in new)
         holder["prev"] = dict(new)
         if not changed:
             break
@@ -280,7 +280,7 @@ def weight_matching(ctx: MatchContext, *, max_iter: int = 100) -> MatchResult:
     leaf = partial(ot_leaf, solver="hungarian", iterations=0)
 
     def gram_of(plans_of):
-        return weight_gram(ctx.graphs, ctx.target, ctx.tensors(), plans_of, "inner", ctx.note)
+        return weight_gram(ctx.graphs, ctx.target, ctx.tensors(), plans_of, "inner", ctx.note, anchor=0)
     return _solve(ctx, leaf, gram_of, sweeps=max_iter, shuffle=True, anchor=0)
 
 

@@ -40,7 +40,7 @@ from .resize import check_width, resize
 __all__ = ["FusionReport", "Alignment", "align", "fuse", "ModelError"]
 
 
-class ModelError(FusionError, TypeError):
+class ModelError(FusionError, ValueError, TypeError):
     """The models given to fuse are not usable (none, or not ``nn.Module``)."""
 
 

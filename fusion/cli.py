@@ -616,11 +616,17 @@ def interpolate(models, out, methods, repairs, steps, calibration_size, calibrat
 
 @main.command(epilog=EPILOG_METHODS)
 def methods() -> None:
-    """List the registered fusion methods."""
-    from . import list_methods
+    """List the registered fusion methods, repairs and refinements with their options and defaults."""
+    from alignment.methods import METHODS
 
-    for name in list_methods():
-        click.echo(name)
+    from .refine import REFINEMENTS
+    from .repair import REPAIRS
+
+    for title, reg in (("methods (--method, options with --option key=value)", METHODS),
+                       ("repairs (--repair)", REPAIRS), ("refinements", REFINEMENTS)):
+        click.echo(f"{title}:")
+        for line in reg.describe().splitlines():
+            click.echo(f"  {line}")
 
 
 if __name__ == "__main__":  # pragma: no cover

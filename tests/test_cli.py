@@ -59,13 +59,16 @@ def test_new_commands_have_examples():
         assert "Example:" in res.output and f"fusion {cmd}" in res.output
 
 
-def test_methods_lists_registered_methods():
+def test_methods_lists_methods_with_their_options_and_defaults():
+    """`fusion methods` names every method, repair and refinement, and each option with its default."""
     from fusion import list_methods
 
     res = CliRunner().invoke(main, ["methods"])
     assert res.exit_code == 0, res.output
-    assert res.output.split() == list_methods()
-    assert "permute" in res.output.split() and "average" in res.output.split()
+    listed = [ln.split(":")[0].strip() for ln in res.output.splitlines() if ln.startswith("  ") and not ln.startswith("    ")]
+    assert set(list_methods()) | {"none", "reset_bn", "repair"} <= set(listed)
+    assert "solver = 'emd'  ('emd' or 'sinkhorn')" in res.output
+    assert "max_iter = 100  (int)" in res.output
 
 
 def test_parse_options_and_kwargs():

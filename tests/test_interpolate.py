@@ -6,6 +6,8 @@ import json
 import math
 
 import pytest
+
+from fusion.api import ModelError
 import torch
 from torch.utils.data import TensorDataset
 
@@ -96,7 +98,7 @@ def test_curve_of_a_model_with_itself_is_flat():
 def test_curve_rejects_bad_arguments():
     models, x = _pair("mlp")
     data = _data(x.shape, n=16)
-    with pytest.raises(ValueError):
+    with pytest.raises(ModelError, match="two models"):
         interpolation_curve(models[:1], data, data)
     with pytest.raises(UnknownRepairError):
         interpolation_curve(models, data, data, repair="nope")

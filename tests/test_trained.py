@@ -12,7 +12,7 @@ def test_trained_pair_endpoints_learned(trained_pair):
     """The session's tiny zoo is trained (well above the 10% of chance), or the tests below mean nothing."""
     models, _, test = trained_pair
     for m in models:
-        assert accuracy(m, test) > 0.6
+        assert accuracy(m, test) > 0.7
 
 
 def test_alignment_beats_plain_averaging_on_trained_models(trained_pair):
@@ -22,8 +22,8 @@ def test_alignment_beats_plain_averaging_on_trained_models(trained_pair):
     plain = accuracy(fusion.fuse(models, cal, method="average", repair="reset_bn"), test)
     aligned = accuracy(fusion.fuse(models, cal, method="permute", repair="reset_bn"), test)
     ends = min(accuracy(m, test) for m in models)
-    assert aligned > plain + 0.05
-    assert aligned > ends - 0.25
+    assert aligned > plain + 0.2
+    assert aligned > ends - 0.3
 
 
 @pytest.mark.parametrize("method", ["permute", "weight_matching"])

@@ -138,7 +138,7 @@ def test_exact_ot_recovers_the_permutation_and_the_function(name, opts):
         assert rel_err(logits(model(cal[:8])), logits(fused(cal[:8]))) < 1e-5
 
 
-@pytest.mark.parametrize("name", ["mlp", "timm_vit"])
+@pytest.mark.parametrize("name", ["mlp", pytest.param("timm_vit", marks=pytest.mark.slow)])
 def test_sinkhorn_fusion_approaches_the_exact_one_as_reg_shrinks(name):
     model, x = build(name)
     graph = discover(model, x)
@@ -225,14 +225,19 @@ def test_compressing_a_widened_model_recovers_the_original(name, method):
 
 
 def test_magnitude_pruning_keeps_the_largest_l1_units():
-    model, x = build("timm_resnet18")
+    """L1 pruning keeps, in each space, the units whose producing weight rows have the largest L1
+    norm (computed here by hand on the MLP: fc1 and fc2 both write the residual space)."""
+    from tests.tiny_models import TinyMLP
+
+    model, x = build("mlp")
     pruned = fusion.fuse([model], _cal(x, 32), method="magnitude", repair="none", width=0.5)
-    g = discover(model, x)
-    tens = model_tensors(model)
-    scores = {s.name: magnitude_scores(g, tens, s.name) for s in g.spaces if s.members}
-    ref = resize(model, 0.5, x, scores=scores)
-    for k, v in model_tensors(ref).items():
-        assert torch.equal(v, model_tensors(pruned)[k]), k
+    score = model.fc1.weight.detach().abs().sum(1) + model.fc2.weight.detach().abs().sum(1)
+    keep = torch.sort(torch.topk(score, 16).indices).values
+    assert isinstance(pruned, TinyMLP) and pruned.fc1.out_features == 16
+    assert torch.equal(pruned.fc1.weight, model.fc1.weight[keep])
+    assert torch.equal(pruned.fc2.weight, model.fc2.weight[keep][:, keep])
+    assert torch.equal(pruned.fc3.weight, model.fc3.weight[:, keep])
+    assert torch.equal(pruned.norm.weight, model.norm.weight[keep])
 
 
 def test_one_model_methods_errors():
