@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import operator
 from collections import defaultdict
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -21,8 +21,9 @@ from ._axes import AxisAlgebra, Dim
 from ._rules import IGNORED, RULES
 from .errors import ExportError, UnfollowableOpError
 from .graph import FixedAxis, Graph, Member, Observation, Space
+from .runner import model_device
 
-__all__ = ["discover"]
+__all__ = ["discover", "discover_all", "same_structure"]
 
 
 def discover(model: nn.Module, example_input: Any, *, strict: bool = False) -> Graph:
@@ -60,6 +61,34 @@ def discover(model: nn.Module, example_input: Any, *, strict: bool = False) -> G
     tracer = _Tracer(ep, model)
     tracer.run()
     return tracer.build_graph()
+
+
+def same_structure(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two models share a class and every parameter and buffer name and shape (so one
+    graph describes both)."""
+    if type(a) is not type(b):
+        return False
+    ta = {k: tuple(v.shape) for k, v in list(a.named_parameters()) + list(a.named_buffers())}
+    tb = {k: tuple(v.shape) for k, v in list(b.named_parameters()) + list(b.named_buffers())}
+    return ta == tb
+
+
+def discover_all(models: Sequence[nn.Module], example_input: Any) -> list[Graph]:
+    """Graphs of several models, discovered once per distinct architecture.
+
+    A model with the same class, tensor names and shapes as an earlier one reuses its graph (the
+    graph depends only on the architecture and the input shape): fusing N seeds of one model costs
+    one ``torch.export``.
+    """
+    graphs: list[Graph] = []
+    for i, m in enumerate(models):
+        j = next((j for j in range(i) if same_structure(models[j], m)), None)
+        if j is None:
+            x = example_input
+            if isinstance(x, torch.Tensor):
+                x = x.to(model_device(m))
+        graphs.append(graphs[j] if j is not None else discover(m, x))
+    return graphs
 
 
 def _as_args(example_input: Any) -> tuple[tuple, dict]:

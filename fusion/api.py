@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from alignment import discover
+from alignment.discover import discover, discover_all, same_structure
 from alignment.errors import CalibrationError, FallbackWarning, FusionError, InvalidOptionError
 from alignment.graph import Graph
 from alignment.maps import SpaceMap, correct_query_key, plan_maps
@@ -35,7 +35,7 @@ from alignment.statistics import POINT_POLICIES, Statistics, collect
 from .engine import apply_maps
 from .refine import REFINEMENTS, run_refinement
 from .repair import REPAIRS, RepairContext, run_repair
-from .resize import check_width, resize
+from .resize import check_width, resize, resized_graph
 
 __all__ = ["FusionReport", "Alignment", "align", "fuse", "ModelError"]
 
@@ -235,12 +235,14 @@ def align(
     t = time.perf_counter()
     dev = torch.device(device) if device is not None else model_device(models[0])
     ex = example_input.to(model_device(models[0])) if isinstance(example_input, torch.Tensor) else example_input
-    graphs = [discover(m, ex if model_device(m) == model_device(models[0]) else ex.to(model_device(m)))
-              for m in models]
+    graphs = discover_all(models, ex)
+    target_graph = None
     if width is not None:
         # the fused architecture: the first model resized (its features are only a template)
         target = resize(models[0], width, graph=graphs[0])
-    target_graph = discover(target, ex) if target is not None else None
+        target_graph = resized_graph(graphs[0], width)
+    elif target is not None:
+        target_graph = graphs[0] if same_structure(target, models[0]) else discover(target, ex)
     report.seconds["discover"] = time.perf_counter() - t
     cached: dict[str, Statistics] = {}
 

@@ -80,7 +80,7 @@ def trained_pair():
         train_model(m, subset, recipe, epochs=2, seed=seed, progress=False)
         models.append(m.eval())
     cal = calibration_subset(train, 500, seed=7)
-    test = calibration_subset(test, 2000, seed=0)
+    test = calibration_subset(test, 1000, seed=0)
     return models, cal, test
 
 

@@ -63,7 +63,7 @@ def test_unknown_option_raises_and_names_the_valid_ones():
 def test_options_are_checked_before_any_work(monkeypatch):
     """Bad options fail before discovery runs (no expensive work is wasted)."""
     calls = []
-    monkeypatch.setattr(fusion.api, "discover", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(fusion.api, "discover_all", lambda *a, **k: calls.append(1))
     a, x = build("mlp")
     with pytest.raises(InvalidOptionError):
         fusion.fuse([a, a], x, method="ot", cost="cosine")
@@ -125,15 +125,16 @@ def test_fallbacks_are_reported_and_warned(monkeypatch):
     report's fallbacks and warned, not silently left unaligned."""
     a, x = build("mlp", seed=0)
     b, _ = build("mlp", seed=1)
-    real = fusion.api.discover
+    real = fusion.api.discover_all
 
-    def blind(model, example):
-        g = real(model, example)
-        g.spaces[0].observations = []
-        return g
+    def blind(models, example):
+        graphs = real(models, example)
+        for g in graphs:
+            g.spaces[0].observations = []
+        return graphs
 
-    monkeypatch.setattr(fusion.api, "discover", blind)
-    name = real(a, x).spaces[0].name
+    monkeypatch.setattr(fusion.api, "discover_all", blind)
+    name = discover(a, x).spaces[0].name
     with pytest.warns(FallbackWarning, match=name):
         fused = fusion.fuse([a, b], x, method="permute", repair="none")
     assert any(name in f and "weights" in f for f in fused.fusion_report.fallbacks)
@@ -307,7 +308,26 @@ def test_merge_many_rematching_changes_and_does_not_worsen_the_pairwise_objectiv
     assert objective(many) >= objective(once) - 1e-9
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn", "timm_resnet18"])
+def test_graphs_are_discovered_once_per_architecture_and_reuse_gives_the_same_fusion(monkeypatch):
+    """Models of one architecture share one discovered graph, and the fused weights are those of
+    fusing with a graph discovered per model."""
+    disc = importlib.import_module("alignment.discover")  # the module (the package exports a function of that name)
+    models = [build("cnn", seed=s)[0] for s in (0, 1, 2)]
+    x = build("cnn")[1]
+    cal = torch.randn(32, *x.shape[1:], generator=torch.Generator().manual_seed(0))
+    calls = []
+    real = disc.discover
+    monkeypatch.setattr(disc, "discover", lambda m, e: calls.append(1) or real(m, e))
+    shared = fusion.align(models, cal, method="permute")
+    assert len(calls) == 1 and shared.graphs[0] is shared.graphs[2]
+    monkeypatch.setattr(fusion.api, "discover_all", lambda ms, e: [real(m, e) for m in ms])
+    separate = fusion.align(models, cal, method="permute")
+    assert separate.graphs[0] is not separate.graphs[1]
+    for (k, v), w in zip(model_tensors(shared.apply()).items(), model_tensors(separate.apply()).values()):
+        assert torch.equal(v, w), k
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", pytest.param("timm_resnet18", marks=pytest.mark.slow)])
 def test_fusing_a_widened_copy_across_widths_keeps_the_function(name):
     """Fusing a model with its widened copy (same function, every unit duplicated) into the narrow
     width gives back the model's function, with OT and with merging (which pair the copies)."""
