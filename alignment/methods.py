@@ -237,7 +237,8 @@ def _has_batchnorm(graph: Graph, name: str) -> bool:
 def average(ctx: MatchContext) -> MatchResult:
     """Plain weight averaging: every model's features are taken in their own order."""
     _require_same_widths(ctx, "average")
-    plans = [{s.name: torch.eye(s.width, dtype=torch.float64) for s in ctx.graphs[0].spaces if s.members}
+    plans = [{s.name: torch.eye(s.width, dtype=torch.float64) for s in ctx.graphs[0].spaces
+              if s.members or s.kind == "heads"}
              for _ in ctx.models]
     return MatchResult(plans=plans, costs={})
 

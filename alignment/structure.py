@@ -236,12 +236,13 @@ class Walk:
 
     # -- public ----------------------------------------------------------------------------------
     def order(self) -> list[str]:
-        """Spaces with members: plain feature spaces first, then head-structured ones, then the rest."""
+        """Spaces with members (and heads spaces, whose assignment :meth:`permutations` reports): plain
+        feature spaces first, then head-structured ones, then the rest."""
         def rank(s) -> int:
             if s.kind != "features":
                 return 3
             return 2 if isinstance(s.tree, Heads) else 1
-        return [s.name for s in sorted(self.target.spaces, key=rank) if s.members]
+        return [s.name for s in sorted(self.target.spaces, key=rank) if s.members or s.kind == "heads"]
 
     def solve(self, name: str) -> list[torch.Tensor]:
         """Per-model plans (``n x n_i``) of one space (solved once, then cached)."""

@@ -33,6 +33,9 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/fuse_pairs.md")
     ap.add_argument("--calibration-size", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--wm-seeds", default="1,2,3",
+                    help="extra seeds for weight matching without repair (its coordinate descent visits "
+                         "spaces in a random order: the spread across seeds; empty for none)")
     ap.add_argument("--pairs", default=None, help="comma-separated a/b pairs (default: the two zoo pairs)")
     args = ap.parse_args()
     pairs = [tuple(p.split("/")) for p in args.pairs.split(",")] if args.pairs else PAIRS
@@ -67,10 +70,16 @@ def main() -> None:
                 cells = [f"{s.get(k, 0.0):.2f}" for k in ("discover", "collect", "match", "apply", "repair")]
                 lines.append(f"| {pair} | {method} | {rep} | {100 * acc:.2f} | " + " | ".join(cells) + f" | {total:.1f} |")
                 print(lines[-1], flush=True)
+        for seed in [int(v) for v in args.wm_seeds.split(",") if v.strip()]:
+            fused = fusion.fuse([a, b], cal, method="weight_matching", repair="none", seed=seed)
+            lines.append(f"| {pair} | weight_matching, seed {seed} | none | {100 * accuracy(fused, test):.2f} "
+                         "| | | | | | |")
+            print(lines[-1], flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     lines += [
         "",
-        f"- Command: `python benchmarks/fuse_pairs.py --calibration-size {args.calibration_size} --seed {args.seed}`",
+        f"- Command: `python benchmarks/fuse_pairs.py --calibration-size {args.calibration_size} --seed {args.seed} "
+        f"--wm-seeds {args.wm_seeds}`",
         f"- Machine: {platform.system()} {platform.machine()}, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__}, Python {platform.python_version()}; peak RSS {peak:.0f} MiB",
         f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",

@@ -35,6 +35,20 @@ def test_fusing_a_permuted_copy_returns_the_original(name, method):
     assert rep.method == method and "match" in rep.seconds and "apply" in rep.seconds
 
 
+@pytest.mark.parametrize("method", ["permute", "weight_matching"])
+def test_matched_permutations_feed_alignment_permute(method):
+    # property: result.permutations(i) is a complete, consistent permutation set (heads spaces
+    # included) that alignment.permute accepts and that undoes the random permutation
+    model, other, x, cal = _permuted_copy("timm_vit")
+    al = fusion.align([model, other], cal, method=method)
+    graph = al.graphs[1]
+    perms = al.result.permutations(1)
+    assert {s.name for s in graph.spaces if s.kind == "heads"} <= set(perms)
+    restored = permute(other, graph, perms)
+    with torch.no_grad():
+        assert rel_err(logits(model(x)), logits(restored(x))) < 1e-5
+
+
 def test_plain_average_of_a_permuted_copy_is_not_the_original():
     model, other, x, cal = _permuted_copy("cnn")
     fused = fusion.fuse([model, other], cal, method="average", repair="none")
