@@ -73,7 +73,8 @@ class MatchContext:
         models: the source models (never modified).
         graphs: their alignment graphs.
         alpha: interpolation weights (solvers that average units use them).
-        statistics: ``statistics()`` returns the activation statistics (collected on first call).
+        statistics: ``statistics(pairs=None)`` returns the activation statistics (collected on first
+            call; ``pairs``: see :func:`alignment.statistics.collect`).
         target_graph: the graph of the fused architecture (None: the first model's).
         seed: seed for randomised solvers.
         notes: fallbacks taken so far (see :meth:`note`).
@@ -82,7 +83,7 @@ class MatchContext:
     models: Sequence[nn.Module]
     graphs: Sequence[Graph]
     alpha: Sequence[float]
-    statistics: Callable[[], Any] | None = None
+    statistics: Callable[..., Any] | None = None
     target_graph: Graph | None = None
     seed: int = 0
     notes: list[str] = field(default_factory=list)
@@ -105,11 +106,31 @@ class MatchContext:
                              for m in self.models]
         return self._tensors
 
-    def stats(self):
-        """The activation statistics (an error when the method was given no calibration data)."""
+    def stats(self, anchored: bool = False, anchor: int | None = None):
+        """The activation statistics (an error when the method was given no calibration data).
+
+        ``anchored``: the method compares every model only with an anchor model (no rematching
+        against the others), so only the products with the anchor are collected (plus every unit's
+        variance): ``anchor`` when given, else per space the first model of the target's width;
+        spaces with no such model get the joint matrix.
+        """
         if self.statistics is None:
             raise SpaceMismatchError("this method needs activation statistics: give calibration data")
-        return self.statistics()
+        if not anchored:
+            return self.statistics()
+        return self.statistics(pairs=self.anchor_pairs(anchor))
+
+    def anchor_pairs(self, anchor: int | None = None) -> Callable[[str], list[tuple[int, int]] | None]:
+        """``pairs(space)``: the model pairs ``(anchor, i)`` an anchored method needs (None: all)."""
+        def pairs(name: str):
+            a = anchor
+            if a is None:
+                want = self.target[name].width if name in self.target else None
+                a = next((i for i, g in enumerate(self.graphs) if name in g and g[name].width == want), None)
+            if a is None:
+                return None
+            return [(a, i) for i in range(len(self.graphs)) if i != a]
+        return pairs
 
 
 @dataclass
@@ -178,9 +199,11 @@ def _check_anchor(ctx: MatchContext, anchor: int | None) -> None:
         raise InvalidOptionError(f"anchor={anchor!r} is not a model index (0..{len(ctx.models) - 1})")
 
 
-def _activation_gram(ctx: MatchContext, kind, plans_of) -> Callable[[str], GramView]:
-    """Activation Grams; spaces with no observation point are compared by their weights (noted)."""
-    stats = ctx.stats()
+def _activation_gram(ctx: MatchContext, kind, plans_of, anchored: bool = False,
+                     anchor: int | None = None) -> Callable[[str], GramView]:
+    """Activation Grams; spaces with no observation point are compared by their weights (noted).
+    ``anchored``: only products with the anchor are collected (see :meth:`MatchContext.stats`)."""
+    stats = ctx.stats(anchored=anchored, anchor=anchor)
     agram = activation_gram(stats, kind)
     wgram = weight_gram(ctx.graphs, ctx.target, ctx.tensors(), plans_of, "distance", ctx.note)
 
@@ -261,7 +284,7 @@ def permute(ctx: MatchContext, *, iterations: int | None = None) -> MatchResult:
     if iterations is None:
         iterations = 0 if len(ctx.models) <= 2 else 3
     leaf = partial(ot_leaf, solver="hungarian", iterations=iterations)
-    return _solve(ctx, leaf, lambda plans_of: _activation_gram(ctx, "correlation", plans_of))
+    return _solve(ctx, leaf, lambda plans_of: _activation_gram(ctx, "correlation", plans_of, anchored=iterations == 0))
 
 
 @register_method("weight_matching")
@@ -326,7 +349,8 @@ def optimal_transport(ctx: MatchContext, *, cost: Literal["auto", "correlation",
         # measured on the zoo: BatchNorm spaces match best by correlation (BN rescales units),
         # spaces without it (ViT residual streams, MLPs) by Euclidean distance (scale matters)
         return "correlation" if _has_batchnorm(g0, name) else "distance"
-    return _solve(ctx, leaf, lambda plans_of: _activation_gram(ctx, kind, plans_of), anchor=anchor)
+    anchored = iterations is None or iterations == 0  # with no anchor model a space gets the joint matrix
+    return _solve(ctx, leaf, lambda plans_of: _activation_gram(ctx, kind, plans_of, anchored, anchor), anchor=anchor)
 
 
 @register_method("merge")

@@ -10,10 +10,12 @@ the stored activations), so it does not grow with the calibration size.
 from __future__ import annotations
 
 import copy
+import functools
 import time
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -83,48 +85,132 @@ def _point_key(o: Observation, rank: int) -> tuple:
     return (o.module, o.io, o.call, rank)
 
 
+Pairs = Optional[Sequence[Tuple[int, int]]]
+
+
+def _all_pairs(n: int) -> list[tuple[int, int]]:
+    return [(i, j) for i in range(n) for j in range(i, n)]
+
+
 @dataclass
 class PointStats:
     """Running sums at one observation point, over the features of all models concatenated.
 
-    Allocated eagerly (:meth:`zeros`) so that statistics collected on different data shards or
-    processes have the same shapes and merge by addition.
+    Sums are taken of the features minus a per-feature ``shift`` (the first batch's mean), so that
+    covariances do not cancel digits when means are large: ``s1`` sums the shifted features, ``sq``
+    their squares (every model), and ``blocks[(i, j)]`` (``i <= j``) the products ``f_i^T f_j`` of
+    the model pairs collected: all pairs (the joint matrix) or only those a method needs (each model
+    against a reference). Allocated eagerly (:meth:`zeros`) so that statistics collected on
+    different data shards or processes have the same shapes and merge by addition.
     """
 
     widths: list[int]
     count: int
     s1: torch.Tensor
-    s2: torch.Tensor
+    sq: torch.Tensor
+    blocks: dict[tuple[int, int], torch.Tensor]
+    shift: torch.Tensor
 
     @classmethod
-    def zeros(cls, widths: Sequence[int], device: str | torch.device | None = None) -> "PointStats":
-        """Empty sums for models of these widths."""
+    def zeros(cls, widths: Sequence[int], device: str | torch.device | None = None,
+              pairs: Pairs = None) -> "PointStats":
+        """Empty sums for models of these widths (``pairs``: the model pairs whose products are
+        kept; default all)."""
         n = sum(widths)
-        return cls(list(widths), 0, torch.zeros(n, dtype=torch.float64, device=device),
-                   torch.zeros(n, n, dtype=torch.float64, device=device))
+        pairs = _all_pairs(len(widths)) if pairs is None else sorted({(min(p), max(p)) for p in pairs})
+        z = functools.partial(torch.zeros, dtype=torch.float64, device=device)
+        return cls(list(widths), 0, z(n), z(n), {(i, j): z(widths[i], widths[j]) for i, j in pairs}, z(n))
+
+    def offsets(self) -> list[int]:
+        """Start of each model's block in the joint matrices (and the total at the end)."""
+        return [sum(self.widths[:i]) for i in range(len(self.widths) + 1)]
+
+    def products(self, feats: list[torch.Tensor]) -> tuple:
+        """One batch's sums (per model, a ``(samples, width)`` feature matrix): products in the
+        features' dtype (float32 on the CPU), returned in float64 to be summed over batches."""
+        shift = self.shift if self.count else torch.cat([f.double().mean(0) for f in feats]).to(self.shift.device)
+        o = self.offsets()
+        fc = [f - shift[o[i]:o[i + 1]].to(f) for i, f in enumerate(feats)]
+        s1 = torch.cat([f.sum(0) for f in fc]).double()
+        sq = torch.cat([(f * f).sum(0) for f in fc]).double()
+        return feats[0].shape[0], shift, s1, sq, {k: (fc[k[0]].t() @ fc[k[1]]).double() for k in self.blocks}
+
+    def add(self, sums: tuple) -> None:
+        """Add the sums of :meth:`products`."""
+        count, shift, s1, sq, blocks = sums
+        if not self.count:
+            self.shift = shift.to(self.s1.device)
+        elif not torch.equal(shift, self.shift):
+            count, shift, s1, sq, blocks = _reshift(self, sums, self.shift)
+        self.s1 += s1.to(self.s1.device)
+        self.sq += sq.to(self.sq.device)
+        for k, b in blocks.items():
+            self.blocks[k] += b.to(self.blocks[k].device)
+        self.count += count
 
     def update(self, feats: list[torch.Tensor]) -> None:
         """Add one batch: per model, a ``(samples, width)`` feature matrix."""
-        f = torch.cat([x.to(torch.float64) for x in feats], dim=1)
-        self.s1 += f.sum(0).to(self.s1.device)
-        self.s2 += (f.t() @ f).to(self.s2.device)
-        self.count += f.shape[0]
+        self.add(self.products(feats))
+
+    def sums(self) -> tuple:
+        """``(count, shift, s1, sq, blocks)``: the sums as :meth:`add` takes them."""
+        return self.count, self.shift, self.s1, self.sq, self.blocks
+
+    def unshift(self) -> None:
+        """Re-express the sums around zero (raw moments; e.g. before summing across processes)."""
+        _, self.shift, self.s1, self.sq, self.blocks = _reshift(self, self.sums(), torch.zeros_like(self.shift))
 
     def merge(self, other: "PointStats") -> "PointStats":
         """Sums over the data of both (a new object)."""
-        if self.widths != other.widths:
-            raise SpaceMismatchError(f"cannot merge statistics of widths {self.widths} and {other.widths}")
-        return PointStats(list(self.widths), self.count + other.count, self.s1 + other.s1.to(self.s1.device),
-                          self.s2 + other.s2.to(self.s2.device))
+        if self.widths != other.widths or set(self.blocks) != set(other.blocks):
+            raise SpaceMismatchError(f"cannot merge statistics of widths {self.widths} (pairs {sorted(self.blocks)}) "
+                                     f"and {other.widths} (pairs {sorted(other.blocks)})")
+        out = PointStats.zeros(self.widths, self.s1.device, list(self.blocks))
+        for p in (self, other):
+            if p.count:
+                out.add(tuple(x.to(out.s1.device) if isinstance(x, torch.Tensor) else x for x in p.sums()[:4])
+                        + ({k: v.to(out.s1.device) for k, v in p.blocks.items()},))
+        return out
+
+    def known(self) -> torch.Tensor:
+        """Boolean mask of the joint matrix entries that were collected (diagonal always)."""
+        o, n = self.offsets(), sum(self.widths)
+        mask = torch.eye(n, dtype=torch.bool, device=self.s1.device)
+        for i, j in self.blocks:
+            mask[o[i]:o[i + 1], o[j]:o[j + 1]] = True
+            mask[o[j]:o[j + 1], o[i]:o[i + 1]] = True
+        return mask
+
+    def _assemble(self, blocks: dict, diagonal: torch.Tensor) -> torch.Tensor:
+        o, n = self.offsets(), sum(self.widths)
+        S = torch.zeros(n, n, dtype=torch.float64, device=self.s1.device)
+        for (i, j), b in blocks.items():
+            S[o[i]:o[i + 1], o[j]:o[j + 1]] = b
+            if i != j:
+                S[o[j]:o[j + 1], o[i]:o[i + 1]] = b.t()
+        S.diagonal().copy_(diagonal)
+        return S
+
+    @property
+    def s2(self) -> torch.Tensor:
+        """The joint raw second-moment sums ``sum f f^T`` (zero where a pair was not collected)."""
+        _, _, _, sq, blocks = _reshift(self, self.sums(), torch.zeros_like(self.shift))
+        S = self._assemble(blocks, sq)
+        return S if self._complete() else torch.where(self.known(), S, torch.zeros_like(S))
+
+    def _complete(self) -> bool:
+        return len(self.blocks) == len(_all_pairs(len(self.widths)))
 
     def mean(self) -> torch.Tensor:
         """Mean of every feature."""
-        return self.s1 / max(self.count, 1)
+        return self.shift + self.s1 / max(self.count, 1)
 
     def covariance(self) -> torch.Tensor:
-        """Covariance matrix (population)."""
-        mu = self.mean()
-        return self.s2 / max(self.count, 1) - torch.outer(mu, mu)
+        """Covariance matrix (population; zero between models whose pair was not collected)."""
+        n = max(self.count, 1)
+        d = self.s1 / n
+        cov = self._assemble(self.blocks, self.sq) / n - torch.outer(d, d)
+        return cov if self._complete() else torch.where(self.known(), cov, torch.zeros_like(cov))
 
     def correlation(self, eps: float = 1e-12) -> torch.Tensor:
         """Correlation matrix; constant (dead) units correlate with nothing (zero rows)."""
@@ -133,6 +219,20 @@ class PointStats:
         denom = torch.outer(std, std)
         live = denom > eps * denom.max().clamp_min(1e-300)
         return torch.where(live, cov / torch.where(live, denom, torch.ones_like(denom)), torch.zeros_like(cov))
+
+
+def _reshift(p: PointStats, sums: tuple, new: torch.Tensor) -> tuple:
+    """The same sums around shift ``new``: with ``d = old - new``, ``f - new = (f - old) + d``."""
+    count, old, s1, sq, blocks = sums
+    d = (old.to(new.device) - new).double()
+    s1, sq = s1.to(new.device), sq.to(new.device)
+    o = p.offsets()
+    out = {}
+    for (i, j), b in blocks.items():
+        di, dj = d[o[i]:o[i + 1]], d[o[j]:o[j + 1]]
+        si, sj = s1[o[i]:o[i + 1]], s1[o[j]:o[j + 1]]
+        out[(i, j)] = b.to(new.device) + torch.outer(di, sj) + torch.outer(si, dj) + count * torch.outer(di, dj)
+    return count, new.clone(), s1 + count * d, sq + 2 * d * s1 + count * d * d, out
 
 
 @dataclass
@@ -144,12 +244,16 @@ class Statistics:
         widths: per space name, the width of the space in each model.
         seconds: wall time of the collection pass.
         samples: number of calibration examples seen.
+        positions_per_image: the subsampling of positions/tokens used (None: all).
+        precision: dtype of the per-batch products.
     """
 
     points: dict[str, list[PointStats]] = field(default_factory=dict)
     widths: dict[str, list[int]] = field(default_factory=dict)
     seconds: float = 0.0
     samples: int = 0
+    positions_per_image: int | None = None
+    precision: str = "float32"
 
     def merge(self, other: "Statistics") -> "Statistics":
         """Statistics over the data of both (e.g. collected on two shards, with the same spaces)."""
@@ -157,7 +261,8 @@ class Statistics:
             raise SpaceMismatchError("cannot merge statistics collected at different observation points")
         return Statistics(
             points={k: [a.merge(b) for a, b in zip(v, other.points[k])] for k, v in self.points.items()},
-            widths=dict(self.widths), seconds=self.seconds + other.seconds, samples=self.samples + other.samples)
+            widths=dict(self.widths), seconds=self.seconds + other.seconds, samples=self.samples + other.samples,
+            positions_per_image=self.positions_per_image, precision=self.precision)
 
     def all_reduce(self) -> "Statistics":
         """Sum the statistics over the processes of the default ``torch.distributed`` group (in
@@ -168,8 +273,9 @@ class Statistics:
             return self
         for pts in self.points.values():
             for p in pts:
-                dist.all_reduce(p.s1)
-                dist.all_reduce(p.s2)
+                p.unshift()  # shifts differ across processes: sum raw moments
+                for t in (p.s1, p.sq, *p.blocks.values()):
+                    dist.all_reduce(t)
                 c = torch.tensor([float(p.count)], dtype=torch.float64, device=p.s1.device)
                 dist.all_reduce(c)
                 p.count = int(c.item())
@@ -213,6 +319,9 @@ class Statistics:
         return matrix[o[i]:o[i + 1], o[j]:o[j + 1]]
 
 
+PRECISIONS = ("float32", "float64")
+
+
 def collect(
     models: Sequence[nn.Module],
     graphs: Sequence[Graph],
@@ -222,6 +331,10 @@ def collect(
     max_batches: int | None = None,
     progress: bool = False,
     points: str = "auto",
+    pairs: Pairs | Callable[[str], Pairs] = None,
+    precision: str = "float32",
+    positions_per_image: int | None = None,
+    seed: int = 0,
 ) -> Statistics:
     """Collect joint activation statistics of N models in one streaming pass.
 
@@ -235,10 +348,25 @@ def collect(
         max_batches: stop after this many batches.
         progress: show a progress bar.
         points: observation policy (see :func:`observation_points`).
+        pairs: the model pairs ``(i, j)`` whose cross products are kept, for every space or as a
+            function of the space name (None: all pairs, the joint matrix; methods matching each
+            model against a reference need only the pairs with the reference). Every model's
+            per-feature sums and squares are always kept.
+        precision: dtype of each batch's products (``"float32"``, the default, or ``"float64"``);
+            batches are always summed in float64. Features of float64 models stay float64.
+        positions_per_image: keep at most this many spatial positions (or tokens) per image at each
+            point, drawn at random (the same for every model); None keeps all.
+        seed: seed of that draw.
 
     Returns:
-        :class:`Statistics` with per-space, per-point running sums.
+        :class:`Statistics` with per-space, per-point running sums. A tensor read at two points of a
+        space (e.g. a module's output and the next module's input) is multiplied out once.
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if positions_per_image is not None and (isinstance(positions_per_image, bool)
+                                            or not isinstance(positions_per_image, int) or positions_per_image < 1):
+        raise ValueError(f"positions_per_image must be a positive integer or None, got {positions_per_image!r}")
     t0 = time.perf_counter()
     dev = torch.device(device) if device is not None else model_device(models[0])
     runs = []
@@ -247,7 +375,7 @@ def collect(
         dup = any(m is r for r in models[: len(runs)])
         runs.append(copy.deepcopy(m).to(dev) if dup or model_device(m) != dev else m)
     names = list(spaces) if spaces is not None else [s.name for s in graphs[0].spaces if s.observations]
-    stats = Statistics()
+    stats = Statistics(positions_per_image=positions_per_image, precision=precision)
     # per model: module -> list of (space, point index, observation)
     plans: list[dict[str, list[tuple[str, int, Observation]]]] = [defaultdict(list) for _ in models]
     for name in names:
@@ -260,10 +388,13 @@ def collect(
         if not common:
             continue
         stats.widths[name] = [g[name].width for g in graphs]
-        stats.points[name] = [PointStats.zeros(stats.widths[name], dev) for _ in common]
+        space_pairs = pairs(name) if callable(pairs) else pairs
+        stats.points[name] = [PointStats.zeros(stats.widths[name], dev, space_pairs) for _ in common]
         for k, obs_per_model in enumerate(common):
             for i, o in enumerate(obs_per_model):
                 plans[i][o.module].append((name, k, o))
+    dtype = torch.float64 if precision == "float64" else torch.float32
+    reader = _Reader(dtype, positions_per_image, seed)
     buffers: list[dict[tuple[str, int], torch.Tensor]] = [dict() for _ in models]
     calls: dict[int, int] = {}  # id(module) -> its calls so far in the current forward pass
     hooks = []
@@ -272,21 +403,28 @@ def collect(
         for path, items in plan.items():
             if path not in mods:
                 raise SpaceMismatchError(f"observation module {path!r} not found in model {i}")
-            hooks.extend(_install(mods[path], items, buffers[i], calls))
+            hooks.extend(_install(mods[path], items, buffers[i], calls, reader))
 
     def before(i: int) -> None:
         buffers[i].clear()
         calls.clear()
+        reader.seen.clear()
 
     def on_batch(x, outs) -> None:
         for name, pts in stats.points.items():
+            done: dict[tuple, tuple] = {}
             for k, ps in enumerate(pts):
-                feats = [buffers[i].get((name, k)) for i in range(len(runs))]
-                if any(f is None for f in feats):
+                got = [buffers[i].get((name, k)) for i in range(len(runs))]
+                if any(f is None for f in got):
                     raise SpaceMismatchError(
                         f"observation point {k} of space {name!r} did not fire in every model; "
                         f"the forward pass differs from the traced one")
-                ps.update(feats)
+                # the same tensor read at two points of the space: one product, added twice
+                key = tuple(id(f) for f in got)
+                if key not in done:
+                    done[key] = ps.products(got)
+                ps.add(done[key])
+        reader.batch += 1
 
     try:
         stats.samples = stream(runs, data, device=dev, on_batch=on_batch, before_model=before,
@@ -313,14 +451,45 @@ def _pair_points(per_model: list[list[Observation]]) -> list[list[Observation]]:
     return [[d[k] for d in keyed] for k in common]
 
 
-def _features(t: torch.Tensor, o: Observation) -> torch.Tensor:
-    dim = o.dim if t.dim() == o.ndim or o.ndim == 0 else o.dim - o.ndim + t.dim()
-    t = t.detach().movedim(dim, -1)
-    # copy: an in-place op later in the forward (ReLU(inplace=True)) must not change what we read
-    return t.reshape(-1, t.shape[-1])[:, o.start:o.stop].clone()
+class _Reader:
+    """Reads an observation point's features from a hooked tensor: ``(samples, width)`` in the
+    products' dtype, copied once (an in-place op later in the forward, such as ``ReLU(inplace=True)``,
+    must not change what was read), optionally a random subset of positions per image."""
+
+    def __init__(self, dtype: torch.dtype, positions: int | None, seed: int):
+        self.dtype, self.positions, self.seed = dtype, positions, seed
+        self.batch = 0
+        self.seen: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, t: torch.Tensor, o: Observation, name: str) -> torch.Tensor:
+        key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.storage_offset(), t._version, o.dim, o.start,
+               o.stop)
+        dim = o.dim if t.dim() == o.ndim or o.ndim == 0 else o.dim - o.ndim + t.dim()
+        t = t.detach().movedim(dim, -1)[..., o.start:o.stop]
+        dtype = torch.float64 if t.dtype == torch.float64 else self.dtype
+        if self.positions is not None and t.dim() > 2:
+            # the same positions for every model and point of a space: drawn from (seed, batch, space)
+            per = t.shape[1:-1].numel()
+            if per > self.positions:
+                g = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{self.batch}:{name}".encode()))
+                idx = torch.randperm(per, generator=g)[: self.positions].to(t.device)
+                t = t.reshape(t.shape[0], per, t.shape[-1]).index_select(1, idx)
+        f = t.reshape(-1, t.shape[-1])
+        if f.dtype != dtype:
+            f = f.to(dtype)
+        elif f.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
+            f = f.clone()
+        # a tensor already read at another point in this forward pass: reuse that copy (the pointer
+        # is only a hint, memory is reused once a tensor is freed: the contents are compared)
+        prev = self.seen.get(key)
+        if prev is not None and prev.shape == f.shape and torch.equal(prev, f):
+            return prev
+        self.seen[key] = f
+        return f
 
 
-def _install(module: nn.Module, items: list[tuple[str, int, Observation]], buf: dict, calls: dict[int, int]):
+def _install(module: nn.Module, items: list[tuple[str, int, Observation]], buf: dict, calls: dict[int, int],
+             read: _Reader):
     outs = [it for it in items if it[2].io == "output"]
     ins = [it for it in items if it[2].io == "input"]
     handles = []
@@ -330,7 +499,7 @@ def _install(module: nn.Module, items: list[tuple[str, int, Observation]], buf: 
         call = calls.get(key, 0)
         for name, k, o in ins:
             if o.call == call and args and isinstance(args[0], torch.Tensor):
-                buf[(name, k)] = _features(args[0], o)
+                buf[(name, k)] = read(args[0], o, name)
         if not outs:
             calls[key] = call + 1
 
@@ -339,7 +508,7 @@ def _install(module: nn.Module, items: list[tuple[str, int, Observation]], buf: 
         t = out[0] if isinstance(out, (tuple, list)) else getattr(out, "last_hidden_state", out)
         for name, k, o in outs:
             if o.call == call and isinstance(t, torch.Tensor):
-                buf[(name, k)] = _features(t, o)
+                buf[(name, k)] = read(t, o, name)
         calls[key] = call + 1
 
     if ins:

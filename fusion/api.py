@@ -57,6 +57,7 @@ class FusionReport:
         seconds: wall time per stage (discover, collect, match, apply, refine, repair, total).
         costs: per-space matching score (mean cosine similarity of matched units).
         calibration_samples: number of calibration examples seen by the statistics.
+        positions_per_image: the statistics' subsampling of positions/tokens per image (None: all).
         fallbacks: every place where a stage did something other than asked (each also warned).
     """
 
@@ -68,6 +69,7 @@ class FusionReport:
     seconds: dict[str, float] = field(default_factory=dict)
     costs: dict[str, float] = field(default_factory=dict)
     calibration_samples: int = 0
+    positions_per_image: int | None = None
     fallbacks: list[str] = field(default_factory=list)
 
     def fallback(self, message: str) -> None:
@@ -82,6 +84,8 @@ class FusionReport:
         vals = [v for v in self.costs.values() if not math.isnan(v)]
         score = f"mean matching score {sum(vals) / len(vals):.3f} over {len(vals)} spaces" if vals else "no matching score"
         fb = f"; {len(self.fallbacks)} fallback(s)" if self.fallbacks else ""
+        if self.positions_per_image is not None:
+            fb += f"; statistics on {self.positions_per_image} positions per image"
         refine = f" + {self.refine}" if self.refine != "none" else ""
         return f"{self.method}{refine} + {self.repair}: {st}; {score}{fb}"
 
@@ -210,6 +214,7 @@ def align(
     report: FusionReport | None = None,
     width: Any = None,
     points: str = "auto",
+    positions_per_image: int | None = None,
     **options: Any,
 ) -> Alignment:
     """Discover, collect statistics and match: everything of :func:`fuse` but building the model.
@@ -220,6 +225,9 @@ def align(
     checked = METHODS.validate(method, options)
     if points not in POINT_POLICIES:
         raise InvalidOptionError(f"points={points!r} is not an observation policy; use one of {', '.join(POINT_POLICIES)}")
+    if positions_per_image is not None and (isinstance(positions_per_image, bool) or not isinstance(
+            positions_per_image, int) or positions_per_image < 1):
+        raise InvalidOptionError(f"positions_per_image must be a positive integer or None, got {positions_per_image!r}")
     if width is not None:
         if target is not None:
             raise InvalidOptionError("give either target (a model of the fused widths) or width (a factor), not both")
@@ -246,14 +254,18 @@ def align(
     report.seconds["discover"] = time.perf_counter() - t
     cached: dict[str, Statistics] = {}
 
-    def statistics() -> Statistics:
-        if "stats" not in cached:
+    def statistics(pairs=None) -> Statistics:
+        # one collection per fusion: the joint matrix, or only the pairs an anchored method needs
+        if "stats" not in cached or (pairs is None and cached.get("pairs") is not None):
             if calibration is None:
                 raise CalibrationError(f"method {method!r} needs calibration data for activation statistics")
             t1 = time.perf_counter()
-            cached["stats"] = collect(models, graphs, calibration, device=dev, progress=progress, points=points)
-            report.seconds["collect"] = time.perf_counter() - t1
+            cached["stats"] = collect(models, graphs, calibration, device=dev, progress=progress, points=points,
+                                      pairs=pairs, positions_per_image=positions_per_image, seed=seed)
+            cached["pairs"] = pairs
+            report.seconds["collect"] = report.seconds.get("collect", 0.0) + time.perf_counter() - t1
             report.calibration_samples = cached["stats"].samples
+            report.positions_per_image = positions_per_image
         return cached["stats"]
 
     ctx = MatchContext(models=models, graphs=graphs, alpha=[1.0 / len(models)] * len(models),
@@ -281,6 +293,7 @@ def fuse(
     width: Any = None,
     refine: str = "none",
     points: str = "auto",
+    positions_per_image: int | None = None,
     repair_options: dict[str, Any] | None = None,
     refine_options: dict[str, Any] | None = None,
     **options: Any,
@@ -312,6 +325,8 @@ def fuse(
             (``0.5``), a width, or a per-space dict (see :func:`fusion.resize.resize`).
         refine: a registered refinement (``"none"``).
         points: where activations are observed (see :func:`alignment.statistics.observation_points`).
+        positions_per_image: statistics read at most this many spatial positions (or tokens) per
+            image, drawn at random (faster on large inputs; reported); None reads all.
         repair_options: options of the repair (e.g. ``{"eps": 1e-5}`` for ``"repair"``).
         refine_options: options of the refinement.
         **options: method options (e.g. ``iterations`` for ``permute``, ``max_iter`` for
@@ -331,7 +346,8 @@ def fuse(
         raise CalibrationError(f"repair={repair!r} and refine={refine!r} need calibration data (or use 'none')")
     t_all = time.perf_counter()
     al = align(models, calibration, method=method, target=target, seed=seed, device=device,
-               example_input=example_input, progress=progress, width=width, points=points, **options)
+               example_input=example_input, progress=progress, width=width, points=points,
+               positions_per_image=positions_per_image, **options)
     fused = al.build(weights, repair=repair, refine=refine, repair_options=repair_options,
                      refine_options=refine_options, progress=progress)
     fused.fusion_report.seconds["total"] = time.perf_counter() - t_all
