@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import functools
 import time
+import weakref
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -125,15 +126,21 @@ class PointStats:
         """Start of each model's block in the joint matrices (and the total at the end)."""
         return [sum(self.widths[:i]) for i in range(len(self.widths) + 1)]
 
-    def products(self, feats: list[torch.Tensor]) -> tuple:
-        """One batch's sums (per model, a ``(samples, width)`` feature matrix): products in the
-        features' dtype (float32 on the CPU), returned in float64 to be summed over batches."""
-        shift = self.shift if self.count else torch.cat([f.double().mean(0) for f in feats]).to(self.shift.device)
+    def products(self, feats: list[torch.Tensor], centre: bool = False) -> tuple:
+        """One batch's sums, per model from a ``(width, samples)`` feature matrix: products in the
+        features' dtype (float32 on the CPU), returned in float64 to be summed over batches.
+        ``centre``: the matrices are the caller's own copies and are shifted in place."""
+        shift = self.shift if self.count else torch.cat([f.double().mean(1) for f in feats]).to(self.shift.device)
         o = self.offsets()
-        fc = [f - shift[o[i]:o[i + 1]].to(f) for i, f in enumerate(feats)]
-        s1 = torch.cat([f.sum(0) for f in fc]).double()
-        sq = torch.cat([(f * f).sum(0) for f in fc]).double()
-        return feats[0].shape[0], shift, s1, sq, {k: (fc[k[0]].t() @ fc[k[1]]).double() for k in self.blocks}
+        fc = []
+        for i, f in enumerate(feats):
+            c = shift[o[i]:o[i + 1]].to(f)[:, None]
+            fc.append(f.sub_(c) if centre else f - c)
+        s1 = torch.cat([f.sum(1) for f in fc]).double()
+        blocks = {k: (fc[k[0]] @ fc[k[1]].t()).double() for k in self.blocks}
+        sq = torch.cat([blocks[(i, i)].diagonal() if (i, i) in blocks else (f * f).sum(1).double()
+                        for i, f in enumerate(fc)])
+        return feats[0].shape[1], shift, s1, sq, blocks
 
     def add(self, sums: tuple) -> None:
         """Add the sums of :meth:`products`."""
@@ -150,7 +157,7 @@ class PointStats:
 
     def update(self, feats: list[torch.Tensor]) -> None:
         """Add one batch: per model, a ``(samples, width)`` feature matrix."""
-        self.add(self.products(feats))
+        self.add(self.products([f.t() for f in feats]))
 
     def sums(self) -> tuple:
         """``(count, shift, s1, sq, blocks)``: the sums as :meth:`add` takes them."""
@@ -422,7 +429,9 @@ def collect(
                 # the same tensor read at two points of the space: one product, added twice
                 key = tuple(id(f) for f in got)
                 if key not in done:
-                    done[key] = ps.products(got)
+                    # the reader's copies: centred in place (a tensor shared by points of a space is
+                    # multiplied out once, so it is centred once)
+                    done[key] = ps.products(got, centre=True)
                 ps.add(done[key])
         reader.batch += 1
 
@@ -452,39 +461,40 @@ def _pair_points(per_model: list[list[Observation]]) -> list[list[Observation]]:
 
 
 class _Reader:
-    """Reads an observation point's features from a hooked tensor: ``(samples, width)`` in the
-    products' dtype, copied once (an in-place op later in the forward, such as ``ReLU(inplace=True)``,
-    must not change what was read), optionally a random subset of positions per image."""
+    """Reads an observation point's features from a hooked tensor as a ``(width, samples)`` matrix
+    (channel-major: for NCHW maps the copy keeps contiguous runs of positions) in the products'
+    dtype, copied once (an in-place op later in the forward, such as ``ReLU(inplace=True)``, must not
+    change what was read), optionally a random subset of positions per image. A tensor read again
+    in the same forward pass (a module's output is the next one's input) is not copied again."""
 
     def __init__(self, dtype: torch.dtype, positions: int | None, seed: int):
         self.dtype, self.positions, self.seed = dtype, positions, seed
         self.batch = 0
-        self.seen: dict[tuple, torch.Tensor] = {}
+        self.seen: dict[tuple, tuple] = {}
 
     def __call__(self, t: torch.Tensor, o: Observation, name: str) -> torch.Tensor:
-        key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.storage_offset(), t._version, o.dim, o.start,
-               o.stop)
+        key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.storage_offset(), o.dim, o.start, o.stop)
+        hit = self.seen.get(key)
+        # the same storage, still alive (so not reused) and not modified since: the same features
+        if hit is not None and hit[0]() is not None and hit[1] == t._version:
+            return hit[2]
+        src, version = weakref.ref(t), t._version
         dim = o.dim if t.dim() == o.ndim or o.ndim == 0 else o.dim - o.ndim + t.dim()
-        t = t.detach().movedim(dim, -1)[..., o.start:o.stop]
-        dtype = torch.float64 if t.dtype == torch.float64 else self.dtype
-        if self.positions is not None and t.dim() > 2:
+        v = t.detach().movedim(dim, 0)[o.start:o.stop]
+        dtype = torch.float64 if v.dtype == torch.float64 else self.dtype
+        if self.positions is not None and v.dim() > 2:
             # the same positions for every model and point of a space: drawn from (seed, batch, space)
-            per = t.shape[1:-1].numel()
+            per = v.shape[2:].numel()
             if per > self.positions:
                 g = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{self.batch}:{name}".encode()))
-                idx = torch.randperm(per, generator=g)[: self.positions].to(t.device)
-                t = t.reshape(t.shape[0], per, t.shape[-1]).index_select(1, idx)
-        f = t.reshape(-1, t.shape[-1])
+                idx = torch.randperm(per, generator=g)[: self.positions].to(v.device)
+                v = v.reshape(v.shape[0], v.shape[1], per).index_select(2, idx)
+        f = v.reshape(v.shape[0], -1)
         if f.dtype != dtype:
             f = f.to(dtype)
         elif f.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
             f = f.clone()
-        # a tensor already read at another point in this forward pass: reuse that copy (the pointer
-        # is only a hint, memory is reused once a tensor is freed: the contents are compared)
-        prev = self.seen.get(key)
-        if prev is not None and prev.shape == f.shape and torch.equal(prev, f):
-            return prev
-        self.seen[key] = f
+        self.seen[key] = (src, version, f)
         return f
 
 
