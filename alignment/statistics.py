@@ -137,7 +137,13 @@ class PointStats:
             c = shift[o[i]:o[i + 1]].to(f)[:, None]
             fc.append(f.sub_(c) if centre else f - c)
         s1 = torch.cat([f.sum(1) for f in fc]).double()
-        blocks = {k: (fc[k[0]] @ fc[k[1]].t()).double() for k in self.blocks}
+        if len(fc) > 2 and self._complete():
+            # every pair: one product of the stacked features (larger, faster GEMM), then split
+            F = torch.cat(fc)
+            S = (F @ F.t()).double()
+            blocks = {(i, j): S[o[i]:o[i + 1], o[j]:o[j + 1]] for i, j in self.blocks}
+        else:
+            blocks = {k: (fc[k[0]] @ fc[k[1]].t()).double() for k in self.blocks}
         sq = torch.cat([blocks[(i, i)].diagonal() if (i, i) in blocks else (f * f).sum(1).double()
                         for i, f in enumerate(fc)])
         return feats[0].shape[1], shift, s1, sq, blocks
