@@ -107,10 +107,22 @@ def weight_gram(graphs: Sequence[Graph], target: Graph, tensors: Sequence[dict[s
     def maps_for(i: int, spaces: set[str]) -> dict:
         return {s.name: space_map(i, s) for s in target.spaces if s.name in spaces and s.name in graphs[i]}
 
+    grams: dict[str, tuple[list, GramView]] = {}
+
     def gram(name: str) -> GramView:
         # only the spaces on the member tensors' other axes are needed
-        touched = {sp for m in graphs[0][name].members for pcs in graphs[0].layout(m.tensor) for *_, sp in pcs
-                   if sp is not None}
+        touched = sorted({sp for m in graphs[0][name].members for pcs in graphs[0].layout(m.tensor)
+                          for *_, sp in pcs if sp is not None})
+        # coordinate descent revisits a space whose neighbours' plans may not have changed: reuse
+        used = [plans(s) for s in touched]
+        hit = grams.get(name)
+        if hit is not None and all(_same_plans(a, b) for a, b in zip(hit[0], used)):
+            return hit[1]
+        gv = _gram(name, set(touched))
+        grams[name] = ([None if p is None else list(p) for p in used], gv)
+        return gv
+
+    def _gram(name: str, touched: set[str]) -> GramView:
         maps = [maps_for(i, touched) for i in range(len(graphs))]
         widths = [g[name].width for g in graphs]
         off = [0]
@@ -134,6 +146,12 @@ def weight_gram(graphs: Sequence[Graph], target: Graph, tensors: Sequence[dict[s
         return GramView(G, off, geometry)
 
     return gram
+
+
+def _same_plans(a, b) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return len(a) == len(b) and all(x is y or torch.equal(x, y) for x, y in zip(a, b))
 
 
 def magnitude_scores(graph: Graph, tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
