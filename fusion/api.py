@@ -15,6 +15,8 @@ the rest; :func:`fuse` is both. Every argument is checked before the expensive w
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import time
 import warnings
@@ -167,9 +169,8 @@ class Alignment:
 
 def _copy_report(base: FusionReport | None, alpha, repair: str, refine: str) -> FusionReport:
     base = base or FusionReport(method="", repair=repair, alpha=alpha)
-    return FusionReport(method=base.method, repair=repair, alpha=list(alpha), refine=refine,
-                        options=dict(base.options), seconds=dict(base.seconds), costs=dict(base.costs),
-                        calibration_samples=base.calibration_samples, fallbacks=list(base.fallbacks))
+    return dataclasses.replace(base, repair=repair, alpha=list(alpha), refine=refine, options=dict(base.options),
+                               seconds=dict(base.seconds), costs=dict(base.costs), fallbacks=list(base.fallbacks))
 
 
 def _alpha(alpha: Sequence[float] | float | None, n: int) -> list[float]:

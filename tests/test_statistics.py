@@ -163,3 +163,24 @@ def test_anchor_pairs_collect_only_what_matching_needs():
     for i in range(3):
         for k, T in res_j.plans[i].items():
             assert torch.equal(T, res_a.plans[i][k]), k
+
+
+def test_positions_per_image_subsamples_the_same_positions_in_every_model():
+    """positions_per_image=k reads k positions per image (count = images x k at spatial points), the
+    same ones in every model: a permuted copy is still matched exactly. The report records k."""
+    import fusion
+    from alignment import permute
+    from tests.conftest import rel_err
+
+    model, x = build("timm_resnet18", seed=0)
+    graph = discover(model, x)
+    other = permute(model, graph, graph.random_permutations(seed=3))
+    cal = torch.randn(24, *x.shape[1:], generator=torch.Generator().manual_seed(2))
+    stats = collect([model, other], [graph, graph], cal, positions_per_image=5)
+    assert stats.positions_per_image == 5
+    assert stats.points["layer1.0.conv1"][0].count == 24 * 5
+    fused = fusion.fuse([model, other], cal, method="permute", repair="none", positions_per_image=5)
+    assert fused.fusion_report.positions_per_image == 5
+    assert "5 positions per image" in fused.fusion_report.summary()
+    with torch.no_grad():
+        assert rel_err(model(x), fused(x)) < 1e-5
