@@ -240,7 +240,7 @@ def merge_leaf(leaf: LeafProblem, balanced: bool = True) -> tuple[list[torch.Ten
     if n > P:
         raise SpaceMismatchError(f"space {leaf.space!r}: merging cannot widen {P} units into {n}; use "
                                  f"method='ot' to widen")
-    S = _cosine(torch.eye(P, dtype=torch.float64), G, torch.arange(P))
+    S = _cosine(torch.arange(P), G, torch.arange(P))  # units as index anchors: no P^3 products
     labels = greedy_merge(S, n, balanced=balanced)
     T = torch.zeros(n, P, dtype=torch.float64)
     T[labels, torch.arange(P)] = 1.0
