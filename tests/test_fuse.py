@@ -71,8 +71,9 @@ def test_same_seed_same_weights_and_inputs_untouched():
     b, _ = build("cnn", seed=1)
     states = [{k: v.clone() for k, v in m.state_dict().items()} for m in (a, b)]
     cal = torch.randn(32, 1, 12, 12)
-    f1 = fusion.fuse([a, b], cal, method="weight_matching", repair="reset_bn", seed=3)
-    f2 = fusion.fuse([a, b], cal, method="weight_matching", repair="reset_bn", seed=3)
+    # a few sweeps suffice: the property is determinism, not convergence
+    f1 = fusion.fuse([a, b], cal, method="weight_matching", repair="reset_bn", seed=3, max_iter=3)
+    f2 = fusion.fuse([a, b], cal, method="weight_matching", repair="reset_bn", seed=3, max_iter=3)
     for (k, v1), v2 in zip(f1.state_dict().items(), f2.state_dict().values()):
         assert torch.equal(v1, v2), k
     for m, st in zip((a, b), states):
