@@ -10,15 +10,13 @@ and the wall time of every stage. Writes a markdown table.
 from __future__ import annotations
 
 import argparse
-import platform
 import resource
 import time
-from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 
 import fusion
+from results_file import footer, write_results
 from fusion.experiments.data import calibration_subset, load_fashion_mnist
 from fusion.experiments.evaluate import accuracy, ensemble_accuracy
 from fusion.experiments.zoo import load_model
@@ -76,18 +74,9 @@ def main() -> None:
                          "| | | | | | |")
             print(lines[-1], flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    lines += [
-        "",
-        f"- Command: `python benchmarks/fuse_pairs.py --calibration-size {args.calibration_size} --seed {args.seed} "
-        f"--wm-seeds {args.wm_seeds}`",
-        f"- Machine: {platform.system()} {platform.machine()}, {torch.get_num_threads()} torch threads, "
-        f"torch {torch.__version__}, Python {platform.python_version()}; peak RSS {peak:.0f} MiB",
-        f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
-    ]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {out}")
+    lines += footer(f"python benchmarks/fuse_pairs.py --calibration-size {args.calibration_size} --seed {args.seed} "
+                    f"--wm-seeds {args.wm_seeds}", f"; peak RSS {peak:.0f} MiB")
+    write_results(lines, args.out)
 
 
 if __name__ == "__main__":

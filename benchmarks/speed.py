@@ -13,15 +13,12 @@ independently trained models).
 from __future__ import annotations
 
 import argparse
-import platform
-import statistics
 import time
-from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 
 import fusion
+from results_file import footer, write_results
 from alignment import discover, permute
 from alignment.runner import stream
 from fusion.experiments.data import calibration_subset, load_fashion_mnist
@@ -103,19 +100,10 @@ def main() -> None:
         lines.append(run_job(f"r18w32 x {args.many} (s0, s1 and permuted copies)", models, cal, test, "permute",
                              "reset_bn", args.repeats, args.device))
         print(lines[-1], flush=True)
-    lines += [
-        "",
-        f"- Command: `python benchmarks/speed.py --calibration-size {args.calibration_size} --many {args.many} "
-        f"--repeats {args.repeats} --device {args.device}`",
-        f"- Machine: {platform.system()} {platform.machine()}, {torch.get_num_threads()} torch threads, "
-        f"torch {torch.__version__}, Python {platform.python_version()}"
-        + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""),
-        f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
-    ]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {out}")
+    lines += footer(f"python benchmarks/speed.py --calibration-size {args.calibration_size} --many {args.many} "
+                    f"--repeats {args.repeats} --device {args.device}",
+                    f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else "")
+    write_results(lines, args.out)
 
 
 if __name__ == "__main__":
