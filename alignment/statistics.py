@@ -151,8 +151,9 @@ class PointStats:
     def add(self, sums: tuple) -> None:
         """Add the sums of :meth:`products`."""
         count, shift, s1, sq, blocks = sums
+        shift = shift.to(self.s1.device)
         if not self.count:
-            self.shift = shift.to(self.s1.device)
+            self.shift = shift.clone()
         elif not torch.equal(shift, self.shift):
             count, shift, s1, sq, blocks = _reshift(self, sums, self.shift)
         self.s1 += s1.to(self.s1.device)
@@ -181,8 +182,7 @@ class PointStats:
         out = PointStats.zeros(self.widths, self.s1.device, list(self.blocks))
         for p in (self, other):
             if p.count:
-                out.add(tuple(x.to(out.s1.device) if isinstance(x, torch.Tensor) else x for x in p.sums()[:4])
-                        + ({k: v.to(out.s1.device) for k, v in p.blocks.items()},))
+                out.add(p.sums())  # add() moves the sums to out's device and onto out's shift
         return out
 
     def known(self) -> torch.Tensor:
