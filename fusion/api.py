@@ -61,6 +61,8 @@ class FusionReport:
         calibration_samples: number of calibration examples seen by the statistics.
         positions_per_image: the statistics' subsampling of positions/tokens per image (None: all).
         fallbacks: every place where a stage did something other than asked (each also warned).
+        refinement: what the refine stage measured (per layer: rows, Gram size, relative regression
+            loss before and after, seconds; the largest Gram; modules left as mapped).
     """
 
     method: str
@@ -73,6 +75,7 @@ class FusionReport:
     calibration_samples: int = 0
     positions_per_image: int | None = None
     fallbacks: list[str] = field(default_factory=list)
+    refinement: dict[str, Any] = field(default_factory=dict)
 
     def fallback(self, message: str) -> None:
         """Record a fallback and warn (once per message)."""
@@ -162,6 +165,7 @@ class Alignment:
         report.seconds["repair"] = time.perf_counter() - t
         for msg in ctx.notes:
             report.fallback(msg)
+        report.refinement = dict(ctx.details.get("refine", {}))
         fused = ctx.fused.to(model_device(self.models[0]))
         fused.fusion_report = report
         return fused

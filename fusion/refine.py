@@ -1,23 +1,49 @@
 """Refinement: the stage between applying maps and norm repair (a registry, like methods).
 
-A refinement improves the fused weights on calibration data, e.g. layer-by-layer least squares
-(PLeaS). It receives the same :class:`~fusion.repair.RepairContext` as a repair (the fused model,
-the sources, their graphs, the maps, the weights and the data) and changes ``ctx.fused`` in place.
-Only ``"none"`` is registered so far.
+A refinement improves the fused weights on calibration data. It receives the same
+:class:`~fusion.repair.RepairContext` as a repair (the fused model, the sources, their graphs, the
+maps, the weights and the data) and changes ``ctx.fused`` in place.
+
+* ``"none"``.
+* ``"lstsq"`` (the least-squares half of PLeaS, Nasery et al., solved in closed form): every layer
+  with weights (``Linear``, ``Conv2d`` including grouped and depthwise ones, and with
+  ``norms=True`` the affine of LayerNorm/GroupNorm layers), in execution order, is refitted so that
+  its outputs on the fused model's own inputs reproduce the merged outputs of the source layers,
+  ``Y = sum_i M_i (W_i x_i)`` (``M_i``: the merge maps of the layer's output space; the
+  interpolation weights for fixed outputs such as logits). The Gram sums stream over the data
+  (:mod:`fusion.lstsq`) and the solve is a ridge toward the mapped weights. With
+  ``inputs="merged"`` the inputs are the merged source inputs instead (as in the PLeaS paper's code),
+  which needs no pass of the fused model. A convolution followed by a BatchNorm is fitted to the
+  sources' post-BN outputs with the norm folded in (``batchnorm="fold"``), after which the norm's
+  running statistics are the refitted conv's measured statistics and its affine undoes them, so a
+  later BatchNorm reset changes nothing; or to the pre-BN outputs with the norm's statistics set
+  from the Gram (``batchnorm="stats"``). Passes never recompute a finished part of the model
+  (:mod:`fusion.replay`), so refining every layer costs about one forward pass of each model plus
+  the Grams and solves.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+import copy
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Sequence
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from alignment.errors import UnknownNameError
+from alignment.maps import axis_matrix
 from alignment.registry import Registry
+from alignment.runner import batches, model_device, modes
 
+from .lstsq import LayerGram, ridge_solve
+from .replay import Replay, record
 from .repair import RepairContext
 
-__all__ = ["REFINEMENTS", "UnknownRefinementError", "register_refinement", "run_refinement"]
+__all__ = ["REFINEMENTS", "UnknownRefinementError", "register_refinement", "run_refinement", "refine_lstsq"]
 
 
 class UnknownRefinementError(UnknownNameError, ValueError):
@@ -41,3 +67,300 @@ def run_refinement(name: str, ctx: RepairContext, **options: Any) -> nn.Module:
 @register_refinement("none")
 def _none(ctx: RepairContext) -> None:
     """No refinement."""
+
+
+_BN = nn.modules.batchnorm._BatchNorm
+
+
+@dataclass
+class _Layer:
+    """One refinement step: a layer (and the BatchNorm after it, when there is one)."""
+
+    path: str
+    kind: str  # "linear", "conv" or "norm"
+    bn: str | None = None
+
+
+def _refinable(module: nn.Module, norms: bool) -> str | None:
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Conv2d):
+        return "conv"
+    if norms and isinstance(module, nn.LayerNorm) and module.weight is not None and len(module.normalized_shape) == 1:
+        return "norm"
+    if norms and isinstance(module, nn.GroupNorm) and module.weight is not None:
+        return "norm"
+    return None
+
+
+def _plan_layers(fused: nn.Module, tape, batchnorm: str, norms: bool) -> tuple[list[_Layer], list[str]]:
+    """The layers to refit in execution order, and the weighted modules left as they are (with why)."""
+    modules = dict(fused.named_modules())
+    layers, skipped, seen = [], [], set()
+    for k, c in enumerate(tape.calls):
+        m = modules.get(c.path)
+        if m is None or c.path in seen or not any(True for _ in m.parameters(recurse=False)):
+            continue
+        seen.add(c.path)
+        kind = _refinable(m, norms)
+        if kind is None:
+            if not isinstance(m, (_BN, nn.LayerNorm, nn.GroupNorm)):
+                skipped.append(f"{c.path} ({type(m).__name__}: no least-squares rule)")
+            continue
+        if tape.count(c.path) > 1:
+            skipped.append(f"{c.path} (called {tape.count(c.path)} times per forward pass: shared weights)")
+            continue
+        bn = None
+        if kind == "conv":
+            after = tape.consumers_of(k)
+            if len(after) == 1 and isinstance(modules.get(tape.calls[after[0]].path), _BN):
+                norm = modules[tape.calls[after[0]].path]
+                if norm.track_running_stats and norm.affine and tape.count(tape.calls[after[0]].path) == 1:
+                    bn = tape.calls[after[0]].path
+        layers.append(_Layer(c.path, kind, bn))
+    return layers, skipped
+
+
+def _feature_dim(kind: str, module: nn.Module) -> int:
+    return -1 if kind == "linear" or isinstance(module, nn.LayerNorm) else 1
+
+
+def _apply_features(A: torch.Tensor, t: torch.Tensor, dim: int) -> torch.Tensor:
+    """``A`` (n x n_i) applied to the feature axis ``dim`` of ``t``."""
+    return torch.movedim(torch.tensordot(A, t, dims=([1], [dim])), 0, dim)
+
+
+def _conv_rows(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """Input patches of a convolution: ``(groups, rows, kh * kw * in_channels / groups)``, rows ordered
+    (image, output row, output column), columns (kernel row, kernel column, channel): channels last,
+    so the copy moves contiguous runs of channels (the weights are permuted to match)."""
+    pad = conv._reversed_padding_repeated_twice
+    if any(pad):
+        x = F.pad(x, pad, mode="constant" if conv.padding_mode == "zeros" else conv.padding_mode)
+    x = x.permute(0, 2, 3, 1).contiguous()
+    B, H, W, C = x.shape
+    (kh, kw), (sh, sw), (dh, dw), g = conv.kernel_size, conv.stride, conv.dilation, conv.groups
+    oh, ow = (H - dh * (kh - 1) - 1) // sh + 1, (W - dw * (kw - 1) - 1) // sw + 1
+    s = x.stride()
+    v = x.as_strided((g, B, oh, ow, kh, kw, C // g),
+                     (C // g, s[0], s[1] * sh, s[2] * sw, s[1] * dh, s[2] * dw, 1))
+    return v.reshape(g, B * oh * ow, kh * kw * (C // g))
+
+
+def _conv_weight(w: torch.Tensor, groups: int) -> torch.Tensor:
+    """Conv weights ``(out, in/g, kh, kw)`` as ``(groups, out/g, kh * kw * in/g)`` (the patch column order)."""
+    return w.permute(0, 2, 3, 1).reshape(groups, w.shape[0] // groups, -1)
+
+
+def _conv_weight_back(w: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Inverse of :func:`_conv_weight`."""
+    out, cin, kh, kw = shape
+    return w.reshape(out, kh, kw, cin).permute(0, 3, 1, 2)
+
+
+def _feature_rows(kind: str, module: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """A layer output as ``(rows, features)`` (features last; rows in the order of :func:`_in_rows`)."""
+    if kind == "linear" or isinstance(module, nn.LayerNorm):
+        return y.reshape(-1, y.shape[-1])
+    return y.movedim(1, -1).reshape(-1, y.shape[1])
+
+
+def _group_rows(y: torch.Tensor, groups: int) -> torch.Tensor:
+    """``(rows, features)`` as ``(groups, rows, features / groups)``."""
+    return y.reshape(y.shape[0], groups, -1).transpose(0, 1)
+
+
+def _in_rows(kind: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if kind == "linear":
+        return x.reshape(1, -1, x.shape[-1])
+    if kind == "conv":
+        return _conv_rows(module, x)
+    if isinstance(module, nn.LayerNorm):
+        xn = F.layer_norm(x, module.normalized_shape, eps=module.eps)
+        return xn.reshape(-1, xn.shape[-1]).t().unsqueeze(-1)
+    xn = F.group_norm(x, module.num_groups, eps=module.eps)
+    return xn.reshape(xn.shape[0], xn.shape[1], -1).permute(1, 0, 2).reshape(xn.shape[1], -1, 1)
+
+
+def _shape(kind: str, module: nn.Module) -> tuple[int, int, int]:
+    """(groups, inputs per group, outputs per group) of a layer's regression."""
+    if kind == "linear":
+        return 1, module.in_features, module.out_features
+    if kind == "conv":
+        g = module.groups
+        return g, module.in_channels // g * module.kernel_size[0] * module.kernel_size[1], module.out_channels // g
+    return module.weight.numel(), 1, 1
+
+
+def _anchor(kind: str, module: nn.Module, bn: nn.Module | None, groups: int):
+    """Current weights ``(groups, o, d)`` and bias ``(groups, o)`` (BatchNorm folded in when given)."""
+    w = module.weight.detach().double()
+    b = module.bias.detach().double() if getattr(module, "bias", None) is not None else None
+    if kind == "norm":
+        return w.reshape(-1, 1, 1), (b if b is not None else torch.zeros_like(w)).reshape(-1, 1)
+    out = w.shape[0]
+    if bn is not None:
+        s = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
+        w = w * s.view(-1, *([1] * (w.dim() - 1)))
+        b = bn.bias.detach().double() - s * bn.running_mean.double() + (s * b if b is not None else 0.0)
+    w = _conv_weight(w, groups) if kind == "conv" else w.reshape(groups, out // groups, -1)
+    return w, (b.reshape(groups, out // groups) if b is not None else None)
+
+
+def _source_copies(ctx: RepairContext, dev: torch.device) -> list[nn.Module]:
+    runs, seen = [], set()
+    for m in ctx.sources:
+        dup = id(m) in seen or m is ctx.fused
+        seen.add(id(m))
+        runs.append(copy.deepcopy(m).to(dev) if dup or model_device(m) != dev else m)
+    return runs
+
+
+@register_refinement("lstsq")
+def refine_lstsq(ctx: RepairContext, *, inputs: Literal["sequential", "merged"] = "sequential",
+                 batchnorm: Literal["fold", "stats"] = "fold", norms: bool = True, ridge: float = 1e-3,
+                 precision: Literal["float32", "float64"] = "float32") -> None:
+    """Least-squares refinement (PLeaS in closed form): each layer refitted to the merged sources' outputs.
+
+    Args:
+        ctx: the fused model (changed in place), sources, graphs, maps, weights and data.
+        inputs: ``"sequential"``: a layer's inputs are the fused model's own activations, earlier layers
+            already refined; ``"merged"``: the merged inputs of the source layers.
+        batchnorm: ``"fold"``: fit a conv followed by BatchNorm to the post-BN outputs; ``"stats"``:
+            fit pre-BN outputs and set the norm's running statistics from the Gram.
+        norms: also refit LayerNorm/GroupNorm affines (a per-feature least squares on the
+            normalised inputs).
+        ridge: strength of the pull toward the mapped weights, relative to the mean diagonal of the
+            Gram ``X^T X`` (0: plain least squares).
+        precision: per-batch products in ``"float32"`` (summed in float64) or ``"float64"``.
+    """
+    if ridge < 0:
+        from alignment.errors import InvalidOptionError
+
+        raise InvalidOptionError(f"refinement 'lstsq': ridge={ridge} must be >= 0")
+    fused = ctx.fused
+    dev = torch.device(ctx.device) if ctx.device is not None else model_device(fused)
+    xs = list(batches(ctx.data))
+    sources = _source_copies(ctx, dev)
+    models = [fused] + sources
+    t0 = time.perf_counter()
+    with modes(models), torch.no_grad():
+        x0 = xs[0].to(dev)
+        tapes = [record(m, x0) for m in models]
+        layers, skipped = _plan_layers(fused, tapes[0], batchnorm, norms)
+        replays = [Replay(m, t, len(xs)) for m, t in zip(models, tapes)]
+        fmods = dict(fused.named_modules())
+        details: list[dict[str, Any]] = []
+        largest = (0, "")
+        with contextlib.ExitStack() as stack:
+            for r in replays:
+                stack.enter_context(r.session())
+            for layer in layers:
+                t1 = time.perf_counter()
+                module = fmods[layer.path]
+                bn = fmods[layer.bn] if layer.bn is not None else None
+                fold = bn is not None and batchnorm == "fold"
+                groups, d, o = _shape(layer.kind, module)
+                has_bias = getattr(module, "bias", None) is not None or bn is not None
+                gram = LayerGram(groups, d, o, has_bias, dev, precision)
+                if gram.xx.shape[1] > largest[0]:
+                    largest = (gram.xx.shape[1], layer.path)
+                A, Bm = _merge_matrices(ctx, layer, module, dev, inputs == "merged")
+                if inputs == "merged" and Bm is None:
+                    skipped.append(f"{layer.path} (grouped convolution: merged inputs need one input space)")
+                    continue
+                # stops: the fused model before the layer; each source after the layer (or its norm)
+                if inputs == "sequential":
+                    replays[0].plan((tapes[0].call(layer.path), "in"))
+                src_stops = []
+                for r, t in zip(replays[1:], tapes[1:]):
+                    stop = t.call(layer.bn if fold else layer.path)
+                    cap = [(t.call(layer.path), "in")] if inputs == "merged" else []
+                    r.plan((stop, "out"), cap)
+                    src_stops.append((stop, t.call(layer.path)))
+                fdim = _feature_dim(layer.kind, module)
+                for b, x in enumerate(xs):
+                    x = x.to(dev)
+                    ys, xis = [], []
+                    for r, (stop, own) in zip(replays[1:], src_stops):
+                        got = r.run(x, b)
+                        ys.append(got[(stop, "out")])
+                        if inputs == "merged":
+                            xis.append(got[(own, "in")])
+                    Y = sum(_feature_rows(layer.kind, module, y).float() @ A[i].t() for i, y in enumerate(ys))
+                    if inputs == "sequential":
+                        X = replays[0].run(x, b)[(tapes[0].call(layer.path), "in")]
+                    else:
+                        X = sum(_apply_features(Bm[i], xi.float(), fdim) for i, xi in enumerate(xis))
+                    gram.add(_in_rows(layer.kind, module, X), _group_rows(Y, groups))
+                w0, b0 = _anchor(layer.kind, module, bn if fold else None, groups)
+                sol = ridge_solve(gram, w0, b0, ridge=ridge)
+                if sol.fallback_groups:
+                    ctx.notes.append(f"refinement 'lstsq': {layer.path}: {sol.fallback_groups} group(s) solved by "
+                                     f"the pseudo-inverse (Gram not positive definite)")
+                _write(layer, module, bn, fold, sol, gram)
+                details.append({"layer": layer.path, "rows": gram.rows, "inputs": gram.xx.shape[1],
+                                "loss_before": sol.loss_before, "loss_after": sol.loss_after,
+                                "seconds": time.perf_counter() - t1})
+    if skipped:
+        ctx.notes.append(f"refinement 'lstsq' left {len(skipped)} weighted module(s) as mapped: "
+                         + "; ".join(skipped[:6]) + (" ..." if len(skipped) > 6 else ""))
+    ctx.details["refine"] = {"layers": details, "largest_gram": {"layer": largest[1], "size": largest[0]},
+                             "skipped": skipped, "seconds": time.perf_counter() - t0}
+
+
+def _merge_matrices(ctx: RepairContext, layer: _Layer, module: nn.Module, dev: torch.device, merged_inputs: bool):
+    """Per source, the matrix merging its layer outputs into the fused features (``A_i``), and the one
+    merging its layer inputs (``B_i``; None when not asked, or for a grouped convolution)."""
+    name = f"{layer.path}.weight"
+    A, B = [], []
+    for i, g in enumerate(ctx.graphs):
+        lay = g.layout(name)
+        A.append(axis_matrix(lay[0], ctx.maps, i, "out", True, ctx.alpha[i], name, 0).float().to(dev))
+        if not merged_inputs:
+            continue
+        if layer.kind == "norm" or (layer.kind == "conv" and module.groups == module.in_channels == module.out_channels):
+            B.append(A[-1])
+        elif layer.kind == "conv" and module.groups > 1:
+            return A, None
+        else:
+            B.append(axis_matrix(lay[1], ctx.maps, i, "out", True, ctx.alpha[i], name, 1).float().to(dev))
+    return A, (B if merged_inputs else [])
+
+
+def _write(layer: _Layer, module: nn.Module, bn: nn.Module | None, fold: bool, sol, gram: LayerGram) -> None:
+    """Write a solution into the fused layer (and its BatchNorm)."""
+    w = sol.weight
+    if layer.kind == "norm":
+        module.weight.copy_(w.reshape(-1))
+        if module.bias is not None:
+            module.bias.copy_(sol.bias.reshape(-1))
+        return
+    if layer.kind == "conv":
+        module.weight.copy_(_conv_weight_back(w, module.weight.shape))
+    else:
+        module.weight.copy_(w.reshape(module.weight.shape))
+    if bn is None:
+        if module.bias is not None:
+            module.bias.copy_(sol.bias.reshape(-1))
+        return
+    # statistics of the refitted conv's output z = W x, from the Gram's input moments
+    mean_x, cov_x = gram.input_moments()
+    mu = torch.einsum("god,gd->go", w, mean_x).reshape(-1)
+    var = torch.einsum("god,gde,goe->go", w, cov_x, w).reshape(-1).clamp_min(0)
+    b = sol.bias.reshape(-1)
+    if fold:
+        # BN(z) = z + b: statistics of z, an affine that undoes them (a later reset keeps it)
+        if module.bias is not None:
+            module.bias.zero_()
+        bn.running_mean.copy_(mu)
+        bn.running_var.copy_(var)
+        bn.weight.copy_(torch.sqrt(var + bn.eps))
+        bn.bias.copy_(mu + b)
+    else:
+        # pre-BN fit: the norm keeps its affine and normalises with the refitted conv's statistics
+        if module.bias is not None:
+            module.bias.copy_(b)
+            mu = mu + b
+        bn.running_mean.copy_(mu)
+        bn.running_var.copy_(var)

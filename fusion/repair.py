@@ -76,6 +76,8 @@ class RepairContext:
         device: where to run.
         progress: show progress bars.
         notes: fallbacks taken (listed in the fusion report).
+        details: what a stage measured, by stage (e.g. ``"refine"``: per-layer regression losses),
+            copied into the fusion report.
     """
 
     fused: nn.Module
@@ -87,6 +89,7 @@ class RepairContext:
     device: str | torch.device | None = None
     progress: bool = False
     notes: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 def run_repair(name: str, ctx: RepairContext, **options: Any) -> nn.Module:
