@@ -34,7 +34,7 @@ from alignment.methods import METHODS, MatchContext, MatchResult, match
 from alignment.runner import check_data, first_batch, model_device
 from alignment.statistics import POINT_POLICIES, Statistics, collect
 
-from .engine import apply_maps
+from .engine import HEADS, HeadsError, apply_maps, head_tensors
 from .refine import REFINEMENTS, run_refinement
 from .repair import REPAIRS, RepairContext, run_repair
 from .resize import check_width, resize, resized_graph
@@ -61,6 +61,8 @@ class FusionReport:
         calibration_samples: number of calibration examples seen by the statistics.
         positions_per_image: the statistics' subsampling of positions/tokens per image (None: all).
         fallbacks: every place where a stage did something other than asked (each also warned).
+        heads: ``"merged"`` (one classifier) or ``"separate"`` (each model's own, outputs concatenated).
+        head_sizes: with separate heads, each model's number of outputs, in the models' order.
         refinement: what the refine stage measured (per layer: rows, Gram size, relative regression
             loss before and after, seconds; the largest Gram; modules left as mapped).
     """
@@ -75,6 +77,8 @@ class FusionReport:
     calibration_samples: int = 0
     positions_per_image: int | None = None
     fallbacks: list[str] = field(default_factory=list)
+    heads: str = "merged"
+    head_sizes: list[int] = field(default_factory=list)
     refinement: dict[str, Any] = field(default_factory=dict)
 
     def fallback(self, message: str) -> None:
@@ -133,15 +137,16 @@ class Alignment:
         maps = {s.name: plan_maps([p[s.name] for p in self.result.plans], alpha) for s in tg.spaces if s.members}
         return correct_query_key(maps, self.graphs, alpha)
 
-    def apply(self, alpha: Sequence[float] | float | None = None) -> nn.Module:
+    def apply(self, alpha: Sequence[float] | float | None = None, heads: str = "merged") -> nn.Module:
         """The fused model (before refinement and repair) for interpolation weights ``alpha``."""
         alpha = _alpha(alpha, len(self.models))
-        return apply_maps(self.models, self.graphs, self.maps(alpha), alpha=alpha, target=self.target)
+        return apply_maps(self.models, self.graphs, self.maps(alpha), alpha=alpha, target=self.target, heads=heads)
 
     def build(self, alpha: Sequence[float] | float | None = None, repair: str = "none", refine: str = "none",
               repair_options: dict[str, Any] | None = None, refine_options: dict[str, Any] | None = None,
-              progress: bool = False) -> nn.Module:
+              progress: bool = False, heads: str = "merged") -> nn.Module:
         """Apply, refine and repair: the fused model for ``alpha``, with its ``fusion_report``."""
+        _check_heads(heads)
         repair_options = REPAIRS.validate(repair, dict(repair_options or {}))
         refine_options = REFINEMENTS.validate(refine, dict(refine_options or {}))
         if (repair != "none" or refine != "none") and self.calibration is None:
@@ -151,12 +156,15 @@ class Alignment:
         report = _copy_report(self.report, weights, repair, refine)
         t = time.perf_counter()
         maps = self.maps(weights)
-        fused = apply_maps(self.models, self.graphs, maps, alpha=weights, target=self.target)
+        fused = apply_maps(self.models, self.graphs, maps, alpha=weights, target=self.target, heads=heads)
         report.seconds["apply"] = time.perf_counter() - t
+        report.heads = heads
+        if heads == "separate":
+            report.head_sizes = [int(g.shapes[head_tensors(g)[0]][0]) for g in self.graphs]
         if self.device is not None:
             fused = fused.to(self.device)
         ctx = RepairContext(fused=fused, sources=self.models, graphs=self.graphs, maps=maps, alpha=weights,
-                            data=self.calibration, device=self.device, progress=progress)
+                            data=self.calibration, device=self.device, progress=progress, heads=heads)
         t = time.perf_counter()
         run_refinement(refine, ctx, **refine_options)
         report.seconds["refine"] = time.perf_counter() - t
@@ -194,6 +202,11 @@ def _alpha(alpha: Sequence[float] | float | None, n: int) -> list[float]:
             raise InvalidOptionError(f"alpha weights must be finite numbers, got {list(alpha)!r}")
         out.append(float(a))
     return out
+
+
+def _check_heads(heads: Any) -> None:
+    if not isinstance(heads, str) or heads not in HEADS:
+        raise HeadsError(f"heads={heads!r}; use one of {', '.join(map(repr, HEADS))}")
 
 
 def _check_models(models: Any) -> list[nn.Module]:
@@ -301,6 +314,7 @@ def fuse(
     positions_per_image: int | None = None,
     repair_options: dict[str, Any] | None = None,
     refine_options: dict[str, Any] | None = None,
+    heads: str = "merged",
     **options: Any,
 ) -> nn.Module:
     """Fuse models into one by aligning their hidden units.
@@ -328,12 +342,17 @@ def fuse(
         progress: show progress bars.
         width: instead of ``target``, the fused widths relative to the first model: a factor
             (``0.5``), a width, or a per-space dict (see :func:`fusion.resize.resize`).
-        refine: a registered refinement (``"none"``).
+        refine: a registered refinement: ``"none"`` or ``"lstsq"`` (least squares layer by layer,
+            PLeaS in closed form; see :mod:`fusion.refine`).
         points: where activations are observed (see :func:`alignment.statistics.observation_points`).
         positions_per_image: statistics read at most this many spatial positions (or tokens) per
             image, drawn at random (faster on large inputs; reported); None reads all.
         repair_options: options of the repair (e.g. ``{"eps": 1e-5}`` for ``"repair"``).
-        refine_options: options of the refinement.
+        refine_options: options of the refinement (e.g. ``{"ridge": 1e-4}`` for ``"lstsq"``).
+        heads: ``"merged"`` (one classifier) or ``"separate"``: each model keeps its own classifier,
+            fed from the fused features through its unmerge map, and the fused model returns the
+            classifiers' outputs concatenated in the models' order (for models trained on different
+            label sets; ``report.head_sizes`` gives each one's width).
         **options: method options (e.g. ``iterations`` for ``permute``, ``max_iter`` for
             ``weight_matching``); an unknown one raises :class:`~alignment.errors.InvalidOptionError`.
 
@@ -344,6 +363,7 @@ def fuse(
     """
     models = _check_models(models)
     weights = _alpha(alpha, len(models))
+    _check_heads(heads)
     METHODS.validate(method, options)
     REPAIRS.validate(repair, dict(repair_options or {}))
     REFINEMENTS.validate(refine, dict(refine_options or {}))
@@ -354,6 +374,6 @@ def fuse(
                example_input=example_input, progress=progress, width=width, points=points,
                positions_per_image=positions_per_image, **options)
     fused = al.build(weights, repair=repair, refine=refine, repair_options=repair_options,
-                     refine_options=refine_options, progress=progress)
+                     refine_options=refine_options, progress=progress, heads=heads)
     fused.fusion_report.seconds["total"] = time.perf_counter() - t_all
     return fused

@@ -22,14 +22,31 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from alignment.errors import SpaceMismatchError
+from alignment.errors import FusionError, SpaceMismatchError
 from alignment.graph import Graph
-from alignment.maps import SpaceMap, fuse_tensors
+from alignment.maps import SpaceMap, axis_roles, fuse_tensors, map_tensor
 from alignment.permute import model_tensors, reset_caches
 
 from .modules import replace_tensor, sync_module_attributes
 
-__all__ = ["build_model", "apply_maps"]
+__all__ = ["build_model", "apply_maps", "head_tensors", "HeadsError", "HEADS"]
+
+HEADS = ("merged", "separate")
+
+
+class HeadsError(FusionError, ValueError):
+    """``heads="separate"`` needs a classifier whose output axis is the model's output."""
+
+
+def head_tensors(graph: Graph) -> list[str]:
+    """The classifier's tensors: those whose first axis is wholly a model output (e.g. ``fc.weight``,
+    ``fc.bias``), in the graph's tensor order."""
+    out = []
+    for f in graph.fixed:
+        if f.axis == 0 and f.reason == "model output" and f.start == 0 and f.stop == graph.shapes[f.tensor][0]:
+            if f.tensor not in out:
+                out.append(f.tensor)
+    return [t for t in graph.shapes if t in out]
 
 
 def build_model(template: nn.Module, tensors: dict[str, torch.Tensor], num_heads: dict[str, int] | None = None) -> nn.Module:
@@ -62,6 +79,7 @@ def apply_maps(
     alpha: Sequence[float] | None = None,
     target: nn.Module | None = None,
     num_heads: dict[str, int] | None = None,
+    heads: str = "merged",
 ) -> nn.Module:
     """Fuse N models with per-space maps into a new model.
 
@@ -73,13 +91,33 @@ def apply_maps(
         target: a model of the fused widths to write into (not modified; a copy is returned); by
             default a copy of the first model, resized to the maps' widths.
         num_heads: new head counts of attention modules, when the maps change them.
+        heads: ``"merged"``: one classifier, the weighted merge of the models'; ``"separate"``: each
+            model keeps its own classifier, fed from the fused features through its unmerge map; the
+            fused model returns the classifiers' outputs concatenated in the models' order (models may
+            then have different class counts).
 
     Returns:
         The fused model, in the first model's train/eval mode.
+
+    Raises:
+        HeadsError: ``heads="separate"`` on a model without a classifier (a layer whose output axis
+            is the model output), or an unknown ``heads``.
     """
     alpha = list(alpha) if alpha is not None else [1.0 / len(models)] * len(models)
     tensors = [model_tensors(m) for m in models]
-    fused = fuse_tensors(tensors, graphs, maps, alpha)
+    if heads not in HEADS:
+        raise HeadsError(f"heads={heads!r}; use one of {', '.join(map(repr, HEADS))}")
+    names = None
+    separate: dict[str, torch.Tensor] = {}
+    if heads == "separate":
+        head = head_tensors(graphs[0])
+        if not head:
+            raise HeadsError(f"heads='separate': {graphs[0].model_class} has no classifier whose output axis is the "
+                             f"model output; use heads='merged'")
+        names = [n for n in graphs[0].shapes if n not in head]
+        separate = separate_heads(tensors, graphs, maps, head)
+    fused = fuse_tensors(tensors, graphs, maps, alpha, names=names)
+    fused.update(separate)
     template = target if target is not None else models[0]
     if target is not None:
         want = model_tensors(target)
@@ -92,3 +130,18 @@ def apply_maps(
     new = build_model(template, fused, num_heads=num_heads)
     new.train(models[0].training)
     return new
+
+
+def separate_heads(tensors, graphs: Sequence[Graph], maps: dict[str, SpaceMap], head: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Each model's classifier tensors carried onto the fused features (``W_i . U_i[in]``), stacked along
+    the output axis in the models' order."""
+    out = {}
+    for name in head:
+        parts = []
+        for i, (tens, g) in enumerate(zip(tensors, graphs)):
+            if name not in tens or name not in head_tensors(g):
+                raise HeadsError(f"heads='separate': model {i} has no classifier tensor {name!r}")
+            parts.append(map_tensor(tens[name], g, name, axis_roles(g), maps, i, 1.0))
+        t0 = tensors[0][name]
+        out[name] = torch.cat(parts, 0).to(device=t0.device, dtype=t0.dtype)
+    return out

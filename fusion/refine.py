@@ -39,6 +39,7 @@ from alignment.maps import axis_matrix
 from alignment.registry import Registry
 from alignment.runner import batches, model_device, modes
 
+from .engine import head_tensors
 from .lstsq import LayerGram, ridge_solve
 from .replay import Replay, record
 from .repair import RepairContext
@@ -99,7 +100,8 @@ def _plan_layers(fused: nn.Module, tape, batchnorm: str, norms: bool) -> tuple[l
     layers, skipped, seen = [], [], set()
     for k, c in enumerate(tape.calls):
         m = modules.get(c.path)
-        if m is None or c.path in seen or not any(True for _ in m.parameters(recurse=False)):
+        # a layer owns a `weight` (embeddings, tokens and other loose parameters are not layers)
+        if m is None or c.path in seen or not isinstance(getattr(m, "weight", None), nn.Parameter):
             continue
         seen.add(c.path)
         kind = _refinable(m, norms)
@@ -218,7 +220,7 @@ def _source_copies(ctx: RepairContext, dev: torch.device) -> list[nn.Module]:
 
 @register_refinement("lstsq")
 def refine_lstsq(ctx: RepairContext, *, inputs: Literal["sequential", "merged"] = "sequential",
-                 batchnorm: Literal["fold", "stats"] = "fold", norms: bool = True, ridge: float = 1e-3,
+                 batchnorm: Literal["fold", "stats"] = "fold", norms: bool = True, ridge: float = 1e-4,
                  precision: Literal["float32", "float64"] = "float32") -> None:
     """Least-squares refinement (PLeaS in closed form): each layer refitted to the merged sources' outputs.
 
@@ -314,9 +316,17 @@ def _merge_matrices(ctx: RepairContext, layer: _Layer, module: nn.Module, dev: t
     merging its layer inputs (``B_i``; None when not asked, or for a grouped convolution)."""
     name = f"{layer.path}.weight"
     A, B = [], []
+    separate = ctx.heads == "separate" and name in head_tensors(ctx.graphs[0])
+    sizes = [g.shapes[name][0] for g in ctx.graphs] if separate else []
     for i, g in enumerate(ctx.graphs):
         lay = g.layout(name)
-        A.append(axis_matrix(lay[0], ctx.maps, i, "out", True, ctx.alpha[i], name, 0).float().to(dev))
+        if separate:
+            # each model's own classifier: its outputs go to its slot of the concatenated outputs
+            place = torch.zeros(sum(sizes), sizes[i])
+            place[sum(sizes[:i]):sum(sizes[:i + 1])] = torch.eye(sizes[i])
+            A.append(place.to(dev))
+        else:
+            A.append(axis_matrix(lay[0], ctx.maps, i, "out", True, ctx.alpha[i], name, 0).float().to(dev))
         if not merged_inputs:
             continue
         if layer.kind == "norm" or (layer.kind == "conv" and module.groups == module.in_channels == module.out_channels):

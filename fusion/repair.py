@@ -76,6 +76,7 @@ class RepairContext:
         device: where to run.
         progress: show progress bars.
         notes: fallbacks taken (listed in the fusion report).
+        heads: ``"merged"`` or ``"separate"`` (each model's classifier kept; see :func:`fusion.engine.apply_maps`).
         details: what a stage measured, by stage (e.g. ``"refine"``: per-layer regression losses),
             copied into the fusion report.
     """
@@ -89,6 +90,7 @@ class RepairContext:
     device: str | torch.device | None = None
     progress: bool = False
     notes: list[str] = field(default_factory=list)
+    heads: str = "merged"
     details: dict[str, Any] = field(default_factory=dict)
 
 

@@ -22,6 +22,7 @@ from alignment.errors import FusionError
 from alignment.runner import model_device, modes
 
 __all__ = [
+    "heads_accuracy",
     "EvaluationError",
     "OutputFormatError",
     "extract_logits",
@@ -358,6 +359,11 @@ def split_task_accuracy(
             )
         outputs.append(logits)
     assert labels is not None
+    return _task_scores(outputs, lists, labels)
+
+
+def _task_scores(outputs: Sequence[torch.Tensor], lists: Sequence[Sequence[int]], labels: torch.Tensor) -> dict[str, Any]:
+    """Per-task accuracy of each head on its own classes, their mean, and the joint accuracy."""
     per_task = []
     for i, (logits, classes) in enumerate(zip(outputs, lists)):
         mask, positions = _remap(labels, classes)
@@ -367,8 +373,37 @@ def split_task_accuracy(
                 "original labels (remap=False or no classes)."
             )
         per_task.append(_accuracy_of(logits[mask], positions))
-    joint = _joint_from_logits(torch.cat(outputs, dim=1), [c for cl in lists for c in cl], labels)
+    joint = _joint_from_logits(torch.cat(list(outputs), dim=1), [c for cl in lists for c in cl], labels)
     return {"per_task": per_task, "task_mean": sum(per_task) / len(per_task), "joint": joint}
+
+
+def heads_accuracy(
+    model: nn.Module,
+    class_lists: Sequence[Sequence[int]],
+    data: Data,
+    device: str | torch.device | None = None,
+    batch_size: int = 512,
+) -> dict[str, Any]:
+    """Per-task and joint accuracy of one model whose outputs are several tasks' heads concatenated
+    (a fusion with ``heads="separate"``): head ``i`` is the next ``len(class_lists[i])`` outputs.
+
+    Scored like :func:`split_task_accuracy` (which runs one model per task); ``data`` carries the
+    original labels.
+
+    Returns:
+        ``{"per_task": [...], "task_mean": float, "joint": float}``.
+
+    Raises:
+        EvaluationError: If the model's output width is not the total of the class lists, or as
+            :func:`split_task_accuracy`.
+    """
+    lists = _check_class_lists(class_lists)
+    logits, labels = predict_logits(model, data, device=device, batch_size=batch_size)
+    total = sum(len(c) for c in lists)
+    if logits.shape[1] != total:
+        raise EvaluationError(f"The model has {logits.shape[1]} outputs but the class lists have {total} labels "
+                              f"in all; give one class list per head, in head order.")
+    return _task_scores(list(logits.split([len(c) for c in lists], dim=1)), lists, labels)
 
 
 def _joint_from_logits(logits: torch.Tensor, classes_order: Sequence[int], labels: torch.Tensor) -> float:
