@@ -89,6 +89,7 @@ class Entry:
     name: str
     fn: Callable[..., Any]
     options: tuple[Option, ...]
+    check: Callable[[dict[str, Any]], None] | None = None
 
     @property
     def summary(self) -> str:
@@ -108,8 +109,12 @@ class Registry:
         self.kind, self.error = kind, error
         self._entries: dict[str, Entry] = {}
 
-    def register(self, name: str) -> Callable:
-        """Decorator registering ``fn(ctx, *, option: type = default, ...)`` under ``name``."""
+    def register(self, name: str, check: Callable[[dict[str, Any]], None] | None = None) -> Callable:
+        """Decorator registering ``fn(ctx, *, option: type = default, ...)`` under ``name``.
+
+        ``check(options)``, when given, checks option values beyond their types (e.g. ranges) and
+        raises :class:`~alignment.errors.InvalidOptionError`; it runs in :meth:`validate`, before
+        any work."""
         def deco(fn):
             hints = typing.get_type_hints(fn)
             opts = []
@@ -117,7 +122,7 @@ class Registry:
                 if p.kind is not inspect.Parameter.KEYWORD_ONLY or p.default is inspect.Parameter.empty:
                     raise TypeError(f"{self.kind} {name!r}: options must be keyword-only with defaults ({p.name})")
                 opts.append(Option(p.name, p.default, hints.get(p.name, Any)))
-            self._entries[name] = Entry(name, fn, tuple(opts))
+            self._entries[name] = Entry(name, fn, tuple(opts), check)
             fn.registered_name = name
             return fn
         return deco
@@ -149,6 +154,8 @@ class Registry:
         out = {o.name: o.default for o in entry.options}
         for k, v in options.items():
             out[k] = known[k].check(v, f"{self.kind} {name!r}")
+        if entry.check is not None:
+            entry.check(out)
         return out
 
     def call(self, name: str, ctx: Any, options: dict[str, Any]) -> Any:

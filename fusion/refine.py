@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alignment.errors import UnknownNameError
+from alignment.errors import InvalidOptionError, UnknownNameError
 from alignment.maps import axis_matrix
 from alignment.registry import Registry
 from alignment.runner import batches, model_device, modes
@@ -54,9 +54,10 @@ class UnknownRefinementError(UnknownNameError, ValueError):
 REFINEMENTS = Registry("refinement", UnknownRefinementError)
 
 
-def register_refinement(name: str) -> Callable:
-    """Register a refinement ``fn(ctx: RepairContext, *, options...)`` (modifies ``ctx.fused``)."""
-    return REFINEMENTS.register(name)
+def register_refinement(name: str, check: Callable[[dict[str, Any]], None] | None = None) -> Callable:
+    """Register a refinement ``fn(ctx: RepairContext, *, options...)`` (modifies ``ctx.fused``);
+    ``check(options)`` validates option values before any work."""
+    return REFINEMENTS.register(name, check)
 
 
 def run_refinement(name: str, ctx: RepairContext, **options: Any) -> nn.Module:
@@ -218,7 +219,12 @@ def _source_copies(ctx: RepairContext, dev: torch.device) -> list[nn.Module]:
     return runs
 
 
-@register_refinement("lstsq")
+def _check_lstsq(options: dict[str, Any]) -> None:
+    if options["ridge"] < 0:
+        raise InvalidOptionError(f"refinement 'lstsq': ridge={options['ridge']} must be >= 0 (0: plain least squares)")
+
+
+@register_refinement("lstsq", check=_check_lstsq)
 def refine_lstsq(ctx: RepairContext, *, inputs: Literal["sequential", "merged"] = "sequential",
                  batchnorm: Literal["fold", "stats"] = "fold", norms: bool = True, ridge: float = 1e-4,
                  precision: Literal["float32", "float64"] = "float32") -> None:
@@ -236,10 +242,6 @@ def refine_lstsq(ctx: RepairContext, *, inputs: Literal["sequential", "merged"] 
             Gram ``X^T X`` (0: plain least squares).
         precision: per-batch products in ``"float32"`` (summed in float64) or ``"float64"``.
     """
-    if ridge < 0:
-        from alignment.errors import InvalidOptionError
-
-        raise InvalidOptionError(f"refinement 'lstsq': ridge={ridge} must be >= 0")
     fused = ctx.fused
     dev = torch.device(ctx.device) if ctx.device is not None else model_device(fused)
     xs = list(batches(ctx.data))

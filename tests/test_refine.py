@@ -1,0 +1,272 @@
+"""Least-squares refinement, its staged passes and separate heads."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fusion
+from alignment import discover, permute
+from alignment.errors import InvalidOptionError
+from fusion.engine import HeadsError
+from fusion.lstsq import LayerGram, ridge_solve
+from fusion.refine import _conv_rows, _conv_weight
+from fusion.repair import reset_bn
+from fusion.replay import Replay, record
+from tests.conftest import rel_err
+from tests.tiny_models import logits
+
+# families whose every weighted layer the refinement handles (Conv2d, grouped and depthwise; Linear;
+# BatchNorm folded; LayerNorm and GroupNorm affines)
+FAMILIES = ["timm_resnet18", "timm_vit", "cnn", "mlp"]
+
+
+def _calibration(x: torch.Tensor, n: int = 48, seed: int = 3) -> torch.Tensor:
+    return torch.randn(n, *x.shape[1:], generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_refining_a_model_fused_with_its_permuted_copy_keeps_its_function(tiny, name):
+    """The fused model of a model and its permuted copy is already exact: every layer's regression
+    loss is zero, and refinement leaves the function unchanged (BatchNorm folding included)."""
+    model, x = tiny(name)
+    graph = discover(model, x)
+    other = permute(model, graph, graph.random_permutations(seed=5))
+    cal = _calibration(x)
+    fused = fusion.fuse([model, other], cal, method="permute", repair="none", refine="lstsq")
+    layers = fused.fusion_report.refinement["layers"]
+    assert layers, "no layer was refined"
+    for entry in layers:
+        assert entry["loss_after"] < 1e-6, entry
+    with torch.no_grad():
+        assert rel_err(logits(model(cal)), logits(fused(cal))) < 1e-4
+
+
+def test_replay_gives_each_layer_the_inputs_of_a_plain_forward_and_runs_each_conv_once(tiny, monkeypatch):
+    """Staged passes (stop before every conv in turn) capture exactly the inputs a plain forward
+    pass gives those convs, although finished calls are served from the cache: over all passes
+    each conv runs once per batch (timm's ResNet modifies outputs in place: ReLU(inplace), x +=)."""
+    model, x = tiny("timm_resnet18")
+    xs = [_calibration(x, 8, seed=s) for s in range(3)]
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    want: dict[str, list[torch.Tensor]] = {n: [] for n in convs}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(
+        lambda mod, args, n=n: want[n].append(args[0].clone())) for n in convs]
+    with torch.no_grad():
+        for xb in xs:
+            model(xb)
+    for h in hooks:
+        h.remove()
+    runs = {"n": 0}
+    original = nn.Conv2d._conv_forward
+
+    def counting(self, *args, **kwargs):
+        runs["n"] += 1
+        return original(self, *args, **kwargs)
+
+    tape = record(model, xs[0])
+    monkeypatch.setattr(nn.Conv2d, "_conv_forward", counting)
+    replay = Replay(model, tape, len(xs))
+    with replay.session(), torch.no_grad():
+        for n in convs:
+            stop = (tape.call(n), "in")
+            replay.plan(stop)
+            for b, xb in enumerate(xs):
+                got = replay.run(xb, b)[stop]
+                torch.testing.assert_close(got, want[n][b])
+    # the pass before conv k ran convs 0..k-1 fresh only once in total: len(convs) - 1 per batch
+    assert runs["n"] == (len(convs) - 1) * len(xs)
+    assert not any("forward" in m.__dict__ for m in model.modules()), "a patched forward was left behind"
+
+
+class _InPlace(nn.Module):
+    """Glue code that modifies a module's output in place after it returned (like ``x += shortcut``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d, self.e = (nn.Linear(4, 4) for _ in range(5))
+
+    def forward(self, x):
+        h = self.a(x)
+        h += self.b(x)
+        y = self.c(h)
+        z = self.d(h + y)
+        return self.e(h * z)
+
+
+def test_replay_copies_a_cached_output_that_code_modifies_in_place():
+    """An output modified in place by code that still runs is served as a copy: the cache stays
+    intact across passes, so every stop sees what a plain forward gives."""
+    torch.manual_seed(0)
+    model = _InPlace().eval()
+    xs = [torch.randn(5, 4) for _ in range(2)]
+    want: dict[str, list[torch.Tensor]] = {n: [] for n in "bcde"}
+    hooks = [getattr(model, n).register_forward_pre_hook(lambda mod, args, n=n: want[n].append(args[0].clone()))
+             for n in "bcde"]
+    with torch.no_grad():
+        for x in xs:
+            model(x)
+    for h in hooks:
+        h.remove()
+    tape = record(model, xs[0])
+    replay = Replay(model, tape, len(xs))
+    with replay.session(), torch.no_grad():
+        for n in "bcde":
+            stop = (tape.call(n), "in")
+            replay.plan(stop)
+            for i, x in enumerate(xs):
+                torch.testing.assert_close(replay.run(x, i)[stop], want[n][i])
+
+
+def test_refined_layers_equal_torch_lstsq_on_the_same_inputs_and_targets():
+    """With no ridge and float64 sums, each refined layer is the least-squares solution
+    (torch.linalg.lstsq) of its inputs (the fused model's own, earlier layers refined) against the
+    merged source outputs."""
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 4)).double() for _ in range(2)]
+    cal = torch.randn(300, 6, dtype=torch.float64)
+    al = fusion.align(models, cal, method="permute")
+    maps = al.maps()
+    fused = al.build(refine="lstsq", refine_options={"ridge": 0.0, "precision": "float64"})
+    hidden = maps[next(iter(maps))]
+    ones = torch.ones(len(cal), 1, dtype=torch.float64)
+    with torch.no_grad():
+        # layer 0: inputs are the data, targets the merged hidden pre-activations
+        y0 = sum(m[0](cal) @ hidden.merge[i].t() for i, m in enumerate(models))
+        sol0 = torch.linalg.lstsq(torch.cat([cal, ones], 1), y0).solution
+        torch.testing.assert_close(fused[0].weight, sol0[:6].t(), rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(fused[0].bias, sol0[6], rtol=1e-6, atol=1e-8)
+        # layer 2: inputs through the refined layer 0, targets the weighted mean of the outputs
+        x2 = torch.tanh(fused[0](cal))
+        y2 = 0.5 * models[0](cal) + 0.5 * models[1](cal)
+        sol2 = torch.linalg.lstsq(torch.cat([x2, ones], 1), y2).solution
+        torch.testing.assert_close(fused[2].weight, sol2[:12].t(), rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(fused[2].bias, sol2[12], rtol=1e-6, atol=1e-8)
+
+
+def test_ridge_solve_pulls_toward_the_anchor_and_reports_losses():
+    """A strong ridge keeps the current weights; no ridge reaches the least-squares loss, which is
+    never above the loss of the current weights."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 200, 5, generator=g)
+    y = torch.randn(1, 200, 3, generator=g)
+    gram = LayerGram(1, 5, 3, bias=True, device="cpu", precision="float64")
+    gram.add(x, y)
+    w0, b0 = torch.randn(1, 3, 5, generator=g), torch.randn(1, 3, generator=g)
+    free = ridge_solve(gram, w0, b0, ridge=0.0)
+    held = ridge_solve(gram, w0, b0, ridge=1e6)
+    torch.testing.assert_close(held.weight, w0.double(), atol=1e-4, rtol=0)
+    assert free.loss_after <= free.loss_before
+    xa = torch.cat([x[0], torch.ones(200, 1)], 1).double()
+    best = torch.linalg.lstsq(xa, y[0].double()).solution
+    resid = ((xa @ best - y[0].double()) ** 2).sum() / (y[0].double() ** 2).sum()
+    assert abs(free.loss_after - float(resid)) < 1e-9
+
+
+def test_float32_products_match_float64_sums():
+    """Per-batch float32 products summed in float64 stay within 1e-6 (relative) of float64 sums,
+    including the blocked symmetric Gram of wide layers."""
+    g = torch.Generator().manual_seed(1)
+    a = LayerGram(2, 300, 4, bias=True, device="cpu", precision="float32")
+    b = LayerGram(2, 300, 4, bias=True, device="cpu", precision="float64")
+    for _ in range(3):
+        x, y = torch.randn(2, 64, 300, generator=g), torch.randn(2, 64, 4, generator=g)
+        a.add(x, y)
+        b.add(x, y)
+    assert rel_err(b.xx, a.xx) < 1e-6 and rel_err(b.xy, a.xy) < 1e-6
+    torch.testing.assert_close(a.xx, a.xx.transpose(1, 2))
+
+
+@pytest.mark.parametrize("groups,stride,dilation,padding_mode", [(1, 1, 1, "zeros"), (1, 2, 1, "zeros"),
+                                                                  (4, 1, 2, "zeros"), (8, 1, 1, "reflect")])
+def test_conv_patch_rows_reproduce_the_convolution(groups, stride, dilation, padding_mode):
+    """Patches times the permuted weights give the convolution's output (so the Gram is the
+    convolution's regression), for grouped, strided, dilated and reflect-padded convolutions."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3, stride=stride, dilation=dilation, padding=2, groups=groups,
+                     padding_mode=padding_mode, bias=False)
+    x = torch.randn(3, 8, 9, 9)
+    rows = _conv_rows(conv, x)  # (groups, rows, d)
+    w = _conv_weight(conv.weight.detach(), groups)  # (groups, o, d)
+    out = torch.bmm(rows, w.transpose(1, 2))  # (groups, rows, o)
+    y = conv(x).detach()
+    want = y.movedim(1, -1).reshape(-1, groups, 16 // groups).transpose(0, 1)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+def test_folded_batchnorm_survives_a_later_reset(tiny):
+    """After refinement with BatchNorm folding, each norm's statistics are those of its refitted
+    conv on the calibration data, so resetting them on the same data changes (almost) nothing."""
+    a, x = tiny("timm_resnet18")
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    cal = _calibration(x, 64)
+    fused = fusion.fuse([a, b], cal, method="permute", repair="none", refine="lstsq")
+    with torch.no_grad():
+        before = fused(cal)
+        after = reset_bn(copy.deepcopy(fused), cal)(cal)
+    assert rel_err(before, after) < 1e-2
+
+
+def test_separate_heads_of_two_copies_give_the_model_logits_twice(tiny):
+    """heads='separate' keeps each model's classifier: two copies of one model (each permuted
+    differently) give that model's logits twice, with and without refinement."""
+    model, x = tiny("timm_resnet18")
+    graph = discover(model, x)
+    other = permute(model, graph, graph.random_permutations(seed=2))
+    cal = _calibration(x)
+    with torch.no_grad():
+        want = torch.cat([model(cal), model(cal)], 1)
+    al = fusion.align([model, other], cal, method="permute")
+    for refine in ("none", "lstsq"):
+        fused = al.build(refine=refine, heads="separate")
+        assert fused.fusion_report.head_sizes == [10, 10]
+        with torch.no_grad():
+            assert rel_err(want, fused(cal)) < 1e-4, refine
+
+
+def test_separate_heads_allow_different_class_counts(tiny):
+    """Models with 10 and 4 classes fuse into one model with 14 outputs when heads are separate."""
+    import timm
+
+    torch.manual_seed(0)
+    a = timm.create_model("resnet18", pretrained=False, num_classes=10, in_chans=1, channels=(8, 16, 32, 64)).eval()
+    b = timm.create_model("resnet18", pretrained=False, num_classes=4, in_chans=1, channels=(8, 16, 32, 64)).eval()
+    cal = torch.randn(32, 1, 28, 28)
+    fused = fusion.fuse([a, b], cal, method="permute", heads="separate", repair="reset_bn")
+    assert fused(cal).shape == (32, 14)
+    assert fused.fusion_report.head_sizes == [10, 4]
+
+
+def test_bad_refinement_and_heads_options_are_rejected_before_any_work(tiny):
+    """A negative ridge, an unknown refinement option and an unknown heads value are errors."""
+    model, x = tiny("mlp")
+    with pytest.raises(InvalidOptionError, match="ridge"):
+        fusion.fuse([model, model], x, refine="lstsq", refine_options={"ridge": -1.0})
+    with pytest.raises(InvalidOptionError, match="ridgee"):
+        fusion.fuse([model, model], x, refine="lstsq", refine_options={"ridgee": 1.0})
+    with pytest.raises(HeadsError, match="heads"):
+        fusion.fuse([model, model], x, heads="both")
+
+
+@pytest.mark.gpu
+def test_refinement_on_cuda_matches_the_cpu(tiny):
+    """On a GPU the refinement runs there (Grams and solves) and gives the CPU's model."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    a, x = tiny("timm_resnet18")
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    cal = _calibration(x, 64)
+    cpu = fusion.fuse([a, b], cal, method="permute", refine="lstsq", refine_options={"precision": "float64"})
+    gpu = fusion.fuse([a, b], cal, method="permute", refine="lstsq", device="cuda",
+                      refine_options={"precision": "float64"})
+    with torch.no_grad():
+        assert rel_err(cpu(cal), gpu.cpu()(cal)) < 1e-4
