@@ -31,6 +31,7 @@ from alignment.errors import CalibrationError, FallbackWarning, FusionError, Inv
 from alignment.graph import Graph
 from alignment.maps import SpaceMap, correct_query_key, plan_maps
 from alignment.methods import METHODS, MatchContext, MatchResult, match
+from alignment.partial import check_budget, partial_plans
 from alignment.runner import check_data, first_batch, model_device
 from alignment.statistics import POINT_POLICIES, Statistics, collect
 
@@ -61,6 +62,9 @@ class FusionReport:
         calibration_samples: number of calibration examples seen by the statistics.
         positions_per_image: the statistics' subsampling of positions/tokens per image (None: all).
         fallbacks: every place where a stage did something other than asked (each also warned).
+        budget: partial matching: the fused parameter count over the fully matched model's (1: none).
+        partial: with a budget, per space the number of merged units split into one per model, and
+            the parameter counts (fused, fully matched).
         heads: ``"merged"`` (one classifier) or ``"separate"`` (each model's own, outputs concatenated).
         head_sizes: with separate heads, each model's number of outputs, in the models' order.
         refinement: what the refine stage measured (per layer: rows, Gram size, relative regression
@@ -77,6 +81,8 @@ class FusionReport:
     calibration_samples: int = 0
     positions_per_image: int | None = None
     fallbacks: list[str] = field(default_factory=list)
+    budget: float = 1.0
+    partial: dict[str, Any] = field(default_factory=dict)
     heads: str = "merged"
     head_sizes: list[int] = field(default_factory=list)
     refinement: dict[str, Any] = field(default_factory=dict)
@@ -204,6 +210,21 @@ def _alpha(alpha: Sequence[float] | float | None, n: int) -> list[float]:
     return out
 
 
+def _unit_quality(stats: Statistics, plans, graph: Graph) -> dict[str, torch.Tensor]:
+    """Per space, each fused unit's mean correlation between model 0's unit and every other model's."""
+    out = {}
+    for s in graph.spaces:
+        if not s.members or s.kind != "features" or s.name not in stats.points or not stats.points[s.name]:
+            continue
+        corr = stats.correlation(s.name)
+        units = [p[s.name].argmax(1).cpu() for p in plans]
+        q = torch.zeros(len(units[0]), dtype=torch.float64)
+        for i in range(1, len(plans)):
+            q += stats.block(corr, s.name, 0, i).cpu()[units[0], units[i]]
+        out[s.name] = q / max(len(plans) - 1, 1)
+    return out
+
+
 def _check_heads(heads: Any) -> None:
     if not isinstance(heads, str) or heads not in HEADS:
         raise HeadsError(f"heads={heads!r}; use one of {', '.join(map(repr, HEADS))}")
@@ -233,6 +254,7 @@ def align(
     width: Any = None,
     points: str = "auto",
     positions_per_image: int | None = None,
+    budget: float = 1.0,
     **options: Any,
 ) -> Alignment:
     """Discover, collect statistics and match: everything of :func:`fuse` but building the model.
@@ -250,6 +272,10 @@ def align(
         if target is not None:
             raise InvalidOptionError("give either target (a model of the fused widths) or width (a factor), not both")
         check_width(width)
+    budget = check_budget(budget)
+    if budget != 1.0 and (width is not None or target is not None or len(models) < 2):
+        raise InvalidOptionError("budget (partial matching) needs two or more models and sets the fused widths "
+                                 "itself: do not combine it with target or width")
     if calibration is not None:
         check_data(calibration)
     report = report if report is not None else FusionReport(method=method, repair="none", alpha=[])
@@ -293,6 +319,18 @@ def align(
     report.seconds["match"] = time.perf_counter() - t - report.seconds.get("collect", 0.0)
     report.costs = dict(result.costs)
     report.fallbacks.extend(m for m in result.notes if m not in report.fallbacks)
+    report.budget = budget
+    if budget != 1.0:
+        t = time.perf_counter()
+        stats = statistics(cached.get("pairs", [(0, i) for i in range(1, len(models))]))
+        pp = partial_plans(graphs[0], result.plans, _unit_quality(stats, result.plans, graphs[0]), budget)
+        result.plans = pp.plans
+        changed = {k: v for k, v in pp.widths.items() if v != graphs[0][k].width}
+        target = resize(models[0], changed, graph=graphs[0])
+        target_graph = resized_graph(graphs[0], changed)
+        report.partial = {"split": dict(pp.split), "parameters": list(pp.parameters),
+                          "fully_matched": list(pp.fully_matched)}
+        report.seconds["match"] += time.perf_counter() - t
     return Alignment(models=models, graphs=graphs, result=result, target=target, target_graph=target_graph,
                      statistics=cached.get("stats"), report=report, calibration=calibration, device=device)
 
@@ -315,6 +353,7 @@ def fuse(
     repair_options: dict[str, Any] | None = None,
     refine_options: dict[str, Any] | None = None,
     heads: str = "merged",
+    budget: float = 1.0,
     **options: Any,
 ) -> nn.Module:
     """Fuse models into one by aligning their hidden units.
@@ -349,6 +388,13 @@ def fuse(
             image, drawn at random (faster on large inputs; reported); None reads all.
         repair_options: options of the repair (e.g. ``{"eps": 1e-5}`` for ``"repair"``).
         refine_options: options of the refinement (e.g. ``{"ridge": 1e-4}`` for ``"lstsq"``).
+        budget: partial matching: the fused parameter count over the fully matched model's (1: none).
+        partial: with a budget, per space the number of merged units split into one per model, and
+            the parameter counts (fused, fully matched).
+        budget: partial matching (PLeaS): the fused model may have up to ``budget`` times the
+            parameters of the fully matched model; the worst-matched units of plain spaces are then
+            kept from each model instead of merged (see :mod:`alignment.partial`; widths and split
+            counts in ``report.partial``). 1 is ordinary matching.
         heads: ``"merged"`` (one classifier) or ``"separate"``: each model keeps its own classifier,
             fed from the fused features through its unmerge map, and the fused model returns the
             classifiers' outputs concatenated in the models' order (for models trained on different
@@ -372,7 +418,7 @@ def fuse(
     t_all = time.perf_counter()
     al = align(models, calibration, method=method, target=target, seed=seed, device=device,
                example_input=example_input, progress=progress, width=width, points=points,
-               positions_per_image=positions_per_image, **options)
+               positions_per_image=positions_per_image, budget=budget, **options)
     fused = al.build(weights, repair=repair, refine=refine, repair_options=repair_options,
                      refine_options=refine_options, progress=progress, heads=heads)
     fused.fusion_report.seconds["total"] = time.perf_counter() - t_all

@@ -122,7 +122,7 @@ def apply_maps(
     if target is not None:
         want = model_tensors(target)
         for n, t in fused.items():
-            if n in want and tuple(want[n].shape) != tuple(t.shape):
+            if n in want and n not in separate and tuple(want[n].shape) != tuple(t.shape):
                 raise SpaceMismatchError(
                     f"fused tensor {n!r} has shape {tuple(t.shape)} but the target model has {tuple(want[n].shape)}; "
                     f"the maps' widths must match the target's spaces"

@@ -270,3 +270,31 @@ def test_refinement_on_cuda_matches_the_cpu(tiny):
                       refine_options={"precision": "float64"})
     with torch.no_grad():
         assert rel_err(cpu(cal), gpu.cpu()(cal)) < 1e-4
+
+
+def test_budget_splits_units_within_the_parameter_budget_and_top_budget_is_the_ensemble(tiny):
+    """Partial matching: the fused parameter count stays within the budget and grows with it; a
+    budget that keeps every unit gives a BatchNorm network that computes the averaged logits."""
+    a, x = tiny("timm_resnet18")
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    cal = _calibration(x, 64)
+    al = fusion.align([a, b], cal, method="permute", budget=1.3)
+    fused, base = al.report.partial["parameters"]
+    assert base < fused <= 1.3 * base
+    assert sum(p.numel() for p in al.apply().state_dict().values()) == fused
+    top = fusion.fuse([a, b], cal, method="permute", repair="none", budget=1000.0)
+    with torch.no_grad():
+        want = 0.5 * a(cal) + 0.5 * b(cal)
+        assert rel_err(want, top(cal)) < 1e-5
+        assert rel_err(want, fusion.fuse([a, b], cal, method="permute", repair="none")(cal)) > 1e-2
+
+
+@pytest.mark.parametrize("budget", [0.5, float("nan"), "1.2", True])
+def test_invalid_budgets_are_rejected(tiny, budget):
+    """A budget below 1, NaN, a string or a bool is an error naming the budget."""
+    model, x = tiny("mlp")
+    with pytest.raises(InvalidOptionError, match="budget"):
+        fusion.fuse([model, model], x, budget=budget)

@@ -1,0 +1,154 @@
+"""Partial matching under a size budget (the first half of PLeaS, Nasery et al.).
+
+Full matching merges every fused unit from one unit of each model. Partial matching merges only the
+best-matched units and keeps the others from each model side by side, so a space's fused width lies
+between the widest model's and the sum of the models' widths, and the fused model is between a
+merge and an ensemble.
+
+Allocation (greedy on matching quality per parameter, no solver): every merged unit ``k`` of every
+plain space has a quality ``q_k``, the mean correlation of the model units merged into it; splitting
+it back into one unit per model gains ``1 - q_k`` and costs the parameters that the extra units add
+(measured exactly at the current widths: a unit of a space widens every tensor axis in that space).
+Units are split in order of ``(1 - q_k) / base cost`` while the fused model's parameter count stays
+within ``budget`` times the fully matched model's. ``budget=1`` is ordinary matching; a budget large
+enough splits every unit, and a BatchNorm network then computes the models' averaged logits exactly.
+
+Spaces structured in heads or concatenation segments (attention, concatenated branches) stay fully
+matched (:class:`PartialPlan` lists them).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .errors import InvalidOptionError
+from .graph import Graph
+from .structure import Leaf
+
+__all__ = ["PartialPlan", "partial_plans", "parameter_count", "check_budget"]
+
+
+def check_budget(budget: object) -> float:
+    """``budget`` as a float >= 1, or :class:`InvalidOptionError`."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or math.isnan(budget) or budget < 1:
+        raise InvalidOptionError(f"budget={budget!r} must be a number >= 1 (the fused model's parameters over the "
+                                 f"fully matched model's; 1: ordinary matching)")
+    return float(budget)
+
+
+@dataclass
+class PartialPlan:
+    """The outcome of partial matching.
+
+    Attributes:
+        plans: per model, per space, the new plan (split units appended after the merged ones).
+        widths: per space, the fused width.
+        split: per space, how many merged units were split into one unit per model.
+        parameters: fused parameter count, and the fully matched model's (``(fused, base)``).
+        fully_matched: spaces kept fully matched because of their structure.
+    """
+
+    plans: list[dict[str, torch.Tensor]]
+    widths: dict[str, int]
+    split: dict[str, int] = field(default_factory=dict)
+    parameters: tuple[int, int] = (0, 0)
+    fully_matched: list[str] = field(default_factory=list)
+
+
+def _axis_sizes(graph: Graph, widths: dict[str, int]) -> dict[str, list[list[tuple[int, str | None]]]]:
+    """Per tensor and axis, its pieces as ``(fixed size or 0, space or None)``."""
+    out = {}
+    for t in graph.shapes:
+        out[t] = [[(b - a if sp is None else 0, sp) for a, b, sp in axis] for axis in graph.layout(t)]
+    return out
+
+
+def parameter_count(graph: Graph, widths: dict[str, int]) -> int:
+    """Parameters and buffers of ``graph``'s model with each space at ``widths[space]`` (default: its width)."""
+    total = 0
+    for t, axes in _axis_sizes(graph, widths).items():
+        n = 1
+        for pieces in axes:
+            n *= sum(size if sp is None else widths.get(sp, graph[sp].width) for size, sp in pieces)
+        total += n
+    return total
+
+
+def _marginal(graph: Graph, axes_of: dict, space: str, widths: dict[str, int]) -> int:
+    """Parameters added by one more unit in ``space`` at the current widths."""
+    add = 0
+    for t, axes in axes_of[space]:
+        sizes = [sum(size if sp is None else widths[sp] for size, sp in pieces) for pieces in axes]
+        grown = [sum(size if sp is None else widths[sp] + (sp == space) * 1 for size, sp in pieces) for pieces in axes]
+        add += math.prod(grown) - math.prod(sizes)
+    return add
+
+
+def partial_plans(graph: Graph, plans: Sequence[dict[str, torch.Tensor]], quality: dict[str, torch.Tensor],
+                  budget: float) -> PartialPlan:
+    """Split the worst-matched units of plain spaces until the parameter budget is spent.
+
+    Args:
+        graph: the fused (fully matched) model's graph.
+        plans: per model, per space, a 0/1 plan in which every fused unit takes exactly one unit of
+            every model (a matching).
+        quality: per space, each fused unit's matching quality (higher: better matched).
+        budget: the fused parameter count allowed, relative to the fully matched model's.
+
+    Returns:
+        A :class:`PartialPlan`.
+    """
+    budget = check_budget(budget)
+    widths = {s.name: s.width for s in graph.spaces}
+    base = parameter_count(graph, widths)
+    allowance = (budget - 1.0) * base
+    eligible, fixed = [], []
+    for s in graph.spaces:
+        if not s.members or s.kind != "features":
+            continue
+        full = all(bool(((p[s.name] > 0).sum(1) == 1).all()) for p in plans)
+        if isinstance(s.tree, Leaf) and full and s.name in quality:
+            eligible.append(s.name)
+        else:
+            fixed.append(s.name)
+    axes_of: dict[str, list] = {s: [] for s in eligible}
+    for t, axes in _axis_sizes(graph, widths).items():
+        touched = {sp for pieces in axes for _, sp in pieces if sp is not None}
+        for s in touched & set(axes_of):
+            axes_of[s].append((t, axes))
+    extra = len(plans) - 1  # a split unit becomes one unit per model
+    base_cost = {s: max(_marginal(graph, axes_of, s, widths), 1) * extra for s in eligible}
+    candidates = sorted(((1.0 - float(q), base_cost[s], s, k) for s in eligible for k, q in enumerate(quality[s])),
+                        key=lambda c: -c[0] / c[1])
+    chosen: dict[str, list[int]] = {s: [] for s in eligible}
+    spent = 0
+    for gain, _, s, k in candidates:
+        if allowance <= 0 or gain <= 0:
+            break
+        cost = 0
+        for _ in range(extra):
+            cost += _marginal(graph, axes_of, s, widths)
+            widths[s] += 1
+        if spent + cost > allowance:
+            widths[s] -= extra
+            continue
+        spent += cost
+        chosen[s].append(k)
+    new_plans = [dict(p) for p in plans]
+    for s, ks in chosen.items():
+        if not ks:
+            continue
+        keep = [k for k in range(graph[s].width) if k not in set(ks)]
+        for i, p in enumerate(plans):
+            T = p[s]
+            rows = [T[keep]]
+            for j in range(len(plans)):
+                # split unit k: a row of model j's unit alone (other models send nothing there)
+                rows.append(T[ks] if j == i else torch.zeros_like(T[ks]))
+            new_plans[i][s] = torch.cat(rows, 0)
+    return PartialPlan(new_plans, widths, {s: len(ks) for s, ks in chosen.items() if ks},
+                       (parameter_count(graph, widths), base), fixed)
