@@ -347,6 +347,20 @@ def _report_accuracy(name: str, model, data, device) -> None:
     click.echo(f"{name}: accuracy {100 * acc:.2f}% ({round(acc * n)}/{n} correct) on {n} test images")
 
 
+def _report_heads(name: str, model, head_classes, data, limit, device) -> None:
+    """Per-task and joint accuracy of a model with one head per task (``heads="separate"``)."""
+    from .experiments.data import first_examples
+    from .experiments.evaluate import heads_accuracy
+
+    union = sorted({c for cl in head_classes for c in cl})
+    test = data.load("test", model, union, remap=False)
+    test = first_examples(test, limit) if limit else test
+    r = heads_accuracy(model, head_classes, test, device=device)
+    tasks = ", ".join(f"head {i} {100 * a:.2f}%" for i, a in enumerate(r["per_task"]))
+    click.echo(f"{name}: per-task accuracy {tasks} (mean {100 * r['task_mean']:.2f}%); "
+               f"joint accuracy {100 * r['joint']:.2f}% over all heads")
+
+
 def _options(*opts):
     """Decorator applying click options in the order listed."""
     def apply(fn):
@@ -449,6 +463,10 @@ def eval_cmd(model: str, zoo_dir: str | None, limit: int | None, device: str | N
     """
     data = _data_of(kw)
     [(m, entry)] = _resolve_all([model], zoo_dir, checkpoints, kwargs_json, num_classes)
+    heads = (getattr(entry, "extra", None) or {}).get("heads") if entry is not None else None
+    if heads:
+        _report_heads(model, m, heads, data, limit, device)
+        return
     _report_accuracy(model, m, data.test(m, entry.classes if entry is not None else None, limit), device)
 
 
@@ -471,6 +489,14 @@ def _fusion_options(fn):
         click.option("--device", default=None, help="Device for statistics and repair (default cpu)."),
         click.option("--option", "options", multiple=True,
                      help="Method option key=value (repeatable), e.g. solver=sinkhorn or reg=0.05."),
+        click.option("--refine", default="none", show_default=True, type=click.Choice(["none", "lstsq"]),
+                     help="Refinement before the repair: lstsq refits every layer by least squares (PLeaS)."),
+        click.option("--refine-option", "refine_options", multiple=True,
+                     help="Refinement option key=value (repeatable), e.g. ridge=1e-3 or inputs=merged."),
+        click.option("--budget", type=float, default=1.0, show_default=True,
+                     help="Partial matching: fused parameters up to BUDGET times the fully matched model's."),
+        click.option("--heads", default="merged", show_default=True, type=click.Choice(["merged", "separate"]),
+                     help="separate: each model keeps its own classifier (models trained on different classes)."),
         click.option("--eval", "do_eval", is_flag=True, help="Print the fused model's test accuracy."),
         click.option("--test-limit", "--limit", "test_limit", type=int, default=None,
                      help="With --eval: evaluate on the first N test images only."),
@@ -479,7 +505,7 @@ def _fusion_options(fn):
 
 def _run_fusion(models, method, alpha, out, repair, target_spec, width, calibration_size, calibration_seed,
                 zoo_dir, seed, device, options, do_eval, test_limit, checkpoints, kwargs_json,
-                num_classes, **kw) -> None:
+                num_classes, refine="none", refine_options=(), budget=1.0, heads="merged", **kw) -> None:
     from . import fuse as fuse_fn
     from .io import resized_widths, save_model
 
@@ -496,17 +522,28 @@ def _run_fusion(models, method, alpha, out, repair, target_spec, width, calibrat
     arch, n_classes, classes = _arch_of(*arch_source)
     calibration = data.calibration(mods[0], entries, calibration_size, calibration_seed)
     fused = fuse_fn(mods, calibration, method=method, repair=repair, alpha=alpha, seed=seed, device=device,
-                    target=target, width=width, progress=True, **parse_options(options))
+                    target=target, width=width, progress=True, refine=refine,
+                    refine_options=parse_options(refine_options), budget=budget, heads=heads, **parse_options(options))
     fused = fused.to("cpu")
     report = fused.fusion_report
+    head_classes = None
+    if heads == "separate":
+        # one head per model, outputs concatenated: each head's classes from its model
+        head_classes = [list(_arch_of(m, e)[2]) for m, e in resolved]
+        classes = [c for cl in head_classes for c in cl]
+        n_classes = len(classes)
     # a width the constructor does not build is recorded per space (loading resizes to it)
     path = save_model(fused, out, arch=arch, num_classes=n_classes, classes=classes,
                       widths=resized_widths(fused, arch, n_classes),
-                      extra={"method": method, "repair": repair, "sources": list(models),
+                      extra={"method": method, "repair": repair, "sources": list(models), "refine": refine,
+                             "budget": budget, "heads": head_classes,
                              "target": target_spec, "report": dataclasses.asdict(report)})
     click.echo(report.summary())
     click.echo(f"wrote {path} (+ {path.with_suffix('.json').name})")
     if do_eval:
+        if head_classes is not None:
+            _report_heads("fused", fused, head_classes, data, test_limit, device)
+            return
         test_classes = entries[0].classes if entries[0] is not None else classes
         _report_accuracy("fused", fused, data.test(fused, test_classes, test_limit), device)
 

@@ -382,3 +382,27 @@ def test_width_and_target_usage_errors():
         with pytest.raises(OptionValueError):
             parse_width(bad)
     assert issubclass(OptionValueError, FusionError)
+
+
+def test_separate_heads_fusion_saves_each_heads_classes_and_eval_scores_them(zoo_dir, tmp_path):
+    """fuse --heads separate --budget 1.2 --refine lstsq writes a model whose sidecar lists each
+    head's classes; it reloads at its partial-matching widths, and eval prints per-task and joint
+    accuracy equal to the API's on the reloaded model."""
+    from fusion.experiments.data import load_fashion_mnist
+    from fusion.experiments.evaluate import heads_accuracy
+    from fusion.io import load_model_file
+
+    out = tmp_path / "ab"
+    res = CliRunner().invoke(main, [
+        "fuse", "r18w32-A-s4", "r18w32-B-s5", "--zoo", str(zoo_dir), "--out", str(out), "--calibration-size", "128",
+        "--heads", "separate", "--budget", "1.2", "--refine", "lstsq", "--refine-option", "ridge=0.001"])
+    assert res.exit_code == 0, res.output
+    side = json.loads((tmp_path / "ab.json").read_text())
+    assert side["classes"] == list(range(10)) and side["num_classes"] == 10
+    assert side["heads"] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    res = CliRunner().invoke(main, ["eval", str(tmp_path / "ab.safetensors"), "--limit", "400"])
+    assert res.exit_code == 0, res.output
+    model, _ = load_model_file(tmp_path / "ab.safetensors")
+    want = heads_accuracy(model, side["heads"], Subset(load_fashion_mnist("test"), range(400)))
+    assert f"mean {100 * want['task_mean']:.2f}%" in res.output
+    assert f"joint accuracy {100 * want['joint']:.2f}%" in res.output
