@@ -13,17 +13,6 @@
   layers are corrected one at a time in forward order, each measured (after the corrections of the
   layers before it) and rescaled to the interpolated sources' measured mean and std, with stds
   signed by the sources' norm weights.
-* ``"none"``.
-* ``"reset_bn"``: recompute BatchNorm running statistics of the fused model on calibration data.
-* ``"repair"`` (REPAIR, Jordan et al.): every norm layer's output channels get the mean and std of
-  the interpolated (aligned) source statistics, measured on the calibration data. Stds are
-  interpolated with the sign of each source's norm weight: a fused channel whose sources have
-  weights of opposite signs is anti-aligned, and interpolating unsigned stds would blow it up (on
-  the zoo's ResNet-18 pair, a third of the last-BN channels of late blocks). BatchNorm layers take
-  the target affine (``weight`` = signed std, ``bias`` = mean) and then have their running
-  statistics reset, so every layer is normalised against the upstream it will see; LayerNorm and
-  GroupNorm layers are corrected one at a time in forward order, each measured after the
-  corrections of the layers before it.
 
 Every pass over the calibration data goes through :func:`alignment.runner.stream`.
 """

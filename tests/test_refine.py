@@ -298,3 +298,29 @@ def test_invalid_budgets_are_rejected(tiny, budget):
     model, x = tiny("mlp")
     with pytest.raises(InvalidOptionError, match="budget"):
         fusion.fuse([model, model], x, budget=budget)
+
+
+def test_partial_plans_split_the_worst_matched_units_first(tiny):
+    """Within each space the split units are the worst matched (lowest quality); the parameter count
+    of the new widths stays within the budget, and each split unit becomes one row per model."""
+    from alignment.partial import parameter_count, partial_plans
+
+    model, x = tiny("mlp")
+    graph = discover(model, x)
+    g = torch.Generator().manual_seed(0)
+    plans = [{s.name: torch.eye(s.width, dtype=torch.float64) for s in graph.spaces} for _ in range(2)]
+    quality = {s.name: torch.rand(s.width, generator=g, dtype=torch.float64) for s in graph.alignable_spaces}
+    base = parameter_count(graph, {})
+    pp = partial_plans(graph, plans, quality, 1.25)
+    assert pp.split and parameter_count(graph, pp.widths) <= 1.25 * base
+    for s, n in pp.split.items():
+        q = quality[s]
+        # the plans' first rows are the merged units (identity plans: row k holds unit k)
+        kept = torch.zeros(len(q), dtype=torch.bool)
+        kept[pp.plans[0][s][: graph[s].width - n].argmax(1)] = True
+        assert int(kept.sum()) == graph[s].width - n
+        assert float(q[~kept].max()) <= float(q[kept].min())
+        assert pp.plans[0][s].shape == (graph[s].width + n, graph[s].width) == (pp.widths[s], graph[s].width)
+        # the last 2n rows hold model 0's split units then model 1's: one sender per row
+        rows = pp.plans[0][s][-2 * n:].sum(1)
+        assert rows[:n].eq(1).all() and rows[n:].eq(0).all()
