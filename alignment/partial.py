@@ -10,7 +10,8 @@ plain space has a quality ``q_k``, the mean correlation of the model units merge
 it back into one unit per model gains ``1 - q_k`` and costs the parameters that the extra units add
 (measured exactly at the current widths: a unit of a space widens every tensor axis in that space).
 Units are split in order of ``(1 - q_k) / base cost`` while the fused model's parameter count stays
-within ``budget`` times the fully matched model's. ``budget=1`` is ordinary matching; a budget large
+within ``budget`` times the fully matched model's (or, with ``{"flops": x}``, its multiply-adds:
+each tensor's parameters weighed by how often the forward pass uses them per image). ``budget=1`` is ordinary matching; a budget large
 enough splits every unit, and a BatchNorm network then computes the models' averaged logits exactly.
 
 Spaces structured in heads or concatenation segments (attention, concatenated branches) stay fully
@@ -27,17 +28,28 @@ import torch
 
 from .errors import InvalidOptionError
 from .graph import Graph
+from .runner import modes
 from .structure import Leaf
 
-__all__ = ["PartialPlan", "partial_plans", "parameter_count", "check_budget"]
+__all__ = ["PartialPlan", "partial_plans", "parameter_count", "check_budget", "tensor_uses", "MEASURES"]
 
 
-def check_budget(budget: object) -> float:
-    """``budget`` as a float >= 1, or :class:`InvalidOptionError`."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or math.isnan(budget) or budget < 1:
-        raise InvalidOptionError(f"budget={budget!r} must be a number >= 1 (the fused model's parameters over the "
+MEASURES = ("params", "flops")
+
+
+def check_budget(budget: object) -> tuple[float, str]:
+    """``(factor, measure)`` of a budget: a number >= 1 (parameters), or ``{"params": x}`` or
+    ``{"flops": x}``; anything else raises :class:`InvalidOptionError`."""
+    measure = "params"
+    value = budget
+    if isinstance(budget, dict):
+        if len(budget) != 1 or next(iter(budget)) not in MEASURES:
+            raise InvalidOptionError(f"budget={budget!r}: give a number, or one of {{'params': x}}, {{'flops': x}}")
+        measure, value = next(iter(budget.items()))
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 1:
+        raise InvalidOptionError(f"budget={budget!r} must be a number >= 1 (the fused model's {measure} over the "
                                  f"fully matched model's; 1: ordinary matching)")
-    return float(budget)
+    return float(value), measure
 
 
 @dataclass
@@ -67,29 +79,31 @@ def _axis_sizes(graph: Graph, widths: dict[str, int]) -> dict[str, list[list[tup
     return out
 
 
-def parameter_count(graph: Graph, widths: dict[str, int]) -> int:
-    """Parameters and buffers of ``graph``'s model with each space at ``widths[space]`` (default: its width)."""
+def parameter_count(graph: Graph, widths: dict[str, int], uses: dict[str, int] | None = None) -> int:
+    """Parameters and buffers of ``graph``'s model with each space at ``widths[space]`` (default: its
+    width); with ``uses`` (tensor -> multiply-adds per element and image, e.g. output positions of a
+    convolution), the multiply-adds of one forward pass instead."""
     total = 0
     for t, axes in _axis_sizes(graph, widths).items():
         n = 1
         for pieces in axes:
             n *= sum(size if sp is None else widths.get(sp, graph[sp].width) for size, sp in pieces)
-        total += n
+        total += n * (uses.get(t, 1) if uses else 1)
     return total
 
 
-def _marginal(graph: Graph, axes_of: dict, space: str, widths: dict[str, int]) -> int:
-    """Parameters added by one more unit in ``space`` at the current widths."""
+def _marginal(graph: Graph, axes_of: dict, space: str, widths: dict[str, int], uses: dict[str, int] | None) -> int:
+    """Parameters (or multiply-adds) added by one more unit in ``space`` at the current widths."""
     add = 0
     for t, axes in axes_of[space]:
         sizes = [sum(size if sp is None else widths[sp] for size, sp in pieces) for pieces in axes]
         grown = [sum(size if sp is None else widths[sp] + (sp == space) * 1 for size, sp in pieces) for pieces in axes]
-        add += math.prod(grown) - math.prod(sizes)
+        add += (math.prod(grown) - math.prod(sizes)) * (uses.get(t, 1) if uses else 1)
     return add
 
 
 def partial_plans(graph: Graph, plans: Sequence[dict[str, torch.Tensor]], quality: dict[str, torch.Tensor],
-                  budget: float) -> PartialPlan:
+                  budget: float | dict, uses: dict[str, int] | None = None) -> PartialPlan:
     """Split the worst-matched units of plain spaces until the parameter budget is spent.
 
     Args:
@@ -97,14 +111,20 @@ def partial_plans(graph: Graph, plans: Sequence[dict[str, torch.Tensor]], qualit
         plans: per model, per space, a 0/1 plan in which every fused unit takes exactly one unit of
             every model (a matching).
         quality: per space, each fused unit's matching quality (higher: better matched).
-        budget: the fused parameter count allowed, relative to the fully matched model's.
+        budget: the fused parameter count allowed, relative to the fully matched model's (a number
+            or ``{"params": x}``), or its multiply-adds (``{"flops": x}``, which needs ``uses``).
+        uses: for a FLOPs budget, per tensor, the multiply-adds per element and image (a conv
+            weight's output positions; see :func:`tensor_uses`).
 
     Returns:
-        A :class:`PartialPlan`.
+        A :class:`PartialPlan` (``parameters`` counts multiply-adds for a FLOPs budget).
     """
-    budget = check_budget(budget)
+    budget, measure = check_budget(budget)
+    if measure == "flops" and uses is None:
+        raise InvalidOptionError("a FLOPs budget needs the tensors' uses per image (tensor_uses)")
+    uses = uses if measure == "flops" else None
     widths = {s.name: s.width for s in graph.spaces}
-    base = parameter_count(graph, widths)
+    base = parameter_count(graph, widths, uses)
     allowance = (budget - 1.0) * base
     eligible, fixed = [], []
     for s in graph.spaces:
@@ -121,7 +141,7 @@ def partial_plans(graph: Graph, plans: Sequence[dict[str, torch.Tensor]], qualit
         for s in touched & set(axes_of):
             axes_of[s].append((t, axes))
     extra = len(plans) - 1  # a split unit becomes one unit per model
-    base_cost = {s: max(_marginal(graph, axes_of, s, widths), 1) * extra for s in eligible}
+    base_cost = {s: max(_marginal(graph, axes_of, s, widths, uses), 1) * extra for s in eligible}
     candidates = sorted(((1.0 - float(q), base_cost[s], s, k) for s in eligible for k, q in enumerate(quality[s])),
                         key=lambda c: -c[0] / c[1])
     chosen: dict[str, list[int]] = {s: [] for s in eligible}
@@ -131,7 +151,7 @@ def partial_plans(graph: Graph, plans: Sequence[dict[str, torch.Tensor]], qualit
             break
         cost = 0
         for _ in range(extra):
-            cost += _marginal(graph, axes_of, s, widths)
+            cost += _marginal(graph, axes_of, s, widths, uses)
             widths[s] += 1
         if spent + cost > allowance:
             widths[s] -= extra
@@ -151,4 +171,26 @@ def partial_plans(graph: Graph, plans: Sequence[dict[str, torch.Tensor]], qualit
                 rows.append(T[ks] if j == i else torch.zeros_like(T[ks]))
             new_plans[i][s] = torch.cat(rows, 0)
     return PartialPlan(new_plans, widths, {s: len(ks) for s, ks in chosen.items() if ks},
-                       (parameter_count(graph, widths), base), fixed)
+                       (parameter_count(graph, widths, uses), base), fixed)
+
+
+def tensor_uses(model: torch.nn.Module, graph: Graph, example_input: torch.Tensor) -> dict[str, int]:
+    """Per tensor of ``graph``, how many times each of its elements is used per image in a forward
+    pass: the output positions of the module owning it (a conv's output pixels, a token-wise
+    linear's tokens; 1 for a linear layer on pooled features), from one pass on ``example_input``."""
+    positions: dict[str, int] = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        w = getattr(mod, "weight", None)
+        if isinstance(w, torch.Tensor) and w.dim() >= 1:
+            def hook(m, args, out, name=name):
+                if isinstance(out, torch.Tensor) and out.dim() >= 1 and m.weight.shape[0] > 0:
+                    positions.setdefault(name, max(1, out.numel() // (out.shape[0] * m.weight.shape[0])))
+            hooks.append(mod.register_forward_hook(hook))
+    try:
+        with modes([model]), torch.no_grad():
+            model(example_input)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {t: positions.get(t.rpartition(".")[0], 1) for t in graph.shapes}

@@ -31,7 +31,7 @@ from alignment.errors import CalibrationError, FallbackWarning, FusionError, Inv
 from alignment.graph import Graph
 from alignment.maps import SpaceMap, correct_query_key, plan_maps
 from alignment.methods import METHODS, MatchContext, MatchResult, match
-from alignment.partial import check_budget, partial_plans
+from alignment.partial import check_budget, partial_plans, tensor_uses
 from alignment.runner import check_data, first_batch, model_device
 from alignment.statistics import POINT_POLICIES, Statistics, collect
 
@@ -62,9 +62,10 @@ class FusionReport:
         calibration_samples: number of calibration examples seen by the statistics.
         positions_per_image: the statistics' subsampling of positions/tokens per image (None: all).
         fallbacks: every place where a stage did something other than asked (each also warned).
-        budget: partial matching: the fused parameter count over the fully matched model's (1: none).
-        partial: with a budget, per space the number of merged units split into one per model, and
-            the parameter counts (fused, fully matched).
+        budget: partial matching: the fused parameter count over the fully matched model's (1: none),
+            or ``{"params": x}`` / ``{"flops": x}``.
+        partial: with a budget, its measure, per space the number of merged units split into one per
+            model, and the counts (fused, fully matched) in that measure.
         heads: ``"merged"`` (one classifier) or ``"separate"`` (each model's own, outputs concatenated).
         head_sizes: with separate heads, each model's number of outputs, in the models' order.
         refinement: what the refine stage measured (per layer: rows, Gram size, relative regression
@@ -81,7 +82,7 @@ class FusionReport:
     calibration_samples: int = 0
     positions_per_image: int | None = None
     fallbacks: list[str] = field(default_factory=list)
-    budget: float = 1.0
+    budget: float | dict = 1.0
     partial: dict[str, Any] = field(default_factory=dict)
     heads: str = "merged"
     head_sizes: list[int] = field(default_factory=list)
@@ -254,7 +255,7 @@ def align(
     width: Any = None,
     points: str = "auto",
     positions_per_image: int | None = None,
-    budget: float = 1.0,
+    budget: float | dict = 1.0,
     **options: Any,
 ) -> Alignment:
     """Discover, collect statistics and match: everything of :func:`fuse` but building the model.
@@ -272,8 +273,8 @@ def align(
         if target is not None:
             raise InvalidOptionError("give either target (a model of the fused widths) or width (a factor), not both")
         check_width(width)
-    budget = check_budget(budget)
-    if budget != 1.0 and (width is not None or target is not None or len(models) < 2):
+    factor, measure = check_budget(budget)
+    if factor != 1.0 and (width is not None or target is not None or len(models) < 2):
         raise InvalidOptionError("budget (partial matching) needs two or more models and sets the fused widths "
                                  "itself: do not combine it with target or width")
     if calibration is not None:
@@ -320,15 +321,16 @@ def align(
     report.costs = dict(result.costs)
     report.fallbacks.extend(m for m in result.notes if m not in report.fallbacks)
     report.budget = budget
-    if budget != 1.0:
+    if factor != 1.0:
         t = time.perf_counter()
         stats = statistics(cached.get("pairs", [(0, i) for i in range(1, len(models))]))
-        pp = partial_plans(graphs[0], result.plans, _unit_quality(stats, result.plans, graphs[0]), budget)
+        uses = tensor_uses(models[0], graphs[0], ex) if measure == "flops" else None
+        pp = partial_plans(graphs[0], result.plans, _unit_quality(stats, result.plans, graphs[0]), budget, uses)
         result.plans = pp.plans
         changed = {k: v for k, v in pp.widths.items() if v != graphs[0][k].width}
         target = resize(models[0], changed, graph=graphs[0])
         target_graph = resized_graph(graphs[0], changed)
-        report.partial = {"split": dict(pp.split), "parameters": list(pp.parameters),
+        report.partial = {"measure": measure, "split": dict(pp.split), "parameters": list(pp.parameters),
                           "fully_matched": list(pp.fully_matched)}
         report.seconds["match"] += time.perf_counter() - t
     return Alignment(models=models, graphs=graphs, result=result, target=target, target_graph=target_graph,
@@ -353,7 +355,7 @@ def fuse(
     repair_options: dict[str, Any] | None = None,
     refine_options: dict[str, Any] | None = None,
     heads: str = "merged",
-    budget: float = 1.0,
+    budget: float | dict = 1.0,
     **options: Any,
 ) -> nn.Module:
     """Fuse models into one by aligning their hidden units.
@@ -388,13 +390,15 @@ def fuse(
             image, drawn at random (faster on large inputs; reported); None reads all.
         repair_options: options of the repair (e.g. ``{"eps": 1e-5}`` for ``"repair"``).
         refine_options: options of the refinement (e.g. ``{"ridge": 1e-4}`` for ``"lstsq"``).
-        budget: partial matching: the fused parameter count over the fully matched model's (1: none).
-        partial: with a budget, per space the number of merged units split into one per model, and
-            the parameter counts (fused, fully matched).
+        budget: partial matching: the fused parameter count over the fully matched model's (1: none),
+            or ``{"params": x}`` / ``{"flops": x}``.
+        partial: with a budget, its measure, per space the number of merged units split into one per
+            model, and the counts (fused, fully matched) in that measure.
         budget: partial matching (PLeaS): the fused model may have up to ``budget`` times the
             parameters of the fully matched model; the worst-matched units of plain spaces are then
             kept from each model instead of merged (see :mod:`alignment.partial`; widths and split
-            counts in ``report.partial``). 1 is ordinary matching.
+            counts in ``report.partial``). 1 is ordinary matching; ``{"flops": 1.2}`` budgets the
+            multiply-adds of a forward pass instead of the parameters.
         heads: ``"merged"`` (one classifier) or ``"separate"``: each model keeps its own classifier,
             fed from the fused features through its unmerge map, and the fused model returns the
             classifiers' outputs concatenated in the models' order (for models trained on different

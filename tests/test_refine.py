@@ -28,15 +28,19 @@ def _calibration(x: torch.Tensor, n: int = 48, seed: int = 3) -> torch.Tensor:
     return torch.randn(n, *x.shape[1:], generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("name", FAMILIES)
-def test_refining_a_model_fused_with_its_permuted_copy_keeps_its_function(tiny, name):
+@pytest.mark.parametrize("name,norms", [(n, False) for n in FAMILIES] + [("mlp", True)])
+def test_refining_a_model_fused_with_its_permuted_copy_keeps_its_function(tiny, name, norms):
     """The fused model of a model and its permuted copy is already exact: every layer's regression
-    loss is zero, and refinement leaves the function unchanged (BatchNorm folding included)."""
+    loss is zero, and refinement leaves the function unchanged (BatchNorm folding and LayerNorm
+    affine refits included)."""
     model, x = tiny(name)
     graph = discover(model, x)
     other = permute(model, graph, graph.random_permutations(seed=5))
     cal = _calibration(x)
-    fused = fusion.fuse([model, other], cal, method="permute", repair="none", refine="lstsq")
+    fused = fusion.fuse([model, other], cal, method="permute", repair="none", refine="lstsq",
+                        refine_options={"norms": norms})
+    if norms:
+        assert any(e["layer"] == "norm" for e in fused.fusion_report.refinement["layers"])
     layers = fused.fusion_report.refinement["layers"]
     assert layers, "no layer was refined"
     for entry in layers:
@@ -292,7 +296,7 @@ def test_budget_splits_units_within_the_parameter_budget_and_top_budget_is_the_e
         assert rel_err(want, fusion.fuse([a, b], cal, method="permute", repair="none")(cal)) > 1e-2
 
 
-@pytest.mark.parametrize("budget", [0.5, float("nan"), "1.2", True])
+@pytest.mark.parametrize("budget", [0.5, float("nan"), "1.2", True, {"memory": 1.2}, {"flops": 0.9}])
 def test_invalid_budgets_are_rejected(tiny, budget):
     """A budget below 1, NaN, a string or a bool is an error naming the budget."""
     model, x = tiny("mlp")
@@ -324,3 +328,26 @@ def test_partial_plans_split_the_worst_matched_units_first(tiny):
         # the last 2n rows hold model 0's split units then model 1's: one sender per row
         rows = pp.plans[0][s][-2 * n:].sum(1)
         assert rows[:n].eq(1).all() and rows[n:].eq(0).all()
+
+
+def test_flops_budget_counts_multiply_adds_and_spends_them_elsewhere_than_a_parameter_budget(tiny):
+    """A FLOPs budget weighs each tensor by its output positions per image: the fused model's
+    multiply-adds stay within the budget, and early (high-resolution) convolutions, cheap in
+    parameters but costly in FLOPs, get fewer split units than under a parameter budget."""
+    from alignment.partial import parameter_count, tensor_uses
+
+    a, x = tiny("timm_resnet18")
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    cal = _calibration(x, 32)
+    by_flops = fusion.align([a, b], cal, method="permute", budget={"flops": 1.3})
+    by_params = fusion.align([a, b], cal, method="permute", budget=1.3)
+    fused, base = by_flops.report.partial["parameters"]
+    assert by_flops.report.partial["measure"] == "flops" and base < fused <= 1.3 * base
+    uses = tensor_uses(a, by_flops.graphs[0], x)
+    assert parameter_count(by_flops.graphs[0], {}, uses) == base
+    first = by_flops.graphs[0].spaces[0].name  # the stem's output space, the highest resolution
+    assert by_flops.report.partial["split"].get(first, 0) < by_params.report.partial["split"].get(first, 0)
+    assert by_flops.apply()(cal).shape == (32, 10)
