@@ -47,10 +47,11 @@ def budgets(args, cal, test, lines) -> None:
               "per-task mean / joint accuracy. *params*: fused parameters over the fully matched model's.", "",
               "| models | budget | params | one-shot | + lstsq | seconds (align / build lstsq) |",
               "|---|---:|---:|---:|---:|---:|"]
-    for a_name, b_name in SAME_TASK + SPLITS:
+    pairs = [tuple(p.split("/")) for p in args.pairs.split(",")] if args.pairs else SAME_TASK + SPLITS
+    for a_name, b_name in pairs:
         a, ea = load_model(a_name, args.zoo)
         b, eb = load_model(b_name, args.zoo)
-        split = (a_name, b_name) in SPLITS
+        split = list(ea["classes"]) != list(eb["classes"])
         pair = f"{a_name} + {b_name}"
         lists = [list(ea["classes"]), list(eb["classes"])] if split else None
 
@@ -67,7 +68,7 @@ def budgets(args, cal, test, lines) -> None:
             lines.append(f"| {pair} | ensemble | 2.00 | {100 * ensemble_accuracy([a, b], test):.2f} | | |")
         print(lines[-1], flush=True)
         heads = "separate" if split else "merged"
-        for budget in BUDGETS:
+        for budget in [float(b) for b in args.budgets.split(",")]:
             t = time.perf_counter()
             al = fusion.align([a, b], cal, method="permute", budget=budget, seed=args.seed)
             t_align = time.perf_counter() - t
@@ -204,6 +205,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sections", default="budgets,compression,adam,speed")
+    ap.add_argument("--pairs", default=None, help="budgets: comma-separated a/b pairs (default: the zoo's four)")
+    ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="budgets: comma-separated factors")
     args = ap.parse_args()
     train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
     cal = calibration_subset(train, args.calibration_size, seed=args.seed)
@@ -220,8 +223,9 @@ def main() -> None:
     if "speed" in sections:
         speed(args, cal, lines)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    lines += footer(f"python benchmarks/refine.py --calibration-size {args.calibration_size} --seed {args.seed} "
-                    f"--sections {args.sections}", f"; peak RSS {peak:.0f} MiB")
+    extra = (f" --pairs {args.pairs}" if args.pairs else "") + (f" --budgets {args.budgets}" if "budgets" in sections else "")
+    lines += footer(f"python benchmarks/refine.py --zoo ../shared/zoo --calibration-size {args.calibration_size} "
+                    f"--seed {args.seed} --sections {args.sections}{extra}", f"; peak RSS {peak:.0f} MiB")
     write_results(lines, args.out)
 
 
