@@ -51,9 +51,9 @@ def budgets(args, cal, test, lines) -> None:
     for a_name, b_name in pairs:
         a, ea = load_model(a_name, args.zoo)
         b, eb = load_model(b_name, args.zoo)
-        split = list(ea["classes"]) != list(eb["classes"])
+        split = list(ea.classes) != list(eb.classes)
         pair = f"{a_name} + {b_name}"
-        lists = [list(ea["classes"]), list(eb["classes"])] if split else None
+        lists = [list(ea.classes), list(eb.classes)] if split else None
 
         def score(m):
             if split:
