@@ -234,6 +234,7 @@ def test_separate_heads_of_two_copies_give_the_model_logits_twice(tiny):
             assert rel_err(want, fused(cal)) < 1e-4, refine
 
 
+@pytest.mark.slow
 def test_separate_heads_allow_different_class_counts(tiny):
     """Models with 10 and 4 classes fuse into one model with 14 outputs when heads are separate."""
     import timm
@@ -330,6 +331,7 @@ def test_partial_plans_split_the_worst_matched_units_first(tiny):
         assert rows[:n].eq(1).all() and rows[n:].eq(0).all()
 
 
+@pytest.mark.slow
 def test_flops_budget_counts_multiply_adds_and_spends_them_elsewhere_than_a_parameter_budget(tiny):
     """A FLOPs budget weighs each tensor by its output positions per image: the fused model's
     multiply-adds stay within the budget, and early (high-resolution) convolutions, cheap in
