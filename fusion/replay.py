@@ -37,8 +37,9 @@ class ReplayError(FusionError, RuntimeError):
     """A model's forward pass calls its modules differently from one batch to the next."""
 
 
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass at the stop."""
+class _Stop(FusionError):
+    """Raised by a hook to end a forward pass at the stop (caught by :meth:`Replay.run`; a model whose
+    forward swallows it ends in :class:`ReplayError`)."""
 
 
 @dataclass
