@@ -220,6 +220,9 @@ def _source_copies(ctx: RepairContext, dev: torch.device) -> list[nn.Module]:
 
 
 def _check_lstsq(options: dict[str, Any]) -> None:
+    k = options["positions_per_image"]
+    if k is not None and k < 1:
+        raise InvalidOptionError(f"refinement 'lstsq': positions_per_image={k} must be a positive integer or None")
     if options["ridge"] < 0:
         raise InvalidOptionError(f"refinement 'lstsq': ridge={options['ridge']} must be >= 0 (0: plain least squares)")
 
@@ -227,7 +230,8 @@ def _check_lstsq(options: dict[str, Any]) -> None:
 @register_refinement("lstsq", check=_check_lstsq)
 def refine_lstsq(ctx: RepairContext, *, inputs: Literal["sequential", "merged"] = "sequential",
                  batchnorm: Literal["fold", "stats"] = "fold", norms: bool = False, ridge: float = 1e-4,
-                 precision: Literal["float32", "float64"] = "float32") -> None:
+                 precision: Literal["float32", "float64"] = "float32",
+                 positions_per_image: int | None = None) -> None:
     """Least-squares refinement (PLeaS in closed form): each layer refitted to the merged sources' outputs.
 
     Args:
@@ -243,10 +247,13 @@ def refine_lstsq(ctx: RepairContext, *, inputs: Literal["sequential", "merged"] 
         ridge: strength of the pull toward the mapped weights, relative to the mean diagonal of the
             Gram ``X^T X`` (0: plain least squares).
         precision: per-batch products in ``"float32"`` (summed in float64) or ``"float64"``.
+        positions_per_image: fit each layer on at most this many random positions (conv output
+            pixels, tokens) per image (None: all); fewer Gram rows, faster on large inputs.
     """
     fused = ctx.fused
     dev = torch.device(ctx.device) if ctx.device is not None else model_device(fused)
     xs = list(batches(ctx.data))
+    gen = torch.Generator().manual_seed(0)
     sources = _source_copies(ctx, dev)
     models = [fused] + sources
     t0 = time.perf_counter()
@@ -298,7 +305,12 @@ def refine_lstsq(ctx: RepairContext, *, inputs: Literal["sequential", "merged"] 
                         X = replays[0].run(x, b)[(tapes[0].call(layer.path), "in")]
                     else:
                         X = sum(_apply_features(Bm[i], xi.float(), fdim) for i, xi in enumerate(xis))
-                    gram.add(_in_rows(layer.kind, module, X), _group_rows(Y, groups))
+                    Xr = _in_rows(layer.kind, module, X)
+                    if positions_per_image is not None and layer.kind != "norm":
+                        keep = _sample_rows(Xr.shape[1], len(x), positions_per_image, gen, dev)
+                        if keep is not None:
+                            Xr, Y = Xr[:, keep], Y[keep]
+                    gram.add(Xr, _group_rows(Y, groups))
                 w0, b0 = _anchor(layer.kind, module, bn if fold else None, groups)
                 sol = ridge_solve(gram, w0, b0, ridge=ridge)
                 if sol.fallback_groups:
@@ -313,6 +325,16 @@ def refine_lstsq(ctx: RepairContext, *, inputs: Literal["sequential", "merged"] 
                          + "; ".join(skipped[:6]) + (" ..." if len(skipped) > 6 else ""))
     ctx.details["refine"] = {"layers": details, "largest_gram": {"layer": largest[1], "size": largest[0]},
                              "skipped": skipped, "seconds": time.perf_counter() - t0}
+
+
+def _sample_rows(rows: int, images: int, k: int, gen: torch.Generator, dev: torch.device) -> torch.Tensor | None:
+    """Row indices keeping ``k`` random positions of every image (rows ordered image-major); None
+    when an image has no more than ``k`` positions."""
+    per = rows // images
+    if per <= k:
+        return None
+    pos = torch.stack([torch.randperm(per, generator=gen)[:k] for _ in range(images)])
+    return (torch.arange(images)[:, None] * per + pos).reshape(-1).to(dev)
 
 
 def _merge_matrices(ctx: RepairContext, layer: _Layer, module: nn.Module, dev: torch.device, merged_inputs: bool):

@@ -353,3 +353,18 @@ def test_flops_budget_counts_multiply_adds_and_spends_them_elsewhere_than_a_para
     first = by_flops.graphs[0].spaces[0].name  # the stem's output space, the highest resolution
     assert by_flops.report.partial["split"].get(first, 0) < by_params.report.partial["split"].get(first, 0)
     assert by_flops.apply()(cal).shape == (32, 10)
+
+
+def test_positions_per_image_subsamples_the_rows_of_each_image(tiny):
+    """positions_per_image=k fits a conv on k positions of each image (the stem's Gram has
+    images x k rows), leaves layers with fewer positions whole, and k=0 is an error."""
+    model, x = tiny("cnn")
+    graph = discover(model, x)
+    other = permute(model, graph, graph.random_permutations(seed=1))
+    cal = _calibration(x, 20)
+    fused = fusion.fuse([model, other], cal, method="permute", repair="none", refine="lstsq",
+                        refine_options={"positions_per_image": 5})
+    rows = {e["layer"]: e["rows"] for e in fused.fusion_report.refinement["layers"]}
+    assert rows["stem"] == 20 * 5 and rows["head"] == 20
+    with pytest.raises(InvalidOptionError, match="positions_per_image"):
+        fusion.fuse([model, other], cal, refine="lstsq", refine_options={"positions_per_image": 0})
