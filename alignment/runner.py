@@ -12,6 +12,7 @@ shards (:meth:`alignment.statistics.Statistics.merge`).
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -20,7 +21,7 @@ from torch import nn
 from .errors import CalibrationError
 
 __all__ = ["DEFAULT_BATCH_SIZE", "batch_input", "batches", "first_batch", "check_data", "model_device",
-           "modes", "stream"]
+           "modes", "runnable", "stream"]
 
 DEFAULT_BATCH_SIZE = 256
 
@@ -91,6 +92,17 @@ def model_device(model: nn.Module) -> torch.device:
     for t in model.buffers():
         return t.device
     return torch.device("cpu")
+
+
+def runnable(models: Sequence[nn.Module], device: torch.device, avoid: Sequence[nn.Module] = ()) -> list[nn.Module]:
+    """The models ready to run in one pass with their own hooks: each model itself, or a copy on
+    ``device`` when it lives elsewhere, already appears earlier in ``models`` (a model fused with
+    itself) or is one of ``avoid``. The user's models are never moved."""
+    runs: list[nn.Module] = []
+    for i, m in enumerate(models):
+        dup = any(m is r for r in models[:i]) or any(m is a for a in avoid)
+        runs.append(copy.deepcopy(m).to(device) if dup or model_device(m) != device else m)
+    return runs
 
 
 @contextlib.contextmanager

@@ -9,7 +9,6 @@ the stored activations), so it does not grow with the calibration size.
 
 from __future__ import annotations
 
-import copy
 import functools
 import time
 import weakref
@@ -23,7 +22,7 @@ from torch import nn
 
 from .errors import SpaceMismatchError
 from .graph import Graph, Observation, Space
-from .runner import model_device, stream
+from .runner import model_device, runnable, stream
 
 __all__ = ["POINT_POLICIES", "observation_points", "PointStats", "Statistics", "collect"]
 
@@ -382,11 +381,7 @@ def collect(
         raise ValueError(f"positions_per_image must be a positive integer or None, got {positions_per_image!r}")
     t0 = time.perf_counter()
     dev = torch.device(device) if device is not None else model_device(models[0])
-    runs = []
-    for m in models:
-        # the same object twice (fusing a model with itself) needs its own hooks
-        dup = any(m is r for r in models[: len(runs)])
-        runs.append(copy.deepcopy(m).to(dev) if dup or model_device(m) != dev else m)
+    runs = runnable(models, dev)  # the same object twice (a model fused with itself) needs its own hooks
     names = list(spaces) if spaces is not None else [s.name for s in graphs[0].spaces if s.observations]
     stats = Statistics(positions_per_image=positions_per_image, precision=precision)
     # per model: module -> list of (space, point index, observation)

@@ -35,7 +35,7 @@ from alignment.partial import check_budget, partial_plans, tensor_uses
 from alignment.runner import check_data, first_batch, model_device
 from alignment.statistics import POINT_POLICIES, Statistics, collect
 
-from .engine import HEADS, HeadsError, apply_maps, head_tensors
+from .engine import apply_maps, check_heads, head_tensors
 from .refine import REFINEMENTS, run_refinement
 from .repair import REPAIRS, RepairContext, run_repair
 from .resize import check_width, resize, resized_graph
@@ -153,7 +153,7 @@ class Alignment:
               repair_options: dict[str, Any] | None = None, refine_options: dict[str, Any] | None = None,
               progress: bool = False, heads: str = "merged") -> nn.Module:
         """Apply, refine and repair: the fused model for ``alpha``, with its ``fusion_report``."""
-        _check_heads(heads)
+        check_heads(heads)
         repair_options = REPAIRS.validate(repair, dict(repair_options or {}))
         refine_options = REFINEMENTS.validate(refine, dict(refine_options or {}))
         if (repair != "none" or refine != "none") and self.calibration is None:
@@ -224,11 +224,6 @@ def _unit_quality(stats: Statistics, plans, graph: Graph) -> dict[str, torch.Ten
             q += stats.block(corr, s.name, 0, i).cpu()[units[0], units[i]]
         out[s.name] = q / max(len(plans) - 1, 1)
     return out
-
-
-def _check_heads(heads: Any) -> None:
-    if not isinstance(heads, str) or heads not in HEADS:
-        raise HeadsError(f"heads={heads!r}; use one of {', '.join(map(repr, HEADS))}")
 
 
 def _check_models(models: Any) -> list[nn.Module]:
@@ -390,10 +385,6 @@ def fuse(
             image, drawn at random (faster on large inputs; reported); None reads all.
         repair_options: options of the repair (e.g. ``{"eps": 1e-5}`` for ``"repair"``).
         refine_options: options of the refinement (e.g. ``{"ridge": 1e-4}`` for ``"lstsq"``).
-        budget: partial matching: the fused parameter count over the fully matched model's (1: none),
-            or ``{"params": x}`` / ``{"flops": x}``.
-        partial: with a budget, its measure, per space the number of merged units split into one per
-            model, and the counts (fused, fully matched) in that measure.
         budget: partial matching (PLeaS): the fused model may have up to ``budget`` times the
             parameters of the fully matched model; the worst-matched units of plain spaces are then
             kept from each model instead of merged (see :mod:`alignment.partial`; widths and split
@@ -413,7 +404,7 @@ def fuse(
     """
     models = _check_models(models)
     weights = _alpha(alpha, len(models))
-    _check_heads(heads)
+    check_heads(heads)
     METHODS.validate(method, options)
     REPAIRS.validate(repair, dict(repair_options or {}))
     REFINEMENTS.validate(refine, dict(refine_options or {}))

@@ -29,13 +29,19 @@ from alignment.permute import model_tensors, reset_caches
 
 from .modules import replace_tensor, sync_module_attributes
 
-__all__ = ["build_model", "apply_maps", "head_tensors", "HeadsError", "HEADS"]
+__all__ = ["build_model", "apply_maps", "check_heads", "head_tensors", "HeadsError", "HEADS"]
 
 HEADS = ("merged", "separate")
 
 
 class HeadsError(FusionError, ValueError):
     """``heads="separate"`` needs a classifier whose output axis is the model's output."""
+
+
+def check_heads(heads: object) -> None:
+    """Raise :class:`HeadsError` unless ``heads`` is one of :data:`HEADS`."""
+    if not isinstance(heads, str) or heads not in HEADS:
+        raise HeadsError(f"heads={heads!r}; use one of {', '.join(map(repr, HEADS))}")
 
 
 def head_tensors(graph: Graph) -> list[str]:
@@ -105,8 +111,7 @@ def apply_maps(
     """
     alpha = list(alpha) if alpha is not None else [1.0 / len(models)] * len(models)
     tensors = [model_tensors(m) for m in models]
-    if heads not in HEADS:
-        raise HeadsError(f"heads={heads!r}; use one of {', '.join(map(repr, HEADS))}")
+    check_heads(heads)
     names = None
     separate: dict[str, torch.Tensor] = {}
     if heads == "separate":
@@ -136,12 +141,14 @@ def separate_heads(tensors, graphs: Sequence[Graph], maps: dict[str, SpaceMap], 
     """Each model's classifier tensors carried onto the fused features (``W_i . U_i[in]``), stacked along
     the output axis in the models' order."""
     out = {}
+    heads = [head_tensors(g) for g in graphs]
+    roles = [axis_roles(g) for g in graphs]
     for name in head:
         parts = []
         for i, (tens, g) in enumerate(zip(tensors, graphs)):
-            if name not in tens or name not in head_tensors(g):
+            if name not in tens or name not in heads[i]:
                 raise HeadsError(f"heads='separate': model {i} has no classifier tensor {name!r}")
-            parts.append(map_tensor(tens[name], g, name, axis_roles(g), maps, i, 1.0))
+            parts.append(map_tensor(tens[name], g, name, roles[i], maps, i, 1.0))
         t0 = tensors[0][name]
         out[name] = torch.cat(parts, 0).to(device=t0.device, dtype=t0.dtype)
     return out

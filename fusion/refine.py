@@ -25,7 +25,6 @@ maps, the weights and the data) and changes ``ctx.fused`` in place.
 from __future__ import annotations
 
 import contextlib
-import copy
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Sequence
@@ -37,7 +36,7 @@ from torch import nn
 from alignment.errors import InvalidOptionError, UnknownNameError
 from alignment.maps import axis_matrix
 from alignment.registry import Registry
-from alignment.runner import batches, model_device, modes
+from alignment.runner import batches, model_device, modes, runnable
 
 from .engine import head_tensors
 from .lstsq import LayerGram, ridge_solve
@@ -210,15 +209,6 @@ def _anchor(kind: str, module: nn.Module, bn: nn.Module | None, groups: int):
     return w, (b.reshape(groups, out // groups) if b is not None else None)
 
 
-def _source_copies(ctx: RepairContext, dev: torch.device) -> list[nn.Module]:
-    runs, seen = [], set()
-    for m in ctx.sources:
-        dup = id(m) in seen or m is ctx.fused
-        seen.add(id(m))
-        runs.append(copy.deepcopy(m).to(dev) if dup or model_device(m) != dev else m)
-    return runs
-
-
 def _check_lstsq(options: dict[str, Any]) -> None:
     k = options["positions_per_image"]
     if k is not None and k < 1:
@@ -254,7 +244,7 @@ def refine_lstsq(ctx: RepairContext, *, inputs: Literal["sequential", "merged"] 
     dev = torch.device(ctx.device) if ctx.device is not None else model_device(fused)
     xs = list(batches(ctx.data))
     gen = torch.Generator().manual_seed(0)
-    sources = _source_copies(ctx, dev)
+    sources = runnable(ctx.sources, dev, avoid=[fused])
     models = [fused] + sources
     t0 = time.perf_counter()
     with modes(models), torch.no_grad():
@@ -273,18 +263,19 @@ def refine_lstsq(ctx: RepairContext, *, inputs: Literal["sequential", "merged"] 
                 module = fmods[layer.path]
                 bn = fmods[layer.bn] if layer.bn is not None else None
                 fold = bn is not None and batchnorm == "fold"
+                A, Bm = _merge_matrices(ctx, layer, module, dev, inputs == "merged")
+                if inputs == "merged" and Bm is None:
+                    skipped.append(f"{layer.path} (grouped convolution: merged inputs need one input space)")
+                    continue
                 groups, d, o = _shape(layer.kind, module)
                 has_bias = getattr(module, "bias", None) is not None or bn is not None
                 gram = LayerGram(groups, d, o, has_bias, dev, precision)
                 if gram.xx.shape[1] > largest[0]:
                     largest = (gram.xx.shape[1], layer.path)
-                A, Bm = _merge_matrices(ctx, layer, module, dev, inputs == "merged")
-                if inputs == "merged" and Bm is None:
-                    skipped.append(f"{layer.path} (grouped convolution: merged inputs need one input space)")
-                    continue
                 # stops: the fused model before the layer; each source after the layer (or its norm)
+                own_stop = (tapes[0].call(layer.path), "in")
                 if inputs == "sequential":
-                    replays[0].plan((tapes[0].call(layer.path), "in"))
+                    replays[0].plan(own_stop)
                 src_stops = []
                 for r, t in zip(replays[1:], tapes[1:]):
                     stop = t.call(layer.bn if fold else layer.path)
@@ -302,7 +293,7 @@ def refine_lstsq(ctx: RepairContext, *, inputs: Literal["sequential", "merged"] 
                             xis.append(got[(own, "in")])
                     Y = sum(_feature_rows(layer.kind, module, y).float() @ A[i].t() for i, y in enumerate(ys))
                     if inputs == "sequential":
-                        X = replays[0].run(x, b)[(tapes[0].call(layer.path), "in")]
+                        X = replays[0].run(x, b)[own_stop]
                     else:
                         X = sum(_apply_features(Bm[i], xi.float(), fdim) for i, xi in enumerate(xis))
                     Xr = _in_rows(layer.kind, module, X)

@@ -24,6 +24,15 @@ from tests.tiny_models import logits
 FAMILIES = ["timm_resnet18", "timm_vit", "cnn", "mlp"]
 
 
+def _perturbed(model: nn.Module, scale: float) -> nn.Module:
+    """A copy of ``model`` with Gaussian noise of std ``scale`` added to every parameter."""
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return out
+
+
 def _calibration(x: torch.Tensor, n: int = 48, seed: int = 3) -> torch.Tensor:
     return torch.randn(n, *x.shape[1:], generator=torch.Generator().manual_seed(seed))
 
@@ -49,6 +58,30 @@ def test_refining_a_model_fused_with_its_permuted_copy_keeps_its_function(tiny, 
         assert rel_err(logits(model(cal)), logits(fused(cal))) < 1e-4
 
 
+def _plain_inputs(model: nn.Module, names: list[str], xs: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+    """Per module name, its input on each batch in a plain forward pass."""
+    want: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(lambda mod, args, n=n: want[n].append(args[0].clone()))
+             for n in names]
+    with torch.no_grad():
+        for x in xs:
+            model(x)
+    for h in hooks:
+        h.remove()
+    return want
+
+
+def _assert_staged_inputs(model: nn.Module, tape, xs: list[torch.Tensor], want: dict[str, list[torch.Tensor]]) -> None:
+    """Stop a replay before each module of ``want`` in turn: every batch's captured input equals the plain one."""
+    replay = Replay(model, tape, len(xs))
+    with replay.session(), torch.no_grad():
+        for n in want:
+            stop = (tape.call(n), "in")
+            replay.plan(stop)
+            for i, x in enumerate(xs):
+                torch.testing.assert_close(replay.run(x, i)[stop], want[n][i])
+
+
 def test_replay_gives_each_layer_the_inputs_of_a_plain_forward_and_runs_each_conv_once(tiny, monkeypatch):
     """Staged passes (stop before every conv in turn) capture exactly the inputs a plain forward
     pass gives those convs, although finished calls are served from the cache: over all passes
@@ -56,14 +89,7 @@ def test_replay_gives_each_layer_the_inputs_of_a_plain_forward_and_runs_each_con
     model, x = tiny("timm_resnet18")
     xs = [_calibration(x, 8, seed=s) for s in range(3)]
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    want: dict[str, list[torch.Tensor]] = {n: [] for n in convs}
-    hooks = [model.get_submodule(n).register_forward_pre_hook(
-        lambda mod, args, n=n: want[n].append(args[0].clone())) for n in convs]
-    with torch.no_grad():
-        for xb in xs:
-            model(xb)
-    for h in hooks:
-        h.remove()
+    want = _plain_inputs(model, convs, xs)
     runs = {"n": 0}
     original = nn.Conv2d._conv_forward
 
@@ -73,14 +99,7 @@ def test_replay_gives_each_layer_the_inputs_of_a_plain_forward_and_runs_each_con
 
     tape = record(model, xs[0])
     monkeypatch.setattr(nn.Conv2d, "_conv_forward", counting)
-    replay = Replay(model, tape, len(xs))
-    with replay.session(), torch.no_grad():
-        for n in convs:
-            stop = (tape.call(n), "in")
-            replay.plan(stop)
-            for b, xb in enumerate(xs):
-                got = replay.run(xb, b)[stop]
-                torch.testing.assert_close(got, want[n][b])
+    _assert_staged_inputs(model, tape, xs, want)
     # the pass before conv k ran convs 0..k-1 fresh only once in total: len(convs) - 1 per batch
     assert runs["n"] == (len(convs) - 1) * len(xs)
     assert not any("forward" in m.__dict__ for m in model.modules()), "a patched forward was left behind"
@@ -107,22 +126,8 @@ def test_replay_copies_a_cached_output_that_code_modifies_in_place():
     torch.manual_seed(0)
     model = _InPlace().eval()
     xs = [torch.randn(5, 4) for _ in range(2)]
-    want: dict[str, list[torch.Tensor]] = {n: [] for n in "bcde"}
-    hooks = [getattr(model, n).register_forward_pre_hook(lambda mod, args, n=n: want[n].append(args[0].clone()))
-             for n in "bcde"]
-    with torch.no_grad():
-        for x in xs:
-            model(x)
-    for h in hooks:
-        h.remove()
-    tape = record(model, xs[0])
-    replay = Replay(model, tape, len(xs))
-    with replay.session(), torch.no_grad():
-        for n in "bcde":
-            stop = (tape.call(n), "in")
-            replay.plan(stop)
-            for i, x in enumerate(xs):
-                torch.testing.assert_close(replay.run(x, i)[stop], want[n][i])
+    want = _plain_inputs(model, list("bcde"), xs)
+    _assert_staged_inputs(model, record(model, xs[0]), xs, want)
 
 
 def test_refined_layers_equal_torch_lstsq_on_the_same_inputs_and_targets():
@@ -205,10 +210,7 @@ def test_folded_batchnorm_survives_a_later_reset(tiny):
     """After refinement with BatchNorm folding, each norm's statistics are those of its refitted
     conv on the calibration data, so resetting them on the same data changes (almost) nothing."""
     a, x = tiny("timm_resnet18")
-    b = copy.deepcopy(a)
-    with torch.no_grad():
-        for p in b.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
+    b = _perturbed(a, 0.2)
     cal = _calibration(x, 64)
     fused = fusion.fuse([a, b], cal, method="permute", repair="none", refine="lstsq")
     with torch.no_grad():
@@ -265,10 +267,7 @@ def test_refinement_on_cuda_matches_the_cpu(tiny):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     a, x = tiny("timm_resnet18")
-    b = copy.deepcopy(a)
-    with torch.no_grad():
-        for p in b.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
+    b = _perturbed(a, 0.2)
     cal = _calibration(x, 64)
     cpu = fusion.fuse([a, b], cal, method="permute", refine="lstsq", refine_options={"precision": "float64"})
     gpu = fusion.fuse([a, b], cal, method="permute", refine="lstsq", device="cuda",
@@ -281,10 +280,7 @@ def test_budget_splits_units_within_the_parameter_budget_and_top_budget_is_the_e
     """Partial matching: the fused parameter count stays within the budget and grows with it; a
     budget that keeps every unit gives a BatchNorm network that computes the averaged logits."""
     a, x = tiny("timm_resnet18")
-    b = copy.deepcopy(a)
-    with torch.no_grad():
-        for p in b.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
+    b = _perturbed(a, 0.3)
     cal = _calibration(x, 64)
     al = fusion.align([a, b], cal, method="permute", budget=1.3)
     fused, base = al.report.partial["parameters"]
@@ -339,10 +335,7 @@ def test_flops_budget_counts_multiply_adds_and_spends_them_elsewhere_than_a_para
     from alignment.partial import parameter_count, tensor_uses
 
     a, x = tiny("timm_resnet18")
-    b = copy.deepcopy(a)
-    with torch.no_grad():
-        for p in b.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
+    b = _perturbed(a, 0.3)
     cal = _calibration(x, 32)
     by_flops = fusion.align([a, b], cal, method="permute", budget={"flops": 1.3})
     by_params = fusion.align([a, b], cal, method="permute", budget=1.3)
