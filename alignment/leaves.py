@@ -9,6 +9,8 @@ similarity of what was matched; NaN when meaningless):
   free-support barycenter), exact, entropic or one-to-one (``solver="hungarian"``: permutation
   matching, rectangular when widths differ);
 * :func:`merge_leaf`: agglomerative merging of the most similar features (within and across models);
+* :func:`zip_leaf`: ZipIt's greedy pair merging (within and across models, merged features
+  discouraged from merging again);
 * :func:`magnitude_leaf`: keep the features of largest score (structured pruning);
 * :func:`select_leaf`: keep the first features, or the best-scoring ones (resizing);
 * :func:`random_leaf`: a random permutation.
@@ -20,7 +22,8 @@ are costed from the Gram alone (:func:`gram_cost`).
 
 from __future__ import annotations
 
-from typing import Callable
+import math
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -32,8 +35,8 @@ from .merging import greedy_merge
 from .structure import LeafProblem
 
 __all__ = [
-    "PLAN_SOLVERS", "GEOMETRIES", "transport_plan", "gram_cost", "ot_leaf", "merge_leaf", "magnitude_leaf",
-    "select_leaf", "random_leaf",
+    "PLAN_SOLVERS", "GEOMETRIES", "transport_plan", "gram_cost", "ot_leaf", "merge_leaf", "zip_leaf",
+    "zip_labels", "magnitude_leaf", "select_leaf", "random_leaf",
 ]
 
 PLAN_SOLVERS = ("emd", "sinkhorn", "hungarian")
@@ -241,8 +244,61 @@ def merge_leaf(leaf: LeafProblem, balanced: bool = True) -> tuple[list[torch.Ten
         raise SpaceMismatchError(f"space {leaf.space!r}: merging cannot widen {P} units into {n}; use "
                                  f"method='ot' to widen")
     S = _cosine(torch.arange(P), G, torch.arange(P))  # units as index anchors: no P^3 products
-    labels = greedy_merge(S, n, balanced=balanced)
-    T = torch.zeros(n, P, dtype=torch.float64)
+    return _group_plans(leaf, G, greedy_merge(S, n, balanced=balanced))
+
+
+def zip_labels(S: torch.Tensor, sizes: Sequence[int], n: int, within: float, remerge: float,
+               where: str = "a space") -> torch.Tensor:
+    """ZipIt's greedy merging of pooled units into ``n`` groups: the group of each unit.
+
+    Args:
+        S: similarity of the pooled units (model 0's first, ``sizes[i]`` units of model ``i``).
+        sizes: units per model.
+        n: number of groups.
+        within: weight of a merge inside one model against a merge across models (similarities of
+            two units of one model are multiplied by it; 0 forbids such merges). Ignored for one model.
+        remerge: factor applied to the similarities of a group that holds its share of units
+            (``ceil(P / n)`` of the ``P`` pooled units: a pair when two models zip into one width;
+            ZipIt's linkage: the smaller of its parts' similarities, times this); 0 lets a group grow
+            past its share only when nothing else is left, 1 is plain complete linkage.
+        where: what is being merged (named in errors).
+    """
+    S = S.clone()
+    if len(sizes) > 1 and within != 1.0:
+        owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.as_tensor(list(sizes)))
+        same = owner[:, None] == owner[None, :]
+        S[same] = S[same] * within if within > 0 else -math.inf
+    try:
+        return greedy_merge(S, n, balanced=False, linkage="min", decay=remerge,
+                            decay_from=max(2, math.ceil(S.shape[0] / n)))
+    except RuntimeError:
+        raise SpaceMismatchError(f"{where}: with within=0 no merge is left that keeps every group to one unit per "
+                                 f"model before reaching width {n}; allow merges inside a model (within > 0)") from None
+
+
+def zip_leaf(leaf: LeafProblem, within: float = 1.0, remerge: float = 0.3) -> tuple[list[torch.Tensor], float]:
+    """ZipIt's zipping: the most correlated pair of pooled features is merged first, within one model
+    or across models, until ``n`` fused features remain (see :func:`zip_labels` for the controls).
+
+    Each fused feature is the (model-weighted) mean of its group. With a model and its permuted copy
+    and ``within=0`` this is the permutation; with one model it compresses by merging.
+    """
+    G = _need_gram(leaf, "zipping")
+    n, P = leaf.n, G.shape[0]
+    if n > P:
+        raise SpaceMismatchError(f"space {leaf.space!r}: zipping cannot widen {P} units into {n}; use method='ot' to widen")
+    if within == 0 and len(leaf.sizes) > 1 and n < max(leaf.sizes):
+        raise SpaceMismatchError(f"space {leaf.space!r}: within=0 keeps every fused unit to one unit per model, so the "
+                                 f"fused width {n} cannot be below the widest model's {max(leaf.sizes)}; use within > 0")
+    S = _cosine(torch.arange(P), G, torch.arange(P))
+    labels = zip_labels(S, leaf.sizes, n, within, remerge, where=f"space {leaf.space!r}")
+    return _group_plans(leaf, G, labels)
+
+
+def _group_plans(leaf: LeafProblem, G: torch.Tensor, labels: torch.Tensor) -> tuple[list[torch.Tensor], float]:
+    """Plans of a clustering of the pooled units (fused unit ``k`` = group ``k``) and their score."""
+    P = G.shape[0]
+    T = torch.zeros(leaf.n, P, dtype=torch.float64)
     T[labels, torch.arange(P)] = 1.0
     plans = [T[:, c] for c in leaf.cols]
     A = plan_maps(plans, leaf.alpha).merge

@@ -19,6 +19,11 @@ partner was one of the two merged groups. The reference semantics, for a similar
 * if no allowed pair with a similarity above ``-inf`` is left, ``cap`` grows (the reference grows it
   by one until a pair is allowed; here it jumps straight to that value, which is the same).
 
+ZipIt's linkage (``linkage="min"``, ``decay``): a merged group's similarity to any other group is the
+smaller of its two parts' similarities, times ``decay`` (ZipIt's ``alpha``) once the group holds
+``decay_from`` units, so a feature already merged is discouraged from merging again; the same
+incremental bookkeeping applies.
+
 Only ``torch`` and ``numpy`` are used; the work is done on the CPU.
 """
 
@@ -30,11 +35,14 @@ import numbers
 import numpy as np
 import torch
 
-__all__ = ["greedy_merge"]
+__all__ = ["greedy_merge", "LINKAGES"]
+
+LINKAGES = ("average", "min")
 
 
-def greedy_merge(S: torch.Tensor, n: int, balanced: bool = True) -> torch.Tensor:
-    """Average-linkage agglomerative merging of P units into n groups.
+def greedy_merge(S: torch.Tensor, n: int, balanced: bool = True, linkage: str = "average",
+                 decay: float = 1.0, decay_from: int = 2) -> torch.Tensor:
+    """Agglomerative merging of P units into n groups (average linkage, or ZipIt's scaled minimum).
 
     Exact (same merges, same tie-breaking, bit-identical merged similarities) equivalent of the
     reference loop that, ``P - n`` times, masks out pairs whose merged size would exceed ``cap``,
@@ -53,14 +61,21 @@ def greedy_merge(S: torch.Tensor, n: int, balanced: bool = True) -> torch.Tensor
         n: Number of groups to produce, ``1 <= n <= P``.
         balanced: If true, groups are capped at ``ceil(P / n)`` units (the cap grows only when no
             allowed merge is left); otherwise any two groups may merge.
+        linkage: ``"average"`` (the merged row is the size-weighted mean of the two rows) or
+            ``"min"`` (ZipIt: the elementwise minimum of the two rows, times ``decay``).
+        decay: for ``linkage="min"``, the factor in ``[0, 1]`` applied to a merged group's
+            similarities (``-inf`` entries stay ``-inf``); 1 is plain complete linkage.
+        decay_from: the factor applies to merges that make a group of at least this many units
+            (2: every merge, as in ZipIt for two models; ``N`` for N models zipped into one width, so
+            that a group is discouraged only once it holds its share).
 
     Returns:
         CPU ``LongTensor`` of length ``P``: the group of each unit, with values ``0..n-1`` and groups
         numbered by their smallest member in increasing order.
 
     Raises:
-        ValueError: If ``S`` is not a square matrix, contains NaN or ``+inf`` off the diagonal, or
-            ``n`` is not an integer in ``[1, P]``.
+        ValueError: If ``S`` is not a square matrix, contains NaN or ``+inf`` off the diagonal,
+            ``n`` is not an integer in ``[1, P]``, or ``linkage``/``decay`` are not allowed.
         RuntimeError: If the remaining groups cannot be merged because every pair of them has
             similarity ``-inf`` (the reference loop would never terminate).
     """
@@ -71,6 +86,10 @@ def greedy_merge(S: torch.Tensor, n: int, balanced: bool = True) -> torch.Tensor
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= int(n) <= P:
         raise ValueError(f"n must be an integer in [1, {P}], got {n!r}")
     n = int(n)
+    if linkage not in LINKAGES:
+        raise ValueError(f"linkage must be one of {LINKAGES}, got {linkage!r}")
+    if not 0.0 <= float(decay) <= 1.0:
+        raise ValueError(f"decay must be in [0, 1], got {decay!r}")
     if S.dtype not in (torch.float32, torch.float64):
         S = S.to(torch.float64)
     S = S.detach().to("cpu", copy=True).contiguous()
@@ -114,7 +133,12 @@ def greedy_merge(S: torch.Tensor, n: int, balanced: bool = True) -> torch.Tensor
         a, b = r, int(best[r])
         if a > b:
             a, b = b, a
-        row = ((size[a] * S[a] + size[b] * S[b]) / (size[a] + size[b])).numpy()
+        if linkage == "average":
+            row = ((size[a] * S[a] + size[b] * S[b]) / (size[a] + size[b])).numpy()
+        else:
+            row = np.minimum(Sn[a], Sn[b])
+            if decay != 1.0 and sizen[a] + sizen[b] >= decay_from:
+                np.multiply(row, decay, out=row, where=row > neg)
         Sn[a] = row
         Sn[:, a] = row
         Sn[a, a] = neg

@@ -15,6 +15,7 @@ interpolation weights.
 | ``weight_matching`` | Hungarian, coordinate descent over spaces | weight inner products |
 | ``ot`` | exact or entropic OT onto an anchor or a barycenter | activations or weights |
 | ``merge`` | agglomerative merging | activation correlation or weight cosine |
+| ``zip`` | ZipIt's greedy pair merging (heads merged whole first) | activation correlation |
 | ``magnitude`` | keep the largest L1 units of one model | weight magnitudes |
 """
 
@@ -32,7 +33,7 @@ from torch import nn
 from .errors import FallbackWarning, InvalidOptionError, SpaceMismatchError, UnknownNameError
 from .grams import activation_gram, magnitude_scores, weight_gram
 from .graph import Graph
-from .leaves import magnitude_leaf, merge_leaf, ot_leaf
+from .leaves import magnitude_leaf, merge_leaf, ot_leaf, zip_labels, zip_leaf
 from .permute import model_tensors
 from .registry import Registry
 from .structure import GramView, Walk
@@ -50,9 +51,10 @@ class UnknownMethodError(UnknownNameError):
 METHODS = Registry("method", UnknownMethodError)
 
 
-def register_method(name: str) -> Callable:
-    """Register a fusion method ``fn(ctx, *, options...) -> MatchResult`` under ``name``."""
-    return METHODS.register(name)
+def register_method(name: str, check: Callable[[dict[str, Any]], None] | None = None) -> Callable:
+    """Register a fusion method ``fn(ctx, *, options...) -> MatchResult`` under ``name`` (``check``:
+    see :meth:`alignment.registry.Registry.register`)."""
+    return METHODS.register(name, check=check)
 
 
 def list_methods() -> list[str]:
@@ -217,7 +219,7 @@ def _activation_gram(ctx: MatchContext, kind, plans_of, anchored: bool = False,
 
 
 def _solve(ctx: MatchContext, leaf_solver, gram_of=None, scores=None, sweeps: int = 1, shuffle: bool = False,
-           anchor: int | None = None) -> MatchResult:
+           anchor: int | None = None, merge_heads=None) -> MatchResult:
     """Plans of every space from one walk, or from ``sweeps`` walks of coordinate descent (each space
     solved with its neighbours' newest plans, in random order per sweep when ``shuffle``)."""
     _require_family(ctx)
@@ -235,7 +237,7 @@ def _solve(ctx: MatchContext, leaf_solver, gram_of=None, scores=None, sweeps: in
     walk = None
     for _ in range(max(1, sweeps)):
         walk = Walk(ctx.graphs, ctx.target, leaf_solver, alpha=ctx.alpha, gram=gram, anchor=anchor,
-                    scores=scores, seed=ctx.seed, note=ctx.note)
+                    scores=scores, seed=ctx.seed, note=ctx.note, merge_heads=merge_heads)
         holder["walk"] = walk
         order = walk.order()
         if shuffle:
@@ -369,6 +371,38 @@ def correlation_merge(ctx: MatchContext, *, cost: Literal["correlation", "weight
             return weight_gram(ctx.graphs, ctx.target, ctx.tensors(), plans_of, "correlation", ctx.note)
         return _solve(ctx, merge_leaf, gram_of)
     return _solve(ctx, merge_leaf, lambda plans_of: _activation_gram(ctx, "correlation", plans_of))
+
+
+def _check_zip(options: dict[str, Any]) -> None:
+    for name in ("within", "remerge"):
+        if not 0.0 <= options[name] <= 1.0:
+            raise InvalidOptionError(f"method 'zip': {name} must be in [0, 1], got {options[name]}")
+
+
+@register_method("zip", check=_check_zip)
+def zipit(ctx: MatchContext, *, within: float = 1.0, remerge: float = 0.3) -> MatchResult:
+    """ZipIt zipping: greedily merge the most correlated pair of features, within or across models.
+
+    The features of all models are pooled per space; the most correlated pair is merged first, then
+    the next, until the fused width remains (any width up to the pooled one; with ``budget`` the
+    partial-matching widths). A fused feature is the (model-weighted) mean of its group. Attention
+    heads are zipped whole first (pooled heads grouped into the head count on their mean matched
+    correlation, with the same controls), then the dims of each fused head's member heads.
+    Works for any number of models; with one model it compresses by merging.
+
+    Options:
+        within: weight of merging two features of one model against merging features of two models
+            (their correlation is multiplied by it): 1 treats both alike, 0 forbids merges inside a
+            model (every fused feature then takes at most one feature per model). ZipIt's beta plays
+            this role as a budget; a weight was measured better on the zoo.
+        remerge: how strongly a feature already merged is discouraged from merging again (ZipIt's
+            alpha): a merged group's correlation with any other is the smaller of its parts', times
+            ``remerge``; 1 is plain complete linkage, 0 lets features merge in pairs first.
+    """
+    def merge_heads(S, sizes, n, where):
+        return zip_labels(S, sizes, n, within, remerge, where)
+    leaf = partial(zip_leaf, within=within, remerge=remerge)
+    return _solve(ctx, leaf, lambda plans_of: _activation_gram(ctx, "correlation", plans_of), merge_heads=merge_heads)
 
 
 @register_method("magnitude")

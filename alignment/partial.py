@@ -7,7 +7,8 @@ merge and an ensemble.
 
 Allocation (greedy on matching quality per parameter, no solver): every merged unit ``k`` of every
 plain space has a quality ``q_k``, the mean correlation of the model units merged into it; splitting
-it back into one unit per model gains ``1 - q_k`` and costs the parameters that the extra units add
+it back into its members (one unit per model for a matching; any group for zipping, whose groups may
+hold several units of one model or none) gains ``1 - q_k`` and costs the parameters that the extra units add
 (measured exactly at the current widths: a unit of a space widens every tensor axis in that space).
 Units are split in order of ``(1 - q_k) / base cost`` while the fused model's parameter count stays
 within ``budget`` times the fully matched model's (or, with ``{"flops": x}``, its multiply-adds:
@@ -108,8 +109,8 @@ def partial_plans(graph: Graph, plans: Sequence[dict[str, torch.Tensor]], qualit
 
     Args:
         graph: the fused (fully matched) model's graph.
-        plans: per model, per space, a 0/1 plan in which every fused unit takes exactly one unit of
-            every model (a matching).
+        plans: per model, per space, a 0/1 plan (a matching, or the groups of a zipping: every
+            model unit in exactly one fused unit).
         quality: per space, each fused unit's matching quality (higher: better matched).
         budget: the fused parameter count allowed, relative to the fully matched model's (a number
             or ``{"params": x}``), or its multiply-adds (``{"flops": x}``, which needs ``uses``).
@@ -130,8 +131,7 @@ def partial_plans(graph: Graph, plans: Sequence[dict[str, torch.Tensor]], qualit
     for s in graph.spaces:
         if not s.members or s.kind != "features":
             continue
-        full = all(bool(((p[s.name] > 0).sum(1) == 1).all()) for p in plans)
-        if isinstance(s.tree, Leaf) and full and s.name in quality:
+        if isinstance(s.tree, Leaf) and s.name in quality:
             eligible.append(s.name)
         else:
             fixed.append(s.name)
@@ -140,21 +140,25 @@ def partial_plans(graph: Graph, plans: Sequence[dict[str, torch.Tensor]], qualit
         touched = {sp for pieces in axes for _, sp in pieces if sp is not None}
         for s in touched & set(axes_of):
             axes_of[s].append((t, axes))
-    extra = len(plans) - 1  # a split unit becomes one unit per model
-    base_cost = {s: max(_marginal(graph, axes_of, s, widths, uses), 1) * extra for s in eligible}
-    candidates = sorted(((1.0 - float(q), base_cost[s], s, k) for s in eligible for k, q in enumerate(quality[s])),
-                        key=lambda c: -c[0] / c[1])
+    # a split unit becomes one unit per member: ``extra[s][k]`` more units
+    extra = {s: sum((p[s] > 0).sum(1) for p in plans) - 1 for s in eligible}
+    unit = {s: max(_marginal(graph, axes_of, s, widths, uses), 1) for s in eligible}
+    candidates = sorted(((1.0 - float(q), unit[s] * int(extra[s][k]), s, k) for s in eligible
+                         for k, q in enumerate(quality[s]) if extra[s][k] > 0), key=lambda c: -c[0] / c[1])
     chosen: dict[str, list[int]] = {s: [] for s in eligible}
     spent = 0
     for gain, _, s, k in candidates:
-        if allowance <= 0 or gain <= 0:
+        if allowance <= 0:
             break
+        if gain <= 0:
+            continue
         cost = 0
-        for _ in range(extra):
+        more = int(extra[s][k])
+        for _ in range(more):
             cost += _marginal(graph, axes_of, s, widths, uses)
             widths[s] += 1
         if spent + cost > allowance:
-            widths[s] -= extra
+            widths[s] -= more
             continue
         spent += cost
         chosen[s].append(k)
@@ -163,13 +167,16 @@ def partial_plans(graph: Graph, plans: Sequence[dict[str, torch.Tensor]], qualit
         if not ks:
             continue
         keep = [k for k in range(graph[s].width) if k not in set(ks)]
+        # split unit k: a row per member (model j's unit c alone; other models send nothing there),
+        # model by model
+        members = [(j, k, c) for j, p in enumerate(plans) for k in ks for c in torch.nonzero(p[s][k] > 0).flatten().tolist()]
         for i, p in enumerate(plans):
             T = p[s]
-            rows = [T[keep]]
-            for j in range(len(plans)):
-                # split unit k: a row of model j's unit alone (other models send nothing there)
-                rows.append(T[ks] if j == i else torch.zeros_like(T[ks]))
-            new_plans[i][s] = torch.cat(rows, 0)
+            rows = torch.zeros(len(members), T.shape[1], dtype=T.dtype)
+            for r, (j, k, c) in enumerate(members):
+                if j == i:
+                    rows[r, c] = T[k, c]
+            new_plans[i][s] = torch.cat([T[keep], rows], 0)
     return PartialPlan(new_plans, widths, {s: len(ks) for s, ks in chosen.items() if ks},
                        (parameter_count(graph, widths, uses), base), fixed)
 

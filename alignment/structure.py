@@ -19,7 +19,9 @@ magnitude selection, random permutations and resizing are all this walk with ano
 
 Heads follow one rule for every method and width: each model's heads are matched to a reference
 model's heads by the minimum total cost of an exact transport between the two heads' dims (an
-assignment when head dims agree), summed over the spaces the heads structure.
+assignment when head dims agree), summed over the spaces the heads structure. Zipping instead pools
+every model's heads and merges them whole on that same cost (``merge_heads``), then zips the dims of
+each fused head's member heads.
 """
 
 from __future__ import annotations
@@ -211,20 +213,26 @@ class Walk:
         random_heads: draw head assignments at random instead of matching them (random
             permutations).
         note: ``note(message)`` records a fallback in the fusion report.
+        merge_heads: ``merge_heads(S, sizes, n, where) -> labels``: instead of matching heads one to
+            one, pool every model's heads and group them into the target's head count from their
+            similarity ``S`` (heads of one model may then share a fused head; the dims of a fused
+            head's heads are pooled for the leaf solver).
     """
 
     def __init__(self, graphs: Sequence, target, leaf_solver: LeafSolver, alpha: Sequence[float] | None = None,
                  gram: Callable[[str], GramView] | None = None, anchor: int | None = None,
                  scores: Callable[[str], torch.Tensor] | None = None, seed: int = 0,
-                 random_heads: bool = False, note: Callable[[str], None] | None = None):
+                 random_heads: bool = False, note: Callable[[str], None] | None = None,
+                 merge_heads: Callable[..., torch.Tensor] | None = None):
         self.graphs, self.target = list(graphs), target
         self.leaf_solver, self.gram_fn, self.anchor = leaf_solver, gram, anchor
         self.alpha = list(alpha) if alpha is not None else [1.0 / len(self.graphs)] * len(self.graphs)
         self.scores_fn, self.seed, self.random_heads = scores, seed, random_heads
         self.note = note or (lambda msg: None)
+        self.merge_heads = merge_heads
         self.generator = torch.Generator().manual_seed(seed)
         self.cache: dict[str, list[torch.Tensor]] = {}   # leaf key -> per-model plans
-        self.head_perms: dict[str, list[torch.Tensor]] = {}   # heads key -> per-model head assignment
+        self.head_plans: dict[str, list[torch.Tensor]] = {}   # heads key -> per-model head plans
         self.plans: dict[str, list[torch.Tensor]] = {}
         self.costs: dict[str, float] = {}
         self._scores: dict[str, list[float]] = {}
@@ -254,7 +262,7 @@ class Walk:
         self._scores[name] = []
         if self.target[name].kind == "heads":
             # a head index (e.g. rows of a per-head bias table) follows the head assignment
-            plans = [_perm_plan(pi) for pi in self._heads(name)]
+            plans = list(self._heads(name))
         else:
             plans = self._walk(name, self.target[name].tree, [g[name].tree for g in self.graphs],
                                self._pooled(name))
@@ -277,7 +285,7 @@ class Walk:
         for key in tree_keys(tree):
             if not isinstance(tree, Blocks) or key != tree.key:
                 self.cache.pop(key, None)
-                self.head_perms.pop(key, None)
+                self.head_plans.pop(key, None)
 
     def permutations(self, model: int = 0) -> dict[str, torch.Tensor]:
         """The solved plans of one model as permutations (fused feature ``k`` = feature ``perm[k]``)."""
@@ -364,27 +372,37 @@ class Walk:
                 raise SpaceMismatchError(
                     f"space {space!r}: model {i} has {st.count} heads where the target has {nh}; heads are "
                     f"kept when widths change (head_dim changes), so head counts must agree")
-        pis = self._heads(ttree.key)
+        H = self._heads(ttree.key)
         n = tree_size(ttree)
         d = n // nh
         sizes = [tree_size(st.parts[0]) for st in strees]
+        members = [[torch.nonzero(H[i][h]).flatten().tolist() for i in range(len(strees))] for h in range(nh)]
         shared = self._shared_leaf(ttree, strees)
         if shared is not None and shared not in self.cache:
             # one dims-within-head axis shared by every head: solved once over all matched heads
+            pis = [torch.tensor([members[h][i][0] for h in range(nh)]) for i in range(len(strees))]
             self.cache[shared] = self._leaf(space, shared, d, [idx[i][:sizes[i]] for i in range(len(strees))],
                                             heads=(pis, sizes, nh, idx))
         plans = [torch.zeros(n, tree_size(st), dtype=torch.float64) for st in strees]
         for h in range(nh):
             subs, sub_idx, cols = [], [], []
             for i, st in enumerate(strees):
-                g = int(pis[i][h])
-                di = sizes[i]
-                subs.append(st.parts[g])
-                sub_idx.append(idx[i][g * di:(g + 1) * di])
-                cols.append((g * di, (g + 1) * di))
+                di, got = sizes[i], members[h][i]
+                cols_i = torch.cat([torch.arange(g * di, (g + 1) * di) for g in got]) if got else \
+                    torch.zeros(0, dtype=torch.long)
+                if len(got) == 1:
+                    subs.append(st.parts[got[0]])
+                elif all(isinstance(st.parts[g], Leaf) for g in got):
+                    # several heads of one model zipped into one fused head (or none): their dims are pooled
+                    subs.append(Leaf(f"{space}/head{h}/model{i}", di * len(got)))
+                else:
+                    raise SpaceMismatchError(f"space {space!r}: heads with inner structure can only be matched one "
+                                             f"to one, but fused head {h} takes {len(got)} heads of model {i}")
+                sub_idx.append(idx[i][cols_i])
+                cols.append(cols_i)
             sub = self._walk(space, ttree.parts[h], subs, sub_idx)
-            for i, (a, b) in enumerate(cols):
-                plans[i][h * d:(h + 1) * d, a:b] = sub[i]
+            for i, c in enumerate(cols):
+                plans[i][h * d:(h + 1) * d, c] = sub[i]
         return plans
 
     @staticmethod
@@ -426,15 +444,59 @@ class Walk:
         return plans
 
     def _heads(self, key: str) -> list[torch.Tensor]:
-        """Per model, fused head ``h`` <- model head ``pi[h]``."""
-        if key in self.head_perms:
-            return self.head_perms[key]
+        """Per model, the head plan (``nh x nh_i``, 0/1): fused head ``h`` takes model head ``g`` where
+        ``plan[h, g] = 1`` (a permutation, unless heads are merged with :attr:`merge_heads`)."""
+        if key in self.head_plans:
+            return self.head_plans[key]
         nh = self.target[key].width
-        if self.random_heads:
-            pis = [torch.randperm(nh, generator=self.generator) for _ in self.graphs]
-            self.head_perms[key] = pis
-            return pis
         group = self.groups.get(key, [])
+        if self.random_heads:
+            plans = [_perm_plan(torch.randperm(nh, generator=self.generator)) for _ in self.graphs]
+        elif self.merge_heads is not None and group and len(self.graphs) > 1:
+            if any(self._shared_leaf(self.target[s].tree, None) is not None for s in group):
+                self.note(f"heads {key!r}: a dims-within-head axis is shared by every head, so heads are matched "
+                          f"one to one instead of merged")
+                plans = self._matched_heads(key, nh, group)
+            else:
+                plans = self._merged_heads(key, nh, group)
+        else:
+            plans = self._matched_heads(key, nh, group)
+        self.head_plans[key] = plans
+        return plans
+
+    def _merged_heads(self, key: str, nh: int, group: list[str]) -> list[torch.Tensor]:
+        """Heads of every model pooled and merged into ``nh`` groups by :attr:`merge_heads`, on the
+        mean similarity (one minus the head cost) over the spaces the heads structure."""
+        heads = [(i, a) for i in range(len(self.graphs)) for a in range(nh)]
+        S = torch.zeros(len(heads), len(heads), dtype=torch.float64)
+        used = 0
+        for s in group:
+            gv = self._gram(s)
+            if gv is None:
+                continue
+            used += 1
+            rng = []
+            for i, a in heads:
+                di = self.graphs[i][s].width // nh
+                rng.append(gv.offsets[i] + torch.arange(a * di, (a + 1) * di))
+            for p in range(len(heads)):
+                for q in range(p + 1, len(heads)):
+                    v = 1.0 - head_cost(gv.G, rng[p], rng[q], gv.geometry)
+                    S[p, q] += v
+                    S[q, p] += v
+        if used:
+            S /= used
+        S = torch.nan_to_num(S, nan=-1.0)
+        labels = self.merge_heads(S, [nh] * len(self.graphs), nh, f"heads {key!r}")
+        plans = []
+        for i in range(len(self.graphs)):
+            T = torch.zeros(nh, nh, dtype=torch.float64)
+            T[labels[i * nh:(i + 1) * nh], torch.arange(nh)] = 1.0
+            plans.append(T)
+        return plans
+
+    def _matched_heads(self, key: str, nh: int, group: list[str]) -> list[torch.Tensor]:
+        """Every model's heads matched one to one to a reference model's (Hungarian on head costs)."""
         ref = self.anchor
         if ref is None:
             ref = next((i for i, g in enumerate(self.graphs)
@@ -463,8 +525,7 @@ class Walk:
             pi = torch.empty(nh, dtype=torch.long)
             pi[torch.as_tensor(r)] = torch.as_tensor(c, dtype=torch.long)
             pis.append(pi)
-        self.head_perms[key] = pis
-        return pis
+        return [_perm_plan(pi) for pi in pis]
 
 
 def _perm_plan(perm: torch.Tensor) -> torch.Tensor:

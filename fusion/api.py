@@ -212,17 +212,19 @@ def _alpha(alpha: Sequence[float] | float | None, n: int) -> list[float]:
 
 
 def _unit_quality(stats: Statistics, plans, graph: Graph) -> dict[str, torch.Tensor]:
-    """Per space, each fused unit's mean correlation between model 0's unit and every other model's."""
+    """Per space, each fused unit's mean correlation over the pairs of model units merged into it
+    (the pairs whose statistics were collected; 1 for a unit of one member)."""
     out = {}
     for s in graph.spaces:
         if not s.members or s.kind != "features" or s.name not in stats.points or not stats.points[s.name]:
             continue
-        corr = stats.correlation(s.name)
-        units = [p[s.name].argmax(1).cpu() for p in plans]
-        q = torch.zeros(len(units[0]), dtype=torch.float64)
-        for i in range(1, len(plans)):
-            q += stats.block(corr, s.name, 0, i).cpu()[units[0], units[i]]
-        out[s.name] = q / max(len(plans) - 1, 1)
+        corr = stats.correlation(s.name).cpu()
+        known = stats.points[s.name][0].known().cpu().double()
+        known.fill_diagonal_(0)
+        M = torch.cat([p[s.name].cpu() for p in plans], dim=1).gt(0).double()
+        num = ((M @ (corr * known)) * M).sum(1)
+        den = ((M @ known) * M).sum(1)
+        out[s.name] = torch.where(den > 0, num / den.clamp_min(1), torch.ones_like(num))
     return out
 
 

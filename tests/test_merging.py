@@ -189,3 +189,59 @@ def test_input_untouched_and_validation():
     bad[0, 1] = float("nan")
     with pytest.raises(ValueError):
         greedy_merge(bad, 2)
+
+
+def reference_min(S, n, decay, decay_from=2):
+    """ZipIt's merge loop, written plainly (cubic): merge the first row-major maximum; the merged row is
+    the elementwise minimum of the two rows, times ``decay`` once the group holds ``decay_from`` units
+    (-inf stays -inf)."""
+    P = S.shape[0]
+    size = [1] * P
+    S = S.clone()
+    S.fill_diagonal_(-math.inf)
+    label = torch.arange(P)
+    for _ in range(P - n):
+        k = int(torch.argmax(S))
+        a, b = divmod(k, P)
+        if not S[a, b] > -math.inf:
+            raise RuntimeError("no pair left")
+        if a > b:
+            a, b = b, a
+        row = torch.minimum(S[a], S[b])
+        size[a] += size[b]
+        if size[a] >= decay_from:
+            row = torch.where(row > -math.inf, row * decay, row)
+        S[a], S[:, a] = row, row
+        S[a, a] = -math.inf
+        S[b], S[:, b] = -math.inf, -math.inf
+        label[label == b] = a
+    _, out = torch.unique(label, return_inverse=True)
+    return out
+
+
+@pytest.mark.parametrize("decay", [1.0, 0.3, 0.0])
+@pytest.mark.parametrize("decay_from", [2, 3])
+def test_min_linkage_matches_zipit_loop(decay, decay_from):
+    """ZipIt's linkage (minimum of the two rows, scaled by ``decay`` from ``decay_from`` units on) gives
+    the plain loop's groups, including ties and forbidden (-inf) pairs."""
+    for P, seed in [(9, 0), (40, 1), (101, 2)]:
+        S = _random_sym(P, seed)
+        for n in _ns(P):
+            assert torch.equal(greedy_merge(S, n, balanced=False, linkage="min", decay=decay, decay_from=decay_from),
+                               reference_min(S, n, decay, decay_from)), (P, n)
+    S = torch.round(_random_sym(30, 3) * 5) / 5  # many exact ties
+    S[:10, :10] = -math.inf  # units 0..9 may not merge with each other
+    for n in range(10, 31):
+        assert torch.equal(greedy_merge(S, n, balanced=False, linkage="min", decay=decay), reference_min(S, n, decay))
+
+
+def test_min_linkage_discourages_remerging():
+    """With decay < 1 a merged pair does not absorb a third unit that it resembles, a fresh pair merges
+    instead; with decay 1 the triple forms."""
+    S = torch.tensor([[0, .9, .8, 0], [.9, 0, .8, 0], [.8, .8, 0, .5], [0, 0, .5, 0]], dtype=torch.float64)
+    assert greedy_merge(S, 2, balanced=False, linkage="min", decay=1.0).tolist() == [0, 0, 0, 1]
+    assert greedy_merge(S, 2, balanced=False, linkage="min", decay=0.5).tolist() == [0, 0, 1, 1]
+    with pytest.raises(ValueError):
+        greedy_merge(S, 2, linkage="max")
+    with pytest.raises(ValueError):
+        greedy_merge(S, 2, linkage="min", decay=1.5)
