@@ -39,6 +39,7 @@ from .engine import apply_maps, check_heads, head_tensors
 from .refine import REFINEMENTS, run_refinement
 from .repair import REPAIRS, RepairContext, run_repair
 from .resize import check_width, resize, resized_graph
+from .zipped import CutError, forward_flops, parameter_total, resolve_cut, zip_model
 
 __all__ = ["FusionReport", "Alignment", "align", "fuse", "ModelError"]
 
@@ -70,6 +71,9 @@ class FusionReport:
         head_sizes: with separate heads, each model's number of outputs, in the models' order.
         refinement: what the refine stage measured (per layer: rows, Gram size, relative regression
             loss before and after, seconds; the largest Gram; modules left as mapped).
+        zip: with ``zip_until``, the cut (module, space, depth) and the zipped model's parameters and
+            FLOPs per example next to each source model's (``params``, ``flops``, ``source_params``,
+            ``source_flops``).
     """
 
     method: str
@@ -87,6 +91,7 @@ class FusionReport:
     heads: str = "merged"
     head_sizes: list[int] = field(default_factory=list)
     refinement: dict[str, Any] = field(default_factory=dict)
+    zip: dict[str, Any] = field(default_factory=dict)
 
     def fallback(self, message: str) -> None:
         """Record a fallback and warn (once per message)."""
@@ -120,6 +125,7 @@ class Alignment:
         report: the fusion report so far.
         calibration: the calibration data (used by :meth:`build` for refinement and repair).
         device: where passes over the data run.
+        example: the example input discovery ran on (used to place a ``zip_until`` cut).
     """
 
     models: Sequence[nn.Module]
@@ -131,6 +137,7 @@ class Alignment:
     report: FusionReport | None = None
     calibration: Any = None
     device: str | torch.device | None = None
+    example: Any = None
 
     @property
     def plans(self) -> list[dict[str, torch.Tensor]]:
@@ -151,16 +158,23 @@ class Alignment:
 
     def build(self, alpha: Sequence[float] | float | None = None, repair: str = "none", refine: str = "none",
               repair_options: dict[str, Any] | None = None, refine_options: dict[str, Any] | None = None,
-              progress: bool = False, heads: str = "merged") -> nn.Module:
-        """Apply, refine and repair: the fused model for ``alpha``, with its ``fusion_report``."""
+              progress: bool = False, heads: str = "merged", zip_until: Any = None) -> nn.Module:
+        """Apply, refine, cut (``zip_until``, see :func:`fuse`) and repair: the fused model for
+        ``alpha``, with its ``fusion_report``."""
         check_heads(heads)
         repair_options = REPAIRS.validate(repair, dict(repair_options or {}))
         refine_options = REFINEMENTS.validate(refine, dict(refine_options or {}))
         if (repair != "none" or refine != "none") and self.calibration is None:
             raise CalibrationError(f"repair={repair!r} and refine={refine!r} need calibration data "
                                    f"(or use 'none')")
+        _check_zip_until(zip_until, repair, heads, self.graphs)
         weights = _alpha(alpha, len(self.models))
         report = _copy_report(self.report, weights, repair, refine)
+        cut = None
+        if zip_until is not None:
+            if self.example is None:
+                raise CutError("zip_until needs the example input discovery ran on; build alignments with align()")
+            cut = resolve_cut(zip_until, self.models[0], self.graphs[0], self.example)
         t = time.perf_counter()
         maps = self.maps(weights)
         fused = apply_maps(self.models, self.graphs, maps, alpha=weights, target=self.target, heads=heads)
@@ -175,6 +189,15 @@ class Alignment:
         t = time.perf_counter()
         run_refinement(refine, ctx, **refine_options)
         report.seconds["refine"] = time.perf_counter() - t
+        if cut is not None:
+            t = time.perf_counter()
+            unmerge = None if cut.at_input else [U.to(model_device(self.models[0])) for U in maps[cut.space].unmerge]
+            ctx.fused = zip_model(self.models, ctx.fused.to(model_device(self.models[0])), unmerge, cut, self.example,
+                                  heads=heads, alpha=weights)
+            report.zip = _zip_report(ctx.fused, self.models, cut, self.example)
+            if self.device is not None:
+                ctx.fused = ctx.fused.to(self.device)
+            report.seconds["zip"] = time.perf_counter() - t
         t = time.perf_counter()
         run_repair(repair, ctx, **repair_options)
         report.seconds["repair"] = time.perf_counter() - t
@@ -184,6 +207,29 @@ class Alignment:
         fused = ctx.fused.to(model_device(self.models[0]))
         fused.fusion_report = report
         return fused
+
+
+def _check_zip_until(zip_until: Any, repair: str, heads: str, graphs: Sequence[Graph]) -> None:
+    """Cheap checks of ``zip_until`` and what it needs, before any work."""
+    if zip_until is None:
+        return
+    if isinstance(zip_until, bool) or not isinstance(zip_until, (str, int, float)):
+        raise CutError(f"zip_until={zip_until!r}: give 'input', 'output', a depth fraction, a module path or a space name")
+    if repair == "repair":
+        raise InvalidOptionError("repair='repair' rescales the fused model's own norm layers and cannot follow a cut "
+                                 "(zip_until); use repair='reset_bn' or 'none'")
+    if heads == "merged":
+        sizes = {int(g.shapes[head_tensors(g)[0]][0]) for g in graphs if head_tensors(g)}
+        if len(sizes) > 1:
+            raise CutError(f"zip_until with heads='merged' averages the models' logits, but their class counts differ "
+                           f"({sorted(sizes)}); use heads='separate'")
+
+
+def _zip_report(zipped: nn.Module, models: Sequence[nn.Module], cut, example) -> dict[str, Any]:
+    ex = example.to(model_device(models[0])) if isinstance(example, torch.Tensor) else example
+    return {"cut": cut.to_dict(), "params": parameter_total(zipped), "flops": forward_flops(zipped, ex),
+            "source_params": [parameter_total(m) for m in models],
+            "source_flops": [forward_flops(m, ex) for m in models]}
 
 
 def _copy_report(base: FusionReport | None, alpha, repair: str, refine: str) -> FusionReport:
@@ -331,7 +377,7 @@ def align(
                           "fully_matched": list(pp.fully_matched)}
         report.seconds["match"] += time.perf_counter() - t
     return Alignment(models=models, graphs=graphs, result=result, target=target, target_graph=target_graph,
-                     statistics=cached.get("stats"), report=report, calibration=calibration, device=device)
+                     statistics=cached.get("stats"), report=report, calibration=calibration, device=device, example=ex)
 
 
 def fuse(
@@ -353,6 +399,7 @@ def fuse(
     refine_options: dict[str, Any] | None = None,
     heads: str = "merged",
     budget: float | dict = 1.0,
+    zip_until: Any = None,
     **options: Any,
 ) -> nn.Module:
     """Fuse models into one by aligning their hidden units.
@@ -396,6 +443,14 @@ def fuse(
             fed from the fused features through its unmerge map, and the fused model returns the
             classifiers' outputs concatenated in the models' order (for models trained on different
             label sets; ``report.head_sizes`` gives each one's width).
+        zip_until: partial zipping (ZipIt): fuse only up to a cut, after which each model keeps its own
+            layers (fed the fused features through its unmerge map) and its own classifier; returns a
+            :class:`fusion.zipped.ZippedModel` whose output is the models' logits averaged with
+            ``alpha`` (``heads="merged"``) or concatenated (``heads="separate"``). The cut is
+            ``"input"`` (the ensemble), ``"output"`` (full zipping), a depth fraction in ``[0, 1]``,
+            a module path (e.g. ``"layer3"``, ``"blocks.4"``) or a space name
+            (:func:`fusion.zipped.cut_points` lists the valid cuts; ``report.zip`` the cut, the
+            parameters and FLOPs). Any method may build the trunk; ``"zip"`` is the usual one.
         **options: method options (e.g. ``iterations`` for ``permute``, ``max_iter`` for
             ``weight_matching``); an unknown one raises :class:`~alignment.errors.InvalidOptionError`.
 
@@ -412,11 +467,13 @@ def fuse(
     REFINEMENTS.validate(refine, dict(refine_options or {}))
     if (repair != "none" or refine != "none") and calibration is None:
         raise CalibrationError(f"repair={repair!r} and refine={refine!r} need calibration data (or use 'none')")
+    if zip_until is not None:
+        _check_zip_until(zip_until, repair, heads, [])
     t_all = time.perf_counter()
     al = align(models, calibration, method=method, target=target, seed=seed, device=device,
                example_input=example_input, progress=progress, width=width, points=points,
                positions_per_image=positions_per_image, budget=budget, **options)
     fused = al.build(weights, repair=repair, refine=refine, repair_options=repair_options,
-                     refine_options=refine_options, progress=progress, heads=heads)
+                     refine_options=refine_options, progress=progress, heads=heads, zip_until=zip_until)
     fused.fusion_report.seconds["total"] = time.perf_counter() - t_all
     return fused

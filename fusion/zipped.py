@@ -1,0 +1,492 @@
+"""Partial zipping: a fused trunk up to a cut, then each model's own remaining layers and head.
+
+Zipping every layer forces models trained on different tasks to share features that only one of
+them has. ZipIt's partial zipping stops at a chosen depth: the fused model computes the layers
+before a *cut* once, and after it every source model keeps its own layers, fed with the fused
+features through its unmerge map (``f_i ~ U_i f``), and its own head. A cut at the input is the
+ensemble of the models; a cut at the output (after the last hidden layer) is full zipping.
+
+The cut comes from the graph's topology, with no per-architecture code: a cut point is the output
+of a module call that holds the whole of one alignment space (an observation point of discovery),
+and it is *valid* when nothing computed before it but that output is used after it (checked on
+the model itself: its branch, with everything before the cut skipped and the cut's output handed
+in, must reproduce the model exactly; values standing in for the skipped work must not matter).
+
+:class:`ZippedModel` is one ``nn.Module``: its trunk is the fused model with every module that runs
+only after the cut removed, and its branches are copies of the source models with every module
+that runs only before the cut replaced by a stand-in that computes nothing (it returns zeros of
+the right shape, found on the ``meta`` device), so no model's early layers run. Its state dict holds
+only the weights it uses; :func:`zipped_from_parts` rebuilds the same structure from the
+architectures to load them.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves, tree_map_only
+
+from alignment.errors import FusionError
+from alignment.graph import Graph
+from alignment.runner import modes
+
+from .replay import Tape, record
+
+__all__ = ["Cut", "CutError", "ZippedModel", "cut_points", "resolve_cut", "zip_model", "zipped_from_parts",
+           "forward_flops", "parameter_total"]
+
+
+class CutError(FusionError, ValueError):
+    """``zip_until`` names no valid cut of the model."""
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Where the fused trunk ends.
+
+    Attributes:
+        module: the module whose output is the last fused feature map (None: the input, i.e. nothing
+            is fused and every model runs whole).
+        space: the alignment space of that output.
+        dim: the axis of the output holding the space's features.
+        depth: the fraction of the model's parameterised modules that run before the cut.
+    """
+
+    module: str | None = None
+    space: str | None = None
+    dim: int = 1
+    depth: float = 0.0
+
+    @property
+    def at_input(self) -> bool:
+        """Whether the cut is at the input (the ensemble)."""
+        return self.module is None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Cut":
+        """The cut :meth:`to_dict` described."""
+        return cls(module=d.get("module"), space=d.get("space"), dim=int(d.get("dim", 1)),
+                   depth=float(d.get("depth", 0.0)))
+
+
+class _CutReached(Exception):
+    """Ends the trunk's forward pass at the cut, carrying the cut's output."""
+
+    def __init__(self, value):
+        super().__init__("cut reached")
+        self.value = value
+
+
+def _first(out: Any) -> torch.Tensor | None:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    return None
+
+
+class _Skipped(nn.Module):
+    """Stands for a branch module whose work the trunk does: returns zeros shaped like its output.
+
+    The shapes come from a copy of the module on the ``meta`` device (no memory, no compute), once
+    per input shape; the copy is not a submodule, so it holds no parameters of the branch.
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.__dict__["_meta"] = _meta_copy(module)
+        self.__dict__["_shapes"] = {}
+        self.__dict__["fill"] = "zeros"  # "noise" only while checking that the stand-in values do not matter
+
+    def _like(self, args, kwargs) -> Any:
+        leaves = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        key = tuple((tuple(t.shape), t.dtype) for t in leaves)
+        if key not in self._shapes:
+            margs, mkw = tree_map_only(torch.Tensor, lambda t: torch.empty_like(t, device="meta"), (args, kwargs))
+            with torch.no_grad():
+                self._shapes[key] = self._meta(*margs, **mkw)
+        device = leaves[0].device if leaves else torch.device("cpu")
+        if self.fill == "noise":
+            return tree_map_only(torch.Tensor, lambda t: torch.randn(t.shape, dtype=t.dtype, device=device),
+                                 self._shapes[key])
+        return tree_map_only(torch.Tensor, lambda t: torch.zeros(t.shape, dtype=t.dtype, device=device),
+                             self._shapes[key])
+
+    def __getattr__(self, name: str) -> Any:
+        # code around a skipped module may read its attributes (e.g. a weight's dtype): the meta copy answers
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_meta"], name)
+
+    def forward(self, *args, **kwargs):
+        return self._like(args, kwargs)
+
+
+class _Injected(_Skipped):
+    """The branch's cut module: returns the features handed in (the trunk's, unmerged) in its output's place."""
+
+    def forward(self, *args, **kwargs):
+        value = self.__dict__.pop("value", None)
+        if value is None:
+            raise CutError("a branch of a ZippedModel ran without the trunk's features; call the ZippedModel itself")
+        out = self._like(args, kwargs)
+        if isinstance(out, torch.Tensor):
+            return value
+        return type(out)([value, *out[1:]])
+
+
+class _Removed(nn.Module):
+    """Stands for a trunk module that runs only after the cut (the trunk stops before it)."""
+
+    def forward(self, *args, **kwargs):
+        raise CutError("a module after the cut ran in a ZippedModel's trunk")
+
+
+def _calls(tape: Tape) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for c in tape.calls:
+        out.setdefault(c.path, []).append(c)
+    return out
+
+
+def _outermost(model: nn.Module, calls: dict[str, list], pick) -> list[str]:
+    """The outermost submodules whose every call satisfies ``pick`` (modules never called, such as
+    containers iterated by their parent, are descended into)."""
+    found = []
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            path = f"{prefix}{name}"
+            cs = calls.get(path, [])
+            if cs and all(pick(c) for c in cs):
+                found.append(path)
+            else:
+                visit(child, path + ".")
+    visit(model, "")
+    return found
+
+
+def _meta_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` on the meta device, made without copying any tensor data."""
+    memo: dict[int, Any] = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(module, memo)
+
+
+def _copy_replacing(model: nn.Module, paths: list[str], make) -> nn.Module:
+    """A deep copy of ``model`` in which the module at each path is ``make(path, module)`` (the
+    replaced modules' tensors are never copied)."""
+    memo = {id(model.get_submodule(p)): make(p, model.get_submodule(p)) for p in paths}
+    return copy.deepcopy(model, memo)
+
+
+def _exit_of(tape: Tape, module: str) -> int:
+    k = tape.call(module, 0)
+    return tape.calls[k].exit
+
+
+def _branch(model: nn.Module, tape: Tape, cut: Cut) -> nn.Module:
+    """A copy of ``model`` that skips everything before the cut and takes the cut's output as given."""
+    if cut.at_input:
+        return copy.deepcopy(model)
+    end = _exit_of(tape, cut.module)
+    paths = _outermost(model, _calls(tape), lambda c: c.exit <= end)
+    if cut.module not in paths:
+        raise CutError(f"cut {cut.module!r}: the module runs inside another module that ends at the same point; "
+                       f"cut after the outer module")
+    return _copy_replacing(model, paths, lambda path, m: _Injected(m) if path == cut.module else _Skipped(m))
+
+
+def _trunk(fused: nn.Module, tape: Tape, cut: Cut) -> nn.Module:
+    """A copy of the fused model without the modules that run only after the cut."""
+    end = _exit_of(tape, cut.module)
+    return _copy_replacing(fused, _outermost(fused, _calls(tape), lambda c: c.enter > end), lambda path, m: _Removed())
+
+
+def _logits(out: Any) -> torch.Tensor:
+    return getattr(out, "logits", out) if not isinstance(out, torch.Tensor) else out
+
+
+def _unmerge(f: torch.Tensor, U: torch.Tensor, dim: int) -> torch.Tensor:
+    return torch.movedim(torch.movedim(f, dim, -1) @ U.t().to(f.dtype), -1, dim)
+
+
+class ZippedModel(nn.Module):
+    """A fused trunk up to a cut, then each source model's own layers and head (see the module doc).
+
+    Args:
+        trunk: the fused model with the modules after the cut removed (None for a cut at the input).
+        branches: per source model, a copy whose modules before the cut are skipped.
+        unmerge: per model, the unmerge map ``U_i`` (``n_i x n``) of the cut's space.
+        cut: where the trunk ends.
+        heads: ``"merged"``: the output is the alpha-weighted sum of the branches' logits (models with
+            one label set); ``"separate"``: the branches' logits concatenated in the models' order.
+        alpha: the models' weights (for ``"merged"``).
+
+    Its output is a logits tensor.
+    """
+
+    def __init__(self, trunk: nn.Module | None, branches: Sequence[nn.Module], unmerge: Sequence[torch.Tensor] | None,
+                 cut: Cut, heads: str = "merged", alpha: Sequence[float] | None = None):
+        super().__init__()
+        self.trunk = trunk
+        self.branches = nn.ModuleList(branches)
+        self.cut, self.heads = cut, heads
+        self.alpha = list(alpha) if alpha is not None else [1.0 / len(branches)] * len(branches)
+        for i, U in enumerate(unmerge or []):
+            self.register_buffer(f"unmerge_{i}", U.detach().clone().float())
+
+    def trunk_features(self, x: Any) -> torch.Tensor:
+        """The fused features at the cut for input ``x``."""
+        mod = self.trunk.get_submodule(self.cut.module)
+
+        def stop(m, args, out):
+            raise _CutReached(_first(out))
+        handle = mod.register_forward_hook(stop)
+        try:
+            self.trunk(x)
+        except _CutReached as reached:
+            return reached.value
+        finally:
+            handle.remove()
+        raise CutError(f"the trunk's forward pass never reached the cut {self.cut.module!r}")
+
+    def forward(self, x: Any) -> torch.Tensor:
+        f = self.trunk_features(x) if self.trunk is not None else None
+        outs = []
+        for i, br in enumerate(self.branches):
+            if f is not None:
+                br.get_submodule(self.cut.module).__dict__["value"] = _unmerge(f, getattr(self, f"unmerge_{i}"),
+                                                                               self.cut.dim)
+            outs.append(_logits(br(x)))
+        if self.heads == "separate":
+            return torch.cat(outs, dim=-1)
+        return sum(a * o for a, o in zip(self.alpha, outs))
+
+
+class _Checker:
+    """Checks cuts of one model: a cut is valid when the model's branch at the cut, handed the model's
+    own output there, gives the model's logits exactly, whatever the skipped modules return."""
+
+    def __init__(self, model: nn.Module, tape: Tape, x: torch.Tensor, modules: Sequence[str]):
+        self.model, self.tape, self.x = model, tape, x
+        self.outputs: dict[str, torch.Tensor | None] = {}
+        def grab(m: str, o: Any) -> None:
+            t = _first(o)  # copied: code after the module may change its output in place
+            self.outputs[m] = t.clone() if t is not None else None
+        handles = [model.get_submodule(m).register_forward_hook(lambda mod, a, o, m=m: grab(m, o)) for m in modules]
+        try:
+            with modes([model]), torch.no_grad():
+                self.want = _logits(model(x))
+        finally:
+            for h in handles:
+                h.remove()
+        self.known: dict[str, bool] = {}
+
+    def __call__(self, cut: Cut) -> bool:
+        if cut.module not in self.known:
+            self.known[cut.module] = self._check(cut)
+        return self.known[cut.module]
+
+    def _check(self, cut: Cut) -> bool:
+        f = self.outputs.get(cut.module)
+        if f is None:
+            return False
+        try:
+            br = _branch(self.model, self.tape, cut)
+        except CutError:
+            return False
+        skipped = [m for m in br.modules() if isinstance(m, _Skipped)]
+        want = self.want
+        with modes([br]), torch.no_grad():
+            for fill in ("zeros", "noise"):
+                for m in skipped:
+                    m.__dict__["fill"] = fill
+                br.get_submodule(cut.module).__dict__["value"] = f.clone()  # code after the cut may change it in place
+                try:
+                    got = _logits(br(self.x))
+                except Exception:  # a stand-in value fed code that needs real values: not a cut
+                    return False
+                if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-5,
+                                                                 atol=1e-6 * float(want.abs().max())):
+                    return False
+        return True
+
+
+def _candidates(graph: Graph, tape: Tape) -> list[list[Cut]]:
+    """Module outputs holding a whole space, grouped by position in the forward pass (modules that
+    end together, innermost first), in execution order, with their depth."""
+    calls = _calls(tape)
+    found: dict[str, tuple[str, int]] = {}
+    for s in graph.spaces:
+        if s.kind != "features":
+            continue
+        for o in s.observations:
+            if (o.io == "output" and o.start == 0 and o.stop == s.width and o.call == 0 and o.module
+                    and len(calls.get(o.module, [])) == 1):
+                found.setdefault(o.module, (s.name, o.dim))
+    exits = sorted((calls[m][0].exit, m) for m in found)
+    enters = sorted(c.enter for c in tape.calls)
+    layers = [p for p in graph.modules if p in calls]
+    first_exit = {p: calls[p][0].exit for p in layers}
+    groups: list[list[Cut]] = []
+    last = None
+    for e, m in exits:
+        depth = sum(1 for p in layers if first_exit[p] <= e) / max(len(layers), 1)
+        cut = Cut(module=m, space=found[m][0], dim=found[m][1], depth=depth)
+        # nothing starts between the previous candidate's exit and this one: the same point
+        if last is not None and not any(last < x < e for x in enters):
+            groups[-1].append(cut)
+        else:
+            groups.append([cut])
+        last = e
+    return groups
+
+
+def _valid(groups: list[list[Cut]], check: "_Checker") -> list[Cut]:
+    """Per position, the outermost valid cut (positions with none are left out)."""
+    out = []
+    for group in groups:
+        ok = next((c for c in reversed(group) if check(c)), None)
+        if ok is not None:
+            out.append(ok)
+    return out
+
+
+def _checker(model: nn.Module, example: torch.Tensor, graph: Graph) -> tuple[list[list[Cut]], "_Checker"]:
+    tape = record(model, example)
+    groups = _candidates(graph, tape)
+    return groups, _Checker(model, tape, example, [c.module for g in groups for c in g])
+
+
+def cut_points(model: nn.Module, graph: Graph, example: torch.Tensor) -> list[Cut]:
+    """Every valid cut of ``model``, in execution order: the input first, then each point after which
+    only one space's features are carried on (a block or stage boundary), up to the last hidden layer."""
+    groups, check = _checker(model, example, graph)
+    return [Cut()] + _valid(groups, check)
+
+
+def resolve_cut(zip_until: Any, model: nn.Module, graph: Graph, example: torch.Tensor) -> Cut:
+    """The cut ``zip_until`` names.
+
+    Args:
+        zip_until: ``"input"`` (or 0.0: the ensemble), ``"output"`` (or 1.0: full zipping), a depth
+            fraction in ``[0, 1]`` (the deepest valid cut with at most that fraction of the
+            parameterised modules before it), a module path (cut after that module), or a space name
+            (cut after the last point where that space's features are the model's state).
+        model, graph, example: the first source model, its graph and an example input.
+
+    Raises:
+        CutError: an unknown name, a module that is no valid cut, or a fraction outside ``[0, 1]``.
+    """
+    if zip_until == "input":
+        return Cut()
+    groups, valid = _checker(model, example, graph)
+    cands = [c for g in groups for c in g]
+
+    def listing() -> str:
+        ok = [c.module for c in _valid(groups, valid)]
+        return ", ".join(repr(m) for m in ok[:12]) + (" ..." if len(ok) > 12 else "")
+    if zip_until == "output":
+        zip_until = 1.0
+    if isinstance(zip_until, (int, float)) and not isinstance(zip_until, bool):
+        f = float(zip_until)
+        if not 0.0 <= f <= 1.0:
+            raise CutError(f"zip_until={zip_until!r}: a depth fraction must lie in [0, 1]")
+        for group in reversed(groups):
+            if group[0].depth <= f + 1e-12:
+                ok = next((c for c in reversed(group) if valid(c)), None)
+                if ok is not None:
+                    return ok
+        return Cut()
+    if not isinstance(zip_until, str):
+        raise CutError(f"zip_until={zip_until!r}: give 'input', 'output', a depth fraction, a module path or a space name")
+    by_module = {c.module: c for c in cands}
+    if zip_until in by_module and valid(by_module[zip_until]):
+        return by_module[zip_until]
+    if zip_until in graph:
+        for c in reversed(cands):
+            if c.space == zip_until and valid(c):
+                return c
+        raise CutError(f"zip_until={zip_until!r}: no valid cut carries only this space's features; valid cuts: "
+                       f"{listing()}")
+    if zip_until in dict(model.named_modules()):
+        raise CutError(f"zip_until={zip_until!r}: more than this module's output is used after it (or it does not hold "
+                       f"a whole alignment space); valid cuts: {listing()}")
+    raise CutError(f"zip_until={zip_until!r} is neither a module nor a space of {type(model).__name__}; valid cuts: "
+                   f"{listing()}")
+
+
+def zip_model(models: Sequence[nn.Module], fused: nn.Module, unmerge: Sequence[torch.Tensor] | None, cut: Cut,
+              example: torch.Tensor, heads: str = "merged", alpha: Sequence[float] | None = None) -> ZippedModel:
+    """The :class:`ZippedModel` of a fully fused model cut at ``cut``.
+
+    Args:
+        models: the source models (copied, not modified).
+        fused: the fully fused model (copied, not modified); its layers before the cut form the trunk.
+        unmerge: per model, the unmerge map of the cut's space (None for a cut at the input).
+        cut: from :func:`resolve_cut`.
+        example: an example input (to record which modules run before and after the cut).
+        heads: see :class:`ZippedModel`.
+        alpha: the models' weights.
+    """
+    if cut.at_input:
+        return ZippedModel(None, [copy.deepcopy(m) for m in models], None, cut, heads, alpha)
+    trunk = _trunk(fused, record(fused, example), cut)
+    branches = [_branch(m, record(m, example), cut) for m in models]
+    return ZippedModel(trunk, branches, unmerge, cut, heads, alpha)
+
+
+def zipped_from_parts(trunk: nn.Module | None, branches: Sequence[nn.Module], widths: Sequence[int], cut: Cut,
+                      example: torch.Tensor, heads: str = "merged", alpha: Sequence[float] | None = None) -> ZippedModel:
+    """A :class:`ZippedModel` of freshly built models (the fused architecture and each source's), ready
+    for ``load_state_dict`` (unmerge maps are zero until loaded).
+
+    Args:
+        trunk: a model of the fused architecture (None for a cut at the input).
+        branches: a model of each source architecture.
+        widths: the cut space's width in each source model.
+        cut, example, heads, alpha: as for :func:`zip_model`.
+    """
+    if cut.at_input:
+        return ZippedModel(None, list(branches), None, cut, heads, alpha)
+    n = None
+    with modes([trunk]), torch.no_grad():
+        mod = trunk.get_submodule(cut.module)
+        h = mod.register_forward_hook(lambda m, a, o: (_ for _ in ()).throw(_CutReached(_first(o))))
+        try:
+            trunk(example)
+        except _CutReached as r:
+            n = r.value.shape[cut.dim]
+        finally:
+            h.remove()
+    unmerge = [torch.zeros(w, n) for w in widths]
+    return zip_model(branches, trunk, unmerge, cut, example, heads, alpha)
+
+
+def parameter_total(model: nn.Module) -> int:
+    """Number of parameters (shared ones once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def forward_flops(model: nn.Module, example: torch.Tensor) -> float:
+    """Floating-point operations of one forward pass per example (``torch.utils.flop_counter``:
+    matrix products and convolutions), in eval mode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with modes([model]), torch.no_grad():
+        model(example)  # stand-ins find their shapes first, so the count has no meta work
+        with FlopCounterMode(display=False) as counter:
+            model(example)
+    return counter.get_total_flops() / example.shape[0]
