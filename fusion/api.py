@@ -32,14 +32,14 @@ from alignment.graph import Graph
 from alignment.maps import SpaceMap, correct_query_key, plan_maps
 from alignment.methods import METHODS, MatchContext, MatchResult, match
 from alignment.partial import check_budget, partial_plans, tensor_uses
-from alignment.runner import check_data, first_batch, model_device
+from alignment.runner import check_data, first_batch, model_device, runnable
 from alignment.statistics import POINT_POLICIES, Statistics, collect
 
 from .engine import apply_maps, check_heads, head_tensors
 from .refine import REFINEMENTS, run_refinement
 from .repair import REPAIRS, RepairContext, run_repair
 from .resize import check_width, resize, resized_graph
-from .zipped import CutError, forward_flops, parameter_total, resolve_cut, zip_model
+from .zipped import CutError, fit_cut, forward_flops, parameter_total, resolve_cut, zip_model
 
 __all__ = ["FusionReport", "Alignment", "align", "fuse", "ModelError"]
 
@@ -185,7 +185,8 @@ class Alignment:
         if self.device is not None:
             fused = fused.to(self.device)
         ctx = RepairContext(fused=fused, sources=self.models, graphs=self.graphs, maps=maps, alpha=weights,
-                            data=self.calibration, device=self.device, progress=progress, heads=heads)
+                            data=self.calibration, device=self.device, progress=progress, heads=heads,
+                            until=cut.module if cut is not None else None)
         t = time.perf_counter()
         run_refinement(refine, ctx, **refine_options)
         report.seconds["refine"] = time.perf_counter() - t
@@ -197,10 +198,20 @@ class Alignment:
             report.zip = _zip_report(ctx.fused, self.models, cut, self.example)
             if self.device is not None:
                 ctx.fused = ctx.fused.to(self.device)
+            fit = refine == "lstsq" and not cut.at_input
+            if fit:
+                # each branch will get its own model's features back (fitted below): its norms keep their statistics
+                ctx.frozen = [m for m in ctx.fused.branches.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
             report.seconds["zip"] = time.perf_counter() - t
         t = time.perf_counter()
         run_repair(repair, ctx, **repair_options)
         report.seconds["repair"] = time.perf_counter() - t
+        if cut is not None and fit:
+            t = time.perf_counter()
+            dev = torch.device(ctx.device) if ctx.device is not None else model_device(ctx.fused)
+            report.zip["fit"] = fit_cut(ctx.fused, runnable(self.models, dev, avoid=[ctx.fused]), self.calibration, dev,
+                                        ridge=refine_options["ridge"], precision=refine_options["precision"])
+            report.seconds["refine"] += time.perf_counter() - t
         for msg in ctx.notes:
             report.fallback(msg)
         report.refinement = dict(ctx.details.get("refine", {}))

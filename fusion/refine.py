@@ -251,6 +251,10 @@ def refine_lstsq(ctx: RepairContext, *, inputs: Literal["sequential", "merged"] 
         x0 = xs[0].to(dev)
         tapes = [record(m, x0) for m in models]
         layers, skipped = _plan_layers(fused, tapes[0], batchnorm, norms)
+        if ctx.until is not None:
+            # partial zipping: the layers after the cut are not part of the fused model
+            end = tapes[0].calls[tapes[0].call(ctx.until)].exit
+            layers = [la for la in layers if tapes[0].calls[tapes[0].call(la.bn or la.path)].exit <= end]
         replays = [Replay(m, t, len(xs)) for m, t in zip(models, tapes)]
         fmods = dict(fused.named_modules())
         details: list[dict[str, Any]] = []

@@ -68,6 +68,9 @@ class RepairContext:
         heads: ``"merged"`` or ``"separate"`` (each model's classifier kept; see :func:`fusion.engine.apply_maps`).
         details: what a stage measured, by stage (e.g. ``"refine"``: per-layer regression losses),
             copied into the fusion report.
+        until: a module after which the fused model is cut (partial zipping): refinement fits only
+            the layers that run before it.
+        frozen: modules whose statistics are final (a BatchNorm reset leaves them as they are).
     """
 
     fused: nn.Module
@@ -81,6 +84,8 @@ class RepairContext:
     notes: list[str] = field(default_factory=list)
     heads: str = "merged"
     details: dict[str, Any] = field(default_factory=dict)
+    until: str | None = None
+    frozen: list[nn.Module] = field(default_factory=list)
 
 
 def run_repair(name: str, ctx: RepairContext, **options: Any) -> nn.Module:
@@ -97,7 +102,7 @@ def _none(ctx: RepairContext) -> None:
 @register_repair("reset_bn")
 def _reset(ctx: RepairContext) -> None:
     """Recompute BatchNorm running statistics on the calibration data."""
-    reset_bn(ctx.fused, ctx.data, ctx.device, progress=ctx.progress)
+    reset_bn(ctx.fused, ctx.data, ctx.device, progress=ctx.progress, keep=ctx.frozen)
 
 
 @register_repair("repair")
@@ -108,13 +113,15 @@ def _repair(ctx: RepairContext, *, eps: float = 1e-5) -> None:
 
 
 def reset_bn(model: nn.Module, data: Any, device: str | torch.device | None = None,
-             max_batches: int | None = None, progress: bool = False) -> nn.Module:
+             max_batches: int | None = None, progress: bool = False, keep: Sequence[nn.Module] = ()) -> nn.Module:
     """Recompute the BatchNorm running statistics of ``model`` (in place) on ``data``.
 
     Only BatchNorm layers run in training mode (cumulative averages over all batches); dropout and
-    other layers stay in eval mode. Returns the model, every module in its original mode.
+    other layers stay in eval mode; BatchNorm layers in ``keep`` keep their statistics. Returns the
+    model, every module in its original mode.
     """
-    bns = [m for m in model.modules() if isinstance(m, _BN)]
+    kept = {id(m) for m in keep}
+    bns = [m for m in model.modules() if isinstance(m, _BN) and id(m) not in kept]
     if not bns:
         return model
     saved = [m.momentum for m in bns]
@@ -122,7 +129,7 @@ def reset_bn(model: nn.Module, data: Any, device: str | torch.device | None = No
         for m in bns:
             m.reset_running_stats()
             m.momentum = None
-        stream([model], data, device=device, train=lambda m: isinstance(m, _BN), max_batches=max_batches,
+        stream([model], data, device=device, train=lambda m: isinstance(m, _BN) and id(m) not in kept, max_batches=max_batches,
                progress=progress, desc="BatchNorm reset")
     finally:
         for m, mom in zip(bns, saved):

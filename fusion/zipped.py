@@ -37,7 +37,7 @@ from alignment.runner import modes
 from .replay import Tape, record
 
 __all__ = ["Cut", "CutError", "ZippedModel", "cut_points", "resolve_cut", "zip_model", "zipped_from_parts",
-           "forward_flops", "parameter_total"]
+           "fit_cut", "forward_flops", "parameter_total"]
 
 
 class CutError(FusionError, ValueError):
@@ -228,7 +228,8 @@ class ZippedModel(nn.Module):
     Args:
         trunk: the fused model with the modules after the cut removed (None for a cut at the input).
         branches: per source model, a copy whose modules before the cut are skipped.
-        unmerge: per model, the unmerge map ``U_i`` (``n_i x n``) of the cut's space.
+        unmerge: per model, the unmerge map ``U_i`` (``n_i x n``) of the cut's space (with an offset
+            ``c_i``, zero unless fitted by :func:`fit_cut`: model ``i`` gets ``U_i f + c_i``).
         cut: where the trunk ends.
         heads: ``"merged"``: the output is the alpha-weighted sum of the branches' logits (models with
             one label set); ``"separate"``: the branches' logits concatenated in the models' order.
@@ -246,29 +247,24 @@ class ZippedModel(nn.Module):
         self.alpha = list(alpha) if alpha is not None else [1.0 / len(branches)] * len(branches)
         for i, U in enumerate(unmerge or []):
             self.register_buffer(f"unmerge_{i}", U.detach().clone().float())
+            self.register_buffer(f"unmerge_bias_{i}", torch.zeros(U.shape[0], device=U.device))
 
     def trunk_features(self, x: Any) -> torch.Tensor:
         """The fused features at the cut for input ``x``."""
-        mod = self.trunk.get_submodule(self.cut.module)
+        return _output_at(self.trunk, self.cut.module, x)
 
-        def stop(m, args, out):
-            raise _CutReached(_first(out))
-        handle = mod.register_forward_hook(stop)
-        try:
-            self.trunk(x)
-        except _CutReached as reached:
-            return reached.value
-        finally:
-            handle.remove()
-        raise CutError(f"the trunk's forward pass never reached the cut {self.cut.module!r}")
+    def branch_input(self, f: torch.Tensor, i: int) -> torch.Tensor:
+        """Model ``i``'s features at the cut from the fused ones: ``U_i f + c_i`` along the cut's axis."""
+        out = _unmerge(f, getattr(self, f"unmerge_{i}"), self.cut.dim)
+        c = getattr(self, f"unmerge_bias_{i}").to(out.dtype)
+        return out + c.view([-1 if d == self.cut.dim % out.dim() else 1 for d in range(out.dim())])
 
     def forward(self, x: Any) -> torch.Tensor:
         f = self.trunk_features(x) if self.trunk is not None else None
         outs = []
         for i, br in enumerate(self.branches):
             if f is not None:
-                br.get_submodule(self.cut.module).__dict__["value"] = _unmerge(f, getattr(self, f"unmerge_{i}"),
-                                                                               self.cut.dim)
+                br.get_submodule(self.cut.module).__dict__["value"] = self.branch_input(f, i)
             outs.append(_logits(br(x)))
         if self.heads == "separate":
             return torch.cat(outs, dim=-1)
@@ -461,18 +457,60 @@ def zipped_from_parts(trunk: nn.Module | None, branches: Sequence[nn.Module], wi
     """
     if cut.at_input:
         return ZippedModel(None, list(branches), None, cut, heads, alpha)
-    n = None
     with modes([trunk]), torch.no_grad():
-        mod = trunk.get_submodule(cut.module)
-        h = mod.register_forward_hook(lambda m, a, o: (_ for _ in ()).throw(_CutReached(_first(o))))
-        try:
-            trunk(example)
-        except _CutReached as r:
-            n = r.value.shape[cut.dim]
-        finally:
-            h.remove()
+        n = _output_at(trunk, cut.module, example).shape[cut.dim]
     unmerge = [torch.zeros(w, n) for w in widths]
     return zip_model(branches, trunk, unmerge, cut, example, heads, alpha)
+
+
+def fit_cut(zipped: ZippedModel, sources: Sequence[nn.Module], data: Any, device: torch.device | str | None = None,
+            ridge: float = 1e-4, precision: str = "float32") -> list[dict[str, float]]:
+    """Refit each model's map at the cut (``U_i``, ``c_i``) by least squares, so that ``U_i f + c_i``
+    reproduces model ``i``'s own features there on the calibration data (a ridge toward the current
+    map, as in :func:`fusion.lstsq.ridge_solve`). Changes ``zipped`` in place.
+
+    Returns:
+        Per model, the relative regression loss before and after.
+    """
+    from alignment.runner import batches, model_device
+
+    from .lstsq import LayerGram, ridge_solve
+
+    cut = zipped.cut
+    dev = torch.device(device) if device is not None else model_device(zipped)
+    n = getattr(zipped, "unmerge_0").shape[1]
+    grams = [LayerGram(1, n, getattr(zipped, f"unmerge_{i}").shape[0], True, dev, precision) for i in range(len(sources))]
+
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        return torch.movedim(t, cut.dim, -1).reshape(1, -1, t.shape[cut.dim])
+    with modes([zipped, *sources]), torch.no_grad():
+        for x in batches(data):
+            x = x.to(dev)
+            X = rows(zipped.trunk_features(x).float())
+            for i, src in enumerate(sources):
+                grams[i].add(X, rows(_output_at(src, cut.module, x).float()))
+    out = []
+    for i, gram in enumerate(grams):
+        U, c = getattr(zipped, f"unmerge_{i}"), getattr(zipped, f"unmerge_bias_{i}")
+        sol = ridge_solve(gram, U.double()[None], c.double()[None], ridge=ridge)
+        U.copy_(sol.weight[0].to(U.dtype))
+        c.copy_(sol.bias[0].to(c.dtype))
+        out.append({"loss_before": sol.loss_before, "loss_after": sol.loss_after})
+    return out
+
+
+def _output_at(model: nn.Module, module: str, x: Any) -> torch.Tensor:
+    """The output of ``model``'s module ``module`` on ``x`` (the pass stops there)."""
+    def stop(m, args, out):
+        raise _CutReached(_first(out))
+    handle = model.get_submodule(module).register_forward_hook(stop)
+    try:
+        model(x)
+    except _CutReached as reached:
+        return reached.value
+    finally:
+        handle.remove()
+    raise CutError(f"the forward pass never reached {module!r}")
 
 
 def parameter_total(model: nn.Module) -> int:
