@@ -195,6 +195,8 @@ class Alignment:
             unmerge = None if cut.at_input else [U.to(model_device(self.models[0])) for U in maps[cut.space].unmerge]
             ctx.fused = zip_model(self.models, ctx.fused.to(model_device(self.models[0])), unmerge, cut, self.example,
                                   heads=heads, alpha=weights)
+            tg = self.target_graph if self.target_graph is not None else self.graphs[0]
+            ctx.fused.fused_widths = {s.name: s.width for s in tg.spaces if s.kind == "features"}
             report.zip = _zip_report(ctx.fused, self.models, cut, self.example)
             if self.device is not None:
                 ctx.fused = ctx.fused.to(self.device)

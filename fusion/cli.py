@@ -172,6 +172,16 @@ def _resolve_all(specs, zoo_dir, checkpoints, kwargs_json, num_classes):
     return out
 
 
+def _cut_value(text: str | None):
+    """``--zip-until`` as given: a depth fraction when it reads as a number, else a name."""
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def _arch_of(model, entry) -> tuple[dict, int, list[int]]:
     """(constructor spec, num_classes, classes) that rebuild ``model``."""
     from .io import UnknownArchitectureError
@@ -497,6 +507,9 @@ def _fusion_options(fn):
                      help="Partial matching: fused parameters up to BUDGET times the fully matched model's."),
         click.option("--heads", default="merged", show_default=True, type=click.Choice(["merged", "separate"]),
                      help="separate: each model keeps its own classifier (models trained on different classes)."),
+        click.option("--zip-until", "zip_until", default=None,
+                     help="Partial zipping: fuse up to this cut, then each model keeps its own layers and head: "
+                          "input, output, a depth fraction (0.75), a module (layer3) or a space name."),
         click.option("--eval", "do_eval", is_flag=True, help="Print the fused model's test accuracy."),
         click.option("--test-limit", "--limit", "test_limit", type=int, default=None,
                      help="With --eval: evaluate on the first N test images only."),
@@ -505,9 +518,10 @@ def _fusion_options(fn):
 
 def _run_fusion(models, method, alpha, out, repair, target_spec, width, calibration_size, calibration_seed,
                 zoo_dir, seed, device, options, do_eval, test_limit, checkpoints, kwargs_json,
-                num_classes, refine="none", refine_options=(), budget=1.0, heads="merged", **kw) -> None:
+                num_classes, refine="none", refine_options=(), budget=1.0, heads="merged", zip_until=None,
+                **kw) -> None:
     from . import fuse as fuse_fn
-    from .io import resized_widths, save_model
+    from .io import resized_widths, save_model, save_zipped
 
     data = _data_of(kw)
     if target_spec is not None and width is not None:
@@ -523,7 +537,8 @@ def _run_fusion(models, method, alpha, out, repair, target_spec, width, calibrat
     calibration = data.calibration(mods[0], entries, calibration_size, calibration_seed)
     fused = fuse_fn(mods, calibration, method=method, repair=repair, alpha=alpha, seed=seed, device=device,
                     target=target, width=width, progress=True, refine=refine,
-                    refine_options=parse_options(refine_options), budget=budget, heads=heads, **parse_options(options))
+                    refine_options=parse_options(refine_options), budget=budget, heads=heads,
+                    zip_until=_cut_value(zip_until), **parse_options(options))
     fused = fused.to("cpu")
     report = fused.fusion_report
     head_classes = None
@@ -532,12 +547,18 @@ def _run_fusion(models, method, alpha, out, repair, target_spec, width, calibrat
         head_classes = [list(_arch_of(m, e)[2]) for m, e in resolved]
         classes = [c for cl in head_classes for c in cl]
         n_classes = len(classes)
-    # a width the constructor does not build is recorded per space (loading resizes to it)
-    path = save_model(fused, out, arch=arch, num_classes=n_classes, classes=classes,
-                      widths=resized_widths(fused, arch, n_classes),
-                      extra={"method": method, "repair": repair, "sources": list(models), "refine": refine,
-                             "budget": budget, "heads": head_classes,
-                             "target": target_spec, "report": dataclasses.asdict(report)})
+    extra = {"method": method, "repair": repair, "sources": list(models), "refine": refine, "budget": budget,
+             "heads": head_classes, "target": target_spec, "report": dataclasses.asdict(report)}
+    if zip_until is not None:
+        branches = []
+        for m, e in resolved:
+            b_arch, b_n, _ = _arch_of(m, e)
+            branches.append({"arch": b_arch, "num_classes": b_n, "widths": resized_widths(m, b_arch, b_n)})
+        path = save_zipped(fused, out, arch, branches, classes, extra={**extra, "zip_until": zip_until})
+    else:
+        # a width the constructor does not build is recorded per space (loading resizes to it)
+        path = save_model(fused, out, arch=arch, num_classes=n_classes, classes=classes,
+                          widths=resized_widths(fused, arch, n_classes), extra=extra)
     click.echo(report.summary())
     click.echo(f"wrote {path} (+ {path.with_suffix('.json').name})")
     if do_eval:

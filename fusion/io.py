@@ -54,6 +54,7 @@ __all__ = [
     "save_weights",
     "load_weights",
     "save_model",
+    "save_zipped",
     "load_model_file",
 ]
 
@@ -540,6 +541,17 @@ def load_model_file(path: str | os.PathLike[str]) -> tuple[nn.Module, ModelSpec]
         CheckpointMismatchError: If the weights do not fit the recorded architecture.
     """
     weights_path, sidecar_path = _model_paths(path)
+    if sidecar_path.is_file() and weights_path.is_file():
+        try:
+            data = json.loads(sidecar_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise SidecarError(f"Sidecar {sidecar_path} is not valid JSON: {exc}.") from exc
+        if isinstance(data, dict) and "zipped" in data:
+            spec = ModelSpec.from_dict(weights_path.stem, data, weights_path, source=str(sidecar_path))
+            spec.extra.pop("format", None)
+            model = _build_zipped(data, str(sidecar_path))
+            load_weights(model, weights_path, what=f"model file {weights_path.name!r}")
+            return model.eval(), spec
     if not sidecar_path.is_file():
         raise CheckpointNotFoundError(
             f"No sidecar {sidecar_path} next to {weights_path}; it holds the constructor spec. "
@@ -558,3 +570,100 @@ def load_model_file(path: str | os.PathLike[str]) -> tuple[nn.Module, ModelSpec]
         model = _resized(model, spec, widths)
     load_weights(model, weights_path, what=f"model file {weights_path.name!r}")
     return model.eval(), spec
+
+
+def _zipped_field(data: Mapping[str, Any], where: str) -> dict[str, Any]:
+    z = data.get("zipped")
+    if not isinstance(z, Mapping) or not isinstance(z.get("branches"), list) or not isinstance(z.get("cut"), Mapping):
+        raise SidecarError(f"{where}: 'zipped' needs 'cut' and 'branches' (one object per source model).")
+    return dict(z)
+
+
+def _build_zipped(data: Mapping[str, Any], where: str) -> nn.Module:
+    """A fresh :class:`fusion.zipped.ZippedModel` of the structure a sidecar's ``zipped`` field describes."""
+    from .zipped import Cut, zipped_from_parts
+
+    z = _zipped_field(data, where)
+    branches = []
+    for k, b in enumerate(z["branches"]):
+        if not isinstance(b, Mapping) or "arch" not in b or "num_classes" not in b:
+            raise SidecarError(f"{where}: zipped branch {k} needs 'arch' and 'num_classes'.")
+        m = build_model(b["arch"], int(b["num_classes"]))
+        if b.get("widths"):
+            m = _resized(m, b["arch"], b["widths"])
+        branches.append(m.eval())
+    cut = Cut.from_dict(dict(z["cut"]))
+    trunk = None
+    if not cut.at_input:
+        trunk = build_model(data["arch"], int(z["trunk_num_classes"]))
+        if z.get("trunk_widths"):
+            trunk = _resized(trunk, data["arch"], z["trunk_widths"])
+        trunk = trunk.eval()
+    return zipped_from_parts(trunk, branches, [int(w) for w in z.get("cut_widths") or []], cut,
+                             example_input(data["arch"]), heads=str(z.get("heads", "merged")),
+                             alpha=z.get("alpha"))
+
+
+def save_zipped(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    arch: Mapping[str, Any] | ModelSpec,
+    branches: Iterable[Mapping[str, Any]],
+    classes: Iterable[int],
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Saves a partially zipped model (:class:`fusion.zipped.ZippedModel`) as safetensors + sidecar.
+
+    The sidecar records how to rebuild its structure: the fused trunk's architecture (``arch``, with
+    the fused widths when they differ from what it builds), the cut, and per source model its
+    architecture, class count and widths. :func:`load_model_file` rebuilds and loads it.
+
+    Args:
+        model: The zipped model (not modified); it must carry ``fused_widths`` (set by
+            :func:`fusion.fuse`).
+        path: Output path (as for :func:`save_model`).
+        arch: Constructor spec of the fused trunk (the first model's architecture).
+        branches: Per source model, ``{"arch": spec, "num_classes": k}`` (and ``"widths"`` when the
+            model is narrower or wider than its constructor builds).
+        classes: The labels of the zipped model's outputs, in order.
+        extra: Further JSON fields.
+
+    Returns:
+        The path of the ``.safetensors`` file.
+
+    Raises:
+        CheckpointMismatchError: If the rebuilt structure does not hold the model's tensors.
+        SidecarError: If ``extra`` is not JSON-serialisable or overrides a reserved field.
+    """
+    library, name, kwargs = _check_arch(arch)
+    spec = {"library": library, "name": name, "kwargs": _jsonable(kwargs, "arch.kwargs")}
+    class_list = [int(c) for c in classes]
+    branch_list = []
+    for b in branches:
+        lib, nm, kw = _check_arch(b["arch"])
+        branch_list.append({"arch": {"library": lib, "name": nm, "kwargs": _jsonable(kw, "branch arch.kwargs")},
+                            "num_classes": int(b["num_classes"]),
+                            "widths": {str(k): int(v) for k, v in (b.get("widths") or {}).items()} or None})
+    trunk_classes = branch_list[0]["num_classes"]
+    fused_widths = dict(getattr(model, "fused_widths", None) or {})
+    built = space_widths(build_model(spec, trunk_classes), example_input(spec)) if fused_widths else {}
+    zipped = {"cut": model.cut.to_dict(), "heads": model.heads, "alpha": [float(a) for a in model.alpha],
+              "trunk_num_classes": trunk_classes,
+              "trunk_widths": fused_widths if fused_widths and fused_widths != built else None,
+              "cut_widths": [int(getattr(model, f"unmerge_{i}").shape[0]) for i in range(len(branch_list))]
+              if model.trunk is not None else [],
+              "branches": branch_list}
+    sidecar = {"format": SIDECAR_FORMAT, "arch": spec, "num_classes": len(class_list), "classes": class_list,
+               "zipped": zipped}
+    for key, value in _jsonable(dict(extra or {}), "extra").items():
+        if key in sidecar:
+            raise SidecarError(f"extra must not override the reserved sidecar field {key!r}.")
+        sidecar[key] = value
+    weights_path, sidecar_path = _model_paths(path)
+    problems = _mismatch_report(_build_zipped(sidecar, str(sidecar_path)), model.state_dict())
+    if problems:
+        raise CheckpointMismatchError(f"Refusing to save {weights_path}: the zipped model does not match its recorded "
+                                      f"structure: " + "; ".join(problems) + ".")
+    save_weights(model, weights_path, metadata={"format": SIDECAR_FORMAT})
+    sidecar_path.write_text(json.dumps(sidecar, indent=1, sort_keys=True) + "\n")
+    return weights_path

@@ -406,3 +406,22 @@ def test_separate_heads_fusion_saves_each_heads_classes_and_eval_scores_them(zoo
     want = heads_accuracy(model, side["heads"], Subset(load_fashion_mnist("test"), range(400)))
     assert f"mean {100 * want['task_mean']:.2f}%" in res.output
     assert f"joint accuracy {100 * want['joint']:.2f}%" in res.output
+
+
+def test_fuse_zip_until_writes_a_zipped_model_that_eval_reloads(tmp_path):
+    """fuse --method zip --zip-until writes a partially zipped model (its sidecar records the cut and
+    each branch's architecture); eval rebuilds it and scores it as the fusing run did."""
+    from tests import tiny_models
+
+    for i, d in enumerate(("a", "b")):
+        tiny_models.build("hf_vit", seed=i)[0].save_pretrained(str(tmp_path / d))
+    out = tmp_path / "zipped.safetensors"
+    res = CliRunner().invoke(main, ["fuse", str(tmp_path / "a"), str(tmp_path / "b"), "--method", "zip",
+                                    "--zip-until", "vit.layers.0", "--out", str(out), "--calibration-size", "64",
+                                    "--eval", "--limit", "100"])
+    assert res.exit_code == 0, res.output
+    side = json.loads(out.with_suffix(".json").read_text())
+    assert side["zipped"]["cut"]["module"] == "vit.layers.0" and len(side["zipped"]["branches"]) == 2
+    res2 = CliRunner().invoke(main, ["eval", str(out), "--limit", "100"])
+    assert res2.exit_code == 0, res2.output
+    assert _correct(res.output, "fused") == _correct(res2.output, str(out))

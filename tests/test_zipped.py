@@ -1,0 +1,135 @@
+"""Partial zipping (fuse(..., zip_until=...)): a fused trunk, then each model's own layers and head."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fusion
+from alignment import discover
+from alignment.errors import InvalidOptionError
+from fusion.io import load_model_file, save_zipped
+from fusion.zipped import CutError, ZippedModel, cut_points, forward_flops, resolve_cut
+from tests.conftest import rel_err
+from tests.tiny_models import build, logits
+
+ARCHS = {
+    "timm_resnet18": {"library": "timm", "name": "resnet18",
+                      "kwargs": {"in_chans": 1, "channels": [16, 32, 64, 128], "stem_width": 16}},
+    "timm_vit": {"library": "timm", "name": "vit_tiny_patch16_224",
+                 "kwargs": {"img_size": 28, "patch_size": 7, "embed_dim": 64, "depth": 2, "num_heads": 4, "in_chans": 1}},
+    "hf_vit": {"library": "transformers", "name": "ViTForImageClassification",
+               "kwargs": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
+                          "image_size": 28, "patch_size": 7, "num_channels": 1}},
+}
+MIDDLE = {"timm_resnet18": "layer2", "timm_vit": "blocks.0", "hf_vit": "vit.layers.0"}
+
+
+def _pair(name):
+    a, x = build(name, seed=0)
+    b, _ = build(name, seed=1)
+    cal = torch.randn(32, *x.shape[1:], generator=torch.Generator().manual_seed(5))
+    return a, b, x, cal
+
+
+@pytest.mark.parametrize("name", ["timm_resnet18", "timm_vit", "hf_vit"])
+@pytest.mark.parametrize("heads", ["separate", "merged"])
+def test_cut_at_input_is_the_ensemble_and_at_output_full_zipping(name, heads):
+    """The two ends of partial zipping: nothing fused (each model whole: concatenated or averaged
+    logits) and everything fused (the fully zipped model's output)."""
+    a, b, x, cal = _pair(name)
+    al = fusion.align([a, b], cal, method="zip")
+    full = al.build(heads=heads)
+    ens = al.build(heads=heads, zip_until="input")
+    out = al.build(heads=heads, zip_until="output")
+    assert isinstance(ens, ZippedModel) and ens.trunk is None
+    with torch.no_grad():
+        ya, yb = logits(a(x)), logits(b(x))
+        want = torch.cat([ya, yb], -1) if heads == "separate" else (ya + yb) / 2
+        assert rel_err(want, ens(x)) < 1e-6
+        assert rel_err(logits(full(x)), out(x)) < 1e-5
+        assert rel_err(want, out(x)) > 1e-2  # (the two ends differ)
+
+
+def test_branches_do_not_run_the_layers_before_the_cut():
+    """Every conv before the cut runs once (in the trunk); after it, once per model; nothing else."""
+    a, b, x, cal = _pair("timm_resnet18")
+    z = fusion.fuse([a, b], cal, method="zip", zip_until="layer2")
+    ran: list[str] = []
+    hooks = [m.register_forward_hook(lambda mod, i, o, p=p: ran.append(p))
+             for p, m in z.named_modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        z(x)
+    for h in hooks:
+        h.remove()
+    early = ("conv1", "layer1.", "layer2.")
+    want = [f"trunk.{p}" for p, m in a.named_modules() if isinstance(m, nn.Conv2d) and p.startswith(early)]
+    for i in range(2):
+        want += [f"branches.{i}.{p}" for p, m in a.named_modules() if isinstance(m, nn.Conv2d) and not p.startswith(early)]
+    assert sorted(ran) == sorted(want)
+    rep = z.fusion_report.zip
+    assert rep["cut"]["module"] == "layer2"
+    assert rep["source_flops"][0] < rep["flops"] < 2 * rep["source_flops"][0]
+    assert rep["params"] == sum(p.numel() for p in z.parameters())
+    assert forward_flops(z, x) == rep["flops"]
+
+
+@pytest.mark.parametrize("name", ["timm_resnet18", "timm_vit", "hf_vit"])
+def test_zipped_model_saves_reloads_and_gives_the_same_logits(name, tmp_path):
+    a, b, x, cal = _pair(name)
+    z = fusion.fuse([a, b], cal, method="zip", zip_until=MIDDLE[name], heads="separate",
+                    repair="reset_bn" if "resnet" in name else "none")
+    branches = [{"arch": ARCHS[name], "num_classes": 10}] * 2
+    path = save_zipped(z, tmp_path / "zipped", ARCHS[name], branches, list(range(10)) * 2, extra={"method": "zip"})
+    loaded, spec = load_model_file(path)
+    assert isinstance(loaded, ZippedModel) and spec.extra["method"] == "zip"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), z(x))
+    assert sum(p.numel() for p in loaded.parameters()) == z.fusion_report.zip["params"]
+
+
+def test_cut_points_and_names(tiny):
+    """Cuts come from the topology: stage and block boundaries are valid, a point inside a residual
+    block is not; a cut is named by module, space or depth fraction."""
+    model, x = tiny("timm_resnet18")
+    graph = discover(model, x)
+    cuts = [c.module for c in cut_points(model, graph, x)]
+    assert cuts[0] is None and {"layer1", "layer2", "layer3", "layer4"} <= set(cuts)
+    assert "layer2.0.conv1" not in cuts and "layer2.0.act1" not in cuts
+    depths = [c.depth for c in cut_points(model, graph, x)]
+    assert depths == sorted(depths) and depths[0] == 0.0 and depths[-1] < 1.0
+    assert resolve_cut("layer3", model, graph, x).module == "layer3"
+    assert resolve_cut("layer3.0.conv2", model, graph, x).module == "layer3"  # the stage's residual space
+    assert resolve_cut(0.0, model, graph, x).at_input
+    mid = resolve_cut(0.5, model, graph, x)
+    assert mid.depth <= 0.5 and mid.module in cuts
+    with pytest.raises(CutError, match="valid cuts"):
+        resolve_cut("layer2.0.conv1", model, graph, x)
+    with pytest.raises(CutError, match="neither"):
+        resolve_cut("nope", model, graph, x)
+    with pytest.raises(CutError, match=r"\[0, 1\]"):
+        resolve_cut(1.5, model, graph, x)
+
+
+def test_refined_cut_maps_reproduce_each_models_features():
+    """With refine='lstsq' the unmerge maps at the cut are fitted by least squares to each model's own
+    features (lower regression loss), and the branches keep their BatchNorm statistics."""
+    a, b, x, cal = _pair("timm_resnet18")
+    z = fusion.fuse([a, b], cal, method="zip", zip_until="layer2", refine="lstsq")
+    fit = z.fusion_report.zip["fit"]
+    assert len(fit) == 2 and all(f["loss_after"] < f["loss_before"] for f in fit)
+    torch.testing.assert_close(z.branches[0].layer3[0].bn1.running_mean, a.layer3[0].bn1.running_mean)
+    assert not torch.equal(z.trunk.layer1[0].bn1.running_mean, a.layer1[0].bn1.running_mean)
+
+
+def test_zip_until_errors(tiny):
+    a, b, x, cal = _pair("timm_resnet18")
+    with pytest.raises(InvalidOptionError, match="reset_bn"):
+        fusion.fuse([a, b], cal, method="zip", zip_until="layer2", repair="repair")
+    with pytest.raises(CutError):
+        fusion.fuse([a, b], cal, method="zip", zip_until=["layer2"])
+    five = build("timm_resnet18")[0]
+    five.reset_classifier(5)
+    with pytest.raises(CutError, match="separate"):
+        fusion.fuse([a, five], cal, method="zip", zip_until="layer2")
