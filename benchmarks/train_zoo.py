@@ -16,6 +16,7 @@ Examples::
     python benchmarks/train_zoo.py --out runs/zoo                        # everything (hours on 2 cores)
     python benchmarks/train_zoo.py --out runs/zoo --only vit64-s2
     python benchmarks/train_zoo.py --out /tmp/smoke --only r18w16-s2 --epochs 1 --limit-train 512
+    python benchmarks/train_zoo.py --out runs/zoo3 --only r18w32-T1-s6 --only r18w32-T2-s7 --only r18w32-T3-s8
 """
 
 from __future__ import annotations
@@ -76,6 +77,14 @@ DEFAULT_SPEC: dict[str, dict[str, Any]] = {
     "vit64-s2": {"arch": _vit(64), "classes": _ALL, "seed": 2, "epochs": 15},
 }
 """Names, architectures, classes (head order), seeds and epochs of the reference zoo."""
+
+SPLIT3_SPEC: dict[str, dict[str, Any]] = {
+    "r18w32-T1-s6": {"arch": _resnet(32), "classes": [0, 1, 2], "seed": 6, "epochs": 8},
+    "r18w32-T2-s7": {"arch": _resnet(32), "classes": [3, 4, 5], "seed": 7, "epochs": 8},
+    "r18w32-T3-s8": {"arch": _resnet(32), "classes": [6, 7, 8, 9], "seed": 8, "epochs": 8},
+}
+"""A three-task split (classes 0-2, 3-5, 6-9) for zipping more than two models trained on different
+label sets (``--only r18w32-T1-s6`` etc.; not part of the reference zoo)."""
 
 
 def train_entry(
@@ -155,10 +164,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args(argv)
 
+    specs = {**DEFAULT_SPEC, **SPLIT3_SPEC}
     names = args.only or list(DEFAULT_SPEC)
-    unknown = [n for n in names if n not in DEFAULT_SPEC]
+    unknown = [n for n in names if n not in specs]
     if unknown:
-        parser.error(f"unknown model(s) {unknown}; choose from {', '.join(DEFAULT_SPEC)}")
+        parser.error(f"unknown model(s) {unknown}; choose from {', '.join(specs)}")
     if args.epochs is not None and args.epochs <= 0:
         parser.error("--epochs must be positive")
     if args.limit_train is not None and args.limit_train <= 0:
@@ -169,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         start = time.perf_counter()
         entry = train_entry(
             name,
-            DEFAULT_SPEC[name],
+            specs[name],
             args.out,
             epochs=args.epochs,
             limit_train=args.limit_train,

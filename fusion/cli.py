@@ -484,6 +484,7 @@ def _fusion_options(fn):
     """Options shared by ``fuse`` and ``compress``."""
     return _options(
         click.option("--out", required=True, help="Output .safetensors path (a .json sidecar is written next to it)."),
+        click.option("--overwrite", is_flag=True, help="Replace existing output files (default: refuse, before any work)."),
         click.option("--repair", default="reset_bn", show_default=True,
                      type=click.Choice(["none", "reset_bn", "repair"]), help="Norm repair after fusing."),
         click.option("--target", "target_spec", default=None,
@@ -519,10 +520,11 @@ def _fusion_options(fn):
 def _run_fusion(models, method, alpha, out, repair, target_spec, width, calibration_size, calibration_seed,
                 zoo_dir, seed, device, options, do_eval, test_limit, checkpoints, kwargs_json,
                 num_classes, refine="none", refine_options=(), budget=1.0, heads="merged", zip_until=None,
-                **kw) -> None:
+                overwrite=False, **kw) -> None:
     from . import fuse as fuse_fn
-    from .io import resized_widths, save_model, save_zipped
+    from .io import check_output, resized_widths, save_model, save_zipped
 
+    check_output(out, overwrite)  # before any work: an existing or unwritable output fails now
     data = _data_of(kw)
     if target_spec is not None and width is not None:
         raise click.UsageError("give --target or --width, not both")
@@ -554,11 +556,12 @@ def _run_fusion(models, method, alpha, out, repair, target_spec, width, calibrat
         for m, e in resolved:
             b_arch, b_n, _ = _arch_of(m, e)
             branches.append({"arch": b_arch, "num_classes": b_n, "widths": resized_widths(m, b_arch, b_n)})
-        path = save_zipped(fused, out, arch, branches, classes, extra={**extra, "zip_until": zip_until})
+        path = save_zipped(fused, out, arch, branches, classes, extra={**extra, "zip_until": zip_until},
+                           overwrite=overwrite)
     else:
         # a width the constructor does not build is recorded per space (loading resizes to it)
         path = save_model(fused, out, arch=arch, num_classes=n_classes, classes=classes,
-                          widths=resized_widths(fused, arch, n_classes), extra=extra)
+                          widths=resized_widths(fused, arch, n_classes), extra=extra, overwrite=overwrite)
     click.echo(report.summary())
     click.echo(f"wrote {path} (+ {path.with_suffix('.json').name})")
     if do_eval:

@@ -53,6 +53,9 @@ __all__ = [
     "state_dict_for_saving",
     "save_weights",
     "load_weights",
+    "OutputExistsError",
+    "OutputNotWritableError",
+    "check_output",
     "save_model",
     "save_zipped",
     "load_model_file",
@@ -75,6 +78,14 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 
 class CheckpointMismatchError(CheckpointError, RuntimeError):
     """A checkpoint's tensors do not match the architecture it is loaded into."""
+
+
+class OutputExistsError(CheckpointError, FileExistsError):
+    """An output file exists and overwriting was not asked for."""
+
+
+class OutputNotWritableError(CheckpointError, PermissionError):
+    """An output folder cannot be created or written."""
 
 
 class UnknownArchitectureError(CheckpointError, ValueError):
@@ -354,11 +365,12 @@ def save_weights(model: nn.Module, path: str | os.PathLike[str], metadata: Mappi
     Returns:
         The path written.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state_dict_for_saving(model), str(path), metadata=dict(metadata) if metadata else None)
+    data = save(state_dict_for_saving(model), metadata=dict(metadata) if metadata else None)
+    _commit([(path, data)])
     return path
 
 
@@ -425,6 +437,98 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str], what: str | Non
 
 
 # ---------------------------------------------------------------------------
+# Safe outputs
+# ---------------------------------------------------------------------------
+
+
+def check_output(path: str | os.PathLike[str], overwrite: bool = False, sidecar: bool = True) -> tuple[Path, Path]:
+    """Check, before any work, that a model can be written to ``path``: its folder exists or can be
+    created and is writable, and (unless ``overwrite``) neither the weights nor the sidecar exist.
+
+    Returns:
+        ``(weights path, sidecar path)``.
+
+    Raises:
+        OutputExistsError: an output exists and ``overwrite`` is false.
+        OutputNotWritableError: the folder cannot be created or written.
+    """
+    weights, side = _model_paths(path)
+    if not overwrite:
+        for p in (weights, side) if sidecar else (weights,):
+            if p.exists():
+                raise OutputExistsError(f"{p} exists; choose another output path or allow overwriting "
+                                        f"(overwrite=True, --overwrite)")
+    folder = weights.parent
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputNotWritableError(f"cannot write to {folder} ({probe} is not a writable folder); choose another "
+                                     f"output path")
+    return weights, side
+
+
+def _file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _commit(files: list[tuple[Path, bytes]]) -> None:
+    """Write ``files`` (path, content) so that an interruption leaves either all the old files or all
+    the new ones: each is written to a temporary file in its folder and flushed; the old files are
+    moved aside, the new ones renamed into place in order (a sidecar last), and the old ones removed
+    only once every new file is in place. Any failure, Ctrl-C included, puts the old files back."""
+    import tempfile
+
+    temps: list[tuple[Path, Path]] = []
+    backups: list[tuple[Path, Path]] = []
+    placed: list[Path] = []
+    try:
+        for path, data in files:
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            temps.append((Path(tmp), path))
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, _file_mode())
+        for _, path in temps:
+            if path.exists():
+                backup = path.with_name(f".{path.name}.old")
+                os.replace(path, backup)
+                backups.append((backup, path))
+        for tmp, path in temps:
+            os.replace(tmp, path)
+            placed.append(path)
+    except BaseException:
+        for path in placed:
+            path.unlink(missing_ok=True)
+        for backup, path in backups:
+            os.replace(backup, path)
+        for tmp, _ in temps:
+            tmp.unlink(missing_ok=True)
+        raise
+    for backup, _ in backups:
+        backup.unlink(missing_ok=True)
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def _check_hash(weights: Path, sidecar: Path, data: Mapping[str, Any]) -> None:
+    want = data.get("weights_sha256")
+    if want is None:
+        return
+    if _sha256(weights.read_bytes()) != want:
+        raise CheckpointMismatchError(f"{sidecar} belongs to other weights than {weights} (SHA-256 differs): the "
+                                      f"pair was mixed, e.g. by an interrupted save; save the model again")
+
+
+# ---------------------------------------------------------------------------
 # Models with a sidecar
 # ---------------------------------------------------------------------------
 
@@ -460,8 +564,12 @@ def save_model(
     extra: Mapping[str, Any] | None = None,
     check: bool = True,
     widths: Mapping[str, int] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Saves a model as ``<stem>.safetensors`` plus a ``<stem>.json`` constructor sidecar.
+
+    Both files are written atomically as a pair (an interruption leaves the previous files or none
+    of the new ones); the sidecar records the weights' SHA-256, and loading refuses other weights.
 
     Args:
         model: The model (not modified; its tensors are copied).
@@ -478,11 +586,13 @@ def save_model(
         widths: For a model narrower or wider than its constructor builds (compressed, or
             fused to a width factor): the width of every alignment space. Loading builds
             ``arch`` and resizes it to these widths (:func:`fusion.resize.resize`).
+        overwrite: Replace existing files (else :class:`OutputExistsError`).
 
     Returns:
         The path of the ``.safetensors`` file.
 
     Raises:
+        OutputExistsError: If an output exists and ``overwrite`` is false.
         UnknownArchitectureError: If ``arch`` is invalid.
         CheckpointMismatchError: If ``check`` and the model's tensors do not fit ``arch``.
         SidecarError: If ``classes`` does not have ``num_classes`` labels, or ``extra``
@@ -497,7 +607,7 @@ def save_model(
             f"classes has {len(class_list)} labels but num_classes is {num_classes}; give one "
             "label per head output."
         )
-    weights_path, sidecar_path = _model_paths(path)
+    weights_path, sidecar_path = check_output(path, overwrite)
     if check:
         reference = build_model(spec, num_classes)
         if widths:
@@ -517,12 +627,20 @@ def save_model(
     if widths:
         sidecar["widths"] = {str(k): int(v) for k, v in widths.items()}
     for key, value in _jsonable(dict(extra or {}), "extra").items():
-        if key in ("format", "arch", "num_classes", "classes", "widths"):
+        if key in ("format", "arch", "num_classes", "classes", "widths", "weights_sha256"):
             raise SidecarError(f"extra must not override the reserved sidecar field {key!r}.")
         sidecar[key] = value
-    save_weights(model, weights_path, metadata={"format": SIDECAR_FORMAT})
-    sidecar_path.write_text(json.dumps(sidecar, indent=1, sort_keys=True) + "\n")
+    _write_pair(model, weights_path, sidecar_path, sidecar)
     return weights_path
+
+
+def _write_pair(model: nn.Module, weights_path: Path, sidecar_path: Path, sidecar: dict[str, Any]) -> None:
+    from safetensors.torch import save
+
+    weights_path.parent.mkdir(parents=True, exist_ok=True)
+    data = save(state_dict_for_saving(model), metadata={"format": SIDECAR_FORMAT})
+    sidecar = {**sidecar, "weights_sha256": _sha256(data)}
+    _commit([(weights_path, data), (sidecar_path, (json.dumps(sidecar, indent=1, sort_keys=True) + "\n").encode())])
 
 
 def load_model_file(path: str | os.PathLike[str]) -> tuple[nn.Module, ModelSpec]:
@@ -547,8 +665,10 @@ def load_model_file(path: str | os.PathLike[str]) -> tuple[nn.Module, ModelSpec]
         except json.JSONDecodeError as exc:
             raise SidecarError(f"Sidecar {sidecar_path} is not valid JSON: {exc}.") from exc
         if isinstance(data, dict) and "zipped" in data:
+            _check_hash(weights_path, sidecar_path, data)
             spec = ModelSpec.from_dict(weights_path.stem, data, weights_path, source=str(sidecar_path))
             spec.extra.pop("format", None)
+            spec.extra.pop("weights_sha256", None)
             model = _build_zipped(data, str(sidecar_path))
             load_weights(model, weights_path, what=f"model file {weights_path.name!r}")
             return model.eval(), spec
@@ -562,8 +682,11 @@ def load_model_file(path: str | os.PathLike[str]) -> tuple[nn.Module, ModelSpec]
         data = json.loads(sidecar_path.read_text())
     except json.JSONDecodeError as exc:
         raise SidecarError(f"Sidecar {sidecar_path} is not valid JSON: {exc}.") from exc
+    if weights_path.is_file():
+        _check_hash(weights_path, sidecar_path, data)
     spec = ModelSpec.from_dict(weights_path.stem, data, weights_path, source=str(sidecar_path))
     spec.extra.pop("format", None)
+    spec.extra.pop("weights_sha256", None)
     model = build_model(spec, spec.num_classes)
     widths = spec.extra.pop("widths", None)
     if widths:
@@ -611,6 +734,7 @@ def save_zipped(
     branches: Iterable[Mapping[str, Any]],
     classes: Iterable[int],
     extra: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Saves a partially zipped model (:class:`fusion.zipped.ZippedModel`) as safetensors + sidecar.
 
@@ -627,14 +751,18 @@ def save_zipped(
             model is narrower or wider than its constructor builds).
         classes: The labels of the zipped model's outputs, in order.
         extra: Further JSON fields.
+        overwrite: Replace existing files (else :class:`OutputExistsError`).
 
     Returns:
-        The path of the ``.safetensors`` file.
+        The path of the ``.safetensors`` file (written atomically with its sidecar, as by
+        :func:`save_model`).
 
     Raises:
+        OutputExistsError: If an output exists and ``overwrite`` is false.
         CheckpointMismatchError: If the rebuilt structure does not hold the model's tensors.
         SidecarError: If ``extra`` is not JSON-serialisable or overrides a reserved field.
     """
+    weights_path, sidecar_path = check_output(path, overwrite)
     library, name, kwargs = _check_arch(arch)
     spec = {"library": library, "name": name, "kwargs": _jsonable(kwargs, "arch.kwargs")}
     class_list = [int(c) for c in classes]
@@ -659,11 +787,9 @@ def save_zipped(
         if key in sidecar:
             raise SidecarError(f"extra must not override the reserved sidecar field {key!r}.")
         sidecar[key] = value
-    weights_path, sidecar_path = _model_paths(path)
     problems = _mismatch_report(_build_zipped(sidecar, str(sidecar_path)), model.state_dict())
     if problems:
         raise CheckpointMismatchError(f"Refusing to save {weights_path}: the zipped model does not match its recorded "
                                       f"structure: " + "; ".join(problems) + ".")
-    save_weights(model, weights_path, metadata={"format": SIDECAR_FORMAT})
-    sidecar_path.write_text(json.dumps(sidecar, indent=1, sort_keys=True) + "\n")
+    _write_pair(model, weights_path, sidecar_path, sidecar)
     return weights_path

@@ -266,7 +266,7 @@ def test_compress_with_module_function_data(tmp_path):
                                     "--eval"])
     assert res.exit_code == 0, res.output
     assert _correct(res.output, "fused")[1] == 40
-    res = CliRunner().invoke(main, ["compress", model, "--width", "0.5", "--out", str(out),
+    res = CliRunner().invoke(main, ["compress", model, "--width", "0.5", "--out", str(out), "--overwrite",
                                     "--data", "tests.data_spec_helpers:noise28", "--calibration-size", "41"])
     assert "41 exceeds" in _one_error_line(res, alone=False)
 
@@ -425,3 +425,19 @@ def test_fuse_zip_until_writes_a_zipped_model_that_eval_reloads(tmp_path):
     res2 = CliRunner().invoke(main, ["eval", str(out), "--limit", "100"])
     assert res2.exit_code == 0, res2.output
     assert _correct(res.output, "fused") == _correct(res2.output, str(out))
+
+
+def test_out_onto_existing_files_fails_before_any_work(tmp_path, monkeypatch):
+    """--out onto an existing file (a user's own sidecar here) without --overwrite stops before models
+    are loaded or fused, and leaves the file as it was."""
+    import fusion
+
+    def never(*a, **k):
+        raise AssertionError("fusion ran")
+    monkeypatch.setattr(fusion, "fuse", never)
+    (tmp_path / "x.json").write_text("mine")
+    res = CliRunner().invoke(main, ["fuse", "nope-a", "nope-b", "--out", str(tmp_path / "x")])
+    assert "x.json exists" in _one_error_line(res, alone=False) and "--overwrite" in res.output
+    assert (tmp_path / "x.json").read_text() == "mine"
+    res = CliRunner().invoke(main, ["fuse", "nope-a", "nope-b", "--out", str(tmp_path / "x.json" / "y")])
+    assert "writable" in _one_error_line(res, alone=False)

@@ -176,3 +176,88 @@ def test_save_model_records_widths_of_a_resized_model(tmp_path: Path) -> None:
         assert torch.equal(v, loaded.state_dict()[k]), k
     with torch.no_grad():
         assert torch.allclose(half(ex), loaded(ex))
+
+
+# --------------------------------------------------------------------------- safe outputs
+
+
+def _pair_state(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("fail_at", ["fsync", "replace1", "replace2", "replace3", "replace4"])
+@pytest.mark.parametrize("previous", [False, True])
+def test_interrupted_save_leaves_the_old_pair_or_nothing(tmp_path: Path, monkeypatch, fail_at: str,
+                                                         previous: bool) -> None:
+    """An interruption (here a KeyboardInterrupt raised inside the writer) at any step leaves the
+    previous weights and sidecar unchanged, or no file at all when there were none; no temporary
+    file stays behind."""
+    old, new = build_model(TINY_RESNET, 3), build_model(TINY_RESNET, 3)
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(1.0)
+    out = tmp_path / "m"
+    if previous:
+        save_model(old, out, TINY_RESNET, 3)
+    before = _pair_state(tmp_path)
+    import os
+
+    calls = {"replace": 0}
+    real_replace, real_fsync = os.replace, os.fsync
+
+    def replace(a, b):
+        calls["replace"] += 1
+        if fail_at == f"replace{calls['replace']}":
+            raise KeyboardInterrupt
+        return real_replace(a, b)
+
+    def fsync(fd):
+        if fail_at == "fsync":
+            raise KeyboardInterrupt
+        return real_fsync(fd)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "fsync", fsync)
+    try:
+        save_model(new, out, TINY_RESNET, 3, overwrite=True)
+    except KeyboardInterrupt:
+        monkeypatch.undo()
+        assert _pair_state(tmp_path) == before
+    else:  # this step was never reached (no old files to move aside): the new pair is complete
+        monkeypatch.undo()
+        assert calls["replace"] < int(fail_at[-1])
+        loaded, _ = load_model_file(out)
+        assert torch.equal(loaded.fc.weight, new.fc.weight)
+
+
+def test_existing_outputs_are_kept_unless_overwrite(tmp_path: Path) -> None:
+    """No file of the user's is replaced without overwrite=True; an unwritable folder fails before work."""
+    model = build_model(TINY_RESNET, 3)
+    (tmp_path / "m.json").write_text("{\"mine\": 1}")
+    with pytest.raises(fio.OutputExistsError, match="m.json exists"):
+        save_model(model, tmp_path / "m", TINY_RESNET, 3)
+    assert (tmp_path / "m.json").read_text() == "{\"mine\": 1}" and not (tmp_path / "m.safetensors").exists()
+    save_model(model, tmp_path / "m", TINY_RESNET, 3, overwrite=True)
+    assert json.loads((tmp_path / "m.json").read_text())["num_classes"] == 3
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(fio.OutputNotWritableError, match="not a writable folder"):
+        fio.check_output(blocker / "sub" / "m")
+
+
+def test_sidecar_of_other_weights_is_refused_and_modes_are_normal(tmp_path: Path) -> None:
+    """The sidecar records the SHA-256 of its weights; weights replaced behind its back are refused.
+    Saved files get the usual mode (0666 minus the umask), not a temporary file's 0600."""
+    import os
+
+    model = build_model(TINY_RESNET, 3)
+    path = save_model(model, tmp_path / "m", TINY_RESNET, 3)
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in (path, path.with_suffix(".json")):
+        assert p.stat().st_mode & 0o777 == 0o666 & ~mask
+    other = build_model(TINY_RESNET, 3)
+    with torch.no_grad():
+        other.fc.weight.add_(1.0)
+    save_weights(other, path)  # the weights change, the sidecar does not
+    with pytest.raises(CheckpointMismatchError, match="SHA-256"):
+        load_model_file(path)
