@@ -26,22 +26,27 @@ __all__ = ["DEFAULT_BATCH_SIZE", "batch_input", "batches", "first_batch", "check
 DEFAULT_BATCH_SIZE = 256
 
 
+INPUT_KEYS = ("pixel_values", "image", "images", "img", "pixels", "input", "inputs", "x")
+"""Dict keys taken as the model input of a batch, in this order."""
+
+
 def batch_input(batch: Any) -> torch.Tensor:
     """The model input of one batch: the tensor itself, the first element of an ``(x, y)`` pair, or
-    ``pixel_values`` (else the first tensor value) of a dict."""
+    of a dict the value of the first of :data:`INPUT_KEYS` it has (else its only floating tensor)."""
     if isinstance(batch, torch.Tensor):
         return batch
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
         return batch[0]
     if isinstance(batch, dict):
-        if isinstance(batch.get("pixel_values"), torch.Tensor):
-            return batch["pixel_values"]
-        for key in ("image", "images", "input", "inputs", "x"):
+        for key in INPUT_KEYS:
             if isinstance(batch.get(key), torch.Tensor):
                 return batch[key]
-        values = [v for v in batch.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
-        if values:
-            return values[0]
+        values = [k for k, v in batch.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+        if len(values) == 1:
+            return batch[values[0]]
+        raise CalibrationError(
+            f"cannot tell which key of a calibration batch holds the model input (keys {', '.join(map(repr, batch))}); "
+            f"name it one of {', '.join(map(repr, INPUT_KEYS[:3]))}, or give (input, label) pairs")
     raise CalibrationError(
         f"cannot find the model input in a calibration batch of type {type(batch).__name__}; give tensors, "
         f"(input, label) pairs, or dicts with 'pixel_values'")
@@ -74,8 +79,11 @@ def batches(data: Any, batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator[torch.T
         return
     if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
         data = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
-    for batch in data:
-        yield batch_input(batch)
+    for b, batch in enumerate(data):
+        x = batch_input(batch)
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise CalibrationError(f"calibration batch {b} holds non-finite values (NaN or inf); clean the data first")
+        yield x
 
 
 def first_batch(data: Any) -> torch.Tensor:

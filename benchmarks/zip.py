@@ -7,9 +7,9 @@ Sections (``--sections``, comma-separated):
   stage boundary (the cut after that stage; after it each model runs its own layers), and PLeaS
   budgets (permutation, partial matching), each one-shot and with ``refine="lstsq"``; parameters
   and FLOPs relative to one source model. Writes a plot of accuracy against FLOPs per pair.
-* ``many``: more than two models in one zip: three same-task models (different widths into the
-  first one's), the two same-task and the two split models together (four heads), and a three-task
-  split when ``--zoo3`` holds it (``benchmarks/train_zoo.py --only r18w32-T1-s6 ...``).
+* ``many``: more than two models in one zip: three same-task models of two widths (into the first
+  one's), and with ``--zoo3`` (``benchmarks/train_zoo.py --only r18w32-T1-s6 ... --only r18w32-s9``)
+  three and four same-task ResNets and a three-task split (each model keeping its own head).
 * ``timing``: the zip matching time against Hungarian matching (``method="permute"``) on the r18
   pairs (median of ``--repeats``; statistics collection excluded).
 
@@ -134,11 +134,11 @@ def _plot(plots, path: Path) -> None:
             pts = [p for p in points if p[0] == kind]
             if not pts:
                 continue
-            ax.scatter([p[1] for p in pts], [p[2] for p in pts], c=color, marker=marker, facecolors="none",
+            ax.scatter([p[1] for p in pts], [p[2] for p in pts], marker=marker, facecolors="none", edgecolors=color,
                        label=f"{kind} (one-shot)")
             ref = [p for p in pts if p[3] is not None]
             if ref:
-                ax.scatter([p[1] for p in ref], [p[3] for p in ref], c=color, marker=marker, label=f"{kind} + lstsq")
+                ax.scatter([p[1] for p in ref], [p[3] for p in ref], color=color, marker=marker, label=f"{kind} + lstsq")
         ax.set_title(pair, fontsize=9)
         ax.set_xlabel("FLOPs / one model")
         ax.set_ylabel(metric)
@@ -156,12 +156,14 @@ def many(args, cal, test, lines) -> None:
               "merged model; with different label sets: `heads='separate'`, per-task mean over the models' "
               "own tasks). Widths differ in the first group: the fused model has the first model's widths.", "",
               "| models | ensemble | permutation | zip | zip + lstsq |", "|---|---:|---:|---:|---:|"]
-    groups = [(["r18w32-s0", "r18w32-s1", "r18w16-s2"], args.zoo), (["vit128-s0", "vit128-s1", "vit64-s2"], args.zoo),
-              (["r18w32-s0", "r18w32-s1", "r18w32-A-s4", "r18w32-B-s5"], args.zoo)]
+    groups = [(["r18w32-s0", "r18w32-s1", "r18w16-s2"], [args.zoo] * 3),
+              (["vit128-s0", "vit128-s1", "vit64-s2"], [args.zoo] * 3)]
     if args.zoo3:
-        groups.append((["r18w32-T1-s6", "r18w32-T2-s7", "r18w32-T3-s8"], args.zoo3))
-    for names, zoo in groups:
-        loaded = [load_model(n, zoo) for n in names]
+        groups += [(["r18w32-s0", "r18w32-s1", "r18w32-s9"], [args.zoo, args.zoo, args.zoo3]),
+                   (["r18w32-s0", "r18w32-s1", "r18w32-s9", "r18w16-s2"], [args.zoo, args.zoo, args.zoo3, args.zoo]),
+                   (["r18w32-T1-s6", "r18w32-T2-s7", "r18w32-T3-s8"], [args.zoo3] * 3)]
+    for names, zoos in groups:
+        loaded = [load_model(n, z) for n, z in zip(names, zoos)]
         models = [m for m, _ in loaded]
         lists = [list(e.classes) for _, e in loaded]
         split = any(cl != lists[0] for cl in lists)

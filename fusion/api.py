@@ -32,9 +32,10 @@ from alignment.graph import Graph
 from alignment.maps import SpaceMap, correct_query_key, plan_maps
 from alignment.methods import METHODS, MatchContext, MatchResult, match
 from alignment.partial import check_budget, partial_plans, tensor_uses
-from alignment.runner import check_data, first_batch, model_device, runnable
+from alignment.runner import model_device, runnable
 from alignment.statistics import POINT_POLICIES, Statistics, collect
 
+from .checks import ModelError, check_alpha, check_calibration, check_device, check_models, check_seed
 from .engine import apply_maps, check_heads, head_tensors
 from .refine import REFINEMENTS, run_refinement
 from .repair import REPAIRS, RepairContext, run_repair
@@ -42,10 +43,6 @@ from .resize import check_width, resize, resized_graph
 from .zipped import CutError, fit_cut, forward_flops, parameter_total, resolve_cut, zip_model
 
 __all__ = ["FusionReport", "Alignment", "align", "fuse", "ModelError"]
-
-
-class ModelError(FusionError, ValueError, TypeError):
-    """The models given to fuse are not usable (none, or not ``nn.Module``)."""
 
 
 @dataclass
@@ -126,6 +123,7 @@ class Alignment:
         calibration: the calibration data (used by :meth:`build` for refinement and repair).
         device: where passes over the data run.
         example: the example input discovery ran on (used to place a ``zip_until`` cut).
+        cuts: cuts already placed (``zip_until`` value -> :class:`fusion.zipped.Cut`).
     """
 
     models: Sequence[nn.Module]
@@ -138,6 +136,7 @@ class Alignment:
     calibration: Any = None
     device: str | torch.device | None = None
     example: Any = None
+    cuts: dict = field(default_factory=dict)
 
     @property
     def plans(self) -> list[dict[str, torch.Tensor]]:
@@ -146,14 +145,14 @@ class Alignment:
 
     def maps(self, alpha: Sequence[float] | float | None = None) -> dict[str, SpaceMap]:
         """Per-space merge/unmerge maps for interpolation weights ``alpha``."""
-        alpha = _alpha(alpha, len(self.models))
+        alpha = check_alpha(alpha, len(self.models), normalize=False)
         tg = self.target_graph if self.target_graph is not None else self.graphs[0]
         maps = {s.name: plan_maps([p[s.name] for p in self.result.plans], alpha) for s in tg.spaces if s.members}
         return correct_query_key(maps, self.graphs, alpha)
 
     def apply(self, alpha: Sequence[float] | float | None = None, heads: str = "merged") -> nn.Module:
         """The fused model (before refinement and repair) for interpolation weights ``alpha``."""
-        alpha = _alpha(alpha, len(self.models))
+        alpha = check_alpha(alpha, len(self.models), normalize=False)
         return apply_maps(self.models, self.graphs, self.maps(alpha), alpha=alpha, target=self.target, heads=heads)
 
     def build(self, alpha: Sequence[float] | float | None = None, repair: str = "none", refine: str = "none",
@@ -168,13 +167,16 @@ class Alignment:
             raise CalibrationError(f"repair={repair!r} and refine={refine!r} need calibration data "
                                    f"(or use 'none')")
         _check_zip_until(zip_until, repair, heads, self.graphs)
-        weights = _alpha(alpha, len(self.models))
+        weights = check_alpha(alpha, len(self.models), normalize=False)
         report = _copy_report(self.report, weights, repair, refine)
         cut = None
         if zip_until is not None:
             if self.example is None:
                 raise CutError("zip_until needs the example input discovery ran on; build alignments with align()")
-            cut = resolve_cut(zip_until, self.models[0], self.graphs[0], self.example)
+            key = _cut_key(zip_until)
+            if key not in self.cuts:
+                self.cuts[key] = resolve_cut(zip_until, self.models[0], self.graphs[0], self.example)
+            cut = self.cuts[key]
         t = time.perf_counter()
         maps = self.maps(weights)
         fused = apply_maps(self.models, self.graphs, maps, alpha=weights, target=self.target, heads=heads)
@@ -222,6 +224,10 @@ class Alignment:
         return fused
 
 
+def _cut_key(zip_until: Any) -> tuple:
+    return (type(zip_until).__name__, zip_until)
+
+
 def _check_zip_until(zip_until: Any, repair: str, heads: str, graphs: Sequence[Graph]) -> None:
     """Cheap checks of ``zip_until`` and what it needs, before any work."""
     if zip_until is None:
@@ -251,25 +257,6 @@ def _copy_report(base: FusionReport | None, alpha, repair: str, refine: str) -> 
                                seconds=dict(base.seconds), costs=dict(base.costs), fallbacks=list(base.fallbacks))
 
 
-def _alpha(alpha: Sequence[float] | float | None, n: int) -> list[float]:
-    if alpha is None:
-        return [1.0 / n] * n
-    if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
-        if n != 2:
-            raise InvalidOptionError(f"a single alpha is for two models; give {n} weights")
-        alpha = [1.0 - float(alpha), float(alpha)]
-    if isinstance(alpha, (str, bytes)) or not hasattr(alpha, "__len__"):
-        raise InvalidOptionError(f"alpha must be a number (two models) or one number per model, got {alpha!r}")
-    if len(alpha) != n:
-        raise InvalidOptionError(f"alpha has {len(alpha)} weights for {n} models")
-    out = []
-    for a in alpha:
-        if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a):
-            raise InvalidOptionError(f"alpha weights must be finite numbers, got {list(alpha)!r}")
-        out.append(float(a))
-    return out
-
-
 def _unit_quality(stats: Statistics, plans, graph: Graph) -> dict[str, torch.Tensor]:
     """Per space, each fused unit's mean correlation over the pairs of model units merged into it
     (the pairs whose statistics were collected; 1 for a unit of one member)."""
@@ -287,17 +274,6 @@ def _unit_quality(stats: Statistics, plans, graph: Graph) -> dict[str, torch.Ten
     return out
 
 
-def _check_models(models: Any) -> list[nn.Module]:
-    if isinstance(models, nn.Module) or not isinstance(models, (list, tuple)):
-        raise ModelError("fuse takes a list of models (nn.Module), e.g. fuse([a, b], calibration)")
-    if not models:
-        raise ModelError("fuse needs at least one model")
-    for i, m in enumerate(models):
-        if not isinstance(m, nn.Module):
-            raise ModelError(f"model {i} is a {type(m).__name__}, not an nn.Module; load the weights into a model first")
-    return list(models)
-
-
 def align(
     models: Sequence[nn.Module],
     calibration: Any = None,
@@ -312,14 +288,22 @@ def align(
     points: str = "auto",
     positions_per_image: int | None = None,
     budget: float | dict = 1.0,
+    heads: str | None = None,
+    zip_until: Any = None,
     **options: Any,
 ) -> Alignment:
     """Discover, collect statistics and match: everything of :func:`fuse` but building the model.
 
-    See :func:`fuse` for the arguments. Returns an :class:`Alignment` to build with any weights.
+    See :func:`fuse` for the arguments. ``heads`` and ``zip_until``, when given, are what
+    :meth:`Alignment.build` will be asked for: they are checked (and the cut placed) here, before
+    the statistics pass. Returns an :class:`Alignment` to build with any weights.
     """
-    models = _check_models(models)
+    models = check_models(models)
+    check_seed(seed)
+    check_device(device)
     checked = METHODS.validate(method, options)
+    if heads is not None:
+        check_heads(heads)
     if points not in POINT_POLICIES:
         raise InvalidOptionError(f"points={points!r} is not an observation policy; use one of {', '.join(POINT_POLICIES)}")
     if positions_per_image is not None and (isinstance(positions_per_image, bool) or not isinstance(
@@ -333,14 +317,18 @@ def align(
     if factor != 1.0 and (width is not None or target is not None or len(models) < 2):
         raise InvalidOptionError("budget (partial matching) needs two or more models and sets the fused widths "
                                  "itself: do not combine it with target or width")
-    if calibration is not None:
-        check_data(calibration)
+    if len(models) == 1 and width is None and target is None:
+        raise InvalidOptionError("one model: fusing it alone is compression and needs width= (e.g. 0.5) or target= "
+                                 "(a narrower model of its family); give two or more models to fuse them")
+    if zip_until is not None:
+        _check_zip_until(zip_until, "none", heads or "separate", [])
+    first = check_calibration(calibration, models, heads) if calibration is not None else None
     report = report if report is not None else FusionReport(method=method, repair="none", alpha=[])
     report.method, report.options = method, dict(checked)
     if example_input is None:
         if calibration is None:
             raise CalibrationError(f"method {method!r} needs calibration data or an example_input for discovery")
-        example_input = first_batch(calibration)[:2]
+        example_input = first[:2]
     t = time.perf_counter()
     dev = torch.device(device) if device is not None else model_device(models[0])
     ex = example_input.to(model_device(models[0])) if isinstance(example_input, torch.Tensor) else example_input
@@ -352,6 +340,9 @@ def align(
         target_graph = resized_graph(graphs[0], width)
     elif target is not None:
         target_graph = graphs[0] if same_structure(target, models[0]) else discover(target, ex)
+    cuts = {}
+    if zip_until is not None:
+        cuts[_cut_key(zip_until)] = resolve_cut(zip_until, models[0], graphs[0], ex)
     report.seconds["discover"] = time.perf_counter() - t
     cached: dict[str, Statistics] = {}
 
@@ -390,7 +381,8 @@ def align(
                           "fully_matched": list(pp.fully_matched)}
         report.seconds["match"] += time.perf_counter() - t
     return Alignment(models=models, graphs=graphs, result=result, target=target, target_graph=target_graph,
-                     statistics=cached.get("stats"), report=report, calibration=calibration, device=device, example=ex)
+                     statistics=cached.get("stats"), report=report, calibration=calibration, device=device, example=ex,
+                     cuts=cuts)
 
 
 def fuse(
@@ -413,6 +405,7 @@ def fuse(
     heads: str = "merged",
     budget: float | dict = 1.0,
     zip_until: Any = None,
+    normalize: bool = True,
     **options: Any,
 ) -> nn.Module:
     """Fuse models into one by aligning their hidden units.
@@ -432,7 +425,8 @@ def fuse(
         target: a model of the fused widths to write the fused weights into (e.g. the same
             architecture built narrower; its own weights are not used). Default: a copy of the
             first model. With one model and a narrower target, fusion is compression.
-        alpha: interpolation weights (default uniform; a float ``a`` means ``[1 - a, a]``).
+        alpha: interpolation weights (default uniform; a float ``a`` means ``[1 - a, a]``): finite,
+            non-negative and summing to 1 (see ``normalize``).
         seed: seed for randomised solvers (the same seed gives the same fused weights).
         device: where to collect statistics, refine and repair (e.g. ``"cuda"``); default: the
             models' device.
@@ -464,6 +458,8 @@ def fuse(
             a module path (e.g. ``"layer3"``, ``"blocks.4"``) or a space name
             (:func:`fusion.zipped.cut_points` lists the valid cuts; ``report.zip`` the cut, the
             parameters and FLOPs). Any method may build the trunk; ``"zip"`` is the usual one.
+        normalize: require ``alpha`` to be non-negative weights summing to 1 (default); False uses
+            any finite weights as given (extrapolation).
         **options: method options (e.g. ``iterations`` for ``permute``, ``max_iter`` for
             ``weight_matching``); an unknown one raises :class:`~alignment.errors.InvalidOptionError`.
 
@@ -472,8 +468,8 @@ def fuse(
         attribute is a :class:`FusionReport` (per-space matching scores, wall time per stage, every
         fallback taken).
     """
-    models = _check_models(models)
-    weights = _alpha(alpha, len(models))
+    models = check_models(models)
+    weights = check_alpha(alpha, len(models), normalize)
     check_heads(heads)
     METHODS.validate(method, options)
     REPAIRS.validate(repair, dict(repair_options or {}))
@@ -485,7 +481,7 @@ def fuse(
     t_all = time.perf_counter()
     al = align(models, calibration, method=method, target=target, seed=seed, device=device,
                example_input=example_input, progress=progress, width=width, points=points,
-               positions_per_image=positions_per_image, budget=budget, **options)
+               positions_per_image=positions_per_image, budget=budget, heads=heads, zip_until=zip_until, **options)
     fused = al.build(weights, repair=repair, refine=refine, repair_options=repair_options,
                      refine_options=refine_options, progress=progress, heads=heads, zip_until=zip_until)
     fused.fusion_report.seconds["total"] = time.perf_counter() - t_all

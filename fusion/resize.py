@@ -58,6 +58,9 @@ def check_width(width: WidthSpec, graph: Graph | None = None) -> WidthSpec:
                 raise WidthError(f"width given for unknown space {k!r}; see graph.summary() for the space names "
                                  f"(or use '*' for every other space)")
         return width
+    if isinstance(width, int) and not isinstance(width, bool) and width == 1:
+        raise WidthError("width=1 is ambiguous: as an int it means one unit per space; use 1.0 for the same widths, "
+                         "an int >= 2 for a width, or a dict {space: 1} for one unit in a named space")
     return _factor_or_width(width, "every space")
 
 

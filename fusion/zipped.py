@@ -77,7 +77,7 @@ class Cut:
                    depth=float(d.get("depth", 0.0)))
 
 
-class _CutReached(Exception):
+class _CutReached(FusionError):
     """Ends the trunk's forward pass at the cut, carrying the cut's output."""
 
     def __init__(self, value):

@@ -9,6 +9,7 @@ from torch import nn
 import fusion
 from alignment import discover
 from alignment.errors import InvalidOptionError
+from fusion.engine import HeadsError
 from fusion.io import load_model_file, save_zipped
 from fusion.zipped import CutError, ZippedModel, cut_points, forward_flops, resolve_cut
 from tests.conftest import rel_err
@@ -131,5 +132,5 @@ def test_zip_until_errors(tiny):
         fusion.fuse([a, b], cal, method="zip", zip_until=["layer2"])
     five = build("timm_resnet18")[0]
     five.reset_classifier(5)
-    with pytest.raises(CutError, match="separate"):
+    with pytest.raises(HeadsError, match="separate"):
         fusion.fuse([a, five], cal, method="zip", zip_until="layer2")

@@ -1,0 +1,198 @@
+"""Checks of a fusion call's inputs, run before any pass over the calibration data.
+
+Each raises a specific :class:`~alignment.errors.FusionError` that names the culprit (the model,
+tensor, weight, batch or option) and says what to do. :func:`fusion.fuse` and :func:`fusion.align`
+run them first, so a mistake costs a fraction of a second instead of a statistics pass or, worse,
+a fused model full of NaNs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from alignment.errors import CalibrationError, FusionError, InvalidOptionError
+from alignment.runner import batch_input, check_data, first_batch, modes
+
+__all__ = ["ModelError", "check_models", "check_alpha", "check_calibration", "check_device", "check_seed"]
+
+
+class ModelError(FusionError, ValueError, TypeError):
+    """The models given to fuse are not usable (none, not ``nn.Module``, mixed dtypes, non-finite or
+    meta weights, a forward pass that cannot take the calibration batch)."""
+
+
+def check_models(models: Any) -> list[nn.Module]:
+    """The models as a list, after checking each is a real, finite ``nn.Module`` of one dtype.
+
+    Raises:
+        ModelError: naming the model (and tensor) at fault.
+    """
+    if isinstance(models, nn.Module) or not isinstance(models, (list, tuple)):
+        raise ModelError("fuse takes a list of models (nn.Module), e.g. fuse([a, b], calibration)")
+    if not models:
+        raise ModelError("fuse needs at least one model")
+    dtypes: dict[torch.dtype, int] = {}
+    for i, m in enumerate(models):
+        if not isinstance(m, nn.Module):
+            raise ModelError(f"model {i} is a {type(m).__name__}, not an nn.Module; load the weights into a model first")
+        for name, t in list(m.named_parameters()) + list(m.named_buffers()):
+            if t.is_meta:
+                raise ModelError(f"model {i}: tensor {name!r} is on the meta device (no values); load real weights "
+                                 f"(e.g. model.to_empty(device=...) then load_state_dict)")
+            if t.is_floating_point():
+                dtypes.setdefault(t.dtype, i)
+                if not bool(torch.isfinite(t).all()):
+                    raise ModelError(f"model {i}: tensor {name!r} holds non-finite values (NaN or inf); fusing it would "
+                                     f"give a broken model")
+        _check_forward_signature(m, i)
+    if len(dtypes) > 1:
+        desc = ", ".join(f"{str(d).replace('torch.', '')} (model {i})" for d, i in dtypes.items())
+        raise ModelError(f"the models mix floating dtypes: {desc}; cast them to one dtype first (e.g. model.float())")
+    return list(models)
+
+
+def _check_forward_signature(model: nn.Module, i: int) -> None:
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
+    required_kw = [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.default is p.empty]
+    if not positional and required_kw:
+        raise ModelError(f"model {i} ({type(model).__name__}) takes its input only as keyword-only argument(s) "
+                         f"{', '.join(map(repr, required_kw))}; fusion calls model(x): wrap it in a module whose forward "
+                         f"takes the input positionally")
+
+
+def check_alpha(alpha: Sequence[float] | float | None, n: int, normalize: bool = True) -> list[float]:
+    """Interpolation weights: one finite number per model (a float ``a`` means ``[1 - a, a]`` for two).
+
+    With ``normalize`` (default) the weights must be non-negative and sum to 1; ``normalize=False``
+    allows any finite weights (extrapolation).
+
+    Raises:
+        InvalidOptionError: naming the weights and the rule they break.
+    """
+    if alpha is None:
+        return [1.0 / n] * n
+    if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
+        if n != 2:
+            raise InvalidOptionError(f"a single alpha is for two models; give {n} weights")
+        alpha = [1.0 - float(alpha), float(alpha)]
+    if isinstance(alpha, (str, bytes)) or not hasattr(alpha, "__len__"):
+        raise InvalidOptionError(f"alpha must be a number (two models) or one number per model, got {alpha!r}")
+    if len(alpha) != n:
+        raise InvalidOptionError(f"alpha has {len(alpha)} weights for {n} models")
+    out = []
+    for a in alpha:
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a):
+            raise InvalidOptionError(f"alpha weights must be finite numbers, got {list(alpha)!r}")
+        out.append(float(a))
+    if normalize:
+        if any(a < 0 for a in out):
+            raise InvalidOptionError(f"alpha={out} has negative weights (a single alpha must lie in [0, 1]); pass "
+                                     f"normalize=False to extrapolate")
+        if abs(sum(out) - 1.0) > 1e-6:
+            raise InvalidOptionError(f"alpha={out} must sum to 1 (they sum to {sum(out):.6g}); rescale them, or pass "
+                                     f"normalize=False to use them as they are")
+    return out
+
+
+def check_seed(seed: Any) -> int:
+    """The seed as an int (:class:`InvalidOptionError` for anything else)."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise InvalidOptionError(f"seed must be an integer, got {seed!r}")
+    return seed
+
+
+def check_device(device: Any) -> torch.device | None:
+    """The device, after checking that it exists on this machine.
+
+    Raises:
+        InvalidOptionError: an unknown device string, or a CUDA/MPS device that is not there.
+    """
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InvalidOptionError(f"device={device!r} is not a torch device ({exc})") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (dev.index is not None and dev.index >= count):
+            raise InvalidOptionError(f"device={device!r}: this machine has {count} CUDA device(s); use device='cpu' "
+                                     f"or one of cuda:0..cuda:{count - 1}" if count else
+                                     f"device={device!r}: this machine has no CUDA device; use device='cpu'")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise InvalidOptionError(f"device={device!r}: MPS is not available here; use device='cpu'")
+    return dev
+
+
+def check_calibration(data: Any, models: Sequence[nn.Module], heads: str | None = None) -> torch.Tensor:
+    """Check calibration data against the models and return its first input batch.
+
+    The data must be re-iterable (not a one-shot generator), hold at least 2 samples, finite floating
+    inputs of the models' dtype, and a batch layout whose input is known (a tensor, ``(x, y)``, or a
+    dict with an input key); every model must run on two samples of it (which also checks the shape).
+    With ``heads="merged"`` (one classifier for all) the models must have the same number of outputs.
+
+    Raises:
+        CalibrationError: naming the batch, key, dtype or shape at fault.
+        fusion.engine.HeadsError: models with different output counts and one merged classifier.
+    """
+    check_data(data)
+    size = _length(data)
+    if size is not None and size < 2:
+        raise CalibrationError(f"calibration data holds {size} sample(s); statistics need at least 2 (correlations "
+                               f"and variances are undefined for one)")
+    x = first_batch(data)
+    if size is None and len(x) < 2:
+        raise CalibrationError("the first calibration batch holds 1 sample; statistics need at least 2 per batch "
+                               "(use a batch size of 2 or more)")
+    if not x.is_floating_point():
+        raise CalibrationError(f"calibration inputs are {str(x.dtype).replace('torch.', '')}; the models take floating "
+                               f"inputs: convert them (e.g. x.float() / 255)")
+    want = next((t.dtype for m in models for t in m.parameters() if t.is_floating_point()), None)
+    if want is not None and x.dtype != want:
+        raise CalibrationError(f"calibration inputs are {str(x.dtype).replace('torch.', '')} but the models are "
+                               f"{str(want).replace('torch.', '')}; cast the data (x.to({want}))")
+    whole = data if isinstance(data, torch.Tensor) else x
+    if not bool(torch.isfinite(whole).all()):
+        where = "the calibration tensor" if isinstance(data, torch.Tensor) else "the first calibration batch"
+        raise CalibrationError(f"{where} holds non-finite values (NaN or inf); clean the data first")
+    sample = x[:2]
+    sizes = []
+    for i, m in enumerate(models):
+        dev = next((t.device for t in m.parameters()), torch.device("cpu"))
+        try:
+            with modes([m]), torch.no_grad():
+                out = m(sample.to(dev))
+        except Exception as exc:  # the model cannot take this input: say which and with what shape
+            first = (str(exc).splitlines() or [""])[0][:200]
+            raise CalibrationError(f"model {i} ({type(m).__name__}) fails on calibration inputs of shape "
+                                   f"{tuple(sample.shape)} ({type(exc).__name__}: {first}); give inputs the model "
+                                   f"accepts") from None
+        out = getattr(out, "logits", out)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        sizes.append(int(out.shape[-1]) if isinstance(out, torch.Tensor) and out.dim() else None)
+    if heads == "merged" and len(set(sizes)) > 1:
+        from .engine import HeadsError
+
+        raise HeadsError(f"the models have {', '.join(map(str, sizes))} outputs: one merged classifier needs equal "
+                         f"class counts; use heads='separate' (each model keeps its own classifier)")
+    return x
+
+
+def _length(data: Any) -> int | None:
+    if isinstance(data, torch.Tensor):
+        return len(data)
+    if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__"):
+        return len(data)
+    if isinstance(data, (list, tuple)) and len(data) == 1:
+        return len(batch_input(data[0]))
+    return None

@@ -1,0 +1,215 @@
+"""Bad input never yields a broken model or a lost file: every mistake below raises a specific
+:class:`~alignment.errors.FusionError` naming the culprit, before any pass over the calibration data,
+with the inputs unmodified and no file written."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import fusion
+from alignment.errors import CalibrationError, FusionError, InvalidOptionError, SpaceMismatchError
+from alignment.methods import UnknownMethodError
+from fusion.api import ModelError
+from fusion.engine import HeadsError
+from fusion.refine import UnknownRefinementError
+from fusion.repair import UnknownRepairError
+from fusion.resize import WidthError, resize
+from fusion.zipped import CutError
+from tests.tiny_models import build
+
+
+class PassRan(AssertionError):
+    """A pass over the calibration data started."""
+
+
+@pytest.fixture
+def no_pass(monkeypatch):
+    """Fail the test if any pass over calibration data starts (statistics, repair, refinement)."""
+    import alignment.runner
+    import alignment.statistics
+    import fusion.refine
+    import fusion.repair
+
+    def ran(*a, **k):
+        raise PassRan("a pass over the calibration data ran before the error")
+    for mod in (alignment.runner, alignment.statistics, fusion.repair):
+        monkeypatch.setattr(mod, "stream", ran)
+    monkeypatch.setattr(fusion.refine, "batches", ran)
+
+
+def _models(name="cnn"):
+    a, x = build(name, seed=0)
+    b, _ = build(name, seed=1)
+    return a, b, x
+
+
+def _cal(x, n=16):
+    return torch.randn(n, *x.shape[1:], generator=torch.Generator().manual_seed(3))
+
+
+def _gen(x):
+    return (x for x in [_cal(x)])
+
+
+class KwOnly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, *, pixel_values):
+        return self.fc(pixel_values)
+
+
+def _half(model):
+    return copy.deepcopy(model).half()
+
+
+def _nan_weight(model):
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        next(m.parameters())[0].fill_(float("nan"))
+    return m
+
+
+def _meta(model):
+    return copy.deepcopy(model).to("meta")
+
+
+def _five_classes():
+    m, x = build("timm_resnet18", seed=2)
+    m.reset_classifier(5)
+    return m
+
+
+def _with_nan(t):
+    t = t.clone()
+    t[3, 0, 1, 1] = float("nan")
+    return t
+
+
+# (id, call(a, b, x) -> None, exception type, regex the message must match)
+CASES = [
+    ("no models", lambda a, b, x: fusion.fuse([], _cal(x)), ModelError, "at least one model"),
+    ("a model, not a list", lambda a, b, x: fusion.fuse(a, _cal(x)), ModelError, "list of models"),
+    ("a state dict", lambda a, b, x: fusion.fuse([a.state_dict(), b], _cal(x)), ModelError, "model 0 is a"),
+    ("unknown method", lambda a, b, x: fusion.fuse([a, b], _cal(x), method="nope"), UnknownMethodError, "'nope'"),
+    ("misspelt option", lambda a, b, x: fusion.fuse([a, b], _cal(x), iteratoins=7), InvalidOptionError, "iteratoins"),
+    ("option of the wrong type", lambda a, b, x: fusion.fuse([a, b], _cal(x), iterations="3"), InvalidOptionError,
+     "iterations"),
+    ("option out of range", lambda a, b, x: fusion.fuse([a, b], _cal(x), method="zip", within=2.0),
+     InvalidOptionError, "within"),
+    ("alpha as a string", lambda a, b, x: fusion.fuse([a, b], _cal(x), alpha="0.5"), InvalidOptionError, "alpha"),
+    ("alpha nan", lambda a, b, x: fusion.fuse([a, b], _cal(x), alpha=float("nan")), InvalidOptionError, "alpha"),
+    ("alpha count", lambda a, b, x: fusion.fuse([a, b], _cal(x), alpha=[1.0]), InvalidOptionError, "1 weights for 2"),
+    ("alpha negative", lambda a, b, x: fusion.fuse([a, b], _cal(x), alpha=[-0.5, 1.5]), InvalidOptionError,
+     "negative"),
+    ("alpha not summing to 1", lambda a, b, x: fusion.fuse([a, b], _cal(x), alpha=[0.7, 0.7]), InvalidOptionError,
+     "sum to 1.*normalize=False"),
+    ("alpha above 1", lambda a, b, x: fusion.fuse([a, b], _cal(x), alpha=1.5), InvalidOptionError, "negative"),
+    ("unknown repair", lambda a, b, x: fusion.fuse([a, b], _cal(x), repair="nope"), UnknownRepairError, "'nope'"),
+    ("unknown refinement", lambda a, b, x: fusion.fuse([a, b], _cal(x), refine="nope"), UnknownRefinementError,
+     "'nope'"),
+    ("bad refinement option", lambda a, b, x: fusion.fuse([a, b], _cal(x), refine="lstsq",
+                                                          refine_options={"ridge": -1.0}), InvalidOptionError, "ridge"),
+    ("unknown heads", lambda a, b, x: fusion.fuse([a, b], _cal(x), heads="both"), HeadsError, "'both'"),
+    ("budget below 1", lambda a, b, x: fusion.fuse([a, b], _cal(x), budget=0.5), InvalidOptionError, "budget"),
+    ("budget measure", lambda a, b, x: fusion.fuse([a, b], _cal(x), budget={"memory": 2}), InvalidOptionError,
+     "budget"),
+    ("budget with width", lambda a, b, x: fusion.fuse([a, b], _cal(x), budget=1.2, width=0.5), InvalidOptionError,
+     "budget"),
+    ("width nan", lambda a, b, x: fusion.fuse([a, b], _cal(x), width=float("nan")), WidthError, "nan"),
+    ("width 0", lambda a, b, x: fusion.fuse([a, b], _cal(x), width=0), WidthError, "0"),
+    ("width 1 (one unit or the same width?)", lambda a, b, x: fusion.fuse([a, b], _cal(x), width=1), WidthError,
+     "ambiguous"),
+    ("width of an unknown space", lambda a, b, x: fusion.fuse([a, b], _cal(x), width={"nospace": 0.5}), WidthError,
+     "nospace"),
+    ("width and target", lambda a, b, x: fusion.fuse([a, b], _cal(x), width=0.5, target=a), InvalidOptionError,
+     "target"),
+    ("no calibration", lambda a, b, x: fusion.fuse([a, b], None), CalibrationError, "calibration"),
+    ("one-shot generator", lambda a, b, x: fusion.fuse([a, b], _gen(x)), CalibrationError, "one-shot"),
+    ("empty calibration", lambda a, b, x: fusion.fuse([a, b], _cal(x)[:0]), CalibrationError, "no samples"),
+    ("a single calibration sample", lambda a, b, x: fusion.fuse([a, b], _cal(x)[:1]), CalibrationError,
+     "at least 2"),
+    ("NaN in the calibration data", lambda a, b, x: fusion.fuse([a, b], _with_nan(_cal(x))), CalibrationError,
+     "non-finite"),
+    ("float64 calibration for float32 models", lambda a, b, x: fusion.fuse([a, b], _cal(x).double()),
+     CalibrationError, "float64.*float32"),
+    ("integer calibration", lambda a, b, x: fusion.fuse([a, b], (_cal(x) * 10).long()), CalibrationError, "int64"),
+    ("calibration of the wrong shape", lambda a, b, x: fusion.fuse([a, b], torch.randn(8, 3, 12, 12)),
+     CalibrationError, r"\(2, 3, 12, 12\)"),
+    ("dict batches without a known input key", lambda a, b, x: fusion.fuse([a, b], [{"u": _cal(x), "v": _cal(x)}]),
+     CalibrationError, "'u', 'v'"),
+    ("fp16 + fp32 models", lambda a, b, x: fusion.fuse([a, _half(b)], _cal(x)), ModelError, "float16"),
+    ("a NaN weight", lambda a, b, x: fusion.fuse([a, _nan_weight(b)], _cal(x)), ModelError, "model 1.*non-finite"),
+    ("a model on the meta device", lambda a, b, x: fusion.fuse([a, _meta(b)], _cal(x)), ModelError, "meta"),
+    ("keyword-only forward", lambda a, b, x: fusion.fuse([KwOnly(), KwOnly()], torch.randn(8, 4)), ModelError,
+     "keyword-only.*pixel_values"),
+    ("one model, no target", lambda a, b, x: fusion.fuse([a], _cal(x)), InvalidOptionError, "width"),
+    ("different families", lambda a, b, x: fusion.fuse([build("timm_resnet18")[0], build("timm_vit")[0]],
+                                                       torch.randn(8, 1, 28, 28)), SpaceMismatchError, "family"),
+    ("unknown observation policy", lambda a, b, x: fusion.fuse([a, b], _cal(x), points="all-of-them"),
+     InvalidOptionError, "points"),
+    ("positions_per_image 0", lambda a, b, x: fusion.fuse([a, b], _cal(x), positions_per_image=0), InvalidOptionError,
+     "positions_per_image"),
+    ("zip_until of an unknown module", lambda a, b, x: fusion.fuse([a, b], _cal(x), method="zip", zip_until="nope"),
+     CutError, "'nope'"),
+    ("zip_until with REPAIR", lambda a, b, x: fusion.fuse([a, b], _cal(x), zip_until="input", repair="repair"),
+     InvalidOptionError, "zip_until"),
+    ("a device that is not there", lambda a, b, x: fusion.fuse([a, b], _cal(x), device="cuda:7"), InvalidOptionError,
+     "cuda:7"),
+    ("seed as a string", lambda a, b, x: fusion.fuse([a, b], _cal(x), seed="1"), InvalidOptionError, "seed"),
+]
+
+
+@pytest.mark.parametrize("call, error, match", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_fails_early_with_a_specific_error(call, error, match, no_pass, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    a, b, x = _models()
+    before = [copy.deepcopy(m.state_dict()) for m in (a, b)]
+    with pytest.raises(error, match=match) as info:
+        call(a, b, x)
+    assert isinstance(info.value, FusionError)
+    for m, sd in zip((a, b), before):
+        for k, v in m.state_dict().items():
+            assert torch.equal(v, sd[k]) or (v.is_floating_point() and torch.isnan(v).any())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_different_class_counts_need_separate_heads(no_pass):
+    a, x = build("timm_resnet18", seed=0)
+    with pytest.raises(HeadsError, match=r"10.*5|5.*10") as info:
+        fusion.fuse([a, _five_classes()], _cal(x))
+    assert "separate" in str(info.value)
+
+
+def test_resize_rejects_unknown_spaces_and_ambiguous_widths(tiny):
+    model, x = tiny("cnn")
+    with pytest.raises(WidthError, match="nospace"):
+        resize(model, {"nospace": 0.5}, x)
+    with pytest.raises(WidthError, match="ambiguous"):
+        resize(model, 1, x)
+
+
+def test_dict_batches_use_the_input_key_not_the_label():
+    """{'label': y, 'image': x} batches feed the image (the key names say which is the input)."""
+    a, b, x = _models()
+    cal = _cal(x, 32)
+    ref = fusion.fuse([a, b], cal, repair="none")
+    labelled = [{"label": torch.zeros(16, dtype=torch.long), "image": cal[:16]},
+                {"label": torch.zeros(16, dtype=torch.long), "image": cal[16:]}]
+    got = fusion.fuse([a, b], labelled, repair="none")
+    with torch.no_grad():
+        torch.testing.assert_close(got(x), ref(x))
+
+
+def test_alpha_that_extrapolates_needs_normalize_false():
+    a, b, x = _models()
+    m = fusion.fuse([a, b], _cal(x), alpha=[1.5, -0.5], normalize=False, repair="none")
+    assert m.fusion_report.alpha == [1.5, -0.5]
+    with torch.no_grad():
+        assert math.isfinite(float(m(x).sum()))
