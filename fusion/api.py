@@ -35,7 +35,8 @@ from alignment.partial import check_budget, partial_plans, tensor_uses
 from alignment.runner import model_device, runnable
 from alignment.statistics import POINT_POLICIES, Statistics, collect
 
-from .checks import ModelError, check_alpha, check_calibration, check_device, check_models, check_seed
+from .checks import (ModelError, check_alpha, check_calibration, check_device, check_finite_model, check_finite_plans,
+                     check_models, check_seed)
 from .engine import apply_maps, check_heads, head_tensors
 from .refine import REFINEMENTS, run_refinement
 from .repair import REPAIRS, RepairContext, run_repair
@@ -181,6 +182,7 @@ class Alignment:
         maps = self.maps(weights)
         fused = apply_maps(self.models, self.graphs, maps, alpha=weights, target=self.target, heads=heads)
         report.seconds["apply"] = time.perf_counter() - t
+        check_finite_model(fused, "applying the maps")
         report.heads = heads
         if heads == "separate":
             report.head_sizes = [int(g.shapes[head_tensors(g)[0]][0]) for g in self.graphs]
@@ -216,6 +218,7 @@ class Alignment:
             report.zip["fit"] = fit_cut(ctx.fused, runnable(self.models, dev, avoid=[ctx.fused]), self.calibration, dev,
                                         ridge=refine_options["ridge"], precision=refine_options["precision"])
             report.seconds["refine"] += time.perf_counter() - t
+        check_finite_model(ctx.fused, f"refine={refine!r} and repair={repair!r}")
         for msg in ctx.notes:
             report.fallback(msg)
         report.refinement = dict(ctx.details.get("refine", {}))
@@ -364,6 +367,7 @@ def align(
                        statistics=statistics, target_graph=target_graph, seed=seed)
     t = time.perf_counter()
     result = match(ctx, method, **options)
+    check_finite_plans(result.plans)
     report.seconds["match"] = time.perf_counter() - t - report.seconds.get("collect", 0.0)
     report.costs = dict(result.costs)
     report.fallbacks.extend(m for m in result.notes if m not in report.fallbacks)

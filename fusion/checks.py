@@ -18,7 +18,12 @@ from torch import nn
 from alignment.errors import CalibrationError, FusionError, InvalidOptionError
 from alignment.runner import batch_input, check_data, first_batch, modes
 
-__all__ = ["ModelError", "check_models", "check_alpha", "check_calibration", "check_device", "check_seed"]
+__all__ = ["ModelError", "NonFiniteError", "check_models", "check_alpha", "check_calibration", "check_device",
+           "check_seed", "check_finite_plans", "check_finite_model"]
+
+
+class NonFiniteError(FusionError, ArithmeticError):
+    """A stage produced NaN or infinite values (named where they first appear) instead of a model."""
 
 
 class ModelError(FusionError, ValueError, TypeError):
@@ -196,3 +201,21 @@ def _length(data: Any) -> int | None:
     if isinstance(data, (list, tuple)) and len(data) == 1:
         return len(batch_input(data[0]))
     return None
+
+
+def check_finite_plans(plans: Sequence[dict[str, torch.Tensor]]) -> None:
+    """Raise :class:`NonFiniteError` naming the first space whose plan holds NaN or inf."""
+    for i, p in enumerate(plans):
+        for name, T in p.items():
+            if not bool(torch.isfinite(T).all()):
+                raise NonFiniteError(f"the plan of space {name!r} for model {i} holds non-finite values (from NaN "
+                                     f"statistics?); check the calibration data and the models' activations there")
+
+
+def check_finite_model(model: nn.Module, stage: str) -> None:
+    """Raise :class:`NonFiniteError` naming the first parameter or buffer of ``model`` that holds NaN
+    or inf after ``stage``."""
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(f"after {stage}, the fused tensor {name!r} holds non-finite values; the fused model "
+                                 f"would be broken (try another method, a ridge, or more calibration data)")

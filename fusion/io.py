@@ -53,6 +53,7 @@ __all__ = [
     "state_dict_for_saving",
     "save_weights",
     "load_weights",
+    "CheckpointCorruptError",
     "OutputExistsError",
     "OutputNotWritableError",
     "check_output",
@@ -78,6 +79,10 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 
 class CheckpointMismatchError(CheckpointError, RuntimeError):
     """A checkpoint's tensors do not match the architecture it is loaded into."""
+
+
+class CheckpointCorruptError(CheckpointError, ValueError):
+    """A weights file that safetensors cannot read (truncated or corrupted)."""
 
 
 class OutputExistsError(CheckpointError, FileExistsError):
@@ -421,7 +426,11 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str], what: str | Non
         raise CheckpointNotFoundError(
             f"Weights of {what} not found at {path}; check the zoo folder or re-create the checkpoint."
         )
-    state = load_file(str(path))
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error type for a damaged file
+        raise CheckpointCorruptError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc}); it may be "
+                                     f"truncated or corrupted: save or copy it again") from None
     problems = _mismatch_report(model, state)
     if problems:
         raise CheckpointMismatchError(

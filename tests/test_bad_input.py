@@ -213,3 +213,22 @@ def test_alpha_that_extrapolates_needs_normalize_false():
     assert m.fusion_report.alpha == [1.5, -0.5]
     with torch.no_grad():
         assert math.isfinite(float(m(x).sum()))
+
+
+def test_a_non_finite_result_is_an_error_naming_where(monkeypatch):
+    """Should a stage still produce NaN (here: maps poisoned on purpose), the build stops and names the
+    first fused tensor holding it instead of returning a broken model."""
+    from fusion.checks import NonFiniteError
+
+    a, b, x = _models()
+    al = fusion.align([a, b], _cal(x))
+    real = al.maps
+
+    def poisoned(alpha=None):
+        maps = real(alpha)
+        name = next(iter(maps))
+        maps[name].merge[0][0, 0] = float("nan")
+        return maps
+    monkeypatch.setattr(al, "maps", poisoned)
+    with pytest.raises(NonFiniteError, match="after applying the maps, the fused tensor"):
+        al.build()

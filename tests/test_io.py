@@ -261,3 +261,11 @@ def test_sidecar_of_other_weights_is_refused_and_modes_are_normal(tmp_path: Path
     save_weights(other, path)  # the weights change, the sidecar does not
     with pytest.raises(CheckpointMismatchError, match="SHA-256"):
         load_model_file(path)
+
+
+def test_truncated_weights_name_the_file(tmp_path: Path) -> None:
+    model = build_model(TINY_RESNET, 3)
+    path = save_weights(model, tmp_path / "m.safetensors")
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(fio.CheckpointCorruptError, match="m.safetensors.*truncated"):
+        fio.load_weights(build_model(TINY_RESNET, 3), path)
