@@ -352,7 +352,7 @@ class _DataOptions:
 def _report_accuracy(name: str, model, data, device) -> None:
     from .experiments.evaluate import evaluate_loss_and_accuracy
 
-    result = evaluate_loss_and_accuracy(model, data, device=device)
+    result = evaluate_loss_and_accuracy(model, data, device=device, progress=_progress())
     acc, n = result["accuracy"], result["n"]
     click.echo(f"{name}: accuracy {100 * acc:.2f}% ({round(acc * n)}/{n} correct) on {n} test images")
 
@@ -365,7 +365,7 @@ def _report_heads(name: str, model, head_classes, data, limit, device) -> None:
     union = sorted({c for cl in head_classes for c in cl})
     test = data.load("test", model, union, remap=False)
     test = first_examples(test, limit) if limit else test
-    r = heads_accuracy(model, head_classes, test, device=device)
+    r = heads_accuracy(model, head_classes, test, device=device, progress=_progress())
     tasks = ", ".join(f"head {i} {100 * a:.2f}%" for i, a in enumerate(r["per_task"]))
     click.echo(f"{name}: per-task accuracy {tasks} (mean {100 * r['task_mean']:.2f}%); "
                f"joint accuracy {100 * r['joint']:.2f}% over all heads")
@@ -429,8 +429,15 @@ def _data_of(kw: dict) -> _DataOptions:
 
 
 @click.group(cls=_FusionGroup)
-def main() -> None:
+@click.option("--quiet", is_flag=True, help="No progress bars (statistics, refinement, repair, evaluation).")
+def main(quiet: bool) -> None:
     """Fuse independently trained vision models by aligning their hidden units."""
+
+
+def _progress() -> bool:
+    """Whether to show progress bars (off with ``fusion --quiet``)."""
+    ctx = click.get_current_context(silent=True)
+    return not (ctx is not None and ctx.find_root().params.get("quiet"))
 
 
 @main.command(epilog=EPILOG_ZOO)
@@ -538,7 +545,7 @@ def _run_fusion(models, method, alpha, out, repair, target_spec, width, calibrat
     arch, n_classes, classes = _arch_of(*arch_source)
     calibration = data.calibration(mods[0], entries, calibration_size, calibration_seed)
     fused = fuse_fn(mods, calibration, method=method, repair=repair, alpha=alpha, seed=seed, device=device,
-                    target=target, width=width, progress=True, refine=refine,
+                    target=target, width=width, progress=_progress(), refine=refine,
                     refine_options=parse_options(refine_options), budget=budget, heads=heads,
                     zip_until=_cut_value(zip_until), **parse_options(options))
     fused = fused.to("cpu")
@@ -665,7 +672,7 @@ def interpolate(models, out, methods, repairs, steps, calibration_size, calibrat
     first_classes = entries[0].classes if entries[0] is not None else _arch_of(mods[0], None)[2]
     test = data.test(mods[0], first_classes, test_limit)
     curves = interpolation_report(mods, calibration, test, methods=method_list, repairs=repair_list,
-                                  alphas=default_alphas(steps), out=out, device=device, progress=True,
+                                  alphas=default_alphas(steps), out=out, device=device, progress=_progress(),
                                   seed=seed, **parse_options(options))
     for c in curves:
         click.echo(f"{c['method']:>16s} + {c['repair']:8s}: accuracy "

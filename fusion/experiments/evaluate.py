@@ -129,6 +129,7 @@ def predict_logits(
     data: Data,
     device: str | torch.device | None = None,
     batch_size: int = 512,
+    progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Runs a model over a dataset and collects its logits.
 
@@ -143,6 +144,7 @@ def predict_logits(
             If it differs from the model's device, a copy of the model is moved
             there, so the caller's model stays where it is.
         batch_size: Batch size used when ``data`` is a dataset.
+        progress: Show a progress bar (with the number of batches when known).
 
     Returns:
         ``(logits, labels)``: float32 CPU tensor ``N x C`` and int64 CPU tensor ``N``.
@@ -157,6 +159,10 @@ def predict_logits(
     if target != home:
         runner = copy.deepcopy(model).to(target)
     loader = _as_loader(data, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        loader = tqdm(loader, desc="evaluation", total=len(loader) if hasattr(loader, "__len__") else None, leave=False)
     all_logits: list[torch.Tensor] = []
     all_labels: list[torch.Tensor] = []
     with eval_mode(runner), torch.no_grad():
@@ -186,7 +192,8 @@ def _check_labels(labels: torch.Tensor, width: int, what: str) -> None:
 
 
 def accuracy(
-    model: nn.Module, data: Data, device: str | torch.device | None = None, batch_size: int = 512
+    model: nn.Module, data: Data, device: str | torch.device | None = None, batch_size: int = 512,
+    progress: bool = False,
 ) -> float:
     """Top-1 accuracy of a model.
 
@@ -195,6 +202,7 @@ def accuracy(
         data: A ``DataLoader`` or dataset whose labels index the model's outputs.
         device: See :func:`predict_logits`.
         batch_size: Batch size used when ``data`` is a dataset.
+        progress: Show a progress bar.
 
     Returns:
         Accuracy in [0, 1].
@@ -202,7 +210,7 @@ def accuracy(
     Raises:
         EvaluationError: If labels fall outside the model's head.
     """
-    logits, labels = predict_logits(model, data, device=device, batch_size=batch_size)
+    logits, labels = predict_logits(model, data, device=device, batch_size=batch_size, progress=progress)
     _check_labels(labels, logits.shape[1], "The model")
     return _accuracy_of(logits, labels)
 
@@ -259,6 +267,7 @@ def evaluate_loss_and_accuracy(
     device: str | torch.device | None = None,
     batch_size: int = 512,
     label_smoothing: float = 0.0,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Mean cross-entropy loss and accuracy of a model.
 
@@ -268,6 +277,7 @@ def evaluate_loss_and_accuracy(
         device: See :func:`predict_logits`.
         batch_size: Batch size used when ``data`` is a dataset.
         label_smoothing: Label smoothing of the cross-entropy.
+        progress: Show a progress bar.
 
     Returns:
         ``{"loss": float, "accuracy": float, "n": int}``.
@@ -275,7 +285,7 @@ def evaluate_loss_and_accuracy(
     Raises:
         EvaluationError: If labels fall outside the model's head.
     """
-    logits, labels = predict_logits(model, data, device=device, batch_size=batch_size)
+    logits, labels = predict_logits(model, data, device=device, batch_size=batch_size, progress=progress)
     _check_labels(labels, logits.shape[1], "The model")
     loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing).item()
     return {"loss": loss, "accuracy": _accuracy_of(logits, labels), "n": int(labels.numel())}
@@ -383,12 +393,13 @@ def heads_accuracy(
     data: Data,
     device: str | torch.device | None = None,
     batch_size: int = 512,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Per-task and joint accuracy of one model whose outputs are several tasks' heads concatenated
     (a fusion with ``heads="separate"``): head ``i`` is the next ``len(class_lists[i])`` outputs.
 
     Scored like :func:`split_task_accuracy` (which runs one model per task); ``data`` carries the
-    original labels.
+    original labels. ``progress`` shows a progress bar.
 
     Returns:
         ``{"per_task": [...], "task_mean": float, "joint": float}``.
@@ -398,7 +409,7 @@ def heads_accuracy(
             :func:`split_task_accuracy`.
     """
     lists = _check_class_lists(class_lists)
-    logits, labels = predict_logits(model, data, device=device, batch_size=batch_size)
+    logits, labels = predict_logits(model, data, device=device, batch_size=batch_size, progress=progress)
     total = sum(len(c) for c in lists)
     if logits.shape[1] != total:
         raise EvaluationError(f"The model has {logits.shape[1]} outputs but the class lists have {total} labels "
