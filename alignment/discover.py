@@ -45,6 +45,11 @@ def discover(model: nn.Module, example_input: Any, *, strict: bool = False) -> G
         UnfollowableOpError: if an op mixes hidden features in a way discovery cannot follow; the
             message names the op and the module.
     """
+    for path, m in model.named_modules():
+        if isinstance(m, nn.RNNBase):
+            raise UnfollowableOpError(
+                f"module {path!r} ({type(m).__name__}) is a recurrent layer: its gates mix hidden units inside one "
+                f"fused weight in a way discovery cannot follow yet: models with recurrent layers cannot be aligned")
     args, kwargs = _as_args(example_input)
     # export a copy: tracing runs the forward, which may fill caches (timm's attention-bias caches)
     # or otherwise touch module state; the user's model must stay exactly as it was

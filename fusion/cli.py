@@ -47,8 +47,10 @@ Example:
 EPILOG_FUSE = """\b
 Example:
   fusion fuse r18w32-s0 r18w32-s1 --zoo ../shared/zoo --out runs/fused.safetensors --eval
-  fusion fuse vit128-s0 vit128-s1 --out runs/vit.safetensors --method permute --repair repair \\
-      --calibration-size 1000 --alpha 0.3 --alpha 0.7 --option iterations=5
+  fusion fuse vit128-s0 vit128-s1 --zoo ../shared/zoo --out runs/vit.safetensors --method permute \\
+      --repair repair --calibration-size 1000 --alpha 0.3 --alpha 0.7 --option iterations=5
+  fusion fuse r18w32-A-s4 r18w32-B-s5 --zoo ../shared/zoo --method zip --zip-until layer3 \\
+      --heads separate --refine lstsq --out runs/ab-zip.safetensors --eval
   fusion fuse timm:resnet18 timm:resnet18 --checkpoint a.safetensors --checkpoint b.safetensors \\
       --kwargs '{"in_chans": 1}' --num-classes 10 --out runs/r18.safetensors
   fusion fuse timm:resnet18 timm:resnet18 --checkpoint a.pt --checkpoint b.pt \\
@@ -431,7 +433,12 @@ def _data_of(kw: dict) -> _DataOptions:
 @click.group(cls=_FusionGroup)
 @click.option("--quiet", is_flag=True, help="No progress bars (statistics, refinement, repair, evaluation).")
 def main(quiet: bool) -> None:
-    """Fuse independently trained vision models by aligning their hidden units."""
+    """Fuse independently trained vision models by aligning their hidden units.
+
+    Environment: FUSION_ZOO is the default --zoo folder (zoo names such as r18w32-s0 need one);
+    FUSION_DATA_DIR the default Fashion-MNIST folder (else the Debian package's
+    /usr/share/datasets/fashion-mnist).
+    """
 
 
 def _progress() -> bool:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import fusion
-from alignment.errors import CalibrationError, FusionError, InvalidOptionError, SpaceMismatchError
+from alignment.errors import CalibrationError, FusionError, InvalidOptionError, SpaceMismatchError, UnfollowableOpError
 from alignment.methods import UnknownMethodError
 from fusion.api import ModelError
 from fusion.engine import HeadsError
@@ -54,6 +54,17 @@ def _cal(x, n=16):
 
 def _gen(x):
     return (x for x in [_cal(x)])
+
+
+class WithLSTM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(8, 16, batch_first=True)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        y, _ = self.lstm(x)
+        return self.fc(y[:, -1])
 
 
 class KwOnly(nn.Module):
@@ -149,6 +160,8 @@ CASES = [
     ("a model on the meta device", lambda a, b, x: fusion.fuse([a, _meta(b)], _cal(x)), ModelError, "meta"),
     ("keyword-only forward", lambda a, b, x: fusion.fuse([KwOnly(), KwOnly()], torch.randn(8, 4)), ModelError,
      "keyword-only.*pixel_values"),
+    ("a recurrent layer", lambda a, b, x: fusion.fuse([WithLSTM().eval(), WithLSTM().eval()], torch.randn(8, 5, 8)),
+     UnfollowableOpError, "'lstm' \\(LSTM\\)"),
     ("one model, no target", lambda a, b, x: fusion.fuse([a], _cal(x)), InvalidOptionError, "width"),
     ("different families", lambda a, b, x: fusion.fuse([build("timm_resnet18")[0], build("timm_vit")[0]],
                                                        torch.randn(8, 1, 28, 28)), SpaceMismatchError, "family"),
@@ -232,3 +245,44 @@ def test_a_non_finite_result_is_an_error_naming_where(monkeypatch):
     monkeypatch.setattr(al, "maps", poisoned)
     with pytest.raises(NonFiniteError, match="after applying the maps, the fused tensor"):
         al.build()
+
+
+# --------------------------------------------------------------------------- the command line
+
+CLI_CASES = [
+    ("width 0", ["fuse", "{a}", "{b}", "--width", "0"], "--width 0"),
+    ("a device that is not there", ["fuse", "{a}", "{b}", "--device", "cuda:7"], "cuda:7"),
+    ("alpha not summing to 1", ["fuse", "{a}", "{b}", "--alpha", "0.7", "--alpha", "0.7"], "sum to 1"),
+    ("unknown method", ["fuse", "{a}", "{b}", "--method", "nope"], "'nope'"),
+    ("misspelt method option", ["fuse", "{a}", "{b}", "--option", "iteratoins=3"], "iteratoins"),
+    ("unknown cut", ["fuse", "{a}", "{b}", "--method", "zip", "--zip-until", "nope"], "'nope'"),
+    ("one model to fuse", ["fuse", "{a}"], "at least two"),
+    ("compress without a width", ["compress", "{a}"], "--width"),
+    ("missing data folder", ["eval", "{a}", "--data", "/nonexistent"], "/nonexistent"),
+    ("missing zoo", ["zoo", "--zoo", "/nonexistent"], "/nonexistent"),
+]
+
+
+@pytest.fixture(scope="module")
+def hf_folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    for i, d in enumerate(("a", "b")):
+        build("hf_vit", seed=i)[0].save_pretrained(str(root / d))
+    return root
+
+
+@pytest.mark.parametrize("args, match", [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES])
+def test_cli_bad_input_is_one_error_line_before_work(args, match, hf_folders, tmp_path, no_pass):
+    from click.testing import CliRunner
+
+    from fusion.cli import main
+
+    argv = [a.format(a=hf_folders / "a", b=hf_folders / "b") for a in args]
+    if argv[0] in ("fuse", "compress"):
+        argv += ["--out", str(tmp_path / "out"), "--calibration-size", "32"]
+    res = CliRunner().invoke(main, argv)
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    # a FusionError is one "error: ..." line; a usage mistake is click's usage message ending in "Error: ..."
+    assert res.exit_code == 2 and lines and lines[-1].lower().startswith("error: "), res.output
+    assert "Traceback" not in res.output and match in lines[-1]
+    assert list(tmp_path.iterdir()) == []
