@@ -81,7 +81,7 @@ def interpolation_curve(
     models = _distinct(models)
     t0 = time.perf_counter()
     al = align(models, calibration, method=method, device=device, progress=progress, **options)
-    return _curve(al, models, calibration, data, alphas, method, repair, device, time.perf_counter() - t0)
+    return _curve(al, models, calibration, data, alphas, method, repair, device, time.perf_counter() - t0, progress)
 
 
 def _distinct(models: Sequence[nn.Module]) -> list[nn.Module]:
@@ -101,7 +101,7 @@ def _check(models: Sequence[nn.Module], repair: str) -> None:
 
 def _curve(al: Alignment, models: Sequence[nn.Module], calibration: Any, data: Any,
            alphas: Sequence[float] | None, method: str, repair: str,
-           device: str | torch.device | None, align_seconds: float) -> dict[str, Any]:
+           device: str | torch.device | None, align_seconds: float, progress: bool = False) -> dict[str, Any]:
     """The curve of an existing alignment (``seconds`` includes ``align_seconds``)."""
     alphas = default_alphas() if alphas is None else [float(a) for a in alphas]
     if not alphas:
@@ -109,7 +109,12 @@ def _curve(al: Alignment, models: Sequence[nn.Module], calibration: Any, data: A
     t0 = time.perf_counter()
     accs: list[float] = []
     losses: list[float] = []
-    for a in alphas:
+    steps: Any = alphas
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(alphas, desc=f"{method} + {repair} along alpha", total=len(alphas), leave=False)
+    for a in steps:
         weights = [1.0 - a, a]
         fused = al.build(weights, repair=repair)
         res = evaluate_loss_and_accuracy(fused, data, device=device)
@@ -208,7 +213,7 @@ def interpolation_report(
         al = align(models, calibration, method=m, device=device, progress=progress, **options)
         dt = time.perf_counter() - t0
         for r in repairs:
-            curves.append(_curve(al, models, calibration, data, alphas, m, r, device, dt))
+            curves.append(_curve(al, models, calibration, data, alphas, m, r, device, dt, progress))
     if out is not None:
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
