@@ -24,12 +24,11 @@ import time
 import torch
 
 import fusion
-from fusion.experiments.data import calibration_subset, load_fashion_mnist
 from fusion.experiments.evaluate import accuracy, ensemble_accuracy, heads_accuracy, split_task_accuracy
 from fusion.experiments.zoo import load_model
 from fusion.lstsq import LayerGram, ridge_solve
 from fusion.refine import _conv_rows, _conv_weight
-from results_file import footer, write_results
+from results_file import fashion_mnist_setup, footer, write_results, zoo_arguments
 
 SAME_TASK = [("r18w32-s0", "r18w32-s1"), ("vit128-s0", "vit128-s1")]
 SPLITS = [("r18w32-A-s4", "r18w32-B-s5"), ("vit128-A-s4", "vit128-B-s5")]
@@ -199,20 +198,11 @@ def speed(args, cal, lines) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--zoo", default=None, help="zoo folder (default: $FUSION_ZOO)")
-    ap.add_argument("--out", default="benchmarks/results/refine.md")
-    ap.add_argument("--calibration-size", type=int, default=2000)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--sections", default="budgets,compression,adam,speed")
+    zoo_arguments(ap, "benchmarks/results/refine.md", "budgets,compression,adam,speed")
     ap.add_argument("--pairs", default=None, help="budgets: comma-separated a/b pairs (default: the zoo's four)")
     ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="budgets: comma-separated factors")
     args = ap.parse_args()
-    train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
-    cal = calibration_subset(train, args.calibration_size, seed=args.seed)
-    lines = ["# Least-squares refinement, partial matching and compression", "",
-             f"Fashion-MNIST test accuracy (10,000 images); {args.calibration_size} calibration images from the "
-             f"training split (seed {args.seed}); CPU.", ""]
+    cal, test, lines = fashion_mnist_setup(args, "Least-squares refinement, partial matching and compression")
     sections = args.sections.split(",")
     if "budgets" in sections:
         budgets(args, cal, test, lines)

@@ -28,12 +28,11 @@ import torch
 
 import fusion
 from alignment.errors import FusionError
-from fusion.experiments.data import calibration_subset, load_fashion_mnist
 from fusion.experiments.evaluate import accuracy, ensemble_accuracy, heads_accuracy, split_task_accuracy
 from fusion.experiments.zoo import load_model
 from alignment.runner import first_batch
 from fusion.zipped import forward_flops, parameter_total
-from results_file import footer, write_results
+from results_file import fashion_mnist_setup, footer, write_results, zoo_arguments
 
 PAIRS = [("r18w32-A-s4", "r18w32-B-s5"), ("vit128-A-s4", "vit128-B-s5"), ("r18w32-s0", "r18w32-s1"),
          ("vit128-s0", "vit128-s1")]
@@ -207,21 +206,12 @@ def timing(args, cal, lines) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--zoo", default=None, help="zoo folder (default: $FUSION_ZOO)")
+    zoo_arguments(ap, "benchmarks/results/zip.md", "pairs,many,timing")
     ap.add_argument("--zoo3", default=None, help="folder holding the three-task split (optional)")
-    ap.add_argument("--out", default="benchmarks/results/zip.md")
     ap.add_argument("--plot", default="benchmarks/results/zip_accuracy_flops.png")
-    ap.add_argument("--calibration-size", type=int, default=2000)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--sections", default="pairs,many,timing")
     ap.add_argument("--pairs", default=None, help="pairs: comma-separated a/b pairs (default: the zoo's four)")
     args = ap.parse_args()
-    train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
-    cal = calibration_subset(train, args.calibration_size, seed=args.seed)
-    lines = ["# Zipping, partial zipping, budgets and ensembles", "",
-             f"Fashion-MNIST test accuracy (10,000 images); {args.calibration_size} calibration images from the "
-             f"training split (seed {args.seed}); CPU.", ""]
+    cal, test, lines = fashion_mnist_setup(args, "Zipping, partial zipping, budgets and ensembles")
     sections = args.sections.split(",")
     plots: list = []
     if "pairs" in sections:
