@@ -124,6 +124,10 @@ def resolve_model(spec: str, zoo: str | None = None, checkpoint: str | None = No
 
         model = transformers.AutoModelForImageClassification.from_pretrained(str(path), local_files_only=True)
         return model.eval(), None
+    if path.name.endswith(".timm.json"):
+        from .io import load_timm_json
+
+        return load_timm_json(path), None
     if path.suffix in (".safetensors", ".json") or path.with_suffix(".json").exists():
         return load_model_file(path)
     return load_model(spec, zoo)
@@ -539,6 +543,11 @@ def _run_fusion(models, method, alpha, out, repair, target_spec, width, calibrat
     from .io import check_output, resized_widths, save_model, save_zipped
 
     check_output(out, overwrite)  # before any work: an existing or unwritable output fails now
+    from .io import OutputExistsError, library_form_paths
+
+    for extra_path in library_form_paths(out):
+        if extra_path.exists() and not overwrite:
+            raise OutputExistsError(f"{extra_path} exists; choose another output path or allow overwriting (--overwrite)")
     data = _data_of(kw)
     if target_spec is not None and width is not None:
         raise click.UsageError("give --target or --width, not both")
@@ -576,8 +585,13 @@ def _run_fusion(models, method, alpha, out, repair, target_spec, width, calibrat
         # a width the constructor does not build is recorded per space (loading resizes to it)
         path = save_model(fused, out, arch=arch, num_classes=n_classes, classes=classes,
                           widths=resized_widths(fused, arch, n_classes), extra=extra, overwrite=overwrite)
+    forms = []
+    if zip_until is None and heads == "merged":
+        from .io import save_library_forms
+
+        forms = save_library_forms(fused, out, arch, n_classes, overwrite=overwrite)
     click.echo(report.summary())
-    click.echo(f"wrote {path} (+ {path.with_suffix('.json').name})")
+    click.echo(f"wrote {path} (+ {path.with_suffix('.json').name}" + "".join(f", {p.name}" for p in forms) + ")")
     if do_eval:
         if head_classes is not None:
             _report_heads("fused", fused, head_classes, data, test_limit, device)

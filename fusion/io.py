@@ -59,6 +59,9 @@ __all__ = [
     "check_output",
     "save_model",
     "save_zipped",
+    "save_library_forms",
+    "library_form_paths",
+    "load_timm_json",
     "load_model_file",
 ]
 
@@ -802,3 +805,95 @@ def save_zipped(
                                       f"structure: " + "; ".join(problems) + ".")
     _write_pair(model, weights_path, sidecar_path, sidecar)
     return weights_path
+
+
+def save_library_forms(model: nn.Module, path: str | os.PathLike[str], arch: Mapping[str, Any] | ModelSpec,
+                       num_classes: int, overwrite: bool = False) -> list[Path]:
+    """Write a fused model where its library's users load it, next to the toolkit's own files.
+
+    * transformers: a ``save_pretrained`` folder ``<stem>.hf`` whose config carries the fused sizes::
+
+          model = transformers.AutoModelForImageClassification.from_pretrained("<stem>.hf")
+
+    * timm: ``<stem>.timm.json`` with the ``timm.create_model`` arguments that rebuild the fused
+      architecture; the weights are ``<stem>.safetensors`` (a plain state dict)::
+
+          model = timm.create_model(**json.load(open("<stem>.timm.json")))
+          model.load_state_dict(safetensors.torch.load_file("<stem>.safetensors"))
+
+    A timm model whose fused widths its constructor cannot express (e.g. a ResNet stem halved by
+    ``width=0.5``) gets no JSON: only the toolkit's sidecar rebuilds it.
+
+    Args:
+        model: the fused model (not modified).
+        path: the toolkit's output path (``<stem>`` or ``<stem>.safetensors``).
+        arch: its constructor spec.
+        num_classes: its number of outputs.
+        overwrite: replace existing files.
+
+    Returns:
+        The paths written (empty when the library cannot express the model).
+
+    Raises:
+        OutputExistsError: an output exists and ``overwrite`` is false.
+    """
+    library, name, kwargs = _check_arch(arch)
+    weights, _ = _model_paths(path)
+    stem = weights.with_suffix("")
+    if library == "transformers":
+        folder = stem.with_name(stem.name + ".hf")
+        if folder.exists() and not overwrite:
+            raise OutputExistsError(f"{folder} exists; choose another output path or allow overwriting (--overwrite)")
+        tmp = folder.with_name(f".{folder.name}.tmp")
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        if folder.exists():
+            import shutil
+
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+        return [folder]
+    if library != "timm":
+        return []
+    spec = {"model_name": name, "pretrained": False, "num_classes": int(num_classes), **_jsonable(kwargs, "arch.kwargs")}
+    try:
+        problems = _mismatch_report(_timm_model(spec), model.state_dict())
+    except Exception:  # the constructor rejects these arguments: no timm form
+        return []
+    if problems:
+        return []
+    out = stem.with_name(stem.name + ".timm.json")
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} exists; choose another output path or allow overwriting (--overwrite)")
+    _commit([(out, (json.dumps(spec, indent=1, sort_keys=True) + "\n").encode())])
+    return [out]
+
+
+def library_form_paths(path: str | os.PathLike[str]) -> list[Path]:
+    """The paths :func:`save_library_forms` may write for the toolkit path ``path``."""
+    stem = _model_paths(path)[0].with_suffix("")
+    return [stem.with_name(stem.name + ".hf"), stem.with_name(stem.name + ".timm.json")]
+
+
+def _timm_model(spec: Mapping[str, Any]) -> nn.Module:
+    import timm
+
+    return timm.create_model(**dict(spec))
+
+
+def load_timm_json(path: str | os.PathLike[str]) -> nn.Module:
+    """The model a ``<stem>.timm.json`` (see :func:`save_library_forms`) describes, with the weights of
+    ``<stem>.safetensors`` loaded (eval mode)."""
+    path = Path(path)
+    weights = path.with_name(path.name[: -len(".timm.json")] + ".safetensors")
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SidecarError(f"{path} is not a readable timm JSON ({exc})") from None
+    if not isinstance(spec, dict) or "model_name" not in spec:
+        raise SidecarError(f"{path} needs 'model_name' and the timm.create_model arguments")
+    model = _timm_model(spec)
+    return load_weights(model, weights, what=f"timm model {path.name!r}").eval()

@@ -441,3 +441,21 @@ def test_out_onto_existing_files_fails_before_any_work(tmp_path, monkeypatch):
     assert (tmp_path / "x.json").read_text() == "mine"
     res = CliRunner().invoke(main, ["fuse", "nope-a", "nope-b", "--out", str(tmp_path / "x.json" / "y")])
     assert "writable" in _one_error_line(res, alone=False)
+
+
+def test_fused_hf_model_is_also_a_save_pretrained_folder_that_eval_reads(tmp_path):
+    """fuse writes <out>.hf (transformers' own format) next to the toolkit's pair; eval scores both
+    forms alike."""
+    from tests import tiny_models
+
+    for i, d in enumerate(("a", "b")):
+        tiny_models.build("hf_vit", seed=i)[0].save_pretrained(str(tmp_path / d))
+    out = tmp_path / "hf.safetensors"
+    res = CliRunner().invoke(main, ["--quiet", "fuse", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out),
+                                    "--calibration-size", "64"])
+    assert res.exit_code == 0, res.output
+    assert "hf.hf" in res.output and (tmp_path / "hf.hf" / "config.json").is_file()
+    one = CliRunner().invoke(main, ["--quiet", "eval", str(out), "--limit", "100"])
+    two = CliRunner().invoke(main, ["--quiet", "eval", str(tmp_path / "hf.hf"), "--limit", "100"])
+    assert one.exit_code == 0 and two.exit_code == 0, (one.output, two.output)
+    assert _correct(one.output, str(out)) == _correct(two.output, str(tmp_path / "hf.hf"))

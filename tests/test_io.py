@@ -269,3 +269,77 @@ def test_truncated_weights_name_the_file(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(fio.CheckpointCorruptError, match="m.safetensors.*truncated"):
         fio.load_weights(build_model(TINY_RESNET, 3), path)
+
+
+# --------------------------------------------------------------------------- where library users load
+
+_ALONE = """
+import json, sys
+import torch
+{imports}
+assert not any(m == "fusion" or m.startswith(("fusion.", "alignment")) for m in sys.modules), "toolkit imported"
+x = torch.load(sys.argv[1])
+{load}
+with torch.no_grad():
+    y = model.eval()(x)
+torch.save(getattr(y, "logits", y), sys.argv[2])
+"""
+
+
+def _run_alone(tmp_path: Path, imports: str, load: str, x: torch.Tensor) -> torch.Tensor:
+    import subprocess
+    import sys
+
+    torch.save(x, tmp_path / "x.pt")
+    script = tmp_path / "alone.py"
+    script.write_text(_ALONE.format(imports=imports, load=load))
+    res = subprocess.run([sys.executable, str(script), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return torch.load(tmp_path / "y.pt")
+
+
+def test_fused_hf_vit_loads_with_transformers_alone(tmp_path: Path) -> None:
+    """A fused (and narrowed) HF ViT is a save_pretrained folder whose config has the fused sizes:
+    transformers alone loads it in a fresh process and gives the same logits; fusion eval reads it."""
+    import fusion
+    from tests.tiny_models import build
+
+    a, x = build("hf_vit", 0)
+    b, _ = build("hf_vit", 1)
+    fused = fusion.fuse([a, b], torch.randn(32, 1, 28, 28), repair="none", width=0.5)
+    written = fio.save_library_forms(fused, tmp_path / "m", HF_VIT, 10)
+    assert written == [tmp_path / "m.hf"]
+    got = _run_alone(tmp_path, "import transformers",
+                     f"model = transformers.AutoModelForImageClassification.from_pretrained({str(written[0])!r})", x)
+    with torch.no_grad():
+        torch.testing.assert_close(got, fused(x).logits)
+    from fusion.cli import resolve_model
+
+    assert isinstance(resolve_model(str(written[0]))[0], type(fused))
+
+
+def test_fused_timm_resnet_loads_with_timm_alone(tmp_path: Path) -> None:
+    """A fused timm ResNet: the safetensors weights plus the create_model arguments in <stem>.timm.json
+    rebuild it with timm alone (the two lines of the docs), in a fresh process."""
+    import fusion
+    from tests.tiny_models import build
+
+    a, x = build("timm_resnet18", 0)
+    b, _ = build("timm_resnet18", 1)
+    fused = fusion.fuse([a, b], torch.randn(32, 1, 28, 28), repair="reset_bn")
+    arch = {"library": "timm", "name": "resnet18", "kwargs": {"in_chans": 1, "channels": [16, 32, 64, 128],
+                                                                 "stem_width": 16}}
+    save_model(fused, tmp_path / "m", arch, 10)
+    written = fio.save_library_forms(fused, tmp_path / "m", arch, 10)
+    assert written == [tmp_path / "m.timm.json"]
+    got = _run_alone(tmp_path, "import timm, safetensors.torch",
+                     "model = timm.create_model(**json.load(open('m.timm.json')))\n"
+                     "model.load_state_dict(safetensors.torch.load_file('m.safetensors'))", x)
+    with torch.no_grad():
+        torch.testing.assert_close(got, fused(x))
+    with torch.no_grad():
+        torch.testing.assert_close(fio.load_timm_json(written[0])(x), fused(x))
+    # a halved ResNet stem is not a timm constructor argument: no timm form, the sidecar remains
+    half = fusion.fuse([a], torch.randn(32, 1, 28, 28), width=0.5, repair="none")
+    assert fio.save_library_forms(half, tmp_path / "half", arch, 10) == []
