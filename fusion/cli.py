@@ -173,9 +173,54 @@ def _resolve_all(specs, zoo_dir, checkpoints, kwargs_json, num_classes):
     ckpts = iter(checkpoints)
     out = []
     for spec in specs:
+        if _is_function_spec(spec):
+            out.extend(_models_from_function(spec))
+            continue
         ckpt = next(ckpts) if spec.startswith("timm:") else None
         out.append(resolve_model(spec, zoo_dir, checkpoint=ckpt, kwargs=kwargs, num_classes=num_classes))
     return out
+
+
+def _is_function_spec(spec: str) -> bool:
+    import re
+
+    return (not spec.startswith("timm:") and not Path(spec).exists()
+            and re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", spec) is not None)
+
+
+def _models_from_function(spec: str) -> list:
+    """``module:function`` returning a model, a list of models, or ``(model, arch)`` pairs (``arch``: the
+    constructor spec that rebuilds it, see :func:`fusion.io.build_model`; transformers models need none)."""
+    import importlib
+
+    from .io import ModelSpec, _check_arch
+
+    module, _, name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise click.BadParameter(f"{spec}: cannot import {name!r} from {module!r} ({exc})", param_hint="MODELS")
+    got = fn()
+    items = list(got) if isinstance(got, (list, tuple)) and not (len(got) == 2 and isinstance(got[1], dict)) else [got]
+    out = []
+    for k, item in enumerate(items):
+        model, arch = (item if isinstance(item, tuple) else (item, None))
+        if not isinstance(model, torch.nn.Module):
+            raise click.BadParameter(f"{spec} returned a {type(model).__name__} (item {k}); return models, or "
+                                     f"(model, arch) pairs", param_hint="MODELS")
+        entry = None
+        if arch is not None:
+            _check_arch(arch)
+            n = int(getattr(model, "num_classes", 0) or _out_features(model))
+            entry = ModelSpec(name=f"{spec}[{k}]", library=arch["library"], arch_name=arch["name"],
+                              kwargs=dict(arch.get("kwargs", {})), num_classes=n, classes=list(range(n)))
+        out.append((model.eval(), entry))
+    return out
+
+
+def _out_features(model) -> int:
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    return last[-1].out_features if last else 0
 
 
 def _cut_value(text: str | None):
@@ -610,13 +655,16 @@ def _run_fusion(models, method, alpha, out, repair, target_spec, width, calibrat
 def fuse(models, method, alphas, **kw) -> None:
     """Fuse MODELS (two or more) into one model.
 
-    MODELS are zoo names, .safetensors files with a JSON sidecar, HF model folders, or timm:NAME
-    (with --checkpoint, --kwargs, --num-classes). The fused model has the first model's
+    MODELS are zoo names, .safetensors files with a JSON sidecar, HF model folders, <stem>.timm.json
+    files (timm.create_model arguments next to <stem>.safetensors), timm:NAME (with --checkpoint,
+    --kwargs, --num-classes), or module:function returning the models (or (model, arch) pairs).
+    Besides OUT.safetensors and its sidecar, a transformers model is written as a save_pretrained
+    folder OUT.hf and a timm model gets OUT.timm.json. The fused model has the first model's
     architecture, or that of --target (a model of the same family, e.g. narrower), or the first
     model's resized by --width. Calibration images come from the train split of --data
     (Fashion-MNIST by default), restricted to the union of the models' classes.
     """
-    if len(models) < 2:
+    if len(models) < 2 and not any(_is_function_spec(m) for m in models):
         raise click.UsageError("fuse needs at least two models (use `fusion compress` for one)")
     alpha = None
     if alphas:

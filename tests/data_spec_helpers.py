@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-__all__ = ["split_tensors", "loader", "formatted", "not_a_dataset", "noise28"]
+__all__ = ["split_tensors", "loader", "formatted", "not_a_dataset", "noise28", "two_resnets"]
 
 
 def split_tensors(split: str = "train") -> TensorDataset:
@@ -39,3 +39,16 @@ def noise28(split: str = "train") -> TensorDataset:
     """Forty random 1x28x28 images (a different draw per split), labels 0..9."""
     g = torch.Generator().manual_seed(0 if split == "train" else 1)
     return TensorDataset(torch.randn(40, 1, 28, 28, generator=g), torch.arange(40) % 10)
+
+
+def two_resnets():
+    """Two tiny timm ResNets with the constructor spec that rebuilds them (``module:function`` models)."""
+    import timm
+
+    arch = {"library": "timm", "name": "resnet18",
+            "kwargs": {"in_chans": 1, "channels": [8, 16, 32, 64], "stem_width": 8}}
+    out = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        out.append((timm.create_model("resnet18", pretrained=False, num_classes=10, **arch["kwargs"]).eval(), arch))
+    return out

@@ -459,3 +459,16 @@ def test_fused_hf_model_is_also_a_save_pretrained_folder_that_eval_reads(tmp_pat
     two = CliRunner().invoke(main, ["--quiet", "eval", str(tmp_path / "hf.hf"), "--limit", "100"])
     assert one.exit_code == 0 and two.exit_code == 0, (one.output, two.output)
     assert _correct(one.output, str(out)) == _correct(two.output, str(tmp_path / "hf.hf"))
+
+
+def test_fuse_models_returned_by_a_function(tmp_path):
+    """MODELS may be module:function returning the models (with their constructor spec); the fused
+    model is saved with that spec and a timm form."""
+    out = tmp_path / "fn.safetensors"
+    res = CliRunner().invoke(main, ["--quiet", "fuse", "tests.data_spec_helpers:two_resnets", "--out", str(out),
+                                    "--data", "tests.data_spec_helpers:noise28", "--calibration-size", "32"])
+    assert res.exit_code == 0, res.output
+    side = json.loads(out.with_suffix(".json").read_text())
+    assert side["arch"]["name"] == "resnet18" and (tmp_path / "fn.timm.json").is_file()
+    res = CliRunner().invoke(main, ["fuse", "tests.data_spec_helpers:nope", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "cannot import" in res.output
