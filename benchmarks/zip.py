@@ -184,6 +184,10 @@ def many(args, cal, test, lines) -> None:
                 cells.append(f"n/a ({type(exc).__name__})")
         lines.append(f"| {' + '.join(names)} | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
+    if args.zoo3:
+        lines += ["", f"The extra models (not in the reference zoo): `python benchmarks/train_zoo.py --out {args.zoo3} "
+                      f"--only r18w32-T1-s6 --only r18w32-T2-s7 --only r18w32-T3-s8 --only r18w32-s9`."]
+    lines.append("")
 
 
 def timing(args, cal, lines) -> None:

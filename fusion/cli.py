@@ -779,8 +779,8 @@ Example:
               help="Architecture of the two models trained for the demo.")
 @click.option("--out", default=None, help="Output folder (must not exist or be empty; default: a fresh fusion-demo* "
                                           "folder in the current directory).")
-@click.option("--train-size", type=int, default=12000, show_default=True, help="Training images per model.")
-@click.option("--epochs", type=int, default=3, show_default=True, help="Training epochs per model.")
+@click.option("--train-size", type=int, default=20000, show_default=True, help="Training images per model.")
+@click.option("--epochs", type=int, default=4, show_default=True, help="Training epochs per model.")
 @click.option("--calibration-size", type=int, default=1000, show_default=True, help="Calibration images for fusion.")
 @click.option("--test-limit", type=int, default=None, help="Evaluate on the first N test images only.")
 @click.option("--no-cache", is_flag=True, help="Always train (default: reuse models trained by an earlier run, kept "

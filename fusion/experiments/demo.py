@@ -46,7 +46,7 @@ DEMO_RUNS: dict[str, dict[str, Any]] = {
     "naive averaging": {"method": "average"},
     "permute": {"method": "permute"},
     "zip": {"method": "zip"},
-    "permute + lstsq": {"method": "permute", "refine": "lstsq"},
+    "permute + lstsq (recommended)": {"method": "permute", "refine": "lstsq"},
     "zip + lstsq": {"method": "zip", "refine": "lstsq"},
 }
 """The fused rows of the demo's table: name -> :func:`fusion.fuse` arguments (with the family's repair)."""
@@ -141,8 +141,8 @@ def _trained(arch: dict, train, n_classes: int, seed: int, epochs: int, size: in
     return model.eval(), seconds
 
 
-def run_demo(arch: str = "resnet", out: str | os.PathLike[str] | None = None, train_size: int = 12000,
-             epochs: int = 3, calibration_size: int = 1000, test_size: int | None = None,
+def run_demo(arch: str = "resnet", out: str | os.PathLike[str] | None = None, train_size: int = 20000,
+             epochs: int = 4, calibration_size: int = 1000, test_size: int | None = None,
              cache: str | os.PathLike[str] | None | bool = True, download: bool = False,
              data_root: str | None = None, progress: bool = True, curves: bool = True, batch_size: int = 128,
              methods: Sequence[str] | None = None, say: Callable[[str], None] = print) -> DemoResult:
@@ -223,8 +223,8 @@ def run_demo(arch: str = "resnet", out: str | os.PathLike[str] | None = None, tr
 
 def format_table(result: DemoResult) -> str:
     """The demo's table as text."""
-    lines = [f"{'model':<28} {'accuracy':>9} {'seconds':>8}  note", "-" * 60]
+    lines = [f"{'model':<31} {'accuracy':>9} {'seconds':>8}  note", "-" * 64]
     for r in result.rows:
         sec = f"{r.seconds:8.1f}" if r.seconds is not None else f"{'-':>8}"
-        lines.append(f"{r.name:<28} {100 * r.accuracy:8.2f}% {sec}  {r.note}")
+        lines.append(f"{r.name:<31} {100 * r.accuracy:8.2f}% {sec}  {r.note}")
     return "\n".join(lines)
