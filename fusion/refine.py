@@ -262,7 +262,12 @@ def refine_lstsq(ctx: RepairContext, *, inputs: Literal["sequential", "merged"] 
         with contextlib.ExitStack() as stack:
             for r in replays:
                 stack.enter_context(r.session())
-            for layer in layers:
+            steps: Any = layers
+            if ctx.progress:
+                from tqdm.auto import tqdm
+
+                steps = tqdm(layers, desc="refinement (layers)", total=len(layers), leave=False)
+            for layer in steps:
                 t1 = time.perf_counter()
                 module = fmods[layer.path]
                 bn = fmods[layer.bn] if layer.bn is not None else None
