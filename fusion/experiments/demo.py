@@ -130,6 +130,8 @@ def _trained(arch: dict, train, n_classes: int, seed: int, epochs: int, size: in
         say(f"model seed {seed}: from the cache ({path})")
         return load_weights(model, path).eval(), None
     subset = calibration_subset(train, min(size, len(train)), seed=100 + seed)
+    # a small dataset (the digits fallback) gets as many steps as the asked size would have had
+    epochs = min(100, epochs * max(1, round(size / len(subset))))
     say(f"model seed {seed}: training {arch['name']} on {len(subset)} images for {epochs} epoch(s)")
     t = time.perf_counter()
     recipe = dataclasses.replace(recipe_for_arch(arch), batch_size=batch_size)
