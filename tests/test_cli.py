@@ -470,5 +470,12 @@ def test_fuse_models_returned_by_a_function(tmp_path):
     assert res.exit_code == 0, res.output
     side = json.loads(out.with_suffix(".json").read_text())
     assert side["arch"]["name"] == "resnet18" and (tmp_path / "fn.timm.json").is_file()
+    # eval reads the toolkit's pair and the timm form alike
+    scores = []
+    for form in (out, tmp_path / "fn.timm.json"):
+        r = CliRunner().invoke(main, ["--quiet", "eval", str(form), "--data", "tests.data_spec_helpers:noise28"])
+        assert r.exit_code == 0, r.output
+        scores.append(_correct(r.output, str(form)))
+    assert scores[0] == scores[1]
     res = CliRunner().invoke(main, ["fuse", "tests.data_spec_helpers:nope", "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "cannot import" in res.output
