@@ -300,7 +300,7 @@ def refine_lstsq(ctx: RepairContext, *, inputs: Literal["sequential", "merged"] 
                         ys.append(got[(stop, "out")])
                         if inputs == "merged":
                             xis.append(got[(own, "in")])
-                    Y = sum(_feature_rows(layer.kind, module, y).float() @ A[i].t() for i, y in enumerate(ys))
+                    Y = _merged_rows([_feature_rows(layer.kind, module, y).float() for y in ys], A)
                     if inputs == "sequential":
                         X = replays[0].run(x, b)[own_stop]
                     else:
@@ -325,6 +325,22 @@ def refine_lstsq(ctx: RepairContext, *, inputs: Literal["sequential", "merged"] 
                          + "; ".join(skipped[:6]) + (" ..." if len(skipped) > 6 else ""))
     ctx.details["refine"] = {"layers": details, "largest_gram": {"layer": largest[1], "size": largest[0]},
                              "skipped": skipped, "seconds": time.perf_counter() - t0}
+
+
+def _merged_rows(rows: list[torch.Tensor], A: list[torch.Tensor]) -> torch.Tensor:
+    """``sum_i rows_i @ A_i^T``: the sources' outputs merged into the fused features. A map with at most
+    one entry per fused feature (a permutation, a selection, a head's placement) is applied as a
+    scaled gather, which is several times cheaper than the dense product on long row blocks."""
+    out = None
+    for r, M in zip(rows, A):
+        nz = M != 0
+        if bool((nz.sum(1) <= 1).all()):
+            idx, scale = M.abs().argmax(1), M.gather(1, M.abs().argmax(1)[:, None])[:, 0]
+            part = r[:, idx] * scale.to(r.dtype)
+        else:
+            part = r @ M.t()
+        out = part if out is None else out + part
+    return out
 
 
 def _sample_rows(rows: int, images: int, k: int, gen: torch.Generator, dev: torch.device) -> torch.Tensor | None:
