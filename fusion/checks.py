@@ -196,6 +196,11 @@ def check_calibration(data: Any, models: Sequence[nn.Module], heads: str | None 
 def _length(data: Any) -> int | None:
     if isinstance(data, torch.Tensor):
         return len(data)
+    if isinstance(data, torch.utils.data.DataLoader):
+        try:
+            return len(data.dataset)
+        except TypeError:  # an iterable dataset without a length
+            return None
     if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__"):
         return len(data)
     if isinstance(data, (list, tuple)) and len(data) == 1:

@@ -286,3 +286,17 @@ def test_cli_bad_input_is_one_error_line_before_work(args, match, hf_folders, tm
     assert res.exit_code == 2 and lines and lines[-1].lower().startswith("error: "), res.output
     assert "Traceback" not in res.output and match in lines[-1]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_loader_of_single_samples_is_fine_but_one_sample_in_all_is_not(no_pass):
+    """The two-sample rule counts the whole data set, not the first batch: a DataLoader with batch
+    size 1 over many samples passes the checks; one over a single sample does not."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from fusion.checks import check_calibration
+
+    a, b, x = _models()
+    many = DataLoader(TensorDataset(_cal(x, 8)), batch_size=1)
+    assert check_calibration(many, [a, b]).shape[0] == 1
+    with pytest.raises(CalibrationError, match="1 sample"):
+        check_calibration(DataLoader(TensorDataset(_cal(x, 1)), batch_size=1), [a, b])
