@@ -36,7 +36,7 @@ from alignment.runner import model_device, runnable
 from alignment.statistics import POINT_POLICIES, Statistics, collect
 
 from .checks import (ModelError, check_alpha, check_calibration, check_device, check_finite_model, check_finite_plans,
-                     check_models, check_seed)
+                     check_models, check_seed, model_list)
 from .engine import apply_maps, check_heads, head_tensors
 from .refine import REFINEMENTS, run_refinement
 from .repair import REPAIRS, RepairContext, run_repair
@@ -472,7 +472,7 @@ def fuse(
         attribute is a :class:`FusionReport` (per-space matching scores, wall time per stage, every
         fallback taken).
     """
-    models = check_models(models)
+    models = model_list(models)  # every tensor is checked once, in align
     weights = check_alpha(alpha, len(models), normalize)
     check_heads(heads)
     METHODS.validate(method, options)

@@ -18,7 +18,7 @@ from torch import nn
 from alignment.errors import CalibrationError, FusionError, InvalidOptionError
 from alignment.runner import batch_input, check_data, first_batch, modes
 
-__all__ = ["ModelError", "NonFiniteError", "check_models", "check_alpha", "check_calibration", "check_device",
+__all__ = ["ModelError", "NonFiniteError", "model_list", "check_models", "check_alpha", "check_calibration", "check_device",
            "check_seed", "check_finite_plans", "check_finite_model"]
 
 
@@ -31,20 +31,32 @@ class ModelError(FusionError, ValueError, TypeError):
     meta weights, a forward pass that cannot take the calibration batch)."""
 
 
+def model_list(models: Any) -> list[nn.Module]:
+    """The models as a list, after checking it is a non-empty list of ``nn.Module`` (the cheap part of
+    :func:`check_models`, which looks at every tensor).
+
+    Raises:
+        ModelError: naming the item at fault.
+    """
+    if isinstance(models, nn.Module) or not isinstance(models, (list, tuple)):
+        raise ModelError("fuse takes a list of models (nn.Module), e.g. fuse([a, b], calibration)")
+    if not models:
+        raise ModelError("fuse needs at least one model")
+    for i, m in enumerate(models):
+        if not isinstance(m, nn.Module):
+            raise ModelError(f"model {i} is a {type(m).__name__}, not an nn.Module; load the weights into a model first")
+    return list(models)
+
+
 def check_models(models: Any) -> list[nn.Module]:
     """The models as a list, after checking each is a real, finite ``nn.Module`` of one dtype.
 
     Raises:
         ModelError: naming the model (and tensor) at fault.
     """
-    if isinstance(models, nn.Module) or not isinstance(models, (list, tuple)):
-        raise ModelError("fuse takes a list of models (nn.Module), e.g. fuse([a, b], calibration)")
-    if not models:
-        raise ModelError("fuse needs at least one model")
+    models = model_list(models)
     dtypes: dict[torch.dtype, int] = {}
     for i, m in enumerate(models):
-        if not isinstance(m, nn.Module):
-            raise ModelError(f"model {i} is a {type(m).__name__}, not an nn.Module; load the weights into a model first")
         for name, t in list(m.named_parameters()) + list(m.named_buffers()):
             if t.is_meta:
                 raise ModelError(f"model {i}: tensor {name!r} is on the meta device (no values); load real weights "

@@ -585,14 +585,10 @@ def _run_fusion(models, method, alpha, out, repair, target_spec, width, calibrat
                 num_classes, refine="none", refine_options=(), budget=1.0, heads="merged", zip_until=None,
                 overwrite=False, **kw) -> None:
     from . import fuse as fuse_fn
-    from .io import check_output, resized_widths, save_model, save_zipped
+    from .io import check_output, library_form_paths, resized_widths, save_model, save_zipped
 
-    check_output(out, overwrite)  # before any work: an existing or unwritable output fails now
-    from .io import OutputExistsError, library_form_paths
-
-    for extra_path in library_form_paths(out):
-        if extra_path.exists() and not overwrite:
-            raise OutputExistsError(f"{extra_path} exists; choose another output path or allow overwriting (--overwrite)")
+    # before any work: an existing or unwritable output (the library forms included) fails now
+    check_output(out, overwrite, extra=library_form_paths(out))
     data = _data_of(kw)
     if target_spec is not None and width is not None:
         raise click.UsageError("give --target or --width, not both")

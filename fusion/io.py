@@ -453,9 +453,17 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str], what: str | Non
 # ---------------------------------------------------------------------------
 
 
-def check_output(path: str | os.PathLike[str], overwrite: bool = False, sidecar: bool = True) -> tuple[Path, Path]:
+def _refuse_existing(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{path} exists; choose another output path or allow overwriting "
+                                f"(overwrite=True, --overwrite)")
+
+
+def check_output(path: str | os.PathLike[str], overwrite: bool = False, sidecar: bool = True,
+                 extra: Iterable[Path] = ()) -> tuple[Path, Path]:
     """Check, before any work, that a model can be written to ``path``: its folder exists or can be
-    created and is writable, and (unless ``overwrite``) neither the weights nor the sidecar exist.
+    created and is writable, and (unless ``overwrite``) neither the weights, the sidecar nor any of
+    the ``extra`` paths (e.g. :func:`library_form_paths`) exist.
 
     Returns:
         ``(weights path, sidecar path)``.
@@ -465,11 +473,8 @@ def check_output(path: str | os.PathLike[str], overwrite: bool = False, sidecar:
         OutputNotWritableError: the folder cannot be created or written.
     """
     weights, side = _model_paths(path)
-    if not overwrite:
-        for p in (weights, side) if sidecar else (weights,):
-            if p.exists():
-                raise OutputExistsError(f"{p} exists; choose another output path or allow overwriting "
-                                        f"(overwrite=True, --overwrite)")
+    for p in [weights, *([side] if sidecar else []), *extra]:
+        _refuse_existing(Path(p), overwrite)
     folder = weights.parent
     probe = folder
     while not probe.exists() and probe != probe.parent:
@@ -671,19 +676,6 @@ def load_model_file(path: str | os.PathLike[str]) -> tuple[nn.Module, ModelSpec]
         CheckpointMismatchError: If the weights do not fit the recorded architecture.
     """
     weights_path, sidecar_path = _model_paths(path)
-    if sidecar_path.is_file() and weights_path.is_file():
-        try:
-            data = json.loads(sidecar_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise SidecarError(f"Sidecar {sidecar_path} is not valid JSON: {exc}.") from exc
-        if isinstance(data, dict) and "zipped" in data:
-            _check_hash(weights_path, sidecar_path, data)
-            spec = ModelSpec.from_dict(weights_path.stem, data, weights_path, source=str(sidecar_path))
-            spec.extra.pop("format", None)
-            spec.extra.pop("weights_sha256", None)
-            model = _build_zipped(data, str(sidecar_path))
-            load_weights(model, weights_path, what=f"model file {weights_path.name!r}")
-            return model.eval(), spec
     if not sidecar_path.is_file():
         raise CheckpointNotFoundError(
             f"No sidecar {sidecar_path} next to {weights_path}; it holds the constructor spec. "
@@ -699,6 +691,10 @@ def load_model_file(path: str | os.PathLike[str]) -> tuple[nn.Module, ModelSpec]
     spec = ModelSpec.from_dict(weights_path.stem, data, weights_path, source=str(sidecar_path))
     spec.extra.pop("format", None)
     spec.extra.pop("weights_sha256", None)
+    if "zipped" in data:
+        model = _build_zipped(data, str(sidecar_path))
+        load_weights(model, weights_path, what=f"model file {weights_path.name!r}")
+        return model.eval(), spec
     model = build_model(spec, spec.num_classes)
     widths = spec.extra.pop("widths", None)
     if widths:
@@ -842,8 +838,7 @@ def save_library_forms(model: nn.Module, path: str | os.PathLike[str], arch: Map
     stem = weights.with_suffix("")
     if library == "transformers":
         folder = stem.with_name(stem.name + ".hf")
-        if folder.exists() and not overwrite:
-            raise OutputExistsError(f"{folder} exists; choose another output path or allow overwriting (--overwrite)")
+        _refuse_existing(folder, overwrite)
         tmp = folder.with_name(f".{folder.name}.tmp")
         if tmp.exists():
             import shutil
@@ -866,8 +861,7 @@ def save_library_forms(model: nn.Module, path: str | os.PathLike[str], arch: Map
     if problems:
         return []
     out = stem.with_name(stem.name + ".timm.json")
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out} exists; choose another output path or allow overwriting (--overwrite)")
+    _refuse_existing(out, overwrite)
     _commit([(out, (json.dumps(spec, indent=1, sort_keys=True) + "\n").encode())])
     return [out]
 
