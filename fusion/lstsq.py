@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LayerGram", "RidgeSolution", "ridge_solve", "regression_loss"]
+__all__ = ["LayerGram", "RidgeSolution", "ridge_solve", "regression_loss", "output_moments"]
 
 
 class LayerGram:
@@ -49,26 +49,52 @@ class LayerGram:
         self.yy = torch.zeros(groups, dtype=torch.float64, device=device)
         self.rows = 0
 
-    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Add a batch: ``x`` of shape ``(groups, rows, inputs)``, ``y`` of shape ``(groups, rows, outputs)``."""
-        if x.dim() != 3 or x.shape[0] != self.groups or x.shape[2] != self.inputs:
-            raise ValueError(f"inputs of shape {tuple(x.shape)}, expected ({self.groups}, rows, {self.inputs})")
+    def add(self, x: torch.Tensor, y: torch.Tensor, block: tuple[tuple[int, int, int], slice, slice] | None = None) -> None:
+        """Add a batch: ``x`` of shape ``(groups, rows, inputs)``, ``y`` of shape ``(groups, rows, outputs)``.
+
+        With ``block = ((nh, nw, c), rows, cols)`` the inputs are laid out as ``nh x nw x c`` (a
+        convolution's kernel taps and channels) and ``x`` holds only the taps ``[rows, cols]`` (every
+        other input is zero on these rows): its products go to that block of the sums.
+        """
+        sel = self.inputs
+        if block is not None:
+            (nh, nw, c), sh, sw = block
+            if nh * nw * c != self.inputs:
+                raise ValueError(f"block layout {nh}x{nw}x{c} does not hold {self.inputs} inputs")
+            bh, bw = len(range(nh)[sh]), len(range(nw)[sw])
+            sel = bh * bw * c
+        if x.dim() != 3 or x.shape[0] != self.groups or x.shape[2] != sel:
+            raise ValueError(f"inputs of shape {tuple(x.shape)}, expected ({self.groups}, rows, {sel})")
         if y.shape != (self.groups, x.shape[1], self.outputs):
             raise ValueError(f"targets of shape {tuple(y.shape)}, expected ({self.groups}, {x.shape[1]}, {self.outputs})")
         dt = torch.float64 if self.precision == "float64" else torch.float32
         x = x.to(device=self.xx.device, dtype=dt)
         y = y.to(device=self.xx.device, dtype=dt)
-        d = self.inputs
-        _add_gram(self.xx[:, :d, :d], x)
-        self.xy[:, :d] += torch.bmm(x.transpose(1, 2), y).to(torch.float64)
+        g, d, o = self.groups, self.inputs, self.outputs
+        xx, xy = self.xx[:, :d, :d], self.xy[:, :d]
+        if block is None:
+            _add_gram(xx, x)
+            xy += torch.bmm(x.transpose(1, 2), y)
+        else:
+            if sel < 256:
+                sub = torch.bmm(x.transpose(1, 2), x)
+            else:
+                sub = torch.zeros(g, sel, sel, dtype=dt, device=x.device)
+                _add_gram(sub, x)
+            xx.view(g, nh, nw, c, nh, nw, c)[:, sh, sw, :, sh, sw] += sub.view(g, bh, bw, c, bh, bw, c)
+            xy.view(g, nh, nw, c, o)[:, sh, sw] += torch.bmm(x.transpose(1, 2), y).view(g, bh, bw, c, o)
         if self.bias:
             # the constant column's products are sums: no need to append it to the rows
-            sx = x.sum(1).double()  # (a reduction with a float64 accumulator is far slower on CPU)
-            self.xx[:, :d, d] += sx
-            self.xx[:, d, :d] += sx
+            sx = x.sum(1)  # (a reduction with a float64 accumulator is far slower on CPU)
+            for col in (self.xx[:, :d, d], self.xx[:, d, :d]):
+                if block is None:
+                    col += sx
+                else:
+                    col.view(g, nh, nw, c)[:, sh, sw] += sx.view(g, bh, bw, c)
             self.xx[:, d, d] += x.shape[1]
             self.xy[:, d] += y.sum(1).double()
-        self.yy += (y * y).sum((1, 2)).double()
+        flat = y.reshape(self.groups, 1, -1)
+        self.yy += torch.bmm(flat, flat.transpose(1, 2)).view(-1).double()  # sum of squares, no temporary
         self.rows += int(x.shape[1])
 
     def merge(self, other: "LayerGram") -> "LayerGram":
@@ -93,26 +119,17 @@ class LayerGram:
             self.rows = int(n.item())
         return self
 
-    def input_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean ``(groups, d)`` and covariance ``(groups, d, d)`` of the inputs (needs ``bias``)."""
-        if not self.bias:
-            raise ValueError("input moments need the constant column (bias=True)")
-        d, n = self.inputs, max(self.rows, 1)
-        mean = self.xx[:, :d, d] / n
-        cov = self.xx[:, :d, :d] / n - mean[:, :, None] * mean[:, None, :]
-        return mean, cov
-
 
 def _add_gram(acc: torch.Tensor, x: torch.Tensor, blocks: int = 4, min_width: int = 256) -> None:
     """``acc += x^T x`` per group, computing only the upper block triangle of the symmetric product
     (about 60% of the full product's flops for 4 blocks) and mirroring it."""
     d = x.shape[2]
     if d < min_width:
-        acc += torch.bmm(x.transpose(1, 2), x).to(acc.dtype)
+        acc += torch.bmm(x.transpose(1, 2), x)
         return
     edges = [d * i // blocks for i in range(blocks + 1)]
     for a, b in zip(edges[:-1], edges[1:]):
-        part = torch.bmm(x[:, :, a:b].transpose(1, 2), x[:, :, a:]).to(acc.dtype)
+        part = torch.bmm(x[:, :, a:b].transpose(1, 2), x[:, :, a:])
         acc[:, a:b, a:] += part
         if b < d:
             acc[:, b:, a:b] += part[:, :, b - a:].transpose(1, 2)
@@ -128,6 +145,8 @@ class RidgeSolution:
         loss_before: ``||X W*^T - Y||^2 / ||Y||^2`` (relative regression loss of the current weights).
         loss_after: the same for the solution.
         fallback_groups: groups solved by the pseudo-inverse because Cholesky failed.
+        xxw: ``X^T X [W b]^T`` of the solution, ``(groups, inputs[+1], outputs)`` (from the normal
+            equations, no product), for moments of the refitted layer's outputs.
     """
 
     weight: torch.Tensor
@@ -135,6 +154,7 @@ class RidgeSolution:
     loss_before: float
     loss_after: float
     fallback_groups: int = 0
+    xxw: torch.Tensor | None = None
 
 
 def regression_loss(gram: LayerGram, w: torch.Tensor) -> torch.Tensor:
@@ -167,8 +187,8 @@ def ridge_solve(gram: LayerGram, weight: torch.Tensor, bias: torch.Tensor | None
     d = gram.inputs
     scale = torch.diagonal(gram.xx[:, :d, :d], dim1=1, dim2=2).mean(1).clamp_min(1e-30)  # per group
     lam = ridge * scale
-    eye = torch.eye(gram.xx.shape[1], dtype=torch.float64, device=dev)
-    A = gram.xx + lam[:, None, None] * eye
+    A = gram.xx.clone()
+    A.diagonal(dim1=1, dim2=2).add_(lam[:, None])
     B = gram.xy + lam[:, None, None] * w0.transpose(1, 2)
     L, info = torch.linalg.cholesky_ex(A)
     sol = torch.cholesky_solve(B, L)
@@ -180,9 +200,26 @@ def ridge_solve(gram: LayerGram, weight: torch.Tensor, bias: torch.Tensor | None
     w = sol.transpose(1, 2)
     yy = gram.yy.sum().clamp_min(1e-30)
     before = float(regression_loss(gram, w0).sum() / yy)
-    # the solution satisfies (XtX + lam) W^T = XtY + lam W*^T, so XtX W^T needs no product
+    # the solution satisfies (XtX + lam) W^T = XtY + lam W*^T, so XtX W^T needs no product (except for
+    # groups solved by the pseudo-inverse, which satisfy it only on the Gram's range)
     gw = gram.xy + lam[:, None, None] * (w0 - w).transpose(1, 2)
+    if n_bad:
+        gw[bad] = gram.xx[bad] @ sol[bad]
     after = float(((gw * sol).sum() - 2 * (gram.xy * sol).sum() + gram.yy.sum()) / yy)
     if gram.bias:
-        return RidgeSolution(w[:, :, :d].contiguous(), w[:, :, d].contiguous(), before, after, n_bad)
-    return RidgeSolution(w.contiguous(), None, before, after, n_bad)
+        return RidgeSolution(w[:, :, :d].contiguous(), w[:, :, d].contiguous(), before, after, n_bad, gw)
+    return RidgeSolution(w.contiguous(), None, before, after, n_bad, gw)
+
+
+def output_moments(gram: LayerGram, sol: RidgeSolution) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance ``(groups, outputs)`` of the refitted layer's outputs without bias,
+    ``z = W x``, over the Gram's rows (needs the bias column); from the sums and the solution's
+    ``X^T X [W b]^T``, with no product of Gram size."""
+    if not gram.bias or sol.bias is None or sol.xxw is None:
+        raise ValueError("output moments need the constant column (bias=True) and a ridge_solve solution")
+    d, n = gram.inputs, max(gram.rows, 1)
+    mean = torch.einsum("god,gd->go", sol.weight, gram.xx[:, :d, d]) / n
+    # sum (W x + b)^2 per output, then remove the bias' share
+    square = (sol.xxw[:, :d] * sol.weight.transpose(1, 2)).sum(1) + (sol.xxw[:, d] * sol.bias)
+    square = square - 2 * sol.bias * mean * n - n * sol.bias ** 2
+    return mean, (square / n - mean ** 2).clamp_min(0)

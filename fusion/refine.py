@@ -39,7 +39,7 @@ from alignment.registry import Registry
 from alignment.runner import batches, model_device, modes, runnable
 
 from .engine import head_tensors
-from .lstsq import LayerGram, ridge_solve
+from .lstsq import LayerGram, RidgeSolution, output_moments, ridge_solve
 from .replay import Replay, record
 from .repair import RepairContext
 
@@ -132,21 +132,142 @@ def _apply_features(A: torch.Tensor, t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.movedim(torch.tensordot(A, t, dims=([1], [dim])), 0, dim)
 
 
-def _conv_rows(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """Input patches of a convolution: ``(groups, rows, kh * kw * in_channels / groups)``, rows ordered
-    (image, output row, output column), columns (kernel row, kernel column, channel): channels last,
-    so the copy moves contiguous runs of channels (the weights are permuted to match)."""
+def _tap_spans(n: int, k: int, s: int, d: int, lo: int, hi: int) -> list[tuple[int, int, int, int]]:
+    """Along one spatial axis of a zero-padded convolution (input size ``n``, kernel ``k``, stride
+    ``s``, dilation ``d``, padding ``lo``/``hi``): runs ``(first output, end output, first tap, end tap)``
+    of output positions whose kernel taps reading the input (not padding) are the same range."""
+    out = (n + lo + hi - d * (k - 1) - 1) // s + 1
+    runs: list[list[int]] = []
+    for r in range(out):
+        live = [t for t in range(k) if 0 <= r * s + t * d - lo <= n - 1]
+        span = (live[0], live[-1] + 1) if live else (0, 0)
+        if runs and (runs[-1][2], runs[-1][3]) == span:
+            runs[-1][1] = r + 1
+        else:
+            runs.append([r, r + 1, *span])
+    return [tuple(r) for r in runs]
+
+
+def _coarse(spans: list[tuple[int, int, int, int]], saving: float = 0.25) -> list[tuple[int, int, int, int]]:
+    """Keep an axis' tap spans split only when that saves at least ``saving`` of the axis' share of
+    the Gram's work (sum of positions x taps^2); otherwise one span over all positions, reading the
+    union of the taps (on large maps the border is a small share, and each class costs a few
+    operations of its own)."""
+    live = [sp for sp in spans if sp[3] > sp[2]]
+    if len(spans) == 1 or not live:
+        return spans
+    t0, t1 = min(sp[2] for sp in live), max(sp[3] for sp in live)
+    split = sum((r1 - r0) * (a1 - a0) ** 2 for r0, r1, a0, a1 in spans)
+    whole = (spans[-1][1] - spans[0][0]) * (t1 - t0) ** 2
+    return spans if split <= (1 - saving) * whole else [(spans[0][0], spans[-1][1], t0, t1)]
+
+
+class _ConvPatches:
+    """The patch rows of a convolution, split into classes of output positions that read the same
+    kernel taps (interior, edges, corners), each class copying only the taps that read the input.
+
+    A tap that reads zero padding at an output position contributes nothing to that row's products,
+    so the Gram of the whole patches is the sum of the classes' smaller Grams placed in their tap
+    blocks (exact). Taps that read only padding everywhere (``taps``) drop out of the regression
+    altogether: their Gram rows and columns are zero, so the ridge solution keeps their weights. On
+    small feature maps this removes most of the work (a 3x3 convolution on a 2x2 map: every output
+    position reads 4 of the 9 taps; on a 1x1 map only the centre).
+
+    Args:
+        conv: the convolution (zero padding; other padding modes read every tap).
+        size: the input's spatial size ``(H, W)``.
+    """
+
+    def __init__(self, conv: nn.Conv2d, size: Sequence[int]):
+        self.conv = conv
+        kh, kw = conv.kernel_size
+        left, right, top, bottom = conv._reversed_padding_repeated_twice
+        if conv.padding_mode != "zeros":
+            # padding by copies of the input: every tap reads input values (spans of the padded input)
+            size, (left, right, top, bottom) = (size[0] + top + bottom, size[1] + left + right), (0, 0, 0, 0)
+        rows = _coarse(_tap_spans(size[0], kh, conv.stride[0], conv.dilation[0], top, bottom))
+        cols = _coarse(_tap_spans(size[1], kw, conv.stride[1], conv.dilation[1], left, right))
+        live_r = [r for r in rows if r[3] > r[2]] or rows
+        live_c = [c for c in cols if c[3] > c[2]] or cols
+        h0, h1 = min(r[2] for r in live_r), max(r[3] for r in live_r)
+        w0, w1 = min(c[2] for c in live_c), max(c[3] for c in live_c)
+        self.taps = (slice(h0, h1), slice(w0, w1))
+        cg = conv.in_channels // conv.groups
+        self.layout = (h1 - h0, w1 - w0, cg)
+        mask = torch.zeros(kh, kw, cg, dtype=torch.bool)
+        mask[self.taps] = True
+        self.live = mask.reshape(-1)  # over the whole patch columns (kernel row, kernel column, channel)
+        self._buffers: dict[Any, torch.Tensor] = {}
+        self.classes = [(slice(r0, r1), slice(c0, c1), slice(max(a0, h0) - h0, max(a1, h0) - h0),
+                         slice(max(b0, w0) - w0, max(b1, w0) - w0))
+                        for r0, r1, a0, a1 in rows for c0, c1, b0, b1 in cols]
+
+    @property
+    def inputs(self) -> int:
+        """Inputs per group of the regression (live taps x channels per group)."""
+        return self.layout[0] * self.layout[1] * self.layout[2]
+
+    def add(self, gram: LayerGram, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Add one batch to ``gram``: convolution inputs ``x`` (N, C, H, W) and targets ``y`` (N, O, OH, OW)."""
+        conv, g = self.conv, self.conv.groups
+        v = _patch_view(conv, x, self._buffer)  # (groups, N, OH, OW, kh, kw, C / g)
+        v = v[:, :, :, :, self.taps[0], self.taps[1]]
+        y = y.permute(0, 2, 3, 1)
+        for k, (rs, cs, th, tw) in enumerate(self.classes):
+            xc = v[:, :, rs, cs, th, tw]
+            if xc.numel() == 0 and (xc.shape[2] == 0 or xc.shape[3] == 0):
+                continue
+            xc = self._buffer(("x", k), xc.shape, xc).copy_(xc)
+            yc = y[:, rs, cs]
+            yc = self._buffer(("y", k), yc.shape, yc).copy_(yc).view(-1, y.shape[-1])
+            gram.add(xc.view(g, yc.shape[0], -1), _group_rows(yc, g), (self.layout, th, tw))
+
+    def _buffer(self, key: Any, shape: Sequence[int], like: torch.Tensor, zero: bool = False) -> torch.Tensor:
+        """A tensor kept for the batches to come (allocating fresh large tensors every batch costs
+        page faults that can take as long as the copies themselves); ``zero``: zeroed when made."""
+        key = (key, tuple(shape))
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = self._buffers[key] = (torch.zeros if zero else torch.empty)(tuple(shape), dtype=like.dtype,
+                                                                               device=like.device)
+        return buf
+
+
+def _patch_view(conv: nn.Conv2d, x: torch.Tensor, buffer: Callable | None = None) -> torch.Tensor:
+    """A strided view ``(groups, N, OH, OW, kh, kw, C / groups)`` of the convolution's input patches
+    over a padded channels-last copy of ``x`` (one copy; into ``buffer(key, shape, like, zero=True)``'s
+    tensor when given, whose padding stays zero from one batch to the next)."""
     pad = conv._reversed_padding_repeated_twice
-    if any(pad):
-        x = F.pad(x, pad, mode="constant" if conv.padding_mode == "zeros" else conv.padding_mode)
-    x = x.permute(0, 2, 3, 1).contiguous()
+    if any(pad) and conv.padding_mode == "zeros":
+        # zero padding and the channels-last copy in one write
+        left, right, top, bottom = pad
+        b, c, h, w = x.shape
+        shape = (b, h + top + bottom, w + left + right, c)
+        padded = buffer("padded", shape, x, zero=True) if buffer is not None else x.new_zeros(shape)
+        padded[:, top:top + h, left:left + w] = x.permute(0, 2, 3, 1)
+        x = padded
+    else:
+        if any(pad):
+            x = F.pad(x, pad, mode=conv.padding_mode)
+        x = x.permute(0, 2, 3, 1).contiguous()
     B, H, W, C = x.shape
     (kh, kw), (sh, sw), (dh, dw), g = conv.kernel_size, conv.stride, conv.dilation, conv.groups
     oh, ow = (H - dh * (kh - 1) - 1) // sh + 1, (W - dw * (kw - 1) - 1) // sw + 1
     s = x.stride()
-    v = x.as_strided((g, B, oh, ow, kh, kw, C // g),
-                     (C // g, s[0], s[1] * sh, s[2] * sw, s[1] * dh, s[2] * dw, 1))
-    return v.reshape(g, B * oh * ow, kh * kw * (C // g))
+    return x.as_strided((g, B, oh, ow, kh, kw, C // g),
+                        (C // g, s[0], s[1] * sh, s[2] * sw, s[1] * dh, s[2] * dw, 1))
+
+
+def _conv_rows(conv: nn.Conv2d, x: torch.Tensor, taps: tuple[slice, slice] | None = None) -> torch.Tensor:
+    """Input patches of a convolution: ``(groups, rows, kh * kw * in_channels / groups)``, rows ordered
+    (image, output row, output column), columns (kernel row, kernel column, channel): channels last,
+    so the copy moves contiguous runs of channels (the weights are permuted to match). With ``taps``
+    only those kernel rows and columns are copied."""
+    v = _patch_view(conv, x)
+    if taps is not None:
+        v = v[:, :, :, :, taps[0], taps[1]]
+    g, B, oh, ow = v.shape[:4]
+    return v.reshape(g, B * oh * ow, -1)
 
 
 def _conv_weight(w: torch.Tensor, groups: int) -> torch.Tensor:
@@ -172,11 +293,11 @@ def _group_rows(y: torch.Tensor, groups: int) -> torch.Tensor:
     return y.reshape(y.shape[0], groups, -1).transpose(0, 1)
 
 
-def _in_rows(kind: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _in_rows(kind: str, module: nn.Module, x: torch.Tensor, taps: tuple[slice, slice] | None = None) -> torch.Tensor:
     if kind == "linear":
         return x.reshape(1, -1, x.shape[-1])
     if kind == "conv":
-        return _conv_rows(module, x)
+        return _conv_rows(module, x, taps)
     if isinstance(module, nn.LayerNorm):
         xn = F.layer_norm(x, module.normalized_shape, eps=module.eps)
         return xn.reshape(-1, xn.shape[-1]).t().unsqueeze(-1)
@@ -249,7 +370,8 @@ def refine_lstsq(ctx: RepairContext, *, inputs: Literal["sequential", "merged"] 
     t0 = time.perf_counter()
     with modes(models), torch.no_grad():
         x0 = xs[0].to(dev)
-        tapes = [record(m, x0) for m in models]
+        # the call structure needs only a couple of samples (shapes keep their batch size of 2)
+        tapes = [record(m, x0[:2]) for m in models]
         layers, skipped = _plan_layers(fused, tapes[0], batchnorm, norms)
         if ctx.until is not None:
             # partial zipping: the layers after the cut are not part of the fused model
@@ -277,8 +399,16 @@ def refine_lstsq(ctx: RepairContext, *, inputs: Literal["sequential", "merged"] 
                     skipped.append(f"{layer.path} (grouped convolution: merged inputs need one input space)")
                     continue
                 groups, d, o = _shape(layer.kind, module)
+                patches, live = None, None
+                if layer.kind == "conv":
+                    patches = _ConvPatches(module, tapes[0].calls[tapes[0].call(layer.path)].input_shape[-2:])
+                    if patches.inputs == 0:
+                        skipped.append(f"{layer.path} (reads only padding: its output is its bias)")
+                        continue
+                    live = None if bool(patches.live.all()) else patches.live.to(dev)
+                fit = patches.inputs if patches is not None else d
                 has_bias = getattr(module, "bias", None) is not None or bn is not None
-                gram = LayerGram(groups, d, o, has_bias, dev, precision)
+                gram = LayerGram(groups, fit, o, has_bias, dev, precision)
                 if gram.xx.shape[1] > largest[0]:
                     largest = (gram.xx.shape[1], layer.path)
                 # stops: the fused model before the layer; each source after the layer (or its norm)
@@ -292,6 +422,7 @@ def refine_lstsq(ctx: RepairContext, *, inputs: Literal["sequential", "merged"] 
                     r.plan((stop, "out"), cap)
                     src_stops.append((stop, t.call(layer.path)))
                 fdim = _feature_dim(layer.kind, module)
+                merge = _OutputMerge(A, fdim)
                 for b, x in enumerate(xs):
                     x = x.to(dev)
                     ys, xis = [], []
@@ -300,23 +431,33 @@ def refine_lstsq(ctx: RepairContext, *, inputs: Literal["sequential", "merged"] 
                         ys.append(got[(stop, "out")])
                         if inputs == "merged":
                             xis.append(got[(own, "in")])
-                    Y = _merged_rows([_feature_rows(layer.kind, module, y).float() for y in ys], A)
+                    Y = merge(ys)
                     if inputs == "sequential":
                         X = replays[0].run(x, b)[own_stop]
                     else:
                         X = sum(_apply_features(Bm[i], xi.float(), fdim) for i, xi in enumerate(xis))
-                    Xr = _in_rows(layer.kind, module, X)
+                    if patches is not None and positions_per_image is None:
+                        patches.add(gram, X, Y)
+                        continue
+                    Y = _feature_rows(layer.kind, module, Y)
+                    Xr = _in_rows(layer.kind, module, X, patches.taps if patches is not None else None)
                     if positions_per_image is not None and layer.kind != "norm":
                         keep = _sample_rows(Xr.shape[1], len(x), positions_per_image, gen, dev)
                         if keep is not None:
                             Xr, Y = Xr[:, keep], Y[keep]
                     gram.add(Xr, _group_rows(Y, groups))
                 w0, b0 = _anchor(layer.kind, module, bn if fold else None, groups)
-                sol = ridge_solve(gram, w0, b0, ridge=ridge)
+                # taps that only ever read padding keep their weights (the full problem's exact solution);
+                # the ridge stays relative to the mean diagonal of the full Gram
+                sol = ridge_solve(gram, w0[:, :, live] if live is not None else w0, b0, ridge=ridge * fit / d)
+                full = sol.weight
+                if live is not None:
+                    full = w0.clone()
+                    full[:, :, live] = sol.weight
                 if sol.fallback_groups:
                     ctx.notes.append(f"refinement 'lstsq': {layer.path}: {sol.fallback_groups} group(s) solved by "
                                      f"the pseudo-inverse (Gram not positive definite)")
-                _write(layer, module, bn, fold, sol, gram)
+                _write(layer, module, bn, fold, sol, gram, full)
                 details.append({"layer": layer.path, "rows": gram.rows, "inputs": gram.xx.shape[1],
                                 "loss_before": sol.loss_before, "loss_after": sol.loss_after,
                                 "seconds": time.perf_counter() - t1})
@@ -327,20 +468,34 @@ def refine_lstsq(ctx: RepairContext, *, inputs: Literal["sequential", "merged"] 
                              "skipped": skipped, "seconds": time.perf_counter() - t0}
 
 
-def _merged_rows(rows: list[torch.Tensor], A: list[torch.Tensor]) -> torch.Tensor:
-    """``sum_i rows_i @ A_i^T``: the sources' outputs merged into the fused features. A map with at most
-    one entry per fused feature (a permutation, a selection, a head's placement) is applied as a
-    scaled gather, which is several times cheaper than the dense product on long row blocks."""
-    out = None
-    for r, M in zip(rows, A):
-        nz = M != 0
-        if bool((nz.sum(1) <= 1).all()):
-            idx, scale = M.abs().argmax(1), M.gather(1, M.abs().argmax(1)[:, None])[:, 0]
-            part = r[:, idx] * scale.to(r.dtype)
-        else:
-            part = r @ M.t()
-        out = part if out is None else out + part
-    return out
+class _OutputMerge:
+    """``sum_i A_i y_i`` over the feature axis ``dim`` of the sources' layer outputs, in their own layout
+    (before they are turned into rows, so each source costs one channel gather instead of a transposing
+    copy, a gather and a product). A map with at most one entry per fused feature (a permutation, a
+    selection, a head's placement) is applied as a scaled gather; any other map as a dense product."""
+
+    def __init__(self, A: list[torch.Tensor], dim: int):
+        self.dim, self.parts = dim, []
+        for M in A:
+            if bool(((M != 0).sum(1) <= 1).all()):
+                idx = M.abs().argmax(1)
+                self.parts.append((idx, M.gather(1, idx[:, None])[:, 0]))
+            else:
+                self.parts.append((None, M))
+
+    def __call__(self, ys: list[torch.Tensor]) -> torch.Tensor:
+        out = None
+        for y, (idx, M) in zip(ys, self.parts):
+            y = y.float()
+            if idx is None:
+                part = _apply_features(M, y, self.dim)
+                out = part if out is None else out.add_(part)
+                continue
+            shape = [1] * y.dim()
+            shape[self.dim] = -1
+            sel = y.index_select(self.dim, idx)
+            out = sel.mul_(M.view(shape)) if out is None else out.addcmul_(sel, M.view(shape))
+        return out
 
 
 def _sample_rows(rows: int, images: int, k: int, gen: torch.Generator, dev: torch.device) -> torch.Tensor | None:
@@ -380,9 +535,10 @@ def _merge_matrices(ctx: RepairContext, layer: _Layer, module: nn.Module, dev: t
     return A, (B if merged_inputs else [])
 
 
-def _write(layer: _Layer, module: nn.Module, bn: nn.Module | None, fold: bool, sol, gram: LayerGram) -> None:
-    """Write a solution into the fused layer (and its BatchNorm)."""
-    w = sol.weight
+def _write(layer: _Layer, module: nn.Module, bn: nn.Module | None, fold: bool, sol: RidgeSolution, gram: LayerGram,
+           w: torch.Tensor) -> None:
+    """Write a solution into the fused layer (and its BatchNorm); ``w`` is the whole weight
+    ``(groups, outputs, inputs)`` (``sol.weight`` with any taps left out of the fit)."""
     if layer.kind == "norm":
         module.weight.copy_(w.reshape(-1))
         if module.bias is not None:
@@ -396,10 +552,8 @@ def _write(layer: _Layer, module: nn.Module, bn: nn.Module | None, fold: bool, s
         if module.bias is not None:
             module.bias.copy_(sol.bias.reshape(-1))
         return
-    # statistics of the refitted conv's output z = W x, from the Gram's input moments
-    mean_x, cov_x = gram.input_moments()
-    mu = torch.einsum("god,gd->go", w, mean_x).reshape(-1)
-    var = torch.einsum("god,gde,goe->go", w, cov_x, w).reshape(-1).clamp_min(0)
+    # statistics of the refitted conv's output z = W x over the calibration rows
+    mu, var = (t.reshape(-1) for t in output_moments(gram, sol))
     b = sol.bias.reshape(-1)
     if fold:
         # BN(z) = z + b: statistics of z, an affine that undoes them (a later reset keeps it)

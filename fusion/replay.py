@@ -53,6 +53,7 @@ class Call:
         exit: event number of its end.
         parent: index of the enclosing call in :attr:`Tape.calls` (-1 for the root call).
         input_id: ``id`` of its first tensor input during recording (to pair producers and consumers).
+        input_shape: shape of that input during recording (empty when the call had no tensor input).
         output_id: ``id`` of its output during recording.
         mutators: calls inside which the output was later modified in place (e.g. by an in-place
             ReLU, or a residual ``x += shortcut`` in the enclosing block's code); a served output is
@@ -65,6 +66,7 @@ class Call:
     exit: int = -1
     parent: int = -1
     input_id: int = 0
+    input_shape: tuple[int, ...] = ()
     output_id: int = 0
     mutators: set[int] = field(default_factory=set)
 
@@ -159,7 +161,8 @@ def record(model: nn.Module, x: torch.Tensor) -> Tape:
         t = _first_tensor(args, kwargs)
         keep.append(t)
         calls.append(Call(path, counts.get(path, 0), event[0], parent=stack[-1] if stack else -1,
-                          input_id=id(t) if t is not None else 0))
+                          input_id=id(t) if t is not None else 0,
+                          input_shape=tuple(t.shape) if t is not None else ()))
         counts[path] = counts.get(path, 0) + 1
         stack.append(len(calls) - 1)
         event[0] += 1

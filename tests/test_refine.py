@@ -12,8 +12,8 @@ import fusion
 from alignment import discover, permute
 from alignment.errors import InvalidOptionError
 from fusion.engine import HeadsError
-from fusion.lstsq import LayerGram, ridge_solve
-from fusion.refine import _conv_rows, _conv_weight
+from fusion.lstsq import LayerGram, output_moments, ridge_solve
+from fusion.refine import _conv_rows, _conv_weight, _ConvPatches
 from fusion.repair import reset_bn
 from fusion.replay import Replay, record
 from tests.conftest import rel_err
@@ -204,6 +204,78 @@ def test_conv_patch_rows_reproduce_the_convolution(groups, stride, dilation, pad
     y = conv(x).detach()
     want = y.movedim(1, -1).reshape(-1, groups, 16 // groups).transpose(0, 1)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+CONV_CASES = [  # (in channels, out, kernel, stride, dilation, padding, groups, padding mode, input size)
+    (4, 6, 3, 1, 1, 1, 1, "zeros", (1, 1)),  # only the centre tap reads the input
+    (4, 6, 3, 1, 1, 1, 1, "zeros", (2, 2)),  # each position reads 4 of 9 taps
+    (4, 6, 3, 1, 1, 1, 1, "zeros", (4, 5)),  # interior, edges, corners
+    (4, 6, 3, 2, 1, 1, 2, "zeros", (7, 7)),  # strided, grouped
+    (4, 6, 3, 1, 2, 2, 1, "zeros", (3, 6)),  # dilated
+    (4, 6, 5, 1, 1, 2, 1, "zeros", (3, 3)),
+    (4, 6, 3, 1, 1, 3, 1, "zeros", (2, 2)),  # border positions that read no input at all
+    (4, 8, 3, 1, 1, 1, 4, "reflect", (2, 3)),  # copies of the input: every tap is live
+]
+
+
+def _patch_grams(case, dtype=torch.float64):
+    cin, cout, k, s, d, p, g, mode, size = case
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, cout, k, stride=s, dilation=d, padding=p, groups=g, padding_mode=mode).double()
+    x = torch.randn(5, cin, *size, dtype=dtype)
+    y = torch.randn_like(conv(x.double())).to(dtype)  # targets of the output's shape
+    whole = LayerGram(g, cin // g * k * k, cout // g, True, "cpu", "float64")
+    rows = _conv_rows(conv, x)
+    whole.add(rows, y.movedim(1, -1).reshape(-1, g, cout // g).transpose(0, 1))
+    patches = _ConvPatches(conv, size)
+    split = LayerGram(g, patches.inputs, cout // g, True, "cpu", "float64")
+    patches.add(split, x, y)
+    return conv, patches, whole, split
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_tap_classes_give_the_gram_of_the_whole_patches(case):
+    """Summing each class of output positions over only the taps it reads (and leaving out taps that
+    read padding everywhere) gives the same Gram sums as the whole patch rows: the dropped taps'
+    rows and columns of the whole Gram are zero, the kept ones equal to 1e-12."""
+    conv, patches, whole, split = _patch_grams(case)
+    keep = torch.cat([patches.live, torch.tensor([True])])  # plus the bias column
+    assert split.rows == whole.rows and torch.allclose(split.yy, whole.yy, rtol=1e-12)
+    assert rel_err(whole.xx[:, keep][:, :, keep], split.xx) < 1e-12
+    assert rel_err(whole.xy[:, keep], split.xy) < 1e-12
+    assert bool((whole.xx[:, ~keep] == 0).all())
+    if case[8] == (1, 1):
+        assert patches.inputs == case[0] and patches.live.sum() == case[0]  # the centre tap only
+
+
+@pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[2], CONV_CASES[6]])
+def test_leaving_out_dead_taps_gives_the_whole_ridge_solution(case):
+    """Solving on the live taps (ridge rescaled to the whole Gram's mean diagonal) and keeping the
+    mapped weights on the dead ones equals the ridge solution of the whole patch Gram."""
+    conv, patches, whole, split = _patch_grams(case)
+    g = conv.groups
+    w0 = _conv_weight(conv.weight.detach(), g)
+    b0 = conv.bias.detach().reshape(g, -1)
+    full = ridge_solve(whole, w0, b0, ridge=1e-2)
+    part = ridge_solve(split, w0[:, :, patches.live], b0, ridge=1e-2 * patches.inputs / w0.shape[2])
+    torch.testing.assert_close(part.weight, full.weight[:, :, patches.live], rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(full.weight[:, :, ~patches.live], w0[:, :, ~patches.live], rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(part.bias, full.bias, rtol=1e-9, atol=1e-10)
+
+
+def test_output_moments_are_the_refitted_layer_statistics():
+    """Mean and variance of ``W x`` from the Gram sums and the solution equal those computed on the rows."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 300, 7, generator=g, dtype=torch.float64) * 3 + 1
+    y = torch.randn(2, 300, 4, generator=g, dtype=torch.float64)
+    gram = LayerGram(2, 7, 4, True, "cpu", "float64")
+    gram.add(x[:, :120], y[:, :120])
+    gram.add(x[:, 120:], y[:, 120:])
+    sol = ridge_solve(gram, torch.randn(2, 4, 7, generator=g), torch.randn(2, 4, generator=g), ridge=0.1)
+    z = torch.einsum("gnd,god->gno", x, sol.weight)
+    mean, var = output_moments(gram, sol)
+    torch.testing.assert_close(mean, z.mean(1), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(var, z.var(1, unbiased=False), rtol=1e-9, atol=1e-10)
 
 
 def test_folded_batchnorm_survives_a_later_reset(tiny):
