@@ -25,6 +25,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves, tree_map_only
 
 from alignment.errors import FusionError
@@ -58,6 +59,9 @@ class Call:
         mutators: calls inside which the output was later modified in place (e.g. by an in-place
             ReLU, or a residual ``x += shortcut`` in the enclosing block's code); a served output is
             copied only when one of them runs.
+        readers: the innermost calls running an operation that reads the output (-1: code of no
+            module call); once all of them are served or skipped, the output's values are never read
+            again and the replay keeps a placeholder of its shape instead.
     """
 
     path: str
@@ -69,6 +73,7 @@ class Call:
     input_shape: tuple[int, ...] = ()
     output_id: int = 0
     mutators: set[int] = field(default_factory=set)
+    readers: set[int] = field(default_factory=set)
 
 
 @dataclass
@@ -147,6 +152,7 @@ def record(model: nn.Module, x: torch.Tensor) -> Tape:
     keep: list[Any] = []  # keeps recorded tensors alive, so their ids stay unique
     event = [0]
     versions: list[tuple[int, torch.Tensor, int]] = []  # (call, output tensor, version at exit)
+    producer: dict[int, list[int]] = {}  # id of a recorded output tensor -> the calls that returned it
 
     def mutated(inside: int) -> None:
         # outputs changed in place since the last event were changed by code running inside `inside`
@@ -173,13 +179,33 @@ def record(model: nn.Module, x: torch.Tensor) -> Tape:
         calls[k].exit = event[0]
         calls[k].output_id = id(output)
         keep.append(output)
-        versions.extend((k, t, t._version) for t in tree_leaves(output) if isinstance(t, torch.Tensor))
+        for t in tree_leaves(output):
+            if isinstance(t, torch.Tensor):
+                versions.append((k, t, t._version))
+                producer.setdefault(id(t), []).append(k)
         event[0] += 1
 
-    with _hooks(model, pre, post), modes([model]), torch.no_grad():
+    class Reads(TorchFunctionMode):
+        # every torch operation on a recorded output marks the call running it as a reader
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if getattr(func, "__name__", "") != "__get__":  # attribute reads (shape, dtype) read no values
+                for t in tree_leaves((args, kwargs)):
+                    if isinstance(t, torch.Tensor):
+                        for k in producer.get(id(t), ()):
+                            calls[k].readers.add(stack[-1] if stack else -1)
+            return func(*args, **kwargs)
+
+    with _hooks(model, pre, post), modes([model]), torch.no_grad(), Reads():
         model(x)
     mutated(-1)
     return Tape(calls)
+
+
+def _placeholder(out: Any) -> Any:
+    """Tensors of ``out`` replaced by one-element tensors expanded to their shapes (a served output
+    that no running code reads)."""
+    return tree_map_only(torch.Tensor, lambda t: t if t.numel() <= 1 else t.new_zeros(()).expand(t.shape), out)
 
 
 def _clone(out: Any) -> Any:
@@ -242,6 +268,10 @@ class Replay:
         self.store = {k for k in range(len(calls)) if top_done(k) and k not in covered}
         # a served output is copied only if code that modifies it in place will run (-1: the root's own code)
         self.copied = {k for k in self.cached if any(m < 0 or m not in covered for m in calls[k].mutators)}
+        # an output whose every reader is served or skipped is never read again: keep only its shape
+        for k in self.cached:
+            if calls[k].readers and all(r in covered for r in calls[k].readers):
+                self.stored[k] = [_placeholder(o) for o in self.stored[k]]
         for k in list(self.stored):
             if k not in self.cached:
                 del self.stored[k]

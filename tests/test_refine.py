@@ -130,6 +130,50 @@ def test_replay_copies_a_cached_output_that_code_modifies_in_place():
     _assert_staged_inputs(model, record(model, xs[0]), xs, want)
 
 
+def _kept_elements(replay: Replay, tape, path: str) -> int:
+    """Elements of the storage the replay keeps for the outputs of module ``path`` (all batches)."""
+    return sum(t.untyped_storage().size() // t.element_size() for t in replay.stored.get(tape.call(path), []))
+
+
+def test_replay_keeps_only_the_shape_of_outputs_no_running_code_reads():
+    """Once every reader of a served output is itself served, the replay keeps a one-element
+    placeholder instead of the values (the stem's conv output of a ResNet while later blocks run);
+    an output that code still running reads (``h`` in the glue code of _InPlace) keeps its values,
+    and every stop still sees what a plain forward gives."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    xs = [torch.randn(2, 3, 6, 6) for _ in range(2)]
+    tape = record(model, xs[0])
+    assert tape.calls[tape.call("0")].readers == {tape.call("1")}
+    want = _plain_inputs(model, ["3", "5"], xs)
+    replay = Replay(model, tape, len(xs))
+    kept = []
+    with replay.session(), torch.no_grad():
+        for n in ("3", "5"):
+            replay.plan((tape.call(n), "in"))
+            kept.append({p: _kept_elements(replay, tape, p) for p in ("0", "1")})
+            for i, x in enumerate(xs):
+                torch.testing.assert_close(replay.run(x, i)[(tape.call(n), "in")], want[n][i])
+        replay.plan((tape.call("5"), "out"))
+        kept.append({p: _kept_elements(replay, tape, p) for p in ("0", "1")})
+    # nothing kept before the first pass; before "5": the norm's output (the in-place ReLU's too) is still read by conv "3", which runs in
+    # that pass; the conv's only reader, the norm, is served; one element per batch once all are served
+    assert kept == [{"0": 0, "1": 0}, {"0": 2, "1": 2 * 2 * 8 * 36}, {"0": 2, "1": 2}]
+
+    glue = _InPlace().eval()
+    xs = [torch.randn(5, 4) for _ in range(2)]
+    tape = record(glue, xs[0])
+    assert -1 not in tape.calls[tape.call("a")].readers and tape.call("") in tape.calls[tape.call("a")].readers
+    replay = Replay(glue, tape, len(xs))
+    with replay.session(), torch.no_grad():
+        for n in "cde":
+            replay.plan((tape.call(n), "in"))
+            for i, x in enumerate(xs):
+                replay.run(x, i)
+        assert _kept_elements(replay, tape, "a") == 2 * 5 * 4  # read by the root's code, which still runs
+
+
 def test_refined_layers_equal_torch_lstsq_on_the_same_inputs_and_targets():
     """With no ridge and float64 sums, each refined layer is the least-squares solution
     (torch.linalg.lstsq) of its inputs (the fused model's own, earlier layers refined) against the
