@@ -220,7 +220,8 @@ class _ConvPatches:
             xc = self._buffer(("x", k), xc.shape, xc).copy_(xc)
             yc = y[:, rs, cs]
             yc = self._buffer(("y", k), yc.shape, yc).copy_(yc).view(-1, y.shape[-1])
-            gram.add(xc.view(g, yc.shape[0], -1), _group_rows(yc, g), (self.layout, th, tw))
+            whole = (th.stop - th.start, tw.stop - tw.start) == self.layout[:2]
+            gram.add(xc.view(g, yc.shape[0], -1), _group_rows(yc, g), None if whole else (self.layout, th, tw))
 
     def _buffer(self, key: Any, shape: Sequence[int], like: torch.Tensor, zero: bool = False) -> torch.Tensor:
         """A tensor kept for the batches to come (allocating fresh large tensors every batch costs
@@ -475,7 +476,7 @@ class _OutputMerge:
     selection, a head's placement) is applied as a scaled gather; any other map as a dense product."""
 
     def __init__(self, A: list[torch.Tensor], dim: int):
-        self.dim, self.parts = dim, []
+        self.dim, self.parts, self.buffers = dim, [], {}
         for M in A:
             if bool(((M != 0).sum(1) <= 1).all()):
                 idx = M.abs().argmax(1)
@@ -493,9 +494,21 @@ class _OutputMerge:
                 continue
             shape = [1] * y.dim()
             shape[self.dim] = -1
-            sel = y.index_select(self.dim, idx)
-            out = sel.mul_(M.view(shape)) if out is None else out.addcmul_(sel, M.view(shape))
+            # gathered into tensors kept for the next batches (fresh large tensors cost page faults)
+            dim = self.dim % y.dim()
+            size = (*y.shape[:dim], len(idx), *y.shape[dim + 1:])
+            if out is None:
+                out = torch.index_select(y, self.dim, idx, out=self._buffer("out", size, y)).mul_(M.view(shape))
+            else:
+                sel = torch.index_select(y, self.dim, idx, out=self._buffer("sel", size, y))
+                out.addcmul_(sel, M.view(shape))
         return out
+
+    def _buffer(self, key: str, size: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        buf = self.buffers.get((key, size))
+        if buf is None:
+            buf = self.buffers[(key, size)] = torch.empty(size, dtype=like.dtype, device=like.device)
+        return buf
 
 
 def _sample_rows(rows: int, images: int, k: int, gen: torch.Generator, dev: torch.device) -> torch.Tensor | None:

@@ -229,6 +229,7 @@ class Replay:
         self.cached: set[int] = set()
         self.copied: set[int] = set()  # cached calls whose outputs are served as copies
         self.store: set[int] = set()
+        self.dead: set[int] = set()  # stored as placeholders
         self.frontier = -1
         self.stop: tuple[int, str] | None = None
         self.capture: set[tuple[int, str]] = set()
@@ -243,7 +244,9 @@ class Replay:
         after it) and what to capture (``(call, "in" | "out")`` pairs). Stops must move forward."""
         call, where = stop
         c = self.tape.calls[call]
-        frontier = c.enter if where == "in" else c.exit
+        # events before the frontier have happened when the pass stops: an "out" stop ends after the
+        # call's exit, so the call itself is finished (its output is kept, not computed again)
+        frontier = c.enter if where == "in" else c.exit + 1
         if frontier < self.frontier:
             raise ReplayError(f"stops must move forward through the model ({c.path!r} comes earlier)")
         self.frontier, self.stop, self.capture = frontier, stop, set(capture) | {stop}
@@ -266,6 +269,8 @@ class Replay:
         for k in sorted(self.cached):
             covered.update(self._inside(k))
         self.store = {k for k in range(len(calls)) if top_done(k) and k not in covered}
+        # outputs whose readers all finish in this pass are never read by a later one: keep their shapes
+        self.dead = {k for k in self.store if calls[k].readers and all(0 <= r and done(r) for r in calls[k].readers)}
         # a served output is copied only if code that modifies it in place will run (-1: the root's own code)
         self.copied = {k for k in self.cached if any(m < 0 or m not in covered for m in calls[k].mutators)}
         # an output whose every reader is served or skipped is never read again: keep only its shape
@@ -335,7 +340,10 @@ class Replay:
     def _post(self, mod, args, kwargs, output):
         k = self._stack.pop()
         if k in self.store:
-            keep = _clone(output) if self.tape.calls[k].mutators else output
+            if k in self.dead:
+                keep = _placeholder(output)
+            else:
+                keep = _clone(output) if self.tape.calls[k].mutators else output
             self.stored.setdefault(k, [None] * self.num_batches)[self._batch] = keep
         if (k, "out") in self.capture:
             self.captured[(k, "out")] = output

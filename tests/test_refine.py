@@ -105,6 +105,40 @@ def test_replay_gives_each_layer_the_inputs_of_a_plain_forward_and_runs_each_con
     assert not any("forward" in m.__dict__ for m in model.modules()), "a patched forward was left behind"
 
 
+def test_replay_stops_after_each_norm_run_every_conv_once_and_see_the_plain_outputs(tiny, monkeypatch):
+    """Passes that stop after each BatchNorm (how refinement reads the sources' post-norm targets)
+    capture the outputs a plain forward gives, and a module finished at an "out" stop is kept, not
+    computed again by the next pass: every conv and norm runs once per batch over all passes."""
+    model, x = tiny("timm_resnet18")
+    xs = [_calibration(x, 8, seed=s) for s in range(3)]
+    norms = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    outputs: dict[str, list[torch.Tensor]] = {n: [] for n in norms}
+    hooks = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: outputs[n].append(o.clone()))
+             for n in norms]
+    with torch.no_grad():
+        for xb in xs:
+            model(xb)
+    for h in hooks:
+        h.remove()
+    tape = record(model, xs[0])
+    runs = {"conv": 0, "norm": 0}
+    conv_forward, norm_forward = nn.Conv2d._conv_forward, nn.BatchNorm2d.forward
+    monkeypatch.setattr(nn.Conv2d, "_conv_forward", lambda self, *a: (runs.__setitem__("conv", runs["conv"] + 1),
+                                                                      conv_forward(self, *a))[1])
+    monkeypatch.setattr(nn.BatchNorm2d, "forward", lambda self, *a: (runs.__setitem__("norm", runs["norm"] + 1),
+                                                                     norm_forward(self, *a))[1])
+    replay = Replay(model, tape, len(xs))
+    with replay.session(), torch.no_grad():
+        for n in norms:
+            stop = (tape.call(n), "out")
+            replay.plan(stop)
+            for i, xb in enumerate(xs):
+                # the captured output may be modified in place later (ReLU(inplace)): compare it now
+                torch.testing.assert_close(replay.run(xb, i)[stop], outputs[n][i])
+    convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    assert runs == {"conv": convs * len(xs), "norm": len(norms) * len(xs)}
+
+
 class _InPlace(nn.Module):
     """Glue code that modifies a module's output in place after it returned (like ``x += shortcut``)."""
 
