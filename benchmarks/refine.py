@@ -213,7 +213,8 @@ def main() -> None:
     if "speed" in sections:
         speed(args, cal, lines)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    extra = (f" --pairs {args.pairs}" if args.pairs else "") + (f" --budgets {args.budgets}" if "budgets" in sections else "")
+    extra = ((f" --pairs {args.pairs}" if args.pairs else "") + (f" --budgets {args.budgets}" if "budgets" in sections else "")
+             + (f" --repeats {args.repeats}" if "speed" in sections else ""))
     lines += footer(f"python benchmarks/refine.py --zoo ../shared/zoo --calibration-size {args.calibration_size} "
                     f"--seed {args.seed} --sections {args.sections}{extra}", f"; peak RSS {peak:.0f} MiB")
     write_results(lines, args.out)
