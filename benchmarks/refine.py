@@ -11,6 +11,9 @@ Sections (``--sections``, comma-separated):
   chosen layers: final regression loss and seconds of each.
 * ``speed``: refining the r18 pair against the forward floor (both models over the calibration
   data), as a ratio measured in one process.
+* ``options``: the refinement's variants on the same-task pairs and the r18 split: inputs from the
+  fused model (sequential) or the merged sources (PLeaS's code), BatchNorm folded or refitted from
+  the Gram's statistics, LayerNorm affines refitted or not.
 
     python benchmarks/refine.py --zoo ../shared/zoo --out benchmarks/results/refine.md
 """
@@ -79,6 +82,39 @@ def budgets(args, cal, test, lines) -> None:
             ratio = params[0] / params[1] if params else 1.0
             lines.append(f"| {pair} | {budget:.1f} | {ratio:.2f} | {score(one)} | {score(ref)} | "
                          f"{t_align:.1f} / {t_ref:.1f} |")
+            print(lines[-1], flush=True)
+
+
+OPTIONS = [("sequential, fold (default)", {}), ("merged inputs", {"inputs": "merged"}),
+           ("pre-BN targets, BN statistics from the Gram", {"batchnorm": "stats"}),
+           ("merged inputs, BN statistics", {"inputs": "merged", "batchnorm": "stats"}),
+           ("LayerNorm affines refitted too", {"norms": True})]
+
+
+def options(args, cal, test, lines) -> None:
+    lines += ["", "## Refinement variants", "",
+              "`fusion.align(models, cal, method='permute').build(refine='lstsq', refine_options=...)` at budget 1.0 "
+              "(`reset_bn` for the ResNets, `none` for the ViTs; the split pair keeps separate heads: per-task mean). "
+              "BatchNorm variants apply to the ResNets only, the LayerNorm one to the ViT.", "",
+              "| models | variant | accuracy | seconds |", "|---|---|---:|---:|"]
+    for a_name, b_name in SAME_TASK + SPLITS[:1]:
+        a, ea = load_model(a_name, args.zoo)
+        b, eb = load_model(b_name, args.zoo)
+        split = list(ea.classes) != list(eb.classes)
+        al = fusion.align([a, b], cal, method="permute", seed=args.seed)
+        vit = not any(isinstance(m, torch.nn.BatchNorm2d) for m in a.modules())
+        for label, opts in OPTIONS:
+            if ("batchnorm" in opts and vit) or ("norms" in opts and not vit):
+                continue
+            t = time.perf_counter()
+            m = al.build(repair=_repair(a), heads="separate" if split else "merged", refine="lstsq",
+                         refine_options=opts)
+            sec = time.perf_counter() - t
+            if split:
+                acc = 100 * heads_accuracy(m, [list(ea.classes), list(eb.classes)], test)["task_mean"]
+            else:
+                acc = 100 * accuracy(m, test)
+            lines.append(f"| {a_name} + {b_name} | {label} | {acc:.2f} | {sec:.1f} |")
             print(lines[-1], flush=True)
 
 
@@ -212,6 +248,8 @@ def main() -> None:
         adam(args, cal, lines)
     if "speed" in sections:
         speed(args, cal, lines)
+    if "options" in sections:
+        options(args, cal, test, lines)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     extra = ((f" --pairs {args.pairs}" if args.pairs else "") + (f" --budgets {args.budgets}" if "budgets" in sections else "")
              + (f" --repeats {args.repeats}" if "speed" in sections else ""))
