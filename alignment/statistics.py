@@ -143,7 +143,7 @@ class PointStats:
             blocks = {(i, j): S[o[i]:o[i + 1], o[j]:o[j + 1]] for i, j in self.blocks}
         else:
             blocks = {k: (fc[k[0]] @ fc[k[1]].t()).double() for k in self.blocks}
-        sq = torch.cat([blocks[(i, i)].diagonal() if (i, i) in blocks else (f * f).sum(1).double()
+        sq = torch.cat([blocks[(i, i)].diagonal() if (i, i) in blocks else _row_squares(f).double()
                         for i, f in enumerate(fc)])
         return feats[0].shape[1], shift, s1, sq, blocks
 
@@ -231,6 +231,11 @@ class PointStats:
         denom = torch.outer(std, std)
         live = denom > eps * denom.max().clamp_min(1e-300)
         return torch.where(live, cov / torch.where(live, denom, torch.ones_like(denom)), torch.zeros_like(cov))
+
+
+def _row_squares(f: torch.Tensor) -> torch.Tensor:
+    """``(f * f).sum(1)`` as a dot product of each row with itself (no temporary of ``f``'s size)."""
+    return torch.linalg.vecdot(f, f, dim=1)
 
 
 def _reshift(p: PointStats, sums: tuple, new: torch.Tensor) -> tuple:
