@@ -58,11 +58,16 @@ def test_refining_a_model_fused_with_its_permuted_copy_keeps_its_function(tiny, 
         assert rel_err(logits(model(cal)), logits(fused(cal))) < 1e-4
 
 
-def _plain_inputs(model: nn.Module, names: list[str], xs: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
-    """Per module name, its input on each batch in a plain forward pass."""
+def _plain_inputs(model: nn.Module, names: list[str], xs: list[torch.Tensor],
+                  where: str = "in") -> dict[str, list[torch.Tensor]]:
+    """Per module name, its input (``where="in"``) or output on each batch in a plain forward pass."""
     want: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    hooks = [model.get_submodule(n).register_forward_pre_hook(lambda mod, args, n=n: want[n].append(args[0].clone()))
-             for n in names]
+    if where == "in":
+        hooks = [model.get_submodule(n).register_forward_pre_hook(lambda mod, args, n=n: want[n].append(args[0].clone()))
+                 for n in names]
+    else:
+        hooks = [model.get_submodule(n).register_forward_hook(lambda mod, args, out, n=n: want[n].append(out.clone()))
+                 for n in names]
     with torch.no_grad():
         for x in xs:
             model(x)
@@ -71,12 +76,14 @@ def _plain_inputs(model: nn.Module, names: list[str], xs: list[torch.Tensor]) ->
     return want
 
 
-def _assert_staged_inputs(model: nn.Module, tape, xs: list[torch.Tensor], want: dict[str, list[torch.Tensor]]) -> None:
-    """Stop a replay before each module of ``want`` in turn: every batch's captured input equals the plain one."""
+def _assert_staged_inputs(model: nn.Module, tape, xs: list[torch.Tensor], want: dict[str, list[torch.Tensor]],
+                          where: str = "in") -> None:
+    """Stop a replay before (``where="in"``) or after each module of ``want`` in turn: every batch's
+    captured tensor equals the plain one (compared at once: later code may modify it in place)."""
     replay = Replay(model, tape, len(xs))
     with replay.session(), torch.no_grad():
         for n in want:
-            stop = (tape.call(n), "in")
+            stop = (tape.call(n), where)
             replay.plan(stop)
             for i, x in enumerate(xs):
                 torch.testing.assert_close(replay.run(x, i)[stop], want[n][i])
@@ -112,14 +119,7 @@ def test_replay_stops_after_each_norm_run_every_conv_once_and_see_the_plain_outp
     model, x = tiny("timm_resnet18")
     xs = [_calibration(x, 8, seed=s) for s in range(3)]
     norms = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
-    outputs: dict[str, list[torch.Tensor]] = {n: [] for n in norms}
-    hooks = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: outputs[n].append(o.clone()))
-             for n in norms]
-    with torch.no_grad():
-        for xb in xs:
-            model(xb)
-    for h in hooks:
-        h.remove()
+    outputs = _plain_inputs(model, norms, xs, where="out")
     tape = record(model, xs[0])
     runs = {"conv": 0, "norm": 0}
     conv_forward, norm_forward = nn.Conv2d._conv_forward, nn.BatchNorm2d.forward
@@ -127,14 +127,7 @@ def test_replay_stops_after_each_norm_run_every_conv_once_and_see_the_plain_outp
                                                                       conv_forward(self, *a))[1])
     monkeypatch.setattr(nn.BatchNorm2d, "forward", lambda self, *a: (runs.__setitem__("norm", runs["norm"] + 1),
                                                                      norm_forward(self, *a))[1])
-    replay = Replay(model, tape, len(xs))
-    with replay.session(), torch.no_grad():
-        for n in norms:
-            stop = (tape.call(n), "out")
-            replay.plan(stop)
-            for i, xb in enumerate(xs):
-                # the captured output may be modified in place later (ReLU(inplace)): compare it now
-                torch.testing.assert_close(replay.run(xb, i)[stop], outputs[n][i])
+    _assert_staged_inputs(model, tape, xs, outputs, where="out")
     convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
     assert runs == {"conv": convs * len(xs), "norm": len(norms) * len(xs)}
 
