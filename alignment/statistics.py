@@ -24,7 +24,7 @@ from .errors import SpaceMismatchError
 from .graph import Graph, Observation, Space
 from .runner import model_device, runnable, stream
 
-__all__ = ["POINT_POLICIES", "observation_points", "PointStats", "Statistics", "collect"]
+__all__ = ["POINT_POLICIES", "observation_points", "PointStats", "Statistics", "collect", "add_gram"]
 
 
 POINT_POLICIES = ("auto", "consumers", "normalized", "producers", "both", "outputs", "all")
@@ -129,20 +129,15 @@ class PointStats:
         """One batch's sums, per model from a ``(width, samples)`` feature matrix: products in the
         features' dtype (float32 on the CPU), returned in float64 to be summed over batches.
         ``centre``: the matrices are the caller's own copies and are shifted in place."""
-        shift = self.shift if self.count else torch.cat([f.double().mean(1) for f in feats]).to(self.shift.device)
+        shift = self.shift if self.count else torch.cat([f.mean(1).double() for f in feats]).to(self.shift.device)
         o = self.offsets()
         fc = []
         for i, f in enumerate(feats):
             c = shift[o[i]:o[i + 1]].to(f)[:, None]
             fc.append(f.sub_(c) if centre else f - c)
         s1 = torch.cat([f.sum(1) for f in fc]).double()
-        if len(fc) > 2 and self._complete():
-            # every pair: one product of the stacked features (larger, faster GEMM), then split
-            F = torch.cat(fc)
-            S = (F @ F.t()).double()
-            blocks = {(i, j): S[o[i]:o[i + 1], o[j]:o[j + 1]] for i, j in self.blocks}
-        else:
-            blocks = {k: (fc[k[0]] @ fc[k[1]].t()).double() for k in self.blocks}
+        # one product per pair (stacking every model's features first costs a copy of them all)
+        blocks = {k: (fc[k[0]] @ fc[k[1]].t()).double() for k in self.blocks}
         sq = torch.cat([blocks[(i, i)].diagonal() if (i, i) in blocks else _row_squares(f).double()
                         for i, f in enumerate(fc)])
         return feats[0].shape[1], shift, s1, sq, blocks
@@ -231,6 +226,22 @@ class PointStats:
         denom = torch.outer(std, std)
         live = denom > eps * denom.max().clamp_min(1e-300)
         return torch.where(live, cov / torch.where(live, denom, torch.ones_like(denom)), torch.zeros_like(cov))
+
+
+def add_gram(acc: torch.Tensor, x: torch.Tensor, blocks: int = 4, min_width: int = 256) -> None:
+    """``acc += x^T x`` per group (``x``: ``(groups, rows, d)``, ``acc``: ``(groups, d, d)``, any
+    dtype: the products are in ``x``'s), computing only the upper block triangle of the symmetric
+    product (about 60% of the full product's flops for 4 blocks) and mirroring it."""
+    d = x.shape[2]
+    if d < min_width:
+        acc += torch.bmm(x.transpose(1, 2), x)
+        return
+    edges = [d * i // blocks for i in range(blocks + 1)]
+    for a, b in zip(edges[:-1], edges[1:]):
+        part = torch.bmm(x[:, :, a:b].transpose(1, 2), x[:, :, a:])
+        acc[:, a:b, a:] += part
+        if b < d:
+            acc[:, b:, a:b] += part[:, :, b - a:].transpose(1, 2)
 
 
 def _row_squares(f: torch.Tensor) -> torch.Tensor:

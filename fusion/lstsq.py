@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from alignment.statistics import add_gram
+
 __all__ = ["LayerGram", "RidgeSolution", "ridge_solve", "regression_loss", "output_moments"]
 
 
@@ -73,14 +75,14 @@ class LayerGram:
         g, d, o = self.groups, self.inputs, self.outputs
         xx, xy = self.xx[:, :d, :d], self.xy[:, :d]
         if block is None:
-            _add_gram(xx, x)
+            add_gram(xx, x)
             xy += torch.bmm(x.transpose(1, 2), y)
         else:
             if sel < 256:
                 sub = torch.bmm(x.transpose(1, 2), x)
             else:
                 sub = torch.zeros(g, sel, sel, dtype=dt, device=x.device)
-                _add_gram(sub, x)
+                add_gram(sub, x)
             xx.view(g, nh, nw, c, nh, nw, c)[:, sh, sw, :, sh, sw] += sub.view(g, bh, bw, c, bh, bw, c)
             xy.view(g, nh, nw, c, o)[:, sh, sw] += torch.bmm(x.transpose(1, 2), y).view(g, bh, bw, c, o)
         if self.bias:
@@ -118,21 +120,6 @@ class LayerGram:
             dist.all_reduce(n)
             self.rows = int(n.item())
         return self
-
-
-def _add_gram(acc: torch.Tensor, x: torch.Tensor, blocks: int = 4, min_width: int = 256) -> None:
-    """``acc += x^T x`` per group, computing only the upper block triangle of the symmetric product
-    (about 60% of the full product's flops for 4 blocks) and mirroring it."""
-    d = x.shape[2]
-    if d < min_width:
-        acc += torch.bmm(x.transpose(1, 2), x)
-        return
-    edges = [d * i // blocks for i in range(blocks + 1)]
-    for a, b in zip(edges[:-1], edges[1:]):
-        part = torch.bmm(x[:, :, a:b].transpose(1, 2), x[:, :, a:])
-        acc[:, a:b, a:] += part
-        if b < d:
-            acc[:, b:, a:b] += part[:, :, b - a:].transpose(1, 2)
 
 
 @dataclass

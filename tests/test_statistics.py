@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from alignment import discover
-from alignment.statistics import collect, observation_points
+from alignment.statistics import add_gram, collect, observation_points
 from tests.tiny_models import build
 
 
@@ -184,3 +185,14 @@ def test_positions_per_image_subsamples_the_same_positions_in_every_model():
     assert "5 positions per image" in fused.fusion_report.summary()
     with torch.no_grad():
         assert rel_err(model(x), fused(x)) < 1e-5
+
+
+@pytest.mark.parametrize("d", [10, 300])
+def test_add_gram_adds_the_whole_symmetric_product(d):
+    """add_gram computes the upper block triangle and mirrors it: the sum equals x^T x (narrow
+    and blocked widths), added to what the accumulator held."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 50, d, generator=g, dtype=torch.float64)
+    acc = torch.ones(2, d, d, dtype=torch.float64)
+    add_gram(acc, x)
+    torch.testing.assert_close(acc, 1 + x.transpose(1, 2) @ x, rtol=1e-12, atol=1e-12)
