@@ -112,6 +112,12 @@ def gram_cost(A: torch.Tensor, G: torch.Tensor, cols: torch.Tensor, geometry: st
         # anchors that are units themselves (indices): no products with the whole Gram
         AG = G[A][:, cols]
         aa = G[A, A].clamp_min(0)
+    elif A.shape[1] >= 512 and int((A != 0).sum()) * 10 < A.numel():
+        # anchors averaging a few units each (MergeMany's means of matched units): a sparse product
+        # of A with the whole Gram costs (nonzeros x units) instead of (anchors x units^2)
+        AGall = torch.sparse.mm(A.to_sparse(), G)
+        AG = AGall[:, cols]
+        aa = (AGall * A).sum(1).clamp_min(0)
     else:
         AG = A @ G[:, cols]
         aa = (A @ G * A).sum(1).clamp_min(0)

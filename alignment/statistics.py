@@ -216,16 +216,17 @@ class PointStats:
         """Covariance matrix (population; zero between models whose pair was not collected)."""
         n = max(self.count, 1)
         d = self.s1 / n
-        cov = self._assemble(self.blocks, self.sq) / n - torch.outer(d, d)
-        return cov if self._complete() else torch.where(self.known(), cov, torch.zeros_like(cov))
+        # in place: the joint matrices of many models are large, and every temporary costs its pages
+        cov = self._assemble(self.blocks, self.sq).div_(n).addr_(d, d, alpha=-1)
+        return cov if self._complete() else cov.masked_fill_(~self.known(), 0.0)
 
     def correlation(self, eps: float = 1e-12) -> torch.Tensor:
         """Correlation matrix; constant (dead) units correlate with nothing (zero rows)."""
         cov = self.covariance()
         std = cov.diagonal().clamp_min(0).sqrt()
         denom = torch.outer(std, std)
-        live = denom > eps * denom.max().clamp_min(1e-300)
-        return torch.where(live, cov / torch.where(live, denom, torch.ones_like(denom)), torch.zeros_like(cov))
+        dead = denom <= eps * denom.max().clamp_min(1e-300)
+        return cov.div_(denom.masked_fill_(dead, 1.0)).masked_fill_(dead, 0.0)
 
 
 def add_gram(acc: torch.Tensor, x: torch.Tensor, blocks: int = 4, min_width: int = 256) -> None:
@@ -327,7 +328,11 @@ class Statistics:
         # less than a spatial one (one sample per position)
         pts = self._points(space)
         total = sum(p.count for p in pts)
-        return sum(fn(p) * (p.count / total) for p in pts)
+        out = None
+        for p in pts:
+            m = fn(p).mul_(p.count / total)
+            out = m if out is None else out.add_(m)
+        return out
 
     def correlation(self, space: str) -> torch.Tensor:
         """Joint correlation matrix (all models' features), averaged over observation points."""
