@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from alignment.discover import discover, discover_all, same_structure
-from alignment.errors import CalibrationError, FallbackWarning, FusionError, InvalidOptionError
+from alignment.errors import CalibrationError, FallbackWarning, InvalidOptionError
 from alignment.graph import Graph
 from alignment.maps import SpaceMap, correct_query_key, plan_maps
 from alignment.methods import METHODS, MatchContext, MatchResult, match
