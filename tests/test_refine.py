@@ -20,8 +20,8 @@ from tests.conftest import rel_err
 from tests.tiny_models import logits
 
 # families whose every weighted layer the refinement handles (Conv2d, grouped and depthwise; Linear;
-# BatchNorm folded; LayerNorm and GroupNorm affines)
-FAMILIES = ["timm_resnet18", "timm_vit", "cnn", "mlp"]
+# BatchNorm folded; LayerNorm and GroupNorm affines), transformers models included
+FAMILIES = ["timm_resnet18", "timm_vit", "cnn", "mlp", "hf_vit", "hf_resnet"]
 
 
 def _perturbed(model: nn.Module, scale: float) -> nn.Module:
