@@ -95,8 +95,8 @@ class LayerGram:
                     col.view(g, nh, nw, c)[:, sh, sw] += sx.view(g, bh, bw, c)
             self.xx[:, d, d] += x.shape[1]
             self.xy[:, d] += y.sum(1).double()
-        flat = y.reshape(self.groups, 1, -1)
-        self.yy += torch.bmm(flat, flat.transpose(1, 2)).view(-1).double()  # sum of squares, no temporary
+        flat = y.reshape(self.groups, -1)
+        self.yy += torch.linalg.vecdot(flat, flat, dim=1).double()  # sum of squares, no temporary
         self.rows += int(x.shape[1])
 
     def merge(self, other: "LayerGram") -> "LayerGram":

@@ -162,6 +162,24 @@ def _coarse(spans: list[tuple[int, int, int, int]], saving: float = 0.25) -> lis
     return spans if split <= (1 - saving) * whole else [(spans[0][0], spans[-1][1], t0, t1)]
 
 
+class _Buffers:
+    """Tensors kept from one batch to the next, by key and shape (allocating fresh large tensors
+    every batch costs page faults that can take as long as the copies into them)."""
+
+    def __init__(self):
+        self.kept: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, key: Any, shape: Sequence[int], like: torch.Tensor, zero: bool = False) -> torch.Tensor:
+        """The kept tensor for ``key`` of this shape, with ``like``'s dtype and device (``zero``:
+        zeroed when first made)."""
+        k = (key, tuple(shape))
+        buf = self.kept.get(k)
+        if buf is None:
+            buf = self.kept[k] = (torch.zeros if zero else torch.empty)(tuple(shape), dtype=like.dtype,
+                                                                        device=like.device)
+        return buf
+
+
 class _ConvPatches:
     """The patch rows of a convolution, split into classes of output positions that read the same
     kernel taps (interior, edges, corners), each class copying only the taps that read the input.
@@ -197,7 +215,7 @@ class _ConvPatches:
         mask = torch.zeros(kh, kw, cg, dtype=torch.bool)
         mask[self.taps] = True
         self.live = mask.reshape(-1)  # over the whole patch columns (kernel row, kernel column, channel)
-        self._buffers: dict[Any, torch.Tensor] = {}
+        self._buffer = _Buffers()
         self.classes = [(slice(r0, r1), slice(c0, c1), slice(max(a0, h0) - h0, max(a1, h0) - h0),
                          slice(max(b0, w0) - w0, max(b1, w0) - w0))
                         for r0, r1, a0, a1 in rows for c0, c1, b0, b1 in cols]
@@ -215,23 +233,11 @@ class _ConvPatches:
         y = y.permute(0, 2, 3, 1)
         for k, (rs, cs, th, tw) in enumerate(self.classes):
             xc = v[:, :, rs, cs, th, tw]
-            if xc.numel() == 0 and (xc.shape[2] == 0 or xc.shape[3] == 0):
-                continue
             xc = self._buffer(("x", k), xc.shape, xc).copy_(xc)
             yc = y[:, rs, cs]
             yc = self._buffer(("y", k), yc.shape, yc).copy_(yc).view(-1, y.shape[-1])
             whole = (th.stop - th.start, tw.stop - tw.start) == self.layout[:2]
             gram.add(xc.view(g, yc.shape[0], -1), _group_rows(yc, g), None if whole else (self.layout, th, tw))
-
-    def _buffer(self, key: Any, shape: Sequence[int], like: torch.Tensor, zero: bool = False) -> torch.Tensor:
-        """A tensor kept for the batches to come (allocating fresh large tensors every batch costs
-        page faults that can take as long as the copies themselves); ``zero``: zeroed when made."""
-        key = (key, tuple(shape))
-        buf = self._buffers.get(key)
-        if buf is None:
-            buf = self._buffers[key] = (torch.zeros if zero else torch.empty)(tuple(shape), dtype=like.dtype,
-                                                                               device=like.device)
-        return buf
 
 
 def _patch_view(conv: nn.Conv2d, x: torch.Tensor, buffer: Callable | None = None) -> torch.Tensor:
@@ -476,7 +482,7 @@ class _OutputMerge:
     selection, a head's placement) is applied as a scaled gather; any other map as a dense product."""
 
     def __init__(self, A: list[torch.Tensor], dim: int):
-        self.dim, self.parts, self.buffers = dim, [], {}
+        self.dim, self.parts, self._buffer = dim, [], _Buffers()
         for M in A:
             if bool(((M != 0).sum(1) <= 1).all()):
                 idx = M.abs().argmax(1)
@@ -503,12 +509,6 @@ class _OutputMerge:
                 sel = torch.index_select(y, self.dim, idx, out=self._buffer("sel", size, y))
                 out.addcmul_(sel, M.view(shape))
         return out
-
-    def _buffer(self, key: str, size: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        buf = self.buffers.get((key, size))
-        if buf is None:
-            buf = self.buffers[(key, size)] = torch.empty(size, dtype=like.dtype, device=like.device)
-        return buf
 
 
 def _sample_rows(rows: int, images: int, k: int, gen: torch.Generator, dev: torch.device) -> torch.Tensor | None:

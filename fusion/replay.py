@@ -229,7 +229,8 @@ class Replay:
         self.cached: set[int] = set()
         self.copied: set[int] = set()  # cached calls whose outputs are served as copies
         self.store: set[int] = set()
-        self.dead: set[int] = set()  # stored as placeholders
+        self.dead: set[int] = set()  # stored as placeholders by the pass planned
+        self.shapes_only: set[int] = set()  # calls whose stored outputs are placeholders
         self.frontier = -1
         self.stop: tuple[int, str] | None = None
         self.capture: set[tuple[int, str]] = set()
@@ -274,12 +275,15 @@ class Replay:
         # a served output is copied only if code that modifies it in place will run (-1: the root's own code)
         self.copied = {k for k in self.cached if any(m < 0 or m not in covered for m in calls[k].mutators)}
         # an output whose every reader is served or skipped is never read again: keep only its shape
-        for k in self.cached:
+        for k in self.cached - self.shapes_only:
             if calls[k].readers and all(r in covered for r in calls[k].readers):
                 self.stored[k] = [_placeholder(o) for o in self.stored[k]]
+                self.shapes_only.add(k)
         for k in list(self.stored):
             if k not in self.cached:
                 del self.stored[k]
+        self.shapes_only &= self.cached
+        self.shapes_only |= self.dead  # stored as placeholders by this pass
 
     def _ancestors(self, k: int) -> Iterator[int]:
         p = self.tape.calls[k].parent
@@ -310,6 +314,7 @@ class Replay:
                 else:
                     mod.forward = own
             self.stored.clear()
+            self.shapes_only.clear()
 
     def _serving(self, mod: nn.Module, forward):
         def run(*args, **kwargs):
