@@ -44,6 +44,20 @@ def _repair(model) -> str:
     return "reset_bn" if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()) else "none"
 
 
+def _scorer(ea, eb, test):
+    """``(split, class lists, score)`` for a pair of zoo entries: a split pair (different classes)
+    scores per-task mean / joint accuracy of separate heads, a same-task pair plain accuracy."""
+    split = list(ea.classes) != list(eb.classes)
+    lists = [list(ea.classes), list(eb.classes)] if split else None
+
+    def score(m, joint: bool = True) -> str:
+        if split:
+            r = heads_accuracy(m, lists, test)
+            return f"{100 * r['task_mean']:.2f}" + (f" / {100 * r['joint']:.2f}" if joint else "")
+        return f"{100 * accuracy(m, test):.2f}"
+    return split, lists, score
+
+
 def budgets(args, cal, test, lines) -> None:
     lines += ["## Accuracy against the parameter budget", "",
               "`fusion.align(models, cal, method='permute', budget=b)` then `.build(refine=..., repair=...)` "
@@ -55,16 +69,8 @@ def budgets(args, cal, test, lines) -> None:
     for a_name, b_name in pairs:
         a, ea = load_model(a_name, args.zoo)
         b, eb = load_model(b_name, args.zoo)
-        split = list(ea.classes) != list(eb.classes)
+        split, lists, score = _scorer(ea, eb, test)
         pair = f"{a_name} + {b_name}"
-        lists = [list(ea.classes), list(eb.classes)] if split else None
-
-        def score(m):
-            if split:
-                r = heads_accuracy(m, lists, test)
-                return f"{100 * r['task_mean']:.2f} / {100 * r['joint']:.2f}"
-            return f"{100 * accuracy(m, test):.2f}"
-
         if split:
             ens = split_task_accuracy([a, b], lists, test)
             lines.append(f"| {pair} | ensemble | 2.00 | {100 * ens['task_mean']:.2f} / {100 * ens['joint']:.2f} | | |")
@@ -102,7 +108,7 @@ def options(args, cal, test, lines) -> None:
     for a_name, b_name in SAME_TASK + SPLITS[:1]:
         a, ea = load_model(a_name, args.zoo)
         b, eb = load_model(b_name, args.zoo)
-        split = list(ea.classes) != list(eb.classes)
+        split, _, score = _scorer(ea, eb, test)
         al = fusion.align([a, b], cal, method="permute", seed=args.seed)
         vit = not any(isinstance(m, torch.nn.BatchNorm2d) for m in a.modules())
         for label, opts in OPTIONS:
@@ -112,11 +118,7 @@ def options(args, cal, test, lines) -> None:
             m = al.build(repair=_repair(a), heads="separate" if split else "merged", refine="lstsq",
                          refine_options=opts)
             sec = time.perf_counter() - t
-            if split:
-                acc = 100 * heads_accuracy(m, [list(ea.classes), list(eb.classes)], test)["task_mean"]
-            else:
-                acc = 100 * accuracy(m, test)
-            lines.append(f"| {a_name} + {b_name} | {label} | {acc:.2f} | {sec:.1f} |")
+            lines.append(f"| {a_name} + {b_name} | {label} | {score(m, joint=False)} | {sec:.1f} |")
             print(lines[-1], flush=True)
 
 
