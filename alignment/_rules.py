@@ -601,10 +601,29 @@ def _select(tr, node, a):
     dim = x[d]
     if not dim.plain or not tr.C.is_fixed(dim.cls):
         if dim.plain and dim.size > 1:
-            tr.C.range_class(dim.cls, idx, idx + 1)
-            tr.require_fixed(dim, node, "picks one position of this axis", defer=True)
+            st = tr.C.get_struct(dim.cls)
+            part = _part_at(tr.C, st, idx) if st is not None and st.outer is None else None
+            if part is not None and (tr.C.size[tr.C.find(part)] == 1 or tr.C.is_fixed(part)):
+                # a token picked from a concatenation of tokens (the class token among register
+                # and patch tokens): the axis is kept in place (register tokens, which could be
+                # permuted among themselves, are not aligned)
+                tr.C.fix(dim.cls, "a position of it is picked (class token)")
+            else:
+                tr.C.range_class(dim.cls, idx, idx + 1)
+                tr.require_fixed(dim, node, "picks one position of this axis", defer=True)
     keep = [k for k in range(len(x)) if k != d]
     return tr.A.project(x, keep, select={d: idx})
+
+
+def _part_at(C, st, idx: int) -> int:
+    """The part of a concatenation structure holding position ``idx``."""
+    pos = 0
+    for p in st.parts:
+        n = C.size[C.find(p)]
+        if pos <= idx < pos + n:
+            return p
+        pos += n
+    raise AssertionError("position outside its axis")
 
 
 @register_op_rule("aten.slice", "aten.slice_copy", "aten.narrow", "aten.narrow_copy")

@@ -468,6 +468,10 @@ class _Tracer:
             if any(not C.is_fixed(c) for c in classes):
                 raise self.unfollowable(node, "there is no axis rule for this op and it touches hidden features")
 
+    def _fixed_axis(self, d: Dim) -> bool:
+        """Whether no index of axis ``d`` can be permuted (every piece fixed)."""
+        return d.plain and all(r is None for _, _, r, _ in self._pieces(d.cls, 0))
+
     def _pieces(self, c: int, off: int):
         """Ranges of class ``c``: (start, stop, root or None, fixed reason)."""
         C = self.C
@@ -636,8 +640,12 @@ class _Tracer:
                 dims = self.info.get(n)
                 if not isinstance(dims, list) or not dims or not isinstance(dims[0], Dim):
                     continue
+                # the other axes are the samples, paired across models: a tensor whose other axes
+                # hold permutable features (tokens of a token-mixing MLP read over channels,
+                # register tokens) pairs different samples in different models, so it observes none
+                held = [ax for ax, d in enumerate(dims) if d.size > 1 and not self._fixed_axis(d)]
                 for ax, d in enumerate(dims):
-                    if not d.plain or d.size == 1:
+                    if not d.plain or d.size == 1 or any(h != ax for h in held):
                         continue
                     for start, stop, r, _ in self._pieces(d.cls, 0):
                         if r is not None and r in names:

@@ -24,7 +24,8 @@ from .structure import GramView
 __all__ = ["activation_gram", "weight_gram", "unit_weight_rows", "initial_plan", "magnitude_scores"]
 
 
-def activation_gram(stats, kind: str | Callable[[str], str] = "correlation") -> Callable[[str], GramView]:
+def activation_gram(stats, kind: str | Callable[[str], str] = "correlation",
+                    dead_gram: Callable[[str], GramView] | None = None) -> Callable[[str], GramView]:
     """``gram(space)`` from collected statistics.
 
     Args:
@@ -32,6 +33,8 @@ def activation_gram(stats, kind: str | Callable[[str], str] = "correlation") -> 
         kind: ``"correlation"`` (pooled correlation; compares directions) or ``"distance"``
             (second moments, covariance plus the outer product of the means: Euclidean distances
             between activations); may be a function of the space name.
+        dead_gram: for ``"correlation"``, a Gram that compares the units that are constant on the
+            calibration data (e.g. :func:`weight_gram`): without it, all such units are alike.
     """
     def gram(name: str) -> GramView:
         k = kind(name) if callable(kind) else kind
@@ -42,6 +45,17 @@ def activation_gram(stats, kind: str | Callable[[str], str] = "correlation") -> 
             # with a live unit) and gives every unit unit norm
             e = (1.0 - G.diagonal()).clamp(0, 1).sqrt()
             G = G + torch.outer(e, e)
+            dead = (e >= 1.0).nonzero().flatten()
+            if dead_gram is not None and len(dead) > 1:
+                # ... and among themselves they are told apart by ``dead_gram``'s cosine, in [0, 1]
+                # (the dead block becomes (1 + cos) / 2: still unit diagonal, still positive
+                # semi-definite, still closer to each other than to any live unit)
+                W = dead_gram(name).G[dead][:, dead].double()
+                nrm = W.diagonal().clamp_min(0).sqrt()
+                den = torch.outer(nrm, nrm)
+                cos = torch.where(den > 0, W / den.clamp_min(1e-300), torch.zeros_like(W))
+                cos.diagonal().fill_(1.0)
+                G[dead[:, None], dead[None, :]] = 0.5 * (1.0 + cos.clamp(-1, 1))
         else:
             mu = stats.mean(name)
             G = stats.covariance(name) + torch.outer(mu, mu)
@@ -100,7 +114,10 @@ def weight_gram(graphs: Sequence[Graph], target: Graph, tensors: Sequence[dict[s
         hit = cache.get((i, s.name))
         if hit is not None and hit[0] == id(T):
             return hit[1]
-        m = plan_maps([T if T is not None else initial_plan(s.width, graphs[i][s.name].width)], [1.0])
+        # one model's view of the fused basis: fused units it has no part in (matched only in
+        # other models) are zero in its rows
+        m = plan_maps([T if T is not None else initial_plan(s.width, graphs[i][s.name].width)], [1.0],
+                      allow_empty=True)
         cache[(i, s.name)] = (id(T), m)
         return m
 

@@ -69,11 +69,12 @@ def permutation_plan(perm: torch.Tensor, n_source: int | None = None) -> torch.T
     return T
 
 
-def plan_maps(plans: Sequence[torch.Tensor], alpha: Sequence[float]) -> SpaceMap:
+def plan_maps(plans: Sequence[torch.Tensor], alpha: Sequence[float], allow_empty: bool = False) -> SpaceMap:
     """Merge/unmerge maps from per-model plans (``n x n_i``) and interpolation weights.
 
     See the module docstring for the formulas. Every fused feature must receive something from at
-    least one model.
+    least one model, unless ``allow_empty`` (such features get zero merge rows: e.g. one model's
+    view of a fused basis that other models' units complete).
     """
     plans = [torch.as_tensor(T, dtype=torch.float64).cpu() for T in plans]
     n = plans[0].shape[0]
@@ -81,7 +82,7 @@ def plan_maps(plans: Sequence[torch.Tensor], alpha: Sequence[float]) -> SpaceMap
         raise SpaceMismatchError(f"plans give different fused widths: {[tuple(T.shape) for T in plans]}")
     rows = [T.sum(1) for T in plans]
     weight = sum(float(a) * (r > 0).double() for a, r in zip(alpha, rows))
-    if bool((weight <= 0).any()) and sum(alpha) > 0:
+    if bool((weight <= 0).any()) and sum(alpha) > 0 and not allow_empty:
         k = int(torch.nonzero(weight <= 0)[0])
         raise SpaceMismatchError(f"fused feature {k} receives nothing from any model (empty plan row)")
     weight = torch.where(weight > 0, weight, torch.ones_like(weight))

@@ -206,8 +206,16 @@ def _activation_gram(ctx: MatchContext, kind, plans_of, anchored: bool = False,
     """Activation Grams; spaces with no observation point are compared by their weights (noted).
     ``anchored``: only products with the anchor are collected (see :meth:`MatchContext.stats`)."""
     stats = ctx.stats(anchored=anchored, anchor=anchor)
-    agram = activation_gram(stats, kind)
     wgram = weight_gram(ctx.graphs, ctx.target, ctx.tensors(), plans_of, "distance", ctx.note)
+    tied: set[str] = set()
+
+    def dead_gram(name: str) -> GramView:
+        # units constant on the calibration data are told apart by their weights, which depend on
+        # the neighbouring spaces' plans: such spaces are solved again once all are (see _solve)
+        tied.add(name)
+        return wgram(name)
+
+    agram = activation_gram(stats, kind, dead_gram=dead_gram)
 
     def gram(name: str) -> GramView:
         if name in stats.points:
@@ -215,6 +223,7 @@ def _activation_gram(ctx: MatchContext, kind, plans_of, anchored: bool = False,
         ctx.note(f"space {name!r} has no activation statistics (no observation point): its units are "
                  f"compared by their weights")
         return wgram(name)
+    gram.tied = tied
     return gram
 
 
@@ -248,6 +257,12 @@ def _solve(ctx: MatchContext, leaf_solver, gram_of=None, scores=None, sweeps: in
         holder["prev"] = dict(new)
         if not changed:
             break
+    # spaces whose Gram depended on neighbours' plans not yet solved in a one-pass walk: once more
+    tied = getattr(gram, "tied", set())
+    if sweeps <= 1 and tied:
+        for name in [n for n in walk.order() if n in tied]:
+            walk.reset(name)
+            walk.solve(name)
     return MatchResult(plans=[{k: v[i] for k, v in walk.plans.items()} for i in range(len(ctx.models))],
                        costs=dict(walk.costs))
 

@@ -220,12 +220,17 @@ class PointStats:
         cov = self._assemble(self.blocks, self.sq).div_(n).addr_(d, d, alpha=-1)
         return cov if self._complete() else cov.masked_fill_(~self.known(), 0.0)
 
-    def correlation(self, eps: float = 1e-12) -> torch.Tensor:
-        """Correlation matrix; constant (dead) units correlate with nothing (zero rows)."""
+    def correlation(self, eps: float = 1e-12, rtol: float = 1e-5) -> torch.Tensor:
+        """Correlation matrix; constant (dead) units correlate with nothing (zero rows). A unit is
+        constant when its standard deviation is below ``eps`` times the largest or ``rtol`` times
+        its own mean's magnitude (variations at the level of float32 rounding: their correlations
+        would be rounding noise)."""
         cov = self.covariance()
         std = cov.diagonal().clamp_min(0).sqrt()
+        flat = (std <= rtol * self.mean().abs()) | (std <= eps * std.max().clamp_min(1e-300))
+        std = std.masked_fill(flat, 0.0)
         denom = torch.outer(std, std)
-        dead = denom <= eps * denom.max().clamp_min(1e-300)
+        dead = denom <= 0
         return cov.div_(denom.masked_fill_(dead, 1.0)).masked_fill_(dead, 0.0)
 
 

@@ -196,3 +196,23 @@ def test_add_gram_adds_the_whole_symmetric_product(d):
     acc = torch.ones(2, d, d, dtype=torch.float64)
     add_gram(acc, x)
     torch.testing.assert_close(acc, 1 + x.transpose(1, 2) @ x, rtol=1e-12, atol=1e-12)
+
+
+def test_units_constant_up_to_float32_rounding_correlate_with_nothing():
+    # a unit whose variation is float32 rounding of a large constant (e.g. an all-dead input summed
+    # in a different order in each model) has meaningless correlations: it counts as dead
+    from alignment.statistics import PointStats
+
+    g = torch.Generator().manual_seed(0)
+    live = torch.randn(500, 2, generator=g)
+    flat = 5.0 + 1e-7 * torch.randn(500, 2, generator=g)  # two such units, equal but for rounding
+    p = PointStats.zeros([4], pairs=[(0, 0)])
+    p.update([torch.cat([live, flat], 1)])
+    C = p.correlation()
+    assert torch.equal(C[2:].abs().sum(1), torch.zeros(2, dtype=torch.float64))
+    assert torch.equal(C[:, 2:].abs().sum(0), torch.zeros(2, dtype=torch.float64))
+    torch.testing.assert_close(C[:2, :2], torch.corrcoef(live.t().double()), rtol=1e-5, atol=1e-5)
+    # a unit of small but real variation is not dead
+    q = PointStats.zeros([1], pairs=[(0, 0)])
+    q.update([5.0 + 1e-3 * torch.randn(500, 1, generator=g)])
+    assert q.correlation()[0, 0] == pytest.approx(1.0)

@@ -89,6 +89,10 @@ def test_plan_maps_formulas():
         assert torch.equal(ref.unmerge[i], got.unmerge[i])
     with pytest.raises(SpaceMismatchError, match="receives nothing"):
         plan_maps([torch.tensor([[1.0], [0.0]])], [1.0])
+    # one model's view of a fused basis other models complete: the empty row stays zero
+    view = plan_maps([torch.tensor([[2.0], [0.0]])], [1.0], allow_empty=True)
+    assert torch.equal(view.merge[0], torch.tensor([[1.0], [0.0]], dtype=torch.float64))
+    assert torch.equal(view.unmerge[0], torch.tensor([[1.0, 0.0]], dtype=torch.float64))
 
 
 def test_balanced_merge_pairs_copies_and_caps_group_sizes():

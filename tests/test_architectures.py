@@ -1,0 +1,131 @@
+"""Architectures beyond the tiny families: register tokens, token-mixing MLPs, units that are
+constant on the calibration data, and (slow) a sweep over timm architectures.
+
+The property every test guards: a model fused with a randomly permuted copy of itself is the
+model again (the matching recovers the permutation, averaging identical weights changes nothing).
+"""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import fusion
+from alignment import FallbackWarning, discover, permute
+from tests.conftest import rel_err
+from tests.tiny_models import logits, randomize
+
+
+def _fused_with_permuted_copy(model: nn.Module, x: torch.Tensor, calibration: torch.Tensor, seed: int = 1):
+    """(graph, permuted copy, fused model) of ``model`` and a randomly permuted copy of it."""
+    graph = discover(model, x)
+    copy = permute(model, graph, graph.random_permutations(seed=seed))
+    fused = fusion.fuse([model, copy], calibration, method="permute", repair="none")
+    return graph, copy, fused
+
+
+def _outputs(models, x):
+    with torch.no_grad():
+        return [logits(m(x)) for m in models]
+
+
+def test_vit_with_register_tokens_fuses_with_its_permuted_copy():
+    # the class token is read with a select on a token axis that concatenates class, register and
+    # patch tokens: discovery used to refuse it (the register part could be permuted)
+    torch.manual_seed(0)
+    model = randomize(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=16,
+                                        patch_size=4, depth=1, reg_tokens=3).eval())
+    x = torch.randn(2, 3, 16, 16)
+    graph, copy, fused = _fused_with_permuted_copy(model, x, torch.randn(24, 3, 16, 16))
+    # register tokens are kept in place: no space holds the register-token axis
+    assert not any(m.tensor == "reg_token" and m.axis == 1 for s in graph.spaces for m in s.members)
+    assert any(m.tensor == "reg_token" and m.axis == 2 for s in graph.spaces for m in s.members)
+    y, y_copy, y_fused = _outputs([model, copy, fused], x)
+    assert rel_err(y_copy, y) < 1e-5
+    assert rel_err(y_fused, y) < 1e-5
+
+
+def test_token_mixing_spaces_are_not_observed_across_permuted_channels():
+    # a token-mixing MLP reads its hidden units with the channels as samples; the channels are
+    # permuted differently in each model, so such a tensor pairs different samples across models
+    from timm.models.mlp_mixer import MlpMixer
+
+    torch.manual_seed(0)
+    model = randomize(MlpMixer(num_classes=5, img_size=32, patch_size=8, embed_dim=24, num_blocks=1).eval())
+    x = torch.randn(2, 3, 32, 32)
+    graph = discover(model, x)
+    tokens = graph["blocks.0.mlp_tokens.fc1"]
+    channels = graph["blocks.0.mlp_channels.fc1"]
+    assert tokens.members and not tokens.observations
+    assert channels.observations  # read with batch and tokens (fixed) as samples
+    with pytest.warns(FallbackWarning, match="compared by their weights"):
+        _, copy, fused = _fused_with_permuted_copy(model, x, torch.randn(24, 3, 32, 32))
+    y, y_fused = _outputs([model, fused], x)
+    assert rel_err(y_fused, y) < 1e-5
+
+
+class _DeadUnits(nn.Module):
+    """An MLP half of whose hidden units never fire on inputs of unit scale (bias -100)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(8, 32)
+        self.fc2 = nn.Linear(32, 4)
+        with torch.no_grad():
+            self.fc1.bias[::2] = -100.0
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_units_constant_on_the_calibration_data_are_matched_by_their_weights():
+    # dead units all correlate alike (with nothing): they used to be paired arbitrarily, which
+    # changes the fused model wherever they come alive
+    torch.manual_seed(0)
+    model = _DeadUnits().eval()
+    calibration = torch.randn(64, 8)
+    with torch.no_grad():
+        assert int((torch.relu(model.fc1(calibration)) > 0).any(0).sum()) <= 16  # half are dead there
+    _, _, fused = _fused_with_permuted_copy(model, calibration[:2], calibration)
+    big = torch.randn(64, 8) * 500  # the dead units fire here
+    y, y_fused = _outputs([model, fused], big)
+    assert rel_err(y_fused, y) < 1e-6
+
+
+# timm architectures at small sizes: (name or module:class, constructor options, input size)
+SWEEP = [
+    ("convnext_atto", {}, 32),
+    ("efficientnet_b0", {}, 32),
+    ("mobilenetv3_small_050", {}, 32),
+    ("regnetx_002", {}, 32),
+    ("densenet121", {}, 32),
+    ("deit_tiny_distilled_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2}, 32),
+    ("swin_tiny_patch4_window7_224", {"img_size": 56, "window_size": 7, "depths": (1, 1, 1, 1), "embed_dim": 32,
+                                      "num_heads": (1, 2, 2, 4)}, 56),
+    ("levit_128s", {"img_size": 64}, 64),
+    ("poolformer_s12", {}, 32),
+    ("ghostnet_050", {}, 32),
+    ("mobilevit_xxs", {}, 64),
+    ("dla34", {}, 32),
+    ("resnext26ts", {}, 32),
+    ("eva02_tiny_patch14_224", {"img_size": 28, "depth": 2}, 28),
+    ("beit_base_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}, 32),
+    ("cait_xxs24_224", {"img_size": 32, "patch_size": 8, "depth": 2}, 32),
+    ("edgenext_xx_small", {}, 64),
+    ("vit_small_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2, "reg_tokens": 4, "no_embed_class": True},
+     32),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,options,size", SWEEP, ids=[s[0] for s in SWEEP])
+def test_timm_architecture_fuses_with_its_permuted_copy(name, options, size):
+    torch.manual_seed(0)
+    model = randomize(timm.create_model(name, pretrained=False, num_classes=10, **options).eval())
+    x = torch.randn(2, 3, size, size)
+    _, copy, fused = _fused_with_permuted_copy(model, x, torch.randn(32, 3, size, size))
+    y, y_copy, y_fused = _outputs([model, copy, fused], x)
+    assert rel_err(y_copy, y) < 1e-4
+    assert rel_err(y_fused, y) < 1e-4
