@@ -33,8 +33,9 @@ def activation_gram(stats, kind: str | Callable[[str], str] = "correlation",
         kind: ``"correlation"`` (pooled correlation; compares directions) or ``"distance"``
             (second moments, covariance plus the outer product of the means: Euclidean distances
             between activations); may be a function of the space name.
-        dead_gram: for ``"correlation"``, a Gram that compares the units that are constant on the
-            calibration data (e.g. :func:`weight_gram`): without it, all such units are alike.
+        dead_gram: for ``"correlation"``, ``dead_gram(space, units)``: a Gram over those pooled
+            units (the ones constant on the calibration data) that tells them apart (e.g. the
+            :func:`weight_gram`'s); without it, all such units are alike.
     """
     def gram(name: str) -> GramView:
         k = kind(name) if callable(kind) else kind
@@ -50,7 +51,7 @@ def activation_gram(stats, kind: str | Callable[[str], str] = "correlation",
                 # ... and among themselves they are told apart by ``dead_gram``'s cosine, in [0, 1]
                 # (the dead block becomes (1 + cos) / 2: still unit diagonal, still positive
                 # semi-definite, still closer to each other than to any live unit)
-                W = dead_gram(name).G[dead][:, dead].double()
+                W = dead_gram(name, dead).G.double()
                 nrm = W.diagonal().clamp_min(0).sqrt()
                 den = torch.outer(nrm, nrm)
                 cos = torch.where(den > 0, W / den.clamp_min(1e-300), torch.zeros_like(W))
@@ -64,11 +65,13 @@ def activation_gram(stats, kind: str | Callable[[str], str] = "correlation",
 
 
 def unit_weight_rows(graphs: Sequence[Graph], tensors: Sequence[dict[str, torch.Tensor]], name: str,
-                     maps: Sequence[dict], note: Callable[[str], None] | None = None):
+                     maps: Sequence[dict], note: Callable[[str], None] | None = None,
+                     units: Sequence[torch.Tensor] | None = None):
     """Per member tensor of space ``name`` (paired across models by (tensor, axis, rank)), one row
     per unit and model: the unit's weights on that tensor, with the tensor's other axes carried
     into the fused basis by ``maps[i]`` (single-model maps). Yields one list (a matrix per model)
-    per member; members missing from a model are skipped (and noted).
+    per member; members missing from a model are skipped (and noted). ``units``: per model, the
+    units to give rows for (default all), taken before the other axes are mapped.
     """
     ranked = [{(m.tensor, m.axis, r): m for r, m in ranked_members(g[name].members)} for g in graphs]
     keys = [k for k in ranked[0] if all(k in rk for rk in ranked[1:])]
@@ -80,8 +83,14 @@ def unit_weight_rows(graphs: Sequence[Graph], tensors: Sequence[dict[str, torch.
         rows = []
         for i, g in enumerate(graphs):
             m = ranked[i][k]
-            t = map_tensor(tensors[i][m.tensor], g, m.tensor, roles[i], maps[i], 0, 1.0, skip_axis=m.axis)
-            rows.append(t.movedim(m.axis, 0)[m.start:m.stop].reshape(m.stop - m.start, -1))
+            t = tensors[i][m.tensor]
+            if units is not None:
+                t = t.index_select(m.axis, units[i].to(t.device) + m.start)
+            else:
+                t = t.narrow(m.axis, m.start, m.stop - m.start)
+            t = map_tensor(t, g, m.tensor, roles[i], maps[i], 0, 1.0, skip_axis=m.axis)
+            t = t.movedim(m.axis, 0)
+            rows.append(t.reshape(t.shape[0], t.shape[1:].numel()))  # (no -1: a model may have no such unit)
         if len({r.shape[1] for r in rows}) > 1:
             raise SpaceMismatchError(f"space {name!r}: rows of {k[0]!r} have different lengths "
                                      f"{sorted({r.shape[1] for r in rows})} across models")
@@ -126,10 +135,13 @@ def weight_gram(graphs: Sequence[Graph], target: Graph, tensors: Sequence[dict[s
 
     grams: dict[str, tuple[list, GramView]] = {}
 
-    def gram(name: str) -> GramView:
+    def gram(name: str, units: torch.Tensor | None = None) -> GramView:
+        """The Gram of a space, or with ``units`` (pooled indices) only over those units."""
         # only the spaces on the member tensors' other axes are needed
         touched = sorted({sp for m in graphs[0][name].members for pcs in graphs[0].layout(m.tensor)
                           for *_, sp in pcs if sp is not None})
+        if units is not None:
+            return _gram(name, set(touched), units)
         # coordinate descent revisits a space whose neighbours' plans may not have changed: reuse
         used = [plans(s) for s in touched]
         hit = grams.get(name)
@@ -139,15 +151,20 @@ def weight_gram(graphs: Sequence[Graph], target: Graph, tensors: Sequence[dict[s
         grams[name] = ([None if p is None else list(p) for p in used], gv)
         return gv
 
-    def _gram(name: str, touched: set[str]) -> GramView:
+    def _gram(name: str, touched: set[str], units: torch.Tensor | None = None) -> GramView:
         maps = [maps_for(i, touched) for i in range(len(graphs))]
         widths = [g[name].width for g in graphs]
+        local = None
+        if units is not None:
+            start = torch.tensor([0] + widths).cumsum(0)
+            local = [units[(units >= start[i]) & (units < start[i + 1])] - start[i] for i in range(len(graphs))]
+            widths = [len(u) for u in local]
         off = [0]
         for w in widths:
             off.append(off[-1] + w)
         G = torch.zeros(off[-1], off[-1], dtype=torch.float64)
         # accumulate member by member: the concatenated rows of a wide space are large
-        for rows in unit_weight_rows(graphs, tensors, name, maps, note):
+        for rows in unit_weight_rows(graphs, tensors, name, maps, note, local):
             for i, Ri in enumerate(rows):
                 for j in range(i, len(rows)):
                     if anchor is not None and anchor not in (i, j):

@@ -209,11 +209,11 @@ def _activation_gram(ctx: MatchContext, kind, plans_of, anchored: bool = False,
     wgram = weight_gram(ctx.graphs, ctx.target, ctx.tensors(), plans_of, "distance", ctx.note)
     tied: set[str] = set()
 
-    def dead_gram(name: str) -> GramView:
+    def dead_gram(name: str, units: torch.Tensor) -> GramView:
         # units constant on the calibration data are told apart by their weights, which depend on
         # the neighbouring spaces' plans: such spaces are solved again once all are (see _solve)
         tied.add(name)
-        return wgram(name)
+        return wgram(name, units)
 
     agram = activation_gram(stats, kind, dead_gram=dead_gram)
 

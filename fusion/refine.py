@@ -343,13 +343,15 @@ def _check_lstsq(options: dict[str, Any]) -> None:
         raise InvalidOptionError(f"refinement 'lstsq': positions_per_image={k} must be a positive integer or None")
     if options["ridge"] < 0:
         raise InvalidOptionError(f"refinement 'lstsq': ridge={options['ridge']} must be >= 0 (0: plain least squares)")
+    if not options["max_gram_gib"] > 0:
+        raise InvalidOptionError(f"refinement 'lstsq': max_gram_gib={options['max_gram_gib']} must be > 0 (GiB)")
 
 
 @register_refinement("lstsq", check=_check_lstsq)
 def refine_lstsq(ctx: RepairContext, *, inputs: Literal["sequential", "merged"] = "sequential",
                  batchnorm: Literal["fold", "stats"] = "fold", norms: bool = False, ridge: float = 1e-4,
                  precision: Literal["float32", "float64"] = "float32",
-                 positions_per_image: int | None = None) -> None:
+                 positions_per_image: int | None = None, max_gram_gib: float = 2.0) -> None:
     """Least-squares refinement (PLeaS in closed form): each layer refitted to the merged sources' outputs.
 
     Args:
@@ -367,6 +369,9 @@ def refine_lstsq(ctx: RepairContext, *, inputs: Literal["sequential", "merged"] 
         precision: per-batch products in ``"float32"`` (summed in float64) or ``"float64"``.
         positions_per_image: fit each layer on at most this many random positions (conv output
             pixels, tokens) per image (None: all); fewer Gram rows, faster on large inputs.
+        max_gram_gib: a layer whose float64 Gram would exceed this many GiB is left as mapped
+            (recorded in the fusion report): solving it takes a few times that memory (e.g. the
+            first classifier layer of a 224-pixel VGG, 25,088 inputs: 4.7 GiB).
     """
     fused = ctx.fused
     dev = torch.device(ctx.device) if ctx.device is not None else model_device(fused)
@@ -415,6 +420,11 @@ def refine_lstsq(ctx: RepairContext, *, inputs: Literal["sequential", "merged"] 
                     live = None if bool(patches.live.all()) else patches.live.to(dev)
                 fit = patches.inputs if patches is not None else d
                 has_bias = getattr(module, "bias", None) is not None or bn is not None
+                gib = groups * (fit + has_bias) ** 2 * 8 / 2 ** 30
+                if gib > max_gram_gib:
+                    skipped.append(f"{layer.path} (its Gram of {fit + has_bias} inputs would take {gib:.1f} GiB, over "
+                                   f"max_gram_gib={max_gram_gib:g}: raise it to refit this layer)")
+                    continue
                 gram = LayerGram(groups, fit, o, has_bias, dev, precision)
                 if gram.xx.shape[1] > largest[0]:
                     largest = (gram.xx.shape[1], layer.path)

@@ -10,12 +10,13 @@ from torch import nn
 
 import fusion
 from alignment import discover, permute
-from alignment.errors import InvalidOptionError
+from alignment.errors import FallbackWarning, InvalidOptionError
 from fusion.engine import HeadsError
 from fusion.lstsq import LayerGram, output_moments, ridge_solve
 from fusion.refine import _conv_rows, _conv_weight, _ConvPatches
 from fusion.repair import reset_bn
 from fusion.replay import Replay, record
+from tests import tiny_models
 from tests.conftest import rel_err
 from tests.tiny_models import logits
 
@@ -504,3 +505,21 @@ def test_positions_per_image_subsamples_the_rows_of_each_image(tiny):
     assert rows["stem"] == 20 * 5 and rows["head"] == 20
     with pytest.raises(InvalidOptionError, match="positions_per_image"):
         fusion.fuse([model, other], cal, refine="lstsq", refine_options={"positions_per_image": 0})
+
+
+def test_a_layer_whose_gram_exceeds_max_gram_gib_keeps_its_mapped_weights(tiny):
+    """fc1's Gram (65 x 65 float64, 3.1e-5 GiB) is over a 2e-5 GiB cap, fc2's (33 x 33) is not: fc1 keeps
+    the one-shot fused weights, named in the report and a warning; fc2 is refitted; a cap <= 0 is an error."""
+    model, x = tiny("mlp")
+    other = tiny_models.build("mlp", seed=1)[0]
+    cal = _calibration(x, 40)
+    plain = fusion.fuse([model, other], cal, method="permute", repair="none")
+    with pytest.warns(FallbackWarning, match=r"fc1 \(its Gram of 65 inputs .* max_gram_gib=2e-05"):
+        capped = fusion.fuse([model, other], cal, method="permute", repair="none", refine="lstsq",
+                             refine_options={"max_gram_gib": 2e-5})
+    assert torch.equal(capped.fc1.weight, plain.fc1.weight)
+    assert not torch.allclose(capped.fc2.weight, plain.fc2.weight)
+    assert any(s.startswith("fc1 ") for s in capped.fusion_report.refinement["skipped"])
+    assert "fc2" in {e["layer"] for e in capped.fusion_report.refinement["layers"]}
+    with pytest.raises(InvalidOptionError, match="max_gram_gib"):
+        fusion.fuse([model, other], cal, refine="lstsq", refine_options={"max_gram_gib": 0})
