@@ -18,6 +18,7 @@ import torch
 
 from .errors import SpaceMismatchError
 from .graph import Graph, ranked_members
+from .leaves import gram_cost
 from .maps import axis_roles, map_tensor, plan_maps
 from .structure import GramView
 
@@ -51,10 +52,8 @@ def activation_gram(stats, kind: str | Callable[[str], str] = "correlation",
                 # ... and among themselves they are told apart by ``dead_gram``'s cosine, in [0, 1]
                 # (the dead block becomes (1 + cos) / 2: still unit diagonal, still positive
                 # semi-definite, still closer to each other than to any live unit)
-                W = dead_gram(name, dead).G.double()
-                nrm = W.diagonal().clamp_min(0).sqrt()
-                den = torch.outer(nrm, nrm)
-                cos = torch.where(den > 0, W / den.clamp_min(1e-300), torch.zeros_like(W))
+                idx = torch.arange(len(dead))
+                cos = 1.0 - gram_cost(idx, dead_gram(name, dead).G.double(), idx, "correlation")
                 cos.diagonal().fill_(1.0)
                 G[dead[:, None], dead[None, :]] = 0.5 * (1.0 + cos.clamp(-1, 1))
         else:
