@@ -127,7 +127,8 @@ class PointStats:
 
     def products(self, feats: list[torch.Tensor], shift: torch.Tensor | None = None) -> tuple:
         """One batch's sums, per model from a ``(width, samples)`` feature matrix: products in the
-        features' dtype (float32 on the CPU), returned in float64 to be summed over batches.
+        features' dtype (float32 on the CPU), summed over batches in float64 by :meth:`add` (the
+        in-place sum promotes them; no float64 copy of each product is made).
         ``shift``: the features are already centred on it (the caller's copies, e.g. the collection
         reader's, centred as they were copied); None: they are centred here on the point's shift
         (the first batch's mean when none yet)."""
@@ -135,10 +136,11 @@ class PointStats:
             shift = self.shift if self.count else torch.cat([f.mean(1).double() for f in feats]).to(self.shift.device)
             o = self.offsets()
             feats = [f - shift[o[i]:o[i + 1]].to(f)[:, None] for i, f in enumerate(feats)]
-        s1 = torch.cat([f.sum(1) for f in feats]).double()
-        # one product per pair (stacking every model's features first costs a copy of them all)
-        blocks = {k: (feats[k[0]] @ feats[k[1]].t()).double() for k in self.blocks}
-        sq = torch.cat([blocks[(i, i)].diagonal() if (i, i) in blocks else _row_squares(f).double()
+        s1 = torch.cat([f.sum(1) for f in feats])
+        # one product per pair (stacking every model's features first costs a copy of them all, and
+        # one product of the stack computes both triangles: no faster)
+        blocks = {k: feats[k[0]] @ feats[k[1]].t() for k in self.blocks}
+        sq = torch.cat([blocks[(i, i)].diagonal() if (i, i) in blocks else _row_squares(f)
                         for i, f in enumerate(feats)])
         return feats[0].shape[1], shift, s1, sq, blocks
 
