@@ -426,6 +426,81 @@ class AxisAlgebra:
         return self.sanitize(out)
 
 
+    def regroup(self, dims: list[Dim], positions: list[int], sizes: list[int]) -> list[Dim] | None:
+        """The axes ``sizes`` (outer first) of a view of the consecutive axes ``positions`` of
+        ``dims``, through their common refinement: each input axis is split where an output axis
+        starts and the pieces are merged into the output axes. A batch axis merged with attention
+        heads (``(B, E) -> (B * H, E / H)``, as ``nn.MultiheadAttention`` does) thus keeps the heads
+        and per-head features. None when the boundaries do not nest (no refinement exists)."""
+        ins = [dims[p].size for p in positions]
+        bounds = sorted(_boundaries(ins) | _boundaries(sizes))
+        if any(b % a for a, b in zip(bounds, bounds[1:])):
+            return None
+        fine: list[Dim] = []
+        hi = _product(ins)
+        for pos, n in zip(positions, ins):
+            lo = hi // n
+            cuts = [b for b in bounds if lo <= b <= hi]
+            pieces = [cuts[i + 1] // cuts[i] for i in reversed(range(len(cuts) - 1))]
+            fine += self.split(dims[pos], pieces) if len(pieces) > 1 else [dims[pos]]
+            hi = lo
+        before, after = dims[:positions[0]], dims[positions[-1] + 1:]
+        out: list[Dim] = []
+        i = 0
+        for size in sizes:
+            j, acc = i, 1
+            while acc < size:
+                acc *= fine[j].size
+                j += 1
+            ctx = before + fine + after
+            out.append(fine[i] if j - i == 1 else self.merge(ctx, list(range(len(before) + i, len(before) + j))))
+            i = j
+        gone = [x for x in fine if _index_of(out, x) is None]
+        return [self.rekey(d, fine, out) if any(_index_of(gone, x) is not None for x in d.deps) else d for d in out]
+
+    def rekey(self, d: Dim, old: list[Dim], new: list[Dim], limit: int = 1 << 16) -> Dim:
+        """``d`` with its dependencies on the axes ``old`` re-expressed on the axes ``new`` that
+        index the same flat positions (row-major), e.g. after a view split or merged them. A table
+        over more than ``limit`` index combinations is collapsed instead (sound, more constrained)."""
+        if d.plain or not any(_index_of(old, x) is not None for x in d.deps):
+            return d
+        keep = [x for x in d.deps if _index_of(old, x) is None]
+        axes = [x for x in new if x is not d]  # d's own axis (unchanged by the view) is no dependency
+        if _product([x.size for x in keep + axes]) > limit:
+            return self.collapse(d)
+        table = {}
+        for kk in itertools.product(*[range(x.size) for x in keep]):
+            env = {id(x): k for x, k in zip(keep, kk)}
+            for nk in itertools.product(*[range(x.size) for x in axes]):
+                at = {id(x): k for x, k in zip(axes, nk)}
+                flat = 0
+                for x in new:
+                    flat = flat * x.size + at.get(id(x), 0)
+                for x in reversed(old):
+                    env[id(x)] = flat % x.size
+                    flat //= x.size
+                table[kk + nk] = d.table[tuple(env[id(x)] for x in d.deps)]
+        if len({self.C.find(c) for c in table.values()}) == 1:
+            return Dim(d.size, self.C.find(next(iter(table.values()))))
+        return Dim(d.size, deps=tuple(keep) + tuple(axes), table=table)
+
+
+def _boundaries(sizes: list[int]) -> set[int]:
+    """Products of the innermost axes of a row-major shape (1 and the total included)."""
+    out, p = {1}, 1
+    for v in reversed(sizes):
+        p *= v
+        out.add(p)
+    return out
+
+
+def _product(values) -> int:
+    p = 1
+    for v in values:
+        p *= int(v)
+    return p
+
+
 def _index_of(dims: list[Dim], x: Dim) -> int | None:
     for i, d in enumerate(dims):
         if d is x:

@@ -249,6 +249,7 @@ class _Tracer:
         in_idx = [i for i, s in enumerate(ins) if s != 1]
         out_idx = [i for i, s in enumerate(outs) if s != 1]
         result: list[Dim | None] = [None] * len(outs)
+        changed: list[tuple[list[Dim], list[Dim]]] = []
         i = j = 0
         while i < len(in_idx) and j < len(out_idx):
             gi, go = [in_idx[i]], [out_idx[j]]
@@ -265,13 +266,20 @@ class _Tracer:
             if len(gi) == 1 and len(go) == 1:
                 result[go[0]] = x[gi[0]]
             else:
-                merged = x[gi[0]] if len(gi) == 1 else self.A.merge(x, gi)
-                parts = self.A.split(merged, [outs[k] for k in go]) if len(go) > 1 else [merged]
+                parts = self.A.regroup(x, gi, [outs[k] for k in go])
+                if parts is None:  # boundaries that do not nest: through one flat axis
+                    merged = x[gi[0]] if len(gi) == 1 else self.A.merge(x, gi)
+                    parts = self.A.split(merged, [outs[k] for k in go]) if len(go) > 1 else [merged]
                 for k, d in zip(go, parts):
                     result[k] = d
+                changed.append(([x[k] for k in gi], list(parts)))
             i += 1
             j += 1
         final = [d if d is not None else self.A.fresh(int(outs[k])) for k, d in enumerate(result)]
+        # axes depending on an axis the view split or merged (a head's features on the heads axis)
+        # follow it to the new axes instead of collapsing
+        for old, new in changed:
+            final = [self.A.rekey(d, old, new) for d in final]
         return self.A.sanitize(final)
 
     def mark_contracted(self, dims: list[Dim], i: int) -> None:

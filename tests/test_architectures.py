@@ -94,6 +94,56 @@ def test_units_constant_on_the_calibration_data_are_matched_by_their_weights():
     assert rel_err(y_fused, y) < 1e-6
 
 
+
+class _MHABlock(nn.Module):
+    """A pre-norm attention block on ``nn.MultiheadAttention`` (packed in-projection; the heads
+    are carried on the batch axis inside: ``(T, B, E) -> (T, B * H, E / H)``)."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, classes: int = 5, batch_first: bool = True):
+        super().__init__()
+        self.embed = nn.Linear(6, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=batch_first)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        h = self.embed(x if self.attn.batch_first else x.transpose(0, 1))
+        y = self.norm(h)
+        h = h + self.attn(y, y, y, need_weights=False)[0]
+        return self.head(h.mean(1 if self.attn.batch_first else 0))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_heads_are_discovered_and_fused(batch_first):
+    # nn.MultiheadAttention merges the batch axis with the heads (a view (T, B, E) -> (T, B*H, E/H))
+    # and splits them again: the heads and per-head features used to be kept fixed ("reshaped into
+    # blocks of incompatible sizes"), so a model fused with its permuted copy was not the model
+    torch.manual_seed(0)
+    model = randomize(_MHABlock(batch_first=batch_first).eval())
+    x = torch.randn(3, 7, 6)
+    graph, copy, fused = _fused_with_permuted_copy(model, x, torch.randn(40, 7, 6))
+    heads = [s for s in graph.spaces if s.kind == "heads"]
+    assert [s.width for s in heads] == [4]
+    q = next(s for s in graph.spaces if s.name.endswith("in_proj_weight#0"))
+    assert "heads=4x8" in graph.summary() and q.width == 32
+    assert not any("incompatible" in n for n in graph.notes)
+    y, y_copy, y_fused = _outputs([model, copy, fused], x)
+    assert rel_err(y_copy, y) < 1e-5
+    assert rel_err(y_fused, y) < 1e-5
+
+
+def test_torchvision_vit_fuses_with_its_permuted_copy():
+    import torchvision
+
+    torch.manual_seed(0)
+    model = randomize(torchvision.models.VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2,
+                                                           hidden_dim=16, mlp_dim=32, num_classes=5).eval())
+    x = torch.randn(2, 3, 16, 16)
+    graph, copy, fused = _fused_with_permuted_copy(model, x, torch.randn(24, 3, 16, 16))
+    assert sum(s.kind == "heads" for s in graph.spaces) == 1
+    y, y_copy, y_fused = _outputs([model, copy, fused], x)
+    assert rel_err(y_fused, y) < 1e-5
+
 # timm architectures at small sizes: (name or module:class, constructor options, input size)
 SWEEP = [
     ("convnext_atto", {}, 32),
