@@ -21,6 +21,7 @@ from ._axes import AxisAlgebra, Dim
 from ._rules import IGNORED, RULES
 from .errors import ExportError, UnfollowableOpError
 from .graph import FixedAxis, Graph, Member, Observation, Space
+from .permute import reset_caches
 from .runner import model_device
 
 __all__ = ["discover", "discover_all", "same_structure"]
@@ -54,6 +55,9 @@ def discover(model: nn.Module, example_input: Any, *, strict: bool = False) -> G
     # export a copy: tracing runs the forward, which may fill caches (timm's attention-bias caches)
     # or otherwise touch module state; the user's model must stay exactly as it was
     traced = copy.deepcopy(model)
+    # a cache filled by an earlier forward (HF LeViT's attention biases in eval mode) would be traced
+    # as a constant, cut from the weights it was computed from: trace from the weights
+    reset_caches(traced, model.training)
     try:
         with torch.no_grad():
             ep = torch.export.export(traced, args, kwargs=kwargs, strict=strict)

@@ -144,6 +144,27 @@ def test_torchvision_vit_fuses_with_its_permuted_copy():
     y, y_copy, y_fused = _outputs([model, copy, fused], x)
     assert rel_err(y_fused, y) < 1e-5
 
+
+def test_attention_bias_caches_filled_by_a_forward_do_not_hide_the_heads():
+    # LeViT (timm and HF) caches its attention biases on the first eval forward; discovery traced
+    # the cached tensor as a constant, so a model that had been run lost its heads (18 -> 14
+    # spaces) and could not be fused with a copy permuted by the heads
+    torch.manual_seed(0)
+    model = randomize(timm.create_model("levit_128s", pretrained=False, num_classes=5, img_size=32,
+                                        embed_dim=(32, 48), key_dim=8, depth=(1, 1), num_heads=(2, 2)).eval())
+    x = torch.randn(2, 3, 32, 32)
+    fresh = discover(model, x)
+    with torch.no_grad():
+        model(x)  # fills the caches
+    assert any(getattr(m, "attention_bias_cache", None) for m in model.modules())
+    graph = discover(model, x)
+    assert [(s.name, s.width, s.kind) for s in graph.spaces] == [(s.name, s.width, s.kind) for s in fresh.spaces]
+    assert sum(s.kind == "heads" for s in graph.spaces) == 3
+    copy = permute(model, fresh, fresh.random_permutations(seed=1))
+    fused = fusion.fuse([model, copy], torch.randn(32, 3, 32, 32), method="permute", repair="none")
+    y, y_fused = _outputs([model, fused], x)
+    assert rel_err(y_fused, y) < 1e-5
+
 # timm architectures at small sizes: (name or module:class, constructor options, input size)
 SWEEP = [
     ("convnext_atto", {}, 32),
