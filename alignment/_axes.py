@@ -455,7 +455,7 @@ class AxisAlgebra:
             ctx = before + fine + after
             out.append(fine[i] if j - i == 1 else self.merge(ctx, list(range(len(before) + i, len(before) + j))))
             i = j
-        gone = [x for x in fine if _index_of(out, x) is None]
+        gone = [x for x in fine if _index_of(out, x) is None]  # pieces merged into a wider axis
         return [self.rekey(d, fine, out) if any(_index_of(gone, x) is not None for x in d.deps) else d for d in out]
 
     def rekey(self, d: Dim, old: list[Dim], new: list[Dim], limit: int = 1 << 16) -> Dim:
@@ -463,6 +463,10 @@ class AxisAlgebra:
         index the same flat positions (row-major), e.g. after a view split or merged them. A table
         over more than ``limit`` index combinations is collapsed instead (sound, more constrained)."""
         if d.plain or not any(_index_of(old, x) is not None for x in d.deps):
+            return d
+        if _index_of(new, d) is not None and _index_of(old, d) is None:
+            # an axis the view made from the old ones (a merge): its index is not independent of
+            # theirs; its own dependencies were resolved when it was made (or it collapses)
             return d
         keep = [x for x in d.deps if _index_of(old, x) is None]
         axes = [x for x in new if x is not d]  # d's own axis (unchanged by the view) is no dependency

@@ -165,6 +165,36 @@ def test_attention_bias_caches_filled_by_a_forward_do_not_hide_the_heads():
     y, y_fused = _outputs([model, fused], x)
     assert rel_err(y_fused, y) < 1e-5
 
+
+class _ChannelShuffle(nn.Module):
+    """Two grouped convolutions with a channel shuffle between them (ShuffleNet)."""
+
+    def __init__(self, c: int = 12, groups: int = 3):
+        super().__init__()
+        self.groups = groups
+        self.a = nn.Conv2d(3, c, 3, padding=1)
+        self.b = nn.Conv2d(c, c, 1, groups=groups)
+        self.c = nn.Conv2d(c, c, 1, groups=groups)
+        self.head = nn.Linear(c, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.b(torch.relu(self.a(x))))
+        n, c, hh, ww = h.shape
+        h = h.view(n, self.groups, c // self.groups, hh, ww).transpose(1, 2).reshape(n, c, hh, ww)
+        return self.head(torch.relu(self.c(h)).mean((2, 3)))
+
+
+def test_channel_shuffle_permutations_keep_the_function():
+    # the shuffle merges (C/g, g) axes whose inner classes depend on each other: a view must keep
+    # every constraint (a regrouping once dropped one and permuted a shuffled model wrongly)
+    torch.manual_seed(0)
+    model = randomize(_ChannelShuffle().eval())
+    x = torch.randn(3, 3, 8, 8)
+    graph, copy, fused = _fused_with_permuted_copy(model, x, torch.randn(48, 3, 8, 8))
+    y, y_copy, y_fused = _outputs([model, copy, fused], x)
+    assert rel_err(y_copy, y) < 1e-5
+    assert rel_err(y_fused, y) < 1e-5
+
 # timm architectures at small sizes: (name or module:class, constructor options, input size)
 SWEEP = [
     ("convnext_atto", {}, 32),
@@ -197,6 +227,80 @@ def test_timm_architecture_fuses_with_its_permuted_copy(name, options, size):
     model = randomize(timm.create_model(name, pretrained=False, num_classes=10, **options).eval())
     x = torch.randn(2, 3, size, size)
     _, copy, fused = _fused_with_permuted_copy(model, x, torch.randn(32, 3, size, size))
+    y, y_copy, y_fused = _outputs([model, copy, fused], x)
+    assert rel_err(y_copy, y) < 1e-4
+    assert rel_err(y_fused, y) < 1e-4
+
+
+def _torchvision(name: str, **options):
+    def build():
+        import torchvision
+
+        return getattr(torchvision.models, name)(weights=None, num_classes=10, **options)
+    return build
+
+
+def _hf(config: str, model: str, **options):
+    def build():
+        import transformers
+
+        return getattr(transformers, model)(getattr(transformers, config)(num_labels=10, **options))
+    return build
+
+
+def _tv_class(name: str, **options):
+    def build():
+        import torchvision
+
+        return getattr(torchvision.models, name)(num_classes=10, **options)
+    return build
+
+
+# torchvision and transformers architectures at small sizes: (id, builder, input size, calibration size)
+SWEEP_OTHER = [
+    ("tv-resnet18", _torchvision("resnet18"), 32, 32),
+    ("tv-mobilenet_v3_small", _torchvision("mobilenet_v3_small"), 32, 32),
+    ("tv-efficientnet_b0", _torchvision("efficientnet_b0"), 64, 128),  # at 32 px deep units are constant
+    ("tv-shufflenet_v2", _torchvision("shufflenet_v2_x0_5"), 32, 32),  # channel shuffle
+    ("tv-squeezenet", _torchvision("squeezenet1_1"), 64, 32),
+    ("tv-googlenet", _torchvision("googlenet", aux_logits=False, init_weights=True), 64, 32),
+    ("tv-regnet_y", _torchvision("regnet_y_400mf"), 32, 32),
+    ("tv-vit", _tv_class("VisionTransformer", image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=64,
+                         mlp_dim=128), 32, 32),
+    ("tv-swin", _tv_class("SwinTransformer", patch_size=[4, 4], embed_dim=32, depths=[1, 1], num_heads=[2, 2],
+                          window_size=[4, 4]), 32, 32),
+    ("tv-maxvit", _tv_class("MaxVit", input_size=(64, 64), stem_channels=16, partition_size=2, block_channels=[16, 32],
+                            block_layers=[1, 1], head_dim=8, stochastic_depth_prob=0.0), 64, 32),
+    ("hf-vit", _hf("ViTConfig", "ViTForImageClassification", image_size=32, patch_size=8, hidden_size=64,
+                   num_hidden_layers=2, num_attention_heads=2, intermediate_size=128), 32, 32),
+    ("hf-beit", _hf("BeitConfig", "BeitForImageClassification", image_size=32, patch_size=8, hidden_size=64,
+                    num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                    use_relative_position_bias=True), 32, 32),
+    ("hf-dinov2", _hf("Dinov2Config", "Dinov2ForImageClassification", image_size=32, patch_size=8, hidden_size=64,
+                      num_hidden_layers=2, num_attention_heads=2), 32, 32),
+    ("hf-convnext", _hf("ConvNextConfig", "ConvNextForImageClassification", hidden_sizes=[16, 32], depths=[1, 1],
+                        num_stages=2), 32, 32),
+    ("hf-resnet", _hf("ResNetConfig", "ResNetForImageClassification", hidden_sizes=[16, 32], depths=[1, 1],
+                      embedding_size=16, downsample_in_first_stage=False), 32, 32),
+    ("hf-swin", _hf("SwinConfig", "SwinForImageClassification", image_size=32, patch_size=2, embed_dim=16,
+                    depths=[1, 1], num_heads=[2, 2], window_size=4), 32, 32),
+    ("hf-mobilevit", _hf("MobileViTConfig", "MobileViTForImageClassification", image_size=64,
+                         hidden_sizes=[32, 48, 64], neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64]), 64, 32),
+    ("hf-levit", _hf("LevitConfig", "LevitForImageClassification", image_size=64), 64, 32),
+    ("hf-poolformer", _hf("PoolFormerConfig", "PoolFormerForImageClassification", hidden_sizes=[16, 32, 48, 64],
+                          depths=[1, 1, 1, 1]), 32, 32),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("build,size,samples", [s[1:] for s in SWEEP_OTHER], ids=[s[0] for s in SWEEP_OTHER])
+def test_torchvision_and_transformers_architectures_fuse_with_their_permuted_copies(build, size, samples):
+    torch.manual_seed(0)
+    model = randomize(build().eval())
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        model(x)  # as a user's model would have been: caches filled by an eval forward
+    _, copy, fused = _fused_with_permuted_copy(model, x, torch.randn(samples, 3, size, size))
     y, y_copy, y_fused = _outputs([model, copy, fused], x)
     assert rel_err(y_copy, y) < 1e-4
     assert rel_err(y_fused, y) < 1e-4
