@@ -17,6 +17,7 @@ class per outer index.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 
 from .errors import DiscoveryError
@@ -425,7 +426,6 @@ class AxisAlgebra:
                 out.append(Dim(sizes[k], deps=tuple(out[:k]), table=table))
         return self.sanitize(out)
 
-
     def regroup(self, dims: list[Dim], positions: list[int], sizes: list[int]) -> list[Dim] | None:
         """The axes ``sizes`` (outer first) of a view of the consecutive axes ``positions`` of
         ``dims``, through their common refinement: each input axis is split where an output axis
@@ -437,14 +437,15 @@ class AxisAlgebra:
         if any(b % a for a, b in zip(bounds, bounds[1:])):
             return None
         fine: list[Dim] = []
-        hi = _product(ins)
+        hi = math.prod(ins)
         for pos, n in zip(positions, ins):
             lo = hi // n
             cuts = [b for b in bounds if lo <= b <= hi]
             pieces = [cuts[i + 1] // cuts[i] for i in reversed(range(len(cuts) - 1))]
             fine += self.split(dims[pos], pieces) if len(pieces) > 1 else [dims[pos]]
             hi = lo
-        before, after = dims[:positions[0]], dims[positions[-1] + 1:]
+        start = positions[0]
+        ctx = dims[:start] + fine + dims[positions[-1] + 1:]  # merged dependencies resolve in the whole tensor
         out: list[Dim] = []
         i = 0
         for size in sizes:
@@ -452,8 +453,7 @@ class AxisAlgebra:
             while acc < size:
                 acc *= fine[j].size
                 j += 1
-            ctx = before + fine + after
-            out.append(fine[i] if j - i == 1 else self.merge(ctx, list(range(len(before) + i, len(before) + j))))
+            out.append(fine[i] if j - i == 1 else self.merge(ctx, list(range(start + i, start + j))))
             i = j
         gone = [x for x in fine if _index_of(out, x) is None]  # pieces merged into a wider axis
         return [self.rekey(d, fine, out) if any(_index_of(gone, x) is not None for x in d.deps) else d for d in out]
@@ -470,7 +470,7 @@ class AxisAlgebra:
             return d
         keep = [x for x in d.deps if _index_of(old, x) is None]
         axes = [x for x in new if x is not d]  # d's own axis (unchanged by the view) is no dependency
-        if _product([x.size for x in keep + axes]) > limit:
+        if math.prod(x.size for x in keep + axes) > limit:
             return self.collapse(d)
         table = {}
         for kk in itertools.product(*[range(x.size) for x in keep]):
@@ -496,13 +496,6 @@ def _boundaries(sizes: list[int]) -> set[int]:
         p *= v
         out.add(p)
     return out
-
-
-def _product(values) -> int:
-    p = 1
-    for v in values:
-        p *= int(v)
-    return p
 
 
 def _index_of(dims: list[Dim], x: Dim) -> int | None:
