@@ -429,13 +429,28 @@ def _pad(tr, node, a):
     x = tr.dims(a["self"] if "self" in a else a["input"])
     pad = list(a["pad"])
     shape = tr.shape(node)
+    constant = a.get("mode", "constant") == "constant"
     out = list(x)
     for i in range(len(pad) // 2):
         d = len(x) - 1 - i
-        if pad[2 * i] == 0 and pad[2 * i + 1] == 0:
+        lo, hi = int(pad[2 * i]), int(pad[2 * i + 1])
+        if lo == 0 and hi == 0:
             continue
-        tr.require_fixed(x[d], node, "pads this axis by position")
-        out[d] = tr.A.fresh(int(shape[d]), "padded")
+        if not constant:
+            # reflect / replicate / circular copy values by position
+            tr.require_fixed(out[d], node, "pads this axis by copying values by position")
+            out[d] = tr.A.fresh(int(shape[d]), "padded")
+            continue
+        # constant padding is a concatenation of constant blocks around the (cropped) axis: the
+        # kept indices stay the input's, the blocks are new fixed axes
+        n = out[d].size
+        start, stop = max(0, -lo), n - max(0, -hi)
+        if (start, stop) != (0, n):
+            out = _slice_range(tr, out, d, start, stop)
+        parts = ([tr.A.fresh(lo, "constant padding").cls] if lo > 0 else []) + [tr.A.collapse(out[d]).cls] \
+            + ([tr.A.fresh(hi, "constant padding").cls] if hi > 0 else [])
+        out[d] = Dim(int(shape[d]), tr.C.concat(parts))
+        out = tr.A.sanitize(out)
     return out
 
 

@@ -620,12 +620,19 @@ class _Tracer:
         """Hook points: tensors that leave (outputs) or enter (inputs) a module call."""
         scope_nodes: dict[str, list[torch.fx.Node]] = defaultdict(list)
         scope_path: dict[str, str] = {}
+        # a module reachable under several names (``self.mlp2 = self.mlp3 = mlp``) is hooked and
+        # counted as one object: every call is named by its first name, in execution order
+        first_name: dict[int, str] = {}
+        alias: dict[str, str] = {}
+        for name, mod in self.model.named_modules(remove_duplicate=False):
+            alias[name] = first_name.setdefault(id(mod), name)
         for node in self.ep.graph.nodes:
             if node.op != "call_function":
                 continue
             for key, (path, _typ) in (node.meta.get("nn_module_stack") or {}).items():
                 scope_nodes[key].append(node)
-                scope_path[key] = _clean_path(path)
+                path = _clean_path(path)
+                scope_path[key] = alias.get(path, path)
         calls: dict[str, list[str]] = defaultdict(list)
         for key in scope_nodes:
             calls[scope_path[key]].append(key)

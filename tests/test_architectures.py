@@ -195,6 +195,73 @@ def test_channel_shuffle_permutations_keep_the_function():
     assert rel_err(y_copy, y) < 1e-5
     assert rel_err(y_fused, y) < 1e-5
 
+class _PaddedShortcut(nn.Module):
+    """A CIFAR ResNet block with an option-A shortcut: the input's channels zero-padded on both
+    sides (``F.pad`` on the channel axis) and added to a wider residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.c1 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.b1 = nn.BatchNorm2d(16)
+        self.c2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.b2 = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(15, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn0(self.stem(x)))
+        y = self.b2(self.c2(torch.relu(self.b1(self.c1(x)))))
+        y = torch.relu(y + nn.functional.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 4, 4)))
+        # a negative pad crops: the last channel is dropped
+        return self.fc(nn.functional.pad(y.mean((2, 3)), (0, -1)))
+
+
+def test_constant_padding_of_a_feature_axis_keeps_its_features_alignable():
+    # zero padding concatenates constant blocks around the axis: the stem's 8 channels stay one
+    # space, placed at offset 4 of the residual (was: "pads this axis by position" error)
+    torch.manual_seed(0)
+    model = randomize(_PaddedShortcut().eval())
+    x = torch.randn(3, 3, 8, 8)
+    graph, copy, fused = _fused_with_permuted_copy(model, x, torch.randn(64, 3, 8, 8))
+    assert [s.width for s in graph.spaces] == [8, 16]
+    y, y_copy, y_fused = _outputs([model, copy, fused], x)
+    assert rel_err(y_copy, y) < 1e-5
+    assert rel_err(y_fused, y) < 1e-5
+    assert not torch.equal(copy.stem.weight, model.stem.weight)
+
+
+class _SharedUnderTwoNames(nn.Module):
+    """One MLP reachable as ``mlp_a`` and ``mlp_b`` (CoaT's parallel blocks), called once under each."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(6, 16)
+        self.mlp_a = self.mlp_b = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 16))
+        self.mid = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        h = h + self.mlp_a(h)
+        h = torch.relu(self.mid(h))
+        return self.out(h + self.mlp_b(h))
+
+
+def test_a_module_shared_under_two_names_is_observed_at_each_call():
+    # observation points are named by the module's first name and counted per object: the second
+    # call (made as ``mlp_b``) is read at the second call of the one hooked module
+    torch.manual_seed(0)
+    model = randomize(_SharedUnderTwoNames().eval())
+    x = torch.randn(5, 6)
+    graph, copy, fused = _fused_with_permuted_copy(model, x, torch.randn(256, 6))
+    obs = {(o.module, o.call) for s in graph.spaces for o in s.observations}
+    assert ("mlp_a.0", 1) in obs and not any(m.startswith("mlp_b") for m, _ in obs)
+    y, y_copy, y_fused = _outputs([model, copy, fused], x)
+    assert rel_err(y_copy, y) < 1e-5
+    assert rel_err(y_fused, y) < 1e-5
+
+
 # timm architectures at small sizes: (name or module:class, constructor options, input size)
 SWEEP = [
     ("convnext_atto", {}, 32),
