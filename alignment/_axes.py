@@ -109,8 +109,17 @@ class Classes:
             return
         # different part boundaries: refine both to the common boundaries
         cuts = sorted(set(itertools.accumulate(sizes_a[:-1])) | set(itertools.accumulate(sizes_b[:-1])))
-        pa = self._refine(sa, cuts)
-        pb = self._refine(sb, cuts)
+        while True:
+            pa = self._refine(sa, cuts)
+            pb = self._refine(sb, cuts)
+            # a class met twice in one concatenation (the flattened rows of a relative-position
+            # skew) is cut at every offset any of its places needs: the pieces may come out finer
+            # than asked; refine both again until their boundaries agree
+            bounds_a = list(itertools.accumulate(self.size[self.find(p)] for p in pa))
+            bounds_b = list(itertools.accumulate(self.size[self.find(q)] for q in pb))
+            if bounds_a == bounds_b:
+                break
+            cuts = sorted(set(bounds_a[:-1]) | set(bounds_b[:-1]))
         for p, q in zip(pa, pb):
             self.union(p, q)
         self.struct[self.find(root)] = Struct(None, pa)

@@ -231,6 +231,35 @@ def test_constant_padding_of_a_feature_axis_keeps_its_features_alignable():
     assert not torch.equal(copy.stem.weight, model.stem.weight)
 
 
+class _RelativePositionAttention(nn.Module):
+    """timm's BottleneckAttn (BoTNet): relative-position logits by the pad-flatten-pad-reshape skew."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.layers.bottleneck_attn import BottleneckAttn
+
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.attn = BottleneckAttn(16, 16, feat_size=(4, 4), num_heads=2)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.head(self.attn(torch.relu(self.stem(x))).mean((2, 3)))
+
+
+def test_relative_position_skew_is_followed():
+    # the skew pads the rows of the relative logits, flattens, pads and reshapes them into rows of
+    # another length: the relative-position table's axis is met at several offsets of one
+    # concatenation (was: "internal error: unifying axes of different sizes")
+    torch.manual_seed(0)
+    model = randomize(_RelativePositionAttention().eval())
+    x = torch.randn(3, 3, 4, 4)
+    graph, copy, fused = _fused_with_permuted_copy(model, x, torch.randn(64, 3, 4, 4))
+    assert any(s.kind == "heads" for s in graph.spaces)
+    y, y_copy, y_fused = _outputs([model, copy, fused], x)
+    assert rel_err(y_copy, y) < 1e-5
+    assert rel_err(y_fused, y) < 1e-5
+
+
 class _SharedUnderTwoNames(nn.Module):
     """One MLP reachable as ``mlp_a`` and ``mlp_b`` (CoaT's parallel blocks), called once under each."""
 
