@@ -424,6 +424,44 @@ def _roll(tr, node, a):
     return x
 
 
+@register_op_rule("aten.unfold")
+def _unfold(tr, node, a):
+    # sliding windows along one axis (HaloNet's neighbourhoods): the axis becomes (windows, size)
+    x = tr.dims(a["self"])
+    d = _norm(int(a["dimension"]), len(x))
+    shape = tr.shape(node)
+    tr.require_fixed(x[d], node, "takes sliding windows by position along this axis")
+    out = list(x)
+    out[d] = tr.A.fresh(int(shape[d]), "sliding windows")
+    return tr.A.sanitize(out + [tr.A.fresh(int(shape[-1]), "sliding windows")])
+
+
+@register_op_rule("aten.repeat_interleave")
+def _repeat_interleave(tr, node, a):
+    x = tr.dims(a.get("self"))
+    shape = tr.shape(node)
+    reps, dim = a.get("repeats"), a.get("dim")
+    if not x or not isinstance(reps, int) or dim is None:
+        # repeats per index, or the flattened tensor: copies by position
+        for d in x:
+            tr.require_fixed(d, node, "repeats indices of this axis by position")
+        return [tr.A.fresh(int(s), "repeated by position") for s in shape]
+    d = _norm(int(dim), len(x))
+    # index i * r + k holds element i: the axis is (features, r) flattened
+    expanded = list(x)
+    expanded.insert(d + 1, tr.A.fresh(reps, "repeated"))
+    out = list(x)
+    out[d] = tr.A.merge(expanded, [d, d + 1])
+    return tr.A.sanitize(out)
+
+
+@register_op_rule("aten.one_hot")
+def _one_hot(tr, node, a):
+    # integer indices to a new trailing axis of classes (positions)
+    x = tr.dims(a["self"])
+    return x + [tr.A.fresh(int(tr.shape(node)[-1]), "one-hot classes")]
+
+
 @register_op_rule("aten.constant_pad_nd", "aten.pad")
 def _pad(tr, node, a):
     x = tr.dims(a["self"] if "self" in a else a["input"])
@@ -521,6 +559,7 @@ def _repeat(tr, node, a):
     x = tr.dims(a["self"])
     reps = list(a.get("repeats", a.get("dims")))
     shape = tr.shape(node)
+    reps = [1] * (len(shape) - len(reps)) + reps  # tile: fewer repeats than axes repeat the last ones
     lead = len(shape) - len(x)
     out = [tr.A.fresh(int(s)) for s in shape[:lead]]
     for i, d in enumerate(x):

@@ -67,6 +67,10 @@ def discover(model: nn.Module, example_input: Any, *, strict: bool = False) -> G
             f"{str(exc).splitlines()[0] if str(exc) else ''}. Check that the example input runs through "
             f"the model, or simplify data-dependent control flow."
         ) from exc
+    if any(isinstance(n.target, torch._ops.HigherOrderOperator) for n in ep.graph.nodes if n.op == "call_function"):
+        # regions the export keeps as higher-order ops (autocast, grad-mode wrappers) hold their
+        # ops in subgraphs; lowering to the core ops inlines them (costs a retrace: only when needed)
+        ep = ep.run_decompositions({})
     tracer = _Tracer(ep, model)
     tracer.run()
     return tracer.build_graph()

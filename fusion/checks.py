@@ -57,13 +57,14 @@ def check_models(models: Any) -> list[nn.Module]:
     models = model_list(models)
     dtypes: dict[torch.dtype, int] = {}
     for i, m in enumerate(models):
+        buffers = {name for name, _ in m.named_buffers()}
         for name, t in list(m.named_parameters()) + list(m.named_buffers()):
             if t.is_meta:
                 raise ModelError(f"model {i}: tensor {name!r} is on the meta device (no values); load real weights "
                                  f"(e.g. model.to_empty(device=...) then load_state_dict)")
             if t.is_floating_point():
                 dtypes.setdefault(t.dtype, i)
-                if not bool(torch.isfinite(t).all()):
+                if _broken(t, name in buffers):
                     raise ModelError(f"model {i}: tensor {name!r} holds non-finite values (NaN or inf); fusing it would "
                                      f"give a broken model")
         _check_forward_signature(m, i)
@@ -220,6 +221,12 @@ def _length(data: Any) -> int | None:
     return None
 
 
+def _broken(t: torch.Tensor, buffer: bool) -> bool:
+    """NaN anywhere, or an infinity in a parameter. Buffers may hold infinities on purpose (clipping
+    bounds left open: Gemma's ``input_min = -inf``)."""
+    return bool(torch.isnan(t).any()) if buffer else not bool(torch.isfinite(t).all())
+
+
 def check_finite_plans(plans: Sequence[dict[str, torch.Tensor]]) -> None:
     """Raise :class:`NonFiniteError` naming the first space whose plan holds NaN or inf."""
     for i, p in enumerate(plans):
@@ -231,8 +238,9 @@ def check_finite_plans(plans: Sequence[dict[str, torch.Tensor]]) -> None:
 
 def check_finite_model(model: nn.Module, stage: str) -> None:
     """Raise :class:`NonFiniteError` naming the first parameter or buffer of ``model`` that holds NaN
-    or inf after ``stage``."""
+    (or a parameter that holds inf) after ``stage``."""
+    buffers = {name for name, _ in model.named_buffers()}
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and _broken(t, name in buffers):
             raise NonFiniteError(f"after {stage}, the fused tensor {name!r} holds non-finite values; the fused model "
                                  f"would be broken (try another method, a ridge, or more calibration data)")

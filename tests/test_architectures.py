@@ -260,6 +260,50 @@ def test_relative_position_skew_is_followed():
     assert rel_err(y_fused, y) < 1e-5
 
 
+class _AssortedOps(nn.Module):
+    """Ops met in timm's zoo (HieraDet, EfficientViT, GCViT, HaloNet, Gemma): a positional table
+    tiled with fewer repeats than axes, an autocast region, sliding windows (``unfold``), a gate
+    shared by pairs of channels (``repeat_interleave``), a one-hot lookup and an infinite clipping
+    bound kept in a buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.pos = nn.Parameter(torch.randn(1, 8, 2, 2))
+        self.gate = nn.Conv2d(8, 4, 1)
+        self.mix = nn.Conv2d(8, 8, 1)
+        self.table = nn.Parameter(torch.randn(3, 8))
+        self.head = nn.Linear(8, 5)
+        self.register_buffer("low", torch.tensor(float("-inf")))
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x)) + self.pos.tile((2, 2))  # (1, 8, 4, 4): tile repeats the last two axes
+        h = h * torch.sigmoid(self.gate(h)).repeat_interleave(2, dim=1)
+        with torch.autocast("cpu", enabled=False):
+            h = self.mix(h.float())
+        w = h.unfold(2, 2, 2).unfold(3, 2, 2).amax((-1, -2))  # (B, 8, 2, 2): 2x2 windows
+        code = nn.functional.one_hot(x[:, 0, 0, :3].argmax(-1), 3).to(h.dtype) @ self.table
+        return self.head(w.mean((2, 3)).clamp(min=self.low) + code)
+
+
+def test_tile_autocast_windows_interleave_one_hot_and_infinite_buffers():
+    # each was refused or crashed before (IndexError in tile; no axis rule for wrap_with_autocast,
+    # unfold, repeat_interleave, one_hot; the -inf bound refused as a broken model)
+    torch.manual_seed(0)
+    model = randomize(_AssortedOps().eval())
+    x = torch.randn(3, 3, 4, 4)
+    graph, copy, fused = _fused_with_permuted_copy(model, x, torch.randn(256, 3, 4, 4))
+    assert sorted(s.width for s in graph.spaces) == [4, 8, 8]
+    y, y_copy, y_fused = _outputs([model, copy, fused], x)
+    assert rel_err(y_copy, y) < 1e-5
+    assert rel_err(y_fused, y) < 1e-5
+    # pairs of channels share a gate unit: they move together, in the gate's order
+    g = graph.random_permutations(seed=1)
+    gate = next(s.name for s in graph.spaces if s.width == 4)
+    stem = next(s.name for s in graph.spaces if s.name.startswith("stem"))
+    assert torch.equal(g[stem].view(4, 2) // 2, g[gate][:, None].expand(4, 2))
+
+
 class _SharedUnderTwoNames(nn.Module):
     """One MLP reachable as ``mlp_a`` and ``mlp_b`` (CoaT's parallel blocks), called once under each."""
 
