@@ -324,6 +324,10 @@ class Walk:
                                              f"model {i} but {n} in the target")
             return [torch.eye(n, dtype=torch.float64) for _ in strees]
         if isinstance(ttree, Leaf):
+            if self._is_heads(ttree.key):
+                # a head index read as the inner axis of another factorisation (NesT flattens its
+                # attention output dims-major, (dims, heads)): it follows the head assignment
+                return self._heads(ttree.key)
             if ttree.key not in self.cache:
                 self.cache[ttree.key] = self._leaf(space, ttree.key, n, idx)
             return self.cache[ttree.key]
@@ -378,7 +382,7 @@ class Walk:
         sizes = [tree_size(st.parts[0]) for st in strees]
         members = [[torch.nonzero(H[i][h]).flatten().tolist() for i in range(len(strees))] for h in range(nh)]
         shared = self._shared_leaf(ttree, strees)
-        if shared is not None and shared not in self.cache:
+        if shared is not None and shared not in self.cache and not self._is_heads(shared):
             # one dims-within-head axis shared by every head: solved once over all matched heads
             pis = [torch.tensor([members[h][i][0] for h in range(nh)]) for i in range(len(strees))]
             self.cache[shared] = self._leaf(space, shared, d, [idx[i][:sizes[i]] for i in range(len(strees))],
@@ -404,6 +408,9 @@ class Walk:
             for i, c in enumerate(cols):
                 plans[i][h * d:(h + 1) * d, c] = sub[i]
         return plans
+
+    def _is_heads(self, key: str) -> bool:
+        return key in self.target and self.target[key].kind == "heads"
 
     @staticmethod
     def _shared_leaf(ttree: Heads, strees) -> str | None:

@@ -304,6 +304,36 @@ def test_tile_autocast_windows_interleave_one_hot_and_infinite_buffers():
     assert torch.equal(g[stem].view(4, 2) // 2, g[gate][:, None].expand(4, 2))
 
 
+class _DimsMajorHeads(nn.Module):
+    """NesT's attention: the heads' outputs are flattened dims-major, ``(dims, heads)``, before the
+    projection, so the head index is the inner factor of the projection's input."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.models.nest import Attention
+
+        self.embed = nn.Linear(6, 16)
+        self.attn = Attention(16, num_heads=2, qkv_bias=True)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):  # x: (B, T, N, 6)
+        h = self.embed(x)
+        return self.head((h + self.attn(h)).mean((1, 2)))
+
+
+def test_heads_flattened_dims_major_follow_one_head_assignment():
+    # the head index is a heads space of the values and a leaf of the projection's input (and the
+    # dims index the other way round): both must take the one assignment (they were drawn apart)
+    torch.manual_seed(0)
+    model = randomize(_DimsMajorHeads().eval())
+    x = torch.randn(3, 2, 5, 6)
+    graph, copy, fused = _fused_with_permuted_copy(model, x, torch.randn(64, 2, 5, 6))
+    assert sum(s.kind == "heads" for s in graph.spaces) == 2
+    y, y_copy, y_fused = _outputs([model, copy, fused], x)
+    assert rel_err(y_copy, y) < 1e-5
+    assert rel_err(y_fused, y) < 1e-5
+
+
 class _SharedUnderTwoNames(nn.Module):
     """One MLP reachable as ``mlp_a`` and ``mlp_b`` (CoaT's parallel blocks), called once under each."""
 
