@@ -433,6 +433,18 @@ class _Tracer:
     # -- finalisation -------------------------------------------------------------------------
     def _finalise(self) -> None:
         C = self.C
+        # learned prefix tokens (register tokens, latent queries: a (1, tokens, dim) parameter whose
+        # token axis nothing else indexes) may be permuted, but their axis is a sample axis of every
+        # activation that holds them: left permutable it would hide the features of every tensor it
+        # reaches from the statistics. Kept in place (their fusion averages them index by index).
+        axes: dict[int, list[tuple[int, tuple[int, ...]]]] = defaultdict(list)
+        for dims in self.tensor_dims.values():
+            for ax, d in enumerate(dims):
+                if d.plain:
+                    axes[C.find(d.cls)].append((ax, tuple(x.size for x in dims)))
+        for r, where in axes.items():
+            if all(ax == 1 and len(shape) == 3 and shape[0] == 1 and shape[2] > 1 for ax, shape in where):
+                C.fix(r, "learned prefix tokens")
         # identical structure means identical index sets (query and key halves of one attention)
         changed = True
         while changed:

@@ -47,6 +47,24 @@ def test_vit_with_register_tokens_fuses_with_its_permuted_copy():
     assert rel_err(y_fused, y) < 1e-5
 
 
+@pytest.mark.parametrize("class_token", [False, True])
+def test_register_tokens_of_an_average_pooled_vit_do_not_hide_the_statistics(class_token):
+    # with average pooling (timm's *_reg4_gap models, NaFlexViT) nothing pins the register tokens:
+    # left permutable, their axis made every block's activations unobservable and every block was
+    # matched by weights (a copy was not recovered). They are kept in place.
+    torch.manual_seed(0)
+    model = randomize(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=16,
+                                        patch_size=4, depth=1, reg_tokens=3, global_pool="avg",
+                                        class_token=class_token).eval())
+    x = torch.randn(2, 3, 16, 16)
+    graph, copy, fused = _fused_with_permuted_copy(model, x, torch.randn(32, 3, 16, 16))
+    assert not any(m.tensor == "reg_token" and m.axis == 1 for s in graph.spaces for m in s.members)
+    assert all(s.observations for s in graph.spaces if s.kind == "features")
+    y, y_copy, y_fused = _outputs([model, copy, fused], x)
+    assert rel_err(y_copy, y) < 1e-5
+    assert rel_err(y_fused, y) < 1e-5
+
+
 def test_token_mixing_spaces_are_not_observed_across_permuted_channels():
     # a token-mixing MLP reads its hidden units with the channels as samples; the channels are
     # permuted differently in each model, so such a tensor pairs different samples across models
