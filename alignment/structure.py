@@ -263,6 +263,9 @@ class Walk:
         if self.target[name].kind == "heads":
             # a head index (e.g. rows of a per-head bias table) follows the head assignment
             plans = list(self._heads(name))
+        elif isinstance(self.target[name].tree, Leaf) and self.target[name].tree.key in self.cache:
+            # an inner space solved with the space it structures (over that space's statistics)
+            plans = self.cache[self.target[name].tree.key]
         else:
             plans = self._walk(name, self.target[name].tree, [g[name].tree for g in self.graphs],
                                self._pooled(name))
