@@ -438,6 +438,16 @@ SWEEP = [
     ("edgenext_xx_small", {}, 64),
     ("vit_small_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2, "reg_tokens": 4, "no_embed_class": True},
      32),
+    # each of these failed once: relative-position skew, modules shared under several names, an
+    # autocast region, repeat_interleave, sliding windows, tile, dims-major heads, prefix tokens
+    ("botnet26t_256", {"img_size": 64}, 64),
+    ("coat_tiny", {"img_size": 64}, 64),
+    ("efficientvit_b0", {}, 64),
+    ("gcvit_xxtiny", {"img_size": 64}, 64),
+    ("halo2botnet50ts_256", {"img_size": 128}, 128),
+    ("hieradet_small", {}, 64),
+    ("nest_tiny", {"img_size": 64}, 64),
+    ("naflexvit_base_patch16_parfac_gap", {"img_size": 32, "depth": 2, "embed_dim": 64, "num_heads": 2}, 32),
 ]
 
 
