@@ -804,6 +804,62 @@ def _sdpa(tr, node, a):
     return tr.A.sanitize(out)
 
 
+_GATES = {"aten.lstm": 4, "aten.gru": 3, "aten.rnn_tanh": 1, "aten.rnn_relu": 1}
+_UNIFORM = {"aten.zeros", "aten.ones", "aten.full", "aten.new_zeros", "aten.new_ones", "aten.new_full",
+            "aten.zeros_like", "aten.ones_like", "aten.full_like"}
+
+
+@register_op_rule(*_GATES)
+def _recurrent(tr, node, a):
+    """``aten.lstm/gru/rnn_*`` (input, hx, params, has_biases, num_layers, dropout, train,
+    bidirectional, batch_first): each layer and direction has a hidden space; the gate rows of its
+    weights are that space repeated once per gate, the recurrent weights read it back, and the
+    output concatenates the last layer's directions."""
+    x = tr.dims(a["input"])
+    hx = a["hx"] if isinstance(a["hx"], (list, tuple)) else [a["hx"]]
+    params = list(a["params"])
+    layers, directions = int(a["num_layers"]), 2 if a["bidirectional"] else 1
+    per = len(params) // (layers * directions)
+    gates = _GATES[tr.opname(node)]
+    if per not in (2, 4):  # a projection (LSTM proj_size) adds a fifth weight per layer
+        raise tr.unfollowable(node, "recurrent layers with projections (proj_size) are not supported")
+    hidden = tr.dims(params[1])[1].size
+    feat = x[-1]
+    k = 0
+    states = []
+    for _ in range(layers):
+        outs = []
+        for _ in range(directions):
+            w_ih, w_hh = tr.dims(params[k]), tr.dims(params[k + 1])
+            h = tr.A.fresh(hidden)
+            rows = Dim(gates * hidden, tr.C.concat([h.cls] * gates)) if gates > 1 else h
+            tr.activation_classes.add(rows.cls)  # the gates' pre-activations, inside the op
+            tr.A.unify(w_ih, 0, [rows], 0)
+            tr.A.unify(w_hh, 0, [rows], 0)
+            tr.A.unify(w_hh, 1, [h], 0)
+            tr.A.unify(w_ih, 1, [feat], 0)
+            for b in params[k + 2:k + per]:
+                tr.A.unify(tr.dims(b), 0, [rows], 0)
+            outs.append(h)
+            states.append(h)
+            k += per
+        feat = outs[0] if directions == 1 else Dim(directions * hidden, tr.C.concat([o.cls for o in outs]))
+        tr.activation_classes.add(feat.cls)  # the layer's output, inside the op but for the last
+    for t in hx:
+        if tr.is_tensor(t) and tr.opname(t) not in _UNIFORM:
+            # a given initial state is read in each layer's hidden order
+            for h in states:
+                tr.A.unify(tr.dims(t), 2, [h], 0)
+    shapes = [tuple(int(s) for s in v.shape) for v in node.meta["val"]]
+    out = list(x[:-1]) + [feat]
+    final = []
+    for shape in shapes[1:]:
+        index = tr.A.fresh(shape[0], "layers and directions")
+        last = Dim(hidden, deps=(index,), table={(i,): h.cls for i, h in enumerate(states)})
+        final.append([index, tr.A.fresh(shape[1], "batch"), last])
+    return [out] + final
+
+
 @register_op_rule("aten.prelu", "aten._prelu_kernel")
 def _prelu(tr, node, a):
     x, w = tr.dims(a["self"]), tr.dims(a["weight"])

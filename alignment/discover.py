@@ -10,6 +10,7 @@ axes are the alignment spaces.
 from __future__ import annotations
 
 import copy
+import warnings
 import operator
 from collections import defaultdict
 from typing import Any, Sequence
@@ -46,11 +47,6 @@ def discover(model: nn.Module, example_input: Any, *, strict: bool = False) -> G
         UnfollowableOpError: if an op mixes hidden features in a way discovery cannot follow; the
             message names the op and the module.
     """
-    for path, m in model.named_modules():
-        if isinstance(m, nn.RNNBase):
-            raise UnfollowableOpError(
-                f"module {path!r} ({type(m).__name__}) is a recurrent layer: its gates mix hidden units inside one "
-                f"fused weight in a way discovery cannot follow yet: models with recurrent layers cannot be aligned")
     args, kwargs = _as_args(example_input)
     # export a copy: tracing runs the forward, which may fill caches (timm's attention-bias caches)
     # or otherwise touch module state; the user's model must stay exactly as it was
@@ -59,7 +55,10 @@ def discover(model: nn.Module, example_input: Any, *, strict: bool = False) -> G
     # as a constant, cut from the weights it was computed from: trace from the weights
     reset_caches(traced, model.training)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # recurrent layers re-assign their flat weight list while traced: torch's notice about it
+            # concerns the traced copy only
+            warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")
             ep = torch.export.export(traced, args, kwargs=kwargs, strict=strict)
     except Exception as exc:  # torch raises many types; report them as one
         raise ExportError(

@@ -385,6 +385,53 @@ def test_dims_shared_by_groups_are_solved_with_their_space_and_no_fallback_is_re
     assert rel_err(y_fused, y) < 1e-5
 
 
+class _Recurrent(nn.Module):
+    """A linear embedding, a recurrent layer, and heads on its outputs and on its final state."""
+
+    def __init__(self, cell: type, **options):
+        super().__init__()
+        self.embed = nn.Linear(4, 6)
+        self.rnn = cell(6, 5, batch_first=True, **options)
+        self.out = nn.Linear(5 * (2 if self.rnn.bidirectional else 1), 3)
+        self.last = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h, state = self.rnn(torch.relu(self.embed(x)))
+        state = state[0] if isinstance(state, tuple) else state
+        return self.out(h[:, -1]) + self.last(state[-1])
+
+
+RECURRENT = [(nn.LSTM, {}), (nn.GRU, {}), (nn.RNN, {"num_layers": 2}), (nn.GRU, {"bidirectional": True}),
+             (nn.LSTM, {"num_layers": 2, "bidirectional": True, "bias": False})]
+
+
+@pytest.mark.parametrize("cell,options", RECURRENT, ids=[f"{c.__name__}{o}" for c, o in RECURRENT])
+def test_recurrent_layers_fuse_with_their_permuted_copies(cell, options):
+    # each layer and direction has a hidden space; the gate rows repeat it once per gate (were
+    # refused: "recurrent layers cannot be aligned")
+    torch.manual_seed(0)
+    model = randomize(_Recurrent(cell, **options).eval())
+    x = torch.randn(3, 7, 4)
+    graph, copy, fused = _fused_with_permuted_copy(model, x, torch.randn(64, 7, 4))
+    layers = options.get("num_layers", 1) * (2 if options.get("bidirectional") else 1)
+    assert sum(s.name.startswith("rnn.") for s in graph.spaces) == layers
+    assert not torch.equal(copy.rnn.weight_ih_l0, model.rnn.weight_ih_l0)
+    y, y_copy, y_fused = _outputs([model, copy, fused], x)
+    assert rel_err(y_copy, y) < 1e-5
+    assert rel_err(y_fused, y) < 1e-5
+
+
+def test_recurrent_layers_change_width():
+    # the module's sizes follow its weights, and the flat weight list its forward reads too
+    torch.manual_seed(0)
+    a, b = (_Recurrent(nn.LSTM, num_layers=2, bidirectional=True).eval() for _ in range(2))
+    fused = fusion.fuse([a, b], torch.randn(64, 7, 4), method="permute", repair="none", width=0.6)
+    assert (fused.rnn.input_size, fused.rnn.hidden_size) == (4, 3)
+    assert [tuple(w.shape) for w in fused.rnn._flat_weights[:2]] == [(12, 4), (12, 3)]
+    assert fused(torch.randn(2, 7, 4)).shape == (2, 3)
+    assert a.rnn.hidden_size == 5
+
+
 class _SharedUnderTwoNames(nn.Module):
     """One MLP reachable as ``mlp_a`` and ``mlp_b`` (CoaT's parallel blocks), called once under each."""
 
@@ -448,6 +495,7 @@ SWEEP = [
     ("hieradet_small", {}, 64),
     ("nest_tiny", {"img_size": 64}, 64),
     ("naflexvit_base_patch16_parfac_gap", {"img_size": 32, "depth": 2, "embed_dim": 64, "num_heads": 2}, 32),
+    ("sequencer2d_s", {"img_size": 32, "layers": [1, 1, 1, 1]}, 32),  # bidirectional LSTMs
 ]
 
 

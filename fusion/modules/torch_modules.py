@@ -223,3 +223,29 @@ def _sync_mha(m: nn.MultiheadAttention, path: str, ctx: SyncContext) -> None:
                                  f"({q_width}) to equal embed_dim ({e})")
     ctx.set_heads(m, path, e, scale=None, what="embed_dim")
     m.embed_dim, m.kdim, m.vdim = e, kdim, vdim
+
+
+_RNN_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+
+
+@module_check
+def _check_rnn(m: nn.RNNBase) -> Iterator[str]:
+    gates, h = _RNN_GATES.get(m.mode, 1), m.hidden_size
+    directions = 2 if m.bidirectional else 1
+    for layer in range(m.num_layers):
+        width = m.input_size if layer == 0 else directions * h
+        for suffix in ("", "_reverse")[:directions]:
+            for name, shape in ((f"weight_ih_l{layer}{suffix}", (gates * h, width)),
+                                (f"weight_hh_l{layer}{suffix}", (gates * h, h))):
+                w = getattr(m, name, None)
+                if is_tensor(w) and tuple(w.shape) != shape:
+                    yield f"{name} {tuple(w.shape)} but input_size={m.input_size}, hidden_size={h} imply {shape}"
+
+
+@register_attribute_sync(nn.RNNBase, check=_check_rnn, managed_attrs={"hidden_size", "input_size"})
+def _sync_rnn(m: nn.RNNBase, path: str, ctx: SyncContext) -> None:
+    if m.proj_size:
+        raise AttributeSyncError(f"{path_label(path)}: recurrent layers with projections (proj_size) cannot change width")
+    m.hidden_size = int(m.weight_hh_l0.shape[1])
+    m.input_size = int(m.weight_ih_l0.shape[1])
+    m._init_flat_weights()  # the flat weight list the forward reads must hold the new tensors
