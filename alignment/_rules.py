@@ -436,6 +436,31 @@ def _unfold(tr, node, a):
     return tr.A.sanitize(out + [tr.A.fresh(int(shape[-1]), "sliding windows")])
 
 
+@register_op_rule("aten.im2col")
+def _im2col(tr, node, a):
+    # nn.Unfold: (B, C, H, W) -> (B, C * kh * kw, L), column index c * kh * kw + k
+    x = tr.dims(a["self"])
+    shape = tr.shape(node)
+    for d in x[-2:]:
+        tr.require_fixed(d, node, "takes sliding patches by position along this axis")
+    taps = int(shape[-2]) // x[-3].size
+    expanded = list(x[:-2]) + [tr.A.fresh(taps, "kernel taps")]
+    out = list(x[:-3]) + [tr.A.merge(expanded, [len(x) - 3, len(x) - 2]), tr.A.fresh(int(shape[-1]), "patches")]
+    return tr.A.sanitize(out)
+
+
+@register_op_rule("aten.col2im")
+def _col2im(tr, node, a):
+    # nn.Fold: (B, C * kh * kw, L) -> (B, C, H, W), summing overlapping taps by position
+    x = tr.dims(a["self"])
+    shape = tr.shape(node)
+    channels = int(shape[-3])
+    tr.require_fixed(x[-1], node, "places patches by position along this axis")
+    c, taps = tr.A.split(x[-2], [channels, x[-2].size // channels])
+    tr.A.fix_dim(taps, "kernel taps")  # tap k of a channel lands at position k of its patch
+    return tr.A.sanitize(list(x[:-2]) + [c] + [tr.A.fresh(int(s), "folded positions") for s in shape[-2:]])
+
+
 @register_op_rule("aten.repeat_interleave")
 def _repeat_interleave(tr, node, a):
     x = tr.dims(a.get("self"))

@@ -432,6 +432,36 @@ def test_recurrent_layers_change_width():
     assert a.rnn.hidden_size == 5
 
 
+class _Patches(nn.Module):
+    """nn.Unfold and nn.Fold around a patch-wise linear layer (TNT's pixel embedding, VOLO's
+    outlook attention): columns are (channels, kernel taps) flattened channel-major."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.unfold, self.fold = nn.Unfold(2, stride=2), nn.Fold((4, 4), 2, stride=2)
+        self.mix = nn.Linear(24, 16)
+        self.back = nn.Linear(16, 24)
+        self.head = nn.Linear(6, 5)
+
+    def forward(self, x):
+        cols = self.unfold(torch.relu(self.stem(x))).transpose(1, 2)  # (B, L, 6 * 4)
+        y = self.fold(self.back(torch.relu(self.mix(cols))).transpose(1, 2))  # (B, 6, 4, 4)
+        return self.head(y.mean((2, 3)))
+
+
+def test_unfold_and_fold_keep_channels_alignable():
+    # im2col / col2im had no axis rule ("touches hidden features")
+    torch.manual_seed(0)
+    model = randomize(_Patches().eval())
+    x = torch.randn(3, 3, 4, 4)
+    graph, copy, fused = _fused_with_permuted_copy(model, x, torch.randn(64, 3, 4, 4))
+    assert sorted(s.width for s in graph.spaces) == [6, 6, 16, 24, 24]  # columns: (channels, taps) blocks
+    y, y_copy, y_fused = _outputs([model, copy, fused], x)
+    assert rel_err(y_copy, y) < 1e-5
+    assert rel_err(y_fused, y) < 1e-5
+
+
 class _SharedUnderTwoNames(nn.Module):
     """One MLP reachable as ``mlp_a`` and ``mlp_b`` (CoaT's parallel blocks), called once under each."""
 
@@ -496,6 +526,8 @@ SWEEP = [
     ("nest_tiny", {"img_size": 64}, 64),
     ("naflexvit_base_patch16_parfac_gap", {"img_size": 32, "depth": 2, "embed_dim": 64, "num_heads": 2}, 32),
     ("sequencer2d_s", {"img_size": 32, "layers": [1, 1, 1, 1]}, 32),  # bidirectional LSTMs
+    ("tnt_s_legacy_patch16_224", {"img_size": 64, "depth": 2}, 64),  # nn.Unfold
+    ("volo_d1_224", {"img_size": 64}, 64),  # nn.Unfold and nn.Fold
 ]
 
 
