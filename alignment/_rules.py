@@ -94,9 +94,12 @@ _register_elementwise()
 
 
 # uniform constants: any permutation leaves them unchanged, so their axes are free
-@register_op_rule("aten.zeros", "aten.ones", "aten.full", "aten.empty", "aten.new_zeros", "aten.new_ones",
-                  "aten.new_full", "aten.new_empty", "aten.zeros_like", "aten.ones_like", "aten.full_like",
-                  "aten.empty_like", "aten.scalar_tensor", "aten.empty_strided", "aten.new_empty_strided")
+_UNIFORM_OPS = ("aten.zeros", "aten.ones", "aten.full", "aten.empty", "aten.new_zeros", "aten.new_ones",
+               "aten.new_full", "aten.new_empty", "aten.zeros_like", "aten.ones_like", "aten.full_like",
+               "aten.empty_like", "aten.scalar_tensor", "aten.empty_strided", "aten.new_empty_strided")
+
+
+@register_op_rule(*_UNIFORM_OPS)
 def _uniform(tr, node, a):
     return [tr.A.fresh(int(s)) for s in tr.shape(node)]
 
@@ -510,8 +513,8 @@ def _pad(tr, node, a):
         start, stop = max(0, -lo), n - max(0, -hi)
         if (start, stop) != (0, n):
             out = _slice_range(tr, out, d, start, stop)
-        parts = ([tr.A.fresh(lo, "constant padding").cls] if lo > 0 else []) + [tr.A.collapse(out[d]).cls] \
-            + ([tr.A.fresh(hi, "constant padding").cls] if hi > 0 else [])
+        parts = ([tr.C.new(lo, "constant padding")] if lo > 0 else []) + [tr.A.collapse(out[d]).cls] \
+            + ([tr.C.new(hi, "constant padding")] if hi > 0 else [])
         out[d] = Dim(int(shape[d]), tr.C.concat(parts))
         out = tr.A.sanitize(out)
     return out
@@ -830,8 +833,6 @@ def _sdpa(tr, node, a):
 
 
 _GATES = {"aten.lstm": 4, "aten.gru": 3, "aten.rnn_tanh": 1, "aten.rnn_relu": 1}
-_UNIFORM = {"aten.zeros", "aten.ones", "aten.full", "aten.new_zeros", "aten.new_ones", "aten.new_full",
-            "aten.zeros_like", "aten.ones_like", "aten.full_like"}
 
 
 @register_op_rule(*_GATES)
@@ -871,7 +872,7 @@ def _recurrent(tr, node, a):
         feat = outs[0] if directions == 1 else Dim(directions * hidden, tr.C.concat([o.cls for o in outs]))
         tr.activation_classes.add(feat.cls)  # the layer's output, inside the op but for the last
     for t in hx:
-        if tr.is_tensor(t) and tr.opname(t) not in _UNIFORM:
+        if tr.is_tensor(t) and tr.opname(t) not in _UNIFORM_OPS:
             # a given initial state is read in each layer's hidden order
             for h in states:
                 tr.A.unify(tr.dims(t), 2, [h], 0)

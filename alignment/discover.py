@@ -10,8 +10,8 @@ axes are the alignment spaces.
 from __future__ import annotations
 
 import copy
-import warnings
 import operator
+import warnings
 from collections import defaultdict
 from typing import Any, Sequence
 

@@ -57,14 +57,13 @@ def check_models(models: Any) -> list[nn.Module]:
     models = model_list(models)
     dtypes: dict[torch.dtype, int] = {}
     for i, m in enumerate(models):
-        buffers = {name for name, _ in m.named_buffers()}
-        for name, t in list(m.named_parameters()) + list(m.named_buffers()):
+        for name, t, buffer in _tensors(m):
             if t.is_meta:
                 raise ModelError(f"model {i}: tensor {name!r} is on the meta device (no values); load real weights "
                                  f"(e.g. model.to_empty(device=...) then load_state_dict)")
             if t.is_floating_point():
                 dtypes.setdefault(t.dtype, i)
-                if _broken(t, name in buffers):
+                if _broken(t, buffer):
                     raise ModelError(f"model {i}: tensor {name!r} holds non-finite values (NaN or inf); fusing it would "
                                      f"give a broken model")
         _check_forward_signature(m, i)
@@ -221,6 +220,12 @@ def _length(data: Any) -> int | None:
     return None
 
 
+def _tensors(model: nn.Module):
+    """``(name, tensor, is_buffer)`` for every parameter, then every buffer."""
+    yield from ((n, t, False) for n, t in model.named_parameters())
+    yield from ((n, t, True) for n, t in model.named_buffers())
+
+
 def _broken(t: torch.Tensor, buffer: bool) -> bool:
     """NaN anywhere, or an infinity in a parameter. Buffers may hold infinities on purpose (clipping
     bounds left open: Gemma's ``input_min = -inf``)."""
@@ -239,8 +244,7 @@ def check_finite_plans(plans: Sequence[dict[str, torch.Tensor]]) -> None:
 def check_finite_model(model: nn.Module, stage: str) -> None:
     """Raise :class:`NonFiniteError` naming the first parameter or buffer of ``model`` that holds NaN
     (or a parameter that holds inf) after ``stage``."""
-    buffers = {name for name, _ in model.named_buffers()}
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t.is_floating_point() and _broken(t, name in buffers):
+    for name, t, buffer in _tensors(model):
+        if t.is_floating_point() and _broken(t, buffer):
             raise NonFiniteError(f"after {stage}, the fused tensor {name!r} holds non-finite values; the fused model "
                                  f"would be broken (try another method, a ridge, or more calibration data)")
