@@ -33,6 +33,13 @@ def _outputs(models, x):
         return [logits(m(x)) for m in models]
 
 
+def _assert_same_function(model, copy, fused, x, tol: float = 1e-5):
+    """The permuted copy and the fused model compute ``model``'s logits on ``x`` within ``tol``."""
+    y, y_copy, y_fused = _outputs([model, copy, fused], x)
+    assert rel_err(y_copy, y) < tol
+    assert rel_err(y_fused, y) < tol
+
+
 def test_vit_with_register_tokens_fuses_with_its_permuted_copy():
     # the class token is read with a select on a token axis that concatenates class, register and
     # patch tokens: discovery used to refuse it (the register part could be permuted)
@@ -44,9 +51,7 @@ def test_vit_with_register_tokens_fuses_with_its_permuted_copy():
     # register tokens are kept in place: no space holds the register-token axis
     assert not any(m.tensor == "reg_token" and m.axis == 1 for s in graph.spaces for m in s.members)
     assert any(m.tensor == "reg_token" and m.axis == 2 for s in graph.spaces for m in s.members)
-    y, y_copy, y_fused = _outputs([model, copy, fused], x)
-    assert rel_err(y_copy, y) < 1e-5
-    assert rel_err(y_fused, y) < 1e-5
+    _assert_same_function(model, copy, fused, x)
 
 
 @pytest.mark.parametrize("class_token", [False, True])
@@ -62,9 +67,7 @@ def test_register_tokens_of_an_average_pooled_vit_do_not_hide_the_statistics(cla
     graph, copy, fused = _fused_with_permuted_copy(model, x, torch.randn(32, 3, 16, 16))
     assert not any(m.tensor == "reg_token" and m.axis == 1 for s in graph.spaces for m in s.members)
     assert all(s.observations for s in graph.spaces if s.kind == "features")
-    y, y_copy, y_fused = _outputs([model, copy, fused], x)
-    assert rel_err(y_copy, y) < 1e-5
-    assert rel_err(y_fused, y) < 1e-5
+    _assert_same_function(model, copy, fused, x)
 
 
 def test_token_mixing_spaces_are_not_observed_across_permuted_channels():
@@ -147,9 +150,7 @@ def test_multihead_attention_heads_are_discovered_and_fused(batch_first):
     q = next(s for s in graph.spaces if s.name.endswith("in_proj_weight#0"))
     assert "heads=4x8" in graph.summary() and q.width == 32
     assert not any("incompatible" in n for n in graph.notes)
-    y, y_copy, y_fused = _outputs([model, copy, fused], x)
-    assert rel_err(y_copy, y) < 1e-5
-    assert rel_err(y_fused, y) < 1e-5
+    _assert_same_function(model, copy, fused, x)
 
 
 def test_torchvision_vit_fuses_with_its_permuted_copy():
@@ -211,9 +212,7 @@ def test_channel_shuffle_permutations_keep_the_function():
     model = randomize(_ChannelShuffle().eval())
     x = torch.randn(3, 3, 8, 8)
     graph, copy, fused = _fused_with_permuted_copy(model, x, torch.randn(48, 3, 8, 8))
-    y, y_copy, y_fused = _outputs([model, copy, fused], x)
-    assert rel_err(y_copy, y) < 1e-5
-    assert rel_err(y_fused, y) < 1e-5
+    _assert_same_function(model, copy, fused, x)
 
 class _PaddedShortcut(nn.Module):
     """A CIFAR ResNet block with an option-A shortcut: the input's channels zero-padded on both
@@ -245,9 +244,7 @@ def test_constant_padding_of_a_feature_axis_keeps_its_features_alignable():
     x = torch.randn(3, 3, 8, 8)
     graph, copy, fused = _fused_with_permuted_copy(model, x, torch.randn(64, 3, 8, 8))
     assert [s.width for s in graph.spaces] == [8, 16]
-    y, y_copy, y_fused = _outputs([model, copy, fused], x)
-    assert rel_err(y_copy, y) < 1e-5
-    assert rel_err(y_fused, y) < 1e-5
+    _assert_same_function(model, copy, fused, x)
     assert not torch.equal(copy.stem.weight, model.stem.weight)
 
 
@@ -275,9 +272,7 @@ def test_relative_position_skew_is_followed():
     x = torch.randn(3, 3, 4, 4)
     graph, copy, fused = _fused_with_permuted_copy(model, x, torch.randn(64, 3, 4, 4))
     assert any(s.kind == "heads" for s in graph.spaces)
-    y, y_copy, y_fused = _outputs([model, copy, fused], x)
-    assert rel_err(y_copy, y) < 1e-5
-    assert rel_err(y_fused, y) < 1e-5
+    _assert_same_function(model, copy, fused, x)
 
 
 class _AssortedOps(nn.Module):
@@ -314,9 +309,7 @@ def test_tile_autocast_windows_interleave_one_hot_and_infinite_buffers():
     x = torch.randn(3, 3, 4, 4)
     graph, copy, fused = _fused_with_permuted_copy(model, x, torch.randn(256, 3, 4, 4))
     assert sorted(s.width for s in graph.spaces) == [4, 8, 8]
-    y, y_copy, y_fused = _outputs([model, copy, fused], x)
-    assert rel_err(y_copy, y) < 1e-5
-    assert rel_err(y_fused, y) < 1e-5
+    _assert_same_function(model, copy, fused, x)
     # pairs of channels share a gate unit: they move together, in the gate's order
     g = graph.random_permutations(seed=1)
     gate = next(s.name for s in graph.spaces if s.width == 4)
@@ -349,9 +342,7 @@ def test_heads_flattened_dims_major_follow_one_head_assignment():
     x = torch.randn(3, 2, 5, 6)
     graph, copy, fused = _fused_with_permuted_copy(model, x, torch.randn(64, 2, 5, 6))
     assert sum(s.kind == "heads" for s in graph.spaces) == 2
-    y, y_copy, y_fused = _outputs([model, copy, fused], x)
-    assert rel_err(y_copy, y) < 1e-5
-    assert rel_err(y_fused, y) < 1e-5
+    _assert_same_function(model, copy, fused, x)
 
 
 class _Grouped(nn.Module):
@@ -416,9 +407,7 @@ def test_recurrent_layers_fuse_with_their_permuted_copies(cell, options):
     layers = options.get("num_layers", 1) * (2 if options.get("bidirectional") else 1)
     assert sum(s.name.startswith("rnn.") for s in graph.spaces) == layers
     assert not torch.equal(copy.rnn.weight_ih_l0, model.rnn.weight_ih_l0)
-    y, y_copy, y_fused = _outputs([model, copy, fused], x)
-    assert rel_err(y_copy, y) < 1e-5
-    assert rel_err(y_fused, y) < 1e-5
+    _assert_same_function(model, copy, fused, x)
 
 
 def test_recurrent_layers_change_width():
@@ -457,9 +446,7 @@ def test_unfold_and_fold_keep_channels_alignable():
     x = torch.randn(3, 3, 4, 4)
     graph, copy, fused = _fused_with_permuted_copy(model, x, torch.randn(64, 3, 4, 4))
     assert sorted(s.width for s in graph.spaces) == [6, 6, 16, 24, 24]  # columns: (channels, taps) blocks
-    y, y_copy, y_fused = _outputs([model, copy, fused], x)
-    assert rel_err(y_copy, y) < 1e-5
-    assert rel_err(y_fused, y) < 1e-5
+    _assert_same_function(model, copy, fused, x)
 
 
 class _SharedUnderTwoNames(nn.Module):
@@ -488,9 +475,7 @@ def test_a_module_shared_under_two_names_is_observed_at_each_call():
     graph, copy, fused = _fused_with_permuted_copy(model, x, torch.randn(256, 6))
     obs = {(o.module, o.call) for s in graph.spaces for o in s.observations}
     assert ("mlp_a.0", 1) in obs and not any(m.startswith("mlp_b") for m, _ in obs)
-    y, y_copy, y_fused = _outputs([model, copy, fused], x)
-    assert rel_err(y_copy, y) < 1e-5
-    assert rel_err(y_fused, y) < 1e-5
+    _assert_same_function(model, copy, fused, x)
 
 
 # timm architectures at small sizes: (name or module:class, constructor options, input size)
@@ -538,9 +523,7 @@ def test_timm_architecture_fuses_with_its_permuted_copy(name, options, size):
     model = randomize(timm.create_model(name, pretrained=False, num_classes=10, **options).eval())
     x = torch.randn(2, 3, size, size)
     _, copy, fused = _fused_with_permuted_copy(model, x, torch.randn(32, 3, size, size))
-    y, y_copy, y_fused = _outputs([model, copy, fused], x)
-    assert rel_err(y_copy, y) < 1e-4
-    assert rel_err(y_fused, y) < 1e-4
+    _assert_same_function(model, copy, fused, x, 1e-4)
 
 
 def _torchvision(name: str, **options):
@@ -612,6 +595,4 @@ def test_torchvision_and_transformers_architectures_fuse_with_their_permuted_cop
     with torch.no_grad():
         model(x)  # as a user's model would have been: caches filled by an eval forward
     _, copy, fused = _fused_with_permuted_copy(model, x, torch.randn(samples, 3, size, size))
-    y, y_copy, y_fused = _outputs([model, copy, fused], x)
-    assert rel_err(y_copy, y) < 1e-4
-    assert rel_err(y_fused, y) < 1e-4
+    _assert_same_function(model, copy, fused, x, 1e-4)
