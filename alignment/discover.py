@@ -683,7 +683,7 @@ class _Tracer:
                         continue
                     for start, stop, r, _ in self._pieces(d.cls, 0):
                         if r is not None and r in names:
-                            result[r].append(Observation(path, io, ax, start, stop, call, len(dims)))
+                            result[r].append(Observation(path, io, ax, start, stop, call, len(dims), self.shape(n)))
         return result
 
 

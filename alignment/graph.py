@@ -72,6 +72,8 @@ class Observation:
         stop: one past the last; ``stop - start`` equals the space's width.
         call: which call of the module (0 for the first) when a module runs several times.
         ndim: rank of the observed tensor at trace time.
+        shape: its shape at trace time (empty when unknown); when a module returns (or takes)
+            several tensors, the one of this shape is read (see :meth:`read`).
     """
 
     module: str
@@ -81,6 +83,38 @@ class Observation:
     stop: int
     call: int = 0
     ndim: int = 0
+    shape: tuple[int, ...] = ()
+
+    def read(self, value) -> torch.Tensor | None:
+        """The observed tensor in a hooked module's output (``io="output"``) or positional inputs
+        (``io="input"``): the value itself when it is a tensor; in a tuple, list, dict or model
+        output, the first tensor of the traced shape (the batch axis may differ), else the first of
+        the traced rank whose feature axis has the traced size, else the first tensor (a stage that
+        returns ``(feature map, class token)`` is read at the element that was traced). None when
+        the value holds no tensor."""
+        if isinstance(value, torch.Tensor):
+            return value
+        flat = _tensors_in(value)
+        if self.shape:
+            n = len(self.shape)
+            for t in flat:
+                if t.dim() == n and tuple(t.shape[1:]) == self.shape[1:]:
+                    return t
+            for t in flat:
+                if t.dim() == n and t.shape[self.dim] == self.shape[self.dim]:
+                    return t
+        return flat[0] if flat else None
+
+
+def _tensors_in(value) -> list[torch.Tensor]:
+    """The tensors of a module's output or inputs, in order (tuples, lists, dicts, model outputs)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):  # transformers' ModelOutput is an ordered dict of its set fields
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors_in(v)]
+    return []
 
 
 @dataclass

@@ -561,16 +561,17 @@ def _install(module: nn.Module, items: list[tuple[str, int, Observation]], buf: 
     def pre(mod, args):
         call = calls.get(key, 0)
         for name, k, o in ins:
-            if o.call == call and args and isinstance(args[0], torch.Tensor):
-                buf[(name, k)] = read(args[0], o, (name, k, model))
+            t = o.read(args) if o.call == call else None
+            if t is not None:
+                buf[(name, k)] = read(t, o, (name, k, model))
         if not outs:
             calls[key] = call + 1
 
     def post(mod, args, out):
         call = calls.get(key, 0)
-        t = out[0] if isinstance(out, (tuple, list)) else getattr(out, "last_hidden_state", out)
         for name, k, o in outs:
-            if o.call == call and isinstance(t, torch.Tensor):
+            t = o.read(out) if o.call == call else None
+            if t is not None:
                 buf[(name, k)] = read(t, o, (name, k, model))
         calls[key] = call + 1
 

@@ -236,3 +236,51 @@ def test_variances_without_self_products_match_float64(layout):
     want = torch.cat([x.double().var(0, unbiased=False) for x in xs])
     got = p.covariance().diagonal()
     assert float((got - want).abs().max()) <= 1e-6 * float(want.max())
+
+
+class _StageWithToken(torch.nn.Module):
+    """Returns ``(feature map, class token)``; the network reads only the token (as CvT's last stage)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.token = torch.nn.Parameter(torch.randn(1, 1, 8))
+
+    def forward(self, x):
+        x = self.conv(x)
+        return x, self.token + x.mean((2, 3))[:, None]
+
+
+class _TokenNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stage = _StageWithToken()
+        self.fc1 = torch.nn.Linear(8, 16)
+        self.fc2 = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        _, token = self.stage(x)
+        return self.fc2(torch.relu(self.fc1(token[:, 0])))
+
+
+def test_a_module_returning_several_tensors_is_read_at_the_traced_one():
+    """The stage's output point holds the token (B, 1, 8); its first output is a (B, 8, 5, 5) map:
+    reading that one gave 5 'features' for an 8-wide space (an error, or wrong statistics)."""
+    torch.manual_seed(0)
+    model = _TokenNet().eval()
+    x = torch.randn(16, 3, 5, 5)
+    graph = discover(model, x[:2])
+    space = next(s for s in graph.spaces if s.width == 8)
+    point = next(o for o in space.observations if o.module == "stage" and o.io == "output")
+    stats = collect([model], [graph], x, spaces=[space.name], points="outputs")
+    got = [p for p in stats.points[space.name] if p.count == 16]  # one sample per image: the token
+    assert got, "the stage's token point was not collected"
+    with torch.no_grad():
+        token = model.stage(x)[1][:, 0].double()
+    assert torch.allclose(got[0].mean(), token.mean(0), atol=1e-6)
+    assert point.shape[1:] == (1, 8)
+    # a model output in a dict, and a tensor that is not the first in its tuple
+    assert point.read({"map": torch.zeros(4, 8, 5, 5), "token": torch.ones(4, 1, 8)}).shape == (4, 1, 8)
+    assert point.read((None, torch.zeros(4, 8, 5, 5), (torch.ones(4, 1, 8),))).shape == (4, 1, 8)
+    assert point.read(torch.zeros(3)).shape == (3,)  # a plain tensor is the observed one
+    assert point.read(("no tensor",)) is None
