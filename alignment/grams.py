@@ -35,8 +35,11 @@ def activation_gram(stats, kind: str | Callable[[str], str] = "correlation",
             (second moments, covariance plus the outer product of the means: Euclidean distances
             between activations); may be a function of the space name.
         dead_gram: for ``"correlation"``, ``dead_gram(space, units)``: a Gram over those pooled
-            units (the ones constant on the calibration data) that tells them apart (e.g. the
-            :func:`weight_gram`'s); without it, all such units are alike.
+            units that tells apart the units the data cannot (e.g. the :func:`weight_gram`'s):
+            units constant on the calibration data, and units tied by their correlations (one
+            within ``TIE`` of 1 with two units of one model, or with another unit of its own, as
+            ReLU units active on the same few entries of a fixed coordinate table are); without
+            it, such units are alike.
     """
     def gram(name: str) -> GramView:
         k = kind(name) if callable(kind) else kind
@@ -56,11 +59,45 @@ def activation_gram(stats, kind: str | Callable[[str], str] = "correlation",
                 cos = 1.0 - gram_cost(idx, dead_gram(name, dead).G.double(), idx, "correlation")
                 cos.diagonal().fill_(1.0)
                 G[dead[:, None], dead[None, :]] = 0.5 * (1.0 + cos.clamp(-1, 1))
+            if dead_gram is not None:
+                _break_ties(G, stats.offsets(name), e >= 1.0, lambda units: dead_gram(name, units))
         else:
             mu = stats.mean(name)
             G = stats.covariance(name) + torch.outer(mu, mu)
         return GramView(G.double().cpu(), stats.offsets(name), k)
     return gram
+
+
+TIE = 1e-5
+"""Correlations within this of 1 are ties (float32 products leave errors of a few 1e-6 there)."""
+
+
+def _break_ties(G: torch.Tensor, offsets: list[int], dead: torch.Tensor,
+                weights: Callable[[torch.Tensor], GramView]) -> None:
+    """Order tied correlations by weights, in place: among the live units tied to another unit
+    (a unit within :data:`TIE` of 1 with two units of one model, or with another unit of its own
+    model, and the units it is tied with), every correlation above ``1 - TIE`` becomes
+    ``1 - TIE * (1 - cos) / 2`` with ``cos`` the units' weight cosine: still above every untied
+    correlation, and ordered by the weights instead of by rounding noise. Units near exactly one
+    unit of each other model (a unique match) are left as they are."""
+    near = G > 1.0 - TIE
+    near.fill_diagonal_(False)
+    near[dead] = False
+    near[:, dead] = False
+    if not near.any():
+        return
+    ambiguous = torch.zeros(len(G), dtype=torch.bool)
+    for a, b in zip(offsets[:-1], offsets[1:]):
+        ambiguous |= near[:, a:b].sum(1) >= 2
+        ambiguous[a:b] |= near[a:b, a:b].any(1)  # a duplicate inside one model
+    if not ambiguous.any():
+        return
+    units = (ambiguous | near[ambiguous].any(0)).nonzero().flatten()
+    idx = torch.arange(len(units))
+    cos = 1.0 - gram_cost(idx, weights(units).G.double(), idx, "correlation")
+    block = G[units[:, None], units[None, :]]
+    G[units[:, None], units[None, :]] = torch.where(near[units[:, None], units[None, :]],
+                                                    1.0 - TIE * (1.0 - cos.clamp(-1, 1)) / 2, block)
 
 
 def unit_weight_rows(graphs: Sequence[Graph], tensors: Sequence[dict[str, torch.Tensor]], name: str,

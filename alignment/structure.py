@@ -263,9 +263,6 @@ class Walk:
         if self.target[name].kind == "heads":
             # a head index (e.g. rows of a per-head bias table) follows the head assignment
             plans = list(self._heads(name))
-        elif isinstance(self.target[name].tree, Leaf) and self.target[name].tree.key in self.cache:
-            # an inner space solved with the space it structures (over that space's statistics)
-            plans = self.cache[self.target[name].tree.key]
         else:
             plans = self._walk(name, self.target[name].tree, [g[name].tree for g in self.graphs],
                                self._pooled(name))
@@ -301,12 +298,12 @@ class Walk:
         return self._grams[name]
 
     def _pooled(self, name: str) -> list[torch.Tensor]:
-        gv = self._gram(name)
-        off = gv.offsets if gv is not None else None
-        if off is None:
-            off = [0]
-            for g in self.graphs:
-                off.append(off[-1] + g[name].width)
+        # each model's units in the pooled order of the space's Gram (model 0's first); the Gram
+        # itself is computed only when a leaf is solved over it (a space whose plan follows another
+        # space's, as blocks, fixed ranges or an inner axis already solved, never needs it)
+        off = [0]
+        for g in self.graphs:
+            off.append(off[-1] + g[name].width)
         return [off[i] + torch.arange(g[name].width) for i, g in enumerate(self.graphs)]
 
     def _check(self, space: str, ttree: Node, strees: list[Node]) -> None:

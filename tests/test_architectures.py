@@ -479,6 +479,41 @@ def test_a_module_shared_under_two_names_is_observed_at_each_call():
 
 
 # timm architectures at small sizes: (name or module:class, constructor options, input size)
+def test_units_tied_by_their_correlations_are_told_apart_by_their_weights():
+    """Calibration inputs on a line make every hidden unit an affine function of one number, so all
+    units correlate +-1: the data cannot tell them apart (as ReLU units active on the same entries of
+    a fixed coordinate table, SwinV2's position-bias MLP, or on one sample of a tiny calibration
+    set). Matching must fall back to the weights instead of an arbitrary pairing among the ties."""
+    torch.manual_seed(0)
+    model = randomize(nn.Sequential(nn.Linear(2, 16), nn.Linear(16, 4)).eval())
+    t = torch.randn(64, 1)
+    calibration = torch.cat([t, 2 * t + 1], 1)
+    x = torch.randn(8, 2)
+    _, copy, fused = _fused_with_permuted_copy(model, x, calibration)
+    _assert_same_function(model, copy, fused, x)
+
+
+def test_a_space_whose_plan_follows_another_computes_no_gram_of_its_own(monkeypatch):
+    """A flattened conv map read by a linear layer is a space of blocks (channels x positions)
+    whose plan is the conv space's, expanded: its Gram (over channels x positions units, the
+    square of a wide classifier input: 18,432^2 for AlexNet) was computed and never used."""
+    from alignment.structure import Blocks, Walk
+
+    torch.manual_seed(0)
+    model = randomize(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(32, 10)).eval())
+    x = torch.randn(16, 3, 2, 2)
+    graph = discover(model, x[:2])
+    derived = [s.name for s in graph.spaces if isinstance(s.tree, Blocks)]
+    assert derived, "the flattened map should be a space of blocks"
+    asked = []
+    original = Walk._gram
+    monkeypatch.setattr(Walk, "_gram", lambda self, name: asked.append(name) or original(self, name))
+    copy = permute(model, graph, graph.random_permutations(seed=1))
+    fused = fusion.fuse([model, copy], x, method="permute", repair="none")
+    assert asked and not set(asked) & set(derived)
+    _assert_same_function(model, copy, fused, x)
+
+
 SWEEP = [
     ("convnext_atto", {}, 32),
     ("efficientnet_b0", {}, 32),
