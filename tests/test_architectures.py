@@ -616,6 +616,14 @@ SWEEP_OTHER = [
     ("hf-mobilevit", _hf("MobileViTConfig", "MobileViTForImageClassification", image_size=64,
                          hidden_sizes=[32, 48, 64], neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64]), 64, 32),
     ("hf-levit", _hf("LevitConfig", "LevitForImageClassification", image_size=64), 64, 32),
+    # CvT's last stage returns (map, class token) and only the token flows on
+    ("hf-cvt", _hf("CvtConfig", "CvtForImageClassification", embed_dim=[16, 24, 48], num_heads=[1, 2, 2],
+                   depth=[1, 2, 3]), 64, 32),  # transformers indexes stage k of depth k + 1 or more
+    # SwinV2's position-bias MLP reads a fixed coordinate table: many of its units tie in correlation
+    ("hf-swinv2", _hf("Swinv2Config", "Swinv2ForImageClassification", image_size=64, embed_dim=32, depths=[1, 1],
+                      num_heads=[2, 2], window_size=4), 64, 32),
+    ("hf-mobilevitv2", _hf("MobileViTV2Config", "MobileViTV2ForImageClassification", image_size=64,
+                           width_multiplier=0.5), 64, 32),
     ("hf-poolformer", _hf("PoolFormerConfig", "PoolFormerForImageClassification", hidden_sizes=[16, 32, 48, 64],
                           depths=[1, 1, 1, 1]), 32, 32),
 ]
