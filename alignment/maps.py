@@ -88,11 +88,12 @@ def plan_maps(plans: Sequence[torch.Tensor], alpha: Sequence[float], allow_empty
     weight = torch.where(weight > 0, weight, torch.ones_like(weight))
     merge, unmerge = [], []
     for T, r, a in zip(plans, rows, alpha):
+        # one scaled copy per map (wide spaces: every pass over an n x n_i plan costs its pages)
         safe = torch.where(r > 0, r, torch.ones_like(r))
-        merge.append(float(a) * T / safe[:, None] / weight[:, None])
+        merge.append(T * (float(a) / safe / weight)[:, None])
         c = T.sum(0)
         safe_c = torch.where(c > 0, c, torch.ones_like(c))
-        unmerge.append((T / safe_c[None, :]).t().contiguous())
+        unmerge.append(torch.mul(T.t(), (1.0 / safe_c)[:, None], out=torch.empty(T.shape[1], T.shape[0], dtype=T.dtype)))
     return SpaceMap(merge, unmerge)
 
 

@@ -180,21 +180,31 @@ class LeafProblem:
 LeafSolver = Callable[[LeafProblem], "tuple[list[torch.Tensor], float]"]
 
 
-def head_cost(G: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, geometry: str) -> float:
-    """Minimum cost of an exact transport (uniform masses) from units ``rows`` to units ``cols``.
+def _transport_cost(C: torch.Tensor) -> float:
+    """Minimum cost of an exact transport with uniform masses over cost matrix ``C``: for equal
+    sizes the optimal assignment's mean cost (exact OT between uniform equal-size sets is an
+    assignment), else ``ot.emd``'s."""
+    from .leaves import transport_plan
 
-    Equal sizes: the optimal assignment's mean cost (exact OT between uniform equal-size sets is an
-    assignment). Different sizes: ``ot.emd``.
-    """
-    from .leaves import gram_cost, transport_plan
-
-    A = torch.zeros(len(rows), G.shape[0], dtype=torch.float64)
-    A[torch.arange(len(rows)), rows] = 1.0
-    C = gram_cost(A, G, cols, geometry)
-    if len(rows) == len(cols):
+    if C.shape[0] == C.shape[1]:
         r, c = linear_sum_assignment(C.numpy())
-        return float(C[torch.as_tensor(r), torch.as_tensor(c)].sum()) / len(rows)
+        return float(C[torch.as_tensor(r), torch.as_tensor(c)].sum()) / C.shape[0]
     return float((transport_plan(C, "emd") * C).sum())
+
+
+def _head_costs(gv: GramView, units: list[torch.Tensor], sizes: list[int], pairs) -> dict[tuple[int, int], float]:
+    """The cost of matching head ``p`` with head ``q`` (the minimum cost of an exact transport
+    between their dims, :func:`_transport_cost`) for each pair in ``pairs``; head ``p`` is the
+    pooled units ``units[p]`` (``sizes[p]`` dims). One cost matrix over all the heads' units, sliced
+    per pair: the same numbers as one product per pair, without a product per pair."""
+    from .leaves import gram_cost
+
+    pool = torch.cat(units)
+    C = gram_cost(pool, gv.G, pool, gv.geometry)
+    start = [0]
+    for n in sizes:
+        start.append(start[-1] + n)
+    return {(p, q): _transport_cost(C[start[p]:start[p + 1], start[q]:start[q + 1]]) for p, q in pairs}
 
 
 class Walk:
@@ -482,15 +492,15 @@ class Walk:
             if gv is None:
                 continue
             used += 1
-            rng = []
+            rng, dims = [], []
             for i, a in heads:
                 di = self.graphs[i][s].width // nh
                 rng.append(gv.offsets[i] + torch.arange(a * di, (a + 1) * di))
-            for p in range(len(heads)):
-                for q in range(p + 1, len(heads)):
-                    v = 1.0 - head_cost(gv.G, rng[p], rng[q], gv.geometry)
-                    S[p, q] += v
-                    S[q, p] += v
+                dims.append(di)
+            pairs = [(p, q) for p in range(len(heads)) for q in range(p + 1, len(heads))]
+            for (p, q), c in _head_costs(gv, rng, dims, pairs).items():
+                S[p, q] += 1.0 - c
+                S[q, p] += 1.0 - c
         if used:
             S /= used
         S = torch.nan_to_num(S, nan=-1.0)
@@ -520,11 +530,11 @@ class Walk:
                     continue
                 off = gv.offsets
                 dr, di = self.graphs[ref][s].width // nh, g[s].width // nh
-                for a in range(nh):
-                    rows = off[ref] + torch.arange(a * dr, (a + 1) * dr)
-                    for b in range(nh):
-                        cols = off[i] + torch.arange(b * di, (b + 1) * di)
-                        cost[a, b] += head_cost(gv.G, rows, cols, gv.geometry)
+                units = [off[ref] + torch.arange(a * dr, (a + 1) * dr) for a in range(nh)] + \
+                        [off[i] + torch.arange(b * di, (b + 1) * di) for b in range(nh)]
+                pairs = [(a, nh + b) for a in range(nh) for b in range(nh)]
+                for (a, b), c in _head_costs(gv, units, [dr] * nh + [di] * nh, pairs).items():
+                    cost[a, b - nh] += c
             if not np.isfinite(cost).all():
                 self.note(f"heads {key!r}: non-finite head costs (NaN statistics?) counted as the largest cost")
                 cost = np.nan_to_num(cost, nan=np.nanmax(cost[np.isfinite(cost)]) if np.isfinite(cost).any() else 0.0)
