@@ -192,18 +192,18 @@ def _transport_cost(C: torch.Tensor) -> float:
     return float((transport_plan(C, "emd") * C).sum())
 
 
-def _head_costs(gv: GramView, units: list[torch.Tensor], sizes: list[int], pairs) -> dict[tuple[int, int], float]:
+def _head_costs(gv: GramView, units: list[torch.Tensor], pairs) -> dict[tuple[int, int], float]:
     """The cost of matching head ``p`` with head ``q`` (the minimum cost of an exact transport
     between their dims, :func:`_transport_cost`) for each pair in ``pairs``; head ``p`` is the
-    pooled units ``units[p]`` (``sizes[p]`` dims). One cost matrix over all the heads' units, sliced
+    pooled units ``units[p]``. One cost matrix over all the heads' units, sliced
     per pair: the same numbers as one product per pair, without a product per pair."""
     from .leaves import gram_cost
 
     pool = torch.cat(units)
     C = gram_cost(pool, gv.G, pool, gv.geometry)
     start = [0]
-    for n in sizes:
-        start.append(start[-1] + n)
+    for u in units:
+        start.append(start[-1] + len(u))
     return {(p, q): _transport_cost(C[start[p]:start[p + 1], start[q]:start[q + 1]]) for p, q in pairs}
 
 
@@ -492,13 +492,12 @@ class Walk:
             if gv is None:
                 continue
             used += 1
-            rng, dims = [], []
+            rng = []
             for i, a in heads:
                 di = self.graphs[i][s].width // nh
                 rng.append(gv.offsets[i] + torch.arange(a * di, (a + 1) * di))
-                dims.append(di)
             pairs = [(p, q) for p in range(len(heads)) for q in range(p + 1, len(heads))]
-            for (p, q), c in _head_costs(gv, rng, dims, pairs).items():
+            for (p, q), c in _head_costs(gv, rng, pairs).items():
                 S[p, q] += 1.0 - c
                 S[q, p] += 1.0 - c
         if used:
@@ -533,7 +532,7 @@ class Walk:
                 units = [off[ref] + torch.arange(a * dr, (a + 1) * dr) for a in range(nh)] + \
                         [off[i] + torch.arange(b * di, (b + 1) * di) for b in range(nh)]
                 pairs = [(a, nh + b) for a in range(nh) for b in range(nh)]
-                for (a, b), c in _head_costs(gv, units, [dr] * nh + [di] * nh, pairs).items():
+                for (a, b), c in _head_costs(gv, units, pairs).items():
                     cost[a, b - nh] += c
             if not np.isfinite(cost).all():
                 self.note(f"heads {key!r}: non-finite head costs (NaN statistics?) counted as the largest cost")
