@@ -49,7 +49,7 @@ def activation_gram(stats, kind: str | Callable[[str], str] = "correlation",
             # an extra shared dimension makes them alike (two dead units pair with each other, not
             # with a live unit) and gives every unit unit norm
             e = (1.0 - G.diagonal()).clamp(0, 1).sqrt()
-            G = G + torch.outer(e, e)
+            G.add_(torch.outer(e, e))  # (a fresh matrix: no second copy of a wide space's Gram)
             dead = (e >= 1.0).nonzero().flatten()
             if dead_gram is not None and len(dead) > 1:
                 # ... and among themselves they are told apart by ``dead_gram``'s cosine, in [0, 1]

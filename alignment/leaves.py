@@ -32,7 +32,7 @@ from scipy.optimize import linear_sum_assignment
 from .errors import InvalidOptionError, SpaceMismatchError
 from .maps import permutation_plan, plan_maps
 from .merging import greedy_merge
-from .structure import LeafProblem
+from .structure import LeafProblem, submatrix
 
 __all__ = [
     "PLAN_SOLVERS", "GEOMETRIES", "transport_plan", "gram_cost", "ot_leaf", "merge_leaf", "zip_leaf",
@@ -107,10 +107,12 @@ def gram_cost(A: torch.Tensor, G: torch.Tensor, cols: torch.Tensor, geometry: st
 
     ``"correlation"``: ``1 - cos`` in the Gram geometry (for a correlation Gram, one minus the
     correlation); ``"distance"``: the Euclidean distance; ``"inner"``: minus the inner product.
+    Returns a new tensor (never a view of ``G``).
     """
     if A.dtype == torch.long:
-        # anchors that are units themselves (indices): no products with the whole Gram
-        AG = G[A][:, cols]
+        # anchors that are units themselves (indices): no products with the whole Gram (and no
+        # copy of it when anchors and units are runs of consecutive units)
+        AG = submatrix(G, A, cols)
         aa = G[A, A].clamp_min(0)
     elif A.shape[1] >= 512 and int((A != 0).sum()) * 10 < A.numel():
         # anchors averaging a few units each (MergeMany's means of matched units): a sparse product
@@ -124,22 +126,33 @@ def gram_cost(A: torch.Tensor, G: torch.Tensor, cols: torch.Tensor, geometry: st
     if geometry == "inner":
         return -AG
     gg = G[cols, cols].clamp_min(0)
+    # in place on one fresh n x m buffer (wide spaces: every pass costs its size in memory traffic);
+    # the same arithmetic, in the same order, as the plain expressions in the comments
     if geometry == "correlation":
-        den = (aa[:, None] * gg[None, :]).sqrt()
-        return 1.0 - torch.where(den > 1e-300, AG / den.clamp_min(1e-300), torch.zeros_like(AG))
-    return (aa[:, None] + gg[None, :] - 2 * AG).clamp_min(0).sqrt()
+        # 1 - where(den > 1e-300, AG / den, 0) with den = sqrt(aa gg^T)
+        out = torch.outer(aa, gg).sqrt_()
+        tiny = out <= 1e-300 if out.numel() and float(out.min()) <= 1e-300 else None
+        torch.div(AG, out.clamp_min_(1e-300), out=out)
+        if tiny is not None:
+            out.masked_fill_(tiny, 0.0)
+        return out.neg_().add_(1.0)
+    # sqrt(max(aa + gg^T - 2 AG, 0))
+    out = torch.add(aa[:, None], gg[None, :])
+    return out.sub_(AG, alpha=2).clamp_min_(0).sqrt_()
 
 
 def _cosine(A: torch.Tensor, G: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     return 1.0 - gram_cost(A, G, cols, "correlation")
 
 
-def _score(plans, A, G, cols, skip: int | None = None) -> float:
+def _score(plans, A, G, cols, skip: int | None = None, costs=None) -> float:
+    # costs[i]: model i's correlation cost against A when already computed (else None)
     total, mass = 0.0, 0.0
     for i, (T, c) in enumerate(zip(plans, cols)):
         if i == skip:
             continue
-        total += float((T * _cosine(A, G, c)).sum())
+        C = costs[i] if costs is not None and costs[i] is not None else gram_cost(A, G, c, "correlation")
+        total += float((T * (1.0 - C)).sum())
         mass += float(T.sum())
     return total / mass if mass > 0 else float("nan")
 
@@ -203,23 +216,27 @@ def ot_leaf(leaf: LeafProblem, solver: str = "emd", reg: float = 0.01, iteration
     # MergeMany: one-to-one rematching of each model against the mean of the *other* models
     leave_one_out = solver == "hungarian" and len(cols) > 2
     for it in range(iters + 1):
-        new = []
+        new, costs = [], []  # costs: each plan's cost against the anchors A (None: not against A)
         for i, c in enumerate(cols):
             if i == fixed:
                 # the anchor's units are the fused units
                 new.append(torch.eye(n, dtype=torch.float64) / n)
+                costs.append(None)
             elif it > 0 and leave_one_out:
                 # Gauss-Seidel: against the others' newest plans
                 current = new + plans[len(new):]
                 new.append(plan(gram_cost(_others_mean(current, leaf.alpha, i), G, c, leaf.geometry)))
+                costs.append(None)
             else:
-                new.append(plan(gram_cost(A, G, c, leaf.geometry)))
+                C = gram_cost(A, G, c, leaf.geometry)
+                new.append(plan(C))
+                costs.append(C if leaf.geometry == "correlation" else None)
         done = plans and all(torch.allclose(x, y, atol=1e-12) for x, y in zip(new, plans))
         plans = new
         if done or it == iters:
             break
         A = torch.cat(plan_maps(plans, leaf.alpha).merge, dim=1)
-    return plans, _score(plans, A, G, cols, skip=fixed)
+    return plans, _score(plans, A, G, cols, skip=fixed, costs=costs)
 
 
 def _others_mean(plans: list[torch.Tensor], alpha: list[float], i: int) -> torch.Tensor:

@@ -38,7 +38,7 @@ from .errors import SpaceMismatchError
 
 __all__ = [
     "Leaf", "Fixed", "Cat", "Heads", "Blocks", "Node", "tree_size", "tree_keys", "from_tuple",
-    "LeafProblem", "GramView", "Walk",
+    "LeafProblem", "GramView", "Walk", "submatrix",
 ]
 
 
@@ -176,6 +176,27 @@ class LeafProblem:
             off += s
         return out
 
+
+
+def _span(idx: torch.Tensor) -> slice | None:
+    """``idx`` as a slice when it is a run of consecutive indices, else None."""
+    if idx.dtype != torch.long or idx.dim() != 1 or len(idx) == 0:
+        return None
+    a = int(idx[0])
+    if int(idx[-1]) - a != len(idx) - 1 or (len(idx) > 1 and not bool((idx.diff() == 1).all())):
+        return None
+    return slice(a, a + len(idx))
+
+
+def submatrix(G: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``G[rows][:, cols]``; a view (no copy) when ``rows`` and ``cols`` are runs of consecutive
+    indices, as a leaf's units over a whole space are (wide spaces: each copy of a pooled Gram
+    costs its size in memory traffic). Callers must not write into the result."""
+    r, c = _span(rows), _span(cols)
+    if r is not None and c is not None:
+        return G[r, c]
+    out = G.index_select(0, rows) if r is None else G[r]
+    return out.index_select(1, cols) if c is None else out[:, c]
 
 LeafSolver = Callable[[LeafProblem], "tuple[list[torch.Tensor], float]"]
 
@@ -440,7 +461,7 @@ class Walk:
             geometry = gv.geometry
             if heads is None:
                 pool = torch.cat(idx)
-                G = gv.G[pool][:, pool]
+                G = submatrix(gv.G, pool, pool)
             else:
                 # the Gram of a shared axis sums the Grams of the matched heads' blocks
                 pis, hsizes, nh, full = heads
@@ -448,7 +469,7 @@ class Walk:
                 for h in range(nh):
                     pool = torch.cat([full[i][int(pis[i][h]) * hsizes[i]:(int(pis[i][h]) + 1) * hsizes[i]]
                                       for i in range(len(full))])
-                    G = G + gv.G[pool][:, pool]
+                    G = G + submatrix(gv.G, pool, pool)
         sc = None
         if self.scores_fn is not None:
             pooled = self.scores_fn(space)

@@ -278,3 +278,40 @@ def test_ranked_members_pairs_repeated_axes():
     ms = [Member("w", "parameter", 0, 0, 4, "out"), Member("w", "parameter", 0, 4, 8, "out"),
           Member("w", "parameter", 1, 0, 4, "in")]
     assert [r for r, _ in ranked_members(ms)] == [0, 1, 0]
+
+
+def test_submatrix_is_the_gather_and_a_view_on_runs_of_units():
+    """Property: ``submatrix`` equals ``G[rows][:, cols]`` for any indices, and for runs of
+    consecutive indices shares ``G``'s memory (no copy of a wide space's Gram)."""
+    from alignment.structure import submatrix
+
+    G = torch.randn(9, 9, dtype=torch.float64)
+    for rows, cols in [(torch.arange(2, 6), torch.arange(0, 9)), (torch.tensor([4, 1, 7]), torch.arange(3, 5)),
+                       (torch.arange(3, 6), torch.tensor([8, 0])), (torch.tensor([5]), torch.tensor([5]))]:
+        assert torch.equal(submatrix(G, rows, cols), G[rows][:, cols])
+    view = submatrix(G, torch.arange(2, 6), torch.arange(1, 4))
+    assert view.data_ptr() == G[2:, 1:].data_ptr()
+    assert submatrix(G, torch.tensor([2, 4]), torch.arange(1, 4)).data_ptr() != G[2:, 1:].data_ptr()
+
+
+def test_gram_cost_matches_the_geometry_of_the_features_and_leaves_the_gram_alone():
+    """Property: for a Gram ``X X^T`` the costs are ``1 - cos``, the Euclidean distance and minus
+    the inner product of the feature vectors (a zero vector has cost 1 in correlation), for index
+    anchors and for anchors that are combinations of units; the Gram is not written into."""
+    from alignment.leaves import gram_cost
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(7, 5, dtype=torch.float64, generator=g)
+    X[3] = 0.0
+    G = X @ X.t()
+    G0 = G.clone()
+    rows, cols = torch.arange(0, 4), torch.arange(4, 7)
+    A = torch.rand(2, 7, dtype=torch.float64, generator=g)
+    for anchors, F in [(rows, X[rows]), (A, A @ X)]:
+        Y = X[cols]
+        cos = torch.nn.functional.cosine_similarity(F[:, None, :], Y[None, :, :], dim=2, eps=1e-300)
+        torch.testing.assert_close(gram_cost(anchors, G, cols, "correlation"), 1.0 - cos)
+        torch.testing.assert_close(gram_cost(anchors, G, cols, "distance"), torch.cdist(F, Y), atol=1e-7, rtol=1e-7)
+        torch.testing.assert_close(gram_cost(anchors, G, cols, "inner"), -(F @ Y.t()))
+    assert torch.equal(gram_cost(rows, G, cols, "correlation")[3], torch.ones(3, dtype=torch.float64))
+    assert torch.equal(G, G0)
