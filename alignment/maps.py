@@ -18,7 +18,7 @@ For a permutation these give ``M_i = alpha_i P_i`` and ``U_i = P_i^T``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -44,6 +44,19 @@ class SpaceMap:
 
     merge: list[torch.Tensor]
     unmerge: list[torch.Tensor]
+    _gathers: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def gather(self, i: int, merge: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Model ``i``'s merge map ``M_i`` (``merge``) or transposed unmerge map ``U_i^T`` as a
+        gather: ``(idx, vals)`` with row ``k`` equal to ``vals[k]`` at column ``idx[k]`` and zero
+        elsewhere, or None when some row has more or less than one entry (computed once per map:
+        permutations, selections and repeats are applied to weights as index gathers; a map changed in
+        place after its first gather is not seen again)."""
+        key = (i, merge)
+        if key not in self._gathers:
+            A = self.merge[i] if merge else self.unmerge[i].t()
+            self._gathers[key] = _as_gather(A.to(torch.float64).cpu())
+        return self._gathers[key]
 
     @property
     def width(self) -> int:
@@ -173,20 +186,52 @@ def map_tensor(t: torch.Tensor, graph: Graph, name: str, roles: dict[tuple[str, 
             continue
         primary = bool(out_axes) and ax == out_axes[0]
         role = roles.get((name, ax), "out")
-        A = axis_matrix(pieces, maps, i, role, primary, alpha_i, name, ax)
+        A = _axis_gather(pieces, maps, i, role, primary, alpha_i)
+        if A is None:
+            A = axis_matrix(pieces, maps, i, role, primary, alpha_i, name, ax)
         t = _apply_axis(A, t, ax)
     if not out_axes:
         t = t * alpha_i
     return t
 
 
-def _apply_axis(A: torch.Tensor, t: torch.Tensor, ax: int) -> torch.Tensor:
-    """``A`` applied to axis ``ax`` of ``t``; a gather when every row of ``A`` has one entry
-    (permutations, selections, repeats: exact, and far cheaper than a product)."""
+def _as_gather(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(idx, vals)`` when every row of ``A`` has exactly one nonzero entry, else None."""
     nz = A != 0
-    if bool((nz.sum(1) == 1).all()):
-        idx = nz.to(torch.int8).argmax(1)
-        vals = A[torch.arange(A.shape[0]), idx]
+    if not bool((nz.sum(1) == 1).all()):
+        return None
+    idx = nz.to(torch.int8).argmax(1)
+    return idx, A[torch.arange(A.shape[0]), idx]
+
+
+def _axis_gather(pieces, maps: dict[str, SpaceMap], i: int, role: str, primary: bool, alpha_i: float
+                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`axis_matrix` as a gather ``(idx, vals)`` when every piece's map is one (see
+    :meth:`SpaceMap.gather`), without building the block-diagonal matrix; else None."""
+    idx, vals, col = [], [], 0
+    for start, stop, sp in pieces:
+        w = stop - start
+        if sp is None:
+            idx.append(col + torch.arange(w))
+            vals.append(torch.full((w,), alpha_i if primary else 1.0, dtype=torch.float64))
+        else:
+            if sp not in maps:
+                return None  # axis_matrix names the missing map
+            g = maps[sp].gather(i, role == "out" and primary)
+            if g is None or int(maps[sp].merge[i].shape[1]) != w:
+                return None
+            idx.append(col + g[0])
+            vals.append(g[1])
+        col += w
+    return torch.cat(idx), torch.cat(vals)
+
+
+def _apply_axis(A, t: torch.Tensor, ax: int) -> torch.Tensor:
+    """``A`` applied to axis ``ax`` of ``t``: a matrix, or a gather ``(idx, vals)`` (permutations,
+    selections, repeats: exact, and far cheaper than a product)."""
+    g = A if isinstance(A, tuple) else _as_gather(A)
+    if g is not None:
+        idx, vals = g
         out = t.index_select(ax, idx.to(t.device))
         if not bool((vals == 1).all()):
             shape = [1] * t.dim()

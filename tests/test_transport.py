@@ -315,3 +315,28 @@ def test_gram_cost_matches_the_geometry_of_the_features_and_leaves_the_gram_alon
         torch.testing.assert_close(gram_cost(anchors, G, cols, "inner"), -(F @ Y.t()))
     assert torch.equal(gram_cost(rows, G, cols, "correlation")[3], torch.ones(3, dtype=torch.float64))
     assert torch.equal(G, G0)
+
+
+def test_maps_that_are_gathers_are_applied_as_the_block_diagonal_matrix_would_be():
+    """Property: a permutation map's gather form names the permuted features (and alpha), an
+    averaging map has none, and an axis of several pieces (a fixed range, a permuted space, a
+    merged space) is mapped exactly as by the block-diagonal :func:`axis_matrix`."""
+    from alignment.maps import _apply_axis, _axis_gather, axis_matrix
+
+    perm = torch.tensor([2, 0, 3, 1])
+    sm = permutation_map([perm, torch.arange(4)], [0.25, 0.75])
+    idx, vals = sm.gather(0, merge=True)
+    assert torch.equal(idx, perm) and torch.equal(vals, torch.full((4,), 0.25, dtype=torch.float64))
+    idx, vals = sm.gather(0, merge=False)
+    assert torch.equal(idx, perm) and bool((vals == 1).all())
+    avg = plan_maps([torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])], [1.0])
+    assert avg.gather(0, merge=True) is None
+    maps = {"p": sm, "a": avg}
+    t = torch.randn(5, 3 + 4 + 3, dtype=torch.float64)
+    for pieces, primary in [([(0, 3, None), (3, 7, "p")], True), ([(0, 4, "p"), (4, 7, None)], False)]:
+        t_ax = t[:, :pieces[-1][1]]
+        g = _axis_gather(pieces, maps, 0, "out", primary, 0.25)
+        assert g is not None
+        A = axis_matrix(pieces, maps, 0, "out", primary, 0.25, "w", 1)
+        torch.testing.assert_close(_apply_axis(g, t_ax, 1), t_ax @ A.t(), rtol=0, atol=0)
+    assert _axis_gather([(0, 4, "p"), (4, 7, "a")], maps, 0, "out", True, 0.25) is None
