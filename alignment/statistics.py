@@ -231,9 +231,14 @@ class PointStats:
         std = cov.diagonal().clamp_min(0).sqrt()
         flat = (std <= rtol * self.mean().abs()) | (std <= eps * std.max().clamp_min(1e-300))
         std = std.masked_fill(flat, 0.0)
-        denom = torch.outer(std, std)
-        dead = denom <= 0
-        return cov.div_(denom.masked_fill_(dead, 1.0)).masked_fill_(dead, 0.0)
+        # cov / (std std^T), zero where that is 0; a band of rows at a time (wide joint matrices:
+        # a full-size temporary costs its pages on every call)
+        step = max(1, (1 << 21) // max(len(std), 1))
+        for a in range(0, len(std), step):
+            denom = torch.outer(std[a:a + step], std)
+            dead = denom <= 0
+            cov[a:a + step].div_(denom.masked_fill_(dead, 1.0)).masked_fill_(dead, 0.0)
+        return cov
 
 
 def add_gram(acc: torch.Tensor, x: torch.Tensor, blocks: int = 4, min_width: int = 256) -> None:
