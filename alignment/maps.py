@@ -227,11 +227,11 @@ def _axis_gather(pieces, maps: dict[str, SpaceMap], i: int, role: str, primary: 
 
 
 def _apply_axis(A, t: torch.Tensor, ax: int) -> torch.Tensor:
-    """``A`` applied to axis ``ax`` of ``t``: a matrix, or a gather ``(idx, vals)`` (permutations,
-    selections, repeats: exact, and far cheaper than a product)."""
-    g = A if isinstance(A, tuple) else _as_gather(A)
-    if g is not None:
-        idx, vals = g
+    """``A`` applied to axis ``ax`` of ``t``: a gather ``(idx, vals)`` (permutations, selections,
+    repeats: exact, and far cheaper than a product) or a matrix (multiplied: :func:`map_tensor`
+    builds one only when some piece's map is no gather, so the whole matrix is none either)."""
+    if isinstance(A, tuple):
+        idx, vals = A
         out = t.index_select(ax, idx.to(t.device))
         if not bool((vals == 1).all()):
             shape = [1] * t.dim()

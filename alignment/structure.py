@@ -177,7 +177,6 @@ class LeafProblem:
         return out
 
 
-
 def _span(idx: torch.Tensor) -> slice | None:
     """``idx`` as a slice when it is a run of consecutive indices, else None."""
     if idx.dtype != torch.long or idx.dim() != 1 or len(idx) == 0:
@@ -197,6 +196,7 @@ def submatrix(G: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.
         return G[r, c]
     out = G.index_select(0, rows) if r is None else G[r]
     return out.index_select(1, cols) if c is None else out[:, c]
+
 
 LeafSolver = Callable[[LeafProblem], "tuple[list[torch.Tensor], float]"]
 
