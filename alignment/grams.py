@@ -49,7 +49,9 @@ def activation_gram(stats, kind: str | Callable[[str], str] = "correlation",
             # an extra shared dimension makes them alike (two dead units pair with each other, not
             # with a live unit) and gives every unit unit norm
             e = (1.0 - G.diagonal()).clamp(0, 1).sqrt()
-            G.add_(torch.outer(e, e))  # (a fresh matrix: no second copy of a wide space's Gram)
+            short = e.nonzero().flatten()  # (a fresh matrix: added in place, on the units concerned)
+            if len(short):
+                G[short[:, None], short[None, :]] += torch.outer(e[short], e[short])
             dead = (e >= 1.0).nonzero().flatten()
             if dead_gram is not None and len(dead) > 1:
                 # ... and among themselves they are told apart by ``dead_gram``'s cosine, in [0, 1]
@@ -84,15 +86,20 @@ def _break_ties(G: torch.Tensor, offsets: list[int], dead: torch.Tensor,
     near.fill_diagonal_(False)
     near[dead] = False
     near[:, dead] = False
-    if not near.any():
+    r, c = near.nonzero().unbind(1)  # (few: about one per unit and other model)
+    if not len(r):
         return
-    ambiguous = torch.zeros(len(G), dtype=torch.bool)
-    for a, b in zip(offsets[:-1], offsets[1:]):
-        ambiguous |= near[:, a:b].sum(1) >= 2
-        ambiguous[a:b] |= near[a:b, a:b].any(1)  # a duplicate inside one model
+    bounds = torch.tensor(offsets[1:-1], dtype=torch.long)
+    model_r, model_c = torch.bucketize(r, bounds, right=True), torch.bucketize(c, bounds, right=True)
+    m = len(offsets) - 1
+    per_model = torch.bincount(r * m + model_c, minlength=len(G) * m).view(len(G), m)
+    ambiguous = (per_model >= 2).any(1)
+    ambiguous[r[model_r == model_c]] = True  # a duplicate inside one model
     if not ambiguous.any():
         return
-    units = (ambiguous | near[ambiguous].any(0)).nonzero().flatten()
+    tied = ambiguous.clone()
+    tied[c[ambiguous[r]]] = True
+    units = tied.nonzero().flatten()
     idx = torch.arange(len(units))
     cos = 1.0 - gram_cost(idx, weights(units).G.double(), idx, "correlation")
     block = G[units[:, None], units[None, :]]

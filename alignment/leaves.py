@@ -32,6 +32,7 @@ from scipy.optimize import linear_sum_assignment
 from .errors import InvalidOptionError, SpaceMismatchError
 from .maps import permutation_plan, plan_maps
 from .merging import greedy_merge
+from .runner import all_finite
 from .structure import LeafProblem, submatrix
 
 __all__ = [
@@ -67,7 +68,7 @@ def transport_plan(cost: torch.Tensor, solver: str = "emd", reg: float = 0.01,
     """
     C = cost.detach().double().cpu()
     n, m = C.shape
-    if not torch.isfinite(C).all():
+    if not all_finite(C):
         big = float(C[torch.isfinite(C)].abs().max()) if torch.isfinite(C).any() else 0.0
         if note is not None:
             note(f"{where or 'a plan'}: {int((~torch.isfinite(C)).sum())} non-finite costs (NaN or infinite "
@@ -152,8 +153,10 @@ def _score(plans, A, G, cols, skip: int | None = None, costs=None) -> float:
         if i == skip:
             continue
         C = costs[i] if costs is not None and costs[i] is not None else gram_cost(A, G, c, "correlation")
-        total += float((T * (1.0 - C)).sum())
-        mass += float(T.sum())
+        # sum(T * (1 - C)) without two plan-sized temporaries
+        m = float(T.sum())
+        total += m - float(torch.vdot(T.reshape(-1), C.reshape(-1)))
+        mass += m
     return total / mass if mass > 0 else float("nan")
 
 

@@ -18,7 +18,6 @@ For a permutation these give ``M_i = alpha_i P_i`` and ``U_i = P_i^T``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -33,45 +32,106 @@ __all__ = [
 ]
 
 
-@dataclass
 class SpaceMap:
     """Merge and unmerge maps of one space for each of N models.
 
     Attributes:
         merge: per model, ``M_i`` of shape ``(n, n_i)`` (weights included).
         unmerge: per model, ``U_i`` of shape ``(n_i, n)``.
+
+    Maps built from gathers (:meth:`from_gathers`: permutations, selections, repeats) keep that form
+    and build the dense matrices only when ``merge`` or ``unmerge`` is read (wide spaces: an
+    ``n x n`` float64 matrix per model and map is what applying a permutation costs otherwise).
     """
 
-    merge: list[torch.Tensor]
-    unmerge: list[torch.Tensor]
-    _gathers: dict = field(default_factory=dict, init=False, repr=False, compare=False)
-
-    def gather(self, i: int, merge: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Model ``i``'s merge map ``M_i`` (``merge``) or transposed unmerge map ``U_i^T`` as a
-        gather: ``(idx, vals)`` with row ``k`` equal to ``vals[k]`` at column ``idx[k]`` and zero
-        elsewhere, or None when some row has more or less than one entry (computed once per map:
-        permutations, selections and repeats are applied to weights as index gathers; a map changed in
-        place after its first gather is not seen again)."""
-        key = (i, merge)
-        if key not in self._gathers:
-            A = self.merge[i] if merge else self.unmerge[i].t()
-            self._gathers[key] = _as_gather(A.to(torch.float64).cpu())
-        return self._gathers[key]
-
-    @property
-    def width(self) -> int:
-        """Fused width ``n``."""
-        return int(self.merge[0].shape[0])
-
-    def __post_init__(self) -> None:
-        if len(self.merge) != len(self.unmerge):
+    def __init__(self, merge: Sequence[torch.Tensor], unmerge: Sequence[torch.Tensor]) -> None:
+        if len(merge) != len(unmerge):
             raise ValueError("merge and unmerge need one map per model")
-        for i, (m, u) in enumerate(zip(self.merge, self.unmerge)):
+        for i, (m, u) in enumerate(zip(merge, unmerge)):
             if m.shape[0] != u.shape[1] or m.shape[1] != u.shape[0]:
                 raise ValueError(
                     f"model {i}: merge map {tuple(m.shape)} and unmerge map {tuple(u.shape)} do not fit "
                     f"(expected (n, n_i) and (n_i, n))"
                 )
+        self._merge: list[torch.Tensor | None] = list(merge)
+        self._unmerge: list[torch.Tensor | None] = list(unmerge)
+        self._sizes = [int(m.shape[1]) for m in merge]
+        self._width = int(merge[0].shape[0]) if merge else 0
+        self._gathers: dict = {}
+
+    @classmethod
+    def from_gathers(cls, sizes: Sequence[int], merge: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                     unmerge: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> "SpaceMap":
+        """Maps given as gathers (see :meth:`gather`): per model of width ``sizes[i]``, ``M_i`` and
+        ``U_i^T`` as ``(idx, vals)`` of length ``n`` (every row one nonzero entry)."""
+        if not (len(sizes) == len(merge) == len(unmerge)) or not sizes:
+            raise ValueError("from_gathers needs one size, merge and unmerge gather per model")
+        n = len(merge[0][0])
+        for i, (w, gm, gu) in enumerate(zip(sizes, merge, unmerge)):
+            for idx, vals in (gm, gu):
+                if len(idx) != n or len(vals) != n or (n and (int(idx.min()) < 0 or int(idx.max()) >= w)):
+                    raise ValueError(f"model {i}: a gather does not fit a map of shape ({n}, {w})")
+                if bool((vals == 0).any()):
+                    raise ValueError(f"model {i}: a gather has a zero entry (its row would be empty)")
+        self = cls.__new__(cls)
+        self._merge = [None] * len(sizes)
+        self._unmerge = [None] * len(sizes)
+        self._sizes = [int(w) for w in sizes]
+        self._width = n
+        self._gathers = {}
+        for i, (gm, gu) in enumerate(zip(merge, unmerge)):
+            self._gathers[(i, True)] = gm
+            self._gathers[(i, False)] = gu
+        return self
+
+    def _dense(self, i: int, merge: bool) -> torch.Tensor:
+        idx, vals = self._gathers[(i, merge)]
+        A = torch.zeros(self._width, self._sizes[i], dtype=vals.dtype)
+        A[torch.arange(self._width), idx] = vals
+        return A
+
+    @property
+    def merge(self) -> list[torch.Tensor]:
+        """Per model, ``M_i`` (``n x n_i``). Once read, these matrices are the maps: a change made to
+        them in place is what gets applied (their gather forms are found again)."""
+        self._materialise(True)
+        return self._merge
+
+    @property
+    def unmerge(self) -> list[torch.Tensor]:
+        """Per model, ``U_i`` (``n_i x n``); once read, as :attr:`merge`."""
+        self._materialise(False)
+        return self._unmerge
+
+    def _materialise(self, merge: bool) -> None:
+        dense = self._merge if merge else self._unmerge
+        for i, m in enumerate(dense):
+            if m is None:
+                A = self._dense(i, merge)
+                dense[i] = A if merge else A.t()
+            self._gathers.pop((i, merge), None)
+
+    @property
+    def sizes(self) -> list[int]:
+        """Each model's width ``n_i``."""
+        return list(self._sizes)
+
+    def gather(self, i: int, merge: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Model ``i``'s merge map ``M_i`` (``merge``) or transposed unmerge map ``U_i^T`` as a
+        gather: ``(idx, vals)`` with row ``k`` equal to ``vals[k]`` at column ``idx[k]`` and zero
+        elsewhere, or None when some row has more or less than one entry (found once per map and
+        reading of the dense maps: permutations, selections and repeats are applied to weights as
+        index gathers)."""
+        key = (i, merge)
+        if key not in self._gathers:
+            A = self._merge[i] if merge else self._unmerge[i].t()
+            self._gathers[key] = _rows_gather(A.to(torch.float64).cpu())
+        return self._gathers[key]
+
+    @property
+    def width(self) -> int:
+        """Fused width ``n``."""
+        return self._width
 
 
 def permutation_plan(perm: torch.Tensor, n_source: int | None = None) -> torch.Tensor:
@@ -99,15 +159,38 @@ def plan_maps(plans: Sequence[torch.Tensor], alpha: Sequence[float], allow_empty
         k = int(torch.nonzero(weight <= 0)[0])
         raise SpaceMismatchError(f"fused feature {k} receives nothing from any model (empty plan row)")
     weight = torch.where(weight > 0, weight, torch.ones_like(weight))
-    merge, unmerge = [], []
+    parts = []
     for T, r, a in zip(plans, rows, alpha):
-        # one scaled copy per map (wide spaces: every pass over an n x n_i plan costs its pages)
         safe = torch.where(r > 0, r, torch.ones_like(r))
-        merge.append(T * (float(a) / safe / weight)[:, None])
+        scale = float(a) / safe / weight
         c = T.sum(0)
-        safe_c = torch.where(c > 0, c, torch.ones_like(c))
-        unmerge.append(torch.mul(T.t(), (1.0 / safe_c)[:, None], out=torch.empty(T.shape[1], T.shape[0], dtype=T.dtype)))
-    return SpaceMap(merge, unmerge)
+        inv_c = 1.0 / torch.where(c > 0, c, torch.ones_like(c))
+        gm = gu = None
+        g = _rows_gather(T)
+        if g is not None:
+            # one entry per row: the products below on those entries only (the same bits)
+            idx, v = g
+            gm, gu = (idx, v * scale), (idx, v * inv_c[idx])
+            if bool((gm[1] == 0).any()):
+                gm = None  # a zero weight: an empty merge row is no gather
+        parts.append((T, scale, inv_c, gm, gu))
+    if all(gm is not None for *_, gm, _ in parts):
+        return SpaceMap.from_gathers([T.shape[1] for T in plans], [p[3] for p in parts], [p[4] for p in parts])
+    # one scaled copy per map (wide spaces: every pass over an n x n_i plan costs its pages)
+    sm = SpaceMap([T * scale[:, None] for T, scale, *_ in parts],
+                  [torch.mul(T.t(), inv_c[:, None], out=torch.empty(T.shape[1], T.shape[0], dtype=T.dtype))
+                   for T, _, inv_c, *_ in parts])
+    for i, (*_, gm, gu) in enumerate(parts):  # (the support of M_i and U_i^T is the plan's)
+        sm._gathers[(i, True)], sm._gathers[(i, False)] = gm, gu
+    return sm
+
+
+def _rows_gather(T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(idx, T[k, idx[k]])`` when every row of ``T`` has exactly one nonzero entry, else None."""
+    nz = T.nonzero()
+    if len(nz) != T.shape[0] or not torch.equal(nz[:, 0], torch.arange(T.shape[0])):
+        return None
+    return nz[:, 1], T[nz[:, 0], nz[:, 1]]
 
 
 def permutation_map(perms: Sequence[torch.Tensor], alpha: Sequence[float]) -> SpaceMap:
@@ -195,15 +278,6 @@ def map_tensor(t: torch.Tensor, graph: Graph, name: str, roles: dict[tuple[str, 
     return t
 
 
-def _as_gather(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(idx, vals)`` when every row of ``A`` has exactly one nonzero entry, else None."""
-    nz = A != 0
-    if not bool((nz.sum(1) == 1).all()):
-        return None
-    idx = nz.to(torch.int8).argmax(1)
-    return idx, A[torch.arange(A.shape[0]), idx]
-
-
 def _axis_gather(pieces, maps: dict[str, SpaceMap], i: int, role: str, primary: bool, alpha_i: float
                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """:func:`axis_matrix` as a gather ``(idx, vals)`` when every piece's map is one (see
@@ -218,7 +292,7 @@ def _axis_gather(pieces, maps: dict[str, SpaceMap], i: int, role: str, primary: 
             if sp not in maps:
                 return None  # axis_matrix names the missing map
             g = maps[sp].gather(i, role == "out" and primary)
-            if g is None or int(maps[sp].merge[i].shape[1]) != w:
+            if g is None or maps[sp].sizes[i] != w:
                 return None
             idx.append(col + g[0])
             vals.append(g[1])
@@ -311,6 +385,9 @@ def correct_query_key(maps: dict[str, SpaceMap], graphs: Sequence[Graph], alpha:
         sm = maps[name]
         nh = graphs[0][name].tree.count
         d = sm.width / nh
+        if _identity_correction(sm, [float(a) * math.sqrt(d / (graphs[i][name].width / nh))
+                                     for i, a in enumerate(alpha)]):
+            continue
         D = torch.zeros(sm.width, sm.width, dtype=torch.float64)
         for i, (U, a) in enumerate(zip(sm.unmerge, alpha)):
             di = graphs[i][name].width / nh
@@ -322,3 +399,16 @@ def correct_query_key(maps: dict[str, SpaceMap], graphs: Sequence[Graph], alpha:
         root = evecs @ torch.diag(evals.clamp_min(0).sqrt()) @ evecs.t()
         out[name] = SpaceMap([root @ M.double().cpu() for M in sm.merge], list(sm.unmerge))
     return out
+
+
+def _identity_correction(sm: SpaceMap, weights: Sequence[float]) -> bool:
+    """Whether ``D = sum_i weights_i U_i^T U_i`` is the identity (to 1e-12), known from the maps'
+    gather forms without building ``D``: when every ``U_i^T`` is a gather onto distinct features
+    (permutations, selections), ``D`` is diagonal. False when that cannot be told this way."""
+    diag = torch.zeros(sm.width, dtype=torch.float64)
+    for i, w in enumerate(weights):
+        g = sm.gather(i, merge=False)
+        if g is None or len(torch.unique(g[0])) != len(g[0]):
+            return False
+        diag += w * g[1].double().cpu() ** 2
+    return bool(((diag - 1.0).abs() <= 1e-12).all())

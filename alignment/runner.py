@@ -21,9 +21,26 @@ from torch import nn
 from .errors import CalibrationError
 
 __all__ = ["DEFAULT_BATCH_SIZE", "batch_input", "batches", "first_batch", "check_data", "model_device",
-           "modes", "runnable", "stream"]
+           "modes", "runnable", "stream", "all_finite", "has_nan"]
 
 DEFAULT_BATCH_SIZE = 256
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every entry of ``t`` is finite, from one sum when it can tell (NaN and infinities
+    propagate into a sum, so a finite sum means finite entries: no boolean copy of a large tensor);
+    entry by entry only when the sum is not finite (it may have overflowed)."""
+    if not t.is_floating_point() or bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
+def has_nan(t: torch.Tensor) -> bool:
+    """Whether some entry of ``t`` is NaN, from one sum when it can tell (a NaN entry makes the sum
+    NaN); entry by entry only when the sum is NaN (opposite infinities also give one)."""
+    if not t.is_floating_point() or not bool(torch.isnan(t.sum())):
+        return False
+    return bool(torch.isnan(t).any())
 
 
 INPUT_KEYS = ("pixel_values", "image", "images", "img", "pixels", "input", "inputs", "x")
@@ -81,7 +98,7 @@ def batches(data: Any, batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator[torch.T
         data = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
     for b, batch in enumerate(data):
         x = batch_input(batch)
-        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        if not all_finite(x):
             raise CalibrationError(f"calibration batch {b} holds non-finite values (NaN or inf); clean the data first")
         yield x
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from alignment.errors import CalibrationError, FusionError, InvalidOptionError
-from alignment.runner import batch_input, check_data, first_batch, modes
+from alignment.runner import all_finite, batch_input, check_data, first_batch, has_nan, modes
 
 __all__ = ["ModelError", "NonFiniteError", "model_list", "check_models", "check_alpha", "check_calibration", "check_device",
            "check_seed", "check_finite_plans", "check_finite_model"]
@@ -179,7 +179,7 @@ def check_calibration(data: Any, models: Sequence[nn.Module], heads: str | None 
         raise CalibrationError(f"calibration inputs are {str(x.dtype).replace('torch.', '')} but the models are "
                                f"{str(want).replace('torch.', '')}; cast the data (x.to({want}))")
     whole = data if isinstance(data, torch.Tensor) else x
-    if not bool(torch.isfinite(whole).all()):
+    if not all_finite(whole):
         where = "the calibration tensor" if isinstance(data, torch.Tensor) else "the first calibration batch"
         raise CalibrationError(f"{where} holds non-finite values (NaN or inf); clean the data first")
     sample = x[:2]
@@ -229,14 +229,14 @@ def _tensors(model: nn.Module):
 def _broken(t: torch.Tensor, buffer: bool) -> bool:
     """NaN anywhere, or an infinity in a parameter. Buffers may hold infinities on purpose (clipping
     bounds left open: Gemma's ``input_min = -inf``)."""
-    return bool(torch.isnan(t).any()) if buffer else not bool(torch.isfinite(t).all())
+    return has_nan(t) if buffer else not all_finite(t)
 
 
 def check_finite_plans(plans: Sequence[dict[str, torch.Tensor]]) -> None:
     """Raise :class:`NonFiniteError` naming the first space whose plan holds NaN or inf."""
     for i, p in enumerate(plans):
         for name, T in p.items():
-            if not bool(torch.isfinite(T).all()):
+            if not all_finite(T):
                 raise NonFiniteError(f"the plan of space {name!r} for model {i} holds non-finite values (from NaN "
                                      f"statistics?); check the calibration data and the models' activations there")
 

@@ -301,3 +301,22 @@ def test_a_loader_of_single_samples_is_fine_but_one_sample_in_all_is_not(no_pass
     assert check_calibration(many, [a, b]).shape[0] == 1
     with pytest.raises(CalibrationError, match="1 sample"):
         check_calibration(DataLoader(TensorDataset(_cal(x, 1)), batch_size=1), [a, b])
+
+
+def test_finite_checks_see_every_bad_entry_and_no_overflowing_sum():
+    """Property: the one-sum checks agree with entry-wise ones: a NaN or an infinity anywhere is
+    found, finite entries whose sum overflows are still finite, opposite infinities are no NaN, and
+    integer tensors are finite."""
+    from alignment.runner import all_finite, has_nan
+
+    big = torch.full((4,), 1e308, dtype=torch.float64)
+    assert all_finite(big) and not bool(torch.isfinite(big.sum()))
+    assert all_finite(torch.ones(3, dtype=torch.float16) * 60000)  # float16 sum overflows too
+    for bad in (math.nan, math.inf, -math.inf):
+        t = torch.zeros(5, 5)
+        t[3, 1] = bad
+        assert not all_finite(t)
+        assert has_nan(t) == math.isnan(bad)
+    assert not has_nan(torch.tensor([math.inf, -math.inf]))
+    assert has_nan(torch.tensor([math.inf, math.nan]))
+    assert all_finite(torch.arange(5)) and not has_nan(torch.arange(5))

@@ -340,3 +340,107 @@ def test_maps_that_are_gathers_are_applied_as_the_block_diagonal_matrix_would_be
         A = axis_matrix(pieces, maps, 0, "out", primary, 0.25, "w", 1)
         torch.testing.assert_close(_apply_axis(g, t_ax, 1), t_ax @ A.t(), rtol=0, atol=0)
     assert _axis_gather([(0, 4, "p"), (4, 7, "a")], maps, 0, "out", True, 0.25) is None
+
+
+def _dense_maps(plans, alpha):
+    """The maps' formulas written out entry by entry (see alignment.maps), as the reference."""
+    n = plans[0].shape[0]
+    w = [sum(a for T, a in zip(plans, alpha) if float(T[k].sum()) > 0) for k in range(n)]
+    merge, unmerge = [], []
+    for T, a in zip(plans, alpha):
+        T = T.double()
+        M = torch.zeros_like(T)
+        U = torch.zeros(T.shape[1], n, dtype=torch.float64)
+        for k in range(n):
+            for j in range(T.shape[1]):
+                if T[k, j] != 0:
+                    M[k, j] = T[k, j] * (a / float(T[k].sum()) / w[k])
+                    U[j, k] = T[k, j] * (1.0 / float(T[:, j].sum()))
+        merge.append(M)
+        unmerge.append(U)
+    return merge, unmerge
+
+
+def test_maps_of_one_entry_per_row_plans_are_kept_as_gathers_and_equal_the_formulas():
+    """Property: plans with one entry per row (a permutation, a selection from a wider model,
+    repeats that send one unit to two fused features, transport masses 1/n) give maps equal to the
+    formulas bit for bit, read densely or as gathers; applying them builds no dense matrix; a plan
+    with a row of two entries makes every model's maps dense, with the same values."""
+    from alignment.maps import SpaceMap, fuse_tensors
+
+    perm = permutation_plan(torch.tensor([2, 0, 3, 1])) / 4
+    select = permutation_plan(torch.tensor([4, 1, 0, 2]), 6)
+    repeat = permutation_plan(torch.tensor([0, 1, 1, 2]), 3) * 0.5
+    split = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]], dtype=torch.float64)
+    for plans, alpha in [([perm, select, repeat], [0.2, 0.3, 0.5]), ([repeat, split], [0.5, 0.5])]:
+        sm = plan_maps(plans, alpha)
+        merge, unmerge = _dense_maps(plans, alpha)
+        for i, T in enumerate(plans):
+            assert torch.equal(sm.merge[i], merge[i]) and torch.equal(sm.unmerge[i], unmerge[i])
+            g = sm.gather(i, merge=True)
+            if T is split:
+                assert g is None and sm.gather(i, merge=False) is None
+                continue
+            idx, vals = g
+            assert torch.equal(idx, T.argmax(1)) and torch.equal(vals, merge[i][torch.arange(4), idx])
+            idx, vals = sm.gather(i, merge=False)
+            assert torch.equal(vals, unmerge[i].t()[torch.arange(4), idx])
+    # applied as gathers, never densely
+    model, x = build("mlp")
+    g = discover(model, x)
+    maps = {s.name: permutation_map([torch.randperm(s.width)], [1.0]) for s in g.spaces if s.members}
+    fuse_tensors([model_tensors(model)], [g], maps, [1.0])
+    assert all(m is None for sm in maps.values() for m in sm._merge + sm._unmerge)
+    with pytest.raises(ValueError, match="zero entry"):
+        SpaceMap.from_gathers([2], [(torch.tensor([0, 1]), torch.tensor([1.0, 0.0]))],
+                              [(torch.tensor([0, 1]), torch.tensor([1.0, 1.0]))])
+    with pytest.raises(ValueError, match="does not fit"):
+        SpaceMap.from_gathers([2], [(torch.tensor([0, 2]), torch.ones(2))], [(torch.tensor([0, 1]), torch.ones(2))])
+
+
+def test_query_key_correction_is_known_to_be_the_identity_only_for_one_to_one_maps():
+    """Property: D = sum_i w_i U_i^T U_i is declared the identity from the gathers only when it is:
+    permutations whose weights sum to one, not repeats (two fused features share a unit) nor weights
+    summing to less than one."""
+    from alignment.maps import _identity_correction
+
+    p, q = torch.tensor([2, 0, 3, 1]), torch.tensor([1, 2, 0, 3])
+    assert _identity_correction(permutation_map([p, q], [0.5, 0.5]), [0.5, 0.5])
+    assert not _identity_correction(permutation_map([p, q], [0.5, 0.5]), [0.5, 0.3])
+    rep = plan_maps([permutation_plan(torch.tensor([0, 1, 1, 2]), 3)], [1.0])
+    assert not _identity_correction(rep, [1.0])
+    U = rep.unmerge[0]
+    assert not torch.allclose(U.t() @ U, torch.eye(4, dtype=torch.float64))
+
+
+def test_ties_are_found_from_the_near_pairs():
+    """Property: the units handed to the weights are exactly those tied: a unit within TIE of 1 with
+    two units of one other model, or with a unit of its own model, and the units it is near; a
+    unique near match (one per other model) and dead units are left alone."""
+    from alignment.grams import TIE, _break_ties
+
+    class View:
+        def __init__(self, G):
+            self.G = G
+
+    G = torch.full((7, 7), 0.2, dtype=torch.float64)
+    G.fill_diagonal_(1.0)
+
+    def near(i, j):
+        G[i, j] = G[j, i] = 1.0 - TIE / 10
+
+    near(0, 4)   # model A (units 0-3) unit 0 near two units of B (4-6): tied
+    near(0, 5)
+    near(1, 6)   # unique
+    near(2, 3)   # a duplicate inside A: tied
+    dead = torch.zeros(7, dtype=torch.bool)
+    seen = []
+    _break_ties(G, [0, 4, 7], dead, lambda u: (seen.append(u), View(torch.eye(len(u), dtype=torch.float64)))[1])
+    assert seen[0].tolist() == [0, 2, 3, 4, 5]
+    assert float(G[1, 6]) == 1.0 - TIE / 10  # untouched
+    assert float(G[0, 4]) < 1.0 - TIE / 10   # reordered by the weights (orthogonal: cos 0)
+    seen.clear()
+    H = torch.eye(7, dtype=torch.float64)
+    H[1, 6] = H[6, 1] = 1.0
+    _break_ties(H, [0, 4, 7], dead, lambda u: (seen.append(u), View(torch.eye(len(u))))[1])
+    assert not seen
