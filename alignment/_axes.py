@@ -258,10 +258,6 @@ class AxisAlgebra:
         """A new axis with a new class."""
         return Dim(size, self.C.new(size, fixed))
 
-    def fixed_dims(self, shape, reason: str) -> list[Dim]:
-        """New fixed axes for every dimension of ``shape``."""
-        return [self.fresh(int(s), reason) for s in shape]
-
     # -- basic operations -------------------------------------------------------------------
     def collapse(self, d: Dim) -> Dim:
         """Force one class for the whole axis (all per-index classes unified)."""

@@ -692,7 +692,7 @@ def _select(tr, node, a):
                 tr.C.fix(dim.cls, "a position of it is picked (class token)")
             else:
                 tr.C.range_class(dim.cls, idx, idx + 1)
-                tr.require_fixed(dim, node, "picks one position of this axis", defer=True)
+                tr.require_fixed(dim, node, "picks one position of this axis")
     keep = [k for k in range(len(x)) if k != d]
     return tr.A.project(x, keep, select={d: idx})
 

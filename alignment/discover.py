@@ -295,7 +295,7 @@ class _Tracer:
         if owner is not None:
             self.contracted.add(owner)
 
-    def require_fixed(self, d: Dim, node: torch.fx.Node, why: str, defer: bool = True) -> None:
+    def require_fixed(self, d: Dim, node: torch.fx.Node, why: str) -> None:
         """Record that axis ``d`` must turn out fixed, or the op cannot be followed."""
         if d.size > 1:
             self.checks.append((d.classes(), node, why))
