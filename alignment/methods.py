@@ -263,8 +263,12 @@ def _solve(ctx: MatchContext, leaf_solver, gram_of=None, scores=None, sweeps: in
         for name in [n for n in walk.order() if n in tied]:
             walk.reset(name)
             walk.solve(name)
-    return MatchResult(plans=[{k: v[i] for k, v in walk.plans.items()} for i in range(len(ctx.models))],
-                       costs=dict(walk.costs))
+    result = MatchResult(plans=[{k: v[i] for k, v in walk.plans.items()} for i in range(len(ctx.models))],
+                         costs=dict(walk.costs))
+    # the walk's Gram function reads plans through ``holder``, which holds the walk: a cycle that
+    # only the cyclic collector would free, keeping every space's Gram (wide models: gigabytes) alive
+    holder.clear()
+    return result
 
 
 def _has_batchnorm(graph: Graph, name: str) -> bool:

@@ -384,8 +384,11 @@ def align(
         report.partial = {"measure": measure, "split": dict(pp.split), "parameters": list(pp.parameters),
                           "fully_matched": list(pp.fully_matched)}
         report.seconds["match"] += time.perf_counter() - t
+    stats = cached.get("stats")
+    cached.clear()  # (``cached`` holds the method's pairs function, which holds ctx, which holds ``statistics``:
+    # a cycle that would keep the statistics alive after the alignment is dropped)
     return Alignment(models=models, graphs=graphs, result=result, target=target, target_graph=target_graph,
-                     statistics=cached.get("stats"), report=report, calibration=calibration, device=device, example=ex,
+                     statistics=stats, report=report, calibration=calibration, device=device, example=ex,
                      cuts=cuts)
 
 
