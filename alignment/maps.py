@@ -53,11 +53,13 @@ class SpaceMap:
                     f"model {i}: merge map {tuple(m.shape)} and unmerge map {tuple(u.shape)} do not fit "
                     f"(expected (n, n_i) and (n_i, n))"
                 )
-        self._merge: list[torch.Tensor | None] = list(merge)
-        self._unmerge: list[torch.Tensor | None] = list(unmerge)
-        self._sizes = [int(m.shape[1]) for m in merge]
-        self._width = int(merge[0].shape[0]) if merge else 0
-        self._gathers: dict = {}
+        self._setup(list(merge), list(unmerge), [int(m.shape[1]) for m in merge],
+                    int(merge[0].shape[0]) if merge else 0, {})
+
+    def _setup(self, merge: list, unmerge: list, sizes: list[int], width: int, gathers: dict) -> None:
+        self._merge: list[torch.Tensor | None] = merge
+        self._unmerge: list[torch.Tensor | None] = unmerge
+        self._sizes, self._width, self._gathers = sizes, width, gathers
 
     @classmethod
     def from_gathers(cls, sizes: Sequence[int], merge: Sequence[tuple[torch.Tensor, torch.Tensor]],
@@ -74,14 +76,8 @@ class SpaceMap:
                 if bool((vals == 0).any()):
                     raise ValueError(f"model {i}: a gather has a zero entry (its row would be empty)")
         self = cls.__new__(cls)
-        self._merge = [None] * len(sizes)
-        self._unmerge = [None] * len(sizes)
-        self._sizes = [int(w) for w in sizes]
-        self._width = n
-        self._gathers = {}
-        for i, (gm, gu) in enumerate(zip(merge, unmerge)):
-            self._gathers[(i, True)] = gm
-            self._gathers[(i, False)] = gu
+        gathers = {(i, m): g for i, pair in enumerate(zip(merge, unmerge)) for m, g in zip((True, False), pair)}
+        self._setup([None] * len(sizes), [None] * len(sizes), [int(w) for w in sizes], n, gathers)
         return self
 
     def _dense(self, i: int, merge: bool) -> torch.Tensor:
@@ -109,7 +105,8 @@ class SpaceMap:
             if m is None:
                 A = self._dense(i, merge)
                 dense[i] = A if merge else A.t()
-            self._gathers.pop((i, merge), None)
+            if self._gathers.get((i, merge)) is not None:
+                del self._gathers[(i, merge)]  # found again from the matrix (a map with none stays none)
 
     @property
     def sizes(self) -> list[int]:
@@ -187,6 +184,8 @@ def plan_maps(plans: Sequence[torch.Tensor], alpha: Sequence[float], allow_empty
 
 def _rows_gather(T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(idx, T[k, idx[k]])`` when every row of ``T`` has exactly one nonzero entry, else None."""
+    if int(torch.count_nonzero(T)) != T.shape[0]:
+        return None  # (a dense plan: no index list of all its entries)
     nz = T.nonzero()
     if len(nz) != T.shape[0] or not torch.equal(nz[:, 0], torch.arange(T.shape[0])):
         return None
