@@ -332,7 +332,8 @@ class Replay:
         k = self.tape.by_key.get((path, n))
         if k is None:
             raise ReplayError(f"module {path!r} was called {n + 1} times in a forward pass, but {n} times when "
-                              f"recorded: refinement needs a forward pass that calls the same modules on every batch")
+                              f"recorded: layer-by-layer passes (refinement, REPAIR) need a forward pass that "
+                              f"calls the same modules on every batch")
         self._stack.append(k)
         if (k, "in") in self.capture:
             self.captured[(k, "in")] = _first_tensor(args, kwargs)

@@ -137,6 +137,97 @@ def test_repair_gives_layernorm_outputs_the_interpolated_source_statistics():
         torch.testing.assert_close(mf, 0.5 * (ma[pa] + mb[pb]), rtol=0.05, atol=0.05)
 
 
+def _repaired(al, cal, monkeypatch=None, count: str | None = None):
+    """REPAIR of ``al``'s permute fusion (a fresh copy of the unrepaired model), and how many times
+    module ``count`` of the fused model ran during it."""
+    import copy
+
+    from fusion.repair import repair
+
+    base = al.build(repair="none")
+    fused = copy.deepcopy(base)
+    calls = [0]
+    if count is not None:
+        dict(fused.named_modules())[count].register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+    repair(fused, al.models, al.graphs, al.maps([0.5, 0.5]), [0.5, 0.5], cal)
+    return fused, calls[0]
+
+
+def test_repair_of_layernorms_by_replay_equals_one_whole_pass_per_layer(monkeypatch):
+    """The layer-by-layer correction of LayerNorms runs each pass only from the previous norm to the
+    next (a replay of cached activations): its weights are those of one whole forward pass per
+    layer, bit for bit, while the fused model's first layer runs once per batch instead of once per
+    batch and norm."""
+    import fusion.repair as rep
+
+    a, x = build("timm_vit", seed=0)
+    b, _ = build("timm_vit", seed=1)
+    cal = torch.randn(40, *x.shape[1:], generator=torch.Generator().manual_seed(0))
+    al = fusion.align([a, b], cal, method="permute")
+    norms = sum(isinstance(m, torch.nn.LayerNorm) for m in a.modules())
+    assert norms >= 4
+    batches = 3
+    loader = torch.utils.data.DataLoader(cal, batch_size=16)  # 16 + 16 + 8
+    fast, runs = _repaired(al, loader, count="patch_embed.proj")  # (a served call still runs its hooks)
+    monkeypatch.setattr(rep, "_correct_by_replay", lambda *args: False)
+    slow, runs_slow = _repaired(al, loader, count="patch_embed.proj")
+    base = al.build(repair="none")
+    changed = [k for k, v in base.state_dict().items() if not torch.equal(v, fast.state_dict()[k])]
+    assert changed and all("norm" in k for k in changed)
+    for k, v in slow.state_dict().items():
+        assert torch.equal(v, fast.state_dict()[k]), k
+    assert runs <= batches + 1  # the recording pass and one pass over the batches
+    assert runs_slow >= norms * batches
+
+
+class _SharedNorm(torch.nn.Module):
+    """One LayerNorm called twice per forward pass, registered after the layers it follows."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.head = torch.nn.Linear(8, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 4)
+        self.norm = torch.nn.LayerNorm(16)
+
+    def forward(self, x):
+        h = self.norm(self.fc1(x))
+        return self.head(self.norm(self.fc2(torch.relu(h))))
+
+
+def test_repair_of_a_norm_called_twice_measures_both_calls(monkeypatch):
+    """A norm module called twice per forward pass cannot be replayed (its first call would be
+    served uncorrected): it is measured over both calls by whole passes, as the reference does."""
+    import fusion.repair as rep
+
+    torch.manual_seed(0)
+    a, b = _SharedNorm(), _SharedNorm()
+    for m in (a, b):  # norms with their own affines, so that a wrong measure shows
+        torch.nn.init.normal_(m.norm.weight, 1.0, 0.3)
+        torch.nn.init.normal_(m.norm.bias, 0.0, 0.3)
+    cal = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    al = fusion.align([a, b], cal, method="permute")
+    declined = []
+    real = rep._correct_by_replay
+    monkeypatch.setattr(rep, "_correct_by_replay", lambda *args: declined.append(real(*args)) or declined[-1])
+    got, _ = _repaired(al, cal)
+    assert declined == [False]
+    base = al.build(repair="none")
+    assert not torch.equal(got.norm.weight, base.norm.weight)
+    # what the correction read: the statistics of both calls (a hook sees every call)
+    from fusion.repair import output_stats
+
+    mu_f, sd_f = output_stats(base, [("norm", -1)], cal)["norm"]
+    outs = []
+    h = base.norm.register_forward_hook(lambda m, i, o: outs.append(o.detach().double()))
+    with torch.no_grad():
+        base(cal)
+    h.remove()
+    assert len(outs) == 2
+    both = torch.cat(outs)
+    torch.testing.assert_close(mu_f, both.mean(0), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(sd_f, both.std(0, unbiased=False), rtol=1e-9, atol=1e-9)
+    assert not torch.allclose(mu_f, outs[0].mean(0), atol=1e-3)  # the first call alone differs
+
+
 def test_repair_on_batchnorm_sets_the_affine_before_the_reset():
     """REPAIR on a BatchNorm network normalises every BN against the upstream it sees after all
     corrections: on the calibration data, each BN output has mean = bias and std = |weight| (a
