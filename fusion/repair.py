@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
-from alignment.errors import UnknownNameError
+from alignment.errors import InvalidOptionError, UnknownNameError
 from alignment.graph import Graph
 from alignment.maps import SpaceMap, axis_matrix
 from alignment.registry import Registry
@@ -52,9 +53,10 @@ class UnknownRepairError(UnknownNameError, ValueError):
 REPAIRS = Registry("repair", UnknownRepairError)
 
 
-def register_repair(name: str) -> Callable:
-    """Register a repair ``fn(ctx: RepairContext, *, options...)`` (modifies ``ctx.fused`` in place)."""
-    return REPAIRS.register(name)
+def register_repair(name: str, check: Callable[[dict[str, Any]], None] | None = None) -> Callable:
+    """Register a repair ``fn(ctx: RepairContext, *, options...)`` (modifies ``ctx.fused`` in place);
+    ``check(options)`` checks option values before any work (see :meth:`alignment.registry.Registry.register`)."""
+    return REPAIRS.register(name, check)
 
 
 @dataclass
@@ -111,11 +113,19 @@ def _reset(ctx: RepairContext) -> None:
     reset_bn(ctx.fused, ctx.data, ctx.device, progress=ctx.progress, keep=ctx.frozen)
 
 
-@register_repair("repair")
-def _repair(ctx: RepairContext, *, eps: float = 1e-5) -> None:
+def _check_repair(options: dict[str, Any]) -> None:
+    if options["eps"] <= 0:
+        raise InvalidOptionError(f"repair 'repair': eps={options['eps']} must be > 0")
+    if options["replay_gib"] < 0:
+        raise InvalidOptionError(f"repair 'repair': replay_gib={options['replay_gib']} must be >= 0 "
+                                 f"(0: one whole pass per norm layer)")
+
+
+@register_repair("repair", check=_check_repair)
+def _repair(ctx: RepairContext, *, eps: float = 1e-5, replay_gib: float = 4.0) -> None:
     """REPAIR: norm outputs get the interpolated sources' per-channel mean and std."""
     repair(ctx.fused, ctx.sources, ctx.graphs, ctx.maps, ctx.alpha, ctx.data, ctx.device, eps=eps,
-           progress=ctx.progress)
+           progress=ctx.progress, replay_gib=replay_gib, notes=ctx.notes)
 
 
 def reset_bn(model: nn.Module, data: Any, device: str | torch.device | None = None,
@@ -201,6 +211,8 @@ def repair(
     max_batches: int | None = None,
     eps: float = 1e-5,
     progress: bool = False,
+    replay_gib: float = 4.0,
+    notes: list[str] | None = None,
 ) -> nn.Module:
     """REPAIR the fused model in place (see the module docstring); returns it.
 
@@ -215,6 +227,11 @@ def repair(
         max_batches: use at most this many batches per pass.
         eps: added to measured stds before dividing.
         progress: show progress bars.
+        replay_gib: the LayerNorm/GroupNorm passes are replayed (about one forward pass in all)
+            when the calibration inputs and the activations the replay caches (estimated as twice
+            the model's largest activation per sample) fit in this many GiB; beyond it, one whole
+            pass per norm layer, in constant memory (the same result; appended to ``notes``).
+        notes: a list that receives what was done other than asked (the fusion report's fallbacks).
     """
     dev = torch.device(device) if device is not None else model_device(fused)
     norms = [(p, m) for p, m in fused.named_modules() if isinstance(m, _BN + _LN) and getattr(m, "weight", None) is not None]
@@ -258,7 +275,8 @@ def repair(
             m.bias.copy_(((b - mu_f) * scale + mu_t).to(m.bias))
 
     with torch.no_grad():
-        if todo and not _correct_by_replay(fused, todo, data, dev, max_batches, progress, correct):
+        if todo and not _correct_by_replay(fused, todo, data, dev, max_batches, progress, correct, replay_gib,
+                                           notes if notes is not None else []):
             for path, dim in _forward_order(fused, todo, data, dev):  # one whole pass per layer
                 correct(path, output_stats(fused, [(path, dim)], data, dev, max_batches)[path])
     return fused
@@ -286,17 +304,19 @@ def _forward_order(model: nn.Module, layers: list[tuple[str, int]], data: Any, d
 
 
 def _correct_by_replay(fused: nn.Module, layers: list[tuple[str, int]], data: Any, dev: torch.device,
-                       max_batches: int | None, progress: bool, correct: Callable) -> bool:
+                       max_batches: int | None, progress: bool, correct: Callable, gib: float,
+                       notes: list[str]) -> bool:
     """Measure and ``correct(path, (mean, std))`` each norm layer in execution order, each pass
     running only the part of the model between the previous layer and this one (a
     :class:`fusion.replay.Replay`: finished calls are served from a cache of the calibration set's
     activations), instead of one whole forward pass per layer. The statistics are those of whole
     passes, bit for bit: each layer's output is its own forward applied to its captured input.
 
-    Returns False, having run nothing, where a replay does not apply: a norm module called more than
-    once per forward pass (its earlier calls would be served stale after its correction) or a forward
-    pass that calls different modules from one batch to the next; the caller then runs whole passes
-    (the same numbers, slower).
+    Returns False, having corrected nothing, where a replay does not apply: a norm module called
+    more than once per forward pass (its earlier calls would be served stale after its correction), a
+    forward pass that calls different modules from one batch to the next, or a calibration set whose
+    inputs and cached activations would take more than ``gib`` GiB (noted in ``notes``); the caller
+    then runs whole passes (the same numbers, slower).
     """
     mods = dict(fused.named_modules())
     with modes([fused]):
@@ -309,7 +329,18 @@ def _correct_by_replay(fused: nn.Module, layers: list[tuple[str, int]], data: An
             return False
         # a norm never called does not act on the output: nothing to measure or correct
         order = sorted((la for la in layers if counts[la[0]]), key=lambda la: tape.call(la[0]))
-        xs = list(itertools.islice(batches(data), max_batches))
+        # memory: the inputs, and the activations the replay keeps per sample (about two of the
+        # largest: the stream at the frontier and a branch beside it)
+        largest = max((math.prod(c.input_shape[1:]) for c in tape.calls if len(c.input_shape) > 1), default=0)
+        xs, used = [], 0.0
+        for x in itertools.islice(batches(data), max_batches):
+            xs.append(x)
+            used += x.numel() * x.element_size() + 2 * largest * len(x) * x.element_size()
+            if used > gib * 2 ** 30:
+                notes.append(f"repair 'repair': replaying the norm passes would keep over {gib:g} GiB of calibration "
+                             f"inputs and activations (replay_gib={gib:g}): one whole forward pass per norm layer "
+                             f"instead (the same result, slower; raise replay_gib to replay)")
+                return False
         replay = Replay(fused, tape, len(xs))
         steps: Any = order
         if progress:

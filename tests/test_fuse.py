@@ -228,6 +228,27 @@ def test_repair_of_a_norm_called_twice_measures_both_calls(monkeypatch):
     assert not torch.allclose(mu_f, outs[0].mean(0), atol=1e-3)  # the first call alone differs
 
 
+def test_repair_beyond_its_replay_budget_runs_whole_passes_and_says_so():
+    """With replay_gib too small for the calibration set, REPAIR measures each norm by a whole pass:
+    the same weights bit for bit, and the report says why it was slower; a negative budget is an
+    option error raised before any work."""
+    from alignment.errors import InvalidOptionError
+
+    a, x = build("timm_vit", seed=0)
+    b, _ = build("timm_vit", seed=1)
+    cal = torch.randn(40, *x.shape[1:], generator=torch.Generator().manual_seed(0))
+    al = fusion.align([a, b], cal, method="permute")
+    fast = al.build(repair="repair")
+    assert not any("replay_gib" in f for f in fast.fusion_report.fallbacks)
+    with pytest.warns(UserWarning, match="replay_gib"):
+        slow = al.build(repair="repair", repair_options={"replay_gib": 0.0})
+    assert any("one whole forward pass per norm layer" in f for f in slow.fusion_report.fallbacks)
+    for k, v in fast.state_dict().items():
+        assert torch.equal(v, slow.state_dict()[k]), k
+    with pytest.raises(InvalidOptionError, match="replay_gib"):
+        fusion.fuse([a, b], cal, method="permute", repair="repair", repair_options={"replay_gib": -1})
+
+
 def test_repair_on_batchnorm_sets_the_affine_before_the_reset():
     """REPAIR on a BatchNorm network normalises every BN against the upstream it sees after all
     corrections: on the calibration data, each BN output has mean = bias and std = |weight| (a
