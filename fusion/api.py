@@ -125,6 +125,9 @@ class Alignment:
         device: where passes over the data run.
         example: the example input discovery ran on (used to place a ``zip_until`` cut).
         cuts: cuts already placed (``zip_until`` value -> :class:`fusion.zipped.Cut`).
+        stage_cache: what the repair stage measured that depends only on the sources and the data
+            (REPAIR's source statistics), reused by every later :meth:`build` (an interpolation
+            curve measures the sources once).
     """
 
     models: Sequence[nn.Module]
@@ -138,6 +141,7 @@ class Alignment:
     device: str | torch.device | None = None
     example: Any = None
     cuts: dict = field(default_factory=dict)
+    stage_cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def plans(self) -> list[dict[str, torch.Tensor]]:
@@ -190,7 +194,7 @@ class Alignment:
             fused = fused.to(self.device)
         ctx = RepairContext(fused=fused, sources=self.models, graphs=self.graphs, maps=maps, alpha=weights,
                             data=self.calibration, device=self.device, progress=progress, heads=heads,
-                            until=cut.module if cut is not None else None)
+                            until=cut.module if cut is not None else None, cache=self.stage_cache)
         t = time.perf_counter()
         run_refinement(refine, ctx, **refine_options)
         report.seconds["refine"] = time.perf_counter() - t

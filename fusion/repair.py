@@ -79,6 +79,9 @@ class RepairContext:
         until: a module after which the fused model is cut (partial zipping): refinement fits only
             the layers that run before it.
         frozen: modules whose statistics are final (a BatchNorm reset leaves them as they are).
+        cache: results a stage may reuse across builds of one alignment (given by
+            :class:`fusion.api.Alignment`): what depends only on the sources and the data, not on
+            ``alpha`` or the fused model (REPAIR's source statistics).
     """
 
     fused: nn.Module
@@ -94,6 +97,7 @@ class RepairContext:
     details: dict[str, Any] = field(default_factory=dict)
     until: str | None = None
     frozen: list[nn.Module] = field(default_factory=list)
+    cache: dict = field(default_factory=dict)
 
 
 def run_repair(name: str, ctx: RepairContext, **options: Any) -> nn.Module:
@@ -125,7 +129,7 @@ def _check_repair(options: dict[str, Any]) -> None:
 def _repair(ctx: RepairContext, *, eps: float = 1e-5, replay_gib: float = 4.0) -> None:
     """REPAIR: norm outputs get the interpolated sources' per-channel mean and std."""
     repair(ctx.fused, ctx.sources, ctx.graphs, ctx.maps, ctx.alpha, ctx.data, ctx.device, eps=eps,
-           progress=ctx.progress, replay_gib=replay_gib, notes=ctx.notes)
+           progress=ctx.progress, replay_gib=replay_gib, notes=ctx.notes, cache=ctx.cache)
 
 
 def reset_bn(model: nn.Module, data: Any, device: str | torch.device | None = None,
@@ -213,6 +217,7 @@ def repair(
     progress: bool = False,
     replay_gib: float = 4.0,
     notes: list[str] | None = None,
+    cache: dict | None = None,
 ) -> nn.Module:
     """REPAIR the fused model in place (see the module docstring); returns it.
 
@@ -232,6 +237,8 @@ def repair(
             the model's largest activation per sample) fit in this many GiB; beyond it, one whole
             pass per norm layer, in constant memory (the same result; appended to ``notes``).
         notes: a list that receives what was done other than asked (the fusion report's fallbacks).
+        cache: a dict kept across calls with the same sources and data (e.g. along an interpolation
+            curve): the sources' norm statistics are measured once and read from it afterwards.
     """
     dev = torch.device(device) if device is not None else model_device(fused)
     norms = [(p, m) for p, m in fused.named_modules() if isinstance(m, _BN + _LN) and getattr(m, "weight", None) is not None]
@@ -239,10 +246,15 @@ def repair(
         return fused
     g0 = graphs[0]
     layers = [(p, _channel_dim(m, g0, p)) for p, m in norms if not isinstance(m, _BN)]
-    src_stats = []
-    for src in sources:
-        run = src if model_device(src) == dev else copy.deepcopy(src).to(dev)
-        src_stats.append(output_stats(run, layers, data, dev, max_batches, progress) if layers else {})
+    key = ("repair: source norm statistics", tuple(id(s) for s in sources), tuple(layers), max_batches, str(dev))
+    src_stats = cache.get(key) if cache is not None else None
+    if src_stats is None:
+        src_stats = []
+        for src in sources:
+            run = src if model_device(src) == dev else copy.deepcopy(src).to(dev)
+            src_stats.append(output_stats(run, layers, data, dev, max_batches, progress) if layers else {})
+        if cache is not None:
+            cache[key] = src_stats
     src_mods = [dict(src.named_modules()) for src in sources]
     targets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for path, m in norms:

@@ -249,6 +249,32 @@ def test_repair_beyond_its_replay_budget_runs_whole_passes_and_says_so():
         fusion.fuse([a, b], cal, method="permute", repair="repair", repair_options={"replay_gib": -1})
 
 
+def test_repair_measures_the_sources_once_per_alignment(monkeypatch):
+    """The sources' norm statistics do not depend on alpha: building several fused models from one
+    alignment (an interpolation curve) runs the sources over the data once, and each build's
+    weights are those of a fresh alignment's build, bit for bit."""
+    import fusion.repair as rep
+
+    a, x = build("timm_vit", seed=0)
+    b, _ = build("timm_vit", seed=1)
+    cal = torch.randn(40, *x.shape[1:], generator=torch.Generator().manual_seed(0))
+    al = fusion.align([a, b], cal, method="permute")
+    measured = []
+    real = rep.output_stats
+    monkeypatch.setattr(rep, "output_stats", lambda model, *args, **kw: measured.append(model) or real(model, *args, **kw))
+    first = al.build([0.5, 0.5], repair="repair")
+    assert [m for m in measured if m is a or m is b] == [a, b]
+    second = al.build([0.3, 0.7], repair="repair")
+    assert [m for m in measured if m is a or m is b] == [a, b]
+    monkeypatch.undo()
+    fresh = fusion.align([a, b], cal, method="permute")
+    for got, w in ((first, [0.5, 0.5]), (second, [0.3, 0.7])):
+        want = fresh.build(w, repair="repair")
+        for k, v in want.state_dict().items():
+            assert torch.equal(v, got.state_dict()[k]), k
+        fresh = fusion.align([a, b], cal, method="permute")
+
+
 def test_repair_on_batchnorm_sets_the_affine_before_the_reset():
     """REPAIR on a BatchNorm network normalises every BN against the upstream it sees after all
     corrections: on the calibration data, each BN output has mean = bias and std = |weight| (a
