@@ -275,6 +275,42 @@ def test_repair_measures_the_sources_once_per_alignment(monkeypatch):
         fresh = fusion.align([a, b], cal, method="permute")
 
 
+class _ReversedNorms(torch.nn.Module):
+    """Two LayerNorms registered in the opposite order of the forward pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm2 = torch.nn.LayerNorm(16)
+        self.fc1, self.fc2, self.head = torch.nn.Linear(8, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 4)
+        self.norm1 = torch.nn.LayerNorm(16)
+
+    def forward(self, x):
+        h = self.norm1(self.fc1(x))
+        return self.head(self.norm2(self.fc2(torch.relu(h))))
+
+
+@pytest.mark.parametrize("replay_gib", [4.0, 0.0])
+def test_repair_corrects_norms_in_forward_order_whatever_their_registration(replay_gib):
+    """Each norm is measured after the corrections of the norms before it *in the forward pass*
+    (replayed or by whole passes): REPAIR run again on its own result changes nothing. Corrected in
+    registration order, norm2 would be measured before norm1 moved its inputs."""
+    import copy
+
+    from fusion.repair import repair
+
+    torch.manual_seed(0)
+    a, b = _ReversedNorms(), _ReversedNorms()
+    cal = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    al = fusion.align([a, b], cal, method="permute")
+    once = al.build(repair="repair", repair_options={"replay_gib": replay_gib})
+    base = al.build(repair="none")
+    assert not torch.allclose(once.norm2.weight, base.norm2.weight)
+    twice = repair(copy.deepcopy(once), al.models, al.graphs, al.maps([0.5, 0.5]), [0.5, 0.5], cal,
+                   replay_gib=replay_gib)
+    for k, v in once.state_dict().items():
+        torch.testing.assert_close(twice.state_dict()[k], v, rtol=1e-4, atol=1e-5)
+
+
 def test_repair_on_batchnorm_sets_the_affine_before_the_reset():
     """REPAIR on a BatchNorm network normalises every BN against the upstream it sees after all
     corrections: on the calibration data, each BN output has mean = bias and std = |weight| (a
