@@ -22,7 +22,6 @@ norm passes read the same batches (:func:`alignment.runner.batches`).
 
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from alignment.errors import InvalidOptionError, UnknownNameError
 from alignment.graph import Graph
 from alignment.maps import SpaceMap, axis_matrix
 from alignment.registry import Registry
-from alignment.runner import batches, first_batch, model_device, modes, stream
+from alignment.runner import batches, first_batch, model_device, modes, runnable, stream
 
 from .replay import Replay, ReplayError, record
 
@@ -167,23 +166,29 @@ def _channel_dim(module: nn.Module, graph: Graph, path: str) -> int:
     return 1
 
 
-def output_stats(model: nn.Module, layers: list[tuple[str, int]], data: Any, device=None, max_batches=None,
-                 progress: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per-channel mean and std (float64, CPU) at the outputs of ``(module path, channel dim)`` layers."""
-    mods = dict(model.named_modules())
-    sums: dict[str, list] = {}
-    hooks = []
-    for path, dim in layers:
-        def hook(mod, args, out, path=path, dim=dim):
-            _accumulate(sums.setdefault(path, [0, 0.0, 0.0]), out, dim)
+def output_stats(model: nn.Module | Sequence[nn.Module], layers: list[tuple[str, int]], data: Any, device=None,
+                 max_batches=None, progress: bool = False):
+    """Per-channel mean and std (float64, CPU) at the outputs of ``(module path, channel dim)`` layers.
 
-        hooks.append(mods[path].register_forward_hook(hook))
+    ``model``: one model (returns ``{path: (mean, std)}``) or a list of distinct models run in one
+    pass over the data (returns one such dict per model)."""
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    sums: list[dict[str, list]] = [{} for _ in models]
+    hooks = []
+    for m, acc in zip(models, sums):
+        mods = dict(m.named_modules())
+        for path, dim in layers:
+            def hook(mod, args, out, path=path, dim=dim, acc=acc):
+                _accumulate(acc.setdefault(path, [0, 0.0, 0.0]), out, dim)
+
+            hooks.append(mods[path].register_forward_hook(hook))
     try:
-        stream([model], data, device=device, max_batches=max_batches, progress=progress, desc="norm statistics")
+        stream(models, data, device=device, max_batches=max_batches, progress=progress, desc="norm statistics")
     finally:
         for h in hooks:
             h.remove()
-    return {path: _moments(acc) for path, acc in sums.items()}
+    out = [{path: _moments(a) for path, a in acc.items()} for acc in sums]
+    return out if isinstance(model, (list, tuple)) else out[0]
 
 
 def _accumulate(acc: list, out: torch.Tensor, dim: int) -> None:
@@ -249,10 +254,9 @@ def repair(
     key = ("repair: source norm statistics", tuple(id(s) for s in sources), tuple(layers), max_batches, str(dev))
     src_stats = cache.get(key) if cache is not None else None
     if src_stats is None:
-        src_stats = []
-        for src in sources:
-            run = src if model_device(src) == dev else copy.deepcopy(src).to(dev)
-            src_stats.append(output_stats(run, layers, data, dev, max_batches, progress) if layers else {})
+        # every source in one pass over the data (copies where a model is twice among them, or elsewhere)
+        runs = runnable(sources, dev, avoid=[fused])
+        src_stats = output_stats(runs, layers, data, dev, max_batches, progress) if layers else [{} for _ in sources]
         if cache is not None:
             cache[key] = src_stats
     src_mods = [dict(src.named_modules()) for src in sources]

@@ -261,7 +261,11 @@ def test_repair_measures_the_sources_once_per_alignment(monkeypatch):
     al = fusion.align([a, b], cal, method="permute")
     measured = []
     real = rep.output_stats
-    monkeypatch.setattr(rep, "output_stats", lambda model, *args, **kw: measured.append(model) or real(model, *args, **kw))
+    def spy(model, *args, **kw):
+        measured.extend(model if isinstance(model, (list, tuple)) else [model])
+        return real(model, *args, **kw)
+
+    monkeypatch.setattr(rep, "output_stats", spy)
     first = al.build([0.5, 0.5], repair="repair")
     assert [m for m in measured if m is a or m is b] == [a, b]
     second = al.build([0.3, 0.7], repair="repair")
@@ -309,6 +313,25 @@ def test_repair_corrects_norms_in_forward_order_whatever_their_registration(repl
                    replay_gib=replay_gib)
     for k, v in once.state_dict().items():
         torch.testing.assert_close(twice.state_dict()[k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_output_stats_of_several_models_in_one_pass_equal_each_alone():
+    """output_stats over a list of models (one pass over the data) gives each model's statistics
+    exactly as a pass of that model alone, and they are the moments of the layer's outputs."""
+    from fusion.repair import output_stats
+
+    a, x = build("timm_vit", seed=0)
+    b, _ = build("timm_vit", seed=1)
+    cal = torch.randn(40, *x.shape[1:], generator=torch.Generator().manual_seed(0))
+    layers = [("blocks.0.norm1", -1), ("norm", -1)]
+    both = output_stats([a, b], layers, cal)
+    for m, got in zip((a, b), both):
+        alone = output_stats(m, layers, cal)
+        for path, _ in layers:
+            assert torch.equal(got[path][0], alone[path][0]) and torch.equal(got[path][1], alone[path][1])
+    mean, std = _output_stats(b, "norm", cal)
+    torch.testing.assert_close(both[1]["norm"][0], mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(both[1]["norm"][1], std, rtol=1e-6, atol=1e-6)
 
 
 def test_repair_on_batchnorm_sets_the_affine_before_the_reset():
