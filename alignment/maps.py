@@ -384,14 +384,14 @@ def correct_query_key(maps: dict[str, SpaceMap], graphs: Sequence[Graph], alpha:
         sm = maps[name]
         nh = graphs[0][name].tree.count
         d = sm.width / nh
-        if _identity_correction(sm, [float(a) * math.sqrt(d / (graphs[i][name].width / nh))
-                                     for i, a in enumerate(alpha)]):
+        # each model's weight in D: alpha_i sqrt(d / d_i)
+        weights = [float(a) * math.sqrt(d / (graphs[i][name].width / nh)) for i, a in enumerate(alpha)]
+        if _identity_correction(sm, weights):
             continue
         D = torch.zeros(sm.width, sm.width, dtype=torch.float64)
-        for i, (U, a) in enumerate(zip(sm.unmerge, alpha)):
-            di = graphs[i][name].width / nh
+        for U, w in zip(sm.unmerge, weights):
             U = U.double().cpu()
-            D += float(a) * math.sqrt(d / di) * (U.t() @ U)
+            D += w * (U.t() @ U)
         if torch.allclose(D, torch.eye(sm.width, dtype=torch.float64), atol=1e-12):
             continue
         evals, evecs = torch.linalg.eigh((D + D.t()) / 2)
