@@ -36,7 +36,7 @@ from alignment.maps import SpaceMap, axis_matrix
 from alignment.registry import Registry
 from alignment.runner import batches, first_batch, model_device, modes, runnable, stream
 
-from .replay import Replay, ReplayError, record
+from .replay import Replay, ReplayError, Tape, record
 
 __all__ = ["REPAIRS", "RepairContext", "UnknownRepairError", "register_repair", "run_repair", "reset_bn",
            "repair"]
@@ -290,43 +290,29 @@ def repair(
         if m.bias is not None:
             m.bias.copy_(((b - mu_f) * scale + mu_t).to(m.bias))
 
+    if not todo:
+        return fused
     with torch.no_grad():
-        if todo and not _correct_by_replay(fused, todo, data, dev, max_batches, progress, correct, replay_gib,
-                                           notes if notes is not None else []):
-            for path, dim in _forward_order(fused, todo, data, dev):  # one whole pass per layer
+        # the module calls of one forward pass (two samples): the norms in the order they run first
+        # (a norm never called acts on nothing: nothing to measure or correct)
+        tape = record(fused, first_batch(data)[:2].to(dev))
+        order = sorted((la for la in todo if tape.count(la[0])), key=lambda la: tape.call(la[0]))
+        if order and not _correct_by_replay(fused, tape, order, data, dev, max_batches, progress, correct,
+                                            replay_gib, notes if notes is not None else []):
+            for path, dim in order:  # one whole pass per layer
                 correct(path, output_stats(fused, [(path, dim)], data, dev, max_batches)[path])
     return fused
 
 
-def _forward_order(model: nn.Module, layers: list[tuple[str, int]], data: Any, dev: torch.device
-                   ) -> list[tuple[str, int]]:
-    """``layers`` in the order a forward pass first calls them (on two samples of the first batch);
-    layers it never calls are left out."""
-    mods = dict(model.named_modules())
-    first: dict[str, int] = {}
-
-    def seen(path: str) -> Callable:
-        def hook(mod, args, out) -> None:  # (a hook returning a value would replace the output)
-            first.setdefault(path, len(first))
-        return hook
-
-    hooks = [mods[p].register_forward_hook(seen(p)) for p, _ in layers]
-    try:
-        stream([model], first_batch(data)[:2], device=dev)
-    finally:
-        for h in hooks:
-            h.remove()
-    return sorted((la for la in layers if la[0] in first), key=lambda la: first[la[0]])
-
-
-def _correct_by_replay(fused: nn.Module, layers: list[tuple[str, int]], data: Any, dev: torch.device,
+def _correct_by_replay(fused: nn.Module, tape: Tape, order: list[tuple[str, int]], data: Any, dev: torch.device,
                        max_batches: int | None, progress: bool, correct: Callable, gib: float,
                        notes: list[str]) -> bool:
-    """Measure and ``correct(path, (mean, std))`` each norm layer in execution order, each pass
-    running only the part of the model between the previous layer and this one (a
-    :class:`fusion.replay.Replay`: finished calls are served from a cache of the calibration set's
-    activations), instead of one whole forward pass per layer. The statistics are those of whole
-    passes, bit for bit: each layer's output is its own forward applied to its captured input.
+    """Measure and ``correct(path, (mean, std))`` each norm layer of ``order`` (forward order, as
+    ``tape`` recorded it), each pass running only the part of the model between the previous layer
+    and this one (a :class:`fusion.replay.Replay`: finished calls are served from a cache of the
+    calibration set's activations), instead of one whole forward pass per layer. The statistics are
+    those of whole passes, bit for bit: each layer's output is its own forward applied to its
+    captured input.
 
     Returns False, having corrected nothing, where a replay does not apply: a norm module called
     more than once per forward pass (its earlier calls would be served stale after its correction), a
@@ -335,16 +321,9 @@ def _correct_by_replay(fused: nn.Module, layers: list[tuple[str, int]], data: An
     then runs whole passes (the same numbers, slower).
     """
     mods = dict(fused.named_modules())
+    if any(tape.count(p) > 1 for p, _ in order):
+        return False
     with modes([fused]):
-        try:
-            tape = record(fused, first_batch(data)[:2].to(dev))
-        except ReplayError:
-            return False
-        counts = {p: tape.count(p) for p, _ in layers}
-        if any(c > 1 for c in counts.values()):
-            return False
-        # a norm never called does not act on the output: nothing to measure or correct
-        order = sorted((la for la in layers if counts[la[0]]), key=lambda la: tape.call(la[0]))
         # memory: the inputs, and the activations the replay keeps per sample (about two of the
         # largest: the stream at the frontier and a branch beside it)
         largest = max((math.prod(c.input_shape[1:]) for c in tape.calls if len(c.input_shape) > 1), default=0)
