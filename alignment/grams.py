@@ -20,7 +20,7 @@ from .errors import SpaceMismatchError
 from .graph import Graph, ranked_members
 from .leaves import gram_cost
 from .maps import axis_roles, map_tensor, plan_maps
-from .structure import GramView
+from .structure import BlockGram, GramView
 
 __all__ = ["activation_gram", "weight_gram", "unit_weight_rows", "initial_plan", "magnitude_scores"]
 
@@ -43,15 +43,17 @@ def activation_gram(stats, kind: str | Callable[[str], str] = "correlation",
     """
     def gram(name: str) -> GramView:
         k = kind(name) if callable(kind) else kind
+        # statistics collected only against an anchor model: the known blocks, no joint matrix
+        blocks = not stats.complete(name)
         if k == "correlation":
-            G = stats.correlation(name).double()
+            G = stats.correlation_blocks(name) if blocks else stats.correlation(name).double()
             # units that are constant on the calibration data (dead ReLUs) correlate with nothing;
             # an extra shared dimension makes them alike (two dead units pair with each other, not
             # with a live unit) and gives every unit unit norm
-            e = (1.0 - G.diagonal()).clamp(0, 1).sqrt()
+            e = (1.0 - (G.diag if blocks else G.diagonal())).clamp(0, 1).sqrt()
             short = e.nonzero().flatten()  # (a fresh matrix: added in place, on the units concerned)
             if len(short):
-                G[short[:, None], short[None, :]] += torch.outer(e[short], e[short])
+                _index_update(G, short, torch.outer(e[short], e[short]), add=True)
             dead = (e >= 1.0).nonzero().flatten()
             if dead_gram is not None and len(dead) > 1:
                 # ... and among themselves they are told apart by ``dead_gram``'s cosine, in [0, 1]
@@ -60,28 +62,60 @@ def activation_gram(stats, kind: str | Callable[[str], str] = "correlation",
                 idx = torch.arange(len(dead))
                 cos = 1.0 - gram_cost(idx, dead_gram(name, dead).G.double(), idx, "correlation")
                 cos.diagonal().fill_(1.0)
-                G[dead[:, None], dead[None, :]] = 0.5 * (1.0 + cos.clamp(-1, 1))
+                _index_update(G, dead, 0.5 * (1.0 + cos.clamp(-1, 1)))
             if dead_gram is not None:
                 _break_ties(G, stats.offsets(name), e >= 1.0, lambda units: dead_gram(name, units))
         else:
             mu = stats.mean(name)
-            G = stats.covariance(name) + torch.outer(mu, mu)
-        return GramView(G.double().cpu(), stats.offsets(name), k)
+            if blocks:
+                G = stats.covariance_blocks(name)
+                o = G.offsets
+                for (i, j), B in G.blocks.items():
+                    B.add_(torch.outer(mu[o[i]:o[i + 1]], mu[o[j]:o[j + 1]]))
+                G.diag.add_(mu * mu)
+            else:
+                G = stats.covariance(name) + torch.outer(mu, mu)
+        return GramView(G.to(dtype=torch.float64, device="cpu"), stats.offsets(name), k)
     return gram
+
+
+def _index_update(G: torch.Tensor | BlockGram, units: torch.Tensor, values: torch.Tensor, add: bool = False) -> None:
+    """``G[units][:, units] = values`` (``add``: ``+= values``) in place, on the entries ``G`` holds
+    (a :class:`BlockGram`: its diagonal and blocks between models)."""
+    if not isinstance(G, BlockGram):
+        if add:
+            G[units[:, None], units[None, :]] += values
+        else:
+            G[units[:, None], units[None, :]] = values
+        return
+    o = G.offsets
+    pos = torch.arange(len(units))
+    parts = [((units >= o[i]) & (units < o[i + 1])).nonzero().flatten() for i in range(len(o) - 1)]
+    for (i, j), B in G.blocks.items():
+        pi, pj = pos[parts[i]], pos[parts[j]]
+        r, c = units[pi, None] - o[i], units[None, pj] - o[j]
+        v = values[pi[:, None], pj[None, :]]
+        B[r, c] = B[r, c] + v if add else v
+    d = values.diagonal()
+    G.diag[units] = G.diag[units] + d if add else d
 
 
 TIE = 1e-5
 """Correlations within this of 1 are ties (float32 products leave errors of a few 1e-6 there)."""
 
 
-def _break_ties(G: torch.Tensor, offsets: list[int], dead: torch.Tensor,
+def _break_ties(G: torch.Tensor | BlockGram, offsets: list[int], dead: torch.Tensor,
                 weights: Callable[[torch.Tensor], GramView]) -> None:
     """Order tied correlations by weights, in place: among the live units tied to another unit
     (a unit within :data:`TIE` of 1 with two units of one model, or with another unit of its own
     model, and the units it is tied with), every correlation above ``1 - TIE`` becomes
     ``1 - TIE * (1 - cos) / 2`` with ``cos`` the units' weight cosine: still above every untied
     correlation, and ordered by the weights instead of by rounding noise. Units near exactly one
-    unit of each other model (a unique match) are left as they are."""
+    unit of each other model (a unique match) are left as they are. On a :class:`BlockGram` only
+    the correlations between models are known, and only those are compared."""
+    if isinstance(G, BlockGram):
+        _break_block_ties(G, dead, weights)
+        return
     near = G > 1.0 - TIE
     near.fill_diagonal_(False)
     near[dead] = False
@@ -100,11 +134,47 @@ def _break_ties(G: torch.Tensor, offsets: list[int], dead: torch.Tensor,
     tied = ambiguous.clone()
     tied[c[ambiguous[r]]] = True
     units = tied.nonzero().flatten()
-    idx = torch.arange(len(units))
-    cos = 1.0 - gram_cost(idx, weights(units).G.double(), idx, "correlation")
     block = G[units[:, None], units[None, :]]
     G[units[:, None], units[None, :]] = torch.where(near[units[:, None], units[None, :]],
-                                                    1.0 - TIE * (1.0 - cos.clamp(-1, 1)) / 2, block)
+                                                    _tie_values(units, weights), block)
+
+
+def _tie_values(units: torch.Tensor, weights: Callable[[torch.Tensor], GramView]) -> torch.Tensor:
+    # the correlation a tie between two of ``units`` is given: 1 - TIE (1 - cos) / 2
+    idx = torch.arange(len(units))
+    cos = 1.0 - gram_cost(idx, weights(units).G.double(), idx, "correlation")
+    return 1.0 - TIE * (1.0 - cos.clamp(-1, 1)) / 2
+
+
+def _break_block_ties(G: BlockGram, dead: torch.Tensor, weights: Callable[[torch.Tensor], GramView]) -> None:
+    # _break_ties on the blocks between models: the same ties, found and ordered block by block
+    o, P = G.offsets, G.offsets[-1]
+    per_model = torch.zeros(P, len(o) - 1, dtype=torch.long)
+    near = {}
+    for (i, j), B in G.blocks.items():
+        N = B > 1.0 - TIE
+        N[dead[o[i]:o[i + 1]]] = False
+        N[:, dead[o[j]:o[j + 1]]] = False
+        r, c = N.nonzero().unbind(1)  # (few: about one per unit)
+        if len(r):
+            near[(i, j)] = (r, c)
+            per_model[o[i]:o[i + 1], j] += torch.bincount(r, minlength=o[i + 1] - o[i])
+            per_model[o[j]:o[j + 1], i] += torch.bincount(c, minlength=o[j + 1] - o[j])
+    ambiguous = (per_model >= 2).any(1)
+    if not ambiguous.any():
+        return
+    tied = ambiguous.clone()
+    for (i, j), (r, c) in near.items():
+        tied[o[j] + c[ambiguous[o[i] + r]]] = True
+        tied[o[i] + r[ambiguous[o[j] + c]]] = True
+    units = tied.nonzero().flatten()
+    new = _tie_values(units, weights)
+    pos = torch.full((P,), -1, dtype=torch.long)
+    pos[units] = torch.arange(len(units))
+    for (i, j), (r, c) in near.items():
+        keep = tied[o[i] + r] & tied[o[j] + c]
+        r, c = r[keep], c[keep]
+        G.blocks[(i, j)][r, c] = new[pos[o[i] + r], pos[o[j] + c]]
 
 
 def unit_weight_rows(graphs: Sequence[Graph], tensors: Sequence[dict[str, torch.Tensor]], name: str,

@@ -33,7 +33,7 @@ from .errors import InvalidOptionError, SpaceMismatchError
 from .maps import permutation_plan, plan_maps
 from .merging import greedy_merge
 from .runner import all_finite
-from .structure import LeafProblem, submatrix
+from .structure import BlockGram, LeafProblem, gram_diagonal, submatrix
 
 __all__ = [
     "PLAN_SOLVERS", "GEOMETRIES", "transport_plan", "gram_cost", "ot_leaf", "merge_leaf", "zip_leaf",
@@ -114,7 +114,10 @@ def gram_cost(A: torch.Tensor, G: torch.Tensor, cols: torch.Tensor, geometry: st
         # anchors that are units themselves (indices): no products with the whole Gram (and no
         # copy of it when anchors and units are runs of consecutive units)
         AG = submatrix(G, A, cols)
-        aa = G[A, A].clamp_min(0)
+        aa = gram_diagonal(G, A).clamp_min(0)
+    elif isinstance(G, BlockGram):
+        raise SpaceMismatchError("anchors that mix units need every entry of the Gram, but only the blocks "
+                                 f"between model pairs {sorted(G.blocks)} were collected")
     elif A.shape[1] >= 512 and int((A != 0).sum()) * 10 < A.numel():
         # anchors averaging a few units each (MergeMany's means of matched units): a sparse product
         # of A with the whole Gram costs (nonzeros x units) instead of (anchors x units^2)
@@ -126,7 +129,7 @@ def gram_cost(A: torch.Tensor, G: torch.Tensor, cols: torch.Tensor, geometry: st
         aa = (A @ G * A).sum(1).clamp_min(0)
     if geometry == "inner":
         return -AG
-    gg = G[cols, cols].clamp_min(0)
+    gg = gram_diagonal(G, cols).clamp_min(0)
     # in place on one fresh n x m buffer (wide spaces: every pass costs its size in memory traffic);
     # the same arithmetic, in the same order, as the plain expressions in the comments
     if geometry == "correlation":
@@ -160,9 +163,13 @@ def _score(plans, A, G, cols, skip: int | None = None, costs=None) -> float:
     return total / mass if mass > 0 else float("nan")
 
 
-def _need_gram(leaf: LeafProblem, who: str) -> torch.Tensor:
+def _need_gram(leaf: LeafProblem, who: str, blocks: bool = False) -> torch.Tensor:
+    # ``blocks``: the solver reads only the blocks between the anchor and each model (a BlockGram will do)
     if leaf.G is None:
         raise SpaceMismatchError(f"{who} needs a similarity (Gram) for space {leaf.space!r}")
+    if isinstance(leaf.G, BlockGram) and not blocks:
+        raise SpaceMismatchError(f"{who} needs the similarities of every pair of units of space {leaf.space!r}, "
+                                 f"but only the blocks between model pairs {sorted(leaf.G.blocks)} were collected")
     return leaf.G
 
 
@@ -184,7 +191,7 @@ def ot_leaf(leaf: LeafProblem, solver: str = "emd", reg: float = 0.01, iteration
     Returns:
         (plans, mean matched cosine similarity of the non-anchor models).
     """
-    G = _need_gram(leaf, "optimal transport")
+    G = _need_gram(leaf, "optimal transport", blocks=leaf.anchor is not None)
     n, cols = leaf.n, leaf.cols
     P = G.shape[0]
     if leaf.anchor is not None:

@@ -114,7 +114,8 @@ class MatchContext:
         ``anchored``: the method compares every model only with an anchor model (no rematching
         against the others), so only the products with the anchor are collected (plus every unit's
         variance): ``anchor`` when given, else per space the first model of the target's width;
-        spaces with no such model get the joint matrix.
+        spaces where that model does not have the target's width, or no model has, get the joint
+        matrix. Matching reads the anchored blocks as a :class:`alignment.structure.BlockGram`.
         """
         if self.statistics is None:
             raise SpaceMismatchError("this method needs activation statistics: give calibration data")
@@ -125,10 +126,14 @@ class MatchContext:
     def anchor_pairs(self, anchor: int | None = None) -> Callable[[str], list[tuple[int, int]] | None]:
         """``pairs(space)``: the model pairs ``(anchor, i)`` an anchored method needs (None: all)."""
         def pairs(name: str):
+            # the walk anchors a space's leaves on a model of the target's width only (see
+            # Walk._leaf): without such a model, matching pools every pair
+            want = self.target[name].width if name in self.target else None
             a = anchor
             if a is None:
-                want = self.target[name].width if name in self.target else None
                 a = next((i for i, g in enumerate(self.graphs) if name in g and g[name].width == want), None)
+            elif name not in self.graphs[a] or self.graphs[a][name].width != want:
+                a = None
             if a is None:
                 return None
             return [(a, i) for i in range(len(self.graphs)) if i != a]

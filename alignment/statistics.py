@@ -23,6 +23,7 @@ from torch import nn
 from .errors import SpaceMismatchError
 from .graph import Graph, Observation, Space
 from .runner import model_device, runnable, stream
+from .structure import BlockGram
 
 __all__ = ["POINT_POLICIES", "observation_points", "PointStats", "Statistics", "collect", "add_gram"]
 
@@ -222,23 +223,55 @@ class PointStats:
         cov = self._assemble(self.blocks, self.sq).div_(n).addr_(d, d, alpha=-1)
         return cov if self._complete() else cov.masked_fill_(~self.known(), 0.0)
 
+    def covariance_blocks(self) -> BlockGram:
+        """The covariance's known entries without the joint matrix: the diagonal and the block of
+        each model pair collected (the same numbers as :meth:`covariance` there, to rounding: bit
+        for bit where the joint matrix's width is a multiple of the CPU's vector length)."""
+        n = max(self.count, 1)
+        d = self.s1 / n
+        o = self.offsets()
+        blocks = {(i, j): b.div(n).addcmul_(d[o[i]:o[i + 1], None], d[None, o[j]:o[j + 1]], value=-1)
+                  for (i, j), b in self.blocks.items() if i != j}
+        return BlockGram(blocks, self.sq.div(n).addcmul_(d, d, value=-1), o)
+
+    def _std(self, var: torch.Tensor, eps: float, rtol: float) -> torch.Tensor:
+        # standard deviations, zero for constant units (see correlation)
+        std = var.clamp_min(0).sqrt()
+        flat = (std <= rtol * self.mean().abs()) | (std <= eps * std.max().clamp_min(1e-300))
+        return std.masked_fill(flat, 0.0)
+
     def correlation(self, eps: float = 1e-12, rtol: float = 1e-5) -> torch.Tensor:
         """Correlation matrix; constant (dead) units correlate with nothing (zero rows). A unit is
         constant when its standard deviation is below ``eps`` times the largest or ``rtol`` times
         its own mean's magnitude (variations at the level of float32 rounding: their correlations
         would be rounding noise)."""
         cov = self.covariance()
-        std = cov.diagonal().clamp_min(0).sqrt()
-        flat = (std <= rtol * self.mean().abs()) | (std <= eps * std.max().clamp_min(1e-300))
-        std = std.masked_fill(flat, 0.0)
-        # cov / (std std^T), zero where that is 0; a band of rows at a time (wide joint matrices:
-        # a full-size temporary costs its pages on every call)
-        step = max(1, (1 << 21) // max(len(std), 1))
-        for a in range(0, len(std), step):
-            denom = torch.outer(std[a:a + step], std)
-            dead = denom <= 0
-            cov[a:a + step].div_(denom.masked_fill_(dead, 1.0)).masked_fill_(dead, 0.0)
-        return cov
+        std = self._std(cov.diagonal(), eps, rtol)
+        return _divide_outer_(cov, std, std)
+
+    def correlation_blocks(self, eps: float = 1e-12, rtol: float = 1e-5) -> BlockGram:
+        """:meth:`correlation`'s known entries (see :meth:`covariance_blocks`) without the joint
+        matrix."""
+        g = self.covariance_blocks()
+        std = self._std(g.diag, eps, rtol)
+        o = g.offsets
+        for (i, j), B in g.blocks.items():
+            _divide_outer_(B, std[o[i]:o[i + 1]], std[o[j]:o[j + 1]])
+        denom = std * std
+        dead = denom <= 0
+        g.diag.div_(denom.masked_fill_(dead, 1.0)).masked_fill_(dead, 0.0)
+        return g
+
+
+def _divide_outer_(M: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``M / (r c^T)`` in place, zero where the denominator is 0. A band of rows at a time: on wide
+    joint matrices a full-size temporary costs its pages on every call."""
+    step = max(1, (1 << 21) // max(M.shape[1], 1))
+    for a in range(0, M.shape[0], step):
+        denom = torch.outer(r[a:a + step], c)
+        dead = denom <= 0
+        M[a:a + step].div_(denom.masked_fill_(dead, 1.0)).masked_fill_(dead, 0.0)
+    return M
 
 
 def add_gram(acc: torch.Tensor, x: torch.Tensor, blocks: int = 4, min_width: int = 256) -> None:
@@ -351,13 +384,28 @@ class Statistics:
             out = m if out is None else out.add_(m)
         return out
 
+    def complete(self, space: str) -> bool:
+        """Whether the products of every model pair were collected for ``space`` (else only those
+        a method named, see :func:`collect`'s ``pairs``)."""
+        return all(p._complete() for p in self._points(space))
+
     def correlation(self, space: str) -> torch.Tensor:
         """Joint correlation matrix (all models' features), averaged over observation points."""
         return self._average(space, PointStats.correlation)
 
+    def correlation_blocks(self, space: str) -> BlockGram:
+        """The correlation's diagonal and collected model-pair blocks, averaged over observation
+        points, without the joint matrix (:meth:`PointStats.correlation_blocks`)."""
+        return self._average(space, PointStats.correlation_blocks)
+
     def covariance(self, space: str) -> torch.Tensor:
         """Joint covariance matrix, averaged over observation points."""
         return self._average(space, PointStats.covariance)
+
+    def covariance_blocks(self, space: str) -> BlockGram:
+        """The covariance's diagonal and collected model-pair blocks, averaged over observation
+        points (:meth:`PointStats.covariance_blocks`)."""
+        return self._average(space, PointStats.covariance_blocks)
 
     def mean(self, space: str) -> torch.Tensor:
         """Joint mean vector, averaged over observation points."""

@@ -38,7 +38,7 @@ from .errors import SpaceMismatchError
 
 __all__ = [
     "Leaf", "Fixed", "Cat", "Heads", "Blocks", "Node", "tree_size", "tree_keys", "from_tuple",
-    "LeafProblem", "GramView", "Walk", "submatrix",
+    "LeafProblem", "GramView", "BlockGram", "Walk", "submatrix", "gram_diagonal",
 ]
 
 
@@ -125,14 +125,134 @@ class GramView:
     """Similarity of the pooled units of every model for one space.
 
     Attributes:
-        G: Gram matrix over the features of all models concatenated (model 0's first).
+        G: Gram matrix over the features of all models concatenated (model 0's first), or a
+            :class:`BlockGram` when only the blocks between some model pairs are known.
         offsets: start of each model's block in ``G`` (and the total at the end).
         geometry: ``"correlation"`` (compare directions) or ``"distance"`` (Euclidean).
     """
 
-    G: torch.Tensor
+    G: "torch.Tensor | BlockGram"
     offsets: list[int]
     geometry: str = "correlation"
+
+
+@dataclass
+class BlockGram:
+    """A pooled Gram known only on its diagonal and on the blocks between some pairs of models: what a
+    method that compares every model with one anchor model needs, and all that its statistics
+    collect (see :meth:`alignment.statistics.PointStats.correlation_blocks`). No joint matrix is
+    built: for wide spaces it would be several times the size of the blocks. Entries between two
+    units of one model (off the diagonal), or between models whose pair was not collected, are
+    unknown: reading them raises :class:`SpaceMismatchError`, never gives a zero.
+
+    Attributes:
+        blocks: ``(i, j) -> block`` with ``i < j``: rows are model ``i``'s units, columns model ``j``'s.
+        diag: the diagonal over the pooled units (model 0's first).
+        offsets: start of each model's units in the pooled order (and the total at the end).
+    """
+
+    blocks: dict[tuple[int, int], torch.Tensor]
+    diag: torch.Tensor
+    offsets: list[int]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The shape of the pooled Gram."""
+        return (self.offsets[-1], self.offsets[-1])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The entries' dtype."""
+        return self.diag.dtype
+
+    def _model(self, idx: torch.Tensor) -> int:
+        """The model whose units the pooled indices ``idx`` are (an error when they span several)."""
+        if not len(idx):
+            raise SpaceMismatchError("an empty set of units has no model")
+        lo, hi = int(idx.min()), int(idx.max())
+        for i in range(len(self.offsets) - 1):
+            if self.offsets[i] <= lo and hi < self.offsets[i + 1]:
+                return i
+        raise SpaceMismatchError(f"units {lo}..{hi} span several models of a Gram collected by model pairs "
+                                 f"(models start at {self.offsets[:-1]}); only blocks between two models are known")
+
+    def sub(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """``G[rows][:, cols]`` for rows of one model and columns of another (a view of the block when
+        both are runs of consecutive units; callers must not write into it)."""
+        i, j = self._model(rows), self._model(cols)
+        o = self.offsets
+        if i == j or (min(i, j), max(i, j)) not in self.blocks:
+            what = "the units of one model" if i == j else f"models {min(i, j)} and {max(i, j)}"
+            raise SpaceMismatchError(f"the similarities between {what} were not collected (the statistics hold "
+                                     f"only the model pairs {sorted(self.blocks)}); collect the joint "
+                                     f"statistics for a method that compares them")
+        if i < j:
+            return submatrix(self.blocks[(i, j)], rows - o[i], cols - o[j])
+        return submatrix(self.blocks[(j, i)].t(), rows - o[i], cols - o[j])
+
+    def restrict(self, idx: Sequence[torch.Tensor]) -> "BlockGram":
+        """The Gram over the pooled units ``idx[i]`` of each model ``i`` (in that order): views of
+        the blocks where the units are runs of consecutive units."""
+        o = self.offsets
+        blocks = {(i, j): submatrix(B, idx[i] - o[i], idx[j] - o[j]) for (i, j), B in self.blocks.items()}
+        offsets = [0]
+        for x in idx:
+            offsets.append(offsets[-1] + len(x))
+        pool = torch.cat(list(idx))
+        span = _span(pool)
+        return BlockGram(blocks, self.diag[span] if span is not None else self.diag[pool], offsets)
+
+    def _combine(self, other: "BlockGram", fn) -> None:
+        if self.offsets != other.offsets or set(self.blocks) != set(other.blocks):
+            raise SpaceMismatchError(f"cannot combine Grams of models at {self.offsets} (pairs {sorted(self.blocks)}) "
+                                     f"and {other.offsets} (pairs {sorted(other.blocks)})")
+        for k, B in self.blocks.items():
+            fn(B, other.blocks[k])
+        fn(self.diag, other.diag)
+
+    def add_(self, other: "BlockGram") -> "BlockGram":
+        """Add ``other`` (same models and pairs) in place."""
+        self._combine(other, lambda a, b: a.add_(b))
+        return self
+
+    def mul_(self, value: float) -> "BlockGram":
+        """Multiply every known entry by ``value`` in place."""
+        for B in self.blocks.values():
+            B.mul_(value)
+        self.diag.mul_(value)
+        return self
+
+    def __add__(self, other: "BlockGram | int") -> "BlockGram":
+        if isinstance(other, int) and other == 0:
+            return BlockGram({k: B.clone() for k, B in self.blocks.items()}, self.diag.clone(), list(self.offsets))
+        if not isinstance(other, BlockGram):
+            return NotImplemented
+        out = BlockGram({k: B.clone() for k, B in self.blocks.items()}, self.diag.clone(), list(self.offsets))
+        return out.add_(other)
+
+    __radd__ = __add__
+
+    def to(self, *args, **kwargs) -> "BlockGram":
+        """The Gram with every tensor converted by ``Tensor.to(*args, **kwargs)``."""
+        return BlockGram({k: B.to(*args, **kwargs) for k, B in self.blocks.items()}, self.diag.to(*args, **kwargs),
+                         list(self.offsets))
+
+    def dense(self) -> torch.Tensor:
+        """The pooled matrix with zeros where entries are unknown (for display and tests)."""
+        o, n = self.offsets, self.offsets[-1]
+        G = torch.zeros(n, n, dtype=self.diag.dtype, device=self.diag.device)
+        for (i, j), B in self.blocks.items():
+            G[o[i]:o[i + 1], o[j]:o[j + 1]] = B
+            G[o[j]:o[j + 1], o[i]:o[i + 1]] = B.t()
+        G.diagonal().copy_(self.diag)
+        return G
+
+
+def gram_diagonal(G: "torch.Tensor | BlockGram", idx: torch.Tensor) -> torch.Tensor:
+    """The diagonal entries ``G[idx, idx]`` of a pooled Gram (dense or :class:`BlockGram`)."""
+    if isinstance(G, BlockGram):
+        return G.diag[idx]
+    return G[idx, idx]
 
 
 @dataclass
@@ -145,7 +265,9 @@ class LeafProblem:
         n: fused width.
         sizes: number of features of each model.
         alpha: model weights.
-        G: Gram over the pooled features (model 0's first), or None for solvers that need none.
+        G: Gram over the pooled features (model 0's first; a :class:`BlockGram` when only the
+            blocks between the anchor and the other models are known), or None for solvers that
+            need none.
         geometry: how to compare in ``G``.
         anchor: a model whose features define the fused ones (its size is ``n``), or None.
         scores: optional pooled per-feature scores (e.g. weight magnitudes).
@@ -159,7 +281,7 @@ class LeafProblem:
     n: int
     sizes: list[int]
     alpha: list[float]
-    G: torch.Tensor | None = None
+    G: "torch.Tensor | BlockGram | None" = None
     geometry: str = "correlation"
     anchor: int | None = None
     scores: torch.Tensor | None = None
@@ -187,10 +309,13 @@ def _span(idx: torch.Tensor) -> slice | None:
     return slice(a, a + len(idx))
 
 
-def submatrix(G: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+def submatrix(G: "torch.Tensor | BlockGram", rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """``G[rows][:, cols]``; a view (no copy) when ``rows`` and ``cols`` are runs of consecutive
     indices, as a leaf's units over a whole space are (wide spaces: each copy of a pooled Gram
-    costs its size in memory traffic). Callers must not write into the result."""
+    costs its size in memory traffic). Callers must not write into the result. For a
+    :class:`BlockGram`, rows and columns must be units of two models whose pair was collected."""
+    if isinstance(G, BlockGram):
+        return G.sub(rows, cols)
     r, c = _span(rows), _span(cols)
     if r is not None and c is not None:
         return G[r, c]
@@ -213,19 +338,22 @@ def _transport_cost(C: torch.Tensor) -> float:
     return float((transport_plan(C, "emd") * C).sum())
 
 
-def _head_costs(gv: GramView, units: list[torch.Tensor], pairs) -> dict[tuple[int, int], float]:
+def _head_costs(gv: GramView, rows: list[torch.Tensor], cols: list[torch.Tensor], pairs
+                ) -> dict[tuple[int, int], float]:
     """The cost of matching head ``p`` with head ``q`` (the minimum cost of an exact transport
     between their dims, :func:`_transport_cost`) for each pair in ``pairs``; head ``p`` is the
-    pooled units ``units[p]``. One cost matrix over all the heads' units, sliced
-    per pair: the same numbers as one product per pair, without a product per pair."""
+    pooled units ``rows[p]``, head ``q`` the pooled units ``cols[q]``. One cost matrix between all
+    the row heads' units and all the column heads' units, sliced per pair: the same numbers as one
+    product per pair, without a product per pair."""
     from .leaves import gram_cost
 
-    pool = torch.cat(units)
-    C = gram_cost(pool, gv.G, pool, gv.geometry)
-    start = [0]
-    for u in units:
-        start.append(start[-1] + len(u))
-    return {(p, q): _transport_cost(C[start[p]:start[p + 1], start[q]:start[q + 1]]) for p, q in pairs}
+    C = gram_cost(torch.cat(rows), gv.G, torch.cat(cols), gv.geometry)
+    rs, cs = [0], [0]
+    for u in rows:
+        rs.append(rs[-1] + len(u))
+    for u in cols:
+        cs.append(cs[-1] + len(u))
+    return {(p, q): _transport_cost(C[rs[p]:rs[p + 1], cs[q]:cs[q + 1]]) for p, q in pairs}
 
 
 class Walk:
@@ -460,16 +588,14 @@ class Walk:
         if gv is not None:
             geometry = gv.geometry
             if heads is None:
-                pool = torch.cat(idx)
-                G = submatrix(gv.G, pool, pool)
+                G = _pooled_gram(gv.G, idx)
             else:
                 # the Gram of a shared axis sums the Grams of the matched heads' blocks
                 pis, hsizes, nh, full = heads
                 G = 0
                 for h in range(nh):
-                    pool = torch.cat([full[i][int(pis[i][h]) * hsizes[i]:(int(pis[i][h]) + 1) * hsizes[i]]
-                                      for i in range(len(full))])
-                    G = G + submatrix(gv.G, pool, pool)
+                    G = G + _pooled_gram(gv.G, [full[i][int(pis[i][h]) * hsizes[i]:(int(pis[i][h]) + 1) * hsizes[i]]
+                                                for i in range(len(full))])
         sc = None
         if self.scores_fn is not None:
             pooled = self.scores_fn(space)
@@ -518,7 +644,7 @@ class Walk:
                 di = self.graphs[i][s].width // nh
                 rng.append(gv.offsets[i] + torch.arange(a * di, (a + 1) * di))
             pairs = [(p, q) for p in range(len(heads)) for q in range(p + 1, len(heads))]
-            for (p, q), c in _head_costs(gv, rng, pairs).items():
+            for (p, q), c in _head_costs(gv, rng, rng, pairs).items():
                 S[p, q] += 1.0 - c
                 S[q, p] += 1.0 - c
         if used:
@@ -550,11 +676,11 @@ class Walk:
                     continue
                 off = gv.offsets
                 dr, di = self.graphs[ref][s].width // nh, g[s].width // nh
-                units = [off[ref] + torch.arange(a * dr, (a + 1) * dr) for a in range(nh)] + \
-                        [off[i] + torch.arange(b * di, (b + 1) * di) for b in range(nh)]
-                pairs = [(a, nh + b) for a in range(nh) for b in range(nh)]
-                for (a, b), c in _head_costs(gv, units, pairs).items():
-                    cost[a, b - nh] += c
+                rows = [off[ref] + torch.arange(a * dr, (a + 1) * dr) for a in range(nh)]
+                cols = [off[i] + torch.arange(b * di, (b + 1) * di) for b in range(nh)]
+                pairs = [(a, b) for a in range(nh) for b in range(nh)]
+                for (a, b), c in _head_costs(gv, rows, cols, pairs).items():
+                    cost[a, b] += c
             if not np.isfinite(cost).all():
                 self.note(f"heads {key!r}: non-finite head costs (NaN statistics?) counted as the largest cost")
                 cost = np.nan_to_num(cost, nan=np.nanmax(cost[np.isfinite(cost)]) if np.isfinite(cost).any() else 0.0)
@@ -563,6 +689,14 @@ class Walk:
             pi[torch.as_tensor(r)] = torch.as_tensor(c, dtype=torch.long)
             pis.append(pi)
         return [_perm_plan(pi) for pi in pis]
+
+
+def _pooled_gram(G: "torch.Tensor | BlockGram", idx: Sequence[torch.Tensor]) -> "torch.Tensor | BlockGram":
+    """The Gram over the pooled units ``idx[i]`` of each model (a view where they are runs)."""
+    if isinstance(G, BlockGram):
+        return G.restrict(idx)
+    pool = torch.cat(list(idx))
+    return submatrix(G, pool, pool)
 
 
 def _perm_plan(perm: torch.Tensor) -> torch.Tensor:

@@ -444,3 +444,138 @@ def test_ties_are_found_from_the_near_pairs():
     H[1, 6] = H[6, 1] = 1.0
     _break_ties(H, [0, 4, 7], dead, lambda u: (seen.append(u), View(torch.eye(len(u))))[1])
     assert not seen
+
+
+def _anchored_form(G: torch.Tensor, offsets: list[int], anchor: int = 0):
+    """``G``'s anchored form: the blocks between the anchor and each other model plus the
+    diagonal, as a BlockGram and as the joint matrix with zeros elsewhere."""
+    from alignment.structure import BlockGram
+
+    o, m = offsets, len(offsets) - 1
+    blocks = {(min(anchor, i), max(anchor, i)): G[o[min(anchor, i)]:o[min(anchor, i) + 1],
+                                                  o[max(anchor, i)]:o[max(anchor, i) + 1]].clone()
+              for i in range(m) if i != anchor}
+    bg = BlockGram(blocks, G.diagonal().clone(), list(o))
+    return bg, bg.dense()
+
+
+def test_block_ties_are_the_joint_ties_on_the_blocks():
+    """Property: tie-breaking on a BlockGram (anchor 0 and two other models) finds the same tied
+    units, hands the same units to the weights and writes the same values into the blocks as
+    tie-breaking on the joint matrix holding the same entries (zeros elsewhere)."""
+    from alignment.grams import TIE, _break_ties
+
+    class View:
+        def __init__(self, G):
+            self.G = G
+
+    g = torch.Generator().manual_seed(0)
+    o = [0, 5, 9, 14]
+    X = torch.randn(14, 30, generator=g, dtype=torch.float64)
+    G = torch.corrcoef(X) * 0.5
+    G = G + G.t()
+    G.fill_diagonal_(1.0)
+
+    def near(i, j, k=10):
+        G[i, j] = G[j, i] = 1.0 - TIE / k
+
+    near(0, 5)   # anchor unit 0 near two units of model 1: tied
+    near(0, 6, 20)
+    near(1, 9)   # unique
+    near(2, 10)  # anchor unit 2 near two units of model 2, one of them dead
+    near(2, 13, 3)
+    near(3, 11)  # model 2's unit 11 near two anchor units: tied
+    near(4, 11, 5)
+    dead = torch.zeros(14, dtype=torch.bool)
+    dead[13] = True
+    W = torch.randn(14, 6, generator=g, dtype=torch.float64)
+    seen = {"blocks": [], "joint": []}
+
+    def weights(key):
+        return lambda u: (seen[key].append(u.clone()), View(W[u] @ W[u].t()))[1]
+
+    bg, joint = _anchored_form(G, o)
+    _break_ties(bg, o, dead, weights("blocks"))
+    _break_ties(joint, o, dead, weights("joint"))
+    assert [u.tolist() for u in seen["blocks"]] == [u.tolist() for u in seen["joint"]] == [[0, 3, 4, 5, 6, 11]]
+    for (i, j), B in bg.blocks.items():
+        assert torch.equal(B, joint[o[i]:o[i + 1], o[j]:o[j + 1]]), (i, j)
+    assert float(bg.blocks[(0, 1)][0, 0]) != 1.0 - TIE / 10   # rewritten by the weights
+    assert float(bg.blocks[(0, 2)][1, 0]) == 1.0 - TIE / 10   # a unique match: left alone
+    assert float(bg.blocks[(0, 2)][2, 4]) == 1.0 - TIE / 3    # a dead unit: left alone
+
+
+def test_block_gram_reads_only_what_it_holds():
+    """A BlockGram gives the blocks between models (views of them over runs of units), their
+    transposes, and its diagonal; entries inside one model or between models whose pair was not
+    collected are an error, never zeros. Costs against an anchor equal the joint matrix's."""
+    from alignment.leaves import gram_cost
+    from alignment.structure import submatrix
+
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(10, 40, generator=g, dtype=torch.float64)
+    G = torch.corrcoef(X)
+    G = (G + G.t()) / 2  # symmetric bit for bit
+    o = [0, 3, 6, 10]
+    bg, joint = _anchored_form(G, o)
+    r, c = torch.arange(0, 3), torch.arange(6, 10)
+    assert submatrix(bg, r, c).data_ptr() == bg.blocks[(0, 2)].data_ptr()  # a view
+    assert torch.equal(submatrix(bg, c, r), G[6:10, 0:3])
+    picked = torch.tensor([5, 3])
+    assert torch.equal(submatrix(bg, picked, r), G[picked][:, r])
+    with pytest.raises(SpaceMismatchError, match="one model"):
+        submatrix(bg, r, torch.tensor([1, 2]))
+    with pytest.raises(SpaceMismatchError, match="models 1 and 2"):
+        submatrix(bg, torch.arange(3, 6), c)
+    with pytest.raises(SpaceMismatchError, match="span several"):
+        submatrix(bg, torch.arange(2, 5), c)
+    for geometry in ("correlation", "distance", "inner"):
+        assert torch.equal(gram_cost(r, bg, c, geometry), gram_cost(r, joint, c, geometry))
+    part = bg.restrict([torch.tensor([0, 2]), torch.arange(3, 6), torch.tensor([9, 7])])
+    assert part.offsets == [0, 2, 5, 7]
+    assert torch.equal(part.dense(), _anchored_form(G[[0, 2, 3, 4, 5, 9, 7]][:, [0, 2, 3, 4, 5, 9, 7]],
+                                                    [0, 2, 5, 7])[1])
+    twice = part + part
+    assert torch.equal(twice.dense(), 2 * part.dense()) and twice.blocks[(0, 1)] is not part.blocks[(0, 1)]
+
+
+def test_anchored_grams_equal_the_joint_matrix_on_the_blocks():
+    """Property: the Gram a method that compares with an anchor gets from anchored statistics (no
+    joint matrix) holds the same numbers as the joint Gram of the same statistics on the diagonal
+    and the anchor's blocks, for the correlation (with dead units and ties) and distance kinds."""
+    from alignment.grams import activation_gram
+    from alignment.structure import BlockGram
+
+    models = [build("cnn", seed=s)[0] for s in range(3)]
+    with torch.no_grad():
+        for m in models[:2]:
+            m.stem.weight[:2] = 0.0  # two stem units constant in two models: dead units
+    x = build("cnn")[1]
+    graphs = [discover(m, x) for m in models]
+    data = torch.randn(48, *x.shape[1:], generator=torch.Generator().manual_seed(1))
+    stats = collect(models, graphs, data, pairs=[(0, 1), (0, 2)])
+    dead = 0
+    spaces = list(stats.points)
+    dense = type(stats)(points=stats.points, widths=stats.widths)
+    dense.complete = lambda space: True  # the old path: the joint matrix with zeros off the blocks
+    for name in spaces:
+        w = sum(stats.widths[name])
+        W = torch.randn(w, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+        class View:
+            def __init__(self, G):
+                self.G = G
+
+        def weights(space, units):
+            return View(W[units] @ W[units].t())
+
+        for kind in ("correlation", "distance"):
+            a = activation_gram(stats, kind, dead_gram=weights)(name)
+            b = activation_gram(dense, kind, dead_gram=weights)(name)
+            assert isinstance(a.G, BlockGram) and not isinstance(b.G, BlockGram)
+            o = a.offsets
+            dead += int((stats.correlation_blocks(name).diag == 0).sum()) if kind == "correlation" else 0
+            assert torch.equal(a.G.diag, b.G.diagonal())
+            for (i, j), B in a.G.blocks.items():
+                torch.testing.assert_close(B, b.G[o[i]:o[i + 1], o[j]:o[j + 1]], rtol=0, atol=1e-15)
+    assert dead >= 4  # the dead units' branch ran
