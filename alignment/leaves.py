@@ -230,7 +230,7 @@ def ot_leaf(leaf: LeafProblem, solver: str = "emd", reg: float = 0.01, iteration
         for i, c in enumerate(cols):
             if i == fixed:
                 # the anchor's units are the fused units
-                new.append(torch.eye(n, dtype=torch.float64) / n)
+                new.append(torch.eye(n, dtype=torch.float64).div_(n))  # (in place: one n x n buffer)
                 costs.append(None)
             elif it > 0 and leave_one_out:
                 # Gauss-Seidel: against the others' newest plans
