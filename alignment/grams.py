@@ -20,7 +20,7 @@ from .errors import SpaceMismatchError
 from .graph import Graph, ranked_members
 from .leaves import gram_cost
 from .maps import axis_roles, map_tensor, plan_maps
-from .structure import BlockGram, GramView
+from .structure import BlockGram, GramView, plans_equal
 
 __all__ = ["activation_gram", "weight_gram", "unit_weight_rows", "initial_plan", "magnitude_scores"]
 
@@ -298,7 +298,7 @@ def weight_gram(graphs: Sequence[Graph], target: Graph, tensors: Sequence[dict[s
 def _same_plans(a, b) -> bool:
     if a is None or b is None:
         return a is None and b is None
-    return len(a) == len(b) and all(x is y or torch.equal(x, y) for x, y in zip(a, b))
+    return len(a) == len(b) and all(x is y or plans_equal(x, y) for x, y in zip(a, b))
 
 
 def magnitude_scores(graph: Graph, tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:

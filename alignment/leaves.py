@@ -33,7 +33,7 @@ from .errors import InvalidOptionError, SpaceMismatchError
 from .maps import permutation_plan, plan_maps
 from .merging import greedy_merge
 from .runner import all_finite
-from .structure import BlockGram, LeafProblem, gram_diagonal, submatrix
+from .structure import BlockGram, LeafProblem, RowPlan, dense_plan, gram_diagonal, submatrix
 
 __all__ = [
     "PLAN_SOLVERS", "GEOMETRIES", "transport_plan", "gram_cost", "ot_leaf", "merge_leaf", "zip_leaf",
@@ -47,7 +47,7 @@ GEOMETRIES = ("correlation", "distance", "inner")
 def transport_plan(cost: torch.Tensor, solver: str = "emd", reg: float = 0.01,
                    a: torch.Tensor | None = None, b: torch.Tensor | None = None,
                    num_iter: int = 10000, note: Callable[[str], None] | None = None,
-                   where: str = "") -> torch.Tensor:
+                   where: str = "", rows: bool = False) -> "torch.Tensor | RowPlan":
     """A transport plan between ``n`` target and ``m`` source units.
 
     Args:
@@ -62,6 +62,8 @@ def transport_plan(cost: torch.Tensor, solver: str = "emd", reg: float = 0.01,
         num_iter: iteration cap of the Sinkhorn solver.
         note: ``note(message)`` records a fallback (non-finite costs, an unconverged Sinkhorn plan).
         where: what the plan is for (named in notes).
+        rows: return a :class:`alignment.maps.RowPlan` (indices, no ``n x m`` matrix) when the plan
+            has one entry per row (a Hungarian matching with ``n <= m``).
 
     Returns:
         The plan (float64, ``n x m``).
@@ -76,6 +78,8 @@ def transport_plan(cost: torch.Tensor, solver: str = "emd", reg: float = 0.01,
         C = torch.nan_to_num(C, nan=big, posinf=big, neginf=-big)
     if solver == "hungarian":
         r, c = linear_sum_assignment(C.numpy())
+        if rows and n <= m:  # (every row is assigned, in order)
+            return RowPlan(torch.as_tensor(c), torch.full((n,), 1.0 / max(n, m), dtype=torch.float64), m)
         T = torch.zeros(n, m, dtype=torch.float64)
         T[torch.as_tensor(r), torch.as_tensor(c)] = 1.0 / max(n, m)
         return T
@@ -157,8 +161,12 @@ def _score(plans, A, G, cols, skip: int | None = None, costs=None) -> float:
             continue
         C = costs[i] if costs is not None and costs[i] is not None else gram_cost(A, G, c, "correlation")
         # sum(T * (1 - C)) without two plan-sized temporaries
-        m = float(T.sum())
-        total += m - float(torch.vdot(T.reshape(-1), C.reshape(-1)))
+        if isinstance(T, RowPlan):
+            m = float(T.vals.sum())
+            total += m - float(torch.dot(T.vals, C[torch.arange(len(T.idx)), T.idx]))
+        else:
+            m = float(T.sum())
+            total += m - float(torch.vdot(T.reshape(-1), C.reshape(-1)))
         mass += m
     return total / mass if mass > 0 else float("nan")
 
@@ -215,7 +223,7 @@ def ot_leaf(leaf: LeafProblem, solver: str = "emd", reg: float = 0.01, iteration
     def plan(C: torch.Tensor) -> torch.Tensor:
         m = C.shape[1]
         if solver == "hungarian" or m >= n or not covered:
-            return transport_plan(C, solver, reg, note=leaf.note, where=where)
+            return transport_plan(C, solver, reg, note=leaf.note, where=where, rows=True)
         Cd = torch.cat([C, torch.zeros(n, 1, dtype=C.dtype)], dim=1)
         b = torch.cat([torch.full((m,), 1.0 / n, dtype=torch.float64),
                        torch.tensor([(n - m) / n], dtype=torch.float64)])
@@ -230,7 +238,7 @@ def ot_leaf(leaf: LeafProblem, solver: str = "emd", reg: float = 0.01, iteration
         for i, c in enumerate(cols):
             if i == fixed:
                 # the anchor's units are the fused units
-                new.append(torch.eye(n, dtype=torch.float64).div_(n))  # (in place: one n x n buffer)
+                new.append(RowPlan(torch.arange(n), torch.full((n,), 1.0 / n, dtype=torch.float64), n))
                 costs.append(None)
             elif it > 0 and leave_one_out:
                 # Gauss-Seidel: against the others' newest plans
@@ -241,12 +249,19 @@ def ot_leaf(leaf: LeafProblem, solver: str = "emd", reg: float = 0.01, iteration
                 C = gram_cost(A, G, c, leaf.geometry)
                 new.append(plan(C))
                 costs.append(C if leaf.geometry == "correlation" else None)
-        done = plans and all(torch.allclose(x, y, atol=1e-12) for x, y in zip(new, plans))
+        done = plans and all(_plans_close(x, y) for x, y in zip(new, plans))
         plans = new
         if done or it == iters:
             break
         A = torch.cat(plan_maps(plans, leaf.alpha).merge, dim=1)
     return plans, _score(plans, A, G, cols, skip=fixed, costs=costs)
+
+
+def _plans_close(a, b) -> bool:
+    # plans equal to 1e-12 (the barycenter iterations stop when no plan changes)
+    if isinstance(a, RowPlan) and isinstance(b, RowPlan):
+        return torch.equal(a.idx, b.idx) and torch.allclose(a.vals, b.vals, atol=1e-12)
+    return torch.allclose(dense_plan(a), dense_plan(b), atol=1e-12)
 
 
 def _others_mean(plans: list[torch.Tensor], alpha: list[float], i: int) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 
 from .errors import SpaceMismatchError
 from .graph import Graph
-from .structure import Heads
+from .structure import Heads, RowPlan, dense_plan
 
 __all__ = [
     "SpaceMap", "permutation_plan", "plan_maps", "permutation_map", "selection_map", "axis_roles",
@@ -139,18 +139,19 @@ def permutation_plan(perm: torch.Tensor, n_source: int | None = None) -> torch.T
     return T
 
 
-def plan_maps(plans: Sequence[torch.Tensor], alpha: Sequence[float], allow_empty: bool = False) -> SpaceMap:
-    """Merge/unmerge maps from per-model plans (``n x n_i``) and interpolation weights.
+def plan_maps(plans: Sequence["torch.Tensor | RowPlan"], alpha: Sequence[float], allow_empty: bool = False) -> SpaceMap:
+    """Merge/unmerge maps from per-model plans (``n x n_i`` matrices or :class:`RowPlan`) and
+    interpolation weights.
 
     See the module docstring for the formulas. Every fused feature must receive something from at
     least one model, unless ``allow_empty`` (such features get zero merge rows: e.g. one model's
     view of a fused basis that other models' units complete).
     """
-    plans = [torch.as_tensor(T, dtype=torch.float64).cpu() for T in plans]
+    plans = [T if isinstance(T, RowPlan) else torch.as_tensor(T, dtype=torch.float64).cpu() for T in plans]
     n = plans[0].shape[0]
     if any(T.shape[0] != n for T in plans):
         raise SpaceMismatchError(f"plans give different fused widths: {[tuple(T.shape) for T in plans]}")
-    rows = [T.sum(1) for T in plans]
+    rows = [T.vals if isinstance(T, RowPlan) else T.sum(1) for T in plans]
     weight = sum(float(a) * (r > 0).double() for a, r in zip(alpha, rows))
     if bool((weight <= 0).any()) and sum(alpha) > 0 and not allow_empty:
         k = int(torch.nonzero(weight <= 0)[0])
@@ -160,10 +161,10 @@ def plan_maps(plans: Sequence[torch.Tensor], alpha: Sequence[float], allow_empty
     for T, r, a in zip(plans, rows, alpha):
         safe = torch.where(r > 0, r, torch.ones_like(r))
         scale = float(a) / safe / weight
-        c = T.sum(0)
+        c = _column_sums(T)
         inv_c = 1.0 / torch.where(c > 0, c, torch.ones_like(c))
         gm = gu = None
-        g = _rows_gather(T)
+        g = (T.idx, T.vals) if isinstance(T, RowPlan) else _rows_gather(T)
         if g is not None:
             # one entry per row: the products below on those entries only (the same bits)
             idx, v = g
@@ -174,12 +175,21 @@ def plan_maps(plans: Sequence[torch.Tensor], alpha: Sequence[float], allow_empty
     if all(gm is not None for *_, gm, _ in parts):
         return SpaceMap.from_gathers([T.shape[1] for T in plans], [p[3] for p in parts], [p[4] for p in parts])
     # one scaled copy per map (wide spaces: every pass over an n x n_i plan costs its pages)
+    parts = [(dense_plan(T), *rest) for T, *rest in parts]
     sm = SpaceMap([T * scale[:, None] for T, scale, *_ in parts],
                   [torch.mul(T.t(), inv_c[:, None], out=torch.empty(T.shape[1], T.shape[0], dtype=T.dtype))
                    for T, _, inv_c, *_ in parts])
     for i, (*_, gm, gu) in enumerate(parts):  # (the support of M_i and U_i^T is the plan's)
         sm._gathers[(i, True)], sm._gathers[(i, False)] = gm, gu
     return sm
+
+
+def _column_sums(T: "torch.Tensor | RowPlan") -> torch.Tensor:
+    """``T.sum(0)``; for a :class:`RowPlan`, each column's entries added in row order (as the
+    matrix's sum does: bit for bit where a column has at most one entry)."""
+    if not isinstance(T, RowPlan):
+        return T.sum(0)
+    return torch.zeros(T.shape[1], dtype=T.vals.dtype).index_add_(0, T.idx, T.vals)
 
 
 def _rows_gather(T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -36,7 +36,7 @@ from .graph import Graph
 from .leaves import magnitude_leaf, merge_leaf, ot_leaf, zip_labels, zip_leaf
 from .permute import model_tensors
 from .registry import Registry
-from .structure import GramView, Walk
+from .structure import GramView, Walk, plan_argmax, plans_equal
 
 __all__ = [
     "METHODS", "MatchContext", "MatchResult", "UnknownMethodError", "register_method", "list_methods",
@@ -161,7 +161,7 @@ class MatchResult:
     def permutations(self, model: int) -> dict[str, torch.Tensor]:
         """Model ``model``'s plans as index vectors (fused feature ``k`` <- feature ``perm[k]``);
         exact for permutation and selection plans."""
-        return {k: T.argmax(1) for k, T in self.plans[model].items()}
+        return {k: plan_argmax(T) for k, T in self.plans[model].items()}
 
 
 def match(ctx: MatchContext, method: str, **options: Any) -> MatchResult:
@@ -258,7 +258,7 @@ def _solve(ctx: MatchContext, leaf_solver, gram_of=None, scores=None, sweeps: in
             order = [order[int(k)] for k in torch.randperm(len(order), generator=gen)]
         new = walk.solve_all(order)
         prev = holder["prev"]
-        changed = not prev or any(not all(torch.equal(a, b) for a, b in zip(new[k], prev[k])) for k in new)
+        changed = not prev or any(not all(plans_equal(a, b) for a, b in zip(new[k], prev[k])) for k in new)
         holder["prev"] = dict(new)
         if not changed:
             break

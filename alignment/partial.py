@@ -30,7 +30,7 @@ import torch
 from .errors import InvalidOptionError
 from .graph import Graph
 from .runner import modes
-from .structure import Leaf
+from .structure import Leaf, dense_plan
 
 __all__ = ["PartialPlan", "partial_plans", "parameter_count", "check_budget", "tensor_uses", "MEASURES"]
 
@@ -121,6 +121,7 @@ def partial_plans(graph: Graph, plans: Sequence[dict[str, torch.Tensor]], qualit
         A :class:`PartialPlan` (``parameters`` counts multiply-adds for a FLOPs budget).
     """
     budget, measure = check_budget(budget)
+    plans = [{k: dense_plan(T) for k, T in p.items()} for p in plans]
     if measure == "flops" and uses is None:
         raise InvalidOptionError("a FLOPs budget needs the tensors' uses per image (tensor_uses)")
     uses = uses if measure == "flops" else None

@@ -38,7 +38,8 @@ from .errors import SpaceMismatchError
 
 __all__ = [
     "Leaf", "Fixed", "Cat", "Heads", "Blocks", "Node", "tree_size", "tree_keys", "from_tuple",
-    "LeafProblem", "GramView", "BlockGram", "Walk", "submatrix", "gram_diagonal",
+    "LeafProblem", "GramView", "BlockGram", "Walk", "submatrix", "gram_diagonal", "RowPlan", "dense_plan",
+    "plan_argmax", "plans_equal",
 ]
 
 
@@ -120,6 +121,63 @@ def from_tuple(tree: tuple, heads_keys: set[str]) -> Node:
 
 
 # -------------------------------------------------------------------------------------------------
+class RowPlan:
+    """A plan with exactly one entry per row, kept as indices: fused feature ``k`` takes ``vals[k]``
+    of model feature ``idx[k]`` (permutations, one-to-one matchings into a wider model, the anchor's
+    identity). The dense ``n x n_i`` float64 plan of a wide space costs ``8 n n_i`` bytes per model
+    (ViT-B's MLP spaces: 75 MB each); :func:`alignment.maps.plan_maps` reads this form without building it.
+
+    Attributes:
+        idx: the model feature of each fused feature (``n``, long).
+        vals: the plan's entry in each row (``n``, float64, positive).
+        shape: ``(n, n_i)``.
+    """
+
+    __slots__ = ("idx", "vals", "shape")
+
+    def __init__(self, idx: torch.Tensor, vals: torch.Tensor, cols: int) -> None:
+        idx, vals = torch.as_tensor(idx).long().cpu(), torch.as_tensor(vals, dtype=torch.float64).cpu()
+        if idx.dim() != 1 or vals.shape != idx.shape:
+            raise ValueError(f"a row plan needs one index and one value per row, got {tuple(idx.shape)} and "
+                             f"{tuple(vals.shape)}")
+        if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= cols):
+            raise ValueError(f"a row plan's indices must lie in 0..{cols - 1}")
+        self.idx, self.vals, self.shape = idx, vals, torch.Size((len(idx), int(cols)))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The entries' dtype (float64)."""
+        return self.vals.dtype
+
+    def dense(self) -> torch.Tensor:
+        """The ``n x n_i`` plan as a matrix."""
+        T = torch.zeros(self.shape, dtype=self.vals.dtype)
+        T[torch.arange(self.shape[0]), self.idx] = self.vals
+        return T
+
+    def __repr__(self) -> str:
+        return f"RowPlan(shape={tuple(self.shape)})"
+
+
+def dense_plan(T: "torch.Tensor | RowPlan") -> torch.Tensor:
+    """A plan as a matrix (a :class:`RowPlan` is built; a matrix is returned as it is)."""
+    return T.dense() if isinstance(T, RowPlan) else T
+
+
+def plan_argmax(T: "torch.Tensor | RowPlan") -> torch.Tensor:
+    """The model feature each fused feature takes most of (exact for permutations and selections)."""
+    return T.idx.clone() if isinstance(T, RowPlan) else T.argmax(1)
+
+
+def plans_equal(a: "torch.Tensor | RowPlan | None", b: "torch.Tensor | RowPlan | None") -> bool:
+    """Whether two plans are equal entry for entry (either form)."""
+    if a is None or b is None:
+        return a is None and b is None
+    if isinstance(a, RowPlan) and isinstance(b, RowPlan):
+        return a.shape == b.shape and torch.equal(a.idx, b.idx) and torch.equal(a.vals, b.vals)
+    return tuple(a.shape) == tuple(b.shape) and torch.equal(dense_plan(a), dense_plan(b))
+
+
 @dataclass
 class GramView:
     """Similarity of the pooled units of every model for one space.
@@ -448,7 +506,7 @@ class Walk:
 
     def permutations(self, model: int = 0) -> dict[str, torch.Tensor]:
         """The solved plans of one model as permutations (fused feature ``k`` = feature ``perm[k]``)."""
-        return {name: plans[model].argmax(1) for name, plans in self.plans.items()}
+        return {name: plan_argmax(plans[model]) for name, plans in self.plans.items()}
 
     # -- internals -------------------------------------------------------------------------------
     def _gram(self, name: str) -> GramView | None:
@@ -510,7 +568,7 @@ class Walk:
                 sub_idx.append(idx[i][offs[i]:offs[i] + w])
                 offs[i] += w
             per_seg.append(self._walk(space, sub, subs, sub_idx))
-        return [torch.block_diag(*[p[i] for p in per_seg]) for i in range(len(strees))]
+        return [torch.block_diag(*[dense_plan(p[i]) for p in per_seg]) for i in range(len(strees))]
 
     def _blocks(self, space, ttree: Blocks, strees):
         # blocks indexed by another feature space (depthwise conv): follow that space's plan
@@ -525,7 +583,7 @@ class Walk:
             if di != d:
                 raise SpaceMismatchError(f"space {space!r}: blocks of {di} features in model {i} but {d} in "
                                          f"the target (per-block widths of grouped convs must not change)")
-            out.append(torch.kron(outer[i], torch.eye(d, dtype=torch.float64)))
+            out.append(torch.kron(dense_plan(outer[i]), torch.eye(d, dtype=torch.float64)))
         return out
 
     def _heads_walk(self, space, ttree: Heads, strees, idx):
@@ -565,7 +623,7 @@ class Walk:
                 cols.append(cols_i)
             sub = self._walk(space, ttree.parts[h], subs, sub_idx)
             for i, c in enumerate(cols):
-                plans[i][h * d:(h + 1) * d, c] = sub[i]
+                plans[i][h * d:(h + 1) * d, c] = dense_plan(sub[i])
         return plans
 
     def _is_heads(self, key: str) -> bool:

@@ -34,6 +34,7 @@ from alignment.methods import METHODS, MatchContext, MatchResult, match
 from alignment.partial import check_budget, partial_plans, tensor_uses
 from alignment.runner import model_device, runnable
 from alignment.statistics import POINT_POLICIES, Statistics, collect
+from alignment.structure import dense_plan
 
 from .checks import (ModelError, check_alpha, check_calibration, check_device, check_finite_model, check_finite_plans,
                      check_models, check_seed, model_list)
@@ -145,7 +146,9 @@ class Alignment:
 
     @property
     def plans(self) -> list[dict[str, torch.Tensor]]:
-        """Per model, per space, the plan from the model's features to the fused ones."""
+        """Per model, per space, the plan from the model's features to the fused ones: an ``n x n_i``
+        matrix, or an :class:`alignment.structure.RowPlan` where it has one entry per row
+        (permutations; ``alignment.structure.dense_plan`` gives the matrix)."""
         return self.result.plans
 
     def maps(self, alpha: Sequence[float] | float | None = None) -> dict[str, SpaceMap]:
@@ -274,7 +277,7 @@ def _unit_quality(stats: Statistics, plans, graph: Graph) -> dict[str, torch.Ten
         corr = stats.correlation(s.name).cpu()
         known = stats.points[s.name][0].known().cpu().double()
         known.fill_diagonal_(0)
-        M = torch.cat([p[s.name].cpu() for p in plans], dim=1).gt(0).double()
+        M = torch.cat([dense_plan(p[s.name]).cpu() for p in plans], dim=1).gt(0).double()
         num = ((M @ (corr * known)) * M).sum(1)
         den = ((M @ known) * M).sum(1)
         out[s.name] = torch.where(den > 0, num / den.clamp_min(1), torch.ones_like(num))

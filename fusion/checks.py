@@ -17,6 +17,7 @@ from torch import nn
 
 from alignment.errors import CalibrationError, FusionError, InvalidOptionError
 from alignment.runner import all_finite, batch_input, check_data, first_batch, has_nan, modes
+from alignment.structure import RowPlan
 
 __all__ = ["ModelError", "NonFiniteError", "model_list", "check_models", "check_alpha", "check_calibration", "check_device",
            "check_seed", "check_finite_plans", "check_finite_model"]
@@ -236,7 +237,7 @@ def check_finite_plans(plans: Sequence[dict[str, torch.Tensor]]) -> None:
     """Raise :class:`NonFiniteError` naming the first space whose plan holds NaN or inf."""
     for i, p in enumerate(plans):
         for name, T in p.items():
-            if not all_finite(T):
+            if not all_finite(T.vals if isinstance(T, RowPlan) else T):
                 raise NonFiniteError(f"the plan of space {name!r} for model {i} holds non-finite values (from NaN "
                                      f"statistics?); check the calibration data and the models' activations there")
 

@@ -22,7 +22,7 @@ from alignment.errors import FusionError, SpaceMismatchError
 from alignment.graph import Graph
 from alignment.leaves import select_leaf
 from alignment.maps import correct_query_key, plan_maps
-from alignment.structure import Blocks, Cat, Fixed, Heads, Leaf, Node, Walk, tree_size
+from alignment.structure import Blocks, Cat, Fixed, Heads, Leaf, Node, Walk, plan_argmax, tree_size
 
 from .engine import apply_maps
 
@@ -155,7 +155,7 @@ def selection_indices(graph: Graph, width: WidthSpec = 0.5,
         Per space, a ``LongTensor`` of kept feature indices (sorted, then any repeats).
     """
     plans = _selection(graph, resized_graph(graph, width), scores)
-    return {k: T.argmax(1) for k, T in plans.items()}
+    return {k: plan_argmax(T) for k, T in plans.items()}
 
 
 def _apply_selection(model: nn.Module, graph: Graph, plans: dict[str, torch.Tensor], target: nn.Module | None = None):

@@ -26,6 +26,7 @@ from alignment.methods import METHODS
 from alignment.permute import model_tensors
 from alignment.runner import batches, stream
 from alignment.statistics import collect
+from alignment.structure import dense_plan
 from fusion.repair import REPAIRS
 from tests.conftest import rel_err
 from tests.tiny_models import build, logits
@@ -241,7 +242,7 @@ def test_non_uniform_alpha_changes_the_result_and_matches_the_formula(method):
     assert not torch.allclose(fused.fc1.weight, uniform.fc1.weight)
     maps = {}
     for name in al.plans[0]:
-        Ts = [p[name] for p in al.plans]
+        Ts = [dense_plan(p[name]) for p in al.plans]  # (permutations are kept as RowPlans)
         present = [(T.sum(1) > 0).double() for T in Ts]
         w = sum(ai * p for ai, p in zip(alpha, present))
         M = [ai * T / T.sum(1, keepdim=True).clamp_min(1e-300) / w[:, None] for ai, T in zip(alpha, Ts)]

@@ -13,7 +13,7 @@ from alignment.permute import model_tensors
 from alignment.statistics import collect
 from alignment.grams import magnitude_scores
 from alignment.leaves import merge_leaf, transport_plan
-from alignment.structure import LeafProblem
+from alignment.structure import LeafProblem, dense_plan
 from fusion.resize import resize
 from tests import tiny_models
 from tests.conftest import rel_err
@@ -145,7 +145,7 @@ def test_exact_ot_recovers_the_permutation_and_the_function(name, opts):
             # units constant on the calibration data (dead ReLUs) are interchangeable, so skipped
             live = stats.correlation(s.name).diagonal() > 0.5 if s.name in stats.points else torch.ones(s.width, dtype=torch.bool)
             inv = torch.argsort(perms[s.name])
-            T = al.result.plans[1][s.name]
+            T = dense_plan(al.result.plans[1][s.name])
             assert torch.equal((T > 0)[live], (permutation_plan(inv, s.width) > 0)[live]), s.name
     fused = al.apply()
     with torch.no_grad():
@@ -579,3 +579,38 @@ def test_anchored_grams_equal_the_joint_matrix_on_the_blocks():
             for (i, j), B in a.G.blocks.items():
                 torch.testing.assert_close(B, b.G[o[i]:o[i + 1], o[j]:o[j + 1]], rtol=0, atol=1e-15)
     assert dead >= 4  # the dead units' branch ran
+
+
+def test_one_to_one_plans_are_kept_as_indices_with_the_same_maps():
+    """Hungarian plans with a fused unit per row (and the anchor's identity) are RowPlans: the same
+    entries as the matrix the solver would give, the same maps bit for bit, and the same fused
+    weights as the matrices; a widening matching (rows left empty) stays a matrix."""
+    from alignment.structure import RowPlan, plan_argmax, plans_equal
+
+    g = torch.Generator().manual_seed(0)
+    for n, m in ((6, 6), (4, 7)):
+        C = torch.rand(n, m, generator=g, dtype=torch.float64)
+        R, T = transport_plan(C, "hungarian", rows=True), transport_plan(C, "hungarian")
+        assert isinstance(R, RowPlan) and R.shape == T.shape
+        assert torch.equal(R.dense(), T) and plans_equal(R, T) and torch.equal(plan_argmax(R), T.argmax(1))
+        other = RowPlan(torch.randperm(m, generator=g)[:n], torch.full((n,), 0.5), m)
+        for alpha in ([0.3, 0.7], [1.0, 0.0]):
+            a, b = plan_maps([R, other], alpha), plan_maps([T, other.dense()], alpha)
+            for i in range(2):
+                assert torch.equal(a.merge[i], b.merge[i]) and torch.equal(a.unmerge[i], b.unmerge[i])
+    wide = transport_plan(torch.rand(7, 4, generator=g, dtype=torch.float64), "hungarian", rows=True)
+    assert isinstance(wide, torch.Tensor) and int((wide.sum(1) == 0).sum()) == 3
+    with pytest.raises(ValueError, match="indices"):
+        RowPlan(torch.tensor([0, 5]), torch.ones(2), 3)
+
+    model, x = build("timm_vit", seed=0)
+    graph = discover(model, x)
+    other = permute(model, graph, graph.random_permutations(seed=1))
+    al = fusion.align([model, other], _cal(x, 32), method="permute")
+    mlp = "blocks.0.mlp.fc1"
+    assert all(isinstance(p[mlp], RowPlan) for p in al.plans), [type(p[mlp]) for p in al.plans]
+    fused = al.apply([0.3, 0.7])
+    al.result.plans = [{k: dense_plan(T) for k, T in p.items()} for p in al.plans]
+    from_matrices = al.apply([0.3, 0.7])
+    for k, v in fused.state_dict().items():
+        assert torch.equal(v, from_matrices.state_dict()[k]), k
