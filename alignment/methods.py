@@ -211,7 +211,14 @@ def _activation_gram(ctx: MatchContext, kind, plans_of, anchored: bool = False,
     """Activation Grams; spaces with no observation point are compared by their weights (noted).
     ``anchored``: only products with the anchor are collected (see :meth:`MatchContext.stats`)."""
     stats = ctx.stats(anchored=anchored, anchor=anchor)
-    wgram = weight_gram(ctx.graphs, ctx.target, ctx.tensors(), plans_of, "distance", ctx.note)
+    built: list[Callable[..., GramView]] = []
+
+    def wgram(*args) -> GramView:
+        # the models' weights are copied to float64 (ctx.tensors) only when a space needs them: dead
+        # or tied units, or no observation point (wide models: gigabytes otherwise)
+        if not built:
+            built.append(weight_gram(ctx.graphs, ctx.target, ctx.tensors(), plans_of, "distance", ctx.note))
+        return built[0](*args)
     tied: set[str] = set()
 
     def dead_gram(name: str, units: torch.Tensor) -> GramView:

@@ -4,6 +4,7 @@ statistics, topology, plans from every method, interpolation weights, and the pa
 from __future__ import annotations
 
 import ast
+import copy
 import importlib
 import inspect
 import pkgutil
@@ -328,6 +329,30 @@ def test_graphs_are_discovered_once_per_architecture_and_reuse_gives_the_same_fu
     assert separate.graphs[0] is not separate.graphs[1]
     for (k, v), w in zip(model_tensors(shared.apply()).items(), model_tensors(separate.apply()).values()):
         assert torch.equal(v, w), k
+
+
+def test_activation_matching_copies_the_weights_only_for_units_the_data_cannot_tell_apart(monkeypatch):
+    """Matching on activations reads the models' weights (a float64 copy of every parameter: the
+    size of both models again) only to tell apart units the data cannot: with none, no copy is
+    made; with dead units, the copy is made and they are matched by their weights."""
+    from alignment.methods import MatchContext
+
+    calls = []
+    real = MatchContext.tensors
+    monkeypatch.setattr(MatchContext, "tensors", lambda self: calls.append(1) or real(self))
+    model, x = build("timm_vit", seed=0)
+    graph = discover(model, x)
+    other = alignment.permute(model, graph, graph.random_permutations(seed=1))
+    cal = torch.randn(32, *x.shape[1:], generator=torch.Generator().manual_seed(0))
+    fusion.align([model, other], cal, method="permute")
+    assert not calls
+    dead = [copy.deepcopy(m) for m in (model, other)]
+    with torch.no_grad():
+        for m in dead:
+            m.blocks[0].mlp.fc1.weight[:4] = 0.0
+            m.blocks[0].mlp.fc1.bias[:4] = 0.0  # four units constant (0) in each model
+    fusion.align(dead, cal, method="permute")
+    assert calls
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", pytest.param("timm_resnet18", marks=pytest.mark.slow)])
