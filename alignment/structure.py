@@ -237,6 +237,8 @@ class BlockGram:
     def sub(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """``G[rows][:, cols]`` for rows of one model and columns of another (a view of the block when
         both are runs of consecutive units; callers must not write into it)."""
+        if not len(rows) or not len(cols):
+            return torch.zeros(len(rows), len(cols), dtype=self.diag.dtype, device=self.diag.device)
         i, j = self._model(rows), self._model(cols)
         o = self.offsets
         if i == j or (min(i, j), max(i, j)) not in self.blocks:

@@ -521,6 +521,7 @@ def test_block_gram_reads_only_what_it_holds():
     r, c = torch.arange(0, 3), torch.arange(6, 10)
     assert submatrix(bg, r, c).data_ptr() == bg.blocks[(0, 2)].data_ptr()  # a view
     assert torch.equal(submatrix(bg, c, r), G[6:10, 0:3])
+    assert submatrix(bg, r, torch.zeros(0, dtype=torch.long)).shape == (3, 0)  # a model with no units here
     picked = torch.tensor([5, 3])
     assert torch.equal(submatrix(bg, picked, r), G[picked][:, r])
     with pytest.raises(SpaceMismatchError, match="one model"):
