@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from alignment.statistics import add_gram
+from alignment.statistics import add_gram, add_promoted_
 
 __all__ = ["LayerGram", "RidgeSolution", "ridge_solve", "regression_loss", "output_moments"]
 
@@ -76,15 +76,15 @@ class LayerGram:
         xx, xy = self.xx[:, :d, :d], self.xy[:, :d]
         if block is None:
             add_gram(xx, x)
-            xy += torch.bmm(x.transpose(1, 2), y)
+            add_promoted_(xy, torch.bmm(x.transpose(1, 2), y))
         else:
             if sel < 256:
                 sub = torch.bmm(x.transpose(1, 2), x)
             else:
                 sub = torch.zeros(g, sel, sel, dtype=dt, device=x.device)
                 add_gram(sub, x)
-            xx.view(g, nh, nw, c, nh, nw, c)[:, sh, sw, :, sh, sw] += sub.view(g, bh, bw, c, bh, bw, c)
-            xy.view(g, nh, nw, c, o)[:, sh, sw] += torch.bmm(x.transpose(1, 2), y).view(g, bh, bw, c, o)
+            add_promoted_(xx.view(g, nh, nw, c, nh, nw, c)[:, sh, sw, :, sh, sw], sub.view(g, bh, bw, c, bh, bw, c))
+            add_promoted_(xy.view(g, nh, nw, c, o)[:, sh, sw], torch.bmm(x.transpose(1, 2), y).view(g, bh, bw, c, o))
         if self.bias:
             # the constant column's products are sums: no need to append it to the rows
             sx = x.sum(1)  # (a reduction with a float64 accumulator is far slower on CPU)

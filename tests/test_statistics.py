@@ -285,3 +285,24 @@ def test_a_module_returning_several_tensors_is_read_at_the_traced_one():
     assert point.read((None, torch.zeros(4, 8, 5, 5), (torch.ones(4, 1, 8),))).shape == (4, 1, 8)
     assert point.read(torch.zeros(3)).shape == (3,)  # a plain tensor is the observed one
     assert point.read(("no tensor",)) is None
+
+
+def test_promoted_add_equals_the_mixed_dtype_add_bit_for_bit():
+    """add_promoted_ (float32 into float64 a slice at a time) gives exactly torch's in-place add on
+    whole matrices, strided views of a larger sum, transposed operands and views of many dims."""
+    from alignment.statistics import add_promoted_
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(3, 700, 900, generator=g, dtype=torch.float64)
+    cases = [
+        (lambda t: t[0], torch.randn(700, 900, generator=g)),                       # one matrix
+        (lambda t: t[:, 100:600, 50:], torch.randn(3, 500, 850, generator=g)),      # a strided view
+        (lambda t: t[1, :300, :700], torch.randn(700, 300, generator=g).t()),       # transposed operand
+        (lambda t: t.view(3, 7, 100, 9, 100)[:, 2:5, :, 1:8], torch.randn(3, 3, 100, 7, 100, generator=g)),
+        (lambda t: t[2, 0], torch.randn(900, generator=g)),                          # a vector
+    ]
+    for view, x in cases:
+        want, got = base.clone(), base.clone()
+        view(want).add_(x)
+        add_promoted_(view(got), x, chunk=4096)
+        assert torch.equal(want, got)
