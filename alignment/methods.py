@@ -146,7 +146,9 @@ class MatchResult:
 
     Attributes:
         plans: per model, per space name, a non-negative ``n x n_i`` plan from the model's features
-            to the fused ones (see :func:`alignment.maps.plan_maps`).
+            to the fused ones (see :func:`alignment.maps.plan_maps`): a matrix, or a
+            :class:`alignment.structure.RowPlan` where it has one entry per row (one-to-one
+            matchings; ``dense_plan`` gives the matrix).
         costs: per space name, a matching score (mean cosine similarity of matched units; higher is
             better; NaN where meaningless).
         notes: fallbacks the method took.

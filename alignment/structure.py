@@ -224,9 +224,8 @@ class BlockGram:
         return self.diag.dtype
 
     def _model(self, idx: torch.Tensor) -> int:
-        """The model whose units the pooled indices ``idx`` are (an error when they span several)."""
-        if not len(idx):
-            raise SpaceMismatchError("an empty set of units has no model")
+        """The model whose units the pooled indices ``idx`` (not empty) are (an error when they span
+        several)."""
         lo, hi = int(idx.min()), int(idx.max())
         for i in range(len(self.offsets) - 1):
             if self.offsets[i] <= lo and hi < self.offsets[i + 1]:
