@@ -1,5 +1,6 @@
 """Stage times of a fusion at real widths: a random-init timm model fused with a randomly permuted
-copy of itself (the fused model must be the model again: the relative logit error is reported).
+copy of itself (the fused model must be the model again: the relative logit error is reported), by
+one or more methods (``--methods permute,ot,zip``: each must recover the model).
 
 No dataset or checkpoint is needed: inputs are Gaussian noise, so the numbers measure the cost of
 each stage (statistics, matching, applying the maps) at the widths of ViT-B/16 or ResNet-50, not
@@ -22,8 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.results_file import footer, write_results  # noqa: E402
 
 
-def run(name: str, image_size: int, samples: int, seed: int) -> dict:
-    """Fuse ``name`` (random init) with a permuted copy; stage seconds, total and logit error."""
+def run(name: str, image_size: int, samples: int, seed: int, method: str = "permute") -> dict:
+    """Fuse ``name`` (random init) with a permuted copy by ``method``; stage seconds, total and
+    logit error."""
     import timm
 
     import fusion
@@ -38,7 +40,7 @@ def run(name: str, image_size: int, samples: int, seed: int) -> dict:
     copy = permute(model, graph, graph.random_permutations(seed=seed + 1))
     cal = torch.randn(samples, 3, image_size, image_size, generator=g)
     t = time.perf_counter()
-    fused = fusion.fuse([model, copy], cal, method="permute", repair="none")
+    fused = fusion.fuse([model, copy], cal, method=method, repair="none")
     total = time.perf_counter() - t
     with torch.no_grad():
         y = model(x)
@@ -51,6 +53,7 @@ def main() -> None:
     """Run the models named on the command line and write the table."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="vit_base_patch16_224", help="comma-separated timm model names")
+    ap.add_argument("--methods", default="permute", help="comma-separated methods (permute, ot, zip, merge, ...)")
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--calibration-size", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
@@ -58,17 +61,19 @@ def main() -> None:
     args = ap.parse_args()
     lines = ["# Fusion at real widths: a model with its permuted copy", "",
              f"Random-init timm models, {args.calibration_size} Gaussian calibration images at "
-             f"{args.image_size} px, `method=\"permute\"`, no repair; seconds per stage from the fusion report; "
+             f"{args.image_size} px, no repair; seconds per stage from the fusion report; "
              "error: relative logit error of the fused model against the model (0 = recovered exactly).", "",
-             "| model | parameters | discover s | collect s | match s | apply s | total s | error |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| model | method | parameters | discover s | collect s | match s | apply s | total s | error |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name in args.models.split(","):
-        r = run(name, args.image_size, args.calibration_size, args.seed)
-        s = r["seconds"]
-        row = (f"| {name} | {r['params'] / 1e6:.1f}M | {s.get('discover', 0):.1f} | {s.get('collect', 0):.1f} | "
-               f"{s.get('match', 0):.1f} | {s.get('apply', 0):.1f} | {r['total']:.1f} | {r['error']:.1e} |")
-        print(row, flush=True)
-        lines.append(row)
+        for method in args.methods.split(","):
+            r = run(name, args.image_size, args.calibration_size, args.seed, method)
+            s = r["seconds"]
+            row = (f"| {name} | {method} | {r['params'] / 1e6:.1f}M | {s.get('discover', 0):.1f} | "
+                   f"{s.get('collect', 0):.1f} | {s.get('match', 0):.1f} | {s.get('apply', 0):.1f} | {r['total']:.1f} | "
+                   f"{r['error']:.1e} |")
+            print(row, flush=True)
+            lines.append(row)
     cmd = " ".join(["python benchmarks/wide.py"] + sys.argv[1:])
     write_results(lines + footer(cmd), args.out)
 
