@@ -348,9 +348,35 @@ def _group_plans(leaf: LeafProblem, G: torch.Tensor, labels: torch.Tensor) -> tu
     P = G.shape[0]
     T = torch.zeros(leaf.n, P, dtype=torch.float64)
     T[labels, torch.arange(P)] = 1.0
-    plans = [T[:, c] for c in leaf.cols]
-    A = plan_maps(plans, leaf.alpha).merge
-    return plans, _score(plans, torch.cat(A, dim=1), G, leaf.cols)
+    return [T[:, c] for c in leaf.cols], _group_score(G, labels, leaf.sizes, leaf.alpha, leaf.n)
+
+
+def _group_score(G: torch.Tensor, labels: torch.Tensor, sizes: Sequence[int], alpha: Sequence[float], n: int) -> float:
+    """:func:`_score` of the plans of a clustering against their fused units (the mean cosine
+    similarity, in ``G``, of every pooled unit with its group's fused unit), from the pairs of units
+    that share a group only: the fused unit of group ``k`` is ``sum_m a_m u_m`` over its members
+    with :func:`alignment.maps.plan_maps`'s merge weights ``a_m``, so each unit's cosine needs
+    ``G`` on its own group alone (not a product of every fused unit with the whole Gram)."""
+    P = len(labels)
+    owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.as_tensor(list(sizes)))
+    # plan_maps' merge weights, alpha_i / (model i's members in the group), up to a factor per group
+    # (the models present in it), which no cosine depends on
+    cnt = torch.bincount(labels * len(sizes) + owner, minlength=n * len(sizes)).view(n, len(sizes)).double()
+    a = torch.as_tensor([float(x) for x in alpha], dtype=torch.float64)[owner] / cnt[labels, owner]
+    # every (unit j, member m of j's group) pair
+    order = torch.argsort(labels, stable=True)
+    size = torch.bincount(labels, minlength=n)
+    start = torch.cumsum(size, 0) - size
+    reps = size[labels]
+    j = torch.repeat_interleave(torch.arange(P), reps)
+    within = torch.arange(len(j)) - torch.repeat_interleave(torch.cumsum(reps, 0) - reps, reps)
+    m = order[start[labels[j]] + within]
+    g = G[m, j]
+    ag = torch.zeros(P, dtype=torch.float64).index_add_(0, j, a[m] * g)
+    aa = torch.zeros(n, dtype=torch.float64).index_add_(0, labels[j], a[j] * a[m] * g).clamp_min(0)
+    den = (aa[labels] * G.diagonal().clamp_min(0)).sqrt()
+    cos = torch.where(den > 1e-300, ag / den.clamp_min(1e-300), torch.zeros_like(ag))
+    return float(cos.mean()) if P else float("nan")
 
 
 def magnitude_leaf(leaf: LeafProblem) -> tuple[list[torch.Tensor], float]:

@@ -615,3 +615,25 @@ def test_one_to_one_plans_are_kept_as_indices_with_the_same_maps():
     from_matrices = al.apply([0.3, 0.7])
     for k, v in fused.state_dict().items():
         assert torch.equal(v, from_matrices.state_dict()[k]), k
+
+
+@pytest.mark.parametrize("alpha", [[0.5, 0.5], [0.2, 0.8], [1.0, 0.0]])
+def test_group_score_equals_the_score_against_the_merged_fused_units(alpha):
+    """Property: the score of a clustering's plans computed from the pairs that share a group equals
+    the general score against the fused units (plan_maps' merge maps times the whole Gram): the
+    mean cosine of every unit with its group's fused unit, groups of one, two or three units from
+    one or both models included."""
+    from alignment.leaves import _group_score, _score
+
+    g = torch.Generator().manual_seed(3)
+    sizes, n = [7, 5], 6
+    X = torch.randn(12, 40, generator=g, dtype=torch.float64)
+    X[4] = 0.0  # a dead unit: no direction
+    G = X @ X.t()
+    labels = torch.tensor([0, 1, 1, 3, 2, 4, 5, 0, 2, 3, 3, 5])
+    T = torch.zeros(n, 12, dtype=torch.float64)
+    T[labels, torch.arange(12)] = 1.0
+    cols = [torch.arange(7), torch.arange(7, 12)]
+    plans = [T[:, c] for c in cols]
+    want = _score(plans, torch.cat(plan_maps(plans, alpha).merge, dim=1), G, cols)
+    assert _group_score(G, labels, sizes, alpha, n) == pytest.approx(want, rel=1e-12, abs=1e-14)
