@@ -150,7 +150,7 @@ def gram_cost(A: torch.Tensor, G: torch.Tensor, cols: torch.Tensor, geometry: st
 
 
 def _cosine(A: torch.Tensor, G: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    return 1.0 - gram_cost(A, G, cols, "correlation")
+    return gram_cost(A, G, cols, "correlation").neg_().add_(1.0)  # 1 - cost, on gram_cost's fresh buffer
 
 
 def _score(plans, A, G, cols, skip: int | None = None, costs=None) -> float:
@@ -292,11 +292,11 @@ def merge_leaf(leaf: LeafProblem, balanced: bool = True) -> tuple[list[torch.Ten
         raise SpaceMismatchError(f"space {leaf.space!r}: merging cannot widen {P} units into {n}; use "
                                  f"method='ot' to widen")
     S = _cosine(torch.arange(P), G, torch.arange(P))  # units as index anchors: no P^3 products
-    return _group_plans(leaf, G, greedy_merge(S, n, balanced=balanced))
+    return _group_plans(leaf, G, greedy_merge(S, n, balanced=balanced, overwrite=True))
 
 
 def zip_labels(S: torch.Tensor, sizes: Sequence[int], n: int, within: float, remerge: float,
-               where: str = "a space") -> torch.Tensor:
+               where: str = "a space", overwrite: bool = False) -> torch.Tensor:
     """ZipIt's greedy merging of pooled units into ``n`` groups: the group of each unit.
 
     Args:
@@ -310,15 +310,22 @@ def zip_labels(S: torch.Tensor, sizes: Sequence[int], n: int, within: float, rem
             ZipIt's linkage: the smaller of its parts' similarities, times this); 0 lets a group grow
             past its share only when nothing else is left, 1 is plain complete linkage.
         where: what is being merged (named in errors).
+        overwrite: work in ``S`` itself (it is overwritten; see :func:`greedy_merge`).
     """
-    S = S.clone()
+    if not overwrite:
+        S = S.clone()
     if len(sizes) > 1 and within != 1.0:
-        owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.as_tensor(list(sizes)))
-        same = owner[:, None] == owner[None, :]
-        S[same] = S[same] * within if within > 0 else -math.inf
+        o = [0]
+        for s in sizes:
+            o.append(o[-1] + int(s))
+        for a, b in zip(o[:-1], o[1:]):  # each model's own block
+            if within > 0:
+                S[a:b, a:b].mul_(within)
+            else:
+                S[a:b, a:b].fill_(-math.inf)
     try:
         return greedy_merge(S, n, balanced=False, linkage="min", decay=remerge,
-                            decay_from=max(2, math.ceil(S.shape[0] / n)))
+                            decay_from=max(2, math.ceil(S.shape[0] / n)), overwrite=True)
     except RuntimeError:
         raise SpaceMismatchError(f"{where}: with within=0 no merge is left that keeps every group to one unit per "
                                  f"model before reaching width {n}; allow merges inside a model (within > 0)") from None
@@ -339,7 +346,7 @@ def zip_leaf(leaf: LeafProblem, within: float = 1.0, remerge: float = 0.3) -> tu
         raise SpaceMismatchError(f"space {leaf.space!r}: within=0 keeps every fused unit to one unit per model, so the "
                                  f"fused width {n} cannot be below the widest model's {max(leaf.sizes)}; use within > 0")
     S = _cosine(torch.arange(P), G, torch.arange(P))
-    labels = zip_labels(S, leaf.sizes, n, within, remerge, where=f"space {leaf.space!r}")
+    labels = zip_labels(S, leaf.sizes, n, within, remerge, where=f"space {leaf.space!r}", overwrite=True)
     return _group_plans(leaf, G, labels)
 
 

@@ -41,7 +41,7 @@ LINKAGES = ("average", "min")
 
 
 def greedy_merge(S: torch.Tensor, n: int, balanced: bool = True, linkage: str = "average",
-                 decay: float = 1.0, decay_from: int = 2) -> torch.Tensor:
+                 decay: float = 1.0, decay_from: int = 2, overwrite: bool = False) -> torch.Tensor:
     """Agglomerative merging of P units into n groups (average linkage, or ZipIt's scaled minimum).
 
     Exact (same merges, same tie-breaking, bit-identical merged similarities) equivalent of the
@@ -68,6 +68,9 @@ def greedy_merge(S: torch.Tensor, n: int, balanced: bool = True, linkage: str = 
         decay_from: the factor applies to merges that make a group of at least this many units
             (2: every merge, as in ZipIt for two models; ``N`` for N models zipped into one width, so
             that a group is discouraged only once it holds its share).
+        overwrite: work in ``S`` itself when it is a contiguous float32/float64 CPU matrix (it is
+            overwritten): no copy of a ``P x P`` matrix (wide spaces: hundreds of MB). Default: ``S``
+            is left as it is.
 
     Returns:
         CPU ``LongTensor`` of length ``P``: the group of each unit, with values ``0..n-1`` and groups
@@ -92,7 +95,7 @@ def greedy_merge(S: torch.Tensor, n: int, balanced: bool = True, linkage: str = 
         raise ValueError(f"decay must be in [0, 1], got {decay!r}")
     if S.dtype not in (torch.float32, torch.float64):
         S = S.to(torch.float64)
-    S = S.detach().to("cpu", copy=True).contiguous()
+    S = S.detach().to("cpu", copy=not overwrite).contiguous()
     S.fill_diagonal_(-math.inf)
     if not bool(torch.all(S < math.inf)):  # false for NaN and +inf
         raise ValueError("S must not contain NaN or +inf off the diagonal")
