@@ -141,8 +141,10 @@ class PointStats:
             feats = [f - shift[o[i]:o[i + 1]].to(f)[:, None] for i, f in enumerate(feats)]
         s1 = torch.cat([f.sum(1) for f in feats])
         # one product per pair (stacking every model's features first costs a copy of them all, and
-        # one product of the stack computes both triangles: no faster)
-        blocks = {k: feats[k[0]] @ feats[k[1]].t() for k in self.blocks}
+        # one product of the stack computes both triangles: no faster); a model with itself: the
+        # upper block triangle only
+        blocks = {k: _self_product(feats[k[0]]) if k[0] == k[1] else feats[k[0]] @ feats[k[1]].t()
+                  for k in self.blocks}
         sq = torch.cat([blocks[(i, i)].diagonal() if (i, i) in blocks else _row_squares(f)
                         for i, f in enumerate(feats)])
         return feats[0].shape[1], shift, s1, sq, blocks
@@ -276,6 +278,28 @@ def _divide_outer_(M: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> torch.T
     return M
 
 
+def _block_edges(d: int, blocks: int) -> list[tuple[int, int]]:
+    # row bands of a symmetric d x d product computed by its upper block triangle
+    edges = [d * i // blocks for i in range(blocks + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _self_product(f: torch.Tensor, blocks: int = 4, min_width: int = 256) -> torch.Tensor:
+    """``f @ f.T`` for a ``(width, samples)`` matrix from its upper block triangle (about 60% of the
+    flops for 4 blocks), mirrored: the same numbers as the full product (each entry is one dot
+    product over the samples either way)."""
+    d = f.shape[0]
+    if d < min_width:
+        return f @ f.t()
+    out = torch.empty(d, d, dtype=f.dtype, device=f.device)
+    for a, b in _block_edges(d, blocks):
+        part = f[a:b] @ f[a:].t()
+        out[a:b, a:] = part
+        if b < d:
+            out[b:, a:b] = part[:, b - a:].t()
+    return out
+
+
 def add_gram(acc: torch.Tensor, x: torch.Tensor, blocks: int = 4, min_width: int = 256) -> None:
     """``acc += x^T x`` per group (``x``: ``(groups, rows, d)``, ``acc``: ``(groups, d, d)``, any
     dtype: the products are in ``x``'s), computing only the upper block triangle of the symmetric
@@ -284,8 +308,7 @@ def add_gram(acc: torch.Tensor, x: torch.Tensor, blocks: int = 4, min_width: int
     if d < min_width:
         add_promoted_(acc, torch.bmm(x.transpose(1, 2), x))
         return
-    edges = [d * i // blocks for i in range(blocks + 1)]
-    for a, b in zip(edges[:-1], edges[1:]):
+    for a, b in _block_edges(d, blocks):
         part = torch.bmm(x[:, :, a:b].transpose(1, 2), x[:, :, a:])
         add_promoted_(acc[:, a:b, a:], part)
         if b < d:

@@ -306,3 +306,14 @@ def test_promoted_add_equals_the_mixed_dtype_add_bit_for_bit():
         view(want).add_(x)
         add_promoted_(view(got), x, chunk=4096)
         assert torch.equal(want, got)
+
+
+@pytest.mark.parametrize("d", [40, 301, 512])
+def test_a_models_product_with_itself_from_its_upper_block_triangle_is_the_whole_product(d):
+    """Property: the self product of the statistics (upper block triangle, mirrored) holds the
+    numbers of the whole product f f^T, at widths below and above the blocking threshold."""
+    from alignment.statistics import _self_product
+
+    f = torch.randn(d, 700, generator=torch.Generator().manual_seed(d))
+    torch.testing.assert_close(_self_product(f), f @ f.t(), rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(_self_product(f.double()), f.double() @ f.double().t(), rtol=1e-12, atol=1e-10)
