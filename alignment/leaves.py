@@ -62,11 +62,11 @@ def transport_plan(cost: torch.Tensor, solver: str = "emd", reg: float = 0.01,
         num_iter: iteration cap of the Sinkhorn solver.
         note: ``note(message)`` records a fallback (non-finite costs, an unconverged Sinkhorn plan).
         where: what the plan is for (named in notes).
-        rows: return a :class:`alignment.maps.RowPlan` (indices, no ``n x m`` matrix) when the plan
-            has one entry per row (a Hungarian matching with ``n <= m``).
+        rows: return a :class:`alignment.structure.RowPlan` (indices, no ``n x m`` matrix) when the
+            plan has one entry per row (a Hungarian matching with ``n <= m``).
 
     Returns:
-        The plan (float64, ``n x m``).
+        The plan (float64, ``n x m``; a RowPlan with ``rows`` where it applies).
     """
     C = cost.detach().double().cpu()
     n, m = C.shape
