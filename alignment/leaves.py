@@ -352,10 +352,12 @@ def zip_leaf(leaf: LeafProblem, within: float = 1.0, remerge: float = 0.3) -> tu
 
 def _group_plans(leaf: LeafProblem, G: torch.Tensor, labels: torch.Tensor) -> tuple[list[torch.Tensor], float]:
     """Plans of a clustering of the pooled units (fused unit ``k`` = group ``k``) and their score."""
-    P = G.shape[0]
-    T = torch.zeros(leaf.n, P, dtype=torch.float64)
-    T[labels, torch.arange(P)] = 1.0
-    return [T[:, c] for c in leaf.cols], _group_score(G, labels, leaf.sizes, leaf.alpha, leaf.n)
+    plans = []
+    for c in leaf.cols:  # (each model's plan built on its own: no n x P matrix to gather columns from)
+        T = torch.zeros(leaf.n, len(c), dtype=torch.float64)
+        T[labels[c], torch.arange(len(c))] = 1.0
+        plans.append(T)
+    return plans, _group_score(G, labels, leaf.sizes, leaf.alpha, leaf.n)
 
 
 def _group_score(G: torch.Tensor, labels: torch.Tensor, sizes: Sequence[int], alpha: Sequence[float], n: int) -> float:
