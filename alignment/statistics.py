@@ -322,7 +322,7 @@ def add_promoted_(acc: torch.Tensor, x: torch.Tensor, chunk: int = 1 << 18) -> t
     converted copy of the whole of ``x`` costs its pages on every call."""
     if x.dtype == acc.dtype or acc.device.type != "cpu" or x.shape != acc.shape:
         return acc.add_(x)
-    if acc.numel() <= chunk or acc.dim() == 0:
+    if acc.numel() <= chunk:
         return acc.add_(x.to(acc.dtype))
     # slices of dimension k, each index of the dimensions before it at a time, of about ``chunk`` entries
     k = next(k for k in range(acc.dim()) if math.prod(acc.shape[k + 1:]) <= chunk)

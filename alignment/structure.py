@@ -26,6 +26,7 @@ each fused head's member heads.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence, Union
@@ -254,9 +255,7 @@ class BlockGram:
         the blocks where the units are runs of consecutive units."""
         o = self.offsets
         blocks = {(i, j): submatrix(B, idx[i] - o[i], idx[j] - o[j]) for (i, j), B in self.blocks.items()}
-        offsets = [0]
-        for x in idx:
-            offsets.append(offsets[-1] + len(x))
+        offsets = [0, *itertools.accumulate(len(x) for x in idx)]
         pool = torch.cat(list(idx))
         span = _span(pool)
         return BlockGram(blocks, self.diag[span] if span is not None else self.diag[pool], offsets)
@@ -283,11 +282,10 @@ class BlockGram:
 
     def __add__(self, other: "BlockGram | int") -> "BlockGram":
         if isinstance(other, int) and other == 0:
-            return BlockGram({k: B.clone() for k, B in self.blocks.items()}, self.diag.clone(), list(self.offsets))
+            return self.to(copy=True)
         if not isinstance(other, BlockGram):
             return NotImplemented
-        out = BlockGram({k: B.clone() for k, B in self.blocks.items()}, self.diag.clone(), list(self.offsets))
-        return out.add_(other)
+        return self.to(copy=True).add_(other)
 
     __radd__ = __add__
 
@@ -407,11 +405,7 @@ def _head_costs(gv: GramView, rows: list[torch.Tensor], cols: list[torch.Tensor]
     from .leaves import gram_cost
 
     C = gram_cost(torch.cat(rows), gv.G, torch.cat(cols), gv.geometry)
-    rs, cs = [0], [0]
-    for u in rows:
-        rs.append(rs[-1] + len(u))
-    for u in cols:
-        cs.append(cs[-1] + len(u))
+    rs, cs = ([0, *itertools.accumulate(len(u) for u in units)] for units in (rows, cols))
     return {(p, q): _transport_cost(C[rs[p]:rs[p + 1], cs[q]:cs[q + 1]]) for p, q in pairs}
 
 

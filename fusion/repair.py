@@ -297,22 +297,22 @@ def repair(
         # (a norm never called acts on nothing: nothing to measure or correct)
         tape = record(fused, first_batch(data)[:2].to(dev))
         order = sorted((la for la in todo if tape.count(la[0])), key=lambda la: tape.call(la[0]))
-        if order and not _correct_by_replay(fused, tape, order, data, dev, max_batches, progress, correct,
+        if order and not _correct_by_replay(fused, mods, tape, order, data, dev, max_batches, progress, correct,
                                             replay_gib, notes if notes is not None else []):
             for path, dim in order:  # one whole pass per layer
                 correct(path, output_stats(fused, [(path, dim)], data, dev, max_batches)[path])
     return fused
 
 
-def _correct_by_replay(fused: nn.Module, tape: Tape, order: list[tuple[str, int]], data: Any, dev: torch.device,
-                       max_batches: int | None, progress: bool, correct: Callable, gib: float,
-                       notes: list[str]) -> bool:
+def _correct_by_replay(fused: nn.Module, mods: dict[str, nn.Module], tape: Tape, order: list[tuple[str, int]],
+                       data: Any, dev: torch.device, max_batches: int | None, progress: bool, correct: Callable,
+                       gib: float, notes: list[str]) -> bool:
     """Measure and ``correct(path, (mean, std))`` each norm layer of ``order`` (forward order, as
     ``tape`` recorded it), each pass running only the part of the model between the previous layer
     and this one (a :class:`fusion.replay.Replay`: finished calls are served from a cache of the
     calibration set's activations), instead of one whole forward pass per layer. The statistics are
     those of whole passes, bit for bit: each layer's output is its own forward applied to its
-    captured input.
+    captured input. ``mods``: ``fused``'s modules by path.
 
     Returns False, having corrected nothing, where a replay does not apply: a norm module called
     more than once per forward pass (its earlier calls would be served stale after its correction), a
@@ -320,7 +320,6 @@ def _correct_by_replay(fused: nn.Module, tape: Tape, order: list[tuple[str, int]
     inputs and cached activations would take more than ``gib`` GiB (noted in ``notes``); the caller
     then runs whole passes (the same numbers, slower).
     """
-    mods = dict(fused.named_modules())
     if any(tape.count(p) > 1 for p, _ in order):
         return False
     with modes([fused]):
