@@ -694,29 +694,34 @@ def compress(model, method, **kw) -> None:
 @main.command(epilog=EPILOG_INTERPOLATE)
 @click.argument("models", nargs=2)
 @click.option("--out", required=True, help="Folder for interpolation.json and interpolation.png.")
+@click.option("--overwrite", is_flag=True, help="Replace interpolation.json and interpolation.png in --out (default: "
+                                                "refuse, before any work).")
 @click.option("--methods", default="average,permute", show_default=True, help="Comma-separated fusion methods.")
 @click.option("--repairs", default="none,reset_bn", show_default=True, help="Comma-separated repairs (none, reset_bn, repair).")
 @click.option("--steps", type=int, default=11, show_default=True, help="Number of alphas from 0 to 1.")
 @click.option("--calibration-size", type=int, default=2000, show_default=True,
               help="Calibration images drawn from the train split of --data.")
 @click.option("--calibration-seed", type=int, default=0, show_default=True, help="Seed of the calibration draw.")
-@click.option("--test-limit", type=int, default=None, help="Evaluate on the first N test images only.")
+@click.option("--test-limit", "--limit", "test_limit", type=int, default=None,
+              help="Evaluate on the first N test images only.")
 @click.option("--zoo", "zoo_dir", default=None, help="Zoo folder for zoo names (default: $FUSION_ZOO).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for randomised solvers.")
 @click.option("--device", default=None, help="Device for statistics, repair and evaluation (default cpu).")
 @click.option("--option", "options", multiple=True, help="Method option key=value (repeatable).")
 @_data_options
 @_timm_options
-def interpolate(models, out, methods, repairs, steps, calibration_size, calibration_seed, test_limit,
+def interpolate(models, out, overwrite, methods, repairs, steps, calibration_size, calibration_seed, test_limit,
                 zoo_dir, seed, device, options, checkpoints, kwargs_json, num_classes, **kw) -> None:
     """Loss and accuracy along the path between two models, per fusion method and repair.
 
     Writes OUT/interpolation.json (the curves) and OUT/interpolation.png (accuracy and loss vs alpha).
     The test data uses the first model's classes.
     """
-    from .interpolate import default_alphas, interpolation_report
+    from .interpolate import JSON_NAME, PLOT_NAME, default_alphas, interpolation_report
+    from .io import check_output_folder
     from .repair import REPAIRS
 
+    check_output_folder(out, (JSON_NAME, PLOT_NAME), overwrite)  # before any work
     data = _data_of(kw)
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     repair_list = [r.strip() for r in repairs.split(",") if r.strip()]
@@ -738,7 +743,7 @@ def interpolate(models, out, methods, repairs, steps, calibration_size, calibrat
     test = data.test(mods[0], first_classes, test_limit)
     curves = interpolation_report(mods, calibration, test, methods=method_list, repairs=repair_list,
                                   alphas=default_alphas(steps), out=out, device=device, progress=_progress(),
-                                  seed=seed, **parse_options(options))
+                                  seed=seed, overwrite=overwrite, **parse_options(options))
     for c in curves:
         click.echo(f"{c['method']:>16s} + {c['repair']:8s}: accuracy "
                    + " ".join(f"{100 * a:.1f}" for a in c["accuracy"])

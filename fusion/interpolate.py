@@ -22,6 +22,7 @@ from alignment.errors import InvalidOptionError
 
 from .api import Alignment, ModelError, align
 from .experiments.evaluate import evaluate_loss_and_accuracy
+from .io import check_output_folder, write_files
 from .repair import REPAIRS
 
 __all__ = ["default_alphas", "interpolation_curve", "interpolation_report", "plot_curves"]
@@ -146,7 +147,16 @@ def _curve(al: Alignment, models: Sequence[nn.Module], calibration: Any, data: A
 
 
 def plot_curves(curves: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """Writes a two-panel PNG (accuracy and loss vs alpha, one line per method + repair)."""
+    """Writes a two-panel PNG (accuracy and loss vs alpha, one line per method + repair) to ``path``
+    (replaced all or nothing if it exists)."""
+    path = Path(path)
+    write_files(path.parent, {path.name: _plot_png(curves)})
+    return path
+
+
+def _plot_png(curves: Sequence[dict[str, Any]]) -> bytes:
+    import io
+
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -163,9 +173,9 @@ def plot_curves(curves: Sequence[dict[str, Any]], path: str | Path) -> Path:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(str(path), dpi=100, format="png")
-    return path
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=100, format="png")
+    return buf.getvalue()
 
 
 def _json_safe(value: Any) -> Any:
@@ -188,6 +198,7 @@ def interpolation_report(
     out: str | Path | None = None,
     device: str | torch.device | None = None,
     progress: bool = False,
+    overwrite: bool = False,
     **options: Any,
 ) -> list[dict[str, Any]]:
     """Interpolation curves for every (method, repair) pair, optionally written to a folder.
@@ -199,6 +210,9 @@ def interpolation_report(
         repairs: norm repairs to compare.
         out: folder (created if missing) that receives ``interpolation.json`` (the list of curves)
             and ``interpolation.png`` (accuracy and loss vs alpha); nothing is written elsewhere.
+            Checked before any work; both files are written all or nothing.
+        overwrite: replace ``interpolation.json`` / ``interpolation.png`` when ``out`` holds them
+            (default: refuse with :class:`fusion.io.OutputExistsError` before any work).
 
     Returns:
         The list of curve dicts, methods outer, repairs inner. Each method is aligned once and its
@@ -206,6 +220,8 @@ def interpolation_report(
     """
     for r in repairs:
         _check(models, r)
+    if out is not None:
+        check_output_folder(out, (JSON_NAME, PLOT_NAME), overwrite)
     models = _distinct(models)
     curves = []
     for m in methods:  # one alignment per method, shared by its repairs
@@ -215,8 +231,6 @@ def interpolation_report(
         for r in repairs:
             curves.append(_curve(al, models, calibration, data, alphas, m, r, device, dt, progress))
     if out is not None:
-        folder = Path(out)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / JSON_NAME).write_text(json.dumps(_json_safe(curves), indent=1) + "\n")
-        plot_curves(curves, folder / PLOT_NAME)
+        write_files(out, {JSON_NAME: (json.dumps(_json_safe(curves), indent=1) + "\n").encode(),
+                          PLOT_NAME: _plot_png(curves)})
     return curves

@@ -57,6 +57,8 @@ __all__ = [
     "OutputExistsError",
     "OutputNotWritableError",
     "check_output",
+    "check_output_folder",
+    "write_files",
     "save_model",
     "save_zipped",
     "save_library_forms",
@@ -475,14 +477,51 @@ def check_output(path: str | os.PathLike[str], overwrite: bool = False, sidecar:
     weights, side = _model_paths(path)
     for p in [weights, *([side] if sidecar else []), *extra]:
         _refuse_existing(Path(p), overwrite)
-    folder = weights.parent
+    _check_writable(weights.parent)
+    return weights, side
+
+
+def _check_writable(folder: Path) -> None:
     probe = folder
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         raise OutputNotWritableError(f"cannot write to {folder} ({probe} is not a writable folder); choose another "
                                      f"output path")
-    return weights, side
+
+
+def check_output_folder(folder: str | os.PathLike[str], names: Iterable[str], overwrite: bool = False) -> Path:
+    """Check, before any work, that files ``names`` can be written into ``folder``: it is a folder or
+    can be created as one, it is writable, and (unless ``overwrite``) none of the files exists.
+
+    Returns:
+        The folder as a ``Path``.
+
+    Raises:
+        OutputExistsError: one of the files exists and ``overwrite`` is false.
+        OutputNotWritableError: ``folder`` is an existing file, or cannot be created or written.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputNotWritableError(f"{folder} is a file, not a folder; choose a folder for the output")
+    for name in names:
+        _refuse_existing(folder / name, overwrite)
+    _check_writable(folder)
+    return folder
+
+
+def write_files(folder: str | os.PathLike[str], files: Mapping[str, bytes]) -> list[Path]:
+    """Write ``files`` (name -> content) into ``folder`` (created if missing) all or nothing: an
+    interruption leaves either every old file or every new one (see :func:`save_model`).
+
+    Returns:
+        The paths written, in order.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / name for name in files]
+    _commit(list(zip(paths, files.values())))
+    return paths
 
 
 def _file_mode() -> int:

@@ -325,6 +325,17 @@ def test_interpolate_rejects_bad_repair(tmp_path):
     assert res.exit_code != 0 and "--repairs" in res.output
 
 
+def test_interpolate_refuses_existing_results_in_one_line(tmp_path):
+    """Guards: `fusion interpolate` never replaces earlier curves without --overwrite, and says so in
+    one line with exit code 2 before resolving any model (the model names here do not exist)."""
+    (tmp_path / "interpolation.json").write_text("[]")
+    res = CliRunner().invoke(main, ["interpolate", "no-such-a", "no-such-b", "--out", str(tmp_path)])
+    assert "interpolation.json exists" in _one_error_line(res)
+    assert (tmp_path / "interpolation.json").read_text() == "[]"
+    res = CliRunner().invoke(main, ["interpolate", "no-such-a", "no-such-b", "--out", str(tmp_path / "interpolation.json")])
+    assert "is a file" in _one_error_line(res)
+
+
 def test_compress_round_trip_matches_api(zoo_dir, tmp_path):
     """`fusion compress --width 0.5` writes a narrower model that reloads (widths in the sidecar)."""
     from fusion import fuse

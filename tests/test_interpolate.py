@@ -119,3 +119,46 @@ def test_report_writes_only_into_out(tmp_path):
     assert len(interpolation_report(models, data, data, methods=("average",), repairs=("none",),
                                     alphas=[0.0, 1.0])) == 1
     assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_report_refuses_existing_results_before_any_work(tmp_path, monkeypatch):
+    """Guards: earlier curves are never lost. An existing interpolation.json (or png) is refused before
+    the alignment runs, an output that is a file is refused likewise (a FusionError, not a raw OSError
+    after the work), and ``overwrite=True`` replaces both files."""
+    import fusion.interpolate as fi
+    from alignment.errors import FusionError
+    from fusion.io import OutputExistsError, OutputNotWritableError
+
+    models, x = _pair("mlp")
+    data = _data(x.shape, n=32)
+    (tmp_path / "interpolation.png").write_bytes(b"earlier plot")
+
+    def no_work(*a, **k):
+        raise AssertionError("the alignment ran before the output was checked")
+
+    with monkeypatch.context() as m:
+        m.setattr(fi, "align", no_work)
+        with pytest.raises(OutputExistsError, match="interpolation.png exists"):
+            interpolation_report(models, data, data, methods=("average",), repairs=("none",), out=tmp_path)
+        blocker = tmp_path / "file"
+        blocker.write_text("x")
+        with pytest.raises(OutputNotWritableError, match="is a file") as err:
+            interpolation_report(models, data, data, methods=("average",), repairs=("none",), out=blocker)
+        assert isinstance(err.value, FusionError)
+    assert (tmp_path / "interpolation.png").read_bytes() == b"earlier plot"
+    assert not (tmp_path / "interpolation.json").exists()
+    curves = interpolation_report(models, data, data, methods=("average",), repairs=("none",), alphas=[0.0, 1.0],
+                                  out=tmp_path, overwrite=True)
+    assert (tmp_path / "interpolation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "interpolation.json").read_text())[0]["loss"] == curves[0]["loss"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "interpolation.json", "interpolation.png"]
+
+
+def test_plot_curves_writes_a_png(tmp_path):
+    """Guards: the public plot writer produces a PNG at the path given and nothing else."""
+    from fusion.interpolate import plot_curves
+
+    curves = [{"method": "permute", "repair": "none", "alphas": [0.0, 1.0], "accuracy": [0.5, 0.6], "loss": [1.0, 0.9]}]
+    path = plot_curves(curves, tmp_path / "p.png")
+    assert path == tmp_path / "p.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["p.png"]
