@@ -174,6 +174,7 @@ def match(ctx: MatchContext, method: str, **options: Any) -> MatchResult:
         InvalidOptionError: an unknown option, or a value the option does not allow.
     """
     checked = METHODS.validate(method, options)
+    _require_family(ctx)
     t0 = time.perf_counter()
     result = METHODS.get(method).fn(ctx, **checked)
     result.notes = list(ctx.notes)
@@ -196,11 +197,29 @@ def _require_same_widths(ctx: MatchContext, method: str) -> None:
 
 
 def _require_family(ctx: MatchContext) -> None:
+    """Models and target are of one family: the same spaces (by name, at any widths) and the same
+    parameters and buffers (by name). A model with layers the target lacks (a deeper variant) would
+    otherwise lose them silently."""
+    target = ctx.target
+    spaces = {s.name for s in target.spaces if s.members}
     for i, g in enumerate(ctx.graphs):
-        missing = [s.name for s in ctx.target.spaces if s.members and s.name not in g]
+        missing = [s.name for s in target.spaces if s.members and s.name not in g]
         if missing:
             raise SpaceMismatchError(f"model {i} has no space(s) {missing[:4]} of the target; models and target "
                                      f"must be of one family")
+        extra = [s.name for s in g.spaces if s.members and s.name not in spaces]
+        tensors = [t for t in g.shapes if t not in target.shapes]
+        if extra or tensors:
+            what = ", ".join(x for x in (f"space(s) {extra[:4]}" if extra else "",
+                                         f"tensor(s) {tensors[:4]}" if tensors else "") if x)
+            raise SpaceMismatchError(
+                f"model {i} has {what} that the {'target' if ctx.target_graph is not None else 'first model'} "
+                f"lacks ({len(extra)} spaces, {len(tensors)} tensors in all): its layers would be dropped. Models "
+                f"and target must be of one family (the same layers at any widths); fuse models of one architecture")
+        lost = [t for t in target.shapes if t not in g.shapes]
+        if lost:
+            raise SpaceMismatchError(f"model {i} has no tensor(s) {lost[:4]} of the target; models and target must be "
+                                     f"of one family")
 
 
 def _check_anchor(ctx: MatchContext, anchor: int | None) -> None:
@@ -245,7 +264,6 @@ def _solve(ctx: MatchContext, leaf_solver, gram_of=None, scores=None, sweeps: in
            anchor: int | None = None, merge_heads=None) -> MatchResult:
     """Plans of every space from one walk, or from ``sweeps`` walks of coordinate descent (each space
     solved with its neighbours' newest plans, in random order per sweep when ``shuffle``)."""
-    _require_family(ctx)
     holder: dict[str, Any] = {"walk": None, "prev": {}}
 
     def plans_of(name):

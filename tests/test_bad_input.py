@@ -97,6 +97,14 @@ def _five_classes():
     return m
 
 
+def _mlp(depth: int, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i in range(depth):
+        layers += [nn.Linear(8 if i == 0 else 16, 16), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(16, 4)).eval()
+
+
 def _with_nan(t):
     t = t.clone()
     t[3, 0, 1, 1] = float("nan")
@@ -166,6 +174,13 @@ CASES = [
     ("one model, no target", lambda a, b, x: fusion.fuse([a], _cal(x)), InvalidOptionError, "width"),
     ("different families", lambda a, b, x: fusion.fuse([build("timm_resnet18")[0], build("timm_vit")[0]],
                                                        torch.randn(8, 1, 28, 28)), SpaceMismatchError, "family"),
+    # a deeper variant's extra layers would be dropped without a word (timm resnet18 + resnet34 fused "fine")
+    ("a deeper second model", lambda a, b, x: fusion.fuse([_mlp(2), _mlp(3, seed=1)], torch.randn(8, 8)),
+     SpaceMismatchError, r"model 1 has space\(s\) \['4'\], tensor\(s\) \['6.weight'.*first model lacks"),
+    ("a deeper first model", lambda a, b, x: fusion.fuse([_mlp(3), _mlp(2, seed=1)], torch.randn(8, 8)),
+     SpaceMismatchError, r"model 1 has no space\(s\) \['4'\]"),
+    ("a deeper target", lambda a, b, x: fusion.fuse([_mlp(2), _mlp(2, seed=1)], torch.randn(8, 8), target=_mlp(3),
+                                                    method="ot"), SpaceMismatchError, "of the target"),
     ("unknown observation policy", lambda a, b, x: fusion.fuse([a, b], _cal(x), points="all-of-them"),
      InvalidOptionError, "points"),
     ("positions_per_image 0", lambda a, b, x: fusion.fuse([a, b], _cal(x), positions_per_image=0), InvalidOptionError,
