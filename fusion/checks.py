@@ -58,6 +58,9 @@ def check_models(models: Any) -> list[nn.Module]:
     models = model_list(models)
     dtypes: dict[torch.dtype, int] = {}
     for i, m in enumerate(models):
+        if hasattr(m, "_orig_mod") and type(m).__name__ == "OptimizedModule":
+            raise ModelError(f"model {i} is compiled (torch.compile); fusion traces and hooks the eager module: pass "
+                             f"model._orig_mod (the same weights) and compile the fused model afterwards")
         for name, t, buffer in _tensors(m):
             if t.is_meta:
                 raise ModelError(f"model {i}: tensor {name!r} is on the meta device (no values); load real weights "
