@@ -76,13 +76,59 @@ def discover(model: nn.Module, example_input: Any, *, strict: bool = False) -> G
 
 
 def same_structure(a: nn.Module, b: nn.Module) -> bool:
-    """Whether two models share a class and every parameter and buffer name and shape (so one
-    graph describes both)."""
+    """Whether one graph describes both models: the same class, every parameter and buffer name and
+    shape, and every submodule of the same class with the same settings (its plain attributes, such
+    as ``num_heads``, ``stride`` or ``eps``, and a transformers ``config``). Tensor shapes alone do
+    not tell a ViT with 4 heads from one with 8."""
     if type(a) is not type(b):
         return False
     ta = {k: tuple(v.shape) for k, v in list(a.named_parameters()) + list(a.named_buffers())}
     tb = {k: tuple(v.shape) for k, v in list(b.named_parameters()) + list(b.named_buffers())}
-    return ta == tb
+    return ta == tb and _settings(a) == _settings(b)
+
+
+_SKIP = object()
+
+
+def _setting(value: Any, depth: int = 0) -> Any:
+    """A comparable token for a module attribute that shapes the forward pass, or ``_SKIP`` for
+    state (tensors, caches) and objects that cannot be compared."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return ("float", repr(value))
+    if isinstance(value, type) or callable(value) and not isinstance(value, nn.Module) and hasattr(value, "__name__"):
+        return ("obj", id(value))
+    if depth > 4 or isinstance(value, (torch.Tensor, nn.Module)):
+        return _SKIP
+    if isinstance(value, (tuple, list)):
+        items = [_setting(v, depth + 1) for v in value]
+        return _SKIP if any(v is _SKIP for v in items) else (type(value).__name__, tuple(items))
+    if isinstance(value, dict):
+        items = [(str(k), _setting(v, depth + 1)) for k, v in value.items()]
+        return _SKIP if any(v is _SKIP for _, v in items) else ("dict", tuple(sorted(items)))
+    to_dict = getattr(value, "to_dict", None)
+    if callable(to_dict):  # a transformers config
+        try:
+            d = {k: v for k, v in to_dict().items() if not k.startswith("_")}
+        except Exception:  # noqa: BLE001 - an object whose to_dict needs arguments is not a config
+            return _SKIP
+        return ("config", _setting(d, depth + 1))
+    return _SKIP
+
+
+def _settings(model: nn.Module) -> list[tuple[str, str, tuple]]:
+    out = []
+    for name, m in model.named_modules():
+        attrs = []
+        for k, v in vars(m).items():
+            if k.startswith("_") or k == "training":
+                continue
+            tok = _setting(v)
+            if tok is not _SKIP:
+                attrs.append((k, tok))
+        out.append((name, type(m).__name__, tuple(attrs)))
+    return out
 
 
 def discover_all(models: Sequence[nn.Module], example_input: Any) -> list[Graph]:

@@ -36,7 +36,7 @@ from .graph import Graph
 from .leaves import magnitude_leaf, merge_leaf, ot_leaf, zip_labels, zip_leaf
 from .permute import model_tensors
 from .registry import Registry
-from .structure import GramView, Walk, plan_argmax, plans_equal
+from .structure import GramView, Heads, Walk, plan_argmax, plans_equal
 
 __all__ = [
     "METHODS", "MatchContext", "MatchResult", "UnknownMethodError", "register_method", "list_methods",
@@ -220,6 +220,30 @@ def _require_family(ctx: MatchContext) -> None:
         if lost:
             raise SpaceMismatchError(f"model {i} has no tensor(s) {lost[:4]} of the target; models and target must be "
                                      f"of one family")
+        for sp in target.spaces:
+            st = g[sp.name].tree if sp.name in g else None
+            if isinstance(sp.tree, Heads) and isinstance(st, Heads) and st.count != sp.tree.count:
+                raise SpaceMismatchError(f"space {sp.name!r}: model {i} has {st.count} attention heads where the "
+                                         f"target has {sp.tree.count}; heads are kept when widths change, so head "
+                                         f"counts must agree")
+        _require_fixed_sizes(target, g, i)
+
+
+def _require_fixed_sizes(target: Graph, g: Graph, i: int) -> None:
+    # axes no space runs along (kernels, positions, inputs) cannot be fused at different sizes; the
+    # logits are left to the heads check (models trained on other classes keep their own heads)
+    output = {(f.tensor, f.axis) for f in target.fixed if f.reason == "model output"}
+    for t, shape in target.shapes.items():
+        other = g.shapes[t]
+        if len(other) != len(shape):
+            raise SpaceMismatchError(f"tensor {t!r} has {len(other)} axes in model {i} but {len(shape)} in the target; "
+                                     f"models and target must be of one family")
+        for ax, ranges in enumerate(target.layout(t)):
+            if other[ax] != shape[ax] and (t, ax) not in output and all(name is None for *_, name in ranges):
+                raise SpaceMismatchError(
+                    f"tensor {t!r} has size {other[ax]} along axis {ax} in model {i} but {shape[ax]} in the target, "
+                    f"an axis that is not a feature space (a kernel, positions or inputs); models and target must be "
+                    f"of one family (e.g. the same patch size and input size)")
 
 
 def _check_anchor(ctx: MatchContext, anchor: int | None) -> None:

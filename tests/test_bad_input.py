@@ -105,6 +105,13 @@ def _mlp(depth: int, seed: int = 0) -> nn.Module:
     return nn.Sequential(*layers, nn.Linear(16, 4)).eval()
 
 
+def _vit(heads: int = 4, patch_size: int = 7) -> nn.Module:
+    import timm
+
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=28, in_chans=1,
+                             patch_size=patch_size, embed_dim=32, depth=1, num_heads=heads).eval()
+
+
 def _with_nan(t):
     t = t.clone()
     t[3, 0, 1, 1] = float("nan")
@@ -184,6 +191,10 @@ CASES = [
      SpaceMismatchError, r"model 1 has no space\(s\) \['4'\]"),
     ("a deeper target", lambda a, b, x: fusion.fuse([_mlp(2), _mlp(2, seed=1)], torch.randn(8, 8), target=_mlp(3),
                                                     method="ot"), SpaceMismatchError, "of the target"),
+    ("other head counts", lambda a, b, x: fusion.fuse([_vit(heads=4), _vit(heads=8)], torch.randn(8, 1, 28, 28)),
+     SpaceMismatchError, "model 1 has 8 attention heads where the target has 4"),
+    ("another patch size", lambda a, b, x: fusion.fuse([_vit(), _vit(patch_size=4)], torch.randn(8, 1, 28, 28)),
+     SpaceMismatchError, "'pos_embed' has size 50 along axis 1 in model 1 but 17"),
     ("unknown observation policy", lambda a, b, x: fusion.fuse([a, b], _cal(x), points="all-of-them"),
      InvalidOptionError, "points"),
     ("positions_per_image 0", lambda a, b, x: fusion.fuse([a, b], _cal(x), positions_per_image=0), InvalidOptionError,

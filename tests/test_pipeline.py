@@ -331,6 +331,23 @@ def test_graphs_are_discovered_once_per_architecture_and_reuse_gives_the_same_fu
         assert torch.equal(v, w), k
 
 
+def test_a_graph_is_shared_only_by_models_with_the_same_settings():
+    """Guards: equal tensor shapes are not one architecture. A timm ViT with 8 heads has the shapes of
+    one with 4; it shared the 4-head graph, and fusing it mixed dims of different heads (no error)."""
+    from alignment.discover import same_structure
+    from tests.tiny_models import timm_vit
+
+    four, four_b, eight = timm_vit(heads=4), timm_vit(heads=4), timm_vit(heads=8)
+    assert same_structure(four, four_b)
+    assert [tuple(p.shape) for p in four.parameters()] == [tuple(p.shape) for p in eight.parameters()]
+    assert not same_structure(four, eight)
+    from alignment.discover import discover_all
+
+    graphs = discover_all([four, eight], torch.randn(2, 1, 28, 28))
+    heads = [[s.width for s in g.spaces if s.kind == "heads"] for g in graphs]
+    assert heads == [[4, 4], [8, 8]]
+
+
 def test_activation_matching_copies_the_weights_only_for_units_the_data_cannot_tell_apart(monkeypatch):
     """Matching on activations reads the models' weights (a float64 copy of every parameter: the
     size of both models again) only to tell apart units the data cannot: with none, no copy is
