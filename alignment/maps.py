@@ -152,15 +152,25 @@ def plan_maps(plans: Sequence["torch.Tensor | RowPlan"], alpha: Sequence[float],
     if any(T.shape[0] != n for T in plans):
         raise SpaceMismatchError(f"plans give different fused widths: {[tuple(T.shape) for T in plans]}")
     rows = [T.vals if isinstance(T, RowPlan) else T.sum(1) for T in plans]
-    weight = sum(float(a) * (r > 0).double() for a, r in zip(alpha, rows))
-    if bool((weight <= 0).any()) and sum(alpha) > 0 and not allow_empty:
-        k = int(torch.nonzero(weight <= 0)[0])
+    sends = [(r > 0).double() for r in rows]
+    weight = sum(float(a) * s for a, s in zip(alpha, sends))
+    count = sum(sends)
+    if bool((count == 0).any()) and not allow_empty and any(float(a) != 0 for a in alpha):
+        k = int(torch.nonzero(count == 0)[0])
         raise SpaceMismatchError(f"fused feature {k} receives nothing from any model (empty plan row)")
-    weight = torch.where(weight > 0, weight, torch.ones_like(weight))
+    # a fused feature whose models all weigh 0 (zip or merge at alpha = (1, 0): a cluster of the
+    # second model's units only) takes the limit of the formula as their weights go to 0 together:
+    # the equal-weight mean of what they send (any positive weight of theirs gives the same row)
+    limit = (weight == 0) & (count > 0) if any(float(a) != 0 for a in alpha) else None
+    if limit is not None and not bool(limit.any()):
+        limit = None
+    weight = torch.where(weight != 0, weight, torch.ones_like(weight))
     parts = []
-    for T, r, a in zip(plans, rows, alpha):
+    for T, r, a, s in zip(plans, rows, alpha, sends):
         safe = torch.where(r > 0, r, torch.ones_like(r))
         scale = float(a) / safe / weight
+        if limit is not None:
+            scale = torch.where(limit, s / safe / torch.where(count > 0, count, torch.ones_like(count)), scale)
         c = _column_sums(T)
         inv_c = 1.0 / torch.where(c > 0, c, torch.ones_like(c))
         gm = gu = None

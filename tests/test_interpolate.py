@@ -162,3 +162,13 @@ def test_plot_curves_writes_a_png(tmp_path):
     path = plot_curves(curves, tmp_path / "p.png")
     assert path == tmp_path / "p.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["p.png"]
+
+
+def test_zip_and_merge_curves_reach_their_endpoints():
+    """Guards: at alpha 0 and 1 a zipped or merged feature may come from the zero-weight model only;
+    the curve is computed there (it raised "fused feature k receives nothing") and is finite."""
+    models, x = _pair("cnn")
+    data = _data(x.shape, n=48)
+    for method in ("zip", "merge"):
+        c = interpolation_curve(models, data, data, method=method, repair="none", alphas=[0.0, 0.5, 1.0])
+        assert len(c["accuracy"]) == 3 and all(math.isfinite(v) for v in c["loss"]), method

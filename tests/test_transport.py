@@ -95,6 +95,30 @@ def test_plan_maps_formulas():
     assert torch.equal(view.unmerge[0], torch.tensor([[1.0, 0.0]], dtype=torch.float64))
 
 
+def test_plan_maps_at_an_endpoint_take_the_limit_for_features_of_zero_weight_models():
+    """Guards: zip and merge fuse some units of one model together, so at alpha = (1, 0) a fused
+    feature may come from the second model only. Its row is the limit of the formula (the mean of
+    what that model sends, the same for any positive weight), not an "empty plan row" error: that
+    error broke interpolation curves of zip and merge at their endpoints. Negative weights
+    (extrapolation) follow the formula."""
+    T0 = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # fused 1: none of model 0's units
+    T1 = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    for eps in (1e-3, 0.25):
+        near = plan_maps([T0, T1], [1.0 - eps, eps])
+        torch.testing.assert_close(near.merge[1][1], torch.tensor([0.0, 1.0], dtype=torch.float64))
+    at = plan_maps([T0, T1], [1.0, 0.0])
+    torch.testing.assert_close(at.merge[0], torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0]],
+                                                         dtype=torch.float64))
+    torch.testing.assert_close(at.merge[1], torch.tensor([[0.0, 0.0], [0.0, 1.0], [0.0, 0.0]], dtype=torch.float64))
+    # two zero-weight models sending to one fused feature: their equal-weight mean
+    T2 = torch.tensor([[0.0], [2.0], [0.0]])
+    three = plan_maps([T0, T1, T2], [1.0, 0.0, 0.0])
+    assert float(three.merge[1][1, 1]) == 0.5 and float(three.merge[2][1, 0]) == 0.5
+    ext = plan_maps([T0, T1], [1.5, -0.5])
+    torch.testing.assert_close(ext.merge[1], torch.tensor([[-0.5, 0.0], [0.0, 1.0], [0.0, 0.0]], dtype=torch.float64))
+    torch.testing.assert_close(ext.merge[0][0], torch.tensor([0.75, 0.75, 0.0], dtype=torch.float64))
+
+
 def test_balanced_merge_pairs_copies_and_caps_group_sizes():
     # 3 distinct directions, 6 units: each direction twice; halving must pair the copies
     base = torch.eye(3, dtype=torch.float64)
