@@ -41,7 +41,7 @@ from .checks import (ModelError, check_alpha, check_calibration, check_device, c
 from .engine import apply_maps, check_heads, head_tensors
 from .refine import REFINEMENTS, run_refinement
 from .repair import REPAIRS, RepairContext, run_repair
-from .resize import check_width, resize, resized_graph
+from .resize import _template, check_width, resized_graph
 from .zipped import CutError, fit_cut, forward_flops, parameter_total, resolve_cut, zip_model
 
 __all__ = ["FusionReport", "Alignment", "align", "fuse", "ModelError"]
@@ -346,7 +346,7 @@ def align(
     target_graph = None
     if width is not None:
         # the fused architecture: the first model resized (its features are only a template)
-        target = resize(models[0], width, graph=graphs[0])
+        target = _template(models[0], width, graphs[0])
         target_graph = resized_graph(graphs[0], width)
     elif target is not None:
         target_graph = graphs[0] if same_structure(target, models[0]) else discover(target, ex)
@@ -386,7 +386,7 @@ def align(
         pp = partial_plans(graphs[0], result.plans, _unit_quality(stats, result.plans, graphs[0]), budget, uses)
         result.plans = pp.plans
         changed = {k: v for k, v in pp.widths.items() if v != graphs[0][k].width}
-        target = resize(models[0], changed, graph=graphs[0])
+        target = _template(models[0], changed, graphs[0])
         target_graph = resized_graph(graphs[0], changed)
         report.partial = {"measure": measure, "split": dict(pp.split), "parameters": list(pp.parameters),
                           "fully_matched": list(pp.fully_matched)}

@@ -338,9 +338,12 @@ def resized_widths(
 
 
 def _resized(model: nn.Module, arch: Mapping[str, Any] | ModelSpec, widths: Mapping[str, int]) -> nn.Module:
-    from .resize import resize
+    from alignment import discover
 
-    return resize(model, {**{str(k): int(v) for k, v in widths.items()}, "*": 1.0}, example_input(arch))
+    from .resize import _template
+
+    widths = {**{str(k): int(v) for k, v in widths.items()}, "*": 1.0}
+    return _template(model, widths, discover(model, example_input(arch)))
 
 
 # ---------------------------------------------------------------------------

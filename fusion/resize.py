@@ -104,10 +104,16 @@ def resized_graph(graph: Graph, width: WidthSpec) -> Graph:
             return Blocks(t.key, count, tuple(t.parts[i % t.count] for i in range(count)))
         d = tree_size(t.parts[0])
         if factor is None and name is not None:
-            per_head = _leaf_width(name, t.count * d, width) / t.count
-            if per_head != int(per_head):
-                raise WidthError(f"space {name!r}: a width of {per_head * t.count:g} does not split into "
-                                 f"{t.count} heads")
+            spec = width.get(name, width.get("*", 1.0)) if isinstance(width, Mapping) else width
+            if isinstance(spec, float):
+                # a factor scales head_dim (rounded): heads keep their count
+                per_head = float(max(1, int(round(d * spec))))
+            else:
+                per_head = _leaf_width(name, t.count * d, width) / t.count
+                if per_head != int(per_head):
+                    raise WidthError(f"space {name!r}: a width of {per_head * t.count:g} does not split into "
+                                     f"{t.count} heads; give a multiple of {t.count} (or a factor, which rounds "
+                                     f"head_dim)")
             factor = per_head / d
         return Heads(t.key, t.count, tuple(resize_tree(p, None, factor) for p in t.parts))
 
@@ -174,8 +180,12 @@ def resize(
     """A narrower (or wider) copy of ``model``, keeping a subset of the features of every space.
 
     Narrowing keeps the selected features; widening repeats features and splits their consumers'
-    weights between the copies, so a widened model computes the same function (Net2Net). Attention
-    logits keep their scale when head_dim changes (see :func:`alignment.maps.correct_query_key`).
+    weights between the copies, so a widened model computes the same function (Net2Net), except where
+    a LayerNorm, GroupNorm or RMSNorm normalises over a space widened by a non-integer factor: its
+    statistics change with uneven repeats (a :class:`alignment.errors.FusionWarning` says so; a norm
+    without an affine weight is not detected). Attention heads keep their count: a factor rounds
+    head_dim, an absolute width must split into the heads. Attention logits keep their scale when
+    head_dim changes (see :func:`alignment.maps.correct_query_key`).
 
     Module attributes (``in_features``, ``num_features``, attention head sizes, timm ``embed_dim``,
     HF config widths...) are updated so the copy runs; an unknown module whose attributes store a
@@ -196,7 +206,43 @@ def resize(
         if example_input is None:
             raise WidthError("resize needs example_input (or a graph from alignment.discover)")
         graph = discover(model, example_input)
-    return _apply_selection(model, graph, _selection(graph, resized_graph(graph, width), scores))
+    target = resized_graph(graph, width)
+    _warn_uneven_norms(model, graph, target)
+    return _apply_selection(model, graph, _selection(graph, target, scores))
+
+
+def _template(model: nn.Module, width: WidthSpec, graph: Graph) -> nn.Module:
+    """A model of ``model``'s family at new widths, as a template for weights written later (a
+    fusion's target, a checkpoint's architecture): :func:`resize` without its function check."""
+    return _apply_selection(model, graph, _selection(graph, resized_graph(graph, width), None))
+
+
+_NORMS = (nn.LayerNorm, nn.GroupNorm, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
+
+
+def _warn_uneven_norms(model: nn.Module, graph: Graph, target: Graph) -> None:
+    # widening repeats units; a norm over the space (LayerNorm, GroupNorm, RMSNorm) sees the same
+    # statistics only when every unit is repeated equally often
+    import warnings
+
+    from alignment.errors import FusionWarning
+
+    for s in graph.spaces:
+        new = target[s.name].width
+        if not s.members or new <= s.width or new % s.width == 0:
+            continue
+        for m in s.members:
+            path, _, leaf = m.tensor.rpartition(".")
+            try:
+                mod = model.get_submodule(path)
+            except AttributeError:
+                continue
+            if leaf == "weight" and (isinstance(mod, _NORMS) or type(mod).__name__.endswith(("LayerNorm", "RMSNorm"))):
+                warnings.warn(f"resize: the widened model does not compute the same function: {type(mod).__name__} "
+                              f"{path!r} normalises over space {s.name!r}, whose {s.width} units are repeated unevenly "
+                              f"to {new}; widen it by an integer factor (e.g. {2 * s.width}) to keep the function",
+                              FusionWarning, stacklevel=3)
+                break
 
 
 def resize_like(model: nn.Module, target: nn.Module, example_input: Any,

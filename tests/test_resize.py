@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -97,6 +99,40 @@ def test_widening_repeats_units_and_keeps_the_function(tiny, name):
     assert all(wgraph[s.name].width == 2 * s.width for s in graph.spaces if s.kind == "features")
     with torch.no_grad():
         assert rel_err(tiny_models.logits(model(x)), tiny_models.logits(wide(x))) < 1e-5
+
+
+def test_uneven_widening_under_a_layernorm_warns_and_bn_networks_stay_exact(tiny):
+    """Guards the promise that a widened model computes the same function: it holds for BatchNorm
+    networks at any factor and for LayerNorm ones at integer factors; a ViT widened by 1.5 changes
+    its logits (the LayerNorm statistics see uneven repeats), and resize says so, naming the norm."""
+    from alignment.errors import FusionWarning
+
+    cnn, xc = tiny("timm_resnet18")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FusionWarning)
+        wide = resize(cnn, 1.5, xc)
+        with torch.no_grad():
+            assert rel_err(tiny_models.logits(cnn(xc)), tiny_models.logits(wide(xc))) < 1e-5
+        vit, xv = tiny("timm_vit")
+        resize(vit, 2.0, xv)
+    with pytest.warns(FusionWarning, match=r"LayerNorm 'blocks\.0\.norm1' normalises over space .* 64 units are "
+                                           r"repeated unevenly to 96"):
+        uneven = resize(vit, 1.5, xv)
+    with torch.no_grad():
+        assert rel_err(tiny_models.logits(vit(xv)), tiny_models.logits(uneven(xv))) > 1e-3
+
+
+def test_a_width_factor_rounds_head_dim_and_an_absolute_width_must_split_into_heads(tiny):
+    """Guards: heads keep their count; a factor (0.3 of 64 dims in 4 heads) rounds head_dim (16 ->
+    5) instead of failing on a width (19) that 4 heads cannot split; an int width must split."""
+    vit, x = tiny("timm_vit")
+    small = resize(vit, 0.3, x)
+    assert small.blocks[0].attn.num_heads == 4 and small.blocks[0].attn.head_dim == 5
+    assert small.blocks[0].attn.qkv.out_features == 3 * 20
+    with torch.no_grad():
+        assert tiny_models.logits(small(x)).shape == (2, 10)
+    with pytest.raises(WidthError, match="a width of 19 does not split into 4 heads; give a multiple of 4"):
+        resize(vit, {"blocks.0.attn.qkv#0": 19, "*": 1.0}, x)
 
 
 def test_widening_with_scores_repeats_the_best_units():
