@@ -206,7 +206,25 @@ def check_calibration(data: Any, models: Sequence[nn.Module], heads: str | None 
 
         raise HeadsError(f"the models have {', '.join(map(str, sizes))} outputs: one merged classifier needs equal "
                          f"class counts; use heads='separate' (each model keeps its own classifier)")
+    labels = [_label_names(m) for m in models]
+    if heads == "merged" and all(lab is not None for lab in labels) and any(lab != labels[0] for lab in labels):
+        from .engine import HeadsError
+
+        i = next(i for i, lab in enumerate(labels) if lab != labels[0])
+        raise HeadsError(f"model {i}'s classes ({', '.join(labels[i][:5])}...) are not model 0's "
+                         f"({', '.join(labels[0][:5])}...) (transformers id2label): one merged classifier would "
+                         f"average unrelated outputs; use heads='separate' (each model keeps its own classifier)")
     return x
+
+
+def _label_names(model: nn.Module) -> list[str] | None:
+    """A transformers model's class names in output order, or None when unknown (the default
+    ``LABEL_k`` names, or no config)."""
+    id2label = getattr(getattr(model, "config", None), "id2label", None)
+    if not isinstance(id2label, dict) or not id2label:
+        return None
+    names = [str(id2label[k]) for k in sorted(id2label, key=int)]
+    return None if names == [f"LABEL_{k}" for k in range(len(names))] else names
 
 
 def _length(data: Any) -> int | None:

@@ -595,6 +595,13 @@ def _run_fusion(models, method, alpha, out, repair, target_spec, width, calibrat
     resolved = _resolve_all(models, zoo_dir, checkpoints, kwargs_json, num_classes)
     mods = [m for m, _ in resolved]
     entries = [e for _, e in resolved]
+    known = [list(e.classes) for e in entries if e is not None and e.classes]
+    if heads == "merged" and len(known) == len(entries) > 1 and any(c != known[0] for c in known):
+        from .engine import HeadsError
+
+        raise HeadsError(f"the models were trained on different classes ({'; '.join(map(str, known))}): merging their "
+                         f"classifiers would average unrelated outputs; pass --heads separate (each model keeps its "
+                         f"own head)")
     target, arch_source = None, (mods[0], entries[0])
     if target_spec is not None:
         target, t_entry = resolve_model(target_spec, zoo_dir)

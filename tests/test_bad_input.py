@@ -223,6 +223,24 @@ def test_bad_input_fails_early_with_a_specific_error(call, error, match, no_pass
     assert list(tmp_path.iterdir()) == []
 
 
+def test_transformers_models_with_other_label_names_need_separate_heads(no_pass):
+    """Guards: HF models say what their outputs mean (id2label); models of equal class counts but
+    other classes are not merged into one classifier. Default LABEL_k names say nothing and pass."""
+    import transformers
+
+    def hf(labels):
+        cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                     image_size=28, patch_size=7, num_channels=1, num_labels=len(labels),
+                                     id2label=dict(enumerate(labels)))
+        return transformers.ViTForImageClassification(cfg).eval()
+    x = torch.randn(4, 1, 28, 28)
+    with pytest.raises(HeadsError, match=r"model 1's classes \(dog, cat\.\.\.\) are not model 0's \(cat, dog"):
+        fusion.fuse([hf(["cat", "dog"]), hf(["dog", "cat"])], x)
+    default = [hf([f"LABEL_{k}" for k in range(2)]) for _ in range(2)]
+    with pytest.raises(PassRan):  # (checks passed: the statistics pass started)
+        fusion.fuse(default, x)
+
+
 def test_different_class_counts_need_separate_heads(no_pass):
     a, x = build("timm_resnet18", seed=0)
     with pytest.raises(HeadsError, match=r"10.*5|5.*10") as info:

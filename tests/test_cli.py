@@ -395,6 +395,26 @@ def test_width_and_target_usage_errors():
     assert issubclass(OptionValueError, FusionError)
 
 
+def test_merging_heads_of_models_trained_on_other_classes_is_refused(tmp_path):
+    """Guards: two 5-class models trained on classes 0-4 and 5-9 were fused with their classifiers
+    averaged (output k meant class k for one and 5 + k for the other) and saved without a word; the
+    classes recorded in their sidecars now stop it in one line (exit 2), before any work."""
+    from fusion.io import save_model
+    from tests.tiny_models import timm_vit
+
+    arch = {"library": "timm", "name": "vit_tiny_patch16_224",
+            "kwargs": {"img_size": 28, "patch_size": 7, "embed_dim": 64, "depth": 2, "num_heads": 4,
+                       "in_chans": 1}}
+    for name, classes in (("a", range(5)), ("b", range(5, 10))):
+        m = timm_vit()
+        m.reset_classifier(5)
+        save_model(m, tmp_path / name, arch=arch, num_classes=5, classes=list(classes))
+    res = CliRunner().invoke(main, ["fuse", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"),
+                                    "--out", str(tmp_path / "ab")])
+    assert "trained on different classes ([0, 1, 2, 3, 4]; [5, 6, 7, 8, 9])" in _one_error_line(res)
+    assert "--heads separate" in res.stderr and not (tmp_path / "ab.safetensors").exists()
+
+
 def test_separate_heads_fusion_saves_each_heads_classes_and_eval_scores_them(zoo_dir, tmp_path):
     """fuse --heads separate --budget 1.2 --refine lstsq writes a model whose sidecar lists each
     head's classes; it reloads at its partial-matching widths, and eval prints per-task and joint
