@@ -95,12 +95,30 @@ def batches(data: Any, batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator[torch.T
             yield data[i:i + batch_size]
         return
     if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
+        _check_items(data)
         data = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
     for b, batch in enumerate(data):
         x = batch_input(batch)
         if not all_finite(x):
             raise CalibrationError(f"calibration batch {b} holds non-finite values (NaN or inf); clean the data first")
         yield x
+
+
+def _check_items(dataset: Any) -> None:
+    # a dataset's items are batched by torch's default collate, which fails on images that were
+    # never turned into tensors with a message that does not say what to do
+    try:
+        if len(dataset) == 0:
+            return
+        item = dataset[0]
+    except Exception:  # noqa: BLE001 - a dataset without len or index 0: the loader reports it
+        return
+    x = item[0] if isinstance(item, (tuple, list)) and item else item
+    if isinstance(x, (torch.Tensor, dict)) or type(x).__module__.startswith("numpy"):
+        return
+    raise CalibrationError(f"calibration dataset items hold {type(x).__module__}.{type(x).__name__} inputs, not tensors; "
+                           f"give the dataset a transform that returns tensors (e.g. torchvision.transforms.ToTensor() "
+                           f"and a Normalize)")
 
 
 def first_batch(data: Any) -> torch.Tensor:

@@ -173,8 +173,10 @@ def check_calibration(data: Any, models: Sequence[nn.Module], heads: str | None 
                                f"and variances are undefined for one)")
     x = first_batch(data)
     if size is None and len(x) < 2:
-        raise CalibrationError("the first calibration batch holds 1 sample; statistics need at least 2 per batch "
-                               "(use a batch size of 2 or more)")
+        raise CalibrationError(f"the first calibration batch holds 1 sample (shape {tuple(x.shape)}); statistics need "
+                               f"at least 2 per batch (use a batch size of 2 or more). A list or an IterableDataset is "
+                               f"read as batches: if its items are single samples, stack them or wrap the data in "
+                               f"DataLoader(data, batch_size=64)")
     if not x.is_floating_point():
         raise CalibrationError(f"calibration inputs are {str(x.dtype).replace('torch.', '')}; the models take floating "
                                f"inputs: convert them (e.g. x.float() / 255)")

@@ -112,6 +112,26 @@ def _vit(heads: int = 4, patch_size: int = 7) -> nn.Module:
                              patch_size=patch_size, embed_dim=32, depth=1, num_heads=heads).eval()
 
 
+class _PILImages(torch.utils.data.Dataset):
+    """Images never turned into tensors (a torchvision dataset without a transform)."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        return Image.new("L", (12, 12)), 0
+
+
+class _Samples(torch.utils.data.IterableDataset):
+    """Single (C, H, W) samples, as an IterableDataset yields them."""
+
+    def __iter__(self):
+        for i in range(8):
+            yield torch.randn(1, 12, 12), i
+
+
 def _with_nan(t):
     t = t.clone()
     t[3, 0, 1, 1] = float("nan")
@@ -168,6 +188,10 @@ CASES = [
     ("integer calibration", lambda a, b, x: fusion.fuse([a, b], (_cal(x) * 10).long()), CalibrationError, "int64"),
     ("calibration of the wrong shape", lambda a, b, x: fusion.fuse([a, b], torch.randn(8, 3, 12, 12)),
      CalibrationError, r"\(2, 3, 12, 12\)"),
+    ("a dataset of PIL images", lambda a, b, x: fusion.fuse([a, b], _PILImages()), CalibrationError,
+     r"items hold PIL\.Image\.Image inputs, not tensors.*ToTensor"),
+    ("an IterableDataset of single samples", lambda a, b, x: fusion.fuse([a, b], _Samples()), CalibrationError,
+     r"1 sample \(shape \(1, 12, 12\)\).*DataLoader\(data, batch_size=64\)"),
     ("dict batches without a known input key", lambda a, b, x: fusion.fuse([a, b], [{"u": _cal(x), "v": _cal(x)}]),
      CalibrationError, "'u', 'v'"),
     ("fp16 + fp32 models", lambda a, b, x: fusion.fuse([a, _half(b)], _cal(x)), ModelError, "float16"),
