@@ -122,7 +122,10 @@ def resolve_model(spec: str, zoo: str | None = None, checkpoint: str | None = No
     if path.is_dir() and (path / "config.json").exists():
         import transformers
 
-        model = transformers.AutoModelForImageClassification.from_pretrained(str(path), local_files_only=True)
+        from .io import transformers_progress
+
+        with transformers_progress(_progress()):
+            model = transformers.AutoModelForImageClassification.from_pretrained(str(path), local_files_only=True)
         return model.eval(), None
     if path.name.endswith(".timm.json"):
         from .io import load_timm_json

@@ -25,12 +25,13 @@ sidecars; its entries are :class:`ModelSpec` objects with training metadata.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Mapping
+from typing import Any, ClassVar, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -58,6 +59,7 @@ __all__ = [
     "OutputNotWritableError",
     "check_output",
     "check_output_folder",
+    "transformers_progress",
     "write_files",
     "save_model",
     "save_zipped",
@@ -527,6 +529,23 @@ def write_files(folder: str | os.PathLike[str], files: Mapping[str, bytes]) -> l
     return paths
 
 
+@contextlib.contextmanager
+def transformers_progress(enabled: bool) -> Iterator[None]:
+    """Turn transformers' progress bars (loading and writing weights) on or off inside the block,
+    and back to what they were after it."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        yield
+        return
+    before = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if before else hf_logging.disable_progress_bar)()
+
+
 def _file_mode() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -886,7 +905,8 @@ def save_library_forms(model: nn.Module, path: str | os.PathLike[str], arch: Map
             import shutil
 
             shutil.rmtree(tmp)
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        with transformers_progress(False):  # (one folder: no "Writing model shards" bar)
+            model.save_pretrained(str(tmp), safe_serialization=True)
         if folder.exists():
             import shutil
 

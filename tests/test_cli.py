@@ -286,6 +286,16 @@ def test_fuse_hf_directories(tmp_path):
     res2 = CliRunner().invoke(main, ["eval", str(out), "--limit", "100"])
     assert res2.exit_code == 0, res2.output
     assert _correct(res.output, "fused") == _correct(res2.output, str(out))
+    # --quiet silences transformers' bars too (loading the folders, writing OUT.hf); the bars'
+    # setting is restored afterwards
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.is_progress_bar_enabled()
+    res3 = CliRunner().invoke(main, ["--quiet", "fuse", str(tmp_path / "a"), str(tmp_path / "b"), "--out",
+                                     str(tmp_path / "q"), "--calibration-size", "64"])
+    assert res3.exit_code == 0, res3.output
+    assert "%|" not in res3.output and "Loading weights" not in res3.output, res3.output
+    assert (tmp_path / "q.hf" / "config.json").exists() and hf_logging.is_progress_bar_enabled() == before
 
 
 def test_interpolate_writes_json_and_png(zoo_dir, tmp_path):

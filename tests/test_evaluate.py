@@ -197,3 +197,19 @@ def test_real_split_models() -> None:
     assert result["per_task"][0] == pytest.approx(entry_a.test_accuracy, abs=1e-3)
     assert result["per_task"][1] == pytest.approx(entry_b.test_accuracy, abs=1e-3)
     assert 0.3 < result["joint"] <= max(result["per_task"])
+
+
+def test_heads_accuracy_scores_heads_that_share_labels() -> None:
+    """Guards: two models of one task fused with separate heads (20 outputs over labels 0-9 twice)
+    were written by `fusion fuse --heads separate` and then refused by its own evaluation ("class
+    lists overlap"). Each head is scored on its classes; the joint prediction is the label of the
+    largest of all outputs. Hand-computed on 4 examples."""
+    from fusion.experiments.evaluate import heads_accuracy
+
+    # labels 0, 0, 1, 1. Head 0 predicts 0, 0, 1, 1 (4 right); head 1 predicts 1, 0, 0, 1 (2 right);
+    # the largest outputs are head 1's, head 1's, head 1's, head 0's: joint 1, 0, 0, 1 (2 right)
+    table = [[5.0, 0.0, 0.0, 9.0], [5.0, 0.0, 9.0, 0.0], [0.0, 5.0, 9.0, 0.0], [0.0, 5.0, 0.0, 1.0]]
+    r = heads_accuracy(TableModel(table), [[0, 1], [0, 1]], _data([0, 0, 1, 1]))
+    assert r["per_task"] == [1.0, 0.5] and r["joint"] == 0.5
+    with pytest.raises(EvaluationError, match="names a label twice"):
+        heads_accuracy(TableModel(table), [[0, 0], [0, 1]], _data([0, 0, 1, 1]))

@@ -291,12 +291,15 @@ def evaluate_loss_and_accuracy(
     return {"loss": loss, "accuracy": _accuracy_of(logits, labels), "n": int(labels.numel())}
 
 
-def _check_class_lists(class_lists: Sequence[Sequence[int]]) -> list[list[int]]:
+def _check_class_lists(class_lists: Sequence[Sequence[int]], disjoint: bool = True) -> list[list[int]]:
     lists = [[int(c) for c in classes] for classes in class_lists]
     if not lists or any(not classes for classes in lists):
         raise EvaluationError("Every model needs a non-empty class list.")
+    for classes in lists:
+        if len(set(classes)) != len(classes):
+            raise EvaluationError(f"Class list {classes} names a label twice; give each head's labels once.")
     flat = [c for classes in lists for c in classes]
-    if len(set(flat)) != len(flat):
+    if disjoint and len(set(flat)) != len(flat):
         raise EvaluationError(
             f"Class lists {lists} overlap; split tasks must partition the labels."
         )
@@ -399,7 +402,9 @@ def heads_accuracy(
     (a fusion with ``heads="separate"``): head ``i`` is the next ``len(class_lists[i])`` outputs.
 
     Scored like :func:`split_task_accuracy` (which runs one model per task); ``data`` carries the
-    original labels. ``progress`` shows a progress bar.
+    original labels. Heads may share labels (models of one task fused with separate heads): each
+    head is scored on its own classes, and the joint prediction is the label of the largest output
+    over all heads. ``progress`` shows a progress bar.
 
     Returns:
         ``{"per_task": [...], "task_mean": float, "joint": float}``.
@@ -408,7 +413,7 @@ def heads_accuracy(
         EvaluationError: If the model's output width is not the total of the class lists, or as
             :func:`split_task_accuracy`.
     """
-    lists = _check_class_lists(class_lists)
+    lists = _check_class_lists(class_lists, disjoint=False)
     logits, labels = predict_logits(model, data, device=device, batch_size=batch_size, progress=progress)
     total = sum(len(c) for c in lists)
     if logits.shape[1] != total:
