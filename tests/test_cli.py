@@ -123,16 +123,18 @@ def test_fuse_round_trip_matches_api(zoo_dir, tmp_path):
     assert api_acc > 0.5
 
 
-def test_eval_of_split_fusion_uses_first_models_classes(zoo_dir, tmp_path):
-    """A 5+5 split fusion keeps model A's head: eval scores it on A's five classes."""
+def test_eval_of_a_split_task_model_uses_its_classes(zoo_dir, tmp_path):
+    """A model of split task A (classes 0-4), compressed, keeps A's classes in its sidecar: eval
+    scores it on those five classes. (Fusing A and B with one merged head is refused: see
+    test_merging_heads_of_models_trained_on_other_classes_is_refused.)"""
     from fusion.experiments.data import load_fashion_mnist
     from fusion.experiments.evaluate import accuracy
     from fusion.io import load_model_file
 
     out = tmp_path / "ab"
     res = CliRunner().invoke(main, [
-        "fuse", "r18w32-A-s4", "r18w32-B-s5", "--zoo", str(zoo_dir), "--out", str(out),
-        "--calibration-size", "64", "--repair", "none", "--method", "average"])
+        "compress", "r18w32-A-s4", "--width", "0.5", "--zoo", str(zoo_dir), "--out", str(out),
+        "--calibration-size", "64", "--repair", "none"])
     assert res.exit_code == 0, res.output
     side = json.loads((tmp_path / "ab.json").read_text())
     assert side["classes"] == [0, 1, 2, 3, 4] and side["num_classes"] == 5
