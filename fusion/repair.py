@@ -113,6 +113,11 @@ def _none(ctx: RepairContext) -> None:
 @register_repair("reset_bn")
 def _reset(ctx: RepairContext) -> None:
     """Recompute BatchNorm running statistics on the calibration data."""
+    kept = {id(m) for m in ctx.frozen}
+    if not any(isinstance(m, _BN) and m.track_running_stats and id(m) not in kept for m in ctx.fused.modules()):
+        ctx.notes.append("repair 'reset_bn': the fused model has no BatchNorm layer with running statistics to "
+                         "reset, so nothing was repaired; repair='repair' rescales LayerNorm/GroupNorm outputs")
+        return
     reset_bn(ctx.fused, ctx.data, ctx.device, progress=ctx.progress, keep=ctx.frozen)
 
 

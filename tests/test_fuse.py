@@ -373,3 +373,24 @@ def test_fusing_a_model_with_itself_returns_it():
     fused = fusion.fuse([model, model], cal, method="permute", repair="none")
     with torch.no_grad():
         assert rel_err(model(x), fused(x)) < 1e-5
+
+
+def test_a_bn_reset_with_no_batchnorm_to_reset_is_reported(tiny):
+    """Guards: repair='reset_bn' (the CLI's default) on a ViT resets nothing; that is listed in the
+    fusion report and warned, naming the repair that would act, and not said for BatchNorm nets."""
+    import warnings
+
+    from alignment.errors import FallbackWarning
+
+    vit, x = tiny("timm_vit")
+    other, _ = build("timm_vit", seed=1)
+    cal = torch.randn(16, *x.shape[1:], generator=torch.Generator().manual_seed(0))
+    with pytest.warns(FallbackWarning, match="no BatchNorm layer with running statistics.*repair='repair'"):
+        fused = fusion.fuse([vit, other], cal, repair="reset_bn")
+    assert any("reset_bn" in f for f in fused.fusion_report.fallbacks)
+    cnn, xc = tiny("timm_resnet18")
+    cnn2, _ = build("timm_resnet18", seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
+        fused = fusion.fuse([cnn, cnn2], torch.randn(16, *xc.shape[1:]), repair="reset_bn")
+    assert fused.fusion_report.fallbacks == []
