@@ -477,8 +477,12 @@ def check_output(path: str | os.PathLike[str], overwrite: bool = False, sidecar:
 
     Raises:
         OutputExistsError: an output exists and ``overwrite`` is false.
-        OutputNotWritableError: the folder cannot be created or written.
+        OutputNotWritableError: the folder cannot be created or written, or ``path`` names a folder
+            (``out/`` or an existing directory: the model would land beside it, not in it).
     """
+    if str(path).endswith(("/", os.sep)) or Path(path).is_dir():
+        raise OutputNotWritableError(f"{path} names a folder; give a file path for the model, e.g. "
+                                     f"{Path(path) / 'fused.safetensors'}")
     weights, side = _model_paths(path)
     for p in [weights, *([side] if sidecar else []), *extra]:
         _refuse_existing(Path(p), overwrite)

@@ -242,6 +242,12 @@ def test_existing_outputs_are_kept_unless_overwrite(tmp_path: Path) -> None:
     blocker.write_text("x")
     with pytest.raises(fio.OutputNotWritableError, match="not a writable folder"):
         fio.check_output(blocker / "sub" / "m")
+    # a folder as the output (`--out runs/` or an existing directory): the model would land beside it
+    (tmp_path / "runs").mkdir()
+    for out in (tmp_path / "runs", f"{tmp_path / 'new'}/"):
+        with pytest.raises(fio.OutputNotWritableError, match="names a folder.*fused.safetensors"):
+            save_model(model, out, TINY_RESNET, 3)
+    assert not list(tmp_path.glob("runs.*")) and not (tmp_path / "new").exists()
 
 
 def test_sidecar_of_other_weights_is_refused_and_modes_are_normal(tmp_path: Path) -> None:
