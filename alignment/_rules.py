@@ -275,6 +275,21 @@ def _layer_norm(tr, node, a):
     return [x] + [tr.fresh_like_val(v, "statistics") for v in vals[1:]]
 
 
+@register_op_rule("aten._weight_norm", "aten._weight_norm_interface")
+def _weight_norm(tr, node, a):
+    # w = g * v / ||v|| (norm over every axis but ``dim``): w has v's axes, g (size 1 elsewhere)
+    # shares axis ``dim``; the norm sums over the other axes, which permutations leave unchanged
+    v, g = tr.dims(a["v"]), tr.dims(a["g"])
+    d = _norm(int(a.get("dim", 0)), len(v))
+    if len(g) == len(v):
+        tr.A.unify(v, d, g, d)
+    elif len(g) == 1:
+        tr.A.unify(v, d, g, 0)
+    if tr.opname(node) == "aten._weight_norm":
+        return v
+    return [v, g]
+
+
 @register_op_rule("aten.group_norm", "aten.native_group_norm")
 def _group_norm(tr, node, a):
     x = tr.dims(a["input"])

@@ -61,6 +61,11 @@ def check_models(models: Any) -> list[nn.Module]:
         if hasattr(m, "_orig_mod") and type(m).__name__ == "OptimizedModule":
             raise ModelError(f"model {i} is compiled (torch.compile); fusion traces and hooks the eager module: pass "
                              f"model._orig_mod (the same weights) and compile the fused model afterwards")
+        for path, sub in m.named_modules():
+            if any(type(h).__name__ == "WeightNorm" for h in sub._forward_pre_hooks.values()):
+                raise ModelError(f"model {i}: module {path!r} uses the deprecated torch.nn.utils.weight_norm, whose "
+                                 f"models cannot be copied once run; use torch.nn.utils.parametrizations.weight_norm "
+                                 f"(or torch.nn.utils.remove_weight_norm)")
         for name, t, buffer in _tensors(m):
             if t.is_meta:
                 raise ModelError(f"model {i}: tensor {name!r} is on the meta device (no values); load real weights "

@@ -421,6 +421,36 @@ def test_recurrent_layers_change_width():
     assert a.rnn.hidden_size == 5
 
 
+class _WeightNormed(nn.Module):
+    """Convs and a linear layer under weight normalisation (w = g v / ||v||)."""
+
+    def __init__(self):
+        super().__init__()
+        from torch.nn.utils import parametrizations
+
+        self.c1 = parametrizations.weight_norm(nn.Conv2d(3, 8, 3, padding=1))
+        self.c2 = parametrizations.weight_norm(nn.Conv2d(8, 8, 3, padding=1), dim=1)
+        self.fc1 = parametrizations.weight_norm(nn.Linear(8, 12))
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.c2(torch.relu(self.c1(x)))).mean((2, 3))
+        return self.head(torch.relu(self.fc1(x)))
+
+
+def test_weight_normalised_layers_fuse_with_their_permuted_copies():
+    """Guards the `aten._weight_norm` rule: g shares v's axis `dim` (either axis), the norm over
+    the other axes is blind to permutations. Discovery stopped at the op before; now every
+    hidden space is found and a permuted copy fuses back exactly."""
+    torch.manual_seed(0)
+    model = _WeightNormed().eval()
+    x = torch.randn(2, 3, 8, 8)
+    graph, copy, fused = _fused_with_permuted_copy(model, x, torch.randn(64, 3, 8, 8))
+    assert sorted(s.width for s in graph.spaces) == [8, 8, 12]
+    assert not torch.equal(copy.c1.parametrizations.weight.original1, model.c1.parametrizations.weight.original1)
+    _assert_same_function(model, copy, fused, x)
+
+
 class _Patches(nn.Module):
     """nn.Unfold and nn.Fold around a patch-wise linear layer (TNT's pixel embedding, VOLO's
     outlook attention): columns are (channels, kernel taps) flattened channel-major."""

@@ -132,6 +132,14 @@ class _Samples(torch.utils.data.IterableDataset):
             yield torch.randn(1, 12, 12), i
 
 
+def _old_weight_norm() -> nn.Module:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return nn.Sequential(nn.utils.weight_norm(nn.Linear(8, 16)), nn.ReLU(), nn.Linear(16, 4)).eval()
+
+
 def _with_nan(t):
     t = t.clone()
     t[3, 0, 1, 1] = float("nan")
@@ -199,6 +207,9 @@ CASES = [
     # dynamo failed inside the statistics hooks with an internal AssertionError after a minute of compiling
     ("a compiled model", lambda a, b, x: fusion.fuse([a, torch.compile(b)], _cal(x)), ModelError,
      r"model 1 is compiled.*_orig_mod"),
+    ("the deprecated weight_norm", lambda a, b, x: fusion.fuse([_old_weight_norm(), _old_weight_norm()],
+                                                               torch.randn(8, 8)), ModelError,
+     r"module '0' uses the deprecated torch\.nn\.utils\.weight_norm.*parametrizations\.weight_norm"),
     ("a model on the meta device", lambda a, b, x: fusion.fuse([a, _meta(b)], _cal(x)), ModelError, "meta"),
     ("keyword-only forward", lambda a, b, x: fusion.fuse([KwOnly(), KwOnly()], torch.randn(8, 4)), ModelError,
      "keyword-only.*pixel_values"),
