@@ -23,7 +23,7 @@ import torch
 from .errors import PermutationError, SpaceMismatchError
 from .structure import Leaf, Node, from_tuple
 
-__all__ = ["Member", "FixedAxis", "Observation", "Space", "Graph", "ranked_members"]
+__all__ = ["Member", "FixedAxis", "Observation", "Space", "Graph", "ranked_members", "module_of"]
 
 
 @dataclass(frozen=True)
@@ -189,9 +189,9 @@ class Graph:
             if isinstance(s.tree, tuple):
                 s.tree = from_tuple(s.tree, heads) if s.tree else Leaf(s.name, s.width)
             if not s.producers and not s.consumers:
-                prod = {_module_of(m.tensor) for m in s.members
+                prod = {module_of(m.tensor) for m in s.members
                         if m.role == "out" and len(self.shapes.get(m.tensor, ())) >= 2}
-                cons = {_module_of(m.tensor) for m in s.members if m.role == "in"}
+                cons = {module_of(m.tensor) for m in s.members if m.role == "in"}
                 s.producers = sorted(prod, key=lambda p: (rank.get(p, len(rank)), p))
                 s.consumers = sorted(cons, key=lambda p: (rank.get(p, len(rank)), p))
 
@@ -334,5 +334,12 @@ def ranked_members(members):
         yield r, m
 
 
-def _module_of(tensor: str) -> str:
-    return tensor.rpartition(".")[0]
+def module_of(tensor: str) -> str:
+    """The path of the module that owns a tensor (``"layer1.0.conv1.weight"`` -> ``"layer1.0.conv1"``),
+    through parametrisations: ``"c1.parametrizations.weight.original0"`` (weight normalisation) is
+    ``c1``'s, the module whose forward reads the weight."""
+    path, _, leaf = tensor.rpartition(".")
+    parts = path.split(".")
+    if leaf.startswith("original") and len(parts) >= 2 and parts[-2] == "parametrizations":
+        return ".".join(parts[:-2])
+    return path

@@ -34,7 +34,7 @@ from .errors import FallbackWarning, InvalidOptionError, SpaceMismatchError, Unk
 from .grams import activation_gram, magnitude_scores, weight_gram
 from .graph import Graph
 from .leaves import magnitude_leaf, merge_leaf, ot_leaf, zip_labels, zip_leaf
-from .permute import model_tensors
+from .permute import effective_weights, model_tensors, weight_norms
 from .registry import Registry
 from .structure import GramView, Heads, Walk, plan_argmax, plans_equal
 
@@ -104,7 +104,9 @@ class MatchContext:
     def tensors(self) -> list[dict[str, torch.Tensor]]:
         """Every model's parameters and buffers, float64 on the CPU (cached)."""
         if not hasattr(self, "_tensors"):
-            self._tensors = [{k: v.detach().double().cpu() for k, v in model_tensors(m).items()}
+            # weight-normalised layers as their weights (v = w, g = ||w||)
+            self._tensors = [{k: v.detach().double().cpu()
+                              for k, v in effective_weights(model_tensors(m), weight_norms(m)).items()}
                              for m in self.models]
         return self._tensors
 

@@ -28,7 +28,7 @@ from typing import Sequence
 import torch
 
 from .errors import InvalidOptionError
-from .graph import Graph
+from .graph import Graph, module_of
 from .runner import modes
 from .structure import Leaf, dense_plan
 
@@ -201,4 +201,4 @@ def tensor_uses(model: torch.nn.Module, graph: Graph, example_input: torch.Tenso
     finally:
         for h in hooks:
             h.remove()
-    return {t: positions.get(t.rpartition(".")[0], 1) for t in graph.shapes}
+    return {t: positions.get(module_of(t), 1) for t in graph.shapes}

@@ -10,7 +10,8 @@ from torch import nn
 from .errors import SpaceMismatchError
 from .graph import Graph
 
-__all__ = ["permute", "permute_state", "model_tensors", "reset_caches"]
+__all__ = ["permute", "permute_state", "model_tensors", "reset_caches", "weight_norm_dim", "weight_norms",
+           "effective_weights"]
 
 
 def permute_state(state: dict[str, torch.Tensor], graph: Graph, perms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -84,4 +85,46 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer of ``model`` by dotted name, non-persistent buffers included."""
     out = dict(model.named_parameters(remove_duplicate=False))
     out.update(dict(model.named_buffers(remove_duplicate=False)))
+    return out
+
+
+def weight_norm_dim(module: nn.Module, name: str = "weight") -> int | None:
+    """The ``dim`` of ``module``'s ``name`` tensor when it is parametrised by
+    ``torch.nn.utils.parametrizations.weight_norm`` alone (``w = g v / ||v||``), else None."""
+    chains = getattr(module, "parametrizations", None)
+    chain = chains[name] if chains is not None and name in chains else None
+    if chain is not None and len(chain) == 1 and type(chain[0]).__name__ == "_WeightNorm":
+        return chain[0].dim
+    return None
+
+
+def weight_norms(model: nn.Module) -> dict[str, tuple[str, int]]:
+    """Weights parametrised by ``torch.nn.utils.parametrizations.weight_norm`` (``w = g v / ||v||``):
+    the name of each ``v`` tensor (``...parametrizations.weight.original1``) -> (the name of its ``g``,
+    the ``dim`` its norm keeps)."""
+    out = {}
+    for path, mod in model.named_modules():
+        for attr in getattr(mod, "parametrizations", {}):
+            dim = weight_norm_dim(mod, attr)
+            if dim is not None:
+                pre = f"{path}.parametrizations.{attr}." if path else f"parametrizations.{attr}."
+                out[pre + "original1"] = (pre + "original0", dim)
+    return out
+
+
+def effective_weights(tensors: dict[str, torch.Tensor], norms: dict[str, tuple[str, int]]) -> dict[str, torch.Tensor]:
+    """``tensors`` with each weight-normalised pair ``(g, v)`` of ``norms`` (see :func:`weight_norms`)
+    rewritten as ``v = w``, ``g = ||w||``: the same layer, whose ``v`` is now the weight itself, so
+    maps act on the weights as on a plain layer's (a new dict; ``tensors`` is not modified).
+
+    Without this, maps that split or merge ``v``'s entries (Net2Net widening, zipping, narrowing)
+    change ``||v||`` and so rescale the rest of the layer; after fusion ``g`` is set to the norm of
+    the fused ``v``, so the fused weight is the maps applied to the models' weights."""
+    if not norms:
+        return tensors
+    out = dict(tensors)
+    for v, (g, dim) in norms.items():
+        if v in tensors and g in tensors:
+            w = torch._weight_norm(tensors[v], tensors[g], dim)
+            out[v], out[g] = w, torch.norm_except_dim(w, 2, dim)
     return out

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .errors import SpaceMismatchError
-from .graph import Graph, Observation, Space
+from .graph import Graph, Observation, Space, module_of
 from .runner import model_device, runnable, stream
 from .structure import BlockGram
 
@@ -51,14 +51,14 @@ def observation_points(space: Space, graph: Graph, policy: str = "auto") -> list
     if policy == "auto":
         has_bn = any(m.tensor.endswith("running_mean") for m in space.members)
         policy = "outputs" if has_bn else "consumers"
-    consumers = {m.tensor.rsplit(".", 1)[0] for m in space.members if m.role == "in"}
-    producers = {m.tensor.rsplit(".", 1)[0] for m in space.members
+    consumers = {module_of(m.tensor) for m in space.members if m.role == "in"}
+    producers = {module_of(m.tensor) for m in space.members
                  if m.role == "out" and len(graph.shapes[m.tensor]) >= 2 and m.axis == 0}
     obs = []
     if policy == "consumers":
         obs = [o for o in space.observations if o.io == "input" and o.module in consumers]
     elif policy == "normalized":
-        norms = {m.tensor.rsplit(".", 1)[0] for m in space.members
+        norms = {module_of(m.tensor) for m in space.members
                  if m.tensor.endswith(".weight") and len(graph.shapes[m.tensor]) == 1}
         obs = [o for o in space.observations if (o.io == "input" and o.module in consumers)
                or (o.io == "output" and o.module in norms)]

@@ -25,11 +25,11 @@ from torch import nn
 from alignment.errors import FusionError, SpaceMismatchError
 from alignment.graph import Graph
 from alignment.maps import SpaceMap, axis_roles, fuse_tensors, map_tensor
-from alignment.permute import model_tensors, reset_caches
+from alignment.permute import effective_weights, model_tensors, reset_caches, weight_norm_dim, weight_norms
 
 from .modules import replace_tensor, sync_module_attributes
 
-__all__ = ["build_model", "apply_maps", "check_heads", "head_tensors", "HeadsError", "HEADS"]
+__all__ = ["build_model", "apply_maps", "set_weight", "check_heads", "head_tensors", "HeadsError", "HEADS"]
 
 HEADS = ("merged", "separate")
 
@@ -110,7 +110,8 @@ def apply_maps(
             is the model output), or an unknown ``heads``.
     """
     alpha = list(alpha) if alpha is not None else [1.0 / len(models)] * len(models)
-    tensors = [model_tensors(m) for m in models]
+    norms = weight_norms(models[0])
+    tensors = [effective_weights(model_tensors(m), norms) for m in models]
     check_heads(heads)
     names = None
     separate: dict[str, torch.Tensor] = {}
@@ -123,6 +124,9 @@ def apply_maps(
         separate = separate_heads(tensors, graphs, maps, head)
     fused = fuse_tensors(tensors, graphs, maps, alpha, names=names)
     fused.update(separate)
+    for v, (g, dim) in norms.items():
+        if v in fused:
+            fused[g] = torch.norm_except_dim(fused[v], 2, dim)
     template = target if target is not None else models[0]
     if target is not None:
         want = model_tensors(target)
@@ -135,6 +139,18 @@ def apply_maps(
     new = build_model(template, fused, num_heads=num_heads)
     new.train(models[0].training)
     return new
+
+
+def set_weight(module: nn.Module, w: torch.Tensor, name: str = "weight") -> None:
+    """Write ``w`` as ``module``'s weight: into the parameter, or for a weight-normalised weight as
+    ``v = w``, ``g = ||w||`` (so that ``g v / ||v|| = w``)."""
+    dim = weight_norm_dim(module, name)
+    if dim is None:
+        getattr(module, name).copy_(w)
+        return
+    chain = module.parametrizations[name]
+    chain.original1.copy_(w)
+    chain.original0.copy_(torch.norm_except_dim(w, 2, dim))
 
 
 def separate_heads(tensors, graphs: Sequence[Graph], maps: dict[str, SpaceMap], head: Sequence[str]) -> dict[str, torch.Tensor]:

@@ -36,9 +36,10 @@ from torch import nn
 from alignment.errors import InvalidOptionError, UnknownNameError
 from alignment.maps import axis_matrix
 from alignment.registry import Registry
+from alignment.permute import weight_norm_dim
 from alignment.runner import batches, model_device, modes, runnable
 
-from .engine import head_tensors
+from .engine import head_tensors, set_weight
 from .lstsq import LayerGram, RidgeSolution, output_moments, ridge_solve
 from .replay import Replay, record
 from .repair import RepairContext
@@ -101,7 +102,8 @@ def _plan_layers(fused: nn.Module, tape, batchnorm: str, norms: bool) -> tuple[l
     for k, c in enumerate(tape.calls):
         m = modules.get(c.path)
         # a layer owns a `weight` (embeddings, tokens and other loose parameters are not layers)
-        if m is None or c.path in seen or not isinstance(getattr(m, "weight", None), nn.Parameter):
+        if m is None or c.path in seen or not (isinstance(getattr(m, "weight", None), nn.Parameter)
+                                               or weight_norm_dim(m) is not None):
             continue
         seen.add(c.path)
         kind = _refinable(m, norms)
@@ -534,7 +536,8 @@ def _sample_rows(rows: int, images: int, k: int, gen: torch.Generator, dev: torc
 def _merge_matrices(ctx: RepairContext, layer: _Layer, module: nn.Module, dev: torch.device, merged_inputs: bool):
     """Per source, the matrix merging its layer outputs into the fused features (``A_i``), and the one
     merging its layer inputs (``B_i``; None when not asked, or for a grouped convolution)."""
-    name = f"{layer.path}.weight"
+    # a weight-normalised layer's v has the weight's axes
+    name = f"{layer.path}.parametrizations.weight.original1" if weight_norm_dim(module) is not None else f"{layer.path}.weight"
     A, B = [], []
     separate = ctx.heads == "separate" and name in head_tensors(ctx.graphs[0])
     sizes = [g.shapes[name][0] for g in ctx.graphs] if separate else []
@@ -563,14 +566,14 @@ def _write(layer: _Layer, module: nn.Module, bn: nn.Module | None, fold: bool, s
     """Write a solution into the fused layer (and its BatchNorm); ``w`` is the whole weight
     ``(groups, outputs, inputs)`` (``sol.weight`` with any taps left out of the fit)."""
     if layer.kind == "norm":
-        module.weight.copy_(w.reshape(-1))
+        set_weight(module, w.reshape(-1))
         if module.bias is not None:
             module.bias.copy_(sol.bias.reshape(-1))
         return
     if layer.kind == "conv":
-        module.weight.copy_(_conv_weight_back(w, module.weight.shape))
+        set_weight(module, _conv_weight_back(w, module.weight.shape))
     else:
-        module.weight.copy_(w.reshape(module.weight.shape))
+        set_weight(module, w.reshape(module.weight.shape))
     if bn is None:
         if module.bias is not None:
             module.bias.copy_(sol.bias.reshape(-1))

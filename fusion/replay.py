@@ -124,9 +124,12 @@ def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
 
 
 def _paths(model: nn.Module) -> dict[nn.Module, str]:
+    # modules of the data flow; a parametrisation (``c1.parametrizations.weight``: weight norm) runs
+    # whenever its weight is read, inside a layer's forward or outside one, so it is not a call
     out: dict[nn.Module, str] = {}
     for name, m in model.named_modules():
-        out.setdefault(m, name)
+        if "parametrizations" not in name.split("."):
+            out.setdefault(m, name)
     return out
 
 

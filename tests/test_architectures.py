@@ -7,6 +7,7 @@ model again (the matching recovers the permutation, averaging identical weights 
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -469,6 +470,104 @@ def test_weight_normalised_layers_fuse_with_their_permuted_copies():
     assert sorted(s.width for s in graph.spaces) == [8, 8, 12]
     assert not torch.equal(copy.c1.parametrizations.weight.original1, model.c1.parametrizations.weight.original1)
     _assert_same_function(model, copy, fused, x)
+
+
+@pytest.mark.parametrize("factor", [1.5, 2.0])
+def test_widened_weight_normalised_layers_keep_the_function(factor):
+    """Guards the engine's effective weights: Net2Net splits a consumer's input columns of v
+    between the copies of a unit, which changes ||v||; mapped as plain tensors, the widened model's
+    logits were off by about 10% (both `dim=0` and `dim=1` layers)."""
+    from fusion.resize import resize
+
+    torch.manual_seed(0)
+    model = _WeightNormed().eval()
+    x = torch.randn(4, 3, 8, 8)
+    wide = resize(model, factor, x[:2])
+    assert wide.c2.parametrizations.weight.original1.shape[:2] == (int(8 * factor), int(8 * factor))
+    y, y_wide = _outputs([model, wide], x)
+    assert rel_err(y_wide, y) < 1e-5
+
+
+def _without_weight_norm(model: _WeightNormed) -> nn.Module:
+    # a copy with plain layers holding the weights g v / ||v|| (not remove_parametrizations: on a
+    # deep copy it deletes the property from the class the original shares)
+    plain = copy.deepcopy(model)
+    for name in ("c1", "c2", "fc1"):
+        mod = getattr(model, name)
+        layer = (nn.Conv2d(mod.in_channels, mod.out_channels, 3, padding=1) if isinstance(mod, nn.Conv2d)
+                 else nn.Linear(mod.in_features, mod.out_features))
+        with torch.no_grad():
+            layer.weight.copy_(mod.weight)
+            layer.bias.copy_(mod.bias)
+        setattr(plain, name, layer)
+    return plain
+
+
+@pytest.mark.parametrize("options", [dict(method="permute"), dict(method="zip"), dict(method="merge"),
+                                     dict(method="permute", refine="lstsq"), dict(method="permute", repair="repair")])
+def test_weight_normalised_models_fuse_as_their_weights(options):
+    """Guards that fusion maps a weight-normalised layer's weight g v / ||v||, not g and v apart,
+    and reads the features where a plain layer's are read: two different weight-normalised models
+    fuse to the function of the same models with plain layers. Before, g and v were averaged
+    separately (another model), the parametrisation's weight output was observed as if it were
+    activations (another matching), and refinement skipped these layers without a word."""
+    torch.manual_seed(0)
+    a, b = _WeightNormed().eval(), _WeightNormed().eval()
+    with torch.no_grad():
+        for m in (a, b):  # gains far from ||v||, so that the two ways differ
+            for mod in (m.c1, m.c2, m.fc1):
+                mod.parametrizations.weight.original0.uniform_(0.2, 3.0)
+    x = torch.randn(64, 3, 8, 8)
+    options = {"repair": "none", **options}
+    fused = fusion.fuse([a, b], x, **options)
+    plain = fusion.fuse([_without_weight_norm(a), _without_weight_norm(b)], x, **options)
+    assert fused.c2.parametrizations.weight.original0.shape == a.c2.parametrizations.weight.original0.shape
+    if options.get("refine") == "lstsq":
+        refined = [r["layer"] for r in fused.fusion_report.refinement["layers"]]
+        assert refined == ["c1", "c2", "fc1", "head"]
+    y, y_plain = _outputs([fused, plain], x)
+    assert rel_err(y, y_plain) < (1e-4 if options.get("refine") else 1e-5)
+
+
+def test_a_parametrisations_weight_is_not_observed_as_features():
+    """Guards discovery's observation points: only tensors computed from the input observe a space.
+    The weight that `c1.parametrizations.weight` returns (8 x 3 x 3 x 3, no samples) was listed
+    as a point of c1's space."""
+    g = discover(_WeightNormed().eval(), torch.randn(4, 3, 8, 8))
+    modules = {o.module for s in g.spaces for o in s.observations}
+    assert modules == {"c1", "c2", "fc1", "head"}
+    assert all(o.shape[0] == 4 for s in g.spaces for o in s.observations)
+
+
+def test_weight_norm_helpers_read_and_write_the_weight():
+    """Guards `module_of`, `weight_norms`, `effective_weights` and `set_weight` on both weight
+    norm axes: tensors of a parametrisation belong to the layer; the rewritten (g, v) compute the
+    same weight; a weight written through `set_weight` is what the layer computes with."""
+    from alignment.graph import module_of
+    from alignment.permute import effective_weights, model_tensors, weight_norms
+    from fusion.engine import set_weight
+
+    assert module_of("layer1.0.conv1.weight") == "layer1.0.conv1"
+    assert module_of("c1.parametrizations.weight.original0") == "c1"
+    assert module_of("parametrizations.weight.original1") == ""
+    torch.manual_seed(0)
+    model = _WeightNormed()
+    norms = weight_norms(model)
+    assert norms == {"c1.parametrizations.weight.original1": ("c1.parametrizations.weight.original0", 0),
+                     "c2.parametrizations.weight.original1": ("c2.parametrizations.weight.original0", 1),
+                     "fc1.parametrizations.weight.original1": ("fc1.parametrizations.weight.original0", 0)}
+    tensors = model_tensors(model)
+    eff = effective_weights(tensors, norms)
+    assert eff["c2.parametrizations.weight.original1"] is not tensors["c2.parametrizations.weight.original1"]
+    for name in ("c1", "c2", "fc1"):
+        v, g = eff[f"{name}.parametrizations.weight.original1"], eff[f"{name}.parametrizations.weight.original0"]
+        assert torch.allclose(v, getattr(model, name).weight, atol=1e-6)
+        assert torch.allclose(torch._weight_norm(v, g, norms[f"{name}.parametrizations.weight.original1"][1]), v, atol=1e-6)
+    w = torch.randn_like(model.c2.weight)
+    with torch.no_grad():
+        set_weight(model.c2, w)
+        set_weight(model.head, torch.zeros_like(model.head.weight))
+    assert torch.allclose(model.c2.weight, w, atol=1e-6) and not model.head.weight.any()
 
 
 class _Patches(nn.Module):
