@@ -330,7 +330,8 @@ for _n in ("max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d",
            "adaptive_avg_pool2d", "adaptive_avg_pool3d", "_adaptive_avg_pool2d", "_adaptive_avg_pool3d",
            "lp_pool1d", "lp_pool2d", "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d",
            "upsample_bilinear2d", "upsample_bicubic2d", "upsample_linear1d", "upsample_trilinear3d",
-           "_upsample_nearest_exact2d", "_upsample_bilinear2d_aa", "reflection_pad1d", "reflection_pad2d",
+           "_upsample_nearest_exact1d", "_upsample_nearest_exact2d", "_upsample_nearest_exact3d",
+           "_upsample_bilinear2d_aa", "_upsample_bicubic2d_aa", "reflection_pad1d", "reflection_pad2d",
            "reflection_pad3d", "replication_pad1d", "replication_pad2d", "replication_pad3d"):
     RULES[f"aten.{_n}"] = _spatial
 

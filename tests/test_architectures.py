@@ -55,6 +55,20 @@ def test_vit_with_register_tokens_fuses_with_its_permuted_copy():
     _assert_same_function(model, copy, fused, x)
 
 
+def test_vit_with_dynamic_image_size_fuses_and_keeps_resampling_its_positions():
+    """Guards the rule for `aten._upsample_bicubic2d_aa`: a timm ViT with `dynamic_img_size=True`
+    resamples its position embedding in every forward pass (bicubic, antialiased), which stopped
+    discovery before. The fused model still runs at another image size, as its sources do."""
+    torch.manual_seed(0)
+    model = randomize(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=16,
+                                        patch_size=4, depth=1, dynamic_img_size=True).eval())
+    x = torch.randn(2, 3, 16, 16)
+    graph, copy, fused = _fused_with_permuted_copy(model, x, torch.randn(24, 3, 16, 16))
+    assert any(m.tensor == "pos_embed" and m.axis == 2 for s in graph.spaces for m in s.members)
+    _assert_same_function(model, copy, fused, x)
+    _assert_same_function(model, copy, fused, torch.randn(2, 3, 24, 24))
+
+
 @pytest.mark.parametrize("class_token", [False, True])
 def test_register_tokens_of_an_average_pooled_vit_do_not_hide_the_statistics(class_token):
     # with average pooling (timm's *_reg4_gap models, NaFlexViT) nothing pins the register tokens:
