@@ -697,19 +697,14 @@ class _Tracer:
         calls: dict[str, list[str]] = defaultdict(list)
         for key in scope_nodes:
             calls[scope_path[key]].append(key)
-        # only activations observe features: a tensor computed from parameters alone (the weight a
-        # parametrisation module returns, w = g v / ||v||) has no samples, though its other axes
-        # look like them
-        live: set[torch.fx.Node] = set()
-        for node in self.ep.graph.nodes:
-            if (node.op == "placeholder" and node.name not in self.tensor_of) or (
-                node.op == "call_function" and any(a in live for a in node.all_input_nodes)
-            ):
-                live.add(node)
         result: dict[int, list[Observation]] = defaultdict(list)
         for key, nodes in scope_nodes.items():
             path = scope_path[key]
             if not path:
+                continue
+            if "parametrizations" in path.split("."):
+                # a parametrisation (weight norm) returns a weight, not features of samples, though
+                # its other axes look like samples
                 continue
             call = calls[path].index(key)
             inside = set(nodes)
@@ -726,8 +721,6 @@ class _Tracer:
                 if len(group) != 1:
                     continue
                 n = group[0]
-                if n not in live:
-                    continue
                 dims = self.info.get(n)
                 if not isinstance(dims, list) or not dims or not isinstance(dims[0], Dim):
                     continue

@@ -553,6 +553,24 @@ def test_a_parametrisations_weight_is_not_observed_as_features():
     assert all(o.shape[0] == 4 for s in g.spaces for o in s.observations)
 
 
+def test_features_computed_from_buffers_are_observed():
+    """Guards the observation points of a Swin V2 block's continuous position bias (an MLP over a
+    buffer of relative coordinates): activations that do not depend on the image still observe
+    their space (the coordinates are the samples, the same in every model). A filter that kept
+    only input-dependent tensors left these spaces to the weights, which paired torchvision's
+    swin_v2_t with its permuted copy wrongly (fused rel. error 1.8)."""
+    from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
+
+    torch.manual_seed(0)
+    model = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=[4, 4],
+                            block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2, num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    graph, copy, fused = _fused_with_permuted_copy(model, x, torch.randn(8, 3, 32, 32))
+    cpb = [s for s in graph.spaces if s.name.endswith("cpb_mlp.0")]
+    assert len(cpb) == 2 and all(s.observations for s in cpb)
+    _assert_same_function(model, copy, fused, x)
+
+
 def test_weight_norm_helpers_read_and_write_the_weight():
     """Guards `module_of`, `weight_norms`, `effective_weights` and `set_weight` on both weight
     norm axes: tensors of a parametrisation belong to the layer; the rewritten (g, v) compute the
