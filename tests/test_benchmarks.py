@@ -24,3 +24,41 @@ def test_wide_benchmark_recovers_the_model_from_its_permuted_copy_and_times_ever
         assert r["error"] < 1e-5, method
         assert {"discover", "collect", "match", "apply"} <= set(r["seconds"])
         assert r["total"] >= r["seconds"]["match"] > 0
+
+
+def test_architecture_benchmark_passes_a_model_and_reports_a_failing_one(tmp_path, monkeypatch):
+    """Property: the coverage table marks a model whose permuted copy fuses back as passing, and a
+    model that cannot be built (or fused) as a failure with its exception, without stopping the
+    other rows; the exit status says a row failed."""
+    arch = _script("architectures")
+
+    def broken():
+        raise RuntimeError("no such model")
+
+    deit = next(e for e in arch.ENTRIES if e[0] == "hf:DeiT")
+    monkeypatch.setattr(arch, "ENTRIES", [("broken", broken, 32), deit])
+    out = tmp_path / "architectures.md"
+    assert arch.main(["--out", str(out)]) == 1
+    text = out.read_text()
+    assert "| broken | 32 | | | | | **RuntimeError**: no such model |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| hf:DeiT |"))
+    assert row.endswith("| pass |") and "1 of 2 pass." in text
+    assert float(row.split("|")[5]) < 1e-4  # the fused model's error
+
+
+def test_architecture_benchmark_prepares_zero_heads_and_batchnorm_statistics():
+    """Property: `prepare` draws weight matrices initialised to zero (a zero classifier gives zero
+    logits, whose relative errors are 0/0) and sets BatchNorm running statistics, leaving other
+    weights as they are."""
+    import torch
+    from torch import nn
+
+    arch = _script("architectures")
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(5))
+    model(torch.randn(2, 3, 8, 8))
+    nn.init.zeros_(model[3].weight)
+    conv = model[0].weight.detach().clone()
+    arch.prepare(model, 8, seed=0)
+    assert not model.training and model[3].weight.any()
+    assert torch.equal(model[0].weight, conv)
+    assert not torch.equal(model[1].running_var, torch.ones(4))
