@@ -46,19 +46,21 @@ def test_architecture_benchmark_passes_a_model_and_reports_a_failing_one(tmp_pat
     assert float(row.split("|")[5]) < 1e-4  # the fused model's error
 
 
-def test_architecture_benchmark_prepares_zero_heads_and_batchnorm_statistics():
-    """Property: `prepare` draws weight matrices initialised to zero (a zero classifier gives zero
-    logits, whose relative errors are 0/0) and sets BatchNorm running statistics, leaving other
-    weights as they are."""
+def test_architecture_benchmark_prepares_weights_and_batchnorm_statistics():
+    """Property: `prepare` draws every weight matrix at scale 1/sqrt(fan-in) (a zero classifier
+    gives zero logits, whose relative errors are 0/0), sets BatchNorm running statistics, and
+    leaves vectors (biases) as they are."""
     import torch
     from torch import nn
 
     arch = _script("architectures")
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(5))
+    model = nn.Sequential(nn.Conv2d(3, 64, 3), nn.BatchNorm2d(64), nn.Flatten(), nn.LazyLinear(5))
     model(torch.randn(2, 3, 8, 8))
     nn.init.zeros_(model[3].weight)
-    conv = model[0].weight.detach().clone()
+    nn.init.constant_(model[0].weight, 7.0)
+    bias = model[0].bias.detach().clone()
     arch.prepare(model, 8, seed=0)
     assert not model.training and model[3].weight.any()
-    assert torch.equal(model[0].weight, conv)
-    assert not torch.equal(model[1].running_var, torch.ones(4))
+    assert abs(model[0].weight.std().item() - 27 ** -0.5) < 0.02
+    assert torch.equal(model[0].bias, bias)
+    assert not torch.equal(model[1].running_var, torch.ones(64))
