@@ -21,7 +21,7 @@ from torch import nn
 from ._axes import AxisAlgebra, Dim
 from ._rules import IGNORED, RULES
 from .errors import ExportError, UnfollowableOpError
-from .graph import FixedAxis, Graph, Member, Observation, Space
+from .graph import FixedAxis, Graph, Member, Observation, Space, in_parametrization, module_of
 from .permute import reset_caches
 from .runner import model_device
 
@@ -672,7 +672,7 @@ class _Tracer:
                 Space(name=names[h], width=C.size[h], kind="heads", observations=observations.get(h, []),
                       tree=("leaf", names[h], C.size[h]))
             )
-        modules = list(dict.fromkeys(t.rpartition(".")[0] for t in self.first_use))
+        modules = list(dict.fromkeys(module_of(t) for t in self.first_use))
         graph = Graph(spaces=spaces, fixed=fixed, shapes=shapes, notes=list(C.notes),
                       model_class=type(self.model).__name__, modules=modules)
         return graph
@@ -702,7 +702,7 @@ class _Tracer:
             path = scope_path[key]
             if not path:
                 continue
-            if "parametrizations" in path.split("."):
+            if in_parametrization(path):
                 # a parametrisation (weight norm) returns a weight, not features of samples, though
                 # its other axes look like samples
                 continue

@@ -23,7 +23,8 @@ import torch
 from .errors import PermutationError, SpaceMismatchError
 from .structure import Leaf, Node, from_tuple
 
-__all__ = ["Member", "FixedAxis", "Observation", "Space", "Graph", "ranked_members", "module_of"]
+__all__ = ["Member", "FixedAxis", "Observation", "Space", "Graph", "ranked_members", "module_of",
+           "in_parametrization"]
 
 
 @dataclass(frozen=True)
@@ -343,3 +344,9 @@ def module_of(tensor: str) -> str:
     if leaf.startswith("original") and len(parts) >= 2 and parts[-2] == "parametrizations":
         return ".".join(parts[:-2])
     return path
+
+
+def in_parametrization(path: str) -> bool:
+    """Whether a module path lies inside a parametrisation (``"c1.parametrizations.weight"``, its
+    ``.0``): such modules compute a weight whenever it is read, they are not calls of the data flow."""
+    return "parametrizations" in path.split(".")

@@ -10,8 +10,8 @@ from torch import nn
 from .errors import SpaceMismatchError
 from .graph import Graph
 
-__all__ = ["permute", "permute_state", "model_tensors", "reset_caches", "weight_norm_dim", "weight_norms",
-           "effective_weights"]
+__all__ = ["permute", "permute_state", "model_tensors", "reset_caches", "weight_norm_dim", "weight_norm_tensors",
+           "weight_norms", "effective_weights"]
 
 
 def permute_state(state: dict[str, torch.Tensor], graph: Graph, perms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -98,6 +98,14 @@ def weight_norm_dim(module: nn.Module, name: str = "weight") -> int | None:
     return None
 
 
+def weight_norm_tensors(path: str, name: str = "weight") -> tuple[str, str]:
+    """The state names ``(g, v)`` of the weight-normalised tensor ``name`` of the module at ``path``
+    (``"c1"`` -> ``("c1.parametrizations.weight.original0", "c1.parametrizations.weight.original1")``);
+    ``v`` has the weight's axes."""
+    pre = f"{path}.parametrizations.{name}." if path else f"parametrizations.{name}."
+    return pre + "original0", pre + "original1"
+
+
 def weight_norms(model: nn.Module) -> dict[str, tuple[str, int]]:
     """Weights parametrised by ``torch.nn.utils.parametrizations.weight_norm`` (``w = g v / ||v||``):
     the name of each ``v`` tensor (``...parametrizations.weight.original1``) -> (the name of its ``g``,
@@ -107,8 +115,8 @@ def weight_norms(model: nn.Module) -> dict[str, tuple[str, int]]:
         for attr in getattr(mod, "parametrizations", {}):
             dim = weight_norm_dim(mod, attr)
             if dim is not None:
-                pre = f"{path}.parametrizations.{attr}." if path else f"parametrizations.{attr}."
-                out[pre + "original1"] = (pre + "original0", dim)
+                g, v = weight_norm_tensors(path, attr)
+                out[v] = (g, dim)
     return out
 
 

@@ -35,8 +35,8 @@ from torch import nn
 
 from alignment.errors import InvalidOptionError, UnknownNameError
 from alignment.maps import axis_matrix
+from alignment.permute import weight_norm_dim, weight_norm_tensors
 from alignment.registry import Registry
-from alignment.permute import weight_norm_dim
 from alignment.runner import batches, model_device, modes, runnable
 
 from .engine import head_tensors, set_weight
@@ -537,7 +537,7 @@ def _merge_matrices(ctx: RepairContext, layer: _Layer, module: nn.Module, dev: t
     """Per source, the matrix merging its layer outputs into the fused features (``A_i``), and the one
     merging its layer inputs (``B_i``; None when not asked, or for a grouped convolution)."""
     # a weight-normalised layer's v has the weight's axes
-    name = f"{layer.path}.parametrizations.weight.original1" if weight_norm_dim(module) is not None else f"{layer.path}.weight"
+    name = weight_norm_tensors(layer.path)[1] if weight_norm_dim(module) is not None else f"{layer.path}.weight"
     A, B = [], []
     separate = ctx.heads == "separate" and name in head_tensors(ctx.graphs[0])
     sizes = [g.shapes[name][0] for g in ctx.graphs] if separate else []

@@ -29,6 +29,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves, tree_map_only
 
 from alignment.errors import FusionError
+from alignment.graph import in_parametrization
 from alignment.runner import modes
 
 __all__ = ["Call", "Tape", "Replay", "ReplayError", "record"]
@@ -128,7 +129,7 @@ def _paths(model: nn.Module) -> dict[nn.Module, str]:
     # whenever its weight is read, inside a layer's forward or outside one, so it is not a call
     out: dict[nn.Module, str] = {}
     for name, m in model.named_modules():
-        if "parametrizations" not in name.split("."):
+        if not in_parametrization(name):
             out.setdefault(m, name)
     return out
 

@@ -575,15 +575,19 @@ def test_weight_norm_helpers_read_and_write_the_weight():
     """Guards `module_of`, `weight_norms`, `effective_weights` and `set_weight` on both weight
     norm axes: tensors of a parametrisation belong to the layer; the rewritten (g, v) compute the
     same weight; a weight written through `set_weight` is what the layer computes with."""
-    from alignment.graph import module_of
-    from alignment.permute import effective_weights, model_tensors, weight_norms
+    from alignment.graph import in_parametrization, module_of
+    from alignment.permute import effective_weights, model_tensors, weight_norm_tensors, weight_norms
     from fusion.engine import set_weight
 
     assert module_of("layer1.0.conv1.weight") == "layer1.0.conv1"
     assert module_of("c1.parametrizations.weight.original0") == "c1"
     assert module_of("parametrizations.weight.original1") == ""
+    assert in_parametrization("c1.parametrizations.weight.0") and not in_parametrization("c1")
+    assert weight_norm_tensors("") == ("parametrizations.weight.original0", "parametrizations.weight.original1")
     torch.manual_seed(0)
     model = _WeightNormed()
+    # the graph's modules are the layers, in execution order, not their parametrisations
+    assert discover(model, torch.randn(2, 3, 8, 8)).modules == ["c1", "c2", "fc1", "head"]
     norms = weight_norms(model)
     assert norms == {"c1.parametrizations.weight.original1": ("c1.parametrizations.weight.original0", 0),
                      "c2.parametrizations.weight.original1": ("c2.parametrizations.weight.original0", 1),
