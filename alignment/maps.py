@@ -28,7 +28,7 @@ from .structure import Heads, RowPlan, dense_plan
 
 __all__ = [
     "SpaceMap", "permutation_plan", "plan_maps", "permutation_map", "selection_map", "axis_roles",
-    "axis_matrix", "map_tensor", "fuse_tensors", "query_key_spaces", "correct_query_key",
+    "axis_matrix", "map_tensor", "sparse_entries", "SPARSE", "fuse_tensors", "query_key_spaces", "correct_query_key",
 ]
 
 
@@ -39,9 +39,11 @@ class SpaceMap:
         merge: per model, ``M_i`` of shape ``(n, n_i)`` (weights included).
         unmerge: per model, ``U_i`` of shape ``(n_i, n)``.
 
-    Maps built from gathers (:meth:`from_gathers`: permutations, selections, repeats) keep that form
-    and build the dense matrices only when ``merge`` or ``unmerge`` is read (wide spaces: an
-    ``n x n`` float64 matrix per model and map is what applying a permutation costs otherwise).
+    Maps built from sparse plans (:meth:`from_entries`: permutations, selections, repeats, cluster
+    memberships of zipping and merging, exact transport plans) keep their nonzero entries and build
+    the dense matrices only when ``merge`` or ``unmerge`` is read: applied to weights, they are index
+    gathers and scatter-adds (wide spaces: an ``n x n_i`` float64 matrix per model and map, and a
+    dense product with every weight, is what applying them costs otherwise).
     """
 
     def __init__(self, merge: Sequence[torch.Tensor], unmerge: Sequence[torch.Tensor]) -> None:
@@ -56,10 +58,31 @@ class SpaceMap:
         self._setup(list(merge), list(unmerge), [int(m.shape[1]) for m in merge],
                     int(merge[0].shape[0]) if merge else 0, {})
 
-    def _setup(self, merge: list, unmerge: list, sizes: list[int], width: int, gathers: dict) -> None:
+    def _setup(self, merge: list, unmerge: list, sizes: list[int], width: int, entries: dict) -> None:
         self._merge: list[torch.Tensor | None] = merge
         self._unmerge: list[torch.Tensor | None] = unmerge
-        self._sizes, self._width, self._gathers = sizes, width, gathers
+        self._sizes, self._width, self._entries = sizes, width, entries
+
+    @classmethod
+    def from_entries(cls, sizes: Sequence[int], width: int, merge: Sequence[Entries],
+                     unmerge: Sequence[Entries]) -> "SpaceMap":
+        """Maps given by their nonzero entries (see :meth:`entries`): per model of width
+        ``sizes[i]``, ``M_i`` and ``U_i^T`` (both ``width x sizes[i]``) as ``(rows, cols, vals)``."""
+        if not (len(sizes) == len(merge) == len(unmerge)) or not sizes:
+            raise ValueError("from_entries needs one size, merge and unmerge entry list per model")
+        for i, (w, em, eu) in enumerate(zip(sizes, merge, unmerge)):
+            for rows, cols, vals in (em, eu):
+                if not len(rows) == len(cols) == len(vals):
+                    raise ValueError(f"model {i}: rows, cols and vals of an entry list differ in length")
+                if len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= width
+                                  or int(cols.min()) < 0 or int(cols.max()) >= w):
+                    raise ValueError(f"model {i}: an entry does not fit a map of shape ({width}, {w})")
+                if bool((vals == 0).any()):
+                    raise ValueError(f"model {i}: an entry list holds a zero entry")
+        self = cls.__new__(cls)
+        entries = {(i, m): tuple(e) for i, pair in enumerate(zip(merge, unmerge)) for m, e in zip((True, False), pair)}
+        self._setup([None] * len(sizes), [None] * len(sizes), [int(w) for w in sizes], int(width), entries)
+        return self
 
     @classmethod
     def from_gathers(cls, sizes: Sequence[int], merge: Sequence[tuple[torch.Tensor, torch.Tensor]],
@@ -75,21 +98,19 @@ class SpaceMap:
                     raise ValueError(f"model {i}: a gather does not fit a map of shape ({n}, {w})")
                 if bool((vals == 0).any()):
                     raise ValueError(f"model {i}: a gather has a zero entry (its row would be empty)")
-        self = cls.__new__(cls)
-        gathers = {(i, m): g for i, pair in enumerate(zip(merge, unmerge)) for m, g in zip((True, False), pair)}
-        self._setup([None] * len(sizes), [None] * len(sizes), [int(w) for w in sizes], n, gathers)
-        return self
+        rows = torch.arange(n)
+        return cls.from_entries(sizes, n, [(rows, *g) for g in merge], [(rows, *g) for g in unmerge])
 
     def _dense(self, i: int, merge: bool) -> torch.Tensor:
-        idx, vals = self._gathers[(i, merge)]
+        rows, cols, vals = self._entries[(i, merge)]
         A = torch.zeros(self._width, self._sizes[i], dtype=vals.dtype)
-        A[torch.arange(self._width), idx] = vals
+        A[rows, cols] = vals
         return A
 
     @property
     def merge(self) -> list[torch.Tensor]:
         """Per model, ``M_i`` (``n x n_i``). Once read, these matrices are the maps: a change made to
-        them in place is what gets applied (their gather forms are found again)."""
+        them in place is what gets applied (their entries are found again)."""
         self._materialise(True)
         return self._merge
 
@@ -105,30 +126,54 @@ class SpaceMap:
             if m is None:
                 A = self._dense(i, merge)
                 dense[i] = A if merge else A.t()
-            if self._gathers.get((i, merge)) is not None:
-                del self._gathers[(i, merge)]  # found again from the matrix (a map with none stays none)
+            self._entries.pop((i, merge), None)  # found again from the matrix
 
     @property
     def sizes(self) -> list[int]:
         """Each model's width ``n_i``."""
         return list(self._sizes)
 
+    def entries(self, i: int, merge: bool) -> Entries | None:
+        """Model ``i``'s merge map ``M_i`` (``merge``) or transposed unmerge map ``U_i^T`` by its
+        nonzero entries ``(rows, cols, vals)`` in row-major order, or None when the map is dense
+        (more than one entry in :data:`SPARSE` of the matrix nonzero: applied as a product)."""
+        key = (i, merge)
+        if key not in self._entries:
+            A = self._merge[i] if merge else self._unmerge[i].t()
+            self._entries[key] = sparse_entries(A.to(torch.float64).cpu())
+        return self._entries[key]
+
     def gather(self, i: int, merge: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Model ``i``'s merge map ``M_i`` (``merge``) or transposed unmerge map ``U_i^T`` as a
         gather: ``(idx, vals)`` with row ``k`` equal to ``vals[k]`` at column ``idx[k]`` and zero
-        elsewhere, or None when some row has more or less than one entry (found once per map and
-        reading of the dense maps: permutations, selections and repeats are applied to weights as
-        index gathers)."""
-        key = (i, merge)
-        if key not in self._gathers:
-            A = self._merge[i] if merge else self._unmerge[i].t()
-            self._gathers[key] = _rows_gather(A.to(torch.float64).cpu())
-        return self._gathers[key]
+        elsewhere, or None when some row has more or less than one entry (permutations, selections
+        and repeats are applied to weights as index gathers)."""
+        e = self.entries(i, merge)
+        if e is None or len(e[0]) != self._width or not torch.equal(e[0], torch.arange(self._width)):
+            return None
+        return e[1], e[2]
 
     @property
     def width(self) -> int:
         """Fused width ``n``."""
         return self._width
+
+
+Entries = tuple  # (rows, cols, vals): the nonzero entries of a map (LongTensor, LongTensor, values)
+
+SPARSE = 8
+"""A map is applied by its entries when at most one in ``SPARSE`` of its entries is nonzero (one per
+row or column: permutations, clusters, exact transport plans), else as a dense product."""
+
+
+def sparse_entries(A: torch.Tensor) -> Entries | None:
+    """``(rows, cols, vals)`` of the nonzero entries of ``A`` in row-major order, or None when more
+    than one in :data:`SPARSE` of its entries are nonzero (a dense map)."""
+    nnz = int(torch.count_nonzero(A))
+    if nnz * SPARSE > A.numel() and nnz > max(A.shape, default=0):
+        return None  # (a dense plan: no index list of all its entries)
+    rows, cols = A.nonzero().unbind(1)
+    return rows, cols, A[rows, cols]
 
 
 def permutation_plan(perm: torch.Tensor, n_source: int | None = None) -> torch.Tensor:
@@ -173,24 +218,26 @@ def plan_maps(plans: Sequence["torch.Tensor | RowPlan"], alpha: Sequence[float],
             scale = torch.where(limit, s / safe / torch.where(count > 0, count, torch.ones_like(count)), scale)
         c = _column_sums(T)
         inv_c = 1.0 / torch.where(c > 0, c, torch.ones_like(c))
-        gm = gu = None
-        g = (T.idx, T.vals) if isinstance(T, RowPlan) else _rows_gather(T)
-        if g is not None:
-            # one entry per row: the products below on those entries only (the same bits)
-            idx, v = g
-            gm, gu = (idx, v * scale), (idx, v * inv_c[idx])
-            if bool((gm[1] == 0).any()):
-                gm = None  # a zero weight: an empty merge row is no gather
-        parts.append((T, scale, inv_c, gm, gu))
-    if all(gm is not None for *_, gm, _ in parts):
-        return SpaceMap.from_gathers([T.shape[1] for T in plans], [p[3] for p in parts], [p[4] for p in parts])
+        em = eu = None
+        e = (torch.arange(n), T.idx, T.vals) if isinstance(T, RowPlan) else sparse_entries(T)
+        if e is not None:
+            # a sparse plan: the products below on its entries only (the same bits)
+            r_, c_, v = e
+            em, eu = (r_, c_, v * scale[r_]), (r_, c_, v * inv_c[c_])
+            if bool((em[2] == 0).any()):
+                keep = em[2] != 0  # a zero weight (alpha 0): no entry
+                em = (r_[keep], c_[keep], em[2][keep])
+        parts.append((T, scale, inv_c, em, eu))
+    if all(em is not None for *_, em, _ in parts):
+        return SpaceMap.from_entries([T.shape[1] for T in plans], n, [p[3] for p in parts], [p[4] for p in parts])
     # one scaled copy per map (wide spaces: every pass over an n x n_i plan costs its pages)
     parts = [(dense_plan(T), *rest) for T, *rest in parts]
     sm = SpaceMap([T * scale[:, None] for T, scale, *_ in parts],
                   [torch.mul(T.t(), inv_c[:, None], out=torch.empty(T.shape[1], T.shape[0], dtype=T.dtype))
                    for T, _, inv_c, *_ in parts])
-    for i, (*_, gm, gu) in enumerate(parts):  # (the support of M_i and U_i^T is the plan's)
-        sm._gathers[(i, True)], sm._gathers[(i, False)] = gm, gu
+    for i, (*_, em, eu) in enumerate(parts):  # (the support of M_i and U_i^T is the plan's)
+        if em is not None:
+            sm._entries[(i, True)], sm._entries[(i, False)] = em, eu
     return sm
 
 
@@ -200,16 +247,6 @@ def _column_sums(T: "torch.Tensor | RowPlan") -> torch.Tensor:
     if not isinstance(T, RowPlan):
         return T.sum(0)
     return torch.zeros(T.shape[1], dtype=T.vals.dtype).index_add_(0, T.idx, T.vals)
-
-
-def _rows_gather(T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(idx, T[k, idx[k]])`` when every row of ``T`` has exactly one nonzero entry, else None."""
-    if int(torch.count_nonzero(T)) != T.shape[0]:
-        return None  # (a dense plan: no index list of all its entries)
-    nz = T.nonzero()
-    if len(nz) != T.shape[0] or not torch.equal(nz[:, 0], torch.arange(T.shape[0])):
-        return None
-    return nz[:, 1], T[nz[:, 0], nz[:, 1]]
 
 
 def permutation_map(perms: Sequence[torch.Tensor], alpha: Sequence[float]) -> SpaceMap:
@@ -288,7 +325,7 @@ def map_tensor(t: torch.Tensor, graph: Graph, name: str, roles: dict[tuple[str, 
             continue
         primary = bool(out_axes) and ax == out_axes[0]
         role = roles.get((name, ax), "out")
-        A = _axis_gather(pieces, maps, i, role, primary, alpha_i)
+        A = _axis_entries(pieces, maps, i, role, primary, alpha_i)
         if A is None:
             A = axis_matrix(pieces, maps, i, role, primary, alpha_i, name, ax)
         t = _apply_axis(A, t, ax)
@@ -297,41 +334,55 @@ def map_tensor(t: torch.Tensor, graph: Graph, name: str, roles: dict[tuple[str, 
     return t
 
 
-def _axis_gather(pieces, maps: dict[str, SpaceMap], i: int, role: str, primary: bool, alpha_i: float
-                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """:func:`axis_matrix` as a gather ``(idx, vals)`` when every piece's map is one (see
-    :meth:`SpaceMap.gather`), without building the block-diagonal matrix; else None."""
-    idx, vals, col = [], [], 0
+def _axis_entries(pieces, maps: dict[str, SpaceMap], i: int, role: str, primary: bool, alpha_i: float
+                  ) -> AxisEntries | None:
+    """:func:`axis_matrix` by its nonzero entries ``(rows, cols, vals, n_out)`` when every piece's map
+    is sparse (see :meth:`SpaceMap.entries`), without building the block-diagonal matrix; else None."""
+    rows, cols, vals, col, row = [], [], [], 0, 0
     for start, stop, sp in pieces:
         w = stop - start
         if sp is None:
-            idx.append(col + torch.arange(w))
-            vals.append(torch.full((w,), alpha_i if primary else 1.0, dtype=torch.float64))
+            r_ = c_ = torch.arange(w)
+            v = torch.full((w,), alpha_i if primary else 1.0, dtype=torch.float64)
+            n = w
         else:
             if sp not in maps:
                 return None  # axis_matrix names the missing map
-            g = maps[sp].gather(i, role == "out" and primary)
-            if g is None or maps[sp].sizes[i] != w:
+            e = maps[sp].entries(i, role == "out" and primary)
+            if e is None or maps[sp].sizes[i] != w:
                 return None
-            idx.append(col + g[0])
-            vals.append(g[1])
+            r_, c_, v = e
+            n = maps[sp].width
+        rows.append(row + r_)
+        cols.append(col + c_)
+        vals.append(v)
         col += w
-    return torch.cat(idx), torch.cat(vals)
+        row += n
+    return torch.cat(rows), torch.cat(cols), torch.cat(vals), row
+
+
+AxisEntries = tuple  # (rows, cols, vals, n_out): an axis map by its nonzero entries
 
 
 def _apply_axis(A, t: torch.Tensor, ax: int) -> torch.Tensor:
-    """``A`` applied to axis ``ax`` of ``t``: a gather ``(idx, vals)`` (permutations, selections,
-    repeats: exact, and far cheaper than a product) or a matrix (multiplied: :func:`map_tensor`
-    builds one only when some piece's map is no gather, so the whole matrix is none either)."""
-    if isinstance(A, tuple):
-        idx, vals = A
-        out = t.index_select(ax, idx.to(t.device))
-        if not bool((vals == 1).all()):
-            shape = [1] * t.dim()
-            shape[ax] = -1
-            out = out * vals.to(t.device).view(shape)
-        return out
-    return torch.movedim(torch.tensordot(A.to(t.device), t, dims=([1], [ax])), 0, ax)
+    """``A`` applied to axis ``ax`` of ``t``: by its entries ``(rows, cols, vals, n_out)`` (see
+    :func:`_axis_entries`: a gather where every row has one entry, as permutations, selections and
+    repeats: exact; else a gather and a scatter-add: clusters, exact transport plans; far cheaper
+    than a product either way) or a matrix (multiplied: :func:`map_tensor` builds one only when some
+    piece's map is dense)."""
+    if not isinstance(A, tuple):
+        return torch.movedim(torch.tensordot(A.to(t.device), t, dims=([1], [ax])), 0, ax)
+    rows, cols, vals, n_out = A
+    out = t.index_select(ax, cols.to(t.device))
+    if not bool((vals == 1).all()):
+        shape = [1] * t.dim()
+        shape[ax] = -1
+        out = out * vals.to(t.device).view(shape)
+    if len(rows) == n_out and torch.equal(rows, torch.arange(n_out)):
+        return out  # one entry per row: the gather is the product
+    shape = list(t.shape)
+    shape[ax] = n_out
+    return torch.zeros(shape, dtype=out.dtype, device=out.device).index_add_(ax, rows.to(t.device), out)
 
 
 def fuse_tensors(

@@ -9,7 +9,9 @@ It returns exactly the grouping of the straightforward loop that re-masks and ar
 ``P x P`` matrix at every merge (cubic in ``P``), including its tie-breaking, but in about ``O(P^2)``
 work: the matrix is kept together with each row's best allowed partner, and after a merge only the
 two changed columns are folded into the other rows' bests; a row is rescanned only when its best
-partner was one of the two merged groups. The reference semantics, for a similarity matrix ``S``:
+partner was one of the two merged groups. A merged-away group is masked instead of having its
+column cleared, and a merge that fills a group (no group can join it until the cap grows: every
+merge when halving a width) defers its row and column writes until they are read. The reference semantics, for a similarity matrix ``S``:
 
 * the diagonal is ignored; a pair ``(r, c)`` is *allowed* when ``size[r] + size[c] <= cap``;
 * each step merges the first maximum, in row-major order, of ``S`` restricted to allowed pairs of
@@ -102,19 +104,54 @@ def greedy_merge(S: torch.Tensor, n: int, balanced: bool = True, linkage: str = 
 
     neg = -math.inf
     label = torch.arange(P)
-    size = torch.ones(P, dtype=torch.float64)
     cap = math.ceil(P / n) if balanced else P
     # The merged rows are computed with torch, exactly as in the reference; the bookkeeping runs on
     # numpy views of the same memory (much lower per-call overhead for the O(P) updates).
-    Sn, sizen, labeln = S.numpy(), size.numpy(), label.numpy()
+    Sn, labeln = S.numpy(), label.numpy()
+    sizen = np.ones(P, dtype=np.float64)
     alive = np.ones(P, dtype=bool)
+
+    dead = np.zeros(P, dtype=Sn.dtype)  # -inf at merged-away groups: added to a row, masks them
+    largest = [1.0]  # the largest live group
 
     def scan(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Best allowed partner of each of ``rows``: (value, first column attaining it)."""
-        sub = Sn[rows]
-        np.putmask(sub, sizen[None, :] > (cap - sizen[rows])[:, None], neg)  # sizes are exact integers
+        sub = Sn[rows] + dead
+        room = cap - sizen[rows]
+        if bool((room < largest[0]).any()):  # some live group is too large to join some row
+            np.putmask(sub, sizen[None, :] > room[:, None], neg)  # sizes are exact integers
         c = sub.argmax(axis=1)  # first maximum
         return sub[np.arange(len(rows)), c], c
+
+    def merged_row(a: int, b: int, size_a: float, size_b: float) -> np.ndarray:
+        # the reference's new row of group a after merging b into it (sizes before the merge)
+        if linkage == "average":
+            return ((size_a * S[a] + size_b * S[b]) / (size_a + size_b)).numpy()
+        row = np.minimum(Sn[a], Sn[b])
+        if decay != 1.0 and size_a + size_b >= decay_from:
+            np.multiply(row, decay, out=row, where=row > neg)
+        return row
+
+    def write(a: int, b: int, row: np.ndarray) -> None:
+        # the reference's writes of a merge; column b is not cleared: a merged-away group is masked
+        # in every scan (``dead``) and never taken (size +inf) instead (a strided column write per
+        # merge is the loop's largest cost on wide matrices)
+        Sn[a] = row
+        Sn[:, a] = row
+        Sn[a, a] = neg
+        Sn[b] = neg
+
+    # Merges that fill a group (size >= cap: no group can join it until cap grows) are deferred: the
+    # group's row and column are masked in every scan meanwhile, so their values are only needed
+    # once cap grows or a merge that leaves room reads them; then the deferred merges are replayed
+    # in order, which gives the reference's matrix exactly. Halving a width (cap 2) thus merges
+    # without writing the matrix at all.
+    pending: list[tuple[int, int, float, float]] = []
+
+    def flush() -> None:
+        for a, b, size_a, size_b in pending:
+            write(a, b, merged_row(a, b, size_a, size_b))
+        pending.clear()
 
     # best[r] / bestval[r]: first column of the maximum of row r over allowed partners (-inf: none).
     bestval, best = scan(np.arange(P))
@@ -124,6 +161,7 @@ def greedy_merge(S: torch.Tensor, n: int, balanced: bool = True, linkage: str = 
         if not bestval[r] > neg:
             # No allowed pair left: grow cap to the smallest merged size of a mergeable pair (the
             # reference grows it one by one until such a pair is allowed).
+            flush()
             sums = sizen[:, None] + sizen[None, :]
             sums[~(Sn > neg)] = math.inf
             smallest = float(sums.min())
@@ -136,19 +174,17 @@ def greedy_merge(S: torch.Tensor, n: int, balanced: bool = True, linkage: str = 
         a, b = r, int(best[r])
         if a > b:
             a, b = b, a
-        if linkage == "average":
-            row = ((size[a] * S[a] + size[b] * S[b]) / (size[a] + size[b])).numpy()
+        size_a, size_b = float(sizen[a]), float(sizen[b])
+        full = sizen[a] + sizen[b] >= cap
+        if full:
+            pending.append((a, b, size_a, size_b))
         else:
-            row = np.minimum(Sn[a], Sn[b])
-            if decay != 1.0 and sizen[a] + sizen[b] >= decay_from:
-                np.multiply(row, decay, out=row, where=row > neg)
-        Sn[a] = row
-        Sn[:, a] = row
-        Sn[a, a] = neg
-        Sn[b] = neg
-        Sn[:, b] = neg
+            flush()
+            write(a, b, merged_row(a, b, size_a, size_b))
         sizen[a] += sizen[b]
-        sizen[b] = 0
+        sizen[b] = math.inf  # dead: masked in every scan, never taken
+        dead[b] = neg
+        largest[0] = max(largest[0], float(sizen[a]))
         alive[b] = False
         labeln[labeln == b] = a
         merges += 1
@@ -158,16 +194,18 @@ def greedy_merge(S: torch.Tensor, n: int, balanced: bool = True, linkage: str = 
         bestval[b], best[b] = neg, P
         # Rows whose best partner was a or b (and row a itself) are rescanned; every other row only
         # saw column a change (column b was not its best, so dropping it changes nothing): column a
-        # becomes its best if allowed and larger, or equal and earlier than the current best.
+        # becomes its best if allowed and larger, or equal and earlier than the current best (a full
+        # group is allowed with none).
         need = (best == a) | (best == b)
         need[a] = True
-        col = Sn[a]  # equals column a (both were set from ``row``, then a and b cleared in both)
-        take = (col > bestval) | ((col == bestval) & (best > a))
-        take &= col > neg
-        take &= (sizen + sizen[a]) <= cap
-        take &= ~need
-        bestval[take] = col[take]
-        best[take] = a
+        if not full:
+            col = Sn[a]  # equals column a (both were set from ``row``)
+            take = (col > bestval) | ((col == bestval) & (best > a))
+            take &= col > neg
+            take &= (sizen + sizen[a]) <= cap
+            take &= ~need
+            bestval[take] = col[take]
+            best[take] = a
         rows = np.flatnonzero(need)
         bestval[rows], best[rows] = scan(rows)
 

@@ -341,11 +341,13 @@ def test_gram_cost_matches_the_geometry_of_the_features_and_leaves_the_gram_alon
     assert torch.equal(G, G0)
 
 
-def test_maps_that_are_gathers_are_applied_as_the_block_diagonal_matrix_would_be():
+def test_maps_that_are_sparse_are_applied_as_the_block_diagonal_matrix_would_be():
     """Property: a permutation map's gather form names the permuted features (and alpha), an
-    averaging map has none, and an axis of several pieces (a fixed range, a permuted space, a
-    merged space) is mapped exactly as by the block-diagonal :func:`axis_matrix`."""
-    from alignment.maps import _apply_axis, _axis_gather, axis_matrix
+    averaging map has entries but no gather, a dense plan has neither, and an axis of several pieces
+    (a fixed range, a permuted space, a merged space) is mapped by its entries as by the
+    block-diagonal :func:`axis_matrix`: bit for bit where every row has one entry, to rounding where
+    rows add several (a scatter-add instead of a product)."""
+    from alignment.maps import _apply_axis, _axis_entries, axis_matrix
 
     perm = torch.tensor([2, 0, 3, 1])
     sm = permutation_map([perm, torch.arange(4)], [0.25, 0.75])
@@ -355,15 +357,22 @@ def test_maps_that_are_gathers_are_applied_as_the_block_diagonal_matrix_would_be
     assert torch.equal(idx, perm) and bool((vals == 1).all())
     avg = plan_maps([torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])], [1.0])
     assert avg.gather(0, merge=True) is None
-    maps = {"p": sm, "a": avg}
+    rows, cols, vals = avg.entries(0, merge=True)
+    assert rows.tolist() == [0, 0, 1] and cols.tolist() == [0, 1, 2] and vals.tolist() == [0.5, 0.5, 1.0]
+    dense = plan_maps([torch.rand(4, 3, dtype=torch.float64) + 0.1], [1.0])
+    assert dense.entries(0, merge=True) is None and dense.entries(0, merge=False) is None
+    maps = {"p": sm, "a": avg, "d": dense}
     t = torch.randn(5, 3 + 4 + 3, dtype=torch.float64)
-    for pieces, primary in [([(0, 3, None), (3, 7, "p")], True), ([(0, 4, "p"), (4, 7, None)], False)]:
+    cases = [([(0, 3, None), (3, 7, "p")], True, "out", 0), ([(0, 4, "p"), (4, 7, None)], False, "out", 0),
+             ([(0, 4, "p"), (4, 7, "a")], True, "out", 1e-15), ([(0, 4, "p"), (4, 7, "a")], False, "in", 1e-15)]
+    for pieces, primary, role, tol in cases:
         t_ax = t[:, :pieces[-1][1]]
-        g = _axis_gather(pieces, maps, 0, "out", primary, 0.25)
-        assert g is not None
-        A = axis_matrix(pieces, maps, 0, "out", primary, 0.25, "w", 1)
-        torch.testing.assert_close(_apply_axis(g, t_ax, 1), t_ax @ A.t(), rtol=0, atol=0)
-    assert _axis_gather([(0, 4, "p"), (4, 7, "a")], maps, 0, "out", True, 0.25) is None
+        e = _axis_entries(pieces, maps, 0, role, primary, 0.25)
+        assert e is not None
+        A = axis_matrix(pieces, maps, 0, role, primary, 0.25, "w", 1)
+        assert e[3] == A.shape[0]
+        torch.testing.assert_close(_apply_axis(e, t_ax, 1), t_ax @ A.t(), rtol=0, atol=tol)
+    assert _axis_entries([(0, 4, "p"), (4, 7, "d")], maps, 0, "out", True, 0.25) is None
 
 
 def _dense_maps(plans, alpha):
