@@ -24,6 +24,10 @@ def test_wide_benchmark_recovers_the_model_from_its_permuted_copy_and_times_ever
         assert r["error"] < 1e-5, method
         assert {"discover", "collect", "match", "apply"} <= set(r["seconds"])
         assert r["total"] >= r["seconds"]["match"] > 0
+    # an independently initialised second model: a real fusion (the fused model is neither model)
+    r = wide.run("vit_tiny_patch16_224", image_size=32, samples=16, seed=0, method="zip", pair="independent")
+    assert 0.05 < r["error"] < 10
+    assert r["total"] >= r["seconds"]["apply"] > 0
 
 
 def test_architecture_benchmark_passes_a_model_and_reports_a_failing_one(tmp_path, monkeypatch):

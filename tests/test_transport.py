@@ -55,6 +55,30 @@ def test_exact_ot_plan_recovers_a_planted_permutation():
     assert torch.equal(H > 0, permutation_plan(perm) > 0)
 
 
+def test_exact_ot_is_optimal_at_wide_spaces_and_an_unfinished_simplex_is_reported(monkeypatch):
+    """Property: exact OT between 3,072 and 3,072 units (ViT-B's MLP width, where POT's default pivot
+    cap stopped the simplex short of the optimum) is an optimal assignment: its cost is the Hungarian
+    solver's (scipy, the reference); rectangular plans keep both marginals; a simplex that stops
+    before the optimum is noted (fusion report), not only warned by POT."""
+    from scipy.optimize import linear_sum_assignment
+    import ot
+
+    g = torch.Generator().manual_seed(3)
+    X, Y = torch.randn(3072, 32, generator=g, dtype=torch.float64), torch.randn(3072, 32, generator=g, dtype=torch.float64)
+    cost = torch.cdist(X, Y)
+    T = dense_plan(transport_plan(cost, "emd"))
+    r, c = linear_sum_assignment(cost.numpy())
+    assert abs(float((T * cost).sum()) - float(cost[r, c].sum()) / 3072) < 1e-12
+    assert torch.equal((T > 0).sum(1), torch.ones(3072, dtype=torch.long))
+    rect = transport_plan(cost[:, :1000], "emd")
+    torch.testing.assert_close(rect.sum(0), torch.full((1000,), 1e-3, dtype=torch.float64), rtol=0, atol=1e-12)
+    notes = []
+    real = ot.emd
+    monkeypatch.setattr(ot, "emd", lambda *a, **k: (real(*a, **{**k, "numItermax": 3})))
+    transport_plan(cost[:40, :30], "emd", note=notes.append, where="space 'x'")
+    assert len(notes) == 1 and "space 'x'" in notes[0] and "before the optimum" in notes[0]
+
+
 def test_sinkhorn_plans_approach_the_exact_plan_as_reg_shrinks():
     g = torch.Generator().manual_seed(1)
     cost = torch.rand(10, 14, generator=g)
@@ -670,3 +694,24 @@ def test_group_score_equals_the_score_against_the_merged_fused_units(alpha):
     plans = [T[:, c] for c in cols]
     want = _score(plans, torch.cat(plan_maps(plans, alpha).merge, dim=1), G, cols)
     assert _group_score(G, labels, sizes, alpha, n) == pytest.approx(want, rel=1e-12, abs=1e-14)
+
+
+@pytest.mark.parametrize("name", ["timm_resnet18", "timm_vit"])
+def test_sparse_maps_give_the_weights_of_the_dense_products(name, monkeypatch):
+    """Property: fusing two independently initialised models by zip, merge and exact OT (clusters
+    and split mass: maps with several entries per row or column) applies the maps by their entries
+    and gives the weights that the dense products give (to float64 rounding)."""
+    import alignment.maps as maps_mod
+
+    a, x = build(name, seed=0)
+    b, _ = build(name, seed=1)
+    cal = torch.randn(32, *x.shape[1:], generator=torch.Generator().manual_seed(0))
+    for method in ("zip", "merge", "ot"):
+        sparse = fusion.fuse([a, b], cal, method=method, repair="none").state_dict()
+        with monkeypatch.context() as m:
+            m.setattr(maps_mod, "sparse_entries", lambda A: None)  # every map dense
+            dense = fusion.fuse([a, b], cal, method=method, repair="none").state_dict()
+        assert sparse.keys() == dense.keys()
+        for k, v in sparse.items():
+            if v.is_floating_point():
+                torch.testing.assert_close(v, dense[k], rtol=1e-6, atol=1e-7, msg=f"{method} {k}")
