@@ -56,20 +56,21 @@ def test_exact_ot_plan_recovers_a_planted_permutation():
 
 
 def test_exact_ot_is_optimal_at_wide_spaces_and_an_unfinished_simplex_is_reported(monkeypatch):
-    """Property: exact OT between 3,072 and 3,072 units (ViT-B's MLP width, where POT's default pivot
-    cap stopped the simplex short of the optimum) is an optimal assignment: its cost is the Hungarian
-    solver's (scipy, the reference); rectangular plans keep both marginals; a simplex that stops
-    before the optimum is noted (fusion report), not only warned by POT."""
+    """Property: exact OT between 2,048 and 2,048 units (where POT's default pivot cap stopped the
+    simplex short of the optimum; ViT-B's MLP spaces have 3,072) is an optimal assignment: its cost
+    is the Hungarian solver's (scipy, the reference); rectangular plans keep both marginals; a
+    simplex that stops before the optimum is noted (fusion report), not only warned by POT."""
     from scipy.optimize import linear_sum_assignment
     import ot
 
     g = torch.Generator().manual_seed(3)
-    X, Y = torch.randn(3072, 32, generator=g, dtype=torch.float64), torch.randn(3072, 32, generator=g, dtype=torch.float64)
+    n = 2048
+    X, Y = torch.randn(n, 32, generator=g, dtype=torch.float64), torch.randn(n, 32, generator=g, dtype=torch.float64)
     cost = torch.cdist(X, Y)
     T = dense_plan(transport_plan(cost, "emd"))
     r, c = linear_sum_assignment(cost.numpy())
-    assert abs(float((T * cost).sum()) - float(cost[r, c].sum()) / 3072) < 1e-12
-    assert torch.equal((T > 0).sum(1), torch.ones(3072, dtype=torch.long))
+    assert abs(float((T * cost).sum()) - float(cost[r, c].sum()) / n) < 1e-12
+    assert torch.equal((T > 0).sum(1), torch.ones(n, dtype=torch.long))
     rect = transport_plan(cost[:, :1000], "emd")
     torch.testing.assert_close(rect.sum(0), torch.full((1000,), 1e-3, dtype=torch.float64), rtol=0, atol=1e-12)
     notes = []
