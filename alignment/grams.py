@@ -47,22 +47,26 @@ def activation_gram(stats, kind: str | Callable[[str], str] = "correlation",
         blocks = not stats.complete(name)
         if k == "correlation":
             G = stats.correlation_blocks(name) if blocks else stats.correlation(name).double()
-            # units that are constant on the calibration data (dead ReLUs) correlate with nothing;
-            # an extra shared dimension makes them alike (two dead units pair with each other, not
-            # with a live unit) and gives every unit unit norm
+            # units that are constant on the calibration data (dead ReLUs) correlate with nothing
+            # (near-constant ones, with a diagonal w < 1, only in part: see PointStats.correlation);
+            # an extra shared dimension of weight e = sqrt(1 - w) makes them alike (two dead units
+            # pair with each other, not with a live unit) and gives every unit unit norm
             e = (1.0 - (G.diag if blocks else G.diagonal())).clamp(0, 1).sqrt()
             short = e.nonzero().flatten()  # (a fresh matrix: added in place, on the units concerned)
+            # ... and on that dimension they are told apart by ``dead_gram``'s cosine, D = (1 + cos)
+            # / 2 in [0, 1] (the dead block becomes D: still unit diagonal, still positive
+            # semi-definite, still closer to each other than to any live unit); units whose share
+            # is rounding (e <= SHORT) keep the plain shared dimension
+            weighed = short[e[short] > SHORT] if dead_gram is not None else short[:0]
             if len(short):
-                _index_update(G, short, torch.outer(e[short], e[short]), add=True)
-            dead = (e >= 1.0).nonzero().flatten()
-            if dead_gram is not None and len(dead) > 1:
-                # ... and among themselves they are told apart by ``dead_gram``'s cosine, in [0, 1]
-                # (the dead block becomes (1 + cos) / 2: still unit diagonal, still positive
-                # semi-definite, still closer to each other than to any live unit)
-                idx = torch.arange(len(dead))
-                cos = 1.0 - gram_cost(idx, dead_gram(name, dead).G.double(), idx, "correlation")
-                cos.diagonal().fill_(1.0)
-                _index_update(G, dead, 0.5 * (1.0 + cos.clamp(-1, 1)))
+                outer = torch.outer(e[short], e[short])
+                if len(weighed) > 1:
+                    idx = torch.arange(len(weighed))
+                    cos = 1.0 - gram_cost(idx, dead_gram(name, weighed).G.double(), idx, "correlation")
+                    cos.diagonal().fill_(1.0)
+                    pos = torch.searchsorted(short, weighed)  # (short is sorted)
+                    outer[pos[:, None], pos[None, :]] *= 0.5 * (1.0 + cos.clamp(-1, 1))
+                _index_update(G, short, outer, add=True)
             if dead_gram is not None:
                 _break_ties(G, stats.offsets(name), e >= 1.0, lambda units: dead_gram(name, units))
         else:
@@ -99,6 +103,10 @@ def _index_update(G: torch.Tensor | BlockGram, units: torch.Tensor, values: torc
     d = values.diagonal()
     G.diag[units] = G.diag[units] + d if add else d
 
+
+SHORT = 1e-4
+"""A unit whose correlations hold less than 1 - SHORT**2 of its norm (see activation_gram) is told
+apart from the other such units by its weights; below, the shortfall is rounding."""
 
 TIE = 1e-5
 """Correlations within this of 1 are ties (float32 products leave errors of a few 1e-6 there)."""

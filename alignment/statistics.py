@@ -27,7 +27,8 @@ from .graph import Graph, Observation, Space, module_of
 from .runner import model_device, runnable, stream
 from .structure import BlockGram
 
-__all__ = ["POINT_POLICIES", "observation_points", "PointStats", "Statistics", "collect", "add_gram", "add_promoted_"]
+__all__ = ["POINT_POLICIES", "observation_points", "PointStats", "Statistics", "collect", "add_gram", "add_promoted_", "live_weight",
+           "LIVE_SPAN"]
 
 
 POINT_POLICIES = ("auto", "consumers", "normalized", "producers", "both", "outputs", "all")
@@ -239,21 +240,29 @@ class PointStats:
         return BlockGram(blocks, self.sq.div(n).addcmul_(d, d, value=-1), o)
 
     def _std(self, var: torch.Tensor, eps: float, rtol: float) -> torch.Tensor:
-        # standard deviations, zero for constant units (see correlation)
+        # standard deviations divided by sqrt(constant_weight): zero for constant units, larger than
+        # the deviation for units near the rounding-noise floor (see correlation)
         std = var.clamp_min(0).sqrt()
-        flat = (std <= rtol * self.mean().abs()) | (std <= eps * std.max().clamp_min(1e-300))
-        return std.masked_fill(flat, 0.0)
+        w = live_weight(std / self.mean().abs(), rtol)
+        w = w.masked_fill(std <= eps * std.max().clamp_min(1e-300), 0.0)
+        return torch.where(w > 0, std / w.sqrt(), torch.zeros_like(std))
 
     def correlation(self, eps: float = 1e-12, rtol: float = 3e-5) -> torch.Tensor:
-        """Correlation matrix; constant (dead) units correlate with nothing (zero rows). A unit is
-        constant when its standard deviation is below ``eps`` times the largest or ``rtol`` times
-        its own mean's magnitude: float32 features carry rounding errors of about 1e-6 of their
-        magnitude (more after long sums), so the correlations of smaller variations are mostly
-        rounding noise (global averages of noise images through a random network vary by 1e-6 to
-        1e-4 of their mean, and two copies of one model disagree on them). The default 3e-5 is
-        measured, not derived: random-init timm lcnet_050 (32 noise images) pairs 4 of 1280 head
-        units wrongly at 2e-5, and torchvision mobilenet_v3_small (32 px) fuses 5% off at 1e-4,
-        where 494 of its 1024 classifier units count as constant in one copy and 492 in the other."""
+        """Correlation matrix, with constant (dead) units correlating with nothing (zero rows).
+
+        float32 features carry rounding errors of about 1e-6 of their magnitude (more after long
+        sums), so the correlations of a unit whose variation is that small relative to its mean are
+        rounding noise, and two copies of one model disagree on them (global averages of noise
+        images through a random network vary by 1e-6 to 1e-4 of their mean). A unit counts as
+        constant when its standard deviation is below ``eps`` times the largest, or below
+        ``rtol / 3`` times its mean's magnitude; above ``3 rtol`` it is live; in between its
+        correlations are scaled by ``sqrt(w)`` with ``w`` (see :func:`live_weight`) rising smoothly
+        from 0 to 1, so that its diagonal is ``w`` and the rest (``1 - w``) goes to the shared
+        "constant" dimension that :func:`alignment.grams.activation_gram` tells apart by weights.
+        A hard threshold put the two copies' near-threshold units on different sides: torchvision
+        mobilenet_v3_small (32 px) fused 5% off at rtol 1e-4, 494 vs 492 of its 1024 classifier
+        units counting as constant; random-init timm lcnet_050 (32 noise images) paired 4 of 1280
+        head units wrongly at a threshold of 2e-5."""
         cov = self.covariance()
         std = self._std(cov.diagonal(), eps, rtol)
         return _divide_outer_(cov, std, std)
@@ -270,6 +279,20 @@ class PointStats:
         dead = denom <= 0
         g.diag.div_(denom.masked_fill_(dead, 1.0)).masked_fill_(dead, 0.0)
         return g
+
+
+LIVE_SPAN = 3.0
+"""A unit is constant below ``rtol / LIVE_SPAN`` relative variation and live above ``rtol * LIVE_SPAN``."""
+
+
+def live_weight(spread: torch.Tensor, rtol: float = 3e-5) -> torch.Tensor:
+    """How much of a unit's correlation is signal, from its relative variation ``spread`` (standard
+    deviation over the mean's magnitude; inf for a zero mean): 0 below ``rtol / LIVE_SPAN``, 1 above
+    ``rtol * LIVE_SPAN``, and a smoothstep in ``log(spread)`` between (continuous, so that two
+    copies of a unit whose spreads differ by rounding get weights that differ by as little)."""
+    lo = math.log(rtol / LIVE_SPAN)
+    t = ((spread.log() - lo) / (2 * math.log(LIVE_SPAN))).nan_to_num(nan=0.0).clamp(0.0, 1.0)
+    return t * t * (3.0 - 2.0 * t)
 
 
 def _divide_outer_(M: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

@@ -345,7 +345,10 @@ def test_repair_on_batchnorm_sets_the_affine_before_the_reset():
     for path in ("bn1", "layer2.0.bn2", "layer4.1.bn1"):
         bn = dict(fused.named_modules())[path]
         m, s = _output_stats(fused, path, cal)
-        torch.testing.assert_close(m, bn.bias.detach().double(), rtol=0, atol=2e-2)
+        # (not exact: the reset pass normalises upstream BNs by the biased batch variance, eval by
+        # the unbiased running one, a factor sqrt(n / (n - 1)) that compounds; layer4 sees n = 64
+        # values per channel. A stale statistic is off by order 1)
+        torch.testing.assert_close(m, bn.bias.detach().double(), rtol=0, atol=3e-2)
         torch.testing.assert_close(s, bn.weight.detach().double().abs(), rtol=5e-2, atol=1e-3)
 
 

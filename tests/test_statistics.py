@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from alignment import discover
-from alignment.statistics import add_gram, collect, observation_points
+from alignment.statistics import PointStats, add_gram, collect, observation_points
 from alignment.structure import plans_equal
 from tests.tiny_models import build
 
@@ -317,3 +317,31 @@ def test_a_models_product_with_itself_from_its_upper_block_triangle_is_the_whole
     f = torch.randn(d, 700, generator=torch.Generator().manual_seed(d))
     torch.testing.assert_close(_self_product(f), f @ f.t(), rtol=1e-6, atol=1e-4)
     torch.testing.assert_close(_self_product(f.double()), f.double() @ f.double().t(), rtol=1e-12, atol=1e-10)
+
+
+def test_near_constant_units_fade_out_continuously():
+    """Property: a unit's live weight is 0 below rtol / 3 relative variation, 1 above 3 rtol, rises
+    monotonically between, and moves by little when the spread moves by little (two copies of a
+    unit, whose spreads differ by rounding, are treated alike: no threshold between them); the
+    correlation's diagonal is that weight (the rest goes to the shared constant dimension), and
+    units clearly live or constant keep correlation 1 and 0 exactly."""
+    from alignment.statistics import live_weight
+
+    rtol = 3e-5
+    spread = torch.logspace(-7, -2, 2001, dtype=torch.float64)
+    w = live_weight(spread, rtol)
+    assert bool((w[spread < rtol / 3] == 0).all()) and bool((w[spread > 3 * rtol] == 1).all())
+    assert bool((w.diff() >= 0).all())
+    assert float(live_weight(torch.tensor([rtol], dtype=torch.float64), rtol)) == pytest.approx(0.5)
+    near = live_weight(spread * 1.01, rtol) - w
+    assert float(near.abs().max()) < 0.02
+    assert float(live_weight(torch.tensor([0.0, float("inf")], dtype=torch.float64), rtol).sum()) == 1.0
+    # a point with four units of mean 10: spreads 1e-6 (constant), 3e-5 (half), 1e-3 and 1 (live)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4000, 4, generator=g, dtype=torch.float64)
+    z = (z - z.mean(0)) / z.std(0, unbiased=False)
+    f = 10.0 + z * torch.tensor([1e-5, 3e-4, 1e-2, 10.0], dtype=torch.float64)
+    st = PointStats.zeros([4])
+    st.update([f])
+    diag = st.correlation().diagonal()
+    torch.testing.assert_close(diag, torch.tensor([0.0, 0.5, 1.0, 1.0], dtype=torch.float64), rtol=0, atol=1e-6)
