@@ -18,6 +18,7 @@ import torch
 
 from .errors import SpaceMismatchError
 from .graph import Graph, ranked_members
+from .permute import is_weight_norm_gain
 from .leaves import gram_cost
 from .maps import axis_roles, map_tensor, plan_maps
 from .structure import BlockGram, GramView, plans_equal
@@ -194,7 +195,10 @@ def unit_weight_rows(graphs: Sequence[Graph], tensors: Sequence[dict[str, torch.
     per member; members missing from a model are skipped (and noted). ``units``: per model, the
     units to give rows for (default all), taken before the other axes are mapped.
     """
-    ranked = [{(m.tensor, m.axis, r): m for r, m in ranked_members(g[name].members)} for g in graphs]
+    # a weight-normalised layer's gain g is the norm of its weight rows (see MatchContext.tensors):
+    # the weight compares the units; g would weigh their norms twice
+    ranked = [{(m.tensor, m.axis, r): m for r, m in ranked_members(g[name].members)
+               if not is_weight_norm_gain(m.tensor)} for g in graphs]
     keys = [k for k in ranked[0] if all(k in rk for rk in ranked[1:])]
     if note is not None and len(keys) < max(len(r) for r in ranked):
         note(f"space {name!r}: {max(len(r) for r in ranked) - len(keys)} member tensor(s) missing from some "

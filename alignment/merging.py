@@ -11,7 +11,8 @@ work: the matrix is kept together with each row's best allowed partner, and afte
 two changed columns are folded into the other rows' bests; a row is rescanned only when its best
 partner was one of the two merged groups. A merged-away group is masked instead of having its
 column cleared, and a merge that fills a group (no group can join it until the cap grows: every
-merge when halving a width) defers its row and column writes until they are read. The reference semantics, for a similarity matrix ``S``:
+merge when halving a width) defers its row and column writes until they are read. The reference
+semantics, for a similarity matrix ``S``:
 
 * the diagonal is ignored; a pair ``(r, c)`` is *allowed* when ``size[r] + size[c] <= cap``;
 * each step merges the first maximum, in row-major order, of ``S`` restricted to allowed pairs of

@@ -11,7 +11,7 @@ from .errors import SpaceMismatchError
 from .graph import Graph
 
 __all__ = ["permute", "permute_state", "model_tensors", "reset_caches", "weight_norm_dim", "weight_norm_tensors",
-           "weight_norms", "effective_weights"]
+           "is_weight_norm_gain", "weight_norms", "effective_weights"]
 
 
 def permute_state(state: dict[str, torch.Tensor], graph: Graph, perms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -104,6 +104,13 @@ def weight_norm_tensors(path: str, name: str = "weight") -> tuple[str, str]:
     ``v`` has the weight's axes."""
     pre = f"{path}.parametrizations.{name}." if path else f"parametrizations.{name}."
     return pre + "original0", pre + "original1"
+
+
+def is_weight_norm_gain(name: str) -> bool:
+    """Whether a state name is the gain ``g`` of a weight-normalised tensor (see
+    :func:`weight_norm_tensors`)."""
+    parts = name.split(".")
+    return len(parts) >= 3 and parts[-1] == "original0" and parts[-3] == "parametrizations"
 
 
 def weight_norms(model: nn.Module) -> dict[str, tuple[str, int]]:

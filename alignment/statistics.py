@@ -27,8 +27,8 @@ from .graph import Graph, Observation, Space, module_of
 from .runner import model_device, runnable, stream
 from .structure import BlockGram
 
-__all__ = ["POINT_POLICIES", "observation_points", "PointStats", "Statistics", "collect", "add_gram", "add_promoted_", "live_weight",
-           "LIVE_SPAN"]
+__all__ = ["POINT_POLICIES", "observation_points", "PointStats", "Statistics", "collect", "add_gram", "add_promoted_",
+           "live_weight", "LIVE_SPAN"]
 
 
 POINT_POLICIES = ("auto", "consumers", "normalized", "producers", "both", "outputs", "all")

@@ -520,13 +520,15 @@ def _without_weight_norm(model: _WeightNormed) -> nn.Module:
 
 
 @pytest.mark.parametrize("options", [dict(method="permute"), dict(method="zip"), dict(method="merge"),
-                                     dict(method="permute", refine="lstsq"), dict(method="permute", repair="repair")])
+                                     dict(method="permute", refine="lstsq"), dict(method="permute", repair="repair"),
+                                     dict(method="weight_matching"), dict(method="ot", cost="weights")])
 def test_weight_normalised_models_fuse_as_their_weights(options):
     """Guards that fusion maps a weight-normalised layer's weight g v / ||v||, not g and v apart,
     and reads the features where a plain layer's are read: two different weight-normalised models
     fuse to the function of the same models with plain layers. Before, g and v were averaged
     separately (another model), the parametrisation's weight output was observed as if it were
-    activations (another matching), and refinement skipped these layers without a word."""
+    activations (another matching), refinement skipped these layers without a word, and weight
+    matching compared the gains g (the norms of the weight rows) as one more weight."""
     torch.manual_seed(0)
     a, b = _WeightNormed().eval(), _WeightNormed().eval()
     with torch.no_grad():
@@ -543,6 +545,17 @@ def test_weight_normalised_models_fuse_as_their_weights(options):
         assert refined == ["c1", "c2", "fc1", "head"]
     y, y_plain = _outputs([fused, plain], x)
     assert rel_err(y, y_plain) < (1e-4 if options.get("refine") else 1e-5)
+
+
+def test_weight_norm_gains_are_named():
+    """The state names of weight-norm gains (left out of weight similarities) are told from v, from
+    other parametrisations' originals and from plain tensors."""
+    from alignment.permute import is_weight_norm_gain, weight_norm_tensors
+
+    g, v = weight_norm_tensors("c1")
+    assert is_weight_norm_gain(g) and not is_weight_norm_gain(v)
+    assert not is_weight_norm_gain("c1.parametrizations.weight.original")  # (orthogonal, ...)
+    assert not is_weight_norm_gain("original0") and not is_weight_norm_gain("c1.weight")
 
 
 def test_a_parametrisations_weight_is_not_observed_as_features():
