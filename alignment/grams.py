@@ -204,6 +204,7 @@ def unit_weight_rows(graphs: Sequence[Graph], tensors: Sequence[dict[str, torch.
         note(f"space {name!r}: {max(len(r) for r in ranked) - len(keys)} member tensor(s) missing from some "
              f"model are left out of the weight similarity")
     roles = [axis_roles(g) for g in graphs]
+    outputs = {f.tensor for f in graphs[0].fixed if f.reason == "model output"}
     for k in keys:
         rows = []
         for i, g in enumerate(graphs):
@@ -217,6 +218,13 @@ def unit_weight_rows(graphs: Sequence[Graph], tensors: Sequence[dict[str, torch.
             t = t.movedim(m.axis, 0)
             rows.append(t.reshape(t.shape[0], t.shape[1:].numel()))  # (no -1: a model may have no such unit)
         if len({r.shape[1] for r in rows}) > 1:
+            if k[0] in outputs:
+                # a classifier of models trained on different class counts (each keeps its head):
+                # its rows are no comparison of the units
+                if note is not None:
+                    note(f"space {name!r}: {k[0]!r} has {sorted({r.shape[1] for r in rows})} outputs across models "
+                         f"and is left out of the weight similarity")
+                continue
             raise SpaceMismatchError(f"space {name!r}: rows of {k[0]!r} have different lengths "
                                      f"{sorted({r.shape[1] for r in rows})} across models")
         yield rows

@@ -380,9 +380,10 @@ def test_separate_heads_of_two_copies_give_the_model_logits_twice(tiny):
             assert rel_err(want, fused(cal)) < 1e-4, refine
 
 
-@pytest.mark.slow
 def test_separate_heads_allow_different_class_counts(tiny):
-    """Models with 10 and 4 classes fuse into one model with 14 outputs when heads are separate."""
+    """Models with 10 and 4 classes fuse into one model with 14 outputs when heads are separate.
+    Also guards the weight similarity that tells constant units apart: the classifiers' rows (10
+    and 4 long) are left out of it instead of stopping the fusion."""
     import timm
 
     torch.manual_seed(0)
