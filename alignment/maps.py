@@ -93,12 +93,9 @@ class SpaceMap:
             raise ValueError("from_gathers needs one size, merge and unmerge gather per model")
         n = len(merge[0][0])
         for i, (w, gm, gu) in enumerate(zip(sizes, merge, unmerge)):
-            for idx, vals in (gm, gu):
-                if len(idx) != n or len(vals) != n or (n and (int(idx.min()) < 0 or int(idx.max()) >= w)):
-                    raise ValueError(f"model {i}: a gather does not fit a map of shape ({n}, {w})")
-                if bool((vals == 0).any()):
-                    raise ValueError(f"model {i}: a gather has a zero entry (its row would be empty)")
-        rows = torch.arange(n)
+            if any(len(idx) != n or len(vals) != n for idx, vals in (gm, gu)):
+                raise ValueError(f"model {i}: a gather does not fit a map of shape ({n}, {w})")
+        rows = torch.arange(n)  # (from_entries checks the columns and the zero entries)
         return cls.from_entries(sizes, n, [(rows, *g) for g in merge], [(rows, *g) for g in unmerge])
 
     def _dense(self, i: int, merge: bool) -> torch.Tensor:
@@ -149,7 +146,7 @@ class SpaceMap:
         elsewhere, or None when some row has more or less than one entry (permutations, selections
         and repeats are applied to weights as index gathers)."""
         e = self.entries(i, merge)
-        if e is None or len(e[0]) != self._width or not torch.equal(e[0], torch.arange(self._width)):
+        if e is None or not _one_per_row(e[0], self._width):
             return None
         return e[1], e[2]
 
@@ -164,6 +161,11 @@ Entries = tuple  # (rows, cols, vals): the nonzero entries of a map (LongTensor,
 SPARSE = 8
 """A map is applied by its entries when at most one in ``SPARSE`` of its entries is nonzero (one per
 row or column: permutations, clusters, exact transport plans), else as a dense product."""
+
+
+def _one_per_row(rows: torch.Tensor, n: int) -> bool:
+    # whether entries with these (row-major) rows have exactly one entry in each of n rows: a gather
+    return len(rows) == n and torch.equal(rows, torch.arange(n))
 
 
 def sparse_entries(A: torch.Tensor) -> Entries | None:
@@ -378,7 +380,7 @@ def _apply_axis(A, t: torch.Tensor, ax: int) -> torch.Tensor:
         shape = [1] * t.dim()
         shape[ax] = -1
         out = out * vals.to(t.device).view(shape)
-    if len(rows) == n_out and torch.equal(rows, torch.arange(n_out)):
+    if _one_per_row(rows, n_out):
         return out  # one entry per row: the gather is the product
     shape = list(t.shape)
     shape[ax] = n_out

@@ -110,7 +110,6 @@ def greedy_merge(S: torch.Tensor, n: int, balanced: bool = True, linkage: str = 
     # numpy views of the same memory (much lower per-call overhead for the O(P) updates).
     Sn, labeln = S.numpy(), label.numpy()
     sizen = np.ones(P, dtype=np.float64)
-    alive = np.ones(P, dtype=bool)
 
     dead = np.zeros(P, dtype=Sn.dtype)  # -inf at merged-away groups: added to a row, masks them
     largest = [1.0]  # the largest live group
@@ -169,14 +168,14 @@ def greedy_merge(S: torch.Tensor, n: int, balanced: bool = True, linkage: str = 
             if smallest == math.inf:
                 raise RuntimeError("no pair of remaining groups has a similarity above -inf")
             cap = max(cap + 1, int(smallest))
-            rows = np.flatnonzero(alive)
+            rows = np.flatnonzero(sizen < math.inf)  # the live groups
             bestval[rows], best[rows] = scan(rows)
             continue
         a, b = r, int(best[r])
         if a > b:
             a, b = b, a
         size_a, size_b = float(sizen[a]), float(sizen[b])
-        full = sizen[a] + sizen[b] >= cap
+        full = size_a + size_b >= cap
         if full:
             pending.append((a, b, size_a, size_b))
         else:
@@ -186,7 +185,6 @@ def greedy_merge(S: torch.Tensor, n: int, balanced: bool = True, linkage: str = 
         sizen[b] = math.inf  # dead: masked in every scan, never taken
         dead[b] = neg
         largest[0] = max(largest[0], float(sizen[a]))
-        alive[b] = False
         labeln[labeln == b] = a
         merges += 1
         if merges == P - n:
