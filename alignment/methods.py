@@ -80,6 +80,9 @@ class MatchContext:
         target_graph: the graph of the fused architecture (None: the first model's).
         seed: seed for randomised solvers.
         notes: fallbacks taken so far (see :meth:`note`).
+        workers: threads that run leaf solves while the walk prepares the next spaces (default
+            ``torch.get_num_threads()``; the plans do not depend on it, see
+            :class:`alignment.structure.Walk`).
     """
 
     models: Sequence[nn.Module]
@@ -89,6 +92,7 @@ class MatchContext:
     target_graph: Graph | None = None
     seed: int = 0
     notes: list[str] = field(default_factory=list)
+    workers: int = field(default_factory=torch.get_num_threads)
 
     @property
     def target(self) -> Graph:
@@ -295,16 +299,15 @@ def _solve(ctx: MatchContext, leaf_solver, gram_of=None, scores=None, sweeps: in
     def plans_of(name):
         # the newest plan of a space: solved in this sweep, else in the last one (Gauss-Seidel)
         w = holder["walk"]
-        if w is not None and name in w.plans:
-            return w.plans[name]
-        return holder["prev"].get(name)
+        got = w.planned(name) if w is not None else None
+        return got if got is not None else holder["prev"].get(name)
 
     gram = gram_of(plans_of) if gram_of is not None else None
     gen = torch.Generator().manual_seed(ctx.seed)
     walk = None
     for _ in range(max(1, sweeps)):
         walk = Walk(ctx.graphs, ctx.target, leaf_solver, alpha=ctx.alpha, gram=gram, anchor=anchor,
-                    scores=scores, seed=ctx.seed, note=ctx.note, merge_heads=merge_heads)
+                    scores=scores, seed=ctx.seed, note=ctx.note, merge_heads=merge_heads, workers=ctx.workers)
         holder["walk"] = walk
         order = walk.order()
         if shuffle:

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Sequence, Union
 
@@ -429,13 +431,20 @@ class Walk:
             one, pool every model's heads and group them into the target's head count from their
             similarity ``S`` (heads of one model may then share a fused head; the dims of a fused
             head's heads are pooled for the leaf solver).
+        workers: in :meth:`solve_all`, spaces that are one plain leaf have their leaf solver run on
+            up to this many threads while the walk prepares the next spaces (the Hungarian and exact
+            transport solvers are single-threaded native code that releases the GIL). The plans
+            are those of a sequential walk: Grams are still built in order on the calling thread,
+            and a Gram that reads a neighbour's plan (:meth:`planned`) waits for it. Such a leaf's
+            problem gets its own random generator (seeded from the walk's seed and the leaf key),
+            and its solver's notes are recorded when its plans are collected (in walk order).
     """
 
     def __init__(self, graphs: Sequence, target, leaf_solver: LeafSolver, alpha: Sequence[float] | None = None,
                  gram: Callable[[str], GramView] | None = None, anchor: int | None = None,
                  scores: Callable[[str], torch.Tensor] | None = None, seed: int = 0,
                  random_heads: bool = False, note: Callable[[str], None] | None = None,
-                 merge_heads: Callable[..., torch.Tensor] | None = None):
+                 merge_heads: Callable[..., torch.Tensor] | None = None, workers: int = 1):
         self.graphs, self.target = list(graphs), target
         self.leaf_solver, self.gram_fn, self.anchor = leaf_solver, gram, anchor
         self.alpha = list(alpha) if alpha is not None else [1.0 / len(self.graphs)] * len(self.graphs)
@@ -450,6 +459,9 @@ class Walk:
         self._scores: dict[str, list[float]] = {}
         self._grams: dict[str, GramView | None] = {}
         self.groups: dict[str, list[str]] = {}
+        self.workers = max(1, int(workers))
+        self._pool: ThreadPoolExecutor | None = None
+        self._inflight: dict[str, _InFlight] = {}   # space -> leaf solve running on the pool
         for s in target.spaces:
             if isinstance(s.tree, Heads):
                 self.groups.setdefault(s.tree.key, []).append(s.name)
@@ -466,6 +478,8 @@ class Walk:
 
     def solve(self, name: str) -> list[torch.Tensor]:
         """Per-model plans (``n x n_i``) of one space (solved once, then cached)."""
+        if name in self._inflight:
+            self._collect(name)
         if name in self.plans:
             return self.plans[name]
         for i, g in enumerate(self.graphs):
@@ -484,13 +498,36 @@ class Walk:
         return plans
 
     def solve_all(self, order: Sequence[str] | None = None) -> dict[str, list[torch.Tensor]]:
-        """Plans of every space with members (in ``order`` when given)."""
-        for name in (order if order is not None else self.order()):
-            self.solve(name)
+        """Plans of every space with members (in ``order`` when given; see ``workers``)."""
+        names = order if order is not None else self.order()
+        if self.workers <= 1:
+            for name in names:
+                self.solve(name)
+            return dict(self.plans)
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="walk-leaf")
+        try:
+            for name in names:
+                if not self._submit(name):
+                    self.solve(name)
+            while self._inflight:
+                self._collect(next(iter(self._inflight)))
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+            self._inflight.clear()
         return dict(self.plans)
+
+    def planned(self, name: str) -> list[torch.Tensor] | None:
+        """The plans of a space solved so far (waiting for its leaf solve when it is running), else
+        None."""
+        if name in self._inflight:
+            self._collect(name)
+        return self.plans.get(name)
 
     def reset(self, name: str) -> None:
         """Forget a space's plans (and its leaves) so the next :meth:`solve` recomputes them."""
+        if name in self._inflight:
+            self._collect(name)
         self.plans.pop(name, None)
         self._grams.pop(name, None)
         tree = self.target[name].tree
@@ -501,6 +538,8 @@ class Walk:
 
     def permutations(self, model: int = 0) -> dict[str, torch.Tensor]:
         """The solved plans of one model as permutations (fused feature ``k`` = feature ``perm[k]``)."""
+        while self._inflight:
+            self._collect(next(iter(self._inflight)))
         return {name: plan_argmax(plans[model]) for name, plans in self.plans.items()}
 
     # -- internals -------------------------------------------------------------------------------
@@ -540,6 +579,9 @@ class Walk:
                 # a head index read as the inner axis of another factorisation (NesT flattens its
                 # attention output dims-major, (dims, heads)): it follows the head assignment
                 return self._heads(ttree.key)
+            for other, job in list(self._inflight.items()):
+                if job.key == ttree.key:  # the same features, solved for another space
+                    self._collect(other)
             if ttree.key not in self.cache:
                 self.cache[ttree.key] = self._leaf(space, ttree.key, n, idx)
             return self.cache[ttree.key]
@@ -632,6 +674,45 @@ class Walk:
         return None
 
     def _leaf(self, space: str, key: str, n: int, idx: list[torch.Tensor], heads=None) -> list[torch.Tensor]:
+        plans, score = self.leaf_solver(self._problem(space, key, n, idx, heads))
+        self._scores.setdefault(space, []).append(score)
+        return plans
+
+    def _submit(self, name: str) -> bool:
+        """Start the leaf solve of a space that is one plain leaf on the pool (False: the space has
+        more structure, or its leaf is known already, so it is walked here)."""
+        if name in self.plans or name in self._inflight or any(name not in g for g in self.graphs):
+            return name in self._inflight
+        tree = self.target[name].tree
+        strees = [g[name].tree for g in self.graphs]
+        if (not isinstance(tree, Leaf) or self._is_heads(tree.key) or tree.key in self.cache
+                or any(job.key == tree.key for job in self._inflight.values())
+                or not all(isinstance(st, Leaf) for st in strees)):
+            return False
+        # at most ``workers`` solves in flight: each holds its Gram (wide spaces: hundreds of MB)
+        while len(self._inflight) >= self.workers:
+            self._collect(next(iter(self._inflight)))
+        notes: list[str] = []
+        gen = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{tree.key}".encode()))
+        problem = self._problem(name, tree.key, tree.size, self._pooled(name), None, gen, notes.append)
+        self._inflight[name] = _InFlight(tree.key, self._pool.submit(self.leaf_solver, problem), notes)
+        return True
+
+    def _collect(self, name: str) -> None:
+        """Wait for a space's leaf solve (and for those started before it) and record its plans."""
+        while name in self._inflight:
+            first = next(iter(self._inflight))
+            job = self._inflight.pop(first)
+            plans, score = job.future.result()
+            for msg in job.notes:
+                self.note(msg)
+            self.cache[job.key] = self.plans[first] = plans
+            self._scores[first] = [score]
+            self.costs[first] = score
+
+    def _problem(self, space: str, key: str, n: int, idx: list[torch.Tensor], heads=None,
+                 generator: torch.Generator | None = None, note: Callable[[str], None] | None = None
+                 ) -> LeafProblem:
         sizes = [len(x) for x in idx]
         anchor = self.anchor if self.anchor is not None and sizes[self.anchor] == n else None
         if anchor is None and self.anchor is None:
@@ -653,12 +734,9 @@ class Walk:
         if self.scores_fn is not None:
             pooled = self.scores_fn(space)
             sc = pooled[torch.cat(idx)] if pooled is not None else None
-        problem = LeafProblem(space=space, key=key, n=n, sizes=sizes, alpha=self.alpha, G=G,
-                              geometry=geometry or "correlation", anchor=anchor, scores=sc,
-                              generator=self.generator, seed=self.seed, note=self.note)
-        plans, score = self.leaf_solver(problem)
-        self._scores.setdefault(space, []).append(score)
-        return plans
+        return LeafProblem(space=space, key=key, n=n, sizes=sizes, alpha=self.alpha, G=G,
+                           geometry=geometry or "correlation", anchor=anchor, scores=sc,
+                           generator=generator or self.generator, seed=self.seed, note=note or self.note)
 
     def _heads(self, key: str) -> list[torch.Tensor]:
         """Per model, the head plan (``nh x nh_i``, 0/1): fused head ``h`` takes model head ``g`` where
@@ -742,6 +820,15 @@ class Walk:
             pi[torch.as_tensor(r)] = torch.as_tensor(c, dtype=torch.long)
             pis.append(pi)
         return [_perm_plan(pi) for pi in pis]
+
+
+@dataclass
+class _InFlight:
+    """A leaf solve running on the walk's pool: its leaf key, future and buffered notes."""
+
+    key: str
+    future: Future
+    notes: list[str]
 
 
 def _pooled_gram(G: "torch.Tensor | BlockGram", idx: Sequence[torch.Tensor]) -> "torch.Tensor | BlockGram":

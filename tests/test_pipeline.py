@@ -415,3 +415,80 @@ def test_fuse_frees_its_statistics_and_grams_without_the_cyclic_collector():
     finally:
         gc.enable()
     assert fused is not None and after == before
+
+
+def _mixer_with_dead_units(seed: int) -> nn.Module:
+    """A small MLP-Mixer: its token-mixing hidden spaces have no observation point (their other
+    axes are channels), so their Grams come from weights and read the neighbouring spaces' plans;
+    a third of one channel MLP's hidden units never fire (compared by weights too)."""
+    from timm.models.mlp_mixer import MlpMixer
+
+    torch.manual_seed(seed)
+    model = MlpMixer(num_classes=10, img_size=32, patch_size=8, num_blocks=2, embed_dim=48).eval()
+    with torch.no_grad():
+        model.blocks[0].mlp_channels.fc1.bias[::3] = -100.0
+    return model
+
+
+@pytest.mark.parametrize("method, options", [
+    ("permute", {}), ("ot", {}), ("merge", {}), ("zip", {}), ("weight_matching", {}), ("ot", {"cost": "weights"}),
+])
+def test_leaf_solves_on_threads_give_the_sequential_plans(method, options):
+    """Workers run leaf solves while the walk builds the next Grams; Grams that read a neighbour's
+    plan (weight Grams, dead units) must wait for it, so the plans, costs and notes are those of a
+    sequential walk, bit for bit."""
+    from alignment.methods import MatchContext, match
+
+    models = [_mixer_with_dead_units(0), _mixer_with_dead_units(1)]
+    x = torch.randn(32, 3, 32, 32)
+    graphs = [discover(m, x[:2]) for m in models]
+    cache = {}
+
+    def statistics(pairs=None):
+        if pairs not in cache:
+            cache[pairs] = collect(models, graphs, x, pairs=pairs)
+        return cache[pairs]
+    out = []
+    for workers in (1, 3):
+        ctx = MatchContext(models, graphs, [0.5, 0.5], statistics=statistics, workers=workers)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FallbackWarning)
+            out.append((match(ctx, method, **options), ctx.notes))
+    (seq, seq_notes), (par, par_notes) = out
+    if method not in ("weight_matching",) and options.get("cost") != "weights":
+        assert any("no observation point" in n for n in seq_notes)  # the case guarded: weight Grams
+    assert set(seq.plans[0]) == set(par.plans[0])
+    for i in range(2):
+        for name in seq.plans[i]:
+            assert torch.equal(dense_plan(seq.plans[i][name]), dense_plan(par.plans[i][name])), (i, name)
+    assert seq.costs.keys() == par.costs.keys()
+    assert all(np.isclose(seq.costs[k], par.costs[k], rtol=0, atol=0, equal_nan=True) for k in seq.costs)
+    assert sorted(seq_notes) == sorted(par_notes)
+
+
+def test_leaf_solves_run_on_worker_threads(monkeypatch):
+    """With workers, plain-leaf spaces are solved off the calling thread (the Hungarian and exact
+    transport solvers release the GIL: ViT-B/16's 3,072-unit spaces solve about twice as fast on two
+    cores); with one worker everything stays on the calling thread."""
+    import threading
+
+    import alignment.methods as methods
+
+    seen = []
+    original = methods.ot_leaf
+
+    def recording(leaf, **kw):
+        seen.append(threading.current_thread().name)
+        return original(leaf, **kw)
+    monkeypatch.setattr(methods, "ot_leaf", recording)
+    models = [_mixer_with_dead_units(0), _mixer_with_dead_units(1)]
+    x = torch.randn(16, 3, 32, 32)
+    graphs = [discover(m, x[:2]) for m in models]
+    stats = collect(models, graphs, x)
+    for workers, pooled in ((1, False), (2, True)):
+        seen.clear()
+        ctx = methods.MatchContext(models, graphs, [0.5, 0.5], statistics=lambda pairs=None: stats, workers=workers)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FallbackWarning)
+            methods.match(ctx, "ot")
+        assert seen and any(n.startswith("walk-leaf") for n in seen) == pooled, (workers, seen)
