@@ -247,6 +247,12 @@ class PointStats:
         w = w.masked_fill(std <= eps * std.max().clamp_min(1e-300), 0.0)
         return torch.where(w > 0, std / w.sqrt(), torch.zeros_like(std))
 
+    def constant(self, eps: float = 1e-12, rtol: float = 3e-5) -> bool:
+        """Whether every unit of every model is constant here (see :meth:`correlation`)."""
+        n = max(self.count, 1)
+        d = self.s1 / n
+        return not bool((self._std(self.sq / n - d * d, eps, rtol) > 0).any())
+
     def correlation(self, eps: float = 1e-12, rtol: float = 3e-5) -> torch.Tensor:
         """Correlation matrix, with constant (dead) units correlating with nothing (zero rows).
 
@@ -436,9 +442,15 @@ class Statistics:
         return self
 
     def _points(self, space: str) -> list[PointStats]:
+        """The points of a space that the averages read: a point at which no unit of any model
+        varies (the output of a BatchNorm with zero gains, as timm initialises each residual block's
+        last one) tells nothing about any unit and is left out; when every point is so, all are
+        kept."""
         if space not in self.points or not self.points[space]:
             raise SpaceMismatchError(f"no statistics were collected for space {space!r} (no observation point)")
-        return self.points[space]
+        pts = self.points[space]
+        live = [p for p in pts if not p.constant()]
+        return live or pts
 
     def offsets(self, space: str) -> list[int]:
         """Start of each model's block in the joint matrices (and the total at the end)."""
