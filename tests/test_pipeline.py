@@ -492,3 +492,27 @@ def test_leaf_solves_run_on_worker_threads(monkeypatch):
             warnings.simplefilter("ignore", FallbackWarning)
             methods.match(ctx, "ot")
         assert seen and any(n.startswith("walk-leaf") for n in seen) == pooled, (workers, seen)
+
+
+def test_an_error_in_a_leaf_solve_on_a_worker_thread_reaches_the_caller(monkeypatch):
+    """A solver that fails on a pool thread raises its own exception from ``match`` (not a wrapped
+    or swallowed one), and the pool is shut down."""
+    import alignment.methods as methods
+    from alignment.errors import SpaceMismatchError
+
+    original = methods.ot_leaf
+
+    def failing(leaf, **kw):
+        if leaf.space == "blocks.1.mlp_channels.fc1":
+            raise SpaceMismatchError(f"refused {leaf.space}")
+        return original(leaf, **kw)
+    monkeypatch.setattr(methods, "ot_leaf", failing)
+    models = [_mixer_with_dead_units(0), _mixer_with_dead_units(1)]
+    x = torch.randn(16, 3, 32, 32)
+    graphs = [discover(m, x[:2]) for m in models]
+    stats = collect(models, graphs, x)
+    ctx = methods.MatchContext(models, graphs, [0.5, 0.5], statistics=lambda pairs=None: stats, workers=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FallbackWarning)
+        with pytest.raises(SpaceMismatchError, match="refused blocks.1.mlp_channels.fc1"):
+            methods.match(ctx, "permute")
