@@ -466,53 +466,57 @@ def test_leaf_solves_on_threads_give_the_sequential_plans(method, options):
     assert sorted(seq_notes) == sorted(par_notes)
 
 
+def _patched_ot_leaf(monkeypatch, before):
+    """``alignment.methods.ot_leaf`` calling ``before(leaf)`` first; and a function giving the
+    match context of two small Mixers with ``workers`` threads."""
+    import alignment.methods as methods
+
+    original = methods.ot_leaf
+
+    def wrapped(leaf, **kw):
+        before(leaf)
+        return original(leaf, **kw)
+    monkeypatch.setattr(methods, "ot_leaf", wrapped)
+    models = [_mixer_with_dead_units(0), _mixer_with_dead_units(1)]
+    x = torch.randn(16, 3, 32, 32)
+    graphs = [discover(m, x[:2]) for m in models]
+    stats = collect(models, graphs, x)
+    return lambda workers: methods.MatchContext(models, graphs, [0.5, 0.5], statistics=lambda pairs=None: stats,
+                                                workers=workers)
+
+
 def test_leaf_solves_run_on_worker_threads(monkeypatch):
     """With workers, plain-leaf spaces are solved off the calling thread (the Hungarian and exact
     transport solvers release the GIL: ViT-B/16's 3,072-unit spaces solve about twice as fast on two
     cores); with one worker everything stays on the calling thread."""
     import threading
 
-    import alignment.methods as methods
+    from alignment.methods import match
 
     seen = []
-    original = methods.ot_leaf
-
-    def recording(leaf, **kw):
-        seen.append(threading.current_thread().name)
-        return original(leaf, **kw)
-    monkeypatch.setattr(methods, "ot_leaf", recording)
-    models = [_mixer_with_dead_units(0), _mixer_with_dead_units(1)]
-    x = torch.randn(16, 3, 32, 32)
-    graphs = [discover(m, x[:2]) for m in models]
-    stats = collect(models, graphs, x)
+    context = _patched_ot_leaf(monkeypatch, lambda leaf: seen.append(threading.current_thread().name))
     for workers, pooled in ((1, False), (2, True)):
         seen.clear()
-        ctx = methods.MatchContext(models, graphs, [0.5, 0.5], statistics=lambda pairs=None: stats, workers=workers)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FallbackWarning)
-            methods.match(ctx, "ot")
+            match(context(workers), "ot")
         assert seen and any(n.startswith("walk-leaf") for n in seen) == pooled, (workers, seen)
 
 
 def test_an_error_in_a_leaf_solve_on_a_worker_thread_reaches_the_caller(monkeypatch):
     """A solver that fails on a pool thread raises its own exception from ``match`` (not a wrapped
-    or swallowed one), and the pool is shut down."""
-    import alignment.methods as methods
+    or swallowed one), and the pool's threads are gone."""
+    import threading
+
     from alignment.errors import SpaceMismatchError
+    from alignment.methods import match
 
-    original = methods.ot_leaf
-
-    def failing(leaf, **kw):
+    def failing(leaf):
         if leaf.space == "blocks.1.mlp_channels.fc1":
             raise SpaceMismatchError(f"refused {leaf.space}")
-        return original(leaf, **kw)
-    monkeypatch.setattr(methods, "ot_leaf", failing)
-    models = [_mixer_with_dead_units(0), _mixer_with_dead_units(1)]
-    x = torch.randn(16, 3, 32, 32)
-    graphs = [discover(m, x[:2]) for m in models]
-    stats = collect(models, graphs, x)
-    ctx = methods.MatchContext(models, graphs, [0.5, 0.5], statistics=lambda pairs=None: stats, workers=2)
+    context = _patched_ot_leaf(monkeypatch, failing)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FallbackWarning)
         with pytest.raises(SpaceMismatchError, match="refused blocks.1.mlp_channels.fc1"):
-            methods.match(ctx, "permute")
+            match(context(2), "permute")
+    assert not [t for t in threading.enumerate() if t.name.startswith("walk-leaf")]
