@@ -40,7 +40,7 @@ from .structure import GramView, Heads, Walk, plan_argmax, plans_equal
 
 __all__ = [
     "METHODS", "MatchContext", "MatchResult", "UnknownMethodError", "register_method", "list_methods",
-    "get_method", "match",
+    "get_method", "match", "MAX_WORKERS",
 ]
 
 
@@ -67,6 +67,10 @@ def get_method(name: str) -> Callable:
     return METHODS.get(name).fn
 
 
+MAX_WORKERS = 8
+"""The default number of leaf-solve threads is the torch thread count, capped here."""
+
+
 @dataclass
 class MatchContext:
     """What a method may use.
@@ -81,8 +85,8 @@ class MatchContext:
         seed: seed for randomised solvers.
         notes: fallbacks taken so far (see :meth:`note`).
         workers: threads that run leaf solves while the walk prepares the next spaces (default
-            ``torch.get_num_threads()``; the plans do not depend on it, see
-            :class:`alignment.structure.Walk`).
+            ``torch.get_num_threads()``, at most :data:`MAX_WORKERS`: each solve in flight holds its
+            cost matrices; the plans do not depend on it, see :class:`alignment.structure.Walk`).
     """
 
     models: Sequence[nn.Module]
@@ -92,7 +96,7 @@ class MatchContext:
     target_graph: Graph | None = None
     seed: int = 0
     notes: list[str] = field(default_factory=list)
-    workers: int = field(default_factory=torch.get_num_threads)
+    workers: int = field(default_factory=lambda: min(torch.get_num_threads(), MAX_WORKERS))
 
     @property
     def target(self) -> Graph:
