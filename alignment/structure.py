@@ -689,7 +689,7 @@ class Walk:
                 or any(job.key == tree.key for job in self._inflight.values())
                 or not all(isinstance(st, Leaf) for st in strees)):
             return False
-        # at most ``workers`` solves in flight: each holds its Gram (wide spaces: hundreds of MB)
+        # at most ``workers`` solves in flight: each holds its cost matrices (wide spaces: hundreds of MB)
         while len(self._inflight) >= self.workers:
             self._collect(next(iter(self._inflight)))
         notes: list[str] = []
