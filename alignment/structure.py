@@ -509,8 +509,7 @@ class Walk:
             for name in names:
                 if not self._submit(name):
                     self.solve(name)
-            while self._inflight:
-                self._collect(next(iter(self._inflight)))
+            self._drain()
         finally:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
@@ -538,8 +537,7 @@ class Walk:
 
     def permutations(self, model: int = 0) -> dict[str, torch.Tensor]:
         """The solved plans of one model as permutations (fused feature ``k`` = feature ``perm[k]``)."""
-        while self._inflight:
-            self._collect(next(iter(self._inflight)))
+        self._drain()
         return {name: plan_argmax(plans[model]) for name, plans in self.plans.items()}
 
     # -- internals -------------------------------------------------------------------------------
@@ -697,6 +695,11 @@ class Walk:
         problem = self._problem(name, tree.key, tree.size, self._pooled(name), None, gen, notes.append)
         self._inflight[name] = _InFlight(tree.key, self._pool.submit(self.leaf_solver, problem), notes)
         return True
+
+    def _drain(self) -> None:
+        """Wait for every leaf solve in flight and record its plans."""
+        while self._inflight:
+            self._collect(next(iter(self._inflight)))
 
     def _collect(self, name: str) -> None:
         """Wait for a space's leaf solve (and for those started before it) and record its plans."""
