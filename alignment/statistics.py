@@ -237,7 +237,13 @@ class PointStats:
         o = self.offsets()
         blocks = {(i, j): b.div(n).addcmul_(d[o[i]:o[i + 1], None], d[None, o[j]:o[j + 1]], value=-1)
                   for (i, j), b in self.blocks.items() if i != j}
-        return BlockGram(blocks, self.sq.div(n).addcmul_(d, d, value=-1), o)
+        return BlockGram(blocks, self.variance(), o)
+
+    def variance(self) -> torch.Tensor:
+        """Every feature's variance (population), from the sums alone."""
+        n = max(self.count, 1)
+        d = self.s1 / n
+        return self.sq.div(n).addcmul_(d, d, value=-1)
 
     def _std(self, var: torch.Tensor, eps: float, rtol: float) -> torch.Tensor:
         # standard deviations divided by sqrt(constant_weight): zero for constant units, larger than
@@ -249,9 +255,7 @@ class PointStats:
 
     def constant(self, eps: float = 1e-12, rtol: float = 3e-5) -> bool:
         """Whether every unit of every model is constant here (see :meth:`correlation`)."""
-        n = max(self.count, 1)
-        d = self.s1 / n
-        return not bool((self._std(self.sq / n - d * d, eps, rtol) > 0).any())
+        return not bool((self._std(self.variance(), eps, rtol) > 0).any())
 
     def correlation(self, eps: float = 1e-12, rtol: float = 3e-5) -> torch.Tensor:
         """Correlation matrix, with constant (dead) units correlating with nothing (zero rows).

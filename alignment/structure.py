@@ -478,8 +478,7 @@ class Walk:
 
     def solve(self, name: str) -> list[torch.Tensor]:
         """Per-model plans (``n x n_i``) of one space (solved once, then cached)."""
-        if name in self._inflight:
-            self._collect(name)
+        self._collect(name)
         if name in self.plans:
             return self.plans[name]
         for i, g in enumerate(self.graphs):
@@ -492,10 +491,14 @@ class Walk:
         else:
             plans = self._walk(name, self.target[name].tree, [g[name].tree for g in self.graphs],
                                self._pooled(name))
+        self._record(name, plans)
+        return plans
+
+    def _record(self, name: str, plans: list[torch.Tensor]) -> None:
+        # a space's plans, and its cost: the mean of its leaves' scores
         self.plans[name] = plans
         vals = [v for v in self._scores[name] if not math.isnan(v)]
         self.costs[name] = sum(vals) / len(vals) if vals else float("nan")
-        return plans
 
     def solve_all(self, order: Sequence[str] | None = None) -> dict[str, list[torch.Tensor]]:
         """Plans of every space with members (in ``order`` when given; see ``workers``)."""
@@ -519,14 +522,12 @@ class Walk:
     def planned(self, name: str) -> list[torch.Tensor] | None:
         """The plans of a space solved so far (waiting for its leaf solve when it is running), else
         None."""
-        if name in self._inflight:
-            self._collect(name)
+        self._collect(name)
         return self.plans.get(name)
 
     def reset(self, name: str) -> None:
         """Forget a space's plans (and its leaves) so the next :meth:`solve` recomputes them."""
-        if name in self._inflight:
-            self._collect(name)
+        self._collect(name)
         self.plans.pop(name, None)
         self._grams.pop(name, None)
         tree = self.target[name].tree
@@ -679,8 +680,10 @@ class Walk:
     def _submit(self, name: str) -> bool:
         """Start the leaf solve of a space that is one plain leaf on the pool (False: the space has
         more structure, or its leaf is known already, so it is walked here)."""
-        if name in self.plans or name in self._inflight or any(name not in g for g in self.graphs):
-            return name in self._inflight
+        if name in self._inflight:
+            return True
+        if name in self.plans or any(name not in g for g in self.graphs):
+            return False
         tree = self.target[name].tree
         strees = [g[name].tree for g in self.graphs]
         if (not isinstance(tree, Leaf) or self._is_heads(tree.key) or tree.key in self.cache
@@ -702,16 +705,17 @@ class Walk:
             self._collect(next(iter(self._inflight)))
 
     def _collect(self, name: str) -> None:
-        """Wait for a space's leaf solve (and for those started before it) and record its plans."""
+        """Wait for a space's leaf solve (and for those started before it) and record its plans
+        (nothing when it is not in flight)."""
         while name in self._inflight:
             first = next(iter(self._inflight))
             job = self._inflight.pop(first)
             plans, score = job.future.result()
             for msg in job.notes:
                 self.note(msg)
-            self.cache[job.key] = self.plans[first] = plans
+            self.cache[job.key] = plans
             self._scores[first] = [score]
-            self.costs[first] = score
+            self._record(first, plans)
 
     def _problem(self, space: str, key: str, n: int, idx: list[torch.Tensor], heads=None,
                  generator: torch.Generator | None = None, note: Callable[[str], None] | None = None
