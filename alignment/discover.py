@@ -175,6 +175,7 @@ class _Tracer:
         self.dim_owner: dict[int, tuple[str, int]] = {}  # id(Dim) of a parameter axis -> (tensor, axis)
         self.contracted: set[tuple[str, int]] = set()
         self.first_use: dict[str, None] = {}  # state tensors in the order the forward first uses them
+        self.unused: dict[str, None] = {}  # state tensors the traced forward never reads
 
     # -- helpers used by rules ----------------------------------------------------------------
     @staticmethod
@@ -406,8 +407,7 @@ class _Tracer:
             for ax, d in enumerate(dims):
                 self.dim_owner[id(d)] = (spec.target, ax)
             if not node.users:
-                for d in dims:
-                    self.A.fix_dim(d, "unused in forward")
+                self.unused[spec.target] = None  # placed (or fixed) by _place_unused
             self.info[node] = dims
         elif kname == "CONSTANT_TENSOR" and isinstance(val, torch.Tensor):
             self.info[node] = self.fresh_like_val(val, "constant")
@@ -476,8 +476,53 @@ class _Tracer:
                     self.A.fix_dim(d, "model output")
 
     # -- finalisation -------------------------------------------------------------------------
+    def _place_unused(self) -> None:
+        """Axes of the parameters and buffers that the traced forward never reads (DINOv2's mask
+        token, read only when patches are masked; an auxiliary head that runs only in training).
+        No rule relates them, so an axis is taken to index the features of its module's other
+        tensors when exactly one feature class of that size appears among their axes (the mask
+        token next to the class token and position embeddings); every other axis is kept fixed.
+        Both are noted. Another name of a tensor the forward reads (a module shared under two
+        names) is kept fixed without a note."""
+        C = self.C
+        live = {C.find(c) for c in self.activation_classes}
+        names: dict[int, list[str]] = defaultdict(list)
+        for n, t in [*self.model.named_parameters(remove_duplicate=False),
+                     *self.model.named_buffers(remove_duplicate=False)]:
+            names[id(t)].append(n)
+        state = {n: t for n, t in [*self.model.named_parameters(remove_duplicate=False),
+                                   *self.model.named_buffers(remove_duplicate=False)]}
+        placed, kept = [], []
+        for t in self.unused:
+            alias = t in state and any(n not in self.unused for n in names[id(state[t])] if n != t)
+            module = t.rpartition(".")[0]
+            siblings = [s for s in self.tensor_dims if s not in self.unused and s.rpartition(".")[0] == module]
+            moved = False
+            for d in self.tensor_dims[t]:
+                found = {C.find(x.cls) for s in siblings for x in self.tensor_dims[s]
+                         if x.plain and x.size == d.size and not C.is_fixed(x.cls) and C.find(x.cls) in live}
+                if not alias and d.plain and d.size > 1 and len(found) == 1:
+                    C.union(d.cls, found.pop())
+                    moved = True
+                else:
+                    self.A.fix_dim(d, "unused in forward")
+            if moved:
+                placed.append(t)
+            elif not alias and any(d.size > 1 for d in self.tensor_dims[t]):  # (a counter has nothing to align)
+                kept.append(t)
+
+        def listed(ts: list[str]) -> str:
+            return ", ".join(ts[:8]) + (f" and {len(ts) - 8} more" if len(ts) > 8 else "")
+        if placed:
+            C.notes.append(f"tensors the traced forward pass does not read follow the features of their module's "
+                           f"other tensors of the same size: {listed(placed)}")
+        if kept:
+            C.notes.append(f"tensors the traced forward pass does not read are kept as they are (fusion averages "
+                           f"the models' values index by index, resizing keeps their widths): {listed(kept)}")
+
     def _finalise(self) -> None:
         C = self.C
+        self._place_unused()
         # learned prefix tokens (register tokens, latent queries: a (1, tokens, dim) parameter whose
         # token axis nothing else indexes) may be permuted, but their axis is a sample axis of every
         # activation that holds them: left permutable it would hide the features of every tensor it

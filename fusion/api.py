@@ -343,6 +343,8 @@ def align(
     dev = torch.device(device) if device is not None else model_device(models[0])
     ex = example_input.to(model_device(models[0])) if isinstance(example_input, torch.Tensor) else example_input
     graphs = discover_all(models, ex)
+    for msg in dict.fromkeys(n for g in graphs for n in g.notes):  # (e.g. tensors the forward never reads)
+        report.fallback(f"discovery: {msg}")
     target_graph = None
     if width is not None:
         # the fused architecture: the first model resized (its features are only a template)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -114,7 +115,7 @@ def resolve_model(spec: str, zoo: str | None = None, checkpoint: str | None = No
         (built from the constructor spec for ``timm:`` models; None for HF directories).
     """
     from .experiments.zoo import load_model
-    from .io import load_model_file
+    from .io import CheckpointNotFoundError, load_model_file, model_paths
 
     if spec.startswith("timm:"):
         return _load_timm(spec[len("timm:"):], checkpoint, kwargs, num_classes)
@@ -131,14 +132,20 @@ def resolve_model(spec: str, zoo: str | None = None, checkpoint: str | None = No
         from .io import load_timm_json
 
         return load_timm_json(path), None
-    if path.suffix in (".safetensors", ".json") or path.with_suffix(".json").exists():
+    if path.suffix in (".safetensors", ".json") or model_paths(path)[1].exists():
         return load_model_file(path)
+    if path.is_dir():
+        raise CheckpointNotFoundError(f"{spec} is a folder without config.json, not a transformers model folder")
+    if not path.exists() and (os.sep in spec or "/" in spec or path.suffix in (".hf", ".pt", ".pth", ".bin")):
+        raise CheckpointNotFoundError(f"{spec}: no such model file or folder (a saved model is a .safetensors file "
+                                      f"with its .json sidecar, or their stem; a transformers model a folder with "
+                                      f"config.json; a zoo model a name without '/')")
     return load_model(spec, zoo)
 
 
 def _load_timm(name: str, checkpoint: str | None, kwargs: dict | None, num_classes: int | None):
     """A ``timm`` model built with random initialisation and loaded from ``checkpoint``."""
-    from .io import CheckpointMismatchError, CheckpointNotFoundError, ModelSpec, build_model, load_weights
+    from .io import ModelSpec, build_model, load_weights
 
     if not name:
         raise click.BadParameter("timm models are given as timm:NAME (e.g. timm:resnet18)")
@@ -148,20 +155,19 @@ def _load_timm(name: str, checkpoint: str | None, kwargs: dict | None, num_class
     spec = ModelSpec(name=name, library="timm", arch_name=name, kwargs=dict(kwargs or {}),
                      num_classes=num_classes, classes=list(range(num_classes)), weights=Path(checkpoint))
     model = build_model(spec, num_classes)
-    ckpt = Path(checkpoint)
-    if ckpt.suffix == ".safetensors":
-        load_weights(model, ckpt, what=f"timm:{name}")
-    else:
-        if not ckpt.is_file():
-            raise CheckpointNotFoundError(f"Checkpoint {ckpt} of timm:{name} not found.")
-        state = torch.load(str(ckpt), map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-            state = state["state_dict"]
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise CheckpointMismatchError(f"Could not load {ckpt} into timm:{name}: {exc}") from exc
+    load_weights(model, checkpoint, what=f"timm:{name}")  # (.safetensors or a torch checkpoint)
     return model.eval(), spec
+
+
+def _input_paths(specs, entries, checkpoints) -> list[Path]:
+    """The files and folders a job reads its models from: model paths given, the weights and
+    sidecars of the resolved entries (zoo or sidecar models), checkpoints."""
+    paths = [Path(s) for s in specs if Path(s).exists()] + [Path(c) for c in checkpoints or ()]
+    for e in entries:
+        w = getattr(e, "weights", None)
+        if w is not None:
+            paths += [Path(w), Path(w).with_suffix(".json")]
+    return paths
 
 
 def _resolve_all(specs, zoo_dir, checkpoints, kwargs_json, num_classes):
@@ -400,7 +406,7 @@ class _DataOptions:
         from .experiments.data import first_examples
 
         data = self.load("test", model, list(classes) if classes else None, remap=True)
-        return first_examples(data, limit) if limit else data
+        return first_examples(data, limit) if limit is not None else data
 
 
 def _report_accuracy(name: str, model, data, device) -> None:
@@ -418,7 +424,7 @@ def _report_heads(name: str, model, head_classes, data, limit, device) -> None:
 
     union = sorted({c for cl in head_classes for c in cl})
     test = data.load("test", model, union, remap=False)
-    test = first_examples(test, limit) if limit else test
+    test = first_examples(test, limit) if limit is not None else test
     r = heads_accuracy(model, head_classes, test, device=device, progress=_progress())
     tasks = ", ".join(f"head {i} {100 * a:.2f}%" for i, a in enumerate(r["per_task"]))
     click.echo(f"{name}: per-task accuracy {tasks} (mean {100 * r['task_mean']:.2f}%); "
@@ -526,7 +532,7 @@ def spaces(model: str, zoo_dir: str | None) -> None:
 @main.command(name="eval", epilog=EPILOG_EVAL)
 @click.argument("model")
 @click.option("--zoo", "zoo_dir", default=None, help="Zoo folder for zoo names (default: $FUSION_ZOO).")
-@click.option("--limit", type=int, default=None, help="Evaluate on the first N test images only.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate on the first N test images only.")
 @click.option("--device", default=None, help="Device to evaluate on (e.g. cuda).")
 @_data_options
 @_timm_options
@@ -578,17 +584,20 @@ def _fusion_options(fn):
                      help="Partial zipping: fuse up to this cut, then each model keeps its own layers and head: "
                           "input, output, a depth fraction (0.75), a module (layer3) or a space name."),
         click.option("--eval", "do_eval", is_flag=True, help="Print the fused model's test accuracy."),
-        click.option("--test-limit", "--limit", "test_limit", type=int, default=None,
+        click.option("--test-limit", "--limit", "test_limit", type=click.IntRange(min=1), default=None,
                      help="With --eval: evaluate on the first N test images only."),
     )(_data_options(fn))
 
 
-def _run_fusion(models, method, alpha, out, repair, target_spec, width, calibration_size, calibration_seed,
+def _run_fusion(models, method, alphas, out, repair, target_spec, width, calibration_size, calibration_seed,
                 zoo_dir, seed, device, options, do_eval, test_limit, checkpoints, kwargs_json,
                 num_classes, refine="none", refine_options=(), budget=1.0, heads="merged", zip_until=None,
                 overwrite=False, **kw) -> None:
     from . import fuse as fuse_fn
-    from .io import check_output, library_form_paths, resized_widths, save_model, save_zipped
+    from .io import (
+        check_inputs_kept, check_output, library_form_paths, remove_stale_forms, resized_widths, save_model,
+        save_zipped,
+    )
 
     # before any work: an existing or unwritable output (the library forms included) fails now
     check_output(out, overwrite, extra=library_form_paths(out))
@@ -598,6 +607,10 @@ def _run_fusion(models, method, alpha, out, repair, target_spec, width, calibrat
     resolved = _resolve_all(models, zoo_dir, checkpoints, kwargs_json, num_classes)
     mods = [m for m, _ in resolved]
     entries = [e for _, e in resolved]
+    alpha = _alpha_of(alphas or (), len(mods))
+    # even with --overwrite, the output must not replace what the job reads
+    check_inputs_kept(out, _input_paths([*models, *([target_spec] if target_spec else [])], entries, checkpoints),
+                      extra=library_form_paths(out))
     known = [list(e.classes) for e in entries if e is not None and e.classes]
     if heads == "merged" and len(known) == len(entries) > 1 and any(c != known[0] for c in known):
         from .engine import HeadsError
@@ -641,8 +654,12 @@ def _run_fusion(models, method, alpha, out, repair, target_spec, width, calibrat
         from .io import save_library_forms
 
         forms = save_library_forms(fused, out, arch, n_classes, overwrite=overwrite)
+    remove_stale_forms(out, forms)  # (an earlier model's forms at this path, replaced with --overwrite)
     click.echo(report.summary())
     click.echo(f"wrote {path} (+ {path.with_suffix('.json').name}" + "".join(f", {p.name}" for p in forms) + ")")
+    if zip_until is None and heads == "merged" and not forms and arch.get("library") in ("timm", "transformers"):
+        click.echo(f"no {arch['library']} form: its {'config' if arch['library'] == 'transformers' else 'constructor'} "
+                   f"cannot express the fused widths; load it with `fusion.io.load_model_file` (the sidecar)")
     if do_eval:
         if head_classes is not None:
             _report_heads("fused", fused, head_classes, data, test_limit, device)
@@ -672,16 +689,19 @@ def fuse(models, method, alphas, **kw) -> None:
     """
     if len(models) < 2 and not any(_is_function_spec(m) for m in models):
         raise click.UsageError("fuse needs at least two models (use `fusion compress` for one)")
-    alpha = None
-    if alphas:
-        if len(alphas) == 1 and len(models) == 2:
-            alpha = float(alphas[0])
-        elif len(alphas) == len(models):
-            alpha = [float(a) for a in alphas]
-        else:
-            raise click.BadParameter(f"give one --alpha per model ({len(models)}), or one for two models",
-                                     param_hint="--alpha")
-    _run_fusion(models, method, alpha, **kw)
+    _run_fusion(models, method, alphas, **kw)
+
+
+def _alpha_of(alphas: Sequence[float], n: int):
+    """The interpolation weights of ``--alpha`` for ``n`` models (counted once module:function specs
+    returned theirs): one per model, or the second's weight for two; None when not given."""
+    if not alphas:
+        return None
+    if len(alphas) == 1 and n == 2:
+        return float(alphas[0])
+    if len(alphas) == n:
+        return [float(a) for a in alphas]
+    raise click.BadParameter(f"give one --alpha per model ({n}), or one for two models", param_hint="--alpha")
 
 
 @main.command(epilog=EPILOG_COMPRESS)
@@ -712,7 +732,7 @@ def compress(model, method, **kw) -> None:
 @click.option("--calibration-size", type=int, default=2000, show_default=True,
               help="Calibration images drawn from the train split of --data.")
 @click.option("--calibration-seed", type=int, default=0, show_default=True, help="Seed of the calibration draw.")
-@click.option("--test-limit", "--limit", "test_limit", type=int, default=None,
+@click.option("--test-limit", "--limit", "test_limit", type=click.IntRange(min=1), default=None,
               help="Evaluate on the first N test images only.")
 @click.option("--zoo", "zoo_dir", default=None, help="Zoo folder for zoo names (default: $FUSION_ZOO).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for randomised solvers.")
@@ -793,7 +813,7 @@ Example:
 @click.option("--train-size", type=int, default=20000, show_default=True, help="Training images per model.")
 @click.option("--epochs", type=int, default=4, show_default=True, help="Training epochs per model.")
 @click.option("--calibration-size", type=int, default=1000, show_default=True, help="Calibration images for fusion.")
-@click.option("--test-limit", type=int, default=None, help="Evaluate on the first N test images only.")
+@click.option("--test-limit", type=click.IntRange(min=1), default=None, help="Evaluate on the first N test images only.")
 @click.option("--no-cache", is_flag=True, help="Always train (default: reuse models trained by an earlier run, kept "
                                                 "in $FUSION_CACHE or ~/.cache/fusion-toolkit).")
 @click.option("--download", is_flag=True, help="Let torchvision download Fashion-MNIST when it is not installed.")

@@ -54,11 +54,16 @@ __all__ = [
     "state_dict_for_saving",
     "save_weights",
     "load_weights",
+    "read_state",
+    "STATE_KEYS",
     "CheckpointCorruptError",
     "OutputExistsError",
     "OutputNotWritableError",
     "check_output",
     "check_output_folder",
+    "check_inputs_kept",
+    "model_paths",
+    "remove_stale_forms",
     "transformers_progress",
     "write_files",
     "save_model",
@@ -339,11 +344,15 @@ def resized_widths(
     return widths if widths != space_widths(build_model(arch, num_classes), example) else None
 
 
-def _resized(model: nn.Module, arch: Mapping[str, Any] | ModelSpec, widths: Mapping[str, int]) -> nn.Module:
+def _resized(model: nn.Module, arch: Mapping[str, Any] | ModelSpec, widths: Mapping[str, int],
+             where: str = "the sidecar") -> nn.Module:
     from alignment import discover
 
     from .resize import _template
 
+    if not isinstance(widths, Mapping) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in widths.values()):
+        raise SidecarError(f"{where}: 'widths' must map space names to positive integer widths, got {widths!r:.200}.")
     widths = {**{str(k): int(v) for k, v in widths.items()}, "*": 1.0}
     return _template(model, widths, discover(model, example_input(arch)))
 
@@ -413,12 +422,56 @@ def _mismatch_report(model: nn.Module, state: Mapping[str, torch.Tensor]) -> lis
     return problems
 
 
+STATE_KEYS = ("state_dict", "model", "model_state_dict")
+"""Keys under which a torch checkpoint file may hold the state dict (the training loop's dict)."""
+
+
+def read_state(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The state dict in a weights file: ``.safetensors``, or a torch checkpoint (``.pt``, ``.pth``,
+    ``.bin``, ...: a state dict, or a dict holding one under a key of :data:`STATE_KEYS`), read
+    without unpickling code (``weights_only``).
+
+    Raises:
+        CheckpointNotFoundError: the file does not exist.
+        CheckpointCorruptError: the file cannot be read (truncated, not a checkpoint, a pickled
+            whole model) or holds no state dict of tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointNotFoundError(f"Weights file {path} not found{' (it is a folder)' if path.is_dir() else ''}.")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error type for a damaged file
+            raise CheckpointCorruptError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc}); it "
+                                         f"may be truncated or corrupted: save or copy it again") from None
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip-archive and weights-only errors alike
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise CheckpointCorruptError(
+            f"{path} is not a torch checkpoint of weights that can be read safely ({type(exc).__name__}: {first}); "
+            f"save the model's state_dict() (torch.save(model.state_dict(), path), not the whole model) or a "
+            f".safetensors file") from None
+    if isinstance(obj, Mapping):
+        obj = next((obj[k] for k in STATE_KEYS if isinstance(obj.get(k), Mapping)), obj)
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                          for k, v in obj.items()):
+        raise CheckpointCorruptError(
+            f"{path} holds a {type(obj).__name__} that is no state dict of tensors (nor a dict holding one under "
+            f"{', '.join(repr(k) for k in STATE_KEYS)}); save model.state_dict()")
+    return dict(obj)
+
+
 def load_weights(model: nn.Module, path: str | os.PathLike[str], what: str | None = None) -> nn.Module:
-    """Loads a ``.safetensors`` state_dict into a model with strict key and shape checks.
+    """Loads the state dict of a weights file (see :func:`read_state`) into a model with strict key
+    and shape checks.
 
     Args:
         model: Freshly built model to fill (modified in place).
-        path: The ``.safetensors`` file.
+        path: The ``.safetensors`` file or torch checkpoint.
         what: Description of the model for error messages (defaults to the path).
 
     Returns:
@@ -426,21 +479,16 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str], what: str | Non
 
     Raises:
         CheckpointNotFoundError: If the file does not exist.
+        CheckpointCorruptError: If it cannot be read or holds no state dict.
         CheckpointMismatchError: If keys are missing or unexpected, or shapes differ.
     """
-    from safetensors.torch import load_file
-
     path = Path(path)
     what = what or str(path)
     if not path.is_file():
         raise CheckpointNotFoundError(
             f"Weights of {what} not found at {path}; check the zoo folder or re-create the checkpoint."
         )
-    try:
-        state = load_file(str(path))
-    except Exception as exc:  # safetensors raises its own error type for a damaged file
-        raise CheckpointCorruptError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc}); it may be "
-                                     f"truncated or corrupted: save or copy it again") from None
+    state = read_state(path)
     problems = _mismatch_report(model, state)
     if problems:
         raise CheckpointMismatchError(
@@ -483,11 +531,43 @@ def check_output(path: str | os.PathLike[str], overwrite: bool = False, sidecar:
     if str(path).endswith(("/", os.sep)) or Path(path).is_dir():
         raise OutputNotWritableError(f"{path} names a folder; give a file path for the model, e.g. "
                                      f"{Path(path) / 'fused.safetensors'}")
-    weights, side = _model_paths(path)
+    weights, side = model_paths(path)
     for p in [weights, *([side] if sidecar else []), *extra]:
         _refuse_existing(Path(p), overwrite)
     _check_writable(weights.parent)
     return weights, side
+
+
+def check_inputs_kept(path: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str]],
+                      extra: Iterable[Path] = ()) -> None:
+    """Check, before any work, that writing a model to ``path`` (its weights, sidecar and the
+    ``extra`` paths) replaces none of ``inputs`` (files or folders the job reads: source models,
+    checkpoints), even with ``overwrite``.
+
+    Raises:
+        OutputNotWritableError: an output is an input, or a folder output would hold one.
+    """
+    outs = [p.resolve() for p in (*model_paths(path), *map(Path, extra))]
+    for i in inputs:
+        i = Path(i).resolve()
+        for o in outs:
+            if o == i or o in i.parents:
+                raise OutputNotWritableError(f"writing the model to {path} would replace the input {i}; choose "
+                                             f"another output path")
+
+
+def remove_stale_forms(path: str | os.PathLike[str], written: Iterable[Path]) -> list[Path]:
+    """Remove the library forms (:func:`library_form_paths`) of ``path`` that this save did not write
+    (left by an earlier model saved there, they would describe other weights). Returns them."""
+    import shutil
+
+    keep = {Path(p) for p in written}
+    gone = []
+    for p in library_form_paths(path):
+        if p not in keep and (p.exists() or p.is_symlink()):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            gone.append(p)
+    return gone
 
 
 def _check_writable(folder: Path) -> None:
@@ -615,7 +695,9 @@ def _check_hash(weights: Path, sidecar: Path, data: Mapping[str, Any]) -> None:
 # ---------------------------------------------------------------------------
 
 
-def _model_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
+def model_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """``(weights, sidecar)`` of a model path: the ``.safetensors`` file, its ``.json`` sidecar, or
+    their common stem (a stem may hold dots: ``runs/alpha0.3``)."""
     path = Path(path)
     if path.suffix == ".json":
         path = path.with_suffix(".safetensors")
@@ -740,7 +822,10 @@ def load_model_file(path: str | os.PathLike[str]) -> tuple[nn.Module, ModelSpec]
         SidecarError: If the sidecar is malformed.
         CheckpointMismatchError: If the weights do not fit the recorded architecture.
     """
-    weights_path, sidecar_path = _model_paths(path)
+    weights_path, sidecar_path = model_paths(path)
+    if not weights_path.is_file() and not sidecar_path.is_file():
+        raise CheckpointNotFoundError(f"No model file at {path}: neither {weights_path} nor its sidecar "
+                                      f"{sidecar_path} exists.")
     if not sidecar_path.is_file():
         raise CheckpointNotFoundError(
             f"No sidecar {sidecar_path} next to {weights_path}; it holds the constructor spec. "
@@ -751,6 +836,9 @@ def load_model_file(path: str | os.PathLike[str]) -> tuple[nn.Module, ModelSpec]
         data = json.loads(sidecar_path.read_text())
     except json.JSONDecodeError as exc:
         raise SidecarError(f"Sidecar {sidecar_path} is not valid JSON: {exc}.") from exc
+    if not isinstance(data, dict):
+        raise SidecarError(f"Sidecar {sidecar_path} holds a JSON {type(data).__name__}, not an object with the "
+                           f"constructor spec; save models with fusion.io.save_model.")
     if weights_path.is_file():
         _check_hash(weights_path, sidecar_path, data)
     spec = ModelSpec.from_dict(weights_path.stem, data, weights_path, source=str(sidecar_path))
@@ -763,15 +851,18 @@ def load_model_file(path: str | os.PathLike[str]) -> tuple[nn.Module, ModelSpec]
     model = build_model(spec, spec.num_classes)
     widths = spec.extra.pop("widths", None)
     if widths:
-        model = _resized(model, spec, widths)
+        model = _resized(model, spec, widths, str(sidecar_path))
     load_weights(model, weights_path, what=f"model file {weights_path.name!r}")
     return model.eval(), spec
 
 
 def _zipped_field(data: Mapping[str, Any], where: str) -> dict[str, Any]:
     z = data.get("zipped")
-    if not isinstance(z, Mapping) or not isinstance(z.get("branches"), list) or not isinstance(z.get("cut"), Mapping):
+    if (not isinstance(z, Mapping) or not isinstance(z.get("branches"), list) or not z["branches"]
+            or not isinstance(z.get("cut"), Mapping)):
         raise SidecarError(f"{where}: 'zipped' needs 'cut' and 'branches' (one object per source model).")
+    if not isinstance(z.get("trunk_num_classes", 0), int):
+        raise SidecarError(f"{where}: zipped 'trunk_num_classes' must be an integer.")
     return dict(z)
 
 
@@ -786,14 +877,14 @@ def _build_zipped(data: Mapping[str, Any], where: str) -> nn.Module:
             raise SidecarError(f"{where}: zipped branch {k} needs 'arch' and 'num_classes'.")
         m = build_model(b["arch"], int(b["num_classes"]))
         if b.get("widths"):
-            m = _resized(m, b["arch"], b["widths"])
+            m = _resized(m, b["arch"], b["widths"], where)
         branches.append(m.eval())
     cut = Cut.from_dict(dict(z["cut"]))
     trunk = None
     if not cut.at_input:
         trunk = build_model(data["arch"], int(z["trunk_num_classes"]))
         if z.get("trunk_widths"):
-            trunk = _resized(trunk, data["arch"], z["trunk_widths"])
+            trunk = _resized(trunk, data["arch"], z["trunk_widths"], where)
         trunk = trunk.eval()
     return zipped_from_parts(trunk, branches, [int(w) for w in z.get("cut_widths") or []], cut,
                              example_input(data["arch"]), heads=str(z.get("heads", "merged")),
@@ -882,8 +973,9 @@ def save_library_forms(model: nn.Module, path: str | os.PathLike[str], arch: Map
           model = timm.create_model(**json.load(open("<stem>.timm.json")))
           model.load_state_dict(safetensors.torch.load_file("<stem>.safetensors"))
 
-    A timm model whose fused widths its constructor cannot express (e.g. a ResNet stem halved by
-    ``width=0.5``) gets no JSON: only the toolkit's sidecar rebuilds it.
+    A model whose fused widths its library cannot express gets no such form (a timm ResNet stem
+    halved by ``width=0.5``: no constructor argument; a transformers config whose fields do not
+    rebuild the fused shapes): only the toolkit's sidecar rebuilds it.
 
     Args:
         model: the fused model (not modified).
@@ -899,9 +991,14 @@ def save_library_forms(model: nn.Module, path: str | os.PathLike[str], arch: Map
         OutputExistsError: an output exists and ``overwrite`` is false.
     """
     library, name, kwargs = _check_arch(arch)
-    weights, _ = _model_paths(path)
+    weights, _ = model_paths(path)
     stem = weights.with_suffix("")
     if library == "transformers":
+        from .modules.core import config_rebuilds
+
+        config = getattr(model, "config", None)
+        if config is None or not config_rebuilds(model, config):  # the folder would not load
+            return []
         folder = stem.with_name(stem.name + ".hf")
         _refuse_existing(folder, overwrite)
         tmp = folder.with_name(f".{folder.name}.tmp")
@@ -934,7 +1031,7 @@ def save_library_forms(model: nn.Module, path: str | os.PathLike[str], arch: Map
 
 def library_form_paths(path: str | os.PathLike[str]) -> list[Path]:
     """The paths :func:`save_library_forms` may write for the toolkit path ``path``."""
-    stem = _model_paths(path)[0].with_suffix("")
+    stem = model_paths(path)[0].with_suffix("")
     return [stem.with_name(stem.name + ".hf"), stem.with_name(stem.name + ".timm.json")]
 
 

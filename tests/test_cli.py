@@ -520,5 +520,85 @@ def test_fuse_models_returned_by_a_function(tmp_path):
         assert r.exit_code == 0, r.output
         scores.append(_correct(r.output, str(form)))
     assert scores[0] == scores[1]
+    # a halved stem is no timm constructor argument: no timm form, and the output says so
+    half = tmp_path / "half.safetensors"
+    res = CliRunner().invoke(main, ["--quiet", "fuse", "tests.data_spec_helpers:two_resnets", "--out", str(half),
+                                    "--data", "tests.data_spec_helpers:noise28", "--calibration-size", "32",
+                                    "--width", "0.5"])
+    assert res.exit_code == 0, res.output
+    assert "no timm form" in res.output and not (tmp_path / "half.timm.json").exists()
     res = CliRunner().invoke(main, ["fuse", "tests.data_spec_helpers:nope", "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "cannot import" in res.output
+
+
+def _saved_pair(tmp_path):
+    """Two tiny timm ResNets saved with fusion.io.save_model under tmp_path/in (paths of the weights)."""
+    from fusion.io import save_model
+    from tests.data_spec_helpers import two_resnets
+
+    paths = []
+    for k, (model, arch) in enumerate(two_resnets()):
+        paths.append(save_model(model, tmp_path / "in" / f"m{k}", arch, 10))
+    return paths
+
+
+def test_the_output_never_replaces_an_input_even_with_overwrite(tmp_path):
+    """Guards: --out naming an input model (its stem, weights or sidecar) is refused before any work,
+    with --overwrite too; the input files keep their bytes."""
+    import hashlib
+
+    a, b = _saved_pair(tmp_path)
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (a, a.with_suffix(".json"))}
+    for out in (a.with_suffix(""), a, a.with_suffix(".json")):
+        res = CliRunner().invoke(main, ["fuse", str(a), str(b), "--out", str(out), "--overwrite",
+                                        "--data", "tests.data_spec_helpers:noise28", "--calibration-size", "8"])
+        assert "would replace the input" in _one_error_line(res)
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in before} == before
+    assert not (tmp_path / "in" / "m0.timm.json").exists()
+
+
+def test_overwriting_an_output_removes_the_library_forms_of_the_model_it_replaces(tmp_path):
+    """Guards: replacing a fused model (whose timm form was written) by one the timm constructor
+    cannot express (halved stem) with --overwrite leaves no stale m.timm.json describing the old
+    weights; --limit 0 is refused instead of meaning 'all'."""
+    a, b = _saved_pair(tmp_path)
+    out = tmp_path / "out" / "m"
+    args = [str(a), str(b), "--out", str(out), "--data", "tests.data_spec_helpers:noise28", "--calibration-size", "8"]
+    assert CliRunner().invoke(main, ["--quiet", "fuse", *args]).exit_code == 0
+    assert (tmp_path / "out" / "m.timm.json").is_file()
+    res = CliRunner().invoke(main, ["--quiet", "fuse", *args, "--width", "0.5", "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert not (tmp_path / "out" / "m.timm.json").exists()
+    res = CliRunner().invoke(main, ["eval", str(out), "--data", "tests.data_spec_helpers:noise28", "--limit", "0"])
+    assert res.exit_code == 2 and "--limit" in res.output
+
+
+def test_alpha_counts_the_models_a_function_returns(tmp_path):
+    """Guards: --alpha is checked against the models module:function specs return (two here), not
+    the number of specs."""
+    out = tmp_path / "a.safetensors"
+    res = CliRunner().invoke(main, ["--quiet", "fuse", "tests.data_spec_helpers:two_resnets", "--alpha", "0.3",
+                                    "--out", str(out), "--data", "tests.data_spec_helpers:noise28",
+                                    "--calibration-size", "8"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(out.with_suffix(".json").read_text())["report"]["alpha"] == pytest.approx([0.7, 0.3])
+    res = CliRunner().invoke(main, ["fuse", "tests.data_spec_helpers:two_resnets", "--alpha", "0.3", "--alpha", "0.3",
+                                    "--alpha", "0.4", "--out", str(tmp_path / "b")])
+    assert res.exit_code == 2 and "one --alpha per model (2)" in res.output
+
+
+def test_model_paths_that_do_not_exist_or_hold_dots_are_named_plainly(tmp_path):
+    """Guards: a missing model path says so (not 'no zoo given' or 'no sidecar'), and a stem holding
+    dots (runs/alpha0.3) loads like any stem."""
+    for spec, words in ((tmp_path / "nothere.safetensors", "No model file"), (tmp_path / "missing.hf", "no such model"),
+                        (tmp_path, "folder without config.json")):
+        res = CliRunner().invoke(main, ["eval", str(spec)])
+        assert words in _one_error_line(res), spec
+    from fusion.io import save_model
+    from tests.data_spec_helpers import two_resnets
+
+    model, arch = two_resnets()[0]
+    save_model(model, tmp_path / "alpha0.3", arch, 10)
+    res = CliRunner().invoke(main, ["--quiet", "eval", str(tmp_path / "alpha0.3"),
+                                    "--data", "tests.data_spec_helpers:noise28"])
+    assert res.exit_code == 0, res.output

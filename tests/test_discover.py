@@ -274,3 +274,59 @@ def test_deepcopy_is_not_required_by_user():
     discover(model, torch.randn(2, 1, 8, 8))
     assert not model._forward_hooks and not model._forward_pre_hooks
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+class _Masked(nn.Module):
+    """Tokens with a class token, a mask token the traced forward never reads (it replaces masked
+    tokens only when a mask is given, as in DINOv2) and an auxiliary head that never runs."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.embed = nn.Linear(4, d)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, d))
+        self.mask_token = nn.Parameter(torch.randn(1, d))
+        self.fc1, self.fc2, self.head = nn.Linear(d, 16), nn.Linear(16, d), nn.Linear(d, 3)
+        self.aux = nn.Linear(d, 3)
+
+    def forward(self, x, mask=None):
+        h = self.embed(x)
+        if mask is not None:
+            h = torch.where(mask[..., None], self.mask_token.expand_as(h), h)
+        h = torch.cat([self.cls_token.expand(h.shape[0], -1, -1), h], 1)
+        h = h + self.fc2(torch.relu(self.fc1(h)))
+        return self.head(h[:, 0])
+
+
+def test_a_tensor_the_forward_never_reads_follows_its_modules_features():
+    """Guards: a parameter the traced forward does not read (a mask token used only with a mask) is
+    permuted, fused and resized with the features of its module's other tensors, so the masked path
+    of a permuted copy and of the fused model computes what the model does; a tensor with no such
+    sibling (a head that never runs) is kept as it is; both are noted by discovery and reported."""
+    import warnings
+
+    import fusion
+
+    torch.manual_seed(0)
+    model = _Masked().eval()
+    x = torch.randn(64, 5, 4)
+    mask = torch.rand(64, 5) < 0.4
+    graph = discover(model, x[:2])
+    assert any("follow the features" in n and "mask_token" in n and "aux" not in n for n in graph.notes)
+    assert any("kept as they are" in n and "aux.weight, aux.bias" in n for n in graph.notes)
+    copy_ = permute(model, graph, graph.random_permutations(seed=3))
+    assert not torch.equal(copy_.mask_token, model.mask_token)
+    with torch.no_grad():
+        assert rel_err(copy_(x, mask), model(x, mask)) < 1e-5
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fused = fusion.fuse([model, copy_], x, method="permute", repair="none")
+    report = fused.fusion_report.fallbacks
+    assert any("mask_token" in f for f in report) and any("aux.weight" in f for f in report)
+    assert any("mask_token" in str(w.message) for w in caught)
+    with torch.no_grad():
+        assert rel_err(fused(x, mask), model(x, mask)) < 1e-5
+    # resized with its space: the masked path runs at the new width
+    half = fusion.fuse([model], x, width=0.5, repair="none")
+    assert half.mask_token.shape == (1, 4) and half.aux.weight.shape == (3, 8)
+    with torch.no_grad():
+        assert half(x, mask).shape == (64, 3)

@@ -325,6 +325,38 @@ def test_fused_hf_vit_loads_with_transformers_alone(tmp_path: Path) -> None:
     assert isinstance(resolve_model(str(written[0]))[0], type(fused))
 
 
+def test_a_resized_hf_model_with_no_config_handler_loads_with_transformers_alone(tmp_path: Path) -> None:
+    """Guards: a compressed HF ConvNeXt (no config handler of its own) gets a config whose size fields
+    rebuild the fused shapes, found from the widths that changed; a field equal to a width by chance
+    (``image_size`` 32, a stage width too) is left alone; transformers alone loads the folder in a
+    fresh process and gives the same logits. A config that cannot rebuild the model gets no folder
+    (before, one that transformers refuses to load was written)."""
+    import transformers
+
+    import fusion
+
+    cfg = transformers.ConvNextConfig(num_channels=1, image_size=32, hidden_sizes=[16, 32], depths=[1, 1],
+                                      num_stages=2, num_labels=10)
+    torch.manual_seed(0)
+    model = transformers.ConvNextForImageClassification(cfg).eval()
+    x = torch.randn(4, 1, 32, 32)
+    half = fusion.fuse([model], torch.randn(32, 1, 32, 32), width=0.5, repair="none")
+    assert list(half.config.hidden_sizes) == [8, 16] and half.config.image_size == 32
+    assert list(model.config.hidden_sizes) == [16, 32]  # the source's config is untouched
+    arch = {"library": "transformers", "name": "ConvNextForImageClassification",
+            "kwargs": {"num_channels": 1, "image_size": 32, "hidden_sizes": [16, 32], "depths": [1, 1],
+                       "num_stages": 2}}
+    written = fio.save_library_forms(half, tmp_path / "m", arch, 10)
+    assert written == [tmp_path / "m.hf"]
+    got = _run_alone(tmp_path, "import transformers",
+                     f"model = transformers.AutoModelForImageClassification.from_pretrained({str(written[0])!r})", x)
+    with torch.no_grad():
+        torch.testing.assert_close(got, half(x).logits)
+    half.config.hidden_sizes = [8, 8]  # a config that describes other shapes: no folder
+    assert fio.save_library_forms(half, tmp_path / "bad", arch, 10) == []
+    assert not (tmp_path / "bad.hf").exists()
+
+
 def test_fused_timm_resnet_loads_with_timm_alone(tmp_path: Path) -> None:
     """A fused timm ResNet: the safetensors weights plus the create_model arguments in <stem>.timm.json
     rebuild it with timm alone (the two lines of the docs), in a fresh process."""
@@ -349,3 +381,59 @@ def test_fused_timm_resnet_loads_with_timm_alone(tmp_path: Path) -> None:
     # a halved ResNet stem is not a timm constructor argument: no timm form, the sidecar remains
     half = fusion.fuse([a], torch.randn(32, 1, 28, 28), width=0.5, repair="none")
     assert fio.save_library_forms(half, tmp_path / "half", arch, 10) == []
+
+
+def test_torch_checkpoints_load_with_the_same_checks_as_safetensors(tmp_path: Path) -> None:
+    """Guards: a .pt state dict (bare or under 'model' / 'state_dict') loads; a pickled whole model, a
+    truncated file and a list are CheckpointCorruptError naming what to save instead; a mismatch
+    is the same short summary as for safetensors (not torch's full message)."""
+    from fusion.io import CheckpointCorruptError, load_weights, read_state
+
+    model = build_model(TINY_RESNET, 10)
+    sd = model.state_dict()
+    for name, obj in (("bare.pt", sd), ("wrapped.pth", {"model": sd, "epoch": 3}), ("lightning.ckpt", {"state_dict": sd})):
+        torch.save(obj, tmp_path / name)
+        got = load_weights(build_model(TINY_RESNET, 10), tmp_path / name)
+        assert all(torch.equal(got.state_dict()[k], v) for k, v in sd.items()), name
+    torch.save(model, tmp_path / "whole.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "bare.pt").read_bytes()[:500])
+    torch.save([1, 2], tmp_path / "list.pt")
+    for name, words in (("whole.pt", "not the whole model"), ("cut.pt", "read safely"), ("list.pt", "holds a list")):
+        with pytest.raises(CheckpointCorruptError, match=words):
+            read_state(tmp_path / name)
+    with pytest.raises(CheckpointMismatchError, match=r"missing keys \(\d+\)") as err:
+        load_weights(build_model(TINY_VIT, 10), tmp_path / "bare.pt")
+    assert len(str(err.value)) < 2000
+
+
+def test_malformed_sidecars_are_sidecar_errors(tmp_path: Path) -> None:
+    """Guards: a sidecar that is a JSON list, widths that are not a mapping to positive integers, or a
+    zipped entry without branches raise SidecarError naming the file (not AttributeError,
+    ValueError or ZeroDivisionError)."""
+    model = build_model(TINY_RESNET, 10)
+    path = save_model(model, tmp_path / "m", TINY_RESNET, 10)
+    side = path.with_suffix(".json")
+    good = json.loads(side.read_text())
+    cases = [[], {**good, "widths": "abc"}, {**good, "widths": {"conv1": "x"}},
+             {**good, "zipped": {"cut": {}, "branches": []}}]
+    for bad in cases:
+        side.write_text(json.dumps(bad))
+        with pytest.raises(SidecarError, match="m.json"):
+            load_model_file(path)
+
+
+def test_a_zipped_model_declares_its_sources_input_format() -> None:
+    """Guards: a zipped model (a trunk and branches, no format of its own) reads the input format its
+    trunk declares (timm's pretrained_cfg), so evaluating it on a dataset other than Fashion-MNIST
+    needs no --mean/--std."""
+    import timm
+
+    import fusion
+    from fusion.experiments.data import input_format
+
+    a = timm.create_model("resnet18", pretrained=False, num_classes=4, channels=(8, 16, 32, 64)).eval()
+    b = timm.create_model("resnet18", pretrained=False, num_classes=4, channels=(8, 16, 32, 64)).eval()
+    zipped = fusion.fuse([a, b], torch.randn(8, 3, 32, 32), method="zip", zip_until="layer3", repair="none")
+    assert not hasattr(zipped, "pretrained_cfg")
+    fmt, want = input_format(zipped), input_format(a)
+    assert fmt.mean == want.mean and fmt.std == want.std and fmt.mean is not None and fmt.channels == 3

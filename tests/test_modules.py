@@ -511,3 +511,23 @@ def test_timm_vit_attention_pool_latent():
     pool = m.attn_pool
     assert (pool.num_heads, pool.head_dim, pool.latent_dim, pool.out_features) == (2, 16, 32, 32)
     assert math.isclose(pool.scale, 16 ** -0.5)
+
+
+def test_hf_configs_describe_the_fused_model_after_separate_heads():
+    """Guards: an HF ViT fused with separate heads (a classifier of both models' outputs) gets a config
+    that rebuilds it (``num_labels`` 20, which its ViT handler does not set), and
+    ``sync_config_by_shapes`` leaves a config that already rebuilds its model untouched; the sources'
+    configs are not changed."""
+    import fusion
+    from fusion.modules.core import config_rebuilds, sync_config_by_shapes
+    from tests.tiny_models import build
+
+    a, x = build("hf_vit", 0)
+    b, _ = build("hf_vit", 1)
+    fused = fusion.fuse([a, b], torch.randn(16, *x.shape[1:]), heads="separate", repair="none")
+    assert fused.config.num_labels == 20 and config_rebuilds(fused, fused.config)
+    assert a.config.num_labels == 10 and b.config.num_labels == 10
+    before = fused.config.to_dict()
+    assert sync_config_by_shapes(fused, fused.config) and fused.config.to_dict() == before
+    fused.config.hidden_size = 3  # no old shapes to map from: cannot sync
+    assert not config_rebuilds(fused, fused.config) and not sync_config_by_shapes(fused, fused.config)

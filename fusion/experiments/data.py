@@ -830,12 +830,17 @@ def input_format(model: nn.Module) -> InputFormat:
     * transformers: ``config.image_size`` and the ``image_mean`` / ``image_std`` /
       ``size`` of a ``preprocessor_config.json`` saved in the model's folder.
 
+    A model that declares none of these itself (a zipped model: a trunk and branches; a user's
+    wrapper) is read from its first submodule that does.
+
     Args:
         model: The model.
 
     Returns:
         The format, with ``None`` for what the model does not declare.
     """
+    model = next((m for m in model.modules() if isinstance(getattr(m, "pretrained_cfg", None), Mapping)
+                  or getattr(getattr(m, "config", None), "model_type", None) is not None), model)
     config = getattr(model, "config", None)
     conv = _first_conv(model)
     channels = getattr(config, "num_channels", None) or (conv.in_channels if conv is not None else None)

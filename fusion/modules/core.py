@@ -21,9 +21,10 @@ from alignment.errors import FusionError, FusionWarning
 
 __all__ = [
     "AttributeSyncError", "AttributeSyncWarning", "GroupsNotDivisibleError", "HeadsNotDivisibleError", "SyncContext",
-    "SyncHandler", "UnknownModuleError", "UnknownTensorError", "check_consistency", "check_scale", "divide_heads",
-    "is_tensor", "lookup", "module_check", "out_width", "path_label", "register_attribute_sync", "register_config_sync",
-    "register_width_free", "replace_tensor", "sync_module_attributes", "unregister_attribute_sync",
+    "SyncHandler", "UnknownModuleError", "UnknownTensorError", "check_consistency", "check_scale", "config_rebuilds",
+    "divide_heads", "is_tensor", "lookup", "module_check", "out_width", "path_label", "register_attribute_sync",
+    "register_config_sync", "register_width_free", "replace_tensor", "sync_config_by_shapes", "sync_module_attributes",
+    "unregister_attribute_sync",
 ]
 
 SyncFn = Callable[[nn.Module, str, "SyncContext"], None]
@@ -433,13 +434,92 @@ def _configs(model: nn.Module) -> list[tuple[str, nn.Module, Any]]:
     return out
 
 
+def config_rebuilds(owner: nn.Module, config: Any) -> bool:
+    """Whether ``type(owner)(config)`` builds tensors of the names and shapes ``owner`` has (built on
+    the meta device: no memory, no initialisation cost); False when the constructor fails."""
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            built = type(owner)(config)
+    except Exception:  # any constructor failure means: this config does not describe the model
+        return False
+    have = {k: tuple(v.shape) for k, v in owner.state_dict().items() if is_tensor(v)}
+    got = {k: tuple(v.shape) for k, v in built.state_dict().items() if is_tensor(v)}
+    return have == got
+
+
+def _size_fields(config: Any, sizes: Mapping[int, int]) -> dict[str, Any]:
+    """The config's top-level int fields (and lists/tuples of ints) with an old size of ``sizes``,
+    and their values with every such size replaced by its new one."""
+    out: dict[str, Any] = {}
+    labels = getattr(config, "num_labels", None)  # (a property over id2label in transformers)
+    if isinstance(labels, int) and not isinstance(labels, bool) and labels in sizes:
+        out["num_labels"] = sizes[labels]
+    for key, value in vars(config).items():
+        if isinstance(value, int) and not isinstance(value, bool) and value in sizes:
+            out[key] = sizes[value]
+        elif (isinstance(value, (list, tuple)) and value and all(isinstance(v, int) and not isinstance(v, bool)
+                                                                  for v in value)
+              and any(v in sizes for v in value)):
+            out[key] = type(value)(sizes.get(v, v) for v in value)
+    return out
+
+
+def sync_config_by_shapes(owner: nn.Module, config: Any, path: str = "",
+                          old_shapes: Mapping[str, torch.Size] | None = None) -> bool:
+    """Update a Hugging Face-style ``config`` (``owner.config``; ``type(owner)(config)`` builds the
+    model) to the widths of ``owner``'s tensors, for configs no handler knows.
+
+    Every size that changed from ``old_shapes`` (``{dotted tensor name in the whole model: shape}``,
+    ``path``: ``owner``'s path in it) to one new size everywhere gives an ``old -> new`` map; the
+    config's top-level int fields and int lists holding an old size get the new one, and the result
+    is kept only if the model built from it (on the meta device) has ``owner``'s tensor shapes. A
+    field whose change is not needed for that (an ``image_size`` equal to a width by chance) is
+    changed back. Returns whether the config now rebuilds ``owner`` (True, untouched, when it did
+    already); on False the config is unchanged.
+    """
+    if config_rebuilds(owner, config):
+        return True
+    if not old_shapes:
+        return False
+    prefix = path + "." if path else ""
+    seen: dict[int, set[int]] = {}
+    for key, t in owner.state_dict().items():
+        old = old_shapes.get(prefix + key)
+        if is_tensor(t) and old is not None and len(old) == t.dim():
+            for o, n in zip(old, t.shape):
+                seen.setdefault(int(o), set()).add(int(n))
+    sizes = {o: next(iter(n)) for o, n in seen.items() if len(n) == 1 and o not in n}
+    fields = _size_fields(config, sizes)
+    if not fields:
+        return False
+    import copy
+
+    trial = copy.deepcopy(config)
+    for key, value in fields.items():
+        setattr(trial, key, value)
+    if not config_rebuilds(owner, trial):
+        return False
+    for key in list(fields):  # keep only the changes the shapes need
+        setattr(trial, key, getattr(config, key))
+        if config_rebuilds(owner, trial):
+            del fields[key]
+        else:
+            setattr(trial, key, fields[key])
+    for key, value in fields.items():
+        setattr(config, key, value)
+    return True
+
+
 def sync_module_attributes(model: nn.Module, num_heads: Mapping[str, int] | None = None,
                            old_shapes: Mapping[str, torch.Size] | None = None) -> nn.Module:
     """Update, in place, every width-describing module attribute from the current tensor shapes.
 
     Also updates Hugging Face ``config`` objects (ViT/DeiT: ``hidden_size``,
     ``intermediate_size``, ``num_attention_heads``[, ``head_dim``], ``pooler_output_size``;
-    ResNet: ``embedding_size``, ``hidden_sizes``) derived from the weights.
+    ResNet: ``embedding_size``, ``hidden_sizes``) derived from the weights; a config of another
+    model type (ConvNeXt, DINOv2, Swin, ...) with :func:`sync_config_by_shapes` when ``old_shapes``
+    is given (a warning when no change of its size fields rebuilds the model's shapes).
 
     Args:
         model: the model (the caller's own copy) whose tensors were replaced
@@ -495,9 +575,14 @@ def sync_module_attributes(model: nn.Module, num_heads: Mapping[str, int] | None
         handler = _CONFIG_REGISTRY.get(getattr(cfg, "model_type", None))
         if handler is not None:
             handler[0](owner, path, cfg, ctx)
-        elif affected is not None:
+        # what a handler does not express (a classifier of other outputs: separate heads) and
+        # configs with no handler: from the shapes (a handler's result is kept when that fails:
+        # the owner may be a wrapper that its config does not construct)
+        synced = affected is None or sync_config_by_shapes(owner, cfg, path, ctx.old_shapes)
+        if handler is None and not synced:
             ctx.warn(f"{path_label(path)}.config (model_type={getattr(cfg, 'model_type', None)!r}) is not synced: "
-                     f"no config handler")
+                     f"no config handler, and no change of its size fields to the new widths rebuilds the "
+                     f"model's shapes")
 
     unused = set(num_heads) - ctx.used_heads
     if unused:
