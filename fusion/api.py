@@ -53,7 +53,8 @@ class FusionReport:
 
     Attributes:
         method: the matching method.
-        repair: the norm repair.
+        repair: the norm repair asked for.
+        repaired: the repair that ran (``repair``, except for ``"auto"``: ``"reset_bn"`` or ``"none"``).
         alpha: interpolation weights.
         refine: the refinement.
         options: the method's options (defaults filled in).
@@ -91,6 +92,7 @@ class FusionReport:
     head_sizes: list[int] = field(default_factory=list)
     refinement: dict[str, Any] = field(default_factory=dict)
     zip: dict[str, Any] = field(default_factory=dict)
+    repaired: str = ""
 
     def fallback(self, message: str) -> None:
         """Record a fallback and warn (once per message)."""
@@ -107,7 +109,8 @@ class FusionReport:
         if self.positions_per_image is not None:
             fb += f"; statistics on {self.positions_per_image} positions per image"
         refine = f" + {self.refine}" if self.refine != "none" else ""
-        return f"{self.method}{refine} + {self.repair}: {st}; {score}{fb}"
+        repair = self.repair if self.repaired in ("", self.repair) else f"{self.repair} ({self.repaired})"
+        return f"{self.method}{refine} + {repair}: {st}; {score}{fb}"
 
 
 @dataclass
@@ -219,6 +222,7 @@ class Alignment:
         t = time.perf_counter()
         run_repair(repair, ctx, **repair_options)
         report.seconds["repair"] = time.perf_counter() - t
+        report.repaired = ctx.details.get("repaired", repair)
         if cut is not None and fit:
             t = time.perf_counter()
             dev = torch.device(ctx.device) if ctx.device is not None else model_device(ctx.fused)
@@ -405,7 +409,7 @@ def fuse(
     models: Sequence[nn.Module],
     calibration: Any = None,
     method: str = "permute",
-    repair: str = "reset_bn",
+    repair: str = "auto",
     target: nn.Module | None = None,
     alpha: Sequence[float] | float | None = None,
     seed: int = 0,
@@ -437,7 +441,9 @@ def fuse(
             ``"weight_matching"``, ``"average"`` (plain averaging), ``"ot"`` (optimal transport, any
             widths), ``"merge"`` (merge correlated features, any narrower width), ``"magnitude"``
             (L1 pruning of one model), ...
-        repair: ``"reset_bn"`` (BatchNorm statistics reset), ``"repair"`` (REPAIR), or ``"none"``.
+        repair: ``"auto"`` (a BatchNorm statistics reset where the fused model has BatchNorm layers,
+            else nothing), ``"reset_bn"`` (the reset; reported as a fallback when there is no
+            BatchNorm layer), ``"repair"`` (REPAIR), or ``"none"``.
         target: a model of the fused widths to write the fused weights into (e.g. the same
             architecture built narrower; its own weights are not used). Default: a copy of the
             first model. With one model and a narrower target, fusion is compression.

@@ -557,8 +557,9 @@ def _fusion_options(fn):
     return _options(
         click.option("--out", required=True, help="Output .safetensors path (a .json sidecar is written next to it)."),
         click.option("--overwrite", is_flag=True, help="Replace existing output files (default: refuse, before any work)."),
-        click.option("--repair", default="reset_bn", show_default=True,
-                     type=click.Choice(["none", "reset_bn", "repair"]), help="Norm repair after fusing."),
+        click.option("--repair", default="auto", show_default=True,
+                     type=click.Choice(["auto", "none", "reset_bn", "repair"]),
+                     help="Norm repair after fusing; auto: reset_bn where the model has BatchNorm layers, else none."),
         click.option("--target", "target_spec", default=None,
                      help="A model of the fused widths (zoo name, file, HF folder); only its architecture is used."),
         click.option("--width", "width", default=None, callback=_width_callback,

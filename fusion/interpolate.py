@@ -52,7 +52,7 @@ def interpolation_curve(
     data: Any,
     alphas: Sequence[float] | None = None,
     method: str = "permute",
-    repair: str = "reset_bn",
+    repair: str = "auto",
     device: str | torch.device | None = None,
     progress: bool = False,
     **options: Any,
@@ -66,7 +66,8 @@ def interpolation_curve(
             the models' heads).
         alphas: interpolation weights of the second model (default: 11 points from 0 to 1).
         method: fusion method for the alignment (see :func:`fusion.list_methods`).
-        repair: ``"none"``, ``"reset_bn"`` or ``"repair"``, applied at every point.
+        repair: ``"auto"`` (a BatchNorm reset where there is BatchNorm), ``"none"``, ``"reset_bn"`` or
+            ``"repair"``, applied at every point.
         device: where to align, repair and evaluate (default: the models' device).
         progress: show progress bars while collecting statistics.
         **options: passed on to :func:`fusion.align` (``seed`` and method options).

@@ -2,6 +2,9 @@
 
 * ``"none"``.
 * ``"reset_bn"``: recompute BatchNorm running statistics of the fused model on calibration data.
+* ``"auto"`` (the default of :func:`fusion.fuse`): ``"reset_bn"`` when the fused model has BatchNorm
+  layers with running statistics, else ``"none"`` (a model without BatchNorm is not reported as a
+  reset that found nothing to do). The report's ``repaired`` says which ran.
 * ``"repair"`` (REPAIR, Jordan et al.): every norm layer's output channels get the mean and std of
   the interpolated (aligned) source statistics. A BatchNorm output's statistics are its affine
   parameters (mean ``bias``, signed std ``weight``), so the interpolated targets are the fused
@@ -110,11 +113,25 @@ def _none(ctx: RepairContext) -> None:
     """No repair."""
 
 
+def _resettable(ctx: RepairContext) -> bool:
+    # BatchNorm layers with running statistics that the reset may change
+    kept = {id(m) for m in ctx.frozen}
+    return any(isinstance(m, _BN) and m.track_running_stats and id(m) not in kept for m in ctx.fused.modules())
+
+
+@register_repair("auto")
+def _auto(ctx: RepairContext) -> None:
+    """BatchNorm reset when the fused model has BatchNorm layers, else none (no fallback)."""
+    ran = "reset_bn" if _resettable(ctx) else "none"
+    ctx.details["repaired"] = ran
+    if ran == "reset_bn":
+        reset_bn(ctx.fused, ctx.data, ctx.device, progress=ctx.progress, keep=ctx.frozen)
+
+
 @register_repair("reset_bn")
 def _reset(ctx: RepairContext) -> None:
     """Recompute BatchNorm running statistics on the calibration data."""
-    kept = {id(m) for m in ctx.frozen}
-    if not any(isinstance(m, _BN) and m.track_running_stats and id(m) not in kept for m in ctx.fused.modules()):
+    if not _resettable(ctx):
         ctx.notes.append("repair 'reset_bn': the fused model has no BatchNorm layer with running statistics to "
                          "reset, so nothing was repaired; repair='repair' rescales LayerNorm/GroupNorm outputs")
         return

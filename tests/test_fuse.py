@@ -378,8 +378,29 @@ def test_fusing_a_model_with_itself_returns_it():
         assert rel_err(model(x), fused(x)) < 1e-5
 
 
+def test_the_default_repair_resets_batchnorm_where_there_is_some_and_is_quiet_elsewhere(tiny):
+    """Guards: repair='auto' (fuse's and the CLI's default) is the BatchNorm reset on a ResNet (the
+    same weights) and nothing on a ViT, where it reports no fallback; the report says which ran."""
+    import warnings
+
+    from alignment.errors import FallbackWarning
+
+    for name, ran in (("timm_vit", "none"), ("timm_resnet18", "reset_bn")):
+        a, x = tiny(name)
+        b, _ = build(name, seed=1)
+        cal = torch.randn(16, *x.shape[1:], generator=torch.Generator().manual_seed(0))
+        al = fusion.align([a, b], cal, method="permute")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FallbackWarning)
+            auto = fusion.fuse([a, b], cal)
+        assert auto.fusion_report.repair == "auto" and auto.fusion_report.repaired == ran, name
+        assert f"auto ({ran})" in auto.fusion_report.summary()
+        explicit = al.build(repair=ran)
+        assert all(torch.equal(u, v) for u, v in zip(auto.state_dict().values(), explicit.state_dict().values())), name
+
+
 def test_a_bn_reset_with_no_batchnorm_to_reset_is_reported(tiny):
-    """Guards: repair='reset_bn' (the CLI's default) on a ViT resets nothing; that is listed in the
+    """Guards: repair='reset_bn' asked for on a ViT resets nothing; that is listed in the
     fusion report and warned, naming the repair that would act, and not said for BatchNorm nets."""
     import warnings
 
