@@ -9,7 +9,6 @@ axes are the alignment spaces.
 
 from __future__ import annotations
 
-import copy
 import operator
 import warnings
 from collections import defaultdict
@@ -20,14 +19,15 @@ from torch import nn
 
 from ._axes import AxisAlgebra, Dim
 from ._rules import IGNORED, RULES
-from .errors import ExportError, UnfollowableOpError
+from .errors import DiscoveryError, ExportError, UnfollowableOpError
 from .graph import FixedAxis, Graph, Member, Observation, Space, in_parametrization, module_of
-from .permute import reset_caches
-from .runner import model_device
+from .permute import copy_model, reset_caches
+from .runner import model_device, plain_precision
 
 __all__ = ["discover", "discover_all", "same_structure"]
 
 
+@plain_precision
 def discover(model: nn.Module, example_input: Any, *, strict: bool = False) -> Graph:
     """Discover the alignment spaces of ``model``.
 
@@ -47,13 +47,15 @@ def discover(model: nn.Module, example_input: Any, *, strict: bool = False) -> G
         UnfollowableOpError: if an op mixes hidden features in a way discovery cannot follow; the
             message names the op and the module.
     """
+    if not isinstance(model, nn.Module):
+        raise DiscoveryError(f"discover needs a torch.nn.Module, got {type(model).__name__}")
     args, kwargs = _as_args(example_input)
     # export a copy: tracing runs the forward, which may fill caches (timm's attention-bias caches)
     # or otherwise touch module state; the user's model must stay exactly as it was
-    traced = copy.deepcopy(model)
+    traced = copy_model(model)
     # a cache filled by an earlier forward (HF LeViT's attention biases in eval mode) would be traced
     # as a constant, cut from the weights it was computed from: trace from the weights
-    reset_caches(traced, model.training)
+    reset_caches(traced)
     try:
         with torch.no_grad(), warnings.catch_warnings():
             # recurrent layers re-assign their flat weight list while traced: torch's notice about it
@@ -131,6 +133,7 @@ def _settings(model: nn.Module) -> list[tuple[str, str, tuple]]:
     return out
 
 
+@plain_precision
 def discover_all(models: Sequence[nn.Module], example_input: Any) -> list[Graph]:
     """Graphs of several models, discovered once per distinct architecture.
 

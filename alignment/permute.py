@@ -3,15 +3,61 @@
 from __future__ import annotations
 
 import copy
+import warnings
+from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import SpaceMismatchError
+from .errors import FusionWarning, SpaceMismatchError
 from .graph import Graph
+from .runner import plain_precision
 
 __all__ = ["permute", "permute_state", "model_tensors", "reset_caches", "weight_norm_dim", "weight_norm_tensors",
-           "is_weight_norm_gain", "weight_norms", "effective_weights"]
+           "is_weight_norm_gain", "weight_norms", "effective_weights", "copy_model", "check_graph_fits"]
+
+_RUN_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+              "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+
+
+def copy_model(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Module:
+    """A deep copy of ``model`` (``memo``: objects to substitute, as for ``copy.deepcopy``).
+
+    A hook the user registered may hold an object that cannot be copied (a lock, a file): the copy
+    is then made without the forward and backward hooks of the model's modules, with a warning
+    naming them (the user's model keeps its hooks)."""
+    try:
+        return copy.deepcopy(model, dict(memo or {}))
+    except Exception as exc:  # noqa: BLE001 - whatever an uncopyable attribute raises
+        memo = dict(memo or {})
+        hooked = []
+        for path, m in model.named_modules():
+            for attr in _RUN_HOOKS:
+                hooks = m.__dict__.get(attr)
+                if hooks:
+                    memo[id(hooks)] = type(hooks)()
+                    hooked.append(path or "<root>")
+        if not hooked:
+            raise
+        copied = copy.deepcopy(model, memo)
+        warnings.warn(f"the hooks of {', '.join(dict.fromkeys(hooked))} cannot be copied ({type(exc).__name__}: "
+                      f"{exc}); the toolkit's copies of the model (traced, fused) run without them",
+                      FusionWarning, stacklevel=2)
+        return copied
+
+
+def check_graph_fits(model: nn.Module, graph: Any) -> None:
+    """Raise :class:`SpaceMismatchError` unless ``graph`` is an alignment graph of ``model``'s
+    tensors (the names and shapes it was discovered with)."""
+    if not isinstance(graph, Graph):
+        raise SpaceMismatchError(f"graph must be an alignment.Graph (from alignment.discover on this model), "
+                                 f"got {type(graph).__name__}")
+    tensors = model_tensors(model)
+    missing = [n for n in graph.shapes if n not in tensors]
+    if missing:
+        raise SpaceMismatchError(f"the graph describes tensors the model does not have ({', '.join(missing[:3])}"
+                                 f"{', ...' if len(missing) > 3 else ''}): it was discovered on another model; "
+                                 f"discover the graph on this model")
 
 
 def permute_state(state: dict[str, torch.Tensor], graph: Graph, perms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -38,6 +84,7 @@ def permute_state(state: dict[str, torch.Tensor], graph: Graph, perms: dict[str,
     return {n: out[n] if n in out else t.clone() for n, t in state.items()}
 
 
+@plain_precision
 def permute(model: nn.Module, graph: Graph, perms: dict[str, torch.Tensor]) -> nn.Module:
     """Return a copy of ``model`` with the hidden features of every space permuted.
 
@@ -52,6 +99,7 @@ def permute(model: nn.Module, graph: Graph, perms: dict[str, torch.Tensor]) -> n
     Returns:
         A new model of the same class with permuted parameters and buffers.
     """
+    check_graph_fits(model, graph)
     full = graph.identity_permutations()
     unknown = set(perms) - set(full)
     if unknown:
@@ -61,24 +109,31 @@ def permute(model: nn.Module, graph: Graph, perms: dict[str, torch.Tensor]) -> n
         )
     full.update({k: torch.as_tensor(v) for k, v in perms.items()})
     graph.validate_permutations(full)
-    new = copy.deepcopy(model)
+    new = copy_model(model)
     state = permute_state(model_tensors(model), graph, full)
     with torch.no_grad():
         for name, t in model_tensors(new).items():
             if name in state and t.shape == state[name].shape:
                 t.copy_(state[name])
-    reset_caches(new, model.training)
+    reset_caches(new)
     return new
 
 
-def reset_caches(model: nn.Module, training: bool) -> None:
+def reset_caches(model: nn.Module, training: bool | None = None) -> None:
     """Drop tensors a model caches from its own weights (e.g. timm's attention-bias caches).
 
     Such modules clear their caches when switched to training mode, so a round trip through
-    ``train()`` leaves the new model computing from its new weights, in the caller's mode.
+    ``train()`` leaves the new model computing from its new weights. Afterwards every module has
+    its own train/eval flag back (a BatchNorm kept in eval mode inside a model in training mode
+    stays so), or, with ``training`` given, the whole model is in that mode.
     """
+    saved = [(m, m.training) for m in model.modules()]
     model.train(True)
-    model.train(training)
+    if training is not None:
+        model.train(training)
+        return
+    for m, flag in saved:  # parents first (modules() order), so each child ends with its own flag
+        m.train(flag)
 
 
 def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

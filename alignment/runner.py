@@ -12,7 +12,7 @@ shards (:meth:`alignment.statistics.Statistics.merge`).
 from __future__ import annotations
 
 import contextlib
-import copy
+import functools
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -21,9 +21,27 @@ from torch import nn
 from .errors import CalibrationError
 
 __all__ = ["DEFAULT_BATCH_SIZE", "batch_input", "batches", "first_batch", "check_data", "model_device",
-           "modes", "runnable", "stream", "all_finite", "has_nan"]
+           "modes", "runnable", "stream", "all_finite", "has_nan", "plain_precision"]
 
 DEFAULT_BATCH_SIZE = 256
+
+
+def plain_precision(fn: Callable) -> Callable:
+    """Run ``fn`` with ``torch.autocast`` off (CPU and CUDA) and outside ``torch.inference_mode``,
+    whatever the caller's context: fusion sets its own precision (float32 products summed in
+    float64), which an ambient autocast would run in bfloat16 or float16, and inference tensors
+    have no version counter (the statistics reader checks it). The result is what a call outside
+    those contexts gives."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            for device_type in ("cpu", "cuda"):
+                if torch.is_autocast_enabled(device_type):
+                    stack.enter_context(torch.autocast(device_type, enabled=False))
+            if torch.is_inference_mode_enabled():
+                stack.enter_context(torch.inference_mode(False))
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -73,7 +91,8 @@ def check_data(data: Any) -> None:
     """Reject calibration data that cannot be streamed several times (fusion makes several passes).
 
     Raises:
-        CalibrationError: for None, an empty tensor, or a one-shot iterator (a generator).
+        CalibrationError: for None, an empty tensor, a one-shot iterator (a generator), a single dict
+            batch, or something that is no data at all.
     """
     if data is None:
         raise CalibrationError("no calibration data given; pass a tensor, a dataset or a DataLoader")
@@ -81,6 +100,12 @@ def check_data(data: Any) -> None:
         if data.dim() == 0 or len(data) == 0:
             raise CalibrationError(f"calibration tensor has shape {tuple(data.shape)}: it holds no samples")
         return
+    if isinstance(data, dict):
+        raise CalibrationError("calibration data is one dict batch; pass a list of batches ([batch]), a dataset or a "
+                               "DataLoader")
+    if not isinstance(data, torch.utils.data.Dataset) and not hasattr(data, "__iter__"):
+        raise CalibrationError(f"calibration data of type {type(data).__name__} is no tensor, dataset, DataLoader or "
+                               f"list of batches")
     if isinstance(data, Iterator):
         raise CalibrationError(
             f"calibration data is a one-shot iterator ({type(data).__name__}); fusion streams it several times: "
@@ -97,8 +122,13 @@ def batches(data: Any, batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator[torch.T
     if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
         _check_items(data)
         data = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
+    dtype = None
     for b, batch in enumerate(data):
         x = batch_input(batch)
+        dtype = x.dtype if dtype is None else dtype
+        if x.dtype != dtype:
+            raise CalibrationError(f"calibration batch {b} is {x.dtype} but batch 0 is {dtype}; give every batch the "
+                                   f"models' dtype")
         if not all_finite(x):
             raise CalibrationError(f"calibration batch {b} holds non-finite values (NaN or inf); clean the data first")
         yield x
@@ -141,10 +171,12 @@ def runnable(models: Sequence[nn.Module], device: torch.device, avoid: Sequence[
     """The models ready to run in one pass with their own hooks: each model itself, or a copy on
     ``device`` when it lives elsewhere, already appears earlier in ``models`` (a model fused with
     itself) or is one of ``avoid``. The user's models are never moved."""
+    from .permute import copy_model  # (permute imports this module)
+
     runs: list[nn.Module] = []
     for i, m in enumerate(models):
         dup = any(m is r for r in models[:i]) or any(m is a for a in avoid)
-        runs.append(copy.deepcopy(m).to(device) if dup or model_device(m) != device else m)
+        runs.append(copy_model(m).to(device) if dup or model_device(m) != device else m)
     return runs
 
 
@@ -213,6 +245,8 @@ def stream(
             if max_batches is not None and b >= max_batches:
                 break
             x = x.to(dev)
+            if x.is_inference():  # (made under inference_mode: no version counter for the readers)
+                x = x.clone()
             outs = []
             for i, m in enumerate(models):
                 if before_model is not None:

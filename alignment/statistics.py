@@ -24,7 +24,7 @@ from torch import nn
 
 from .errors import SpaceMismatchError
 from .graph import Graph, Observation, Space, module_of
-from .runner import model_device, runnable, stream
+from .runner import model_device, plain_precision, runnable, stream
 from .structure import BlockGram
 
 __all__ = ["POINT_POLICIES", "observation_points", "PointStats", "Statistics", "collect", "add_gram", "add_promoted_",
@@ -508,6 +508,7 @@ class Statistics:
 PRECISIONS = ("float32", "float64")
 
 
+@plain_precision
 def collect(
     models: Sequence[nn.Module],
     graphs: Sequence[Graph],

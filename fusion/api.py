@@ -32,7 +32,7 @@ from alignment.graph import Graph
 from alignment.maps import SpaceMap, correct_query_key, plan_maps
 from alignment.methods import METHODS, MatchContext, MatchResult, match
 from alignment.partial import check_budget, partial_plans, tensor_uses
-from alignment.runner import model_device, runnable
+from alignment.runner import model_device, plain_precision, runnable
 from alignment.statistics import POINT_POLICIES, Statistics, collect
 from alignment.structure import dense_plan
 
@@ -166,6 +166,7 @@ class Alignment:
         alpha = check_alpha(alpha, len(self.models), normalize=False)
         return apply_maps(self.models, self.graphs, self.maps(alpha), alpha=alpha, target=self.target, heads=heads)
 
+    @plain_precision
     def build(self, alpha: Sequence[float] | float | None = None, repair: str = "none", refine: str = "none",
               repair_options: dict[str, Any] | None = None, refine_options: dict[str, Any] | None = None,
               progress: bool = False, heads: str = "merged", zip_until: Any = None) -> nn.Module:
@@ -288,6 +289,7 @@ def _unit_quality(stats: Statistics, plans, graph: Graph) -> dict[str, torch.Ten
     return out
 
 
+@plain_precision
 def align(
     models: Sequence[nn.Module],
     calibration: Any = None,
@@ -323,6 +325,9 @@ def align(
     if positions_per_image is not None and (isinstance(positions_per_image, bool) or not isinstance(
             positions_per_image, int) or positions_per_image < 1):
         raise InvalidOptionError(f"positions_per_image must be a positive integer or None, got {positions_per_image!r}")
+    if target is not None and not isinstance(target, nn.Module):
+        raise ModelError(f"target must be a model (torch.nn.Module) of the fused widths, got {type(target).__name__}; "
+                         f"for a width factor use width=")
     if width is not None:
         if target is not None:
             raise InvalidOptionError("give either target (a model of the fused widths) or width (a factor), not both")
@@ -405,6 +410,7 @@ def align(
                      cuts=cuts)
 
 
+@plain_precision
 def fuse(
     models: Sequence[nn.Module],
     calibration: Any = None,

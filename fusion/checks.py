@@ -154,6 +154,9 @@ def check_device(device: Any) -> torch.device | None:
             raise InvalidOptionError(f"device={device!r}: this machine has {count} CUDA device(s); use device='cpu' "
                                      f"or one of cuda:0..cuda:{count - 1}" if count else
                                      f"device={device!r}: this machine has no CUDA device; use device='cpu'")
+    if dev.type == "meta":
+        raise InvalidOptionError(f"device={device!r} holds no data, so no statistics can be taken there; use "
+                                 f"device='cpu' or 'cuda'")
     if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise InvalidOptionError(f"device={device!r}: MPS is not available here; use device='cpu'")
     return dev

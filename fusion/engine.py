@@ -16,7 +16,6 @@ writes the result into a model whose module attributes match the new widths.
 
 from __future__ import annotations
 
-import copy
 from typing import Sequence
 
 import torch
@@ -25,7 +24,10 @@ from torch import nn
 from alignment.errors import FusionError, SpaceMismatchError
 from alignment.graph import Graph
 from alignment.maps import SpaceMap, axis_roles, fuse_tensors, map_tensor
-from alignment.permute import effective_weights, model_tensors, reset_caches, weight_norm_dim, weight_norms
+from alignment.permute import (
+    copy_model, effective_weights, model_tensors, reset_caches, weight_norm_dim, weight_norms,
+)
+from alignment.runner import plain_precision
 
 from .modules import replace_tensor, sync_module_attributes
 
@@ -63,7 +65,7 @@ def build_model(template: nn.Module, tensors: dict[str, torch.Tensor], num_heads
         tensors: new parameters and buffers by name.
         num_heads: new head counts of attention modules (module path -> heads), if they change.
     """
-    new = copy.deepcopy(template)
+    new = copy_model(template)
     old = {n: tuple(t.shape) for n, t in model_tensors(new).items()}
     with torch.no_grad():
         for name, t in tensors.items():
@@ -74,10 +76,11 @@ def build_model(template: nn.Module, tensors: dict[str, torch.Tensor], num_heads
                 replace_tensor(new, name, t.to(device=cur.device, dtype=cur.dtype))
     if any(old[n] != tuple(t.shape) for n, t in tensors.items()):
         sync_module_attributes(new, num_heads=num_heads, old_shapes={n: torch.Size(s) for n, s in old.items()})
-    reset_caches(new, template.training)
+    reset_caches(new)
     return new
 
 
+@plain_precision
 def apply_maps(
     models: Sequence[nn.Module],
     graphs: Sequence[Graph],
@@ -137,7 +140,10 @@ def apply_maps(
                     f"the maps' widths must match the target's spaces"
                 )
     new = build_model(template, fused, num_heads=num_heads)
-    new.train(models[0].training)
+    # the first model's train/eval flag per module (a frozen BatchNorm in a training model stays so)
+    flags = {path: m.training for path, m in models[0].named_modules()}
+    for path, m in new.named_modules():  # parents first: each child ends with its own flag
+        m.train(flags.get(path, models[0].training))
     return new
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from alignment.errors import InvalidOptionError
+from alignment.runner import plain_precision
 
 from .api import Alignment, ModelError, align
 from .experiments.evaluate import evaluate_loss_and_accuracy
@@ -46,6 +47,7 @@ def _barriers(alphas: Sequence[float], acc: Sequence[float], loss: Sequence[floa
     return float(b_acc), float(b_loss)
 
 
+@plain_precision
 def interpolation_curve(
     models: Sequence[nn.Module],
     calibration: Any,
@@ -79,7 +81,7 @@ def interpolation_curve(
         the curve's values at alpha 0 and 1 when ``alphas`` contains them, otherwise the source
         models evaluated as they are.
     """
-    _check(models, repair)
+    _check(models, repair, alphas)
     models = _distinct(models)
     t0 = time.perf_counter()
     al = align(models, calibration, method=method, device=device, progress=progress, **options)
@@ -95,19 +97,34 @@ def _distinct(models: Sequence[nn.Module]) -> list[nn.Module]:
     return models
 
 
-def _check(models: Sequence[nn.Module], repair: str) -> None:
+def _check(models: Sequence[nn.Module], repair: str, alphas: Sequence[float] | None = None) -> None:
     if len(models) != 2:
         raise ModelError(f"an interpolation curve is between two models, got {len(models)}")
     REPAIRS.validate(repair, {})
+    _alphas(alphas)
+
+
+def _alphas(alphas: Sequence[float] | None) -> list[float]:
+    """The curve's weights of the second model: numbers in [0, 1] (default: :func:`default_alphas`)."""
+    if alphas is None:
+        return default_alphas()
+    try:
+        out = [float(a) for a in alphas]
+    except (TypeError, ValueError):
+        raise InvalidOptionError(f"alphas must be numbers in [0, 1], got {alphas!r:.120}") from None
+    if not out:
+        raise InvalidOptionError("alphas must not be empty")
+    bad = [a for a in out if not 0.0 <= a <= 1.0]
+    if bad:
+        raise InvalidOptionError(f"alphas must be in [0, 1] (the weight of the second model), got {bad[:3]}")
+    return out
 
 
 def _curve(al: Alignment, models: Sequence[nn.Module], calibration: Any, data: Any,
            alphas: Sequence[float] | None, method: str, repair: str,
            device: str | torch.device | None, align_seconds: float, progress: bool = False) -> dict[str, Any]:
     """The curve of an existing alignment (``seconds`` includes ``align_seconds``)."""
-    alphas = default_alphas() if alphas is None else [float(a) for a in alphas]
-    if not alphas:
-        raise InvalidOptionError("alphas must not be empty")
+    alphas = _alphas(alphas)
     t0 = time.perf_counter()
     accs: list[float] = []
     losses: list[float] = []
@@ -189,6 +206,7 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+@plain_precision
 def interpolation_report(
     models: Sequence[nn.Module],
     calibration: Any,
@@ -220,7 +238,7 @@ def interpolation_report(
         alignment shared by its repairs (each curve's ``seconds`` counts the alignment).
     """
     for r in repairs:
-        _check(models, r)
+        _check(models, r, alphas)
     if out is not None:
         check_output_folder(out, (JSON_NAME, PLOT_NAME), overwrite)
     models = _distinct(models)

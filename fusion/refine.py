@@ -33,11 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alignment.errors import InvalidOptionError, UnknownNameError
+from alignment.errors import CalibrationError, InvalidOptionError, UnknownNameError
 from alignment.maps import axis_matrix
 from alignment.permute import weight_norm_dim, weight_norm_tensors
 from alignment.registry import Registry
-from alignment.runner import batches, model_device, modes, runnable
+from alignment.runner import batches, model_device, modes, plain_precision, runnable
 
 from .engine import head_tensors, set_weight
 from .lstsq import LayerGram, RidgeSolution, output_moments, ridge_solve
@@ -60,6 +60,7 @@ def register_refinement(name: str, check: Callable[[dict[str, Any]], None] | Non
     return REFINEMENTS.register(name, check)
 
 
+@plain_precision
 def run_refinement(name: str, ctx: RepairContext, **options: Any) -> nn.Module:
     """The refine stage: run refinement ``name`` with checked options; returns ``ctx.fused``."""
     REFINEMENTS.call(name, ctx, options)
@@ -378,6 +379,11 @@ def refine_lstsq(ctx: RepairContext, *, inputs: Literal["sequential", "merged"] 
     fused = ctx.fused
     dev = torch.device(ctx.device) if ctx.device is not None else model_device(fused)
     xs = list(batches(ctx.data))
+    odd = next((k for k, x in enumerate(xs) if x.shape[1:] != xs[0].shape[1:]), None)
+    if odd is not None:  # (convolution Grams leave out padding taps per position class of one input size)
+        raise CalibrationError(f"refine='lstsq' needs calibration batches of one input shape: batch {odd} has "
+                               f"{tuple(xs[odd].shape[1:])}, batch 0 {tuple(xs[0].shape[1:])}; resize the inputs to one "
+                               f"size (statistics and repairs take mixed sizes)")
     gen = torch.Generator().manual_seed(0)
     sources = runnable(ctx.sources, dev, avoid=[fused])
     models = [fused] + sources

@@ -37,7 +37,7 @@ from alignment.errors import InvalidOptionError, UnknownNameError
 from alignment.graph import Graph
 from alignment.maps import SpaceMap, axis_matrix
 from alignment.registry import Registry
-from alignment.runner import batches, first_batch, model_device, modes, runnable, stream
+from alignment.runner import batches, first_batch, model_device, modes, plain_precision, runnable, stream
 
 from .replay import Replay, ReplayError, Tape, record
 
@@ -102,6 +102,7 @@ class RepairContext:
     cache: dict = field(default_factory=dict)
 
 
+@plain_precision
 def run_repair(name: str, ctx: RepairContext, **options: Any) -> nn.Module:
     """The repair stage: run repair ``name`` with checked options; returns ``ctx.fused``."""
     REPAIRS.call(name, ctx, options)

@@ -22,6 +22,8 @@ from alignment.errors import FusionError, SpaceMismatchError
 from alignment.graph import Graph
 from alignment.leaves import select_leaf
 from alignment.maps import correct_query_key, plan_maps
+from alignment.permute import check_graph_fits
+from alignment.runner import plain_precision
 from alignment.structure import Blocks, Cat, Fixed, Heads, Leaf, Node, Walk, plan_argmax, tree_size
 
 from .engine import apply_maps
@@ -169,6 +171,7 @@ def _apply_selection(model: nn.Module, graph: Graph, plans: dict[str, torch.Tens
     return apply_maps([model], [graph], correct_query_key(maps, [graph], [1.0]), alpha=[1.0], target=target)
 
 
+@plain_precision
 def resize(
     model: nn.Module,
     width: WidthSpec = 0.5,
@@ -206,6 +209,7 @@ def resize(
         if example_input is None:
             raise WidthError("resize needs example_input (or a graph from alignment.discover)")
         graph = discover(model, example_input)
+    check_graph_fits(model, graph)
     target = resized_graph(graph, width)
     _warn_uneven_norms(model, graph, target)
     return _apply_selection(model, graph, _selection(graph, target, scores))
@@ -245,6 +249,7 @@ def _warn_uneven_norms(model: nn.Module, graph: Graph, target: Graph) -> None:
                 break
 
 
+@plain_precision
 def resize_like(model: nn.Module, target: nn.Module, example_input: Any,
                 scores: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
     """Copy of ``model`` narrowed (by selection) to the widths of ``target``, written into a copy of it.

@@ -19,6 +19,7 @@ from fusion.engine import HeadsError
 from fusion.refine import UnknownRefinementError
 from fusion.repair import UnknownRepairError
 from fusion.resize import WidthError, resize
+from fusion.interpolate import interpolation_curve as _curve
 from fusion.zipped import CutError
 from tests.tiny_models import build
 
@@ -241,6 +242,14 @@ CASES = [
     ("a device that is not there", lambda a, b, x: fusion.fuse([a, b], _cal(x), device="cuda:7"), InvalidOptionError,
      "cuda:7"),
     ("seed as a string", lambda a, b, x: fusion.fuse([a, b], _cal(x), seed="1"), InvalidOptionError, "seed"),
+    ("calibration that is no data", lambda a, b, x: fusion.fuse([a, b], 5), CalibrationError, "type int"),
+    ("one dict batch as calibration", lambda a, b, x: fusion.fuse([a, b], {"pixel_values": _cal(x)}),
+     CalibrationError, r"one dict batch.*\[batch\]"),
+    ("a target that is a name", lambda a, b, x: fusion.fuse([a, b], _cal(x), target="resnet18"), ModelError,
+     "target must be a model.*str"),
+    ("the meta device", lambda a, b, x: fusion.fuse([a, b], _cal(x), device="meta"), InvalidOptionError, "meta"),
+    ("curve weights that are not numbers", lambda a, b, x: _curve([a, b], _cal(x), [], alphas=["a"]),
+     InvalidOptionError, r"alphas must be numbers in \[0, 1\]"),
 ]
 
 
@@ -402,3 +411,48 @@ def test_finite_checks_see_every_bad_entry_and_no_overflowing_sum():
     assert not has_nan(torch.tensor([math.inf, -math.inf]))
     assert has_nan(torch.tensor([math.inf, math.nan]))
     assert all_finite(torch.arange(5)) and not has_nan(torch.arange(5))
+
+
+def test_graphs_and_models_must_belong_together(tiny):
+    """Guards: discovering something that is no model, and permuting or resizing a model with a graph
+    discovered on another architecture (or no graph) are SpaceMismatchError/DiscoveryError naming the
+    mix-up (before: an unchanged copy came back silently, or a KeyError)."""
+    from alignment import discover, permute
+    from alignment.errors import DiscoveryError
+
+    cnn, x = tiny("timm_resnet18")
+    vit, xv = tiny("timm_vit")
+    with pytest.raises(DiscoveryError, match="torch.nn.Module, got str"):
+        discover("resnet18", x)
+    g = discover(vit, xv)
+    with pytest.raises(SpaceMismatchError, match="discovered on another model"):
+        permute(cnn, g, {})
+    with pytest.raises(SpaceMismatchError, match="discovered on another model"):
+        resize(cnn, 0.5, graph=g)
+    with pytest.raises(SpaceMismatchError, match="alignment.Graph.*NoneType"):
+        permute(cnn, None, {})
+
+
+def test_refinement_needs_calibration_batches_of_one_input_shape():
+    """Guards: least-squares refinement on batches of two image sizes is a CalibrationError naming
+    the batch (before: a reshape error when a later batch was smaller, and silently dropped positions
+    when it was larger); statistics and repair still take mixed sizes."""
+    import timm
+
+    torch.manual_seed(0)
+    a = timm.create_model("resnet18", pretrained=False, num_classes=10, in_chans=1, channels=(8, 16, 32, 64)).eval()
+    torch.manual_seed(1)
+    b = timm.create_model("resnet18", pretrained=False, num_classes=10, in_chans=1, channels=(8, 16, 32, 64)).eval()
+    cal = [torch.randn(16, 1, 32, 32), torch.randn(16, 1, 24, 24)]
+    assert fusion.fuse([a, b], cal, repair="reset_bn")(cal[1]).shape == (16, 10)
+    with pytest.raises(CalibrationError, match=r"batch 1 has \(1, 24, 24\), batch 0 \(1, 32, 32\)"):
+        fusion.fuse([a, b], cal, refine="lstsq")
+
+
+def test_a_later_calibration_batch_of_another_dtype_is_named():
+    """Guards: only the first batch is checked before the passes; a later batch of another dtype
+    is a CalibrationError naming it when the pass reaches it (before: a raw dtype RuntimeError from
+    the first layer)."""
+    a, b, x = _models()
+    with pytest.raises(CalibrationError, match="batch 1 is torch.float64 but batch 0 is torch.float32"):
+        fusion.fuse([a, b], [_cal(x), _cal(x).double()])

@@ -418,3 +418,81 @@ def test_a_bn_reset_with_no_batchnorm_to_reset_is_reported(tiny):
         warnings.simplefilter("error", FallbackWarning)
         fused = fusion.fuse([cnn, cnn2], torch.randn(16, *xc.shape[1:]), repair="reset_bn")
     assert fused.fusion_report.fallbacks == []
+
+
+def test_an_ambient_autocast_or_inference_mode_does_not_change_the_fusion(tiny):
+    """Guards: fuse (statistics, least-squares Grams, apply) under the caller's torch.autocast
+    (bfloat16) or torch.inference_mode, with calibration data made in inference mode, gives the
+    weights of a plain call bit for bit (before: autocast ran the float32 products in bfloat16 and a
+    fused model far from its sources; inference mode failed on tensors without a version counter)."""
+    a, x = tiny("timm_resnet18")
+    b, _ = build("timm_resnet18", seed=1)
+    cal = torch.randn(24, *x.shape[1:], generator=torch.Generator().manual_seed(0))
+    want = fusion.fuse([a, b], cal, refine="lstsq").state_dict()
+    with torch.inference_mode():
+        frozen = cal.clone()
+    runs = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        runs.append(fusion.fuse([a, b], cal, refine="lstsq"))
+    with torch.inference_mode():
+        runs.append(fusion.fuse([a, b], frozen, refine="lstsq"))
+    for got in runs:
+        assert all(torch.equal(got.state_dict()[k], v) for k, v in want.items())
+
+
+def test_fused_and_permuted_models_keep_each_modules_train_flag(tiny):
+    """Guards: a model in training mode with a frozen BatchNorm (eval) gives a fused, a permuted and a
+    resized model with the same per-module flags (before: every module came back in training mode,
+    so the frozen BatchNorm would update its statistics on the next step)."""
+    from fusion.resize import resize
+
+    a, x = tiny("timm_resnet18")
+    b, _ = build("timm_resnet18", seed=1)
+    for m in (a, b):
+        m.train()
+        m.bn1.eval()
+    flags = [m.training for m in a.modules()]
+    g = discover(a, x)
+    outs = [fusion.fuse([a, b], torch.randn(16, *x.shape[1:])), permute(a, g, g.random_permutations(seed=1)),
+            resize(a, 0.5, graph=g)]
+    for out in outs:
+        assert [m.training for m in out.modules()] == flags
+    assert [m.training for m in a.modules()] == flags
+
+
+def test_models_with_hooks_that_cannot_be_copied_still_fuse(tiny):
+    """Guards: a user's forward hook holding a lock (a bound method of a recorder) does not stop
+    discovery or fusion (copies are made without the hooks, with a warning naming the module); the
+    user's model keeps its hook."""
+    import threading
+
+    from alignment.errors import FusionWarning
+
+    class Recorder:
+        def __init__(self):
+            self.lock, self.calls = threading.Lock(), 0
+
+        def hook(self, module, inputs, output):
+            self.calls += 1
+
+    a, x = tiny("timm_resnet18")
+    b, _ = build("timm_resnet18", seed=1)
+    rec = Recorder()
+    a.layer2.register_forward_hook(rec.hook)
+    with pytest.warns(FusionWarning, match="hooks of layer2 cannot be copied"):
+        fused = fusion.fuse([a, b], torch.randn(16, *x.shape[1:]))
+    assert not fused.layer2._forward_hooks and len(a.layer2._forward_hooks) == 1
+    assert fused(x).shape == a(x).shape
+
+
+def test_separate_heads_update_a_timm_models_class_count(tiny):
+    """Guards: models of 10 and 4 classes fused with separate heads report num_classes 14, the
+    width of what they return (timm's attribute stayed at the first model's 10)."""
+    import timm
+
+    torch.manual_seed(0)
+    a = timm.create_model("resnet18", pretrained=False, num_classes=10, in_chans=1, channels=(8, 16, 32, 64)).eval()
+    b = timm.create_model("resnet18", pretrained=False, num_classes=4, in_chans=1, channels=(8, 16, 32, 64)).eval()
+    fused = fusion.fuse([a, b], torch.randn(16, 1, 32, 32), heads="separate")
+    assert fused.num_classes == 14 == fused(torch.randn(2, 1, 32, 32)).shape[1]
+    assert (a.num_classes, b.num_classes) == (10, 4)

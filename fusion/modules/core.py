@@ -434,6 +434,22 @@ def _configs(model: nn.Module) -> list[tuple[str, nn.Module, Any]]:
     return out
 
 
+def _sync_num_classes(modules: list[tuple[str, nn.Module]], affected: set[str] | None) -> None:
+    # timm's convention: a model with ``num_classes`` and ``get_classifier()`` (a classifier of
+    # other outputs: models fused with separate heads)
+    for path, m in modules:
+        n, get = getattr(m, "num_classes", None), getattr(m, "get_classifier", None)
+        if (affected is not None and path not in affected) or not isinstance(n, int) or isinstance(n, bool) \
+                or not callable(get):
+            continue
+        try:
+            head = get()
+        except Exception:  # noqa: BLE001 - a get_classifier that needs arguments or state: not this convention
+            continue
+        if isinstance(head, nn.Linear) and head.out_features != n:
+            m.num_classes = int(head.out_features)
+
+
 def config_rebuilds(owner: nn.Module, config: Any) -> bool:
     """Whether ``type(owner)(config)`` builds tensors of the names and shapes ``owner`` has (built on
     the meta device: no memory, no initialisation cost); False when the constructor fails."""
@@ -569,6 +585,7 @@ def sync_module_attributes(model: nn.Module, num_heads: Mapping[str, int] | None
         if entry is not None and entry.sync is not None:
             entry.sync(mod, path, ctx)
 
+    _sync_num_classes(modules, affected)
     for path, owner, cfg in _configs(model):
         if affected is not None and path not in affected:
             continue
