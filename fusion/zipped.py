@@ -120,6 +120,18 @@ class _Skipped(nn.Module):
         return tree_map_only(torch.Tensor, lambda t: torch.zeros(t.shape, dtype=t.dtype, device=device),
                              self._shapes[key])
 
+    def _apply(self, fn, recurse=True):
+        # a dtype change of the model (.double(), .half(), .to(torch.bfloat16)) reaches the meta copy,
+        # whose shapes and dtypes the stand-in returns; device moves do not (it stays on meta)
+        try:
+            dtype = fn(torch.empty(0, device="meta")).dtype
+        except Exception:  # noqa: BLE001 - a function that only moves devices cannot run on meta
+            dtype = None
+        if dtype is not None and dtype.is_floating_point:
+            self.__dict__["_meta"] = self.__dict__["_meta"].to(dtype=dtype)
+            self.__dict__["_shapes"] = {}
+        return super()._apply(fn, recurse)
+
     def __getattr__(self, name: str) -> Any:
         # code around a skipped module may read its attributes (e.g. a weight's dtype): the meta copy answers
         try:
@@ -245,13 +257,16 @@ class ZippedModel(nn.Module):
         self.branches = nn.ModuleList(branches)
         self.cut, self.heads = cut, heads
         self.alpha = list(alpha) if alpha is not None else [1.0 / len(branches)] * len(branches)
+        # the maps in the models' floating dtype (float64, bfloat16 models: no mixed dtypes)
+        dtype = next((t.dtype for m in ([trunk] if trunk is not None else []) + list(branches)
+                      for t in m.parameters() if t.is_floating_point()), torch.float32)
         for i, U in enumerate(unmerge or []):
-            self.register_buffer(f"unmerge_{i}", U.detach().clone().float())
-            self.register_buffer(f"unmerge_bias_{i}", torch.zeros(U.shape[0], device=U.device))
+            self.register_buffer(f"unmerge_{i}", U.detach().to(dtype).clone())
+            self.register_buffer(f"unmerge_bias_{i}", torch.zeros(U.shape[0], device=U.device, dtype=dtype))
 
-    def trunk_features(self, x: Any) -> torch.Tensor:
-        """The fused features at the cut for input ``x``."""
-        return _output_at(self.trunk, self.cut.module, x)
+    def trunk_features(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The fused features at the cut for the input (as the source models take it)."""
+        return _output_at(self.trunk, self.cut.module, *args, **kwargs)
 
     def branch_input(self, f: torch.Tensor, i: int) -> torch.Tensor:
         """Model ``i``'s features at the cut from the fused ones: ``U_i f + c_i`` along the cut's axis."""
@@ -259,13 +274,15 @@ class ZippedModel(nn.Module):
         c = getattr(self, f"unmerge_bias_{i}").to(out.dtype)
         return out + c.view([-1 if d == self.cut.dim % out.dim() else 1 for d in range(out.dim())])
 
-    def forward(self, x: Any) -> torch.Tensor:
-        f = self.trunk_features(x) if self.trunk is not None else None
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Logits for the input, given as the source models take it (``model(x)``, an HF model's
+        ``pixel_values=x``)."""
+        f = self.trunk_features(*args, **kwargs) if self.trunk is not None else None
         outs = []
         for i, br in enumerate(self.branches):
             if f is not None:
                 br.get_submodule(self.cut.module).__dict__["value"] = self.branch_input(f, i)
-            outs.append(_logits(br(x)))
+            outs.append(_logits(br(*args, **kwargs)))
         if self.heads == "separate":
             return torch.cat(outs, dim=-1)
         return sum(a * o for a, o in zip(self.alpha, outs))
@@ -499,13 +516,13 @@ def fit_cut(zipped: ZippedModel, sources: Sequence[nn.Module], data: Any, device
     return out
 
 
-def _output_at(model: nn.Module, module: str, x: Any) -> torch.Tensor:
-    """The output of ``model``'s module ``module`` on ``x`` (the pass stops there)."""
+def _output_at(model: nn.Module, module: str, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """The output of ``model``'s module ``module`` on the input (the pass stops there)."""
     def stop(m, args, out):
         raise _CutReached(_first(out))
     handle = model.get_submodule(module).register_forward_hook(stop)
     try:
-        model(x)
+        model(*args, **kwargs)
     except _CutReached as reached:
         return reached.value
     finally:

@@ -134,3 +134,23 @@ def test_zip_until_errors(tiny):
     five.reset_classifier(5)
     with pytest.raises(HeadsError, match="separate"):
         fusion.fuse([a, five], cal, method="zip", zip_until="layer2")
+
+
+def test_a_zipped_model_changes_dtype_and_takes_the_sources_keyword_input():
+    """Guards: a partially zipped ViT converts to float64 and bfloat16 like any model (its stand-ins'
+    meta copies follow the dtype; before: a conv bias stayed float32), its unmerge maps are in the
+    sources' dtype, and an HF zipped model takes ``pixel_values=`` as its sources do."""
+    a, b, x, cal = _pair("timm_vit")
+    z = fusion.fuse([a, b], cal, method="zip", zip_until=MIDDLE["timm_vit"], repair="none")
+    with torch.no_grad():
+        want = z(x)
+        assert rel_err(z.double()(x.double()), want.double()) < 1e-5
+        assert z.bfloat16()(x.bfloat16()).dtype == torch.bfloat16
+    assert all(t.dtype == torch.bfloat16 for n, t in z.named_buffers() if n.startswith("unmerge"))
+    a64, b64 = a.double(), b.double()
+    z64 = fusion.fuse([a64, b64], cal.double(), method="zip", zip_until=MIDDLE["timm_vit"], repair="none")
+    assert {t.dtype for n, t in z64.named_buffers() if n.startswith("unmerge")} == {torch.float64}
+    ha, hb, hx, hcal = _pair("hf_vit")
+    hz = fusion.fuse([ha, hb], hcal, method="zip", zip_until=MIDDLE["hf_vit"], repair="none")
+    with torch.no_grad():
+        assert torch.equal(hz(pixel_values=hx), hz(hx))
