@@ -48,7 +48,12 @@ class UnknownMethodError(UnknownNameError):
     """No fusion method is registered under the given name."""
 
 
-METHODS = Registry("method", UnknownMethodError)
+CALL_KEYWORDS = ("models", "calibration", "method", "repair", "target", "alpha", "seed", "device", "example_input",
+                 "progress", "width", "refine", "points", "positions_per_image", "repair_options", "refine_options",
+                 "heads", "budget", "zip_until", "normalize", "report")
+"""Keywords of ``fusion.fuse`` / ``fusion.align``: a method option of one of these names would never reach it."""
+
+METHODS = Registry("method", UnknownMethodError, reserved=CALL_KEYWORDS)
 
 
 def register_method(name: str, check: Callable[[dict[str, Any]], None] | None = None) -> Callable:
@@ -187,6 +192,8 @@ def match(ctx: MatchContext, method: str, **options: Any) -> MatchResult:
     _require_family(ctx)
     t0 = time.perf_counter()
     result = METHODS.get(method).fn(ctx, **checked)
+    for msg in list(result.notes):  # a method may return notes of its own besides ctx.note's
+        ctx.note(msg)
     result.notes = list(ctx.notes)
     result.seconds = time.perf_counter() - t0
     return result

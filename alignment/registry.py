@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
@@ -65,14 +66,16 @@ class Option:
                 return value
             if t is bool and isinstance(value, bool):
                 return value
-            if t is int and isinstance(value, int) and not isinstance(value, bool):
-                return value
-            if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if t is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                return int(value)  # (numpy integers too)
+            if t is float and isinstance(value, numbers.Real) and not isinstance(value, bool):
                 if not math.isfinite(value):
                     raise InvalidOptionError(f"{owner}: option {self.name}={value!r} must be a finite number")
                 return float(value)
             if t is str and isinstance(value, str):
                 return value
+            if isinstance(t, type) and t not in (bool, int, float, str) and isinstance(value, t):
+                return value  # (list, dict, tuple or a class of the registrant's)
         raise InvalidOptionError(f"{owner}: option {self.name}={value!r} is not allowed; use {self.allowed()}")
 
 
@@ -94,7 +97,8 @@ class Entry:
     @property
     def summary(self) -> str:
         """First line of the function's docstring."""
-        return (inspect.getdoc(self.fn) or "").splitlines()[0] if self.fn.__doc__ else ""
+        lines = (inspect.getdoc(self.fn) or "").strip().splitlines()
+        return lines[0] if lines else ""
 
 
 class Registry:
@@ -103,25 +107,48 @@ class Registry:
     Args:
         kind: what the registry holds, used in messages.
         error: exception type raised for an unknown name.
+        reserved: names an option may not have (the keywords of the function that passes options
+            on, e.g. ``fusion.fuse``'s own, which would never reach the option).
     """
 
-    def __init__(self, kind: str, error: type[UnknownNameError] = UnknownNameError):
+    def __init__(self, kind: str, error: type[UnknownNameError] = UnknownNameError, reserved: typing.Iterable[str] = ()):
         self.kind, self.error = kind, error
+        self.reserved = frozenset(reserved)
         self._entries: dict[str, Entry] = {}
 
-    def register(self, name: str, check: Callable[[dict[str, Any]], None] | None = None) -> Callable:
+    def register(self, name: str, check: Callable[[dict[str, Any]], None] | None = None,
+                 replace: bool = False) -> Callable:
         """Decorator registering ``fn(ctx, *, option: type = default, ...)`` under ``name``.
 
         ``check(options)``, when given, checks option values beyond their types (e.g. ranges) and
         raises :class:`~alignment.errors.InvalidOptionError`; it runs in :meth:`validate`, before
-        any work."""
+        any work. A name that is registered already is refused unless ``replace``.
+
+        Raises:
+            InvalidOptionError: a name that is no non-empty string or is taken, a function that is
+                not callable, an option that is not keyword-only with a default of its own type, or
+                a reserved option name."""
+        if not isinstance(name, str) or not name.strip():
+            raise InvalidOptionError(f"a {self.kind} name must be a non-empty string, got {name!r}")
+        if name in self._entries and not replace:
+            raise InvalidOptionError(f"a {self.kind} named {name!r} is registered already; choose another name "
+                                     f"(or register it with replace=True)")
+
         def deco(fn):
+            if not callable(fn):
+                raise InvalidOptionError(f"{self.kind} {name!r}: {fn!r} is not callable")
             hints = typing.get_type_hints(fn)
             opts = []
             for p in list(inspect.signature(fn).parameters.values())[1:]:
                 if p.kind is not inspect.Parameter.KEYWORD_ONLY or p.default is inspect.Parameter.empty:
-                    raise TypeError(f"{self.kind} {name!r}: options must be keyword-only with defaults ({p.name})")
-                opts.append(Option(p.name, p.default, hints.get(p.name, Any)))
+                    raise InvalidOptionError(f"{self.kind} {name!r}: options must be keyword-only with defaults "
+                                             f"({p.name})")
+                if p.name in self.reserved:
+                    raise InvalidOptionError(f"{self.kind} {name!r}: an option may not be named {p.name!r} (a keyword "
+                                             f"of the call that passes options on); rename it")
+                opt = Option(p.name, p.default, hints.get(p.name, Any))
+                opt.check(p.default, f"{self.kind} {name!r} (its default)")
+                opts.append(opt)
             self._entries[name] = Entry(name, fn, tuple(opts), check)
             fn.registered_name = name
             return fn

@@ -132,6 +132,8 @@ class Alignment:
         stage_cache: what the repair stage measured that depends only on the sources and the data
             (REPAIR's source statistics), reused by every later :meth:`build` (an interpolation
             curve measures the sources once).
+        heads: the ``heads`` given to :func:`align` (None: not given), the default of :meth:`build`
+            and :meth:`apply`.
     """
 
     models: Sequence[nn.Module]
@@ -146,6 +148,7 @@ class Alignment:
     example: Any = None
     cuts: dict = field(default_factory=dict)
     stage_cache: dict = field(default_factory=dict, repr=False)
+    heads: str | None = None
 
     @property
     def plans(self) -> list[dict[str, torch.Tensor]]:
@@ -161,17 +164,21 @@ class Alignment:
         maps = {s.name: plan_maps([p[s.name] for p in self.result.plans], alpha) for s in tg.spaces if s.members}
         return correct_query_key(maps, self.graphs, alpha)
 
-    def apply(self, alpha: Sequence[float] | float | None = None, heads: str = "merged") -> nn.Module:
-        """The fused model (before refinement and repair) for interpolation weights ``alpha``."""
+    def apply(self, alpha: Sequence[float] | float | None = None, heads: str | None = None) -> nn.Module:
+        """The fused model (before refinement and repair) for interpolation weights ``alpha``
+        (``heads``: default the alignment's, else ``"merged"``)."""
         alpha = check_alpha(alpha, len(self.models), normalize=False)
+        heads = heads if heads is not None else (self.heads or "merged")
         return apply_maps(self.models, self.graphs, self.maps(alpha), alpha=alpha, target=self.target, heads=heads)
 
     @plain_precision
     def build(self, alpha: Sequence[float] | float | None = None, repair: str = "none", refine: str = "none",
               repair_options: dict[str, Any] | None = None, refine_options: dict[str, Any] | None = None,
-              progress: bool = False, heads: str = "merged", zip_until: Any = None) -> nn.Module:
+              progress: bool = False, heads: str | None = None, zip_until: Any = None) -> nn.Module:
         """Apply, refine, cut (``zip_until``, see :func:`fuse`) and repair: the fused model for
-        ``alpha``, with its ``fusion_report``."""
+        ``alpha``, with its ``fusion_report`` (``heads``: default the one given to :func:`align`,
+        else ``"merged"``)."""
+        heads = heads if heads is not None else (self.heads or "merged")
         check_heads(heads)
         repair_options = REPAIRS.validate(repair, dict(repair_options or {}))
         refine_options = REFINEMENTS.validate(refine, dict(refine_options or {}))
@@ -407,7 +414,7 @@ def align(
     # a cycle that would keep the statistics alive after the alignment is dropped)
     return Alignment(models=models, graphs=graphs, result=result, target=target, target_graph=target_graph,
                      statistics=stats, report=report, calibration=calibration, device=device, example=ex,
-                     cuts=cuts)
+                     cuts=cuts, heads=heads)
 
 
 @plain_precision

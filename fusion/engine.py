@@ -125,6 +125,11 @@ def apply_maps(
                              f"model output; use heads='merged'")
         names = [n for n in graphs[0].shapes if n not in head]
         separate = separate_heads(tensors, graphs, maps, head)
+    else:
+        outs = [g.shapes[t][0] for g in graphs for t in head_tensors(g)[:1]]
+        if len(set(outs)) > 1:
+            raise HeadsError(f"the models' classifiers have {', '.join(map(str, outs))} outputs: one merged classifier "
+                             f"needs equal class counts; use heads='separate' (each model keeps its own classifier)")
     fused = fuse_tensors(tensors, graphs, maps, alpha, names=names)
     fused.update(separate)
     for v, (g, dim) in norms.items():

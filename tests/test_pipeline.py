@@ -84,6 +84,89 @@ def test_registries_describe_options_and_defaults():
     assert "eps = 1e-05" in REPAIRS.describe()
 
 
+def test_bad_registrations_are_refused_with_the_reason():
+    """Guards: a registry refuses a name that is no string or is taken (unless replace=True), a
+    non-callable, options without defaults or with a default their annotation does not allow, and
+    method options named like fuse's own keywords (they would never reach the method); options
+    accept numpy numbers and container types; a blank docstring describes as empty (before: raw
+    TypeErrors, silent replacement of built-ins, and an IndexError in `fusion methods`)."""
+    import numpy as np
+
+    from alignment.registry import Registry
+
+    reg = Registry("thing")
+    for bad in (5, "", "  "):
+        with pytest.raises(InvalidOptionError, match="non-empty string"):
+            reg.register(bad)
+    with pytest.raises(InvalidOptionError, match="not callable"):
+        reg.register("x")(42)
+
+    def no_default(ctx, *, k: int): ...
+    with pytest.raises(InvalidOptionError, match="keyword-only with defaults"):
+        reg.register("x")(no_default)
+
+    def wrong_default(ctx, *, k: int = "abc"): ...
+    with pytest.raises(InvalidOptionError, match="its default"):
+        reg.register("x")(wrong_default)
+
+    def ok(ctx, *, n: int = 1, r: float = 0.5, ks: list | None = None, flag: bool = False):
+        """   """
+    reg.register("x")(ok)
+    with pytest.raises(InvalidOptionError, match="registered already"):
+        reg.register("x")(ok)
+    reg.register("x", replace=True)(ok)
+    assert reg.validate("x", {"n": np.int64(3), "r": np.float32(0.25), "ks": [1, 2]}) == {
+        "n": 3, "r": 0.25, "ks": [1, 2], "flag": False}
+    assert "x: " in reg.describe()
+    with pytest.raises(InvalidOptionError, match="registered already"):
+        alignment.methods.register_method("permute")
+    with pytest.raises(InvalidOptionError, match="'seed'"):
+        alignment.methods.register_method("seeded")(lambda ctx, *, seed=0: None)
+    assert set(alignment.methods.CALL_KEYWORDS) == (set(inspect.signature(fusion.fuse).parameters)
+                                                    | set(inspect.signature(fusion.align).parameters)) - {"options"}
+
+
+def test_notes_a_method_returns_reach_the_report_and_are_warned():
+    """Guards: a custom method that returns notes in its MatchResult (not through ctx.note) has them
+    listed in the fusion report and warned (before: match replaced them with ctx.notes)."""
+    from alignment.methods import METHODS, MatchResult
+
+    @alignment.methods.register_method("identity-noted-test")
+    def _identity(ctx):
+        plans = [{s.name: torch.eye(s.width, dtype=torch.float64) for s in g.spaces if s.members}
+                 for g in ctx.graphs]
+        return MatchResult(plans=plans, notes=["identity-noted-test: nothing was matched"])
+
+    try:
+        a, x = build("mlp")
+        with pytest.warns(FallbackWarning, match="nothing was matched"):
+            fused = fusion.fuse([a, a], x, method="identity-noted-test", repair="none")
+        assert "identity-noted-test: nothing was matched" in fused.fusion_report.fallbacks
+    finally:
+        METHODS._entries.pop("identity-noted-test", None)
+
+
+def test_an_alignment_builds_with_the_heads_given_to_align():
+    """Guards: align(..., heads='separate') of models with 5 and 7 classes builds separate heads by
+    default, and a merged build is a HeadsError naming the class counts (before: a raw size error)."""
+    import timm
+
+    from fusion.engine import HeadsError
+
+    torch.manual_seed(0)
+    a = timm.create_model("resnet18", pretrained=False, num_classes=5, in_chans=1, channels=(8, 16, 32, 64)).eval()
+    b = timm.create_model("resnet18", pretrained=False, num_classes=7, in_chans=1, channels=(8, 16, 32, 64)).eval()
+    cal = torch.randn(16, 1, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FallbackWarning)
+        al = fusion.align([a, b], cal, heads="separate")
+        assert al.build(0.5)(cal).shape == (16, 12)
+        with pytest.raises(HeadsError, match="5, 7 outputs"):
+            al.build(0.5, heads="merged")
+        with pytest.raises(HeadsError, match="5, 7 outputs"):
+            fusion.align([a, b], cal).apply(0.5)
+
+
 def test_every_exception_class_derives_from_fusion_error():
     """Every exception type defined in the packages derives from FusionError; warnings from
     FusionWarning (so a caller can catch everything the toolkit raises on purpose)."""
