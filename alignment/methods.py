@@ -83,7 +83,10 @@ class MatchContext:
     Attributes:
         models: the source models (never modified).
         graphs: their alignment graphs.
-        alpha: interpolation weights (solvers that average units use them).
+        alpha: interpolation weights (solvers that average units use them: OT barycenters,
+            MergeMany rematching). :func:`fusion.align` (and so :func:`fusion.fuse`) matches with
+            uniform weights, so that one alignment serves every ``alpha`` of ``build``; a staged
+            call with other weights can give other plans.
         statistics: ``statistics(pairs=None)`` returns the activation statistics (collected on first
             call; ``pairs``: see :func:`alignment.statistics.collect`).
         target_graph: the graph of the fused architecture (None: the first model's).
@@ -359,7 +362,12 @@ def average(ctx: MatchContext) -> MatchResult:
     return MatchResult(plans=plans, costs={})
 
 
-@register_method("permute")
+def _check_permute(options: dict[str, Any]) -> None:
+    if options["iterations"] is not None and options["iterations"] < 0:
+        raise InvalidOptionError(f"method 'permute': iterations must be >= 0, got {options['iterations']}")
+
+
+@register_method("permute", check=_check_permute)
 def permute(ctx: MatchContext, *, iterations: int | None = None) -> MatchResult:
     """Hungarian matching of hidden units on the correlation of their activations (Git Re-Basin).
 
@@ -372,15 +380,18 @@ def permute(ctx: MatchContext, *, iterations: int | None = None) -> MatchResult:
         iterations: MergeMany-style rematching rounds (each model rematched against the mean of the
             matched units; default 0 for two models, 3 for more).
     """
-    if iterations is not None and iterations < 0:
-        raise InvalidOptionError(f"method 'permute': iterations must be >= 0, got {iterations}")
     if iterations is None:
         iterations = 0 if len(ctx.models) <= 2 else 3
     leaf = partial(ot_leaf, solver="hungarian", iterations=iterations)
     return _solve(ctx, leaf, lambda plans_of: _activation_gram(ctx, "correlation", plans_of, anchored=iterations == 0))
 
 
-@register_method("weight_matching")
+def _check_weight_matching(options: dict[str, Any]) -> None:
+    if options["max_iter"] < 1:
+        raise InvalidOptionError(f"method 'weight_matching': max_iter must be >= 1, got {options['max_iter']}")
+
+
+@register_method("weight_matching", check=_check_weight_matching)
 def weight_matching(ctx: MatchContext, *, max_iter: int = 100) -> MatchResult:
     """Git Re-Basin weight matching: coordinate descent over spaces, no data.
 
@@ -391,8 +402,6 @@ def weight_matching(ctx: MatchContext, *, max_iter: int = 100) -> MatchResult:
     Options:
         max_iter: the largest number of sweeps.
     """
-    if max_iter < 1:
-        raise InvalidOptionError(f"method 'weight_matching': max_iter must be >= 1, got {max_iter}")
     _require_same_widths(ctx, "weight_matching")
     leaf = partial(ot_leaf, solver="hungarian", iterations=0)
 
@@ -401,7 +410,17 @@ def weight_matching(ctx: MatchContext, *, max_iter: int = 100) -> MatchResult:
     return _solve(ctx, leaf, gram_of, sweeps=max_iter, shuffle=True, anchor=0)
 
 
-@register_method("ot")
+def _check_ot(options: dict[str, Any]) -> None:
+    if not options["reg"] > 0:
+        raise InvalidOptionError(f"method 'ot': reg must be > 0, got {options['reg']}")
+    sweeps, iterations, anchor = options["sweeps"], options["iterations"], options["anchor"]
+    if sweeps < 1 or (iterations is not None and iterations < 0):
+        raise InvalidOptionError(f"method 'ot': sweeps must be >= 1 and iterations >= 0 (got {sweeps}, {iterations})")
+    if anchor is not None and anchor < 0:
+        raise InvalidOptionError(f"method 'ot': anchor={anchor} is not a model index (0 or more)")
+
+
+@register_method("ot", check=_check_ot)
 def optimal_transport(ctx: MatchContext, *, cost: Literal["auto", "correlation", "distance", "weights"] = "auto",
                       solver: Literal["emd", "sinkhorn"] = "emd", reg: float = 0.01, anchor: int | None = None,
                       iterations: int | None = None, sweeps: int = 5) -> MatchResult:
@@ -424,10 +443,6 @@ def optimal_transport(ctx: MatchContext, *, cost: Literal["auto", "correlation",
         iterations: barycenter iterations (default 0 with an anchor model, else 20).
         sweeps: for ``cost="weights"``, passes over all spaces (each uses the others' last plans).
     """
-    if not reg > 0:
-        raise InvalidOptionError(f"method 'ot': reg must be > 0, got {reg}")
-    if sweeps < 1 or (iterations is not None and iterations < 0):
-        raise InvalidOptionError(f"method 'ot': sweeps must be >= 1 and iterations >= 0 (got {sweeps}, {iterations})")
     _check_anchor(ctx, anchor)
     leaf = partial(ot_leaf, solver=solver, reg=reg, iterations=iterations)
     if cost == "weights":

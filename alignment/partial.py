@@ -122,6 +122,13 @@ def partial_plans(graph: Graph, plans: Sequence[dict[str, torch.Tensor]], qualit
     """
     budget, measure = check_budget(budget)
     plans = [{k: dense_plan(T) for k, T in p.items()} for p in plans]
+    for p in plans:
+        for k, T in p.items():
+            if T.numel() and bool(((T > 0).sum(0) > 1).any()):
+                raise InvalidOptionError(
+                    f"budget (partial matching) needs plans that put every unit in one fused unit (permute, "
+                    f"weight_matching, exact ot, merge, zip); space {k!r} has units split over several fused units "
+                    f"(soft transport, e.g. solver='sinkhorn')")
     if measure == "flops" and uses is None:
         raise InvalidOptionError("a FLOPs budget needs the tensors' uses per image (tensor_uses)")
     uses = uses if measure == "flops" else None

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from alignment.discover import discover, discover_all, same_structure
-from alignment.errors import CalibrationError, FallbackWarning, InvalidOptionError
+from alignment.errors import CalibrationError, FallbackWarning, FusionWarning, InvalidOptionError
 from alignment.graph import Graph
 from alignment.maps import SpaceMap, correct_query_key, plan_maps
 from alignment.methods import METHODS, MatchContext, MatchResult, match
@@ -340,6 +340,9 @@ def align(
             raise InvalidOptionError("give either target (a model of the fused widths) or width (a factor), not both")
         check_width(width)
     factor, measure = check_budget(budget)
+    if factor != 1.0 and method == "ot" and checked.get("solver") == "sinkhorn":
+        raise InvalidOptionError("budget (partial matching) splits units that a one-to-one plan matched; Sinkhorn "
+                                 "plans split every unit: use solver='emd' or method='permute' with a budget")
     if factor != 1.0 and (width is not None or target is not None or len(models) < 2):
         raise InvalidOptionError("budget (partial matching) needs two or more models and sets the fused widths "
                                  "itself: do not combine it with target or width")
@@ -461,7 +464,8 @@ def fuse(
             architecture built narrower; its own weights are not used). Default: a copy of the
             first model. With one model and a narrower target, fusion is compression.
         alpha: interpolation weights (default uniform; a float ``a`` means ``[1 - a, a]``): finite,
-            non-negative and summing to 1 (see ``normalize``).
+            non-negative and summing to 1 (see ``normalize``). They weigh the models when the maps
+            are applied; the matching itself uses uniform weights (one alignment serves every alpha).
         seed: seed for randomised solvers (the same seed gives the same fused weights).
         device: where to collect statistics, refine and repair (e.g. ``"cuda"``); default: the
             models' device.
@@ -494,7 +498,9 @@ def fuse(
             (:func:`fusion.zipped.cut_points` lists the valid cuts; ``report.zip`` the cut, the
             parameters and FLOPs). Any method may build the trunk; ``"zip"`` is the usual one.
         normalize: require ``alpha`` to be non-negative weights summing to 1 (default); False uses
-            any finite weights as given (extrapolation).
+            any finite weights as given (extrapolation, e.g. ``[-0.5, 1.5]``). Keep them summing to
+            1: a fused unit's merge map divides by its members' total weight, so a sum other than 1
+            would scale only what no space maps (the classifier's outputs), not the hidden layers.
         **options: method options (e.g. ``iterations`` for ``permute``, ``max_iter`` for
             ``weight_matching``); an unknown one raises :class:`~alignment.errors.InvalidOptionError`.
 
@@ -505,6 +511,10 @@ def fuse(
     """
     models = model_list(models)  # every tensor is checked once, in align
     weights = check_alpha(alpha, len(models), normalize)
+    if abs(sum(weights) - 1.0) > 1e-6:
+        warnings.warn(f"alpha={weights} sums to {sum(weights):.6g}: the merge maps average each fused unit's members by "
+                      f"their weights, so the sum scales only what no space maps (the classifier's outputs); "
+                      f"weights summing to 1 extrapolate every layer alike", FusionWarning, stacklevel=2)
     check_heads(heads)
     METHODS.validate(method, options)
     REPAIRS.validate(repair, dict(repair_options or {}))

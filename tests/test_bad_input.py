@@ -248,6 +248,8 @@ CASES = [
     ("a target that is a name", lambda a, b, x: fusion.fuse([a, b], _cal(x), target="resnet18"), ModelError,
      "target must be a model.*str"),
     ("the meta device", lambda a, b, x: fusion.fuse([a, b], _cal(x), device="meta"), InvalidOptionError, "meta"),
+    ("a budget with Sinkhorn plans", lambda a, b, x: fusion.fuse([a, b], _cal(x), method="ot", solver="sinkhorn",
+                                                               budget=1.2), InvalidOptionError, "Sinkhorn"),
     ("curve weights that are not numbers", lambda a, b, x: _curve([a, b], _cal(x), [], alphas=["a"]),
      InvalidOptionError, r"alphas must be numbers in \[0, 1\]"),
 ]
@@ -318,6 +320,11 @@ def test_alpha_that_extrapolates_needs_normalize_false():
     assert m.fusion_report.alpha == [1.5, -0.5]
     with torch.no_grad():
         assert math.isfinite(float(m(x).sum()))
+    # weights that do not sum to 1 scale only the outputs: said, not silently done
+    from alignment.errors import FusionWarning
+
+    with pytest.warns(FusionWarning, match="sums to 2"):
+        fusion.fuse([a, b], _cal(x), alpha=[1.0, 1.0], normalize=False, repair="none")
 
 
 def test_a_non_finite_result_is_an_error_naming_where(monkeypatch):

@@ -71,6 +71,11 @@ def test_options_are_checked_before_any_work(monkeypatch):
         fusion.fuse([a, a], x, method="ot", cost="cosine")
     with pytest.raises(InvalidOptionError):
         fusion.fuse([a, a], x, alpha=[0.5, float("nan")])
+    # value ranges too (they were checked inside the methods, after discovery and statistics)
+    for method, options in (("ot", {"reg": -1.0}), ("ot", {"sweeps": 0}), ("ot", {"anchor": -1}),
+                            ("permute", {"iterations": -1}), ("weight_matching", {"max_iter": 0})):
+        with pytest.raises(InvalidOptionError, match=next(iter(options))):
+            fusion.fuse([a, a], x, method=method, **options)
     assert calls == []
 
 

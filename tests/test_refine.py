@@ -470,6 +470,13 @@ def test_partial_plans_split_the_worst_matched_units_first(tiny):
         # the last 2n rows hold model 0's split units then model 1's: one sender per row
         rows = pp.plans[0][s][-2 * n:].sum(1)
         assert rows[:n].eq(1).all() and rows[n:].eq(0).all()
+    # a plan that splits a unit over two fused units (soft transport) has no unit to split back: an
+    # error, not a budget silently left unspent (before: Sinkhorn plans gave no split and no note)
+    soft = [{k: T.clone() for k, T in p.items()} for p in plans]
+    name = next(iter(quality))
+    soft[1][name][:2, :2] = 0.5
+    with pytest.raises(InvalidOptionError, match=f"{name!r} has units split"):
+        partial_plans(graph, soft, quality, 1.25)
 
 
 @pytest.mark.slow
