@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from .errors import SpaceMismatchError
+from .errors import InvalidOptionError, SpaceMismatchError
 from .graph import Graph
 from .structure import Heads, RowPlan, dense_plan
 
@@ -195,9 +195,13 @@ def plan_maps(plans: Sequence["torch.Tensor | RowPlan"], alpha: Sequence[float],
     view of a fused basis that other models' units complete).
     """
     plans = [T if isinstance(T, RowPlan) else torch.as_tensor(T, dtype=torch.float64).cpu() for T in plans]
+    if len(alpha) != len(plans):
+        raise InvalidOptionError(f"{len(alpha)} interpolation weights for {len(plans)} plans: give one per model")
     n = plans[0].shape[0]
     if any(T.shape[0] != n for T in plans):
         raise SpaceMismatchError(f"plans give different fused widths: {[tuple(T.shape) for T in plans]}")
+    if any(bool(((T.vals if isinstance(T, RowPlan) else T) < 0).any()) for T in plans):
+        raise SpaceMismatchError("a plan has negative entries; plans are non-negative (a permutation is a 0/1 plan)")
     rows = [T.vals if isinstance(T, RowPlan) else T.sum(1) for T in plans]
     sends = [(r > 0).double() for r in rows]
     weight = sum(float(a) * s for a, s in zip(alpha, sends))

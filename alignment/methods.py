@@ -30,7 +30,7 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 from torch import nn
 
-from .errors import FallbackWarning, InvalidOptionError, SpaceMismatchError, UnknownNameError
+from .errors import CalibrationError, FallbackWarning, InvalidOptionError, SpaceMismatchError, UnknownNameError
 from .grams import activation_gram, magnitude_scores, weight_gram
 from .graph import Graph
 from .leaves import magnitude_leaf, merge_leaf, ot_leaf, zip_labels, zip_leaf
@@ -136,7 +136,7 @@ class MatchContext:
         matrix. Matching reads the anchored blocks as a :class:`alignment.structure.BlockGram`.
         """
         if self.statistics is None:
-            raise SpaceMismatchError("this method needs activation statistics: give calibration data")
+            raise CalibrationError("this method needs activation statistics: give calibration data")
         if not anchored:
             return self.statistics()
         return self.statistics(pairs=self.anchor_pairs(anchor))

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .errors import SpaceMismatchError
+from .errors import InvalidOptionError, SpaceMismatchError
 from .graph import Graph, Observation, Space, module_of
 from .runner import model_device, plain_precision, runnable, stream
 from .structure import BlockGram
@@ -48,7 +48,7 @@ def observation_points(space: Space, graph: Graph, policy: str = "auto") -> list
         Policies fall back to the producers' outputs, then to every point, when they find none.
     """
     if policy not in POINT_POLICIES:
-        raise ValueError(f"unknown observation policy {policy!r}; use one of {', '.join(POINT_POLICIES)}")
+        raise InvalidOptionError(f"points={policy!r} is no observation policy; use one of {', '.join(POINT_POLICIES)}")
     if policy == "auto":
         has_bn = any(m.tensor.endswith("running_mean") for m in space.members)
         policy = "outputs" if has_bn else "consumers"
@@ -550,10 +550,10 @@ def collect(
         space (e.g. a module's output and the next module's input) is multiplied out once.
     """
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        raise InvalidOptionError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if positions_per_image is not None and (isinstance(positions_per_image, bool)
                                             or not isinstance(positions_per_image, int) or positions_per_image < 1):
-        raise ValueError(f"positions_per_image must be a positive integer or None, got {positions_per_image!r}")
+        raise InvalidOptionError(f"positions_per_image must be a positive integer or None, got {positions_per_image!r}")
     t0 = time.perf_counter()
     dev = torch.device(device) if device is not None else model_device(models[0])
     runs = runnable(models, dev)  # the same object twice (a model fused with itself) needs its own hooks

@@ -182,9 +182,8 @@ class Alignment:
         check_heads(heads)
         repair_options = REPAIRS.validate(repair, dict(repair_options or {}))
         refine_options = REFINEMENTS.validate(refine, dict(refine_options or {}))
-        if (repair != "none" or refine != "none") and self.calibration is None:
-            raise CalibrationError(f"repair={repair!r} and refine={refine!r} need calibration data "
-                                   f"(or use 'none')")
+        if self.calibration is None:
+            _check_data_free(repair, refine, self.models[0])
         _check_zip_until(zip_until, repair, heads, self.graphs)
         weights = check_alpha(alpha, len(self.models), normalize=False)
         report = _copy_report(self.report, weights, repair, refine)
@@ -244,6 +243,15 @@ class Alignment:
         fused = ctx.fused.to(model_device(self.models[0]))
         fused.fusion_report = report
         return fused
+
+
+def _check_data_free(repair: str, refine: str, model: nn.Module | None) -> None:
+    """Raise :class:`CalibrationError` when a repair or refinement needs calibration data that was
+    not given (``"auto"`` needs it only for a model with BatchNorm layers to reset)."""
+    bn = model is not None and any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+                                   for m in model.modules())
+    if refine != "none" or repair not in ("none", "auto") or (repair == "auto" and bn):
+        raise CalibrationError(f"repair={repair!r} and refine={refine!r} need calibration data (or use 'none')")
 
 
 def _cut_key(zip_until: Any) -> tuple:
@@ -340,6 +348,9 @@ def align(
             raise InvalidOptionError("give either target (a model of the fused widths) or width (a factor), not both")
         check_width(width)
     factor, measure = check_budget(budget)
+    if factor != 1.0 and calibration is None:
+        raise CalibrationError("budget (partial matching) ranks the matched units by their activation statistics: "
+                               "give calibration data")
     if factor != 1.0 and method == "ot" and checked.get("solver") == "sinkhorn":
         raise InvalidOptionError("budget (partial matching) splits units that a one-to-one plan matched; Sinkhorn "
                                  "plans split every unit: use solver='emd' or method='permute' with a budget")
@@ -519,8 +530,8 @@ def fuse(
     METHODS.validate(method, options)
     REPAIRS.validate(repair, dict(repair_options or {}))
     REFINEMENTS.validate(refine, dict(refine_options or {}))
-    if (repair != "none" or refine != "none") and calibration is None:
-        raise CalibrationError(f"repair={repair!r} and refine={refine!r} need calibration data (or use 'none')")
+    if calibration is None:
+        _check_data_free(repair, refine, models[0] if models else None)
     if zip_until is not None:
         _check_zip_until(zip_until, repair, heads, [])
     t_all = time.perf_counter()

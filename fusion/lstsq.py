@@ -186,13 +186,14 @@ def ridge_solve(gram: LayerGram, weight: torch.Tensor, bias: torch.Tensor | None
         sol[bad] = torch.linalg.pinv(A[bad], hermitian=True) @ B[bad]
     w = sol.transpose(1, 2)
     yy = gram.yy.sum().clamp_min(1e-30)
-    before = float(regression_loss(gram, w0).sum() / yy)
+    before = max(0.0, float(regression_loss(gram, w0).sum() / yy))
     # the solution satisfies (XtX + lam) W^T = XtY + lam W*^T, so XtX W^T needs no product (except for
     # groups solved by the pseudo-inverse, which satisfy it only on the Gram's range)
     gw = gram.xy + lam[:, None, None] * (w0 - w).transpose(1, 2)
     if n_bad:
         gw[bad] = gram.xx[bad] @ sol[bad]
-    after = float(((gw * sol).sum() - 2 * (gram.xy * sol).sum() + gram.yy.sum()) / yy)
+    # (expanded from the Gram, a loss near 0 can come out a rounding error below it: not a gain)
+    after = max(0.0, float(((gw * sol).sum() - 2 * (gram.xy * sol).sum() + gram.yy.sum()) / yy))
     if gram.bias:
         return RidgeSolution(w[:, :, :d].contiguous(), w[:, :, d].contiguous(), before, after, n_bad, gw)
     return RidgeSolution(w.contiguous(), None, before, after, n_bad, gw)

@@ -608,3 +608,33 @@ def test_an_error_in_a_leaf_solve_on_a_worker_thread_reaches_the_caller(monkeypa
         with pytest.raises(SpaceMismatchError, match="refused blocks.1.mlp_channels.fc1"):
             match(context(2), "permute")
     assert not [t for t in threading.enumerate() if t.name.startswith("walk-leaf")]
+
+
+def test_stage_functions_name_bad_arguments_with_fusion_errors(tiny):
+    """Guards: the stages called one by one raise FusionErrors naming the argument: collect's
+    precision, positions_per_image and points, plan_maps' weight count and negative plans, a method
+    run without statistics (CalibrationError), and a budget without calibration data (before:
+    ValueErrors, and a budget blamed on the method after matching)."""
+    from alignment.maps import plan_maps
+    from alignment.statistics import collect
+
+    model, x = tiny("mlp")
+    g = discover(model, x)
+    for kw in ({"precision": "float16"}, {"positions_per_image": 0}, {"points": "nope"}):
+        with pytest.raises(InvalidOptionError, match=next(iter(kw))):
+            collect([model], [g], x, **kw)
+    eye = torch.eye(3, dtype=torch.float64)
+    with pytest.raises(InvalidOptionError, match="1 interpolation weights for 2 plans"):
+        plan_maps([eye, eye], [1.0])
+    with pytest.raises(FusionError, match="negative"):
+        plan_maps([eye, -eye], [0.5, 0.5])
+    with pytest.raises(CalibrationError, match="budget"):
+        fusion.fuse([model, model], None, method="weight_matching", budget=1.2, example_input=x)
+    with pytest.raises(CalibrationError, match="activation statistics"):
+        fusion.fuse([model, model], None, method="permute", example_input=x, repair="none")
+    # data-free weight matching with the default repair: nothing to reset in an MLP, so no data needed;
+    # a BatchNorm network's reset needs data
+    assert fusion.fuse([model, model], None, method="weight_matching", example_input=x).fusion_report.repaired == "none"
+    cnn, xc = tiny("timm_resnet18")
+    with pytest.raises(CalibrationError, match="repair='auto'"):
+        fusion.fuse([cnn, cnn], None, method="weight_matching", example_input=xc)
