@@ -305,6 +305,18 @@ def _run_alone(tmp_path: Path, imports: str, load: str, x: torch.Tensor) -> torc
     return torch.load(tmp_path / "y.pt")
 
 
+def _hf_form_loads_alone(model: nn.Module, arch: dict, x: torch.Tensor, tmp_path: Path) -> list[Path]:
+    """Writes the model's transformers form (<tmp>/m.hf) and checks that transformers alone, in a fresh
+    process, loads it and gives the model's logits; returns the paths written."""
+    written = fio.save_library_forms(model, tmp_path / "m", arch, 10)
+    assert written == [tmp_path / "m.hf"]
+    got = _run_alone(tmp_path, "import transformers",
+                     f"model = transformers.AutoModelForImageClassification.from_pretrained({str(written[0])!r})", x)
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(x).logits)
+    return written
+
+
 def test_fused_hf_vit_loads_with_transformers_alone(tmp_path: Path) -> None:
     """A fused (and narrowed) HF ViT is a save_pretrained folder whose config has the fused sizes:
     transformers alone loads it in a fresh process and gives the same logits; fusion eval reads it."""
@@ -314,12 +326,7 @@ def test_fused_hf_vit_loads_with_transformers_alone(tmp_path: Path) -> None:
     a, x = build("hf_vit", 0)
     b, _ = build("hf_vit", 1)
     fused = fusion.fuse([a, b], torch.randn(32, 1, 28, 28), repair="none", width=0.5)
-    written = fio.save_library_forms(fused, tmp_path / "m", HF_VIT, 10)
-    assert written == [tmp_path / "m.hf"]
-    got = _run_alone(tmp_path, "import transformers",
-                     f"model = transformers.AutoModelForImageClassification.from_pretrained({str(written[0])!r})", x)
-    with torch.no_grad():
-        torch.testing.assert_close(got, fused(x).logits)
+    written = _hf_form_loads_alone(fused, HF_VIT, x, tmp_path)
     from fusion.cli import resolve_model
 
     assert isinstance(resolve_model(str(written[0]))[0], type(fused))
@@ -346,12 +353,7 @@ def test_a_resized_hf_model_with_no_config_handler_loads_with_transformers_alone
     arch = {"library": "transformers", "name": "ConvNextForImageClassification",
             "kwargs": {"num_channels": 1, "image_size": 32, "hidden_sizes": [16, 32], "depths": [1, 1],
                        "num_stages": 2}}
-    written = fio.save_library_forms(half, tmp_path / "m", arch, 10)
-    assert written == [tmp_path / "m.hf"]
-    got = _run_alone(tmp_path, "import transformers",
-                     f"model = transformers.AutoModelForImageClassification.from_pretrained({str(written[0])!r})", x)
-    with torch.no_grad():
-        torch.testing.assert_close(got, half(x).logits)
+    _hf_form_loads_alone(half, arch, x, tmp_path)
     half.config.hidden_sizes = [8, 8]  # a config that describes other shapes: no folder
     assert fio.save_library_forms(half, tmp_path / "bad", arch, 10) == []
     assert not (tmp_path / "bad.hf").exists()
