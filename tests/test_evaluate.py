@@ -213,3 +213,21 @@ def test_heads_accuracy_scores_heads_that_share_labels() -> None:
     assert r["per_task"] == [1.0, 0.5] and r["joint"] == 0.5
     with pytest.raises(EvaluationError, match="names a label twice"):
         heads_accuracy(TableModel(table), [[0, 0], [0, 1]], _data([0, 0, 1, 1]))
+
+
+def test_a_list_of_labelled_batches_evaluates_like_the_dataset():
+    """Guards: evaluation data given as a list of (inputs, labels) batches, the form calibration takes,
+    scores like the same examples as a dataset (before: the batches were collated again into a 5-D
+    input and the model failed)."""
+    from torch.utils.data import TensorDataset
+
+    from fusion.experiments.evaluate import evaluate_loss_and_accuracy
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3)).eval()
+    x, y = torch.randn(10, 1, 4, 4), torch.arange(10) % 3
+    batches = [(x[:4], y[:4]), (x[4:], y[4:])]
+    want = evaluate_loss_and_accuracy(model, TensorDataset(x, y))
+    got = evaluate_loss_and_accuracy(model, batches)
+    assert got["n"] == want["n"] == 10 and got["accuracy"] == want["accuracy"]
+    assert abs(got["loss"] - want["loss"]) < 1e-6

@@ -98,6 +98,9 @@ def _as_loader(data: Data, batch_size: int) -> DataLoader | Sequence[Any]:
         and all(isinstance(t, torch.Tensor) for t in data)
     ):
         data = TensorDataset(data[0], data[1])
+    elif (isinstance(data, (tuple, list)) and data and isinstance(data[0], (tuple, list)) and len(data[0]) == 2
+          and all(isinstance(t, torch.Tensor) for t in data[0]) and data[0][1].dim() == 1):
+        return data  # a list of (inputs, labels) batches (labels a vector: batches, not samples), as calibration takes
     if isinstance(data, Dataset) or hasattr(data, "__getitem__"):
         if int(batch_size) <= 0:
             raise EvaluationError(f"batch_size must be positive, got {batch_size}.")
