@@ -108,10 +108,11 @@ def transport_plan(cost: torch.Tensor, solver: str = "emd", reg: float = 0.01,
         T, log = ot.sinkhorn(a.numpy(), b.numpy(), Cn, reg, method="sinkhorn_log", numItermax=num_iter,
                              stopThr=1e-9, log=True, warn=False)
         err = log.get("err", [0.0])
-        # marginals off by more than 1e-6 (relative to unit total mass) change the maps visibly
+        # marginals off by more than 1e-6 (relative to unit total mass) change the maps visibly; one
+        # note per space (not per head or re-solve: the error value would make each one new)
         if note is not None and err and float(err[-1]) > 1e-6:
-            note(f"{where or 'a plan'}: Sinkhorn did not converge in {num_iter} iterations (marginal error "
-                 f"{float(err[-1]):.2e} at reg={reg}); the plan is approximate: raise reg or use solver='emd'")
+            note(f"{where or 'a plan'}: Sinkhorn did not converge in {num_iter} iterations (marginal error above "
+                 f"1e-6 at reg={reg}); the plan is approximate: raise reg or use solver='emd'")
     else:
         raise InvalidOptionError(f"unknown OT solver {solver!r}; use one of {', '.join(PLAN_SOLVERS)}")
     return torch.as_tensor(np.asarray(T), dtype=torch.float64)

@@ -716,3 +716,20 @@ def test_sparse_maps_give_the_weights_of_the_dense_products(name, monkeypatch):
         for k, v in sparse.items():
             if v.is_floating_point():
                 torch.testing.assert_close(v, dense[k], rtol=1e-6, atol=1e-7, msg=f"{method} {k}")
+
+
+def test_an_unconverged_sinkhorn_plan_is_reported_once_per_space():
+    """Guards: Sinkhorn plans that miss their marginals give a note that names the space and is the
+    same for every head and re-solve of that space, so the fusion report lists it once (before: one
+    note per head and per re-solve, each with its own error value)."""
+    from alignment.errors import FallbackWarning
+    from alignment.leaves import transport_plan
+    from alignment.methods import MatchContext
+
+    ctx = MatchContext(models=[], graphs=[], alpha=[])
+    g = torch.Generator().manual_seed(0)
+    with pytest.warns(FallbackWarning, match="space 'x': Sinkhorn did not converge"):
+        for _ in range(3):  # e.g. three heads of one space
+            transport_plan(torch.rand(12, 12, generator=g), "sinkhorn", reg=1e-3, num_iter=5, note=ctx.note,
+                           where="space 'x'")
+    assert len(ctx.notes) == 1
