@@ -21,7 +21,7 @@ from ._axes import AxisAlgebra, Dim
 from ._rules import IGNORED, RULES
 from .errors import DiscoveryError, ExportError, UnfollowableOpError
 from .graph import FixedAxis, Graph, Member, Observation, Space, in_parametrization, module_of
-from .permute import copy_model, reset_caches
+from .permute import copy_model, model_tensors, reset_caches
 from .runner import model_device, plain_precision
 
 __all__ = ["discover", "discover_all", "same_structure"]
@@ -489,12 +489,10 @@ class _Tracer:
         names) is kept fixed without a note."""
         C = self.C
         live = {C.find(c) for c in self.activation_classes}
-        names: dict[int, list[str]] = defaultdict(list)
-        for n, t in [*self.model.named_parameters(remove_duplicate=False),
-                     *self.model.named_buffers(remove_duplicate=False)]:
+        state = model_tensors(self.model)
+        names: dict[int, list[str]] = defaultdict(list)  # every name of one tensor (shared modules)
+        for n, t in state.items():
             names[id(t)].append(n)
-        state = {n: t for n, t in [*self.model.named_parameters(remove_duplicate=False),
-                                   *self.model.named_buffers(remove_duplicate=False)]}
         placed, kept = [], []
         for t in self.unused:
             alias = t in state and any(n not in self.unused for n in names[id(state[t])] if n != t)

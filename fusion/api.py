@@ -40,7 +40,7 @@ from .checks import (ModelError, check_alpha, check_calibration, check_device, c
                      check_models, check_seed, model_list)
 from .engine import apply_maps, check_heads, head_tensors
 from .refine import REFINEMENTS, run_refinement
-from .repair import REPAIRS, RepairContext, run_repair
+from .repair import REPAIRS, RepairContext, has_batchnorm, run_repair
 from .resize import _template, check_width, resized_graph
 from .zipped import CutError, fit_cut, forward_flops, parameter_total, resolve_cut, zip_model
 
@@ -248,9 +248,8 @@ class Alignment:
 def _check_data_free(repair: str, refine: str, model: nn.Module | None) -> None:
     """Raise :class:`CalibrationError` when a repair or refinement needs calibration data that was
     not given (``"auto"`` needs it only for a model with BatchNorm layers to reset)."""
-    bn = model is not None and any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-                                   for m in model.modules())
-    if refine != "none" or repair not in ("none", "auto") or (repair == "auto" and bn):
+    if refine != "none" or repair not in ("none", "auto") or (repair == "auto" and model is not None
+                                                              and has_batchnorm(model)):
         raise CalibrationError(f"repair={repair!r} and refine={refine!r} need calibration data (or use 'none')")
 
 

@@ -651,14 +651,15 @@ def _run_fusion(models, method, alphas, out, repair, target_spec, width, calibra
         path = save_model(fused, out, arch=arch, num_classes=n_classes, classes=classes,
                           widths=resized_widths(fused, arch, n_classes), extra=extra, overwrite=overwrite)
     forms = []
-    if zip_until is None and heads == "merged":
+    library_form = zip_until is None and heads == "merged"  # (a library rebuilds one model, one classifier)
+    if library_form:
         from .io import save_library_forms
 
         forms = save_library_forms(fused, out, arch, n_classes, overwrite=overwrite)
     remove_stale_forms(out, forms)  # (an earlier model's forms at this path, replaced with --overwrite)
     click.echo(report.summary())
     click.echo(f"wrote {path} (+ {path.with_suffix('.json').name}" + "".join(f", {p.name}" for p in forms) + ")")
-    if zip_until is None and heads == "merged" and not forms and arch.get("library") in ("timm", "transformers"):
+    if library_form and not forms and arch.get("library") in ("timm", "transformers"):
         click.echo(f"no {arch['library']} form: its {'config' if arch['library'] == 'transformers' else 'constructor'} "
                    f"cannot express the fused widths; load it with `fusion.io.load_model_file` (the sidecar)")
     if do_eval:

@@ -41,7 +41,7 @@ from alignment.runner import batches, first_batch, model_device, modes, plain_pr
 
 from .replay import Replay, ReplayError, Tape, record
 
-__all__ = ["REPAIRS", "RepairContext", "UnknownRepairError", "register_repair", "run_repair", "reset_bn",
+__all__ = ["REPAIRS", "RepairContext", "UnknownRepairError", "has_batchnorm", "register_repair", "run_repair", "reset_bn",
            "repair"]
 
 _BN = (nn.modules.batchnorm._BatchNorm,)
@@ -114,16 +114,17 @@ def _none(ctx: RepairContext) -> None:
     """No repair."""
 
 
-def _resettable(ctx: RepairContext) -> bool:
-    # BatchNorm layers with running statistics that the reset may change
-    kept = {id(m) for m in ctx.frozen}
-    return any(isinstance(m, _BN) and m.track_running_stats and id(m) not in kept for m in ctx.fused.modules())
+def has_batchnorm(model: nn.Module, keep: Sequence[nn.Module] = ()) -> bool:
+    """Whether ``model`` has a BatchNorm layer with running statistics that a reset would recompute
+    (those in ``keep`` left out): what ``repair="auto"`` resets, and why it needs calibration data."""
+    kept = {id(m) for m in keep}
+    return any(isinstance(m, _BN) and m.track_running_stats and id(m) not in kept for m in model.modules())
 
 
 @register_repair("auto")
 def _auto(ctx: RepairContext) -> None:
     """BatchNorm reset when the fused model has BatchNorm layers, else none (no fallback)."""
-    ran = "reset_bn" if _resettable(ctx) else "none"
+    ran = "reset_bn" if has_batchnorm(ctx.fused, ctx.frozen) else "none"
     ctx.details["repaired"] = ran
     if ran == "reset_bn":
         reset_bn(ctx.fused, ctx.data, ctx.device, progress=ctx.progress, keep=ctx.frozen)
@@ -132,7 +133,7 @@ def _auto(ctx: RepairContext) -> None:
 @register_repair("reset_bn")
 def _reset(ctx: RepairContext) -> None:
     """Recompute BatchNorm running statistics on the calibration data."""
-    if not _resettable(ctx):
+    if not has_batchnorm(ctx.fused, ctx.frozen):
         ctx.notes.append("repair 'reset_bn': the fused model has no BatchNorm layer with running statistics to "
                          "reset, so nothing was repaired; repair='repair' rescales LayerNorm/GroupNorm outputs")
         return

@@ -496,3 +496,16 @@ def test_separate_heads_update_a_timm_models_class_count(tiny):
     fused = fusion.fuse([a, b], torch.randn(16, 1, 32, 32), heads="separate")
     assert fused.num_classes == 14 == fused(torch.randn(2, 1, 32, 32)).shape[1]
     assert (a.num_classes, b.num_classes) == (10, 4)
+
+
+def test_has_batchnorm_counts_the_layers_a_reset_would_recompute(tiny):
+    """Guards: what repair='auto' resets (and needs data for): BatchNorm layers with running
+    statistics, not those kept, not one that tracks no statistics, none in a ViT."""
+    from fusion.repair import has_batchnorm
+
+    cnn, _ = tiny("timm_resnet18")
+    vit, _ = tiny("timm_vit")
+    bns = [m for m in cnn.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert has_batchnorm(cnn) and not has_batchnorm(vit)
+    assert has_batchnorm(cnn, keep=bns[1:]) and not has_batchnorm(cnn, keep=bns)
+    assert not has_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm1d(4, track_running_stats=False)))
