@@ -489,6 +489,10 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str], what: str | Non
             f"Weights of {what} not found at {path}; check the zoo folder or re-create the checkpoint."
         )
     state = read_state(path)
+    # a tensor the model holds but does not save (a non-persistent buffer, e.g. a zipped branch's
+    # class token, which older versions saved as a parameter): its value is not the file's to set
+    transient = {f"{p}.{b}" if p else b for p, m in model.named_modules() for b in m._non_persistent_buffers_set}
+    state = {k: v for k, v in state.items() if k not in transient}
     problems = _mismatch_report(model, state)
     if problems:
         raise CheckpointMismatchError(

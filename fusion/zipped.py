@@ -148,9 +148,11 @@ class _Injected(_Skipped):
 
     def forward(self, *args, **kwargs):
         value = self.__dict__.pop("value", None)
+        out = self._like(args, kwargs)
+        if value is None and self.fill == "noise":  # (probing the branch on its own: any features will do)
+            value = _first(tree_map_only(torch.Tensor, torch.randn_like, out))
         if value is None:
             raise CutError("a branch of a ZippedModel ran without the trunk's features; call the ZippedModel itself")
-        out = self._like(args, kwargs)
         if isinstance(out, torch.Tensor):
             return value
         return type(out)([value, *out[1:]])
@@ -218,6 +220,56 @@ def _branch(model: nn.Module, tape: Tape, cut: Cut) -> nn.Module:
         raise CutError(f"cut {cut.module!r}: the module runs inside another module that ends at the same point; "
                        f"cut after the outer module")
     return _copy_replacing(model, paths, lambda path, m: _Injected(m) if path == cut.module else _Skipped(m))
+
+
+def _unused_as_buffers(module: nn.Module, run) -> list[str]:
+    """Turn the parameters of ``module`` that its output ``run(module)`` does not depend on into
+    non-persistent buffers (same values), and return their names.
+
+    A branch still holds the parameters that the code around its skipped modules reads but whose
+    result is thrown away (a ViT's class token and position embedding are added to the features
+    the cut replaces): as parameters they would get no gradient (``DistributedDataParallel``
+    needs ``find_unused_parameters`` for that), be saved, and be counted in the zipped model's
+    size. A parameter is unused when autograd finds no path from it to the output; the output is
+    checked to stay the same with those tensors replaced by noise (else they are kept).
+    """
+    named = dict(module.named_parameters(remove_duplicate=False))
+    if not named:
+        return []
+    flags = {id(p): p.requires_grad for p in named.values()}
+    try:
+        for p in named.values():
+            p.requires_grad_(True)
+        with modes([module]), torch.enable_grad():
+            out = run(module)
+            params = list({id(p): p for p in named.values()}.values())
+            grads = torch.autograd.grad(out.float().sum(), params, allow_unused=True)
+    except Exception:  # noqa: BLE001 - code that cannot run with gradients: keep every parameter
+        return []
+    finally:
+        for p in named.values():
+            p.requires_grad_(flags[id(p)])
+    unused = {id(p) for p, g in zip(params, grads) if g is None}
+    names = [n for n, p in named.items() if id(p) in unused]
+    if not names:
+        return []
+    with modes([module]), torch.no_grad():
+        want = run(module).clone()
+        saved = {n: named[n].detach().clone() for n in names}
+        for n in names:
+            named[n].data.normal_()
+        same = torch.equal(run(module), want)
+        for n in names:
+            named[n].data.copy_(saved[n])
+    if not same:
+        return []
+    for n in names:
+        owner, _, attr = n.rpartition(".")
+        m = module.get_submodule(owner)
+        value = getattr(m, attr).detach()
+        delattr(m, attr)
+        m.register_buffer(attr, value, persistent=False)
+    return names
 
 
 def _trunk(fused: nn.Module, tape: Tape, cut: Cut) -> nn.Module:
@@ -457,8 +509,25 @@ def zip_model(models: Sequence[nn.Module], fused: nn.Module, unmerge: Sequence[t
     if cut.at_input:
         return ZippedModel(None, [copy.deepcopy(m) for m in models], None, cut, heads, alpha)
     trunk = _trunk(fused, record(fused, example), cut)
+    _unused_as_buffers(trunk, lambda t: _output_at(t, cut.module, example))
     branches = [_branch(m, record(m, example), cut) for m in models]
+    for br in branches:
+        _unused_as_buffers(br, lambda b: _branch_logits(b, cut, example))
     return ZippedModel(trunk, branches, unmerge, cut, heads, alpha)
+
+
+def _branch_logits(branch: nn.Module, cut: Cut, example: torch.Tensor) -> torch.Tensor:
+    """A branch's logits on ``example`` with noise in place of the trunk's features."""
+    skipped = [m for m in branch.modules() if isinstance(m, _Skipped)]
+    for m in skipped:
+        m.__dict__["fill"] = "noise"
+    try:
+        with torch.random.fork_rng(devices=[]):  # the same noise on every call; the caller's generator untouched
+            torch.manual_seed(0)
+            return _logits(branch(example))
+    finally:
+        for m in skipped:
+            m.__dict__["fill"] = "zeros"
 
 
 def zipped_from_parts(trunk: nn.Module | None, branches: Sequence[nn.Module], widths: Sequence[int], cut: Cut,

@@ -154,3 +154,34 @@ def test_a_zipped_model_changes_dtype_and_takes_the_sources_keyword_input():
     hz = fusion.fuse([ha, hb], hcal, method="zip", zip_until=MIDDLE["hf_vit"], repair="none")
     with torch.no_grad():
         assert torch.equal(hz(pixel_values=hx), hz(hx))
+
+
+@pytest.mark.parametrize("name", ["timm_vit", "hf_vit", "timm_resnet18"])
+def test_every_parameter_of_a_zipped_model_gets_a_gradient(name, tmp_path):
+    """Guards: fine-tuning a partially zipped model trains every parameter it holds (before: a timm
+    ViT's branches kept the class token and position embedding, added to the features the cut
+    replaces, as parameters with no gradient, which DistributedDataParallel refuses without
+    find_unused_parameters; they were saved and counted in the report's size); those tensors
+    stay in the module as unsaved buffers, and a file saved with them (older versions) still loads."""
+    a, b, x, cal = _pair(name)
+    z = fusion.fuse([a, b], cal, method="zip", zip_until=MIDDLE[name], heads="separate", repair="none")
+    z(x).square().sum().backward()
+    assert [n for n, p in z.named_parameters() if p.grad is None] == []
+    assert z.fusion_report.zip["params"] == sum(p.numel() for p in z.parameters())
+    if name == "timm_vit":
+        assert not any(k.startswith("branches.") and k.endswith(("cls_token", "pos_embed")) for k in z.state_dict())
+        assert {"branches.0.cls_token", "branches.1.pos_embed"} <= {n for n, _ in z.named_buffers()}
+        assert sum(p.numel() for p in z.parameters()) < sum(p.numel() for p in a.parameters()) * 2
+        branches = [{"arch": ARCHS[name], "num_classes": 10}] * 2
+        path = save_zipped(z, tmp_path / "zipped", ARCHS[name], branches, list(range(20)), extra={"method": "zip"})
+        import safetensors.torch
+        state = safetensors.torch.load_file(str(path.with_suffix(".safetensors")))
+        state["branches.0.cls_token"] = torch.randn_like(z.branches[0].cls_token)
+        safetensors.torch.save_file(state, str(path.with_suffix(".safetensors")))
+        import hashlib, json
+        side = json.loads(path.with_suffix(".json").read_text())
+        side["weights_sha256"] = hashlib.sha256(path.with_suffix(".safetensors").read_bytes()).hexdigest()
+        path.with_suffix(".json").write_text(json.dumps(side))
+        loaded, _ = load_model_file(path)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), z(x))
