@@ -550,7 +550,13 @@ class _Tracer:
                     changed = True
                 else:
                     seen[key] = r
-        # fixed flat classes fix their parts; structures of only fixed parts are fixed
+        self._propagate_fixed()
+        # classes that never appear in an activation were not related by any rule: keep fixed
+        self.live = self._live_classes()
+
+    def _propagate_fixed(self) -> None:
+        """Fixed flat classes fix their parts; structures of only fixed parts are fixed."""
+        C = self.C
         changed = True
         while changed:
             changed = False
@@ -565,18 +571,47 @@ class _Tracer:
                 elif all(C.is_fixed(p) for p in st.parts) and (st.outer is None or C.is_fixed(st.outer)):
                     C.fix(r, "all parts fixed")
                     changed = True
-        # classes that never appear in an activation were not related by any rule: keep fixed
+
+    def _live_classes(self) -> set[int]:
+        """Roots of the classes related to an activation by some rule: those of the activations,
+        what they are made of, and what is made of them; :meth:`_pieces` keeps the others fixed.
+
+        Liveness goes down a structure (the parts of a live axis are live) and up it: a parameter
+        axis cut into pieces that each feed a different activation (``nn.MultiheadAttention``'s
+        ``in_proj_weight`` as cross-attention: its query rows feed one linear, its key and value
+        rows another) never appears whole in an activation, yet its pieces are aligned wherever
+        they are read, so the parameter must follow them (kept fixed, it would keep rows that the
+        consumers of the pieces permute). A concatenation, or blocks at fixed positions, is live
+        when a part is, and :meth:`_pieces` then judges each part on its own; a factorisation into
+        heads moves as one class, so it is live when all its components are, and one that is only
+        partly live is fixed whole (sound: its live parts are then fixed wherever they appear)."""
+        C = self.C
         live: set[int] = set()
         stack = [C.find(c) for c in self.activation_classes]
         while stack:
-            r = C.find(stack.pop())
-            if r in live:
-                continue
-            live.add(r)
-            st = C.struct.get(r)
-            if st is not None:
-                stack.extend(([st.outer] if st.outer is not None else []) + st.parts)
-        self.live = live
+            while stack:
+                r = C.find(stack.pop())
+                if r in live:
+                    continue
+                live.add(r)
+                st = C.struct.get(r)
+                if st is not None:
+                    stack.extend(([st.outer] if st.outer is not None else []) + st.parts)
+            for r, st in list(C.struct.items()):
+                if C.find(r) != r or r in live:
+                    continue
+                heads = st.outer is not None and not C.is_fixed(st.outer)
+                comps = ([st.outer] if heads else []) + st.parts
+                if (all if heads else any)(C.find(p) in live for p in comps):
+                    stack.append(r)
+        partly = [r for r, st in C.struct.items() if C.find(r) == r and r not in live
+                  and st.outer is not None and not C.is_fixed(st.outer)
+                  and any(C.find(p) in live for p in [st.outer, *st.parts])]
+        for r in partly:
+            C.fix(r, "partly related to activations")
+        if partly:
+            self._propagate_fixed()
+        return live
 
     def _checks(self) -> None:
         C = self.C

@@ -36,7 +36,7 @@ from .graph import Graph
 from .leaves import magnitude_leaf, merge_leaf, ot_leaf, zip_labels, zip_leaf
 from .permute import effective_weights, model_tensors, weight_norms
 from .registry import Registry
-from .structure import GramView, Heads, Walk, plan_argmax, plans_equal
+from .structure import GramView, Heads, Walk, check_structures, plan_argmax, plans_equal
 
 __all__ = [
     "METHODS", "MatchContext", "MatchResult", "UnknownMethodError", "register_method", "list_methods",
@@ -247,6 +247,7 @@ def _require_family(ctx: MatchContext) -> None:
                                          f"target has {sp.tree.count}; heads are kept when widths change, so head "
                                          f"counts must agree")
         _require_fixed_sizes(target, g, i)
+    check_structures(ctx.graphs, target)  # (every structure tree fits, before any statistics are collected)
 
 
 def _require_fixed_sizes(target: Graph, g: Graph, i: int) -> None:
@@ -485,6 +486,22 @@ def _check_zip(options: dict[str, Any]) -> None:
             raise InvalidOptionError(f"method 'zip': {name} must be in [0, 1], got {options[name]}")
 
 
+def _check_zip_widths(ctx: MatchContext, within: float) -> None:
+    """Fused widths zipping cannot reach, refused before the statistics pass (the leaves check again
+    per head and segment)."""
+    for s in ctx.target.spaces:
+        if not s.members:
+            continue
+        widths = [g[s.name].width for g in ctx.graphs if s.name in g]
+        if s.width > sum(widths):
+            raise SpaceMismatchError(f"space {s.name!r}: zipping cannot widen the {sum(widths)} pooled units into "
+                                     f"{s.width}; use method='ot' to widen")
+        if within == 0 and len(widths) > 1 and s.width < max(widths):
+            raise SpaceMismatchError(f"space {s.name!r}: within=0 keeps every fused unit to one unit per model, so the "
+                                     f"fused width {s.width} cannot be below the widest model's {max(widths)}; use "
+                                     f"within > 0")
+
+
 @register_method("zip", check=_check_zip)
 def zipit(ctx: MatchContext, *, within: float = 1.0, remerge: float = 0.3) -> MatchResult:
     """ZipIt zipping: greedily merge the most correlated pair of features, within or across models.
@@ -505,6 +522,8 @@ def zipit(ctx: MatchContext, *, within: float = 1.0, remerge: float = 0.3) -> Ma
             alpha): a merged group's correlation with any other is the smaller of its parts', times
             ``remerge``; 1 is plain complete linkage, 0 lets features merge in pairs first.
     """
+    _check_zip_widths(ctx, within)
+
     def merge_heads(S, sizes, n, where):
         return zip_labels(S, sizes, n, within, remerge, where)
     leaf = partial(zip_leaf, within=within, remerge=remerge)

@@ -10,7 +10,8 @@ matched:
 * :class:`Heads`: attention heads: whole heads correspond (one head assignment per ``key``, shared
   by the query-key and value-output spaces of one attention block), then dims within heads;
 * :class:`Blocks`: blocks indexed by another feature space (a depthwise conv's channels follow its
-  input space).
+  input space; a flatten's channels x positions follow the channels): one block per feature of that
+  space, so the block count follows its width, while the features within a block keep their place.
 
 :class:`Walk` is the only code that walks these trees. Given the graphs of N models, a target graph
 (the fused widths) and a leaf solver, it returns per space and model a non-negative *plan*
@@ -42,7 +43,7 @@ from .errors import SpaceMismatchError
 __all__ = [
     "Leaf", "Fixed", "Cat", "Heads", "Blocks", "Node", "tree_size", "tree_keys", "from_tuple",
     "LeafProblem", "GramView", "BlockGram", "Walk", "submatrix", "gram_diagonal", "RowPlan", "dense_plan",
-    "plan_argmax", "plans_equal",
+    "plan_argmax", "plans_equal", "check_structures",
 ]
 
 
@@ -79,7 +80,8 @@ class Heads:
 
 @dataclass(frozen=True)
 class Blocks:
-    """``count`` blocks indexed by the feature space ``key`` (depthwise convs), one subtree per block."""
+    """``count`` blocks indexed by the feature space ``key`` (depthwise convs, flattened channels x
+    positions), one subtree per block; ``count`` is that space's width."""
 
     key: str
     count: int
@@ -411,8 +413,78 @@ def _head_costs(gv: GramView, rows: list[torch.Tensor], cols: list[torch.Tensor]
     return {(p, q): _transport_cost(C[rs[p]:rs[p + 1], cs[q]:cs[q + 1]]) for p, q in pairs}
 
 
+def _check_blocks(space: str, ttree: Blocks, st: Blocks, i: int) -> None:
+    """Model ``i``'s blocks fit the target's: the block counts may differ (they follow the width of
+    the space indexing them), the features within a block (a grouped conv's group width, a flatten's
+    positions) may not."""
+    d, di = tree_size(ttree.parts[0]), tree_size(st.parts[0])
+    if di != d:
+        raise SpaceMismatchError(f"space {space!r}: blocks of {di} features in model {i} but {d} in the target "
+                                 f"(per-block widths of grouped convs, and the positions a flatten lays out per "
+                                 f"channel, must not change)")
+
+
+def _check_tree(space: str, ttree: Node, st: Node, i: int, target, graph) -> None:
+    """Model ``i``'s structure tree of ``space`` fits the target's wherever the walk reads it without a
+    plan (see :func:`check_structures`)."""
+    plain = (Leaf, Fixed)
+    if type(st) is not type(ttree) and not (isinstance(st, plain) and isinstance(ttree, plain)):
+        raise SpaceMismatchError(f"space {space!r}: model {i} has structure {type(st).__name__} where the target has "
+                                 f"{type(ttree).__name__}; models and target must be of one family")
+    if isinstance(ttree, Fixed) or isinstance(st, Fixed):
+        if tree_size(st) != tree_size(ttree):
+            raise SpaceMismatchError(f"space {space!r}: a fixed range has {tree_size(st)} features in model {i} but "
+                                     f"{tree_size(ttree)} in the target")
+    elif isinstance(ttree, Cat):
+        if len(st.parts) != len(ttree.parts):
+            raise SpaceMismatchError(f"space {space!r}: model {i} concatenates {len(st.parts)} segments, the target "
+                                     f"{len(ttree.parts)}")
+        for a, b in zip(ttree.parts, st.parts):
+            _check_tree(space, a, b, i, target, graph)
+    elif isinstance(ttree, Heads):
+        # the subtrees of heads are paired by the head assignment, known only when solved
+        if st.count != ttree.count:
+            raise SpaceMismatchError(f"space {space!r}: model {i} has {st.count} heads where the target has "
+                                     f"{ttree.count}; heads are kept when widths change (head_dim changes), so "
+                                     f"head counts must agree")
+    elif isinstance(ttree, Blocks):
+        _check_blocks(space, ttree, st, i)
+        for who, tree, g in (("the target", ttree, target), (f"model {i}", st, graph)):
+            if tree.key in g and tree.count != g[tree.key].width:
+                raise SpaceMismatchError(f"space {space!r}: {who} has {tree.count} blocks indexed by space "
+                                         f"{tree.key!r} of width {g[tree.key].width}; a block count must equal the "
+                                         f"width of the space indexing the blocks")
+
+
+def check_structures(graphs: Sequence, target) -> None:
+    """Check that every model's structure trees fit the target's, before any statistics or solve.
+
+    The walk pairs the models' trees with the target's: types, fixed ranges, concatenation segments
+    and head counts must agree, and blocks (a depthwise conv's channels, a flatten's channels x
+    positions) must have the per-block widths of the target's and one block per feature of the space
+    indexing them. Widths of leaves, head dims and block counts may differ (they follow plans).
+    Spaces the walk never solves (no members, or missing from a model: :meth:`Walk.solve` names
+    those) are not checked.
+
+    Args:
+        graphs: the models' graphs.
+        target: the graph of the fused model.
+
+    Raises:
+        SpaceMismatchError: naming the space, the model and what differs.
+    """
+    for s in target.spaces:
+        if not s.members or s.kind == "heads" or any(s.name not in g for g in graphs):
+            continue
+        for i, g in enumerate(graphs):
+            _check_tree(s.name, s.tree, g[s.name].tree, i, target, g)
+
+
 class Walk:
     """Per-space plans for N models onto a target graph, following each space's structure tree.
+
+    The models' trees are checked against the target's when the walk is made
+    (:func:`check_structures`), so a structure that cannot fit fails before any leaf is solved.
 
     Args:
         graphs: the models' graphs (spaces pair by name).
@@ -465,6 +537,7 @@ class Walk:
         for s in target.spaces:
             if isinstance(s.tree, Heads):
                 self.groups.setdefault(s.tree.key, []).append(s.name)
+        check_structures(self.graphs, target)
 
     # -- public ----------------------------------------------------------------------------------
     def order(self) -> list[str]:
@@ -607,19 +680,22 @@ class Walk:
         return [torch.block_diag(*[dense_plan(p[i]) for p in per_seg]) for i in range(len(strees))]
 
     def _blocks(self, space, ttree: Blocks, strees):
-        # blocks indexed by another feature space (depthwise conv): follow that space's plan
+        # blocks indexed by another feature space (a depthwise conv's channels, a flatten's channels x
+        # positions): fused block c takes model block c' as that space's plan takes feature c', at any
+        # widths (the outer plan is n x n_i), and the features within a block keep their place
+        for i, st in enumerate(strees):
+            _check_blocks(space, ttree, st, i)
         d = tree_size(ttree.parts[0])
         outer = self.solve(ttree.key)
         out = []
         for i, st in enumerate(strees):
-            if st.count != ttree.count:
-                raise SpaceMismatchError(f"space {space!r}: model {i} has {st.count} blocks where the target "
-                                         f"has {ttree.count}")
-            di = tree_size(st.parts[0])
-            if di != d:
-                raise SpaceMismatchError(f"space {space!r}: blocks of {di} features in model {i} but {d} in "
-                                         f"the target (per-block widths of grouped convs must not change)")
-            out.append(torch.kron(dense_plan(outer[i]), torch.eye(d, dtype=torch.float64)))
+            T = dense_plan(outer[i])
+            if tuple(T.shape) != (ttree.count, st.count):
+                raise SpaceMismatchError(f"space {space!r}: its {ttree.count} blocks in the target and {st.count} in "
+                                         f"model {i} are indexed by space {ttree.key!r}, whose plan is "
+                                         f"{tuple(T.shape)[0]} x {tuple(T.shape)[1]}; a block count must equal the "
+                                         f"width of the space indexing the blocks")
+            out.append(torch.kron(T, torch.eye(d, dtype=torch.float64)))
         return out
 
     def _heads_walk(self, space, ttree: Heads, strees, idx):

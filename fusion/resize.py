@@ -4,8 +4,8 @@ Widths are chosen per space (a factor, or an absolute width); features are kept 
 (the first ones, or the highest-scoring ones when scores are given), through the same structure walk
 as every fusion method (:class:`alignment.structure.Walk` with :func:`alignment.leaves.select_leaf`):
 heads are kept and dims within each head are reduced (attention), per-block widths of depthwise
-convs are kept while their block count follows the input space, and concatenation segments resize
-separately. Widening repeats features and splits their consumers' weights (Net2Net).
+convs (and the positions of each channel a flatten lays out) are kept while their block count follows
+the space indexing them, and concatenation segments resize separately. Widening repeats features and splits their consumers' weights (Net2Net).
 """
 
 from __future__ import annotations
@@ -75,8 +75,9 @@ def _leaf_width(key: str, n: int, width: WidthSpec) -> int:
 def resized_graph(graph: Graph, width: WidthSpec) -> Graph:
     """The graph of ``graph``'s model at new widths (structure kept; members as in ``graph``).
 
-    Heads keep their count and change head_dim; blocks indexed by a resized space (depthwise convs)
-    follow its width; concatenation segments and leaves resize by the same rule.
+    Heads keep their count and change head_dim; blocks indexed by a resized space (depthwise convs,
+    a flatten's channels x positions) follow its width, one block per feature, and keep their
+    per-block width; concatenation segments and leaves resize by the same rule.
     """
     check_width(width, graph)
     sizes: dict[str, int] = {}
@@ -130,7 +131,10 @@ def resized_graph(graph: Graph, width: WidthSpec) -> Graph:
         new_trees[s.name] = t
     for s in graph.spaces:
         t = new_trees[s.name]
-        spaces.append(dataclasses.replace(s, width=tree_size(t), tree=t))
+        # a space in heads or blocks records their count and per-head (per-block) width: the new tree's
+        blocks = {"num_heads": t.count, "head_dim": tree_size(t.parts[0])} \
+            if s.num_heads is not None and isinstance(t, (Heads, Blocks)) else {}
+        spaces.append(dataclasses.replace(s, width=tree_size(t), tree=t, **blocks))
     return Graph(spaces=spaces, fixed=list(graph.fixed), shapes=dict(graph.shapes), notes=list(graph.notes),
                  model_class=graph.model_class, modules=list(graph.modules))
 

@@ -330,3 +330,55 @@ def test_a_tensor_the_forward_never_reads_follows_its_modules_features():
     assert half.mask_token.shape == (1, 4) and half.aux.weight.shape == (3, 8)
     with torch.no_grad():
         assert half(x, mask).shape == (64, 3)
+
+
+class _CrossAttention(nn.Module):
+    """Attention pooling as SigLIP's head does it: a learned probe queries the tokens through
+    ``nn.MultiheadAttention(probe, h, h)``, so the query rows of ``in_proj_weight`` feed one linear
+    and its key and value rows another (split, then unflatten/unsqueeze/transpose/squeeze/select)."""
+
+    def __init__(self, batch_first: bool, need_weights: bool):
+        super().__init__()
+        self.need_weights = need_weights
+        self.embed = nn.Linear(6, 16)
+        self.probe = nn.Parameter(torch.randn(1, 1, 16))
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=batch_first)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        q = self.probe.expand(x.shape[0], -1, -1)
+        if not self.attn.batch_first:
+            q, h = q.transpose(0, 1), h.transpose(0, 1)
+        y = self.attn(q, h, h, need_weights=self.need_weights)[0]
+        return self.head(y[:, 0] if self.attn.batch_first else y[0])
+
+
+@pytest.mark.parametrize("batch_first,need_weights", [(True, True), (False, False)])
+def test_cross_attention_permuted_copy_keeps_function(batch_first, need_weights):
+    """Guards: a permuted copy of a model with ``nn.MultiheadAttention`` used as cross-attention
+    (query differs from key and value) computes the model's function, and so does the model fused
+    with it. ``in_proj_weight`` never appears whole in an activation (its query rows and its key
+    and value rows feed different linears): it used to be kept fixed while ``out_proj`` columns,
+    which read the value rows, were permuted. Its rows follow the query-key and value-output spaces
+    (in heads) as for self-attention."""
+    import fusion
+
+    torch.manual_seed(0)
+    model = _CrossAttention(batch_first, need_weights).eval()
+    x = torch.randn(32, 5, 6)
+    graph = discover(model, x[:2])
+    copy_ = permute(model, graph, graph.random_permutations(seed=1))
+    fused = fusion.fuse([model, copy_], x, method="permute", repair="none")
+    with torch.no_grad():
+        y = model(x)
+        assert rel_err(copy_(x), y) < 1e-5
+        assert rel_err(fused(x), y) < 1e-5
+    assert not torch.equal(copy_.attn.in_proj_weight, model.attn.in_proj_weight)
+    # query and key rows in one space, value rows with the out_proj columns in another, in 4 heads
+    members = {s.name: {(m.tensor, m.axis, m.start, m.stop) for m in s.members} for s in graph.spaces}
+    qk = next(n for n, ms in members.items() if ("attn.in_proj_weight", 0, 0, 16) in ms)
+    assert {("attn.in_proj_weight", 0, 16, 32), ("attn.in_proj_bias", 0, 0, 16)} <= members[qk]
+    vo = next(n for n, ms in members.items() if ("attn.in_proj_weight", 0, 32, 48) in ms)
+    assert {("attn.out_proj.weight", 1, 0, 16), ("attn.in_proj_bias", 0, 32, 48)} <= members[vo] and vo != qk
+    assert [s.width for s in graph.spaces if s.kind == "heads"] == [4]

@@ -139,3 +139,77 @@ def test_widening_with_scores_repeats_the_best_units():
     g = discover(tiny_models.TinyMLP(width=4).eval(), torch.randn(2, 1, 8, 8))
     idx = selection_indices(g, 6, scores={"fc1": torch.tensor([0.1, 0.9, 0.5, 0.2])})
     assert idx["fc1"].tolist() == [0, 1, 2, 3, 1, 2]
+
+
+def _conv_flatten(c: int, pool: bool, seed: int = 0, positions: int = 4) -> torch.nn.Sequential:
+    """Conv -> Flatten -> Linear (a LeNet/VGG-style classifier): the flattened space is the conv's
+    channels x ``positions**2`` positions (after an adaptive pool, else the 4 x 4 input's 16)."""
+    torch.manual_seed(seed)
+    nn = torch.nn
+    pool_layers = [nn.AdaptiveAvgPool2d(positions)] if pool else []
+    return nn.Sequential(nn.Conv2d(1, c, 3, padding=1), nn.ReLU(), *pool_layers, nn.Flatten(),
+                         nn.Linear(c * (positions ** 2 if pool else 16), 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+
+
+@pytest.mark.parametrize("pool", [True, False], ids=["avgpool_flatten", "flatten"])
+def test_a_flatten_after_a_conv_resizes_with_its_channels(pool):
+    """Guards: the flattened space (channels x positions, blocks indexed by the channel space)
+    follows its channels at any width: narrowing keeps exactly the selected channels' blocks of the
+    consumer's weights, and widening by 2 or 1.5 keeps the function (Net2Net), as for other layers."""
+    model = _conv_flatten(8, pool)
+    x = torch.randn(6, 1, 4, 4)
+    idx = torch.tensor([1, 3, 4, 6])
+    small = resize(model, {"0": 4, "*": 1.0}, x, scores={"0": torch.tensor([0, 5, 0, 4, 3, 0, 2, 0.0])})
+    fc = len(model) - 3
+    assert torch.equal(small[0].weight, model[0].weight[idx])
+    assert torch.equal(small[fc].weight, model[fc].weight.view(6, 8, 16)[:, idx].reshape(6, 64))
+    for factor in (2.0, 1.5):
+        wide = resize(model, factor, x)
+        assert wide[fc].in_features == int(round(8 * factor)) * 16
+        with torch.no_grad():
+            assert rel_err(model(x), wide(x)) < 1e-5
+
+
+@pytest.mark.parametrize("pool", [True, False], ids=["avgpool_flatten", "flatten"])
+def test_a_flatten_after_a_conv_fuses_across_widths(pool):
+    """Guards: models whose flattened space differs in channel count fuse with ot, permute and merge
+    (the flattened blocks follow the rectangular channel plan), a model fuses with a permuted copy
+    of itself exactly, and fusing one model into a wider target keeps its function."""
+    import fusion
+    from alignment.permute import permute
+
+    x = torch.randn(12, 1, 4, 4)
+    wide, narrow = _conv_flatten(8, pool, seed=0), _conv_flatten(4, pool, seed=1)
+    fc = len(wide) - 3
+    for method in ("ot", "permute", "merge"):
+        fused = fusion.fuse([wide, narrow], x, method=method, repair="none")
+        assert fused[fc].in_features == 8 * 16 and fused[0].out_channels == 8
+        with torch.no_grad():
+            assert fused(x).shape == (12, 3)
+    graph = discover(wide, x)
+    copy = permute(wide, graph, graph.random_permutations(seed=2))
+    with torch.no_grad():
+        y = wide(x)
+        assert rel_err(y, fusion.fuse([wide, copy], x, method="permute", repair="none")(x)) < 1e-5
+        assert rel_err(y, fusion.fuse([wide], x, method="ot", width=2.0, repair="none")(x)) < 1e-5
+
+
+def test_a_flatten_of_other_positions_is_refused_before_any_leaf_is_solved():
+    """Guards: a genuine mismatch of a flattened space (the same channels laid out over 16 positions
+    in one model and 4 in the other) is a SpaceMismatchError naming the space from the structure
+    check on the graphs alone (no statistics needed; a walk runs it when made, before any leaf is
+    solved), while other channel counts pass it."""
+    from alignment.errors import SpaceMismatchError
+    from alignment.leaves import select_leaf
+    from alignment.structure import Walk, check_structures
+
+    x = torch.randn(2, 1, 4, 4)
+    g16, g4 = discover(_conv_flatten(8, True), x), discover(_conv_flatten(8, True, positions=2), x)
+    g_narrow = discover(_conv_flatten(4, True), x)
+    check_structures([g16, g_narrow], g16)
+    check_structures([g_narrow], g16)
+    flat = next(s.name for s in g16.spaces if s.width == 128)
+    with pytest.raises(SpaceMismatchError, match=rf"space '{flat}': blocks of 4 features in model 1 but 16"):
+        check_structures([g16, g4], g16)
+    with pytest.raises(SpaceMismatchError, match="blocks of 4 features in model 0 but 16"):
+        Walk([g4], g16, select_leaf)
