@@ -32,7 +32,7 @@ from alignment.graph import Graph
 from alignment.maps import SpaceMap, correct_query_key, plan_maps
 from alignment.methods import METHODS, MatchContext, MatchResult, match
 from alignment.partial import check_budget, partial_plans, tensor_uses
-from alignment.runner import model_device, plain_precision, runnable
+from alignment.runner import first_batch, model_device, plain_precision, runnable
 from alignment.statistics import POINT_POLICIES, Statistics, collect
 from alignment.structure import dense_plan
 
@@ -184,6 +184,8 @@ class Alignment:
         refine_options = REFINEMENTS.validate(refine, dict(refine_options or {}))
         if self.calibration is None:
             _check_data_free(repair, refine, self.models[0])
+        else:
+            _check_repair_batches(repair, self.calibration, self.models[0])
         _check_zip_until(zip_until, repair, heads, self.graphs)
         weights = check_alpha(alpha, len(self.models), normalize=False)
         report = _copy_report(self.report, weights, repair, refine)
@@ -208,6 +210,11 @@ class Alignment:
         ctx = RepairContext(fused=fused, sources=self.models, graphs=self.graphs, maps=maps, alpha=weights,
                             data=self.calibration, device=self.device, progress=progress, heads=heads,
                             until=cut.module if cut is not None else None, cache=self.stage_cache)
+        if refine != "none" and cut is not None and cut.at_input:
+            # the ensemble keeps every source model whole: a refined fused model would be thrown away
+            report.fallback(f"refine={refine!r} skipped: zip_until={zip_until!r} cuts at the input, so nothing is "
+                            f"fused (the models run whole)")
+            refine, refine_options = "none", {}
         t = time.perf_counter()
         run_refinement(refine, ctx, **refine_options)
         report.seconds["refine"] = time.perf_counter() - t
@@ -251,6 +258,20 @@ def _check_data_free(repair: str, refine: str, model: nn.Module | None) -> None:
     if refine != "none" or repair not in ("none", "auto") or (repair == "auto" and model is not None
                                                               and has_batchnorm(model)):
         raise CalibrationError(f"repair={repair!r} and refine={refine!r} need calibration data (or use 'none')")
+
+
+def _check_repair_batches(repair: str, data: Any, model: nn.Module | None) -> None:
+    """Raise :class:`CalibrationError` when a BatchNorm reset would run on batches of one sample
+    (a ``DataLoader`` with ``batch_size=1``): batch statistics of one sample are undefined after
+    global pooling, and the image's own statistics elsewhere (no spread between images)."""
+    if repair not in ("auto", "reset_bn", "repair") or model is None or not has_batchnorm(model):
+        return
+    if not isinstance(data, torch.utils.data.DataLoader):
+        return  # (the runner batches tensors and datasets itself; check_calibration refuses other data of 1-sample batches)
+    if len(first_batch(data)) < 2:
+        raise CalibrationError(f"repair={repair!r} resets BatchNorm statistics on the calibration batches, but the first "
+                               f"batch holds one sample; give batches of 2 or more (e.g. DataLoader(..., batch_size=64)), "
+                               f"or repair='none'")
 
 
 def _cut_key(zip_until: Any) -> tuple:
@@ -342,6 +363,12 @@ def align(
     if target is not None and not isinstance(target, nn.Module):
         raise ModelError(f"target must be a model (torch.nn.Module) of the fused widths, got {type(target).__name__}; "
                          f"for a width factor use width=")
+    if target is not None:
+        dtypes = [{t.dtype for t in m.parameters() if t.is_floating_point()} for m in (models[0], target)]
+        if dtypes[1] and dtypes[0] and dtypes[1] != dtypes[0]:
+            raise ModelError(f"target is {'/'.join(sorted(str(d) for d in dtypes[1]))} but the models are "
+                             f"{'/'.join(sorted(str(d) for d in dtypes[0]))}: the fused model is written into the "
+                             f"target's architecture; convert it (target.to(dtype))")
     if width is not None:
         if target is not None:
             raise InvalidOptionError("give either target (a model of the fused widths) or width (a factor), not both")
@@ -531,6 +558,8 @@ def fuse(
     REFINEMENTS.validate(refine, dict(refine_options or {}))
     if calibration is None:
         _check_data_free(repair, refine, models[0] if models else None)
+    else:
+        _check_repair_batches(repair, calibration, models[0] if models else None)
     if zip_until is not None:
         _check_zip_until(zip_until, repair, heads, [])
     t_all = time.perf_counter()

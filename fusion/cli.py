@@ -257,7 +257,18 @@ def _arch_of(model, entry) -> tuple[dict, int, list[int]]:
             "torch_dtype", "_name_or_path", "_attn_implementation_autoset"}
     kwargs = {k: v for k, v in config.to_diff_dict().items() if k not in drop}
     n = int(config.num_labels)
+    kwargs.update(_label_names(config, n))
     return {"library": "transformers", "name": type(model).__name__, "kwargs": kwargs}, n, list(range(n))
+
+
+def _label_names(config, n: int) -> dict:
+    """``id2label`` / ``label2id`` of a transformers config with ``n`` labels, as constructor kwargs
+    (nothing when it names other than ``n`` labels, or only the default ``LABEL_k``)."""
+    names = getattr(config, "id2label", None)
+    if not isinstance(names, dict) or len(names) != n or all(v == f"LABEL_{k}" for k, v in names.items()):
+        return {}
+    id2label = {str(k): str(v) for k, v in sorted(names.items())}
+    return {"id2label": id2label, "label2id": {v: int(k) for k, v in reversed(list(id2label.items()))}}
 
 
 def _classes_union(entries) -> list[int] | None:
@@ -399,14 +410,41 @@ class _DataOptions:
 
         train = self.load("train", model, _classes_union(entries), remap=False)
         if isinstance(train, DataLoader):  # a user's loader: its own order decides
-            return first_examples(train, size)
-        return calibration_subset(train, size, seed=seed)
+            return _InModelDtype.wrap(first_examples(train, size), model)
+        return _InModelDtype.wrap(calibration_subset(train, size, seed=seed), model)
 
     def test(self, model, classes: Sequence[int] | None, limit: int | None):
         from .experiments.data import first_examples
 
         data = self.load("test", model, list(classes) if classes else None, remap=True)
-        return first_examples(data, limit) if limit is not None else data
+        return _InModelDtype.wrap(first_examples(data, limit) if limit is not None else data, model)
+
+
+class _InModelDtype(torch.utils.data.Dataset):
+    """A dataset whose floating inputs are cast to the model's floating dtype (images are decoded to
+    float32; a bfloat16 or float16 model, as transformers loads a folder saved in it, takes its own)."""
+
+    def __init__(self, data, dtype: torch.dtype):
+        self.data, self.dtype = data, dtype
+
+    @classmethod
+    def wrap(cls, data, model):
+        """``data`` itself when the model is float32 (or has no floating parameters)."""
+        dtype = next((t.dtype for t in model.parameters() if t.is_floating_point()), torch.float32)
+        return data if dtype == torch.float32 else cls(data, dtype)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i):
+        def cast(v):
+            return v.to(self.dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+        item = self.data[i]
+        if isinstance(item, dict):
+            return {k: cast(v) for k, v in item.items()}
+        if isinstance(item, (tuple, list)):
+            return type(item)(cast(v) if k == 0 else v for k, v in enumerate(item))
+        return cast(item)
 
 
 def _report_accuracy(name: str, model, data, device) -> None:
@@ -637,6 +675,9 @@ def _run_fusion(models, method, alphas, out, repair, target_spec, width, calibra
         head_classes = [list(_arch_of(m, e)[2]) for m, e in resolved]
         classes = [c for cl in head_classes for c in cl]
         n_classes = len(classes)
+        if arch.get("library") == "transformers":  # the fused config names the joined classes (or none)
+            kwargs = {k: v for k, v in arch["kwargs"].items() if k not in ("id2label", "label2id")}
+            arch = {**arch, "kwargs": {**kwargs, **_label_names(getattr(fused, "config", None), n_classes)}}
     extra = {"method": method, "repair": repair, "sources": list(models), "refine": refine, "budget": budget,
              "heads": head_classes, "target": target_spec, "report": dataclasses.asdict(report)}
     if zip_until is not None:

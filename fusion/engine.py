@@ -145,11 +145,31 @@ def apply_maps(
                     f"the maps' widths must match the target's spaces"
                 )
     new = build_model(template, fused, num_heads=num_heads)
+    if heads == "separate":
+        _join_label_names(new, models)
     # the first model's train/eval flag per module (a frozen BatchNorm in a training model stays so)
     flags = {path: m.training for path, m in models[0].named_modules()}
     for path, m in new.named_modules():  # parents first: each child ends with its own flag
         m.train(flags.get(path, models[0].training))
     return new
+
+
+def _join_label_names(fused: nn.Module, models: Sequence[nn.Module]) -> None:
+    """With separate heads, a transformers config's class names are the models' in output order
+    (resizing its ``num_labels`` alone would rename them ``LABEL_k``)."""
+    done = set()
+    for path, m in fused.named_modules():
+        config = getattr(m, "config", None)
+        if id(config) in done or not isinstance(getattr(config, "id2label", None), dict):
+            continue
+        done.add(id(config))
+        sources = [getattr(model.get_submodule(path), "config", None) for model in models]
+        if not all(isinstance(getattr(c, "id2label", None), dict) for c in sources):
+            continue
+        names = [c.id2label[k] for c in sources for k in sorted(c.id2label)]
+        if len(names) == config.num_labels:
+            config.id2label = dict(enumerate(names))
+            config.label2id = {v: k for k, v in reversed(list(config.id2label.items()))}
 
 
 def set_weight(module: nn.Module, w: torch.Tensor, name: str = "weight") -> None:

@@ -310,12 +310,31 @@ def build_model(arch: Mapping[str, Any] | ModelSpec, num_classes: int) -> nn.Mod
 
 
 def example_input(arch: Mapping[str, Any] | ModelSpec, batch: int = 2) -> torch.Tensor:
-    """A random input batch that fits a constructor spec (channels and image size from its kwargs)."""
+    """A random input batch that fits a constructor spec: channels and image size from its kwargs,
+    else from the format the model it builds declares (timm ``pretrained_cfg``, a transformers
+    config's ``num_channels`` / ``image_size``; see :func:`fusion.experiments.data.input_format`),
+    else 1 channel at 28 x 28."""
     _, _, kwargs = _check_arch(arch)
-    chans = int(kwargs.get("in_chans", kwargs.get("num_channels", 1)))
-    size = kwargs.get("img_size", kwargs.get("image_size", 28))
-    size = int(size[0] if isinstance(size, (list, tuple)) else size)
-    return torch.randn(batch, chans, size, size, generator=torch.Generator().manual_seed(0))
+    chans = kwargs.get("in_chans", kwargs.get("num_channels"))
+    size = kwargs.get("img_size", kwargs.get("image_size"))
+    if chans is None or size is None:
+        fmt = _declared_format(arch)
+        chans = chans if chans is not None else (fmt.channels or 1)
+        size = size if size is not None else (fmt.image_size or 28)
+    h, w = (size[0], size[-1]) if isinstance(size, (list, tuple)) else (size, size)
+    return torch.randn(batch, int(chans), int(h), int(w), generator=torch.Generator().manual_seed(0))
+
+
+def _declared_format(arch: Mapping[str, Any] | ModelSpec):
+    """The input format of the model ``arch`` builds (built on the meta device where it can be)."""
+    from .experiments.data import input_format
+
+    try:
+        with torch.device("meta"):
+            model = build_model(arch, 2)
+    except Exception:  # noqa: BLE001 - a constructor that needs real values (e.g. .item()): build it for real
+        model = build_model(arch, 2)
+    return input_format(model)
 
 
 def space_widths(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
@@ -467,7 +486,8 @@ def read_state(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 
 def load_weights(model: nn.Module, path: str | os.PathLike[str], what: str | None = None) -> nn.Module:
     """Loads the state dict of a weights file (see :func:`read_state`) into a model with strict key
-    and shape checks.
+    and shape checks. A file whose floating tensors share one dtype (a bfloat16 model's) converts
+    the model to it first; tensors the model does not save (non-persistent buffers) are ignored.
 
     Args:
         model: Freshly built model to fill (modified in place).
@@ -493,6 +513,10 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str], what: str | Non
     # class token, which older versions saved as a parameter): its value is not the file's to set
     transient = {f"{p}.{b}" if p else b for p, m in model.named_modules() for b in m._non_persistent_buffers_set}
     state = {k: v for k, v in state.items() if k not in transient}
+    # a model saved in one floating dtype (bfloat16, float16, float64) comes back in it
+    saved = {v.dtype for v in state.values() if v.is_floating_point()}
+    if len(saved) == 1 and {t.dtype for t in model.state_dict().values() if t.is_floating_point()} != saved:
+        model.to(dtype=saved.pop())
     problems = _mismatch_report(model, state)
     if problems:
         raise CheckpointMismatchError(
@@ -890,9 +914,12 @@ def _build_zipped(data: Mapping[str, Any], where: str) -> nn.Module:
         if z.get("trunk_widths"):
             trunk = _resized(trunk, data["arch"], z["trunk_widths"], where)
         trunk = trunk.eval()
-    return zipped_from_parts(trunk, branches, [int(w) for w in z.get("cut_widths") or []], cut,
-                             example_input(data["arch"]), heads=str(z.get("heads", "merged")),
-                             alpha=z.get("alpha"))
+    zipped = zipped_from_parts(trunk, branches, [int(w) for w in z.get("cut_widths") or []], cut,
+                               example_input(data["arch"]), heads=str(z.get("heads", "merged")),
+                               alpha=z.get("alpha"))
+    if z.get("trunk_widths"):
+        zipped.fused_widths = dict(z["trunk_widths"])  # (what save_zipped records when it is saved again)
+    return zipped
 
 
 def save_zipped(
@@ -930,10 +957,24 @@ def save_zipped(
         CheckpointMismatchError: If the rebuilt structure does not hold the model's tensors.
         SidecarError: If ``extra`` is not JSON-serialisable or overrides a reserved field.
     """
+    from .zipped import ZippedModel
+
+    if not isinstance(model, ZippedModel):
+        raise SidecarError(f"save_zipped saves a partially zipped model (fusion.zipped.ZippedModel), got "
+                           f"{type(model).__name__}: save it with save_model")
     weights_path, sidecar_path = check_output(path, overwrite)
     library, name, kwargs = _check_arch(arch)
     spec = {"library": library, "name": name, "kwargs": _jsonable(kwargs, "arch.kwargs")}
     class_list = [int(c) for c in classes]
+    branches = list(branches)
+    if len(branches) != len(model.branches):
+        raise SidecarError(f"branches describes {len(branches)} source models but the zipped model has "
+                           f"{len(model.branches)}: give one entry per source model, in order")
+    outputs = [int(b["num_classes"]) for b in branches]
+    want = sum(outputs) if model.heads == "separate" else outputs[0]
+    if len(class_list) != want:
+        raise SidecarError(f"classes has {len(class_list)} labels but the zipped model ({model.heads} heads of "
+                           f"{outputs} classes) has {want} outputs; give one label per output, in order")
     branch_list = []
     for b in branches:
         lib, nm, kw = _check_arch(b["arch"])

@@ -102,6 +102,7 @@ class _Skipped(nn.Module):
 
     def __init__(self, module: nn.Module):
         super().__init__()
+        self.training = module.training
         self.__dict__["_meta"] = _meta_copy(module)
         self.__dict__["_shapes"] = {}
         self.__dict__["fill"] = "zeros"  # "noise" only while checking that the stand-in values do not matter
@@ -121,13 +122,17 @@ class _Skipped(nn.Module):
                              self._shapes[key])
 
     def _apply(self, fn, recurse=True):
-        # a dtype change of the model (.double(), .half(), .to(torch.bfloat16)) reaches the meta copy,
-        # whose shapes and dtypes the stand-in returns; device moves do not (it stays on meta)
+        # a dtype change of the model (.double(), .half(), .to("cuda", torch.bfloat16)) reaches the
+        # meta copy, whose shapes and dtypes the stand-in returns; device moves do not (it stays on
+        # meta). The change is read off an empty tensor of the copy's own floating dtype (a call
+        # that names no dtype keeps it), converted the way the model's tensors are.
+        current = next((t.dtype for t in self.__dict__["_meta"].state_dict().values() if t.is_floating_point()),
+                       torch.get_default_dtype())
         try:
-            dtype = fn(torch.empty(0, device="meta")).dtype
-        except Exception:  # noqa: BLE001 - a function that only moves devices cannot run on meta
+            dtype = fn(torch.empty(0, dtype=current)).dtype
+        except Exception:  # noqa: BLE001 - e.g. a move to a device this process cannot reach
             dtype = None
-        if dtype is not None and dtype.is_floating_point:
+        if dtype is not None and dtype.is_floating_point and dtype != current:
             self.__dict__["_meta"] = self.__dict__["_meta"].to(dtype=dtype)
             self.__dict__["_shapes"] = {}
         return super()._apply(fn, recurse)
@@ -275,7 +280,7 @@ def _unused_as_buffers(module: nn.Module, run) -> list[str]:
 def _trunk(fused: nn.Module, tape: Tape, cut: Cut) -> nn.Module:
     """A copy of the fused model without the modules that run only after the cut."""
     end = _exit_of(tape, cut.module)
-    return _copy_replacing(fused, _outermost(fused, _calls(tape), lambda c: c.enter > end), lambda path, m: _Removed())
+    return _copy_replacing(fused, _outermost(fused, _calls(tape), lambda c: c.enter > end), lambda path, m: _Removed().train(m.training))
 
 
 def _logits(out: Any) -> torch.Tensor:
@@ -307,6 +312,8 @@ class ZippedModel(nn.Module):
         super().__init__()
         self.trunk = trunk
         self.branches = nn.ModuleList(branches)
+        # the container's own train/eval flag follows its parts' (each part keeps its modules' own)
+        self.training = self.branches.training = (trunk if trunk is not None else branches[0]).training
         self.cut, self.heads = cut, heads
         self.alpha = list(alpha) if alpha is not None else [1.0 / len(branches)] * len(branches)
         # the maps in the models' floating dtype (float64, bfloat16 models: no mixed dtypes)
@@ -329,6 +336,9 @@ class ZippedModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Logits for the input, given as the source models take it (``model(x)``, an HF model's
         ``pixel_values=x``)."""
+        if "labels" in kwargs:
+            raise CutError("a ZippedModel returns logits and computes no loss: call it without labels= and compute "
+                           "the loss from its output (with heads='separate', over the concatenated label sets)")
         f = self.trunk_features(*args, **kwargs) if self.trunk is not None else None
         outs = []
         for i, br in enumerate(self.branches):

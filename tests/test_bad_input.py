@@ -250,6 +250,11 @@ CASES = [
     ("the meta device", lambda a, b, x: fusion.fuse([a, b], _cal(x), device="meta"), InvalidOptionError, "meta"),
     ("a budget with Sinkhorn plans", lambda a, b, x: fusion.fuse([a, b], _cal(x), method="ot", solver="sinkhorn",
                                                                budget=1.2), InvalidOptionError, "Sinkhorn"),
+    ("single-sample batches with a BatchNorm reset",
+     lambda a, b, x: fusion.fuse([a, b], torch.utils.data.DataLoader(_cal(x), batch_size=1)), CalibrationError,
+     "first batch holds one sample"),
+    ("a target in another dtype", lambda a, b, x: fusion.fuse([a, b], _cal(x), target=copy.deepcopy(a).double()),
+     ModelError, "target is torch.float64 but the models are torch.float32"),
     ("curve weights that are not numbers", lambda a, b, x: _curve([a, b], _cal(x), [], alphas=["a"]),
      InvalidOptionError, r"alphas must be numbers in \[0, 1\]"),
 ]

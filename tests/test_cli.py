@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+
+import torch
 import re
 
 import click
@@ -602,3 +604,26 @@ def test_model_paths_that_do_not_exist_or_hold_dots_are_named_plainly(tmp_path):
     res = CliRunner().invoke(main, ["--quiet", "eval", str(tmp_path / "alpha0.3"),
                                     "--data", "tests.data_spec_helpers:noise28"])
     assert res.exit_code == 0, res.output
+
+
+def test_hf_folders_in_bfloat16_fuse_and_keep_their_class_names(tmp_path):
+    """Guards: HF folders saved in bfloat16 (transformers loads them so) fuse from the CLI: the
+    decoded float32 calibration images are cast to the models' dtype (before: 'calibration inputs
+    are float32 but the models are bfloat16'); the sidecar keeps the models' class names, so the
+    project's loader gives them back (before: LABEL_0..9), and the reloaded model keeps bfloat16."""
+    from fusion.io import load_model_file
+    from tests import tiny_models
+
+    names = {k: f"class_{k}" for k in range(10)}
+    for i, d in enumerate(("a", "b")):
+        m = tiny_models.build("hf_vit", seed=i)[0]
+        m.config.id2label, m.config.label2id = dict(names), {v: k for k, v in names.items()}
+        m.to(torch.bfloat16).save_pretrained(str(tmp_path / d))
+    out = tmp_path / "bf.safetensors"
+    res = CliRunner().invoke(main, ["fuse", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out),
+                                    "--data", "tests.data_spec_helpers:noise28", "--calibration-size", "32",
+                                    "--eval"])
+    assert res.exit_code == 0, res.output
+    loaded, _ = load_model_file(out)
+    assert loaded.config.id2label == names
+    assert {t.dtype for t in loaded.parameters()} == {torch.bfloat16}

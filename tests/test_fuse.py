@@ -509,3 +509,17 @@ def test_has_batchnorm_counts_the_layers_a_reset_would_recompute(tiny):
     assert has_batchnorm(cnn) and not has_batchnorm(vit)
     assert has_batchnorm(cnn, keep=bns[1:]) and not has_batchnorm(cnn, keep=bns)
     assert not has_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm1d(4, track_running_stats=False)))
+
+
+def test_separate_heads_keep_the_models_class_names():
+    """Guards: an HF model fused with separate heads names its outputs with the models' class names in
+    output order (before: resizing ``num_labels`` renamed them all ``LABEL_k``); the sources keep theirs."""
+    from tests.tiny_models import build
+
+    a, x = build("hf_vit", 0)
+    b, _ = build("hf_vit", 1)
+    a.config.id2label = {k: f"a{k}" for k in range(10)}
+    b.config.id2label = {k: f"b{k}" for k in range(10)}
+    fused = fusion.fuse([a, b], torch.randn(16, *x.shape[1:]), heads="separate", repair="none")
+    assert [fused.config.id2label[k] for k in range(20)] == [f"a{k}" for k in range(10)] + [f"b{k}" for k in range(10)]
+    assert fused.config.label2id["b3"] == 13 and a.config.id2label[0] == "a0" and len(b.config.id2label) == 10

@@ -439,3 +439,42 @@ def test_a_zipped_model_declares_its_sources_input_format() -> None:
     assert not hasattr(zipped, "pretrained_cfg")
     fmt, want = input_format(zipped), input_format(a)
     assert fmt.mean == want.mean and fmt.std == want.std and fmt.mean is not None and fmt.channels == 3
+
+
+def test_a_spec_without_input_kwargs_takes_the_format_its_model_declares(tmp_path):
+    """Guards: ``{"name": "resnet18", "kwargs": {}}`` (3 channels, timm's 224 px) and a transformers
+    config's own ``num_channels`` / ``image_size`` give the example input their model takes, so a
+    resized model of such a spec saves and reloads (before: 1 channel at 28 px for any spec without
+    ``in_chans``, and saving failed in discovery)."""
+    from fusion.resize import resize
+
+    timm_spec = {"library": "timm", "name": "resnet18", "kwargs": {}}
+    assert tuple(fio.example_input(timm_spec).shape) == (2, 3, 224, 224)
+    hf_spec = {"library": "transformers", "name": "ViTForImageClassification",
+               "kwargs": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                          "intermediate_size": 64, "image_size": 32, "patch_size": 8}}
+    assert tuple(fio.example_input(hf_spec).shape) == (2, 3, 32, 32)
+    one_channel = {"library": "timm", "name": "resnet18", "kwargs": {"in_chans": 1}}
+    assert tuple(fio.example_input(one_channel).shape) == (2, 1, 28, 28)  # (timm's cfg describes 3 channels)
+    model = fio.build_model(timm_spec, 10)
+    small = resize(model, 0.25, torch.randn(2, 3, 64, 64))
+    path = fio.save_model(small, tmp_path / "small", timm_spec, 10, widths=fio.resized_widths(small, timm_spec, 10))
+    loaded, _ = fio.load_model_file(path)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), small(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_a_model_saved_in_another_dtype_loads_in_it(tmp_path, dtype):
+    """Guards: the loader gives back a bfloat16 (or float64) model as saved (before: float32, so its
+    outputs differed from the saved model's)."""
+    spec = {"library": "timm", "name": "resnet18", "kwargs": {"in_chans": 1, "channels": [8, 16, 32, 64],
+                                                                "stem_width": 8}}
+    model = fio.build_model(spec, 10).to(dtype)
+    path = fio.save_model(model, tmp_path / "m", spec, 10)
+    loaded, _ = fio.load_model_file(path)
+    assert {t.dtype for t in loaded.state_dict().values() if t.is_floating_point()} == {dtype}
+    x = torch.randn(2, 1, 28, 28, dtype=dtype)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))

@@ -114,3 +114,19 @@ def test_zip_option_checks(tiny):
             fusion.align([model, model], _cal(x), method="zip", **bad)
     with pytest.raises(SpaceMismatchError, match="within"):
         fusion.align([model, model], _cal(x), method="zip", within=0.0, width=0.5)
+
+
+def test_widths_zipping_cannot_reach_are_refused_before_the_statistics_pass(tiny, monkeypatch):
+    """Guards: a fused width below the widest model's with within=0, or above the pooled width, is
+    refused from the widths alone (before: only after collecting every statistic)."""
+    import fusion.api
+
+    model, x = tiny("cnn")
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the statistics pass ran before the widths were checked")
+    monkeypatch.setattr(fusion.api, "collect", no_pass)
+    with pytest.raises(SpaceMismatchError, match="within=0"):
+        fusion.align([model, model], _cal(x), method="zip", within=0.0, width=0.5)
+    with pytest.raises(SpaceMismatchError, match="cannot widen"):
+        fusion.align([model, model], _cal(x), method="zip", width=3.0)

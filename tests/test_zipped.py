@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -10,7 +12,7 @@ import fusion
 from alignment import discover
 from alignment.errors import InvalidOptionError
 from fusion.engine import HeadsError
-from fusion.io import load_model_file, save_zipped
+from fusion.io import SidecarError, load_model_file, save_zipped
 from fusion.zipped import CutError, ZippedModel, cut_points, forward_flops, resolve_cut
 from tests.conftest import rel_err
 from tests.tiny_models import build, logits
@@ -185,3 +187,59 @@ def test_every_parameter_of_a_zipped_model_gets_a_gradient(name, tmp_path):
         loaded, _ = load_model_file(path)
         with torch.no_grad():
             torch.testing.assert_close(loaded(x), z(x))
+
+
+def test_a_zipped_model_moves_with_device_and_dtype_and_keeps_its_modes():
+    """Guards: ``.to(device, dtype)`` (the usual ``model.to("cuda", torch.bfloat16)``) converts a
+    zipped ViT's stand-ins too (before: the device argument hid the dtype change, and a call naming no
+    dtype turned a float64 model's stand-ins to float32); a zipped model of eval-mode sources is in
+    eval mode itself (before: the container was left in training mode, so code restoring
+    ``model.training`` switched every BatchNorm to training); a ``labels=`` call is refused plainly."""
+    a, b, x, cal = _pair("timm_vit")
+    z = fusion.fuse([a, b], cal, method="zip", zip_until=MIDDLE["timm_vit"], repair="none")
+    assert z.training is False and not any(m.training for m in z.modules())
+    with torch.no_grad():
+        want = z(x)
+        z64 = copy.deepcopy(z).to("cpu", torch.float64)
+        assert rel_err(z64(x.double()), want.double()) < 1e-5
+        assert z64.to(memory_format=torch.contiguous_format)(x.double()).dtype == torch.float64
+        assert copy.deepcopy(z).to(device="cpu", dtype=torch.bfloat16)(x.bfloat16()).dtype == torch.bfloat16
+    a.train(), b.train()
+    assert fusion.fuse([a, b], cal, method="zip", zip_until=MIDDLE["timm_vit"], repair="none").training is True
+    with pytest.raises(CutError, match="labels="):
+        z(x, labels=torch.zeros(len(x), dtype=torch.long))
+
+
+def test_refinement_with_a_cut_at_the_input_is_skipped_and_reported():
+    """Guards: ``zip_until="input"`` keeps every model whole, so ``refine="lstsq"`` has nothing to
+    refine: it is skipped and listed as a fallback (before: a whole fused model was refitted, thrown
+    away, and the report listed its refined layers)."""
+    a, b, x, cal = _pair("timm_resnet18")
+    with pytest.warns(UserWarning, match="skipped"):
+        z = fusion.fuse([a, b], cal, method="zip", zip_until="input", refine="lstsq", heads="separate",
+                       repair="none")
+    assert any("refine='lstsq' skipped" in f for f in z.fusion_report.fallbacks)
+    assert not z.fusion_report.refinement
+    with torch.no_grad():
+        assert rel_err(torch.cat([logits(a(x)), logits(b(x))], -1), z(x)) < 1e-6
+
+
+def test_save_zipped_checks_what_it_is_given_and_a_loaded_resized_model_saves_again(tmp_path):
+    """Guards: save_zipped refuses a model that is not zipped and a ``classes`` list that does not
+    label every output (before: a raw AttributeError, and a file whose evaluation scored nonsense);
+    a loaded zipped model of resized trunk widths can be saved again (before: the loader did not
+    restore the trunk widths, so the second save was a shape mismatch)."""
+    a, b, x, cal = _pair("timm_resnet18")
+    z = fusion.fuse([a, b], cal, method="zip", zip_until=MIDDLE["timm_resnet18"], heads="separate", width=0.5)
+    branches = [{"arch": ARCHS["timm_resnet18"], "num_classes": 10}] * 2
+    with pytest.raises(SidecarError, match="save_model"):
+        save_zipped(a, tmp_path / "plain", ARCHS["timm_resnet18"], branches, list(range(20)))
+    with pytest.raises(SidecarError, match="20 outputs"):
+        save_zipped(z, tmp_path / "short", ARCHS["timm_resnet18"], branches, list(range(10)))
+    with pytest.raises(SidecarError, match="one entry per source model"):
+        save_zipped(z, tmp_path / "one", ARCHS["timm_resnet18"], branches[:1], list(range(10)))
+    path = save_zipped(z, tmp_path / "z", ARCHS["timm_resnet18"], branches, list(range(20)))
+    loaded, _ = load_model_file(path)
+    again = save_zipped(loaded, tmp_path / "again", ARCHS["timm_resnet18"], branches, list(range(20)))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model_file(again)[0](x), z(x))
