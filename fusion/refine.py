@@ -23,6 +23,15 @@ maps, the weights and the data) and changes ``ctx.fused`` in place.
   from the Gram (``batchnorm="stats"``). Passes never recompute a finished part of the model
   (:mod:`fusion.replay`), so refining every layer costs about one forward pass of each model plus
   the Grams and solves.
+
+  Subclasses with a ``forward`` of their own are checked on one call before anything is fitted
+  (:func:`_rule`): a convolution that pads its input itself (timm ``Conv2dSame``, TensorFlow "same"
+  padding) is fitted on patches padded the same way; a BatchNorm that applies an activation or a
+  drop after normalising (timm ``BatchNormAct2d``) has only its normalisation folded, the targets
+  taken before the activation; a LayerNorm over the channels of NCHW maps (timm ``LayerNorm2d``) is
+  fitted per channel. A layer that no rule reproduces (timm ``StdConv2d``, ``LayerNormAct2d``) keeps
+  its mapped weights, and a BatchNorm none reproduces is not folded; both are listed in the fusion
+  report. Layers fitted on fewer calibration rows than inputs are listed there too.
 """
 
 from __future__ import annotations
@@ -80,11 +89,159 @@ _BN = nn.modules.batchnorm._BatchNorm
 
 @dataclass
 class _Layer:
-    """One refinement step: a layer (and the BatchNorm after it, when there is one)."""
+    """One refinement step: a layer (and the BatchNorm after it, when there is one).
+
+    Attributes:
+        path: the layer's module path.
+        kind: ``"linear"``, ``"conv"`` or ``"norm"``.
+        bn: the BatchNorm folded into a convolution (None: none).
+        dim: the feature axis of the layer's inputs and outputs (-1: features last; 1: channels
+            first, as a convolution's, a GroupNorm's or a channels-first LayerNorm's).
+        pad: a convolution's zero padding ``(left, right, top, bottom)`` when its forward pads the
+            input itself (TensorFlow "same" padding, timm ``Conv2dSame``); None: the module's own.
+        bn_extra: the BatchNorm applies more after its normalisation (an activation, a drop: timm
+            ``BatchNormAct2d``): only the normalisation is folded, and the targets are the sources'
+            normalised outputs, before what follows it.
+    """
 
     path: str
     kind: str  # "linear", "conv" or "norm"
     bn: str | None = None
+    dim: int = -1
+    pad: tuple[int, int, int, int] | None = None
+    bn_extra: bool = False
+
+
+def _close(out: Any, ref: Callable[[], torch.Tensor], tol: float = 1e-2) -> bool:
+    """Whether a module's output ``out`` is ``ref()`` (same shape, every element within ``tol`` of the
+    largest magnitude: loose enough for another convolution algorithm or TF32, far below what an
+    activation or another padding changes); False when ``ref()`` fails (inputs of another layout)."""
+    if not isinstance(out, torch.Tensor):
+        return False
+    try:
+        ref = ref()
+    except (RuntimeError, ValueError, IndexError, TypeError):
+        return False
+    if not isinstance(ref, torch.Tensor) or out.shape != ref.shape:
+        return False
+    if not ref.numel():
+        return True
+    gap = float((out.float() - ref.float()).abs().max())
+    return gap == gap and gap <= tol * float(ref.abs().max()) + 1e-6  # (NaN: not the same)
+
+
+def _same_padding(conv: nn.Conv2d, size: Sequence[int]) -> tuple[int, int, int, int]:
+    """TensorFlow "same" zero padding ``(left, right, top, bottom)`` of a convolution on inputs of
+    spatial ``size`` (timm ``pad_same``: the odd padding unit goes after)."""
+    pads = []
+    for n, k, s, d in zip(size, conv.kernel_size, conv.stride, conv.dilation):
+        p = max((-(-n // s) - 1) * s + (k - 1) * d + 1 - n, 0)
+        pads.append((p // 2, p - p // 2))
+    (top, bottom), (left, right) = pads
+    return left, right, top, bottom
+
+
+def _conv_reference(conv: nn.Conv2d, x: torch.Tensor, pad: Sequence[int] | None) -> torch.Tensor:
+    """The plain convolution of ``x`` by the module's weights, with its own padding (``pad`` None)
+    or the zero padding ``pad`` ``(left, right, top, bottom)``."""
+    mode = conv.padding_mode if pad is None else "zeros"
+    pad = tuple(conv._reversed_padding_repeated_twice) if pad is None else tuple(pad)
+    if any(pad):
+        x = F.pad(x, pad, mode="constant" if mode == "zeros" else mode)
+    return F.conv2d(x, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
+
+
+def _rule(module: nn.Module, x: torch.Tensor, out: Any) -> dict[str, Any] | None:
+    """How refinement models a layer, checked against one call of it (its input ``x`` and output
+    ``out``); None when no model of it reproduces the call (the layer is then left as mapped, or a
+    BatchNorm not folded).
+
+    A module whose class keeps torch's ``forward`` (and has no submodules) is the plain operation.
+    Any other (a subclass that overrides ``forward``, such as timm ``Conv2dSame``, ``StdConv2d``,
+    ``BatchNormAct2d`` or ``LayerNorm2d``) is checked: a Linear must be ``F.linear`` of its weights; a
+    convolution the plain convolution with its own padding or with TensorFlow "same" padding of the
+    input; a LayerNorm a norm over the last axis or over axis 1 (channels first); a GroupNorm
+    ``F.group_norm``; a BatchNorm its normalisation followed by its submodules (if any) in order.
+
+    Returns:
+        ``{"dim": d}`` for linear layers and norms (the feature axis), ``{"pad": p}`` for a
+        convolution (None: its own padding), ``{"extra": bool}`` for a BatchNorm (whether
+        submodules run after the normalisation).
+    """
+    stock = {nn.Linear: nn.Linear.forward, nn.Conv2d: nn.Conv2d.forward, _BN: _BN.forward,
+             nn.LayerNorm: nn.LayerNorm.forward, nn.GroupNorm: nn.GroupNorm.forward}
+    base = next(b for b in stock if isinstance(module, b))
+    children = [c for n, c in module.named_children() if n != "parametrizations"]  # (weight norm: not a step)
+    plain = type(module).forward is stock[base] and not children
+    if isinstance(module, nn.Linear):
+        return {"dim": -1} if plain or _close(out, lambda: F.linear(x, module.weight, module.bias)) else None
+    if isinstance(module, nn.Conv2d):
+        if plain:
+            return {"pad": None}
+        if x.dim() != 4:
+            return None
+        if _close(out, lambda: _conv_reference(module, x, None)):
+            return {"pad": None}
+        same = _same_padding(module, x.shape[-2:])
+        return {"pad": same} if _close(out, lambda: _conv_reference(module, x, same)) else None
+    if isinstance(module, _BN):
+        if plain:
+            return {"extra": False}
+
+        def then_children() -> torch.Tensor:
+            y = _normalise(module, x)
+            for c in children:
+                y = c(y.clone())
+            return y
+
+        if _close(out, then_children):
+            return {"extra": bool(children)}
+        return {"extra": False} if children and _close(out, lambda: _normalise(module, x)) else None
+    if isinstance(module, nn.LayerNorm):
+        ns, w, b, eps = module.normalized_shape, module.weight, module.bias, module.eps
+        if plain or _close(out, lambda: F.layer_norm(x, ns, w, b, eps)):
+            return {"dim": -1}
+        if x.dim() > 2 and len(ns) == 1 and \
+                _close(out, lambda: F.layer_norm(x.movedim(1, -1), ns, w, b, eps).movedim(-1, 1)):
+            return {"dim": 1}
+        return None
+    if plain or _close(out, lambda: F.group_norm(x, module.num_groups, module.weight, module.bias, module.eps)):
+        return {"dim": 1}
+    return None
+
+
+def _probe(model: nn.Module, tape, x: torch.Tensor) -> dict[str, dict[str, Any] | None]:
+    """:func:`_rule` of every Linear, Conv2d, BatchNorm, LayerNorm and GroupNorm called in ``tape``,
+    from its first call in one forward pass of ``model`` on ``x`` (the tape's input)."""
+    kinds = (nn.Linear, nn.Conv2d, _BN, nn.LayerNorm, nn.GroupNorm)
+    modules = dict(model.named_modules())
+    paths = {modules[c.path]: c.path for c in tape.calls if isinstance(modules.get(c.path), kinds)}
+    rules: dict[str, dict[str, Any] | None] = {}
+    inputs: dict[str, torch.Tensor | None] = {}
+
+    def pre(mod, args, kwargs):
+        p = paths[mod]
+        if p not in rules and p not in inputs:
+            t = next((a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)), None)
+            inputs[p] = t.clone() if t is not None else None  # (the forward may change it in place)
+
+    def post(mod, args, kwargs, out):
+        p = paths[mod]
+        if p in inputs:
+            t = inputs.pop(p)
+            rules[p] = _rule(mod, t, out) if t is not None else None
+
+    handles = []
+    try:
+        for m in paths:
+            handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(m.register_forward_hook(post, with_kwargs=True))
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return rules
 
 
 def _refinable(module: nn.Module, norms: bool) -> str | None:
@@ -99,10 +256,23 @@ def _refinable(module: nn.Module, norms: bool) -> str | None:
     return None
 
 
-def _plan_layers(fused: nn.Module, tape, batchnorm: str, norms: bool) -> tuple[list[_Layer], list[str]]:
-    """The layers to refit in execution order, and the weighted modules left as they are (with why)."""
+def _plan_layers(fused: nn.Module, tape, batchnorm: str, norms: bool,
+                 rules: dict[str, dict[str, Any] | None] | None = None) -> tuple[list[_Layer], list[str]]:
+    """The layers to refit in execution order, and the weighted modules left as they are (with why).
+
+    ``rules`` (from :func:`_probe`) says how each layer computes; without it every module is taken
+    for the plain operation of its base class. A layer whose forward no rule reproduces is left as
+    mapped (listed with why); a BatchNorm after a convolution that no rule reproduces is not folded
+    (the convolution is fitted to its own outputs, listed too)."""
     modules = dict(fused.named_modules())
     layers, skipped, seen = [], [], set()
+
+    def rule(path: str) -> dict[str, Any] | None:
+        if rules is None:
+            m = modules[path]
+            return {"dim": -1 if isinstance(m, (nn.Linear, nn.LayerNorm)) else 1, "pad": None, "extra": False}
+        return rules.get(path)
+
     for k, c in enumerate(tape.calls):
         m = modules.get(c.path)
         # a layer owns a `weight` (embeddings, tokens and other loose parameters are not layers)
@@ -118,19 +288,27 @@ def _plan_layers(fused: nn.Module, tape, batchnorm: str, norms: bool) -> tuple[l
         if tape.count(c.path) > 1:
             skipped.append(f"{c.path} (called {tape.count(c.path)} times per forward pass: shared weights)")
             continue
-        bn = None
+        how = rule(c.path)
+        if how is None:
+            what = {"linear": "F.linear of its weights", "conv": "a zero-, copy- or TensorFlow-'same'-padded "
+                    "convolution by its weights", "norm": "a norm over the features, last or first after the "
+                    "batch axis"}[kind]
+            skipped.append(f"{c.path} ({type(m).__name__}: its forward is not {what}: no least-squares rule)")
+            continue
+        bn, extra = None, False
         if kind == "conv":
             after = tape.consumers_of(k)
             if len(after) == 1 and isinstance(modules.get(tape.calls[after[0]].path), _BN):
-                norm = modules[tape.calls[after[0]].path]
-                if norm.track_running_stats and norm.affine and tape.count(tape.calls[after[0]].path) == 1:
-                    bn = tape.calls[after[0]].path
-        layers.append(_Layer(c.path, kind, bn))
+                path = tape.calls[after[0]].path
+                norm = modules[path]
+                if norm.track_running_stats and norm.affine and tape.count(path) == 1:
+                    if rule(path) is None:
+                        skipped.append(f"{path} ({type(norm).__name__}: its forward is not its normalisation followed "
+                                       f"by its submodules: not folded, {c.path} fitted to its own outputs)")
+                    else:
+                        bn, extra = path, bool(rule(path)["extra"])
+        layers.append(_Layer(c.path, kind, bn, dim=how.get("dim", 1), pad=how.get("pad"), bn_extra=extra))
     return layers, skipped
-
-
-def _feature_dim(kind: str, module: nn.Module) -> int:
-    return -1 if kind == "linear" or isinstance(module, nn.LayerNorm) else 1
 
 
 def _apply_features(A: torch.Tensor, t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -200,13 +378,15 @@ class _ConvPatches:
     Args:
         conv: the convolution (zero padding; other padding modes read every tap).
         size: the input's spatial size ``(H, W)``.
+        pad: zero padding ``(left, right, top, bottom)`` that the convolution's forward applies
+            itself (TensorFlow "same" padding); None: the module's own padding.
     """
 
-    def __init__(self, conv: nn.Conv2d, size: Sequence[int]):
-        self.conv = conv
+    def __init__(self, conv: nn.Conv2d, size: Sequence[int], pad: Sequence[int] | None = None):
+        self.conv, self.pad = conv, pad
         kh, kw = conv.kernel_size
-        left, right, top, bottom = conv._reversed_padding_repeated_twice
-        if conv.padding_mode != "zeros":
+        left, right, top, bottom = conv._reversed_padding_repeated_twice if pad is None else pad
+        if conv.padding_mode != "zeros" and pad is None:
             # padding by copies of the input: every tap reads input values (spans of the padded input)
             size, (left, right, top, bottom) = (size[0] + top + bottom, size[1] + left + right), (0, 0, 0, 0)
         rows = _coarse(_tap_spans(size[0], kh, conv.stride[0], conv.dilation[0], top, bottom))
@@ -234,7 +414,7 @@ class _ConvPatches:
     def add(self, gram: LayerGram, x: torch.Tensor, y: torch.Tensor) -> None:
         """Add one batch to ``gram``: convolution inputs ``x`` (N, C, H, W) and targets ``y`` (N, O, OH, OW)."""
         conv, g = self.conv, self.conv.groups
-        v = _patch_view(conv, x, self._buffer)  # (groups, N, OH, OW, kh, kw, C / g)
+        v = _patch_view(conv, x, self._buffer, self.pad)  # (groups, N, OH, OW, kh, kw, C / g)
         v = v[:, :, :, :, self.taps[0], self.taps[1]]
         y = y.permute(0, 2, 3, 1)
         for k, (rs, cs, th, tw) in enumerate(self.classes):
@@ -246,12 +426,15 @@ class _ConvPatches:
             gram.add(xc.view(g, yc.shape[0], -1), _group_rows(yc, g), None if whole else (self.layout, th, tw))
 
 
-def _patch_view(conv: nn.Conv2d, x: torch.Tensor, buffer: Callable | None = None) -> torch.Tensor:
+def _patch_view(conv: nn.Conv2d, x: torch.Tensor, buffer: Callable | None = None,
+                pad: Sequence[int] | None = None) -> torch.Tensor:
     """A strided view ``(groups, N, OH, OW, kh, kw, C / groups)`` of the convolution's input patches
     over a padded channels-last copy of ``x`` (one copy; into ``buffer(key, shape, like, zero=True)``'s
-    tensor when given, whose padding stays zero from one batch to the next)."""
-    pad = conv._reversed_padding_repeated_twice
-    if any(pad) and conv.padding_mode == "zeros":
+    tensor when given, whose padding stays zero from one batch to the next). ``pad``: zero padding
+    ``(left, right, top, bottom)`` in place of the module's own (one its forward applies itself)."""
+    zeros = pad is not None or conv.padding_mode == "zeros"
+    pad = tuple(conv._reversed_padding_repeated_twice) if pad is None else tuple(pad)
+    if any(pad) and zeros:
         # zero padding and the channels-last copy in one write
         left, right, top, bottom = pad
         b, c, h, w = x.shape
@@ -271,12 +454,13 @@ def _patch_view(conv: nn.Conv2d, x: torch.Tensor, buffer: Callable | None = None
                         (C // g, s[0], s[1] * sh, s[2] * sw, s[1] * dh, s[2] * dw, 1))
 
 
-def _conv_rows(conv: nn.Conv2d, x: torch.Tensor, taps: tuple[slice, slice] | None = None) -> torch.Tensor:
+def _conv_rows(conv: nn.Conv2d, x: torch.Tensor, taps: tuple[slice, slice] | None = None,
+               pad: Sequence[int] | None = None) -> torch.Tensor:
     """Input patches of a convolution: ``(groups, rows, kh * kw * in_channels / groups)``, rows ordered
     (image, output row, output column), columns (kernel row, kernel column, channel): channels last,
     so the copy moves contiguous runs of channels (the weights are permuted to match). With ``taps``
-    only those kernel rows and columns are copied."""
-    v = _patch_view(conv, x)
+    only those kernel rows and columns are copied; ``pad`` as in :func:`_patch_view`."""
+    v = _patch_view(conv, x, pad=pad)
     if taps is not None:
         v = v[:, :, :, :, taps[0], taps[1]]
     g, B, oh, ow = v.shape[:4]
@@ -294,11 +478,11 @@ def _conv_weight_back(w: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return w.reshape(out, kh, kw, cin).permute(0, 3, 1, 2)
 
 
-def _feature_rows(kind: str, module: nn.Module, y: torch.Tensor) -> torch.Tensor:
+def _feature_rows(layer: _Layer, y: torch.Tensor) -> torch.Tensor:
     """A layer output as ``(rows, features)`` (features last; rows in the order of :func:`_in_rows`)."""
-    if kind == "linear" or isinstance(module, nn.LayerNorm):
+    if layer.dim == -1:
         return y.reshape(-1, y.shape[-1])
-    return y.movedim(1, -1).reshape(-1, y.shape[1])
+    return y.movedim(layer.dim, -1).reshape(-1, y.shape[layer.dim])
 
 
 def _group_rows(y: torch.Tensor, groups: int) -> torch.Tensor:
@@ -306,13 +490,18 @@ def _group_rows(y: torch.Tensor, groups: int) -> torch.Tensor:
     return y.reshape(y.shape[0], groups, -1).transpose(0, 1)
 
 
-def _in_rows(kind: str, module: nn.Module, x: torch.Tensor, taps: tuple[slice, slice] | None = None) -> torch.Tensor:
-    if kind == "linear":
+def _in_rows(layer: _Layer, module: nn.Module, x: torch.Tensor,
+             taps: tuple[slice, slice] | None = None) -> torch.Tensor:
+    """A layer input as the regression's ``(groups, rows, inputs)``: a linear layer's features, a
+    convolution's patches (with the padding it applies), a norm's normalised features (one group
+    per feature, features on ``layer.dim``)."""
+    if layer.kind == "linear":
         return x.reshape(1, -1, x.shape[-1])
-    if kind == "conv":
-        return _conv_rows(module, x, taps)
+    if layer.kind == "conv":
+        return _conv_rows(module, x, taps, layer.pad)
     if isinstance(module, nn.LayerNorm):
-        xn = F.layer_norm(x, module.normalized_shape, eps=module.eps)
+        # (a channels-first LayerNorm normalises axis 1: moved last, rows ordered as _feature_rows')
+        xn = F.layer_norm(x.movedim(layer.dim, -1), module.normalized_shape, eps=module.eps)
         return xn.reshape(-1, xn.shape[-1]).t().unsqueeze(-1)
     xn = F.group_norm(x, module.num_groups, eps=module.eps)
     return xn.reshape(xn.shape[0], xn.shape[1], -1).permute(1, 0, 2).reshape(xn.shape[1], -1, 1)
@@ -395,13 +584,16 @@ def refine_lstsq(ctx: RepairContext, *, inputs: Literal["sequential", "merged"] 
         x0 = xs[0].to(dev)
         # the call structure needs only a couple of samples (shapes keep their batch size of 2)
         tapes = [record(m, x0[:2]) for m in models]
-        layers, skipped = _plan_layers(fused, tapes[0], batchnorm, norms)
+        # how each layer computes, checked on one call (subclasses with their own forward included)
+        layers, skipped = _plan_layers(fused, tapes[0], batchnorm, norms, _probe(fused, tapes[0], x0[:2]))
         if ctx.until is not None:
             # partial zipping: the layers after the cut are not part of the fused model
             end = tapes[0].calls[tapes[0].call(ctx.until)].exit
             layers = [la for la in layers if tapes[0].calls[tapes[0].call(la.bn or la.path)].exit <= end]
         replays = [Replay(m, t, len(xs)) for m, t in zip(models, tapes)]
         fmods = dict(fused.named_modules())
+        smods = [dict(m.named_modules()) for m in sources]
+        few: list[str] = []  # layers fitted on fewer rows than inputs
         details: list[dict[str, Any]] = []
         largest = (0, "")
         with contextlib.ExitStack() as stack:
@@ -424,7 +616,8 @@ def refine_lstsq(ctx: RepairContext, *, inputs: Literal["sequential", "merged"] 
                 groups, d, o = _shape(layer.kind, module)
                 patches, live = None, None
                 if layer.kind == "conv":
-                    patches = _ConvPatches(module, tapes[0].calls[tapes[0].call(layer.path)].input_shape[-2:])
+                    patches = _ConvPatches(module, tapes[0].calls[tapes[0].call(layer.path)].input_shape[-2:],
+                                           layer.pad)
                     if patches.inputs == 0:
                         skipped.append(f"{layer.path} (reads only padding: its output is its bias)")
                         continue
@@ -433,30 +626,33 @@ def refine_lstsq(ctx: RepairContext, *, inputs: Literal["sequential", "merged"] 
                 has_bias = getattr(module, "bias", None) is not None or bn is not None
                 gib = groups * (fit + has_bias) ** 2 * 8 / 2 ** 30
                 if gib > max_gram_gib:
-                    skipped.append(f"{layer.path} (its Gram of {fit + has_bias} inputs would take {gib:.1f} GiB, over "
+                    skipped.append(f"{layer.path} (its Gram of {fit + has_bias} inputs would take {gib:.3g} GiB, over "
                                    f"max_gram_gib={max_gram_gib:g}: raise it to refit this layer)")
                     continue
                 gram = LayerGram(groups, fit, o, has_bias, dev, precision)
                 if gram.xx.shape[1] > largest[0]:
                     largest = (gram.xx.shape[1], layer.path)
-                # stops: the fused model before the layer; each source after the layer (or its norm)
+                # stops: the fused model before the layer; each source after the layer (or its norm; a
+                # norm that applies more after normalising is applied here, its normalisation only)
                 own_stop = (tapes[0].call(layer.path), "in")
                 if inputs == "sequential":
                     replays[0].plan(own_stop)
                 src_stops = []
+                norm_only = [mods[layer.bn] for mods in smods] if fold and layer.bn_extra else None
                 for r, t in zip(replays[1:], tapes[1:]):
-                    stop = t.call(layer.bn if fold else layer.path)
+                    stop = t.call(layer.bn if fold and norm_only is None else layer.path)
                     cap = [(t.call(layer.path), "in")] if inputs == "merged" else []
                     r.plan((stop, "out"), cap)
                     src_stops.append((stop, t.call(layer.path)))
-                fdim = _feature_dim(layer.kind, module)
+                fdim = layer.dim
                 merge = _OutputMerge(A, fdim)
                 for b, x in enumerate(xs):
                     x = x.to(dev)
                     ys, xis = [], []
-                    for r, (stop, own) in zip(replays[1:], src_stops):
+                    for i, (r, (stop, own)) in enumerate(zip(replays[1:], src_stops)):
                         got = r.run(x, b)
-                        ys.append(got[(stop, "out")])
+                        y = got[(stop, "out")]
+                        ys.append(y if norm_only is None else _normalise(norm_only[i], y))
                         if inputs == "merged":
                             xis.append(got[(own, "in")])
                     Y = merge(ys)
@@ -467,13 +663,18 @@ def refine_lstsq(ctx: RepairContext, *, inputs: Literal["sequential", "merged"] 
                     if patches is not None and positions_per_image is None:
                         patches.add(gram, X, Y)
                         continue
-                    Y = _feature_rows(layer.kind, module, Y)
-                    Xr = _in_rows(layer.kind, module, X, patches.taps if patches is not None else None)
+                    Y = _feature_rows(layer, Y)
+                    Xr = _in_rows(layer, module, X, patches.taps if patches is not None else None)
                     if positions_per_image is not None and layer.kind != "norm":
                         keep = _sample_rows(Xr.shape[1], len(x), positions_per_image, gen, dev)
                         if keep is not None:
                             Xr, Y = Xr[:, keep], Y[keep]
                     gram.add(Xr, _group_rows(Y, groups))
+                if gram.rows < gram.xx.shape[1]:
+                    # fewer rows than unknowns: the fit interpolates the calibration data and only the ridge
+                    # ties it to the mapped weights elsewhere (still refitted: keeping such layers as mapped
+                    # helps some models and hurts others; reported)
+                    few.append(f"{layer.path} ({gram.rows} rows, {gram.xx.shape[1]} inputs)")
                 w0, b0 = _anchor(layer.kind, module, bn if fold else None, groups)
                 # taps that only ever read padding keep their weights (the full problem's exact solution);
                 # the ridge stays relative to the mean diagonal of the full Gram
@@ -489,11 +690,22 @@ def refine_lstsq(ctx: RepairContext, *, inputs: Literal["sequential", "merged"] 
                 details.append({"layer": layer.path, "rows": gram.rows, "inputs": gram.xx.shape[1],
                                 "loss_before": sol.loss_before, "loss_after": sol.loss_after,
                                 "seconds": time.perf_counter() - t1})
+    if few:
+        ctx.notes.append(f"refinement 'lstsq' fitted {len(few)} layer(s) on fewer calibration rows than inputs "
+                         f"(underdetermined: the fit reproduces the calibration data but may generalise poorly; give "
+                         f"more calibration data or a larger ridge): " + "; ".join(few[:6])
+                         + (" ..." if len(few) > 6 else ""))
     if skipped:
         ctx.notes.append(f"refinement 'lstsq' left {len(skipped)} weighted module(s) as mapped: "
                          + "; ".join(skipped[:6]) + (" ..." if len(skipped) > 6 else ""))
     ctx.details["refine"] = {"layers": details, "largest_gram": {"layer": largest[1], "size": largest[0]},
-                             "skipped": skipped, "seconds": time.perf_counter() - t0}
+                             "skipped": skipped, "underdetermined": few, "seconds": time.perf_counter() - t0}
+
+
+def _normalise(bn: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """A BatchNorm's normalisation alone (running statistics and affine) of ``y``, without what its
+    forward applies after it (timm ``BatchNormAct2d``'s drop and activation)."""
+    return F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
 
 
 class _OutputMerge:

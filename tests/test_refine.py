@@ -531,3 +531,156 @@ def test_a_layer_whose_gram_exceeds_max_gram_gib_keeps_its_mapped_weights(tiny):
     assert "fc2" in {e["layer"] for e in capped.fusion_report.refinement["layers"]}
     with pytest.raises(InvalidOptionError, match="max_gram_gib"):
         fusion.fuse([model, other], cal, refine="lstsq", refine_options={"max_gram_gib": 0})
+
+
+def _refined_self_fusion(model: nn.Module, cal: torch.Tensor, **refine_options) -> nn.Module:
+    """``model`` fused with a randomly permuted copy of itself and refined (no repair)."""
+    graph = discover(model, cal[:2])
+    other = permute(model, graph, graph.random_permutations(seed=1))
+    return fusion.fuse([model, other], cal, method="permute", repair="none", refine="lstsq",
+                       refine_options=refine_options)
+
+
+def _assert_exact_and_same_function(model: nn.Module, fused: nn.Module, held_out: torch.Tensor) -> None:
+    """Every refitted layer of a self-fusion already fitted exactly (loss before 0), and the fused
+    model computes the model's function on data the refinement did not see."""
+    layers = fused.fusion_report.refinement["layers"]
+    assert layers, "no layer was refined"
+    for entry in layers:
+        assert entry["loss_before"] < 1e-6 and entry["loss_after"] < 1e-6, entry
+    with torch.no_grad():
+        assert rel_err(fused(held_out), model(held_out)) < 1e-4
+
+
+def _randomise_norms(model: nn.Module) -> nn.Module:
+    """Non-trivial running statistics and affines in every BatchNorm and LayerNorm of ``model``."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 2)
+            if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)) and m.weight is not None:
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("act", ["relu", "hard_swish", "identity"])
+def test_a_batchnorm_with_an_activation_is_folded_before_its_activation(act):
+    """Guards: a BatchNorm subclass that applies an activation after normalising (timm
+    BatchNormAct2d) has only its normalisation folded into the conv before it; the conv's targets
+    are the sources' normalised outputs before the activation (before: the post-activation outputs,
+    a wrong fit with loss 0.8 on an exact self-fusion and the function changed)."""
+    from timm.layers import BatchNormAct2d
+
+    torch.manual_seed(0)
+    model = _randomise_norms(nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), BatchNormAct2d(8, act_layer=act),
+                                           nn.Conv2d(8, 8, 3, padding=1), BatchNormAct2d(8, act_layer=act),
+                                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)))
+    fused = _refined_self_fusion(model, torch.randn(64, 1, 8, 8))
+    assert {e["layer"] for e in fused.fusion_report.refinement["layers"]} == {"0", "2", "6"}
+    _assert_exact_and_same_function(model, fused, torch.randn(32, 1, 8, 8))
+    assert not fused.fusion_report.fallbacks
+
+
+class _TanhNorm(nn.BatchNorm2d):
+    """A BatchNorm whose forward adds a nonlinearity of its own (no submodule to follow)."""
+
+    def forward(self, x):
+        return torch.tanh(super().forward(x))
+
+
+def test_a_batchnorm_whose_forward_is_not_a_normalisation_is_not_folded_and_reported():
+    """Guards: a BatchNorm subclass whose forward is neither its normalisation nor one followed by
+    its submodules is not folded: the conv before it is fitted to its own outputs (exact on a
+    self-fusion), and the fallback names the norm."""
+    torch.manual_seed(0)
+    model = _randomise_norms(nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), _TanhNorm(8), nn.Conv2d(8, 8, 3, padding=1),
+                                           nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)))
+    fused = _refined_self_fusion(model, torch.randn(64, 1, 8, 8))
+    _assert_exact_and_same_function(model, fused, torch.randn(32, 1, 8, 8))
+    assert any(s.startswith("1 (_TanhNorm") and "not folded" in s for s in fused.fusion_report.refinement["skipped"])
+    assert any("1 (_TanhNorm" in f for f in fused.fusion_report.fallbacks)
+
+
+@pytest.mark.parametrize("size", [9, 10])
+def test_tensorflow_same_padded_convolutions_are_fitted_with_the_padding_they_apply(size):
+    """Guards: a convolution that pads its input itself (timm Conv2dSame: TensorFlow "same"
+    padding, uneven on even inputs with stride 2, none in its padding attribute) is fitted on patches
+    padded as its forward pads them: the patch rows reproduce it, and a self-fusion is exact (before:
+    unpadded patches, loss 1.8 on an exact copy and the function changed)."""
+    from timm.layers import Conv2dSame
+
+    torch.manual_seed(0)
+    model = _randomise_norms(nn.Sequential(Conv2dSame(1, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
+                                           Conv2dSame(8, 8, 3, stride=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                           nn.Flatten(), nn.Linear(8, 5)))
+    fused = _refined_self_fusion(model, torch.randn(64, 1, size, size))
+    assert {e["layer"] for e in fused.fusion_report.refinement["layers"]} == {"0", "3", "7"}
+    _assert_exact_and_same_function(model, fused, torch.randn(32, 1, size, size))
+
+    from fusion.refine import _same_padding
+
+    conv = Conv2dSame(3, 4, 3, stride=2)
+    x = torch.randn(2, 3, size, size)
+    rows = _conv_rows(conv, x, pad=_same_padding(conv, x.shape[-2:]))[0]
+    y = (rows @ _conv_weight(conv.weight.detach(), 1)[0].t() + conv.bias).reshape(2, -1, 4)
+    with torch.no_grad():
+        assert rel_err(y, conv(x).flatten(2).transpose(1, 2)) < 1e-6
+
+
+def test_a_convolution_whose_forward_is_not_a_plain_convolution_is_left_as_mapped():
+    """Guards: a Conv2d subclass whose forward computes something else from its weights (timm
+    StdConv2d: weight standardisation) keeps its one-shot fused weights, and the fallback says why
+    (before: refitted as a plain convolution, a wrong fit)."""
+    from timm.layers import StdConv2d
+
+    torch.manual_seed(0)
+    model = nn.Sequential(StdConv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).eval()
+    cal = torch.randn(64, 1, 8, 8)
+    fused = _refined_self_fusion(model, cal)
+    _assert_exact_and_same_function(model, fused, torch.randn(32, 1, 8, 8))
+    assert "0" not in {e["layer"] for e in fused.fusion_report.refinement["layers"]}
+    assert any(s.startswith("0 (StdConv2d: its forward is not") for s in fused.fusion_report.refinement["skipped"])
+    graph = discover(model, cal[:2])
+    one_shot = fusion.fuse([model, permute(model, graph, graph.random_permutations(seed=1))], cal, method="permute",
+                           repair="none")
+    assert torch.equal(fused[0].weight, one_shot[0].weight)
+
+
+def test_channels_first_layer_norms_are_refitted_over_their_channels():
+    """Guards: with norms=True a LayerNorm over axis 1 of NCHW maps (timm LayerNorm2d, ConvNeXt's)
+    is refitted per channel, also when its width equals the map's (before: taken for a norm over the
+    last axis, an IndexError or silently wrong affines); a norm followed by an activation of its own
+    (timm LayerNormAct2d) is left as mapped and reported."""
+    from timm.layers import LayerNorm2d, LayerNormAct2d
+
+    torch.manual_seed(0)
+    model = _randomise_norms(nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), LayerNorm2d(8), nn.ReLU(),
+                                           nn.Conv2d(8, 8, 3, padding=1), LayerNormAct2d(8), nn.Flatten(),
+                                           nn.Linear(8 * 8 * 8, 5)))
+    cal = torch.randn(600, 1, 8, 8)  # (H = W = C: a norm over the last axis type-checks too)
+    fused = _refined_self_fusion(model, cal, norms=True)
+    assert "1" in {e["layer"] for e in fused.fusion_report.refinement["layers"]}
+    _assert_exact_and_same_function(model, fused, torch.randn(32, 1, 8, 8))
+    assert torch.allclose(fused[1].weight, model[1].weight, atol=1e-5)
+    assert any(s.startswith("4 (LayerNormAct2d: its forward is not") for s in fused.fusion_report.refinement["skipped"])
+
+
+def test_layers_fitted_on_fewer_rows_than_inputs_are_reported(tiny):
+    """Guards: a layer whose calibration rows are fewer than its inputs (an underdetermined fit that
+    reproduces the calibration data but may generalise poorly) is named in the fusion report, and
+    nothing is said when rows are plentiful; the Gram size cap's message gives small sizes in
+    significant digits (before: "0.0 GiB")."""
+    model, x = tiny("mlp")
+    other = tiny_models.build("mlp", seed=1)[0]
+    d = model.fc1.in_features
+    few = fusion.fuse([model, other], _calibration(x, d // 2), method="permute", repair="none", refine="lstsq")
+    assert any("fewer calibration rows than inputs" in f and f"fc1 ({d // 2} rows, {d + 1} inputs)" in f
+               for f in few.fusion_report.fallbacks)
+    assert any(e.startswith("fc1 ") for e in few.fusion_report.refinement["underdetermined"])
+    with pytest.warns(FallbackWarning, match=r"fc1 \(its Gram of 65 inputs would take 3.15e-05 GiB"):
+        many = fusion.fuse([model, other], _calibration(x, 4 * d), method="permute", repair="none", refine="lstsq",
+                           refine_options={"max_gram_gib": 2e-5})
+    assert not any("fewer calibration rows" in f for f in many.fusion_report.fallbacks)
