@@ -9,6 +9,7 @@ shows how much aligning hidden units lowers the loss/accuracy barrier between th
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import math
 import time
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from alignment.errors import InvalidOptionError
+from alignment.methods import METHODS
 from alignment.runner import plain_precision
 
 from .api import Alignment, ModelError, align
@@ -95,6 +97,24 @@ def _distinct(models: Sequence[nn.Module]) -> list[nn.Module]:
     if len(models) == 2 and models[1] is models[0]:
         models[1] = copy.deepcopy(models[0])
     return models
+
+
+def _method_options(methods: Sequence[str], options: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per method, the options it takes: :func:`fusion.align`'s own keywords go to every method, a
+    method option to the methods that have it (checked now, before any work). An option no method
+    has is an error."""
+    shared = set(inspect.signature(align).parameters) - {"models", "calibration", "method", "options"}
+    out, used = {}, set()
+    for m in methods:
+        names = {o.name for o in METHODS.get(m).options}
+        METHODS.validate(m, {k: v for k, v in options.items() if k in names})
+        used |= names
+        out[m] = {k: v for k, v in options.items() if k in names or k in shared}
+    unknown = [k for k in options if k not in used and k not in shared]
+    if unknown:
+        raise InvalidOptionError(f"option {unknown[0]!r} is an option of none of the methods {', '.join(methods)}; see "
+                                 f"`fusion methods` for each method's options")
+    return out
 
 
 def _check(models: Sequence[nn.Module], repair: str, alphas: Sequence[float] | None = None) -> None:
@@ -223,10 +243,12 @@ def interpolation_report(
     """Interpolation curves for every (method, repair) pair, optionally written to a folder.
 
     Args:
-        models, calibration, data, alphas, device, progress, options: see
-            :func:`interpolation_curve`.
-        methods: fusion methods to compare.
-        repairs: norm repairs to compare.
+        models, calibration, data, alphas, device, progress: see :func:`interpolation_curve`.
+        methods: fusion methods to compare (at least one).
+        repairs: norm repairs to compare (at least one).
+        options: :func:`fusion.align` keywords (every method) and method options (each to the
+            methods that have it; one that no method has is an error). All are checked before any
+            work.
         out: folder (created if missing) that receives ``interpolation.json`` (the list of curves)
             and ``interpolation.png`` (accuracy and loss vs alpha); nothing is written elsewhere.
             Checked before any work; both files are written all or nothing.
@@ -237,15 +259,19 @@ def interpolation_report(
         The list of curve dicts, methods outer, repairs inner. Each method is aligned once and its
         alignment shared by its repairs (each curve's ``seconds`` counts the alignment).
     """
+    methods, repairs = list(methods), list(repairs)
+    if not methods or not repairs:
+        raise InvalidOptionError(f"give at least one method and one repair (got methods={methods}, repairs={repairs})")
     for r in repairs:
         _check(models, r, alphas)
+    per_method = _method_options(methods, options)
     if out is not None:
         check_output_folder(out, (JSON_NAME, PLOT_NAME), overwrite)
     models = _distinct(models)
     curves = []
     for m in methods:  # one alignment per method, shared by its repairs
         t0 = time.perf_counter()
-        al = align(models, calibration, method=m, device=device, progress=progress, **options)
+        al = align(models, calibration, method=m, device=device, progress=progress, **per_method[m])
         dt = time.perf_counter() - t0
         for r in repairs:
             curves.append(_curve(al, models, calibration, data, alphas, m, r, device, dt, progress))

@@ -172,3 +172,40 @@ def test_zip_and_merge_curves_reach_their_endpoints():
     for method in ("zip", "merge"):
         c = interpolation_curve(models, data, data, method=method, repair="none", alphas=[0.0, 0.5, 1.0])
         assert len(c["accuracy"]) == 3 and all(math.isfinite(v) for v in c["loss"]), method
+
+
+def test_a_report_checks_every_method_and_option_before_any_curve(monkeypatch):
+    """Guards: an unknown method, an option no listed method has, or no methods at all are refused
+    before any alignment (before: the curves of the methods listed first were computed, then
+    the error came); a method option goes only to the methods that have it, so
+    ``methods=("average", "permute"), iterations=1`` works (before: 'average' refused it)."""
+    import functools
+
+    import fusion.interpolate as fi
+    from alignment.errors import InvalidOptionError
+    from alignment.methods import UnknownMethodError
+    from tests.tiny_models import build
+
+    a, x = build("mlp", seed=0)
+    b, _ = build("mlp", seed=1)
+    cal = torch.randn(16, *x.shape[1:])
+    seen = []
+    real = fi.align
+
+    @functools.wraps(real)
+    def spy(models, calibration, method, **kw):
+        seen.append((method, sorted(kw)))
+        return real(models, calibration, method=method, **kw)
+    monkeypatch.setattr(fi, "align", spy)
+    for methods, options, error in ((("average", "nope"), {}, UnknownMethodError),
+                                    (("average", "permute"), {"iteratoins": 1}, InvalidOptionError),
+                                    (("permute",), {"iterations": -1}, InvalidOptionError),
+                                    ((), {}, InvalidOptionError)):
+        with pytest.raises(error):
+            fi.interpolation_report([a, b], cal, None, methods=methods, repairs=("none",), alphas=[0.0, 1.0], **options)
+    assert seen == []
+    data = [(cal, torch.zeros(len(cal), dtype=torch.long))]
+    curves = fi.interpolation_report([a, b], cal, data, methods=("average", "permute"), repairs=("none",),
+                                     alphas=[0.0, 1.0], iterations=1, seed=3)
+    assert [c["method"] for c in curves] == ["average", "permute"]
+    assert seen == [("average", ["device", "progress", "seed"]), ("permute", ["device", "iterations", "progress", "seed"])]
