@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -531,3 +532,127 @@ def test_hf_configs_describe_the_fused_model_after_separate_heads():
     assert sync_config_by_shapes(fused, fused.config) and fused.config.to_dict() == before
     fused.config.hidden_size = 3  # no old shapes to map from: cannot sync
     assert not config_rebuilds(fused, fused.config) and not sync_config_by_shapes(fused, fused.config)
+
+
+# --------------------------------------------------------------------------- transformers attention by attributes
+
+
+def make_hf_attention_model(name: str):
+    """A small random DINOv2 / DINOv2-with-registers / BEiT classifier (skipped where the installed
+    transformers lacks it): attention classes that no handler names, of the ViT layout."""
+    config, model = {"dinov2": ("Dinov2Config", "Dinov2ForImageClassification"),
+                     "dinov2_with_registers": ("Dinov2WithRegistersConfig", "Dinov2WithRegistersForImageClassification"),
+                     "beit": ("BeitConfig", "BeitForImageClassification")}[name]
+    if not hasattr(transformers, config) or not hasattr(transformers, model):
+        pytest.skip(f"transformers {transformers.__version__} has no {model}")
+    extra = {"dinov2_with_registers": dict(num_register_tokens=2),
+             "beit": dict(intermediate_size=128, use_relative_position_bias=True)}.get(name, {})
+    cfg = getattr(transformers, config)(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28,
+                                        patch_size=7, num_channels=1, num_labels=10, **extra)
+    torch.manual_seed(0)
+    from tests.tiny_models import randomize
+
+    return randomize(getattr(transformers, model)(cfg).eval())
+
+
+def _hf_attentions(model: nn.Module) -> list[nn.Module]:
+    return [mod for mod in model.modules() if isinstance(getattr(mod, "q_proj", None), nn.Linear)]
+
+
+def _reloaded_logits(model: nn.Module, path, x: torch.Tensor) -> torch.Tensor:
+    model.save_pretrained(path)
+    with torch.no_grad():
+        return type(model).from_pretrained(path).eval()(x).logits
+
+
+@pytest.mark.parametrize("factor", [2.0, 0.5])
+@pytest.mark.parametrize("name", ["dinov2", "dinov2_with_registers", "beit"])
+def test_hf_attention_by_attributes_resized(name, factor, tmp_path):
+    """Guards: transformers attention modules that no handler names (DINOv2, DINOv2 with registers,
+    BEiT) are synced by their attributes: after resizing, the heads keep their count, ``head_dim``
+    and ``scaling`` follow the q/k/v width (no other number of heads run silently), widening by 2
+    keeps the function exactly, and the ``save_pretrained`` folder (config with the new sizes)
+    reloads the same model."""
+    from fusion.resize import resize
+
+    torch.set_num_threads(1)
+    m = make_hf_attention_model(name)
+    x = torch.randn(4, 1, 28, 28)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = resize(m, factor, x)
+    head_dim = int(16 * factor)
+    for att in _hf_attentions(r):
+        assert (att.num_attention_heads, att.head_dim, att.q_proj.out_features) == (4, head_dim, 4 * head_dim)
+        assert math.isclose(att.scaling, head_dim ** -0.5)
+    assert check_consistency(r) == []
+    assert (r.config.hidden_size, r.config.num_attention_heads) == (int(64 * factor), 4)
+    with torch.no_grad():
+        y, yr = m(x).logits, r(x).logits
+    if factor > 1:
+        assert float((y - yr).norm() / y.norm()) < 1e-4
+    torch.testing.assert_close(_reloaded_logits(r, tmp_path / "r", x), yr)
+
+
+def test_hf_attention_rounded_head_dim_config(tmp_path):
+    """Guards: a factor that rounds head_dim away from ``hidden_size / heads`` (BEiT by 0.3: hidden
+    19, q/k/v width 4*5=20) gives attention modules of that head_dim and a config that rebuilds the
+    model (``head_dim`` and ``hidden_size`` written), so the saved folder reloads the same model."""
+    from fusion.modules.core import config_rebuilds
+    from fusion.resize import resize
+
+    torch.set_num_threads(1)
+    m = make_hf_attention_model("beit")
+    x = torch.randn(4, 1, 28, 28)
+    r = resize(m, 0.3, x)
+    att = _hf_attentions(r)[0]
+    assert (att.num_attention_heads, att.head_dim, att.q_proj.out_features, att.q_proj.in_features) == (4, 5, 20, 19)
+    assert (r.config.hidden_size, r.config.head_dim, r.config.num_attention_heads) == (19, 5, 4)
+    assert config_rebuilds(r, r.config) and check_consistency(r) == []
+    with torch.no_grad():
+        yr = r(x).logits
+    torch.testing.assert_close(_reloaded_logits(r, tmp_path / "r", x), yr)
+
+
+def test_hf_attention_by_attributes_num_heads_override():
+    """Guards: ``num_heads`` reaches attention modules synced by their attributes (DINOv2), the
+    config gets the new ``num_attention_heads``, and ``config_rebuilds`` refuses a config whose
+    model has the same shapes but other heads."""
+    from fusion.modules.core import config_rebuilds
+
+    m = make_hf_attention_model("dinov2")
+    old = resize_widths(m, _halve_sizes({64, 128, 256}))  # hidden, classifier input (cls + patch mean), MLP
+    heads = {f"dinov2.encoder.layer.{i}.attention": 2 for i in range(2)}
+    sync_module_attributes(m, num_heads=heads, old_shapes=old)
+    att = m.dinov2.encoder.layer[0].attention
+    assert (att.num_attention_heads, att.head_dim) == (2, 16) and math.isclose(att.scaling, 16 ** -0.5)
+    assert (m.config.hidden_size, m.config.num_attention_heads) == (32, 2)
+    assert config_rebuilds(m, m.config) and check_consistency(m) == []
+    other = copy.deepcopy(m.config)
+    other.num_attention_heads = 4  # q/k/v shapes (32, 32) either way: 4 heads of 8
+    assert not config_rebuilds(m, other)
+
+
+class StaleHeadsAttention(nn.Module):
+    """Attention of the ViT layout outside transformers: nothing knows its ``head_dim``."""
+
+    def __init__(self, dim: int = 16, num_heads: int = 2):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        q, k, v = (p(x).unflatten(-1, (-1, self.head_dim)).transpose(-2, -3) for p in (self.q_proj, self.k_proj,
+                                                                                      self.v_proj))
+        return nn.functional.scaled_dot_product_attention(q, k, v).transpose(-2, -3).flatten(-2)
+
+
+def test_unknown_attention_with_stale_head_dim_is_refused():
+    """Guards: a module of an unknown type whose per-head size (``head_dim`` 8, equal to no old width)
+    would be left stale by a width change (its ``num_heads * head_dim`` was the old width 16) is
+    refused with ``UnknownModuleError`` instead of silently running another number of heads."""
+    m = nn.Sequential(nn.Linear(4, 16), StaleHeadsAttention(16, 2), nn.Linear(16, 2))
+    old = resize_widths(m, _halve_sizes({16}))
+    with pytest.raises(UnknownModuleError, match="head_dim") as exc:
+        sync_module_attributes(m, old_shapes=old)
+    assert exc.value.modules[0][:2] == ("1", StaleHeadsAttention) and "head_dim" in exc.value.modules[0][2]

@@ -22,8 +22,9 @@ from alignment.errors import FusionError, FusionWarning
 __all__ = [
     "AttributeSyncError", "AttributeSyncWarning", "GroupsNotDivisibleError", "HeadsNotDivisibleError", "SyncContext",
     "SyncHandler", "UnknownModuleError", "UnknownTensorError", "check_consistency", "check_scale", "config_rebuilds",
-    "divide_heads", "is_tensor", "lookup", "module_check", "out_width", "path_label", "register_attribute_sync",
-    "register_config_sync", "register_width_free", "replace_tensor", "sync_config_by_shapes", "sync_module_attributes",
+    "divide_heads", "handler_for", "is_tensor", "lookup", "module_check", "out_width", "path_label",
+    "register_attribute_sync", "register_attribute_sync_by", "register_config_fallback", "register_config_sync",
+    "register_width_free", "replace_tensor", "sync_config_by_shapes", "sync_module_attributes",
     "unregister_attribute_sync",
 ]
 
@@ -130,7 +131,9 @@ class SyncHandler:
 
 
 _REGISTRY: dict[Any, SyncHandler] = {}
+_MATCHERS: list[tuple[Callable[[nn.Module], bool], SyncHandler]] = []
 _CONFIG_REGISTRY: dict[str, tuple[Callable, Callable | None]] = {}
+_CONFIG_FALLBACKS: list[tuple[Callable, Callable | None]] = []
 
 
 def register_attribute_sync(*module_types: type | str, check: CheckFn | None = None,
@@ -154,6 +157,30 @@ def register_attribute_sync(*module_types: type | str, check: CheckFn | None = N
     def deco(fn: SyncFn) -> SyncFn:
         for module_type in module_types:
             _REGISTRY[module_type] = SyncHandler(fn, check, managed)
+        return fn
+
+    return deco
+
+
+def register_attribute_sync_by(match: Callable[[nn.Module], bool], *, managed_attrs: Iterable[str],
+                               check: CheckFn | None = None) -> Callable[[SyncFn], SyncFn]:
+    """Decorator registering ``fn(module, path, ctx)`` as the attribute handler of every module for
+    which ``match(module)`` is true and whose type has no handler of its own (a handler registered
+    for the type or a base class with :func:`register_attribute_sync` wins; matchers are tried in
+    registration order). For families of library classes that share an attribute layout (e.g.
+    transformers attention modules) and that a list of class names would never cover.
+
+    Args:
+        match: ``match(module) -> bool``, on the module instance (its attributes and children).
+        managed_attrs: the int attributes ``fn`` maintains; any *other* int attribute of a matched
+            module equal to an old width (or a stale per-head size) is reported as
+            :class:`UnknownModuleError`.
+        check: as for :func:`register_attribute_sync`.
+    """
+    managed = frozenset(managed_attrs)
+
+    def deco(fn: SyncFn) -> SyncFn:
+        _MATCHERS.append((match, SyncHandler(fn, check, managed)))
         return fn
 
     return deco
@@ -186,6 +213,21 @@ def register_config_sync(*model_types: str, check: Callable | None = None) -> Ca
     return deco
 
 
+def register_config_fallback(check: Callable | None = None) -> Callable:
+    """Decorator registering ``fn(owner, path, config, ctx)`` for HF configs whose ``model_type`` has
+    no handler of its own (:func:`register_config_sync`); fallbacks run in registration order,
+    before the shape-based sync of such configs (:func:`sync_config_by_shapes`), and should change
+    only what they can derive from the modules. ``check(owner, path, config) -> list[str]`` adds
+    reports to :func:`check_consistency`.
+    """
+
+    def deco(fn):
+        _CONFIG_FALLBACKS.append((fn, check))
+        return fn
+
+    return deco
+
+
 def lookup(cls: type) -> tuple[SyncHandler | None, type | None]:
     """The handler that applies to module class ``cls``.
 
@@ -199,6 +241,23 @@ def lookup(cls: type) -> tuple[SyncHandler | None, type | None]:
         entry = _REGISTRY.get(klass) or _REGISTRY.get(_qualname(klass))
         if entry is not None:
             return entry, klass
+    return None, None
+
+
+def handler_for(module: nn.Module) -> tuple[SyncHandler | None, type | None]:
+    """The handler that applies to the instance ``module``: that of its type (:func:`lookup`), else
+    the first one registered with :func:`register_attribute_sync_by` whose ``match`` accepts it.
+
+    Returns:
+        ``(handler, class)`` as :func:`lookup` for a handler of the type; ``(handler, None)`` for a
+        handler matched by attributes; ``(None, None)``.
+    """
+    entry, matched = lookup(type(module))
+    if entry is not None:
+        return entry, matched
+    for match, entry in _MATCHERS:
+        if match(module):
+            return entry, None
     return None, None
 
 
@@ -365,6 +424,24 @@ class SyncContext:
 _WIDTH_NAME = re.compile(r"(dim|feature|channel|chs|width|hidden|size|planes|heads|embed)", re.I)
 _NOT_WIDTH_NAME = re.compile(
     r"(patch|kernel|img|image|window|grid|stride|batch|seq|len|vocab|class|label|pool|stage|depth)", re.I)
+# attention attributes: a number of heads, and a per-head size (a width divided by the heads: it
+# equals no old width, so only its product with the heads reveals it as stale)
+_HEADS_ATTRS = ("num_heads", "num_attention_heads", "num_key_value_heads", "n_heads", "n_head", "heads")
+_HEAD_SIZE_ATTRS = ("head_dim", "attention_head_size", "attention_head_dim", "head_size", "dim_head", "d_head")
+_SCALE_ATTRS = ("scaling", "scale")
+
+
+def _int_attr(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _stale_head_sizes(mod: nn.Module, sizes: set[int]) -> set[str]:
+    """Per-head size attributes of ``mod`` that, times one of its head counts (times 1, 2 or 3: q, kv
+    or qkv projections), give an old size in ``sizes``: the width they divide changed."""
+    attrs = vars(mod)
+    heads = [v for k in _HEADS_ATTRS if _int_attr(v := attrs.get(k)) and v > 0]
+    return {k for k in _HEAD_SIZE_ATTRS if _int_attr(v := attrs.get(k)) and v > 0
+            and any(h * v * r in sizes for h in heads for r in (1, 2, 3))}
 
 
 def _changed_modules(modules: list[tuple[str, nn.Module]], old_shapes: Mapping[str, torch.Size]) -> dict[str, set[int]]:
@@ -389,19 +466,21 @@ def _detect_unknown(modules: list[tuple[str, nn.Module]], changed: Mapping[str, 
         below = set().union(*(d for p, d in changed.items() if p != path and p.startswith(prefix)))
         if not own and not below:
             continue
-        entry, matched = lookup(type(mod))
+        entry, matched = handler_for(mod)
         if entry is None:
             managed: frozenset[str] = frozenset()
         elif matched is not type(mod) and entry.managed_attrs is not None:
-            # subclass of a known type: int attributes the base handler does not manage are unknown
+            # subclass of a known type, or a module matched by its attributes: int attributes the
+            # handler does not manage are unknown
             managed = entry.managed_attrs
         else:
             continue
         bad = {
             k for k, v in vars(mod).items()
-            if isinstance(v, int) and not isinstance(v, bool) and not k.startswith("__") and k not in managed
+            if _int_attr(v) and not k.startswith("__") and k not in managed
             and (v in own or (v in below and _WIDTH_NAME.search(k) and not _NOT_WIDTH_NAME.search(k)))
         }
+        bad |= _stale_head_sizes(mod, own | below) - managed
         if bad:
             offenders.append((path, type(mod), sorted(bad)))
     if offenders:
@@ -410,7 +489,8 @@ def _detect_unknown(modules: list[tuple[str, nn.Module]], changed: Mapping[str, 
         more = f" (and {len(offenders) - 1} more: {others})" if others else ""
         raise UnknownModuleError(
             f"module {path_label(path)!r} of type {_qualname(cls)} has tensors whose shapes changed and int "
-            f"attribute(s) {attrs} equal to an old width; its attributes cannot be synced automatically{more}. "
+            f"attribute(s) {attrs} equal to an old width (or an old per-head size); its attributes cannot be "
+            f"synced automatically{more}. "
             f"Register a handler: `@register_attribute_sync({cls.__name__})` on `def fn(module, path, ctx): ...` "
             f"(from fusion.modules) "
             f"that recomputes those attributes from the module's tensors.",
@@ -450,9 +530,31 @@ def _sync_num_classes(modules: list[tuple[str, nn.Module]], affected: set[str] |
             m.num_classes = int(head.out_features)
 
 
+def _head_attrs(model: nn.Module) -> dict[str, Any]:
+    """``{module path.attribute: value}`` of every module's head counts, per-head sizes and softmax
+    scales (the attributes that split equal tensor shapes into other heads)."""
+    out: dict[str, Any] = {}
+    for path, mod in model.named_modules():
+        attrs = vars(mod)
+        for k in (*_HEADS_ATTRS, *_HEAD_SIZE_ATTRS):
+            if _int_attr(attrs.get(k)):
+                out[_join(path, k)] = attrs[k]
+        for k in _SCALE_ATTRS:
+            if isinstance(attrs.get(k), float):
+                out[_join(path, k)] = attrs[k]
+    return out
+
+
+def _same_head_attrs(have: Mapping[str, Any], got: Mapping[str, Any]) -> bool:
+    return all(k not in got or (got[k] == v if _int_attr(v) else math.isclose(got[k], v, rel_tol=1e-6))
+               for k, v in have.items())
+
+
 def config_rebuilds(owner: nn.Module, config: Any) -> bool:
-    """Whether ``type(owner)(config)`` builds tensors of the names and shapes ``owner`` has (built on
-    the meta device: no memory, no initialisation cost); False when the constructor fails."""
+    """Whether ``type(owner)(config)`` builds tensors of the names and shapes ``owner`` has, and
+    modules with ``owner``'s numbers of heads, per-head sizes and softmax scales (equal shapes can
+    hold other heads); built on the meta device: no memory, no initialisation cost. False when the
+    constructor fails."""
     try:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -461,7 +563,7 @@ def config_rebuilds(owner: nn.Module, config: Any) -> bool:
         return False
     have = {k: tuple(v.shape) for k, v in owner.state_dict().items() if is_tensor(v)}
     got = {k: tuple(v.shape) for k, v in built.state_dict().items() if is_tensor(v)}
-    return have == got
+    return have == got and _same_head_attrs(_head_attrs(owner), _head_attrs(built))
 
 
 def _size_fields(config: Any, sizes: Mapping[int, int]) -> dict[str, Any]:
@@ -489,9 +591,9 @@ def sync_config_by_shapes(owner: nn.Module, config: Any, path: str = "",
     Every size that changed from ``old_shapes`` (``{dotted tensor name in the whole model: shape}``,
     ``path``: ``owner``'s path in it) to one new size everywhere gives an ``old -> new`` map; the
     config's top-level int fields and int lists holding an old size get the new one, and the result
-    is kept only if the model built from it (on the meta device) has ``owner``'s tensor shapes. A
-    field whose change is not needed for that (an ``image_size`` equal to a width by chance) is
-    changed back. Returns whether the config now rebuilds ``owner`` (True, untouched, when it did
+    is kept only if the model built from it (on the meta device) has ``owner``'s tensor shapes (and
+    heads: :func:`config_rebuilds`). A field whose change is not needed for that (an ``image_size``
+    equal to a width by chance) is changed back. Returns whether the config now rebuilds ``owner`` (True, untouched, when it did
     already); on False the config is unchanged.
     """
     if config_rebuilds(owner, config):
@@ -534,8 +636,9 @@ def sync_module_attributes(model: nn.Module, num_heads: Mapping[str, int] | None
     Also updates Hugging Face ``config`` objects (ViT/DeiT: ``hidden_size``,
     ``intermediate_size``, ``num_attention_heads``[, ``head_dim``], ``pooler_output_size``;
     ResNet: ``embedding_size``, ``hidden_sizes``) derived from the weights; a config of another
-    model type (ConvNeXt, DINOv2, Swin, ...) with :func:`sync_config_by_shapes` when ``old_shapes``
-    is given (a warning when no change of its size fields rebuilds the model's shapes).
+    model type (ConvNeXt, DINOv2, Swin, ...) with the fallbacks of :func:`register_config_fallback`
+    (attention heads) and :func:`sync_config_by_shapes` when ``old_shapes`` is given (a warning when
+    no change of its size fields rebuilds the model's shapes and heads).
 
     Args:
         model: the model (the caller's own copy) whose tensors were replaced
@@ -581,7 +684,7 @@ def sync_module_attributes(model: nn.Module, num_heads: Mapping[str, int] | None
     for path, mod in reversed(modules):
         if affected is not None and path not in affected:
             continue
-        entry, _ = lookup(type(mod))
+        entry, _ = handler_for(mod)
         if entry is not None and entry.sync is not None:
             entry.sync(mod, path, ctx)
 
@@ -590,8 +693,8 @@ def sync_module_attributes(model: nn.Module, num_heads: Mapping[str, int] | None
         if affected is not None and path not in affected:
             continue
         handler = _CONFIG_REGISTRY.get(getattr(cfg, "model_type", None))
-        if handler is not None:
-            handler[0](owner, path, cfg, ctx)
+        for fn, _ in [handler] if handler is not None else _CONFIG_FALLBACKS:
+            fn(owner, path, cfg, ctx)
         # what a handler does not express (a classifier of other outputs: separate heads) and
         # configs with no handler: from the shapes (a handler's result is kept when that fails:
         # the owner may be a wrapper that its config does not construct)
@@ -599,7 +702,7 @@ def sync_module_attributes(model: nn.Module, num_heads: Mapping[str, int] | None
         if handler is None and not synced:
             ctx.warn(f"{path_label(path)}.config (model_type={getattr(cfg, 'model_type', None)!r}) is not synced: "
                      f"no config handler, and no change of its size fields to the new widths rebuilds the "
-                     f"model's shapes")
+                     f"model's shapes and heads")
 
     unused = set(num_heads) - ctx.used_heads
     if unused:
@@ -615,11 +718,12 @@ def check_consistency(model: nn.Module) -> list[str]:
     """
     problems: list[str] = []
     for path, mod in model.named_modules():
-        entry, _ = lookup(type(mod))
+        entry, _ = handler_for(mod)
         if entry is not None and entry.check is not None:
             problems.extend(entry.check(mod, path))
     for path, owner, cfg in _configs(model):
         handler = _CONFIG_REGISTRY.get(getattr(cfg, "model_type", None))
-        if handler is not None and handler[1] is not None:
-            problems.extend(handler[1](owner, path, cfg))
+        for _, check in [handler] if handler is not None else _CONFIG_FALLBACKS:
+            if check is not None:
+                problems.extend(check(owner, path, cfg))
     return problems
