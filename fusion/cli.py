@@ -844,7 +844,8 @@ EPILOG_DEMO = """\b
 Example:
   fusion demo                      # ResNets, a fresh fusion-demo* folder in the current directory
   fusion demo --arch vit --out runs/demo-vit
-  fusion demo --epochs 1 --train-size 2000 --test-limit 2000   # a quick look
+  fusion demo --epochs 1 --test-limit 2000   # a quick look (ResNets near 80%; far fewer
+                                             # training steps leave them untrained)
 """
 
 

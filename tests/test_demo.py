@@ -43,3 +43,21 @@ def test_demo_never_overwrites(tmp_path):
     res = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "used")])
     assert res.exit_code == 2 and "never overwrites" in res.output
     assert (tmp_path / "used" / "x").read_text() == "mine"
+
+
+def test_a_demo_folder_is_claimed_when_the_run_starts(tmp_path, monkeypatch):
+    """Guards: two runs started together get two folders (before: the name was only picked at the
+    start and created at the end, so the later run's demo.json replaced the earlier's); a run that
+    fails leaves no empty folder behind."""
+    import fusion.experiments.demo as demo
+
+    monkeypatch.chdir(tmp_path)
+    first, second = fresh_folder(None), fresh_folder(None)
+    assert (first.name, second.name) == ("fusion-demo", "fusion-demo-2") and first.is_dir() and second.is_dir()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no data")
+    monkeypatch.setattr(demo, "demo_data", broken)
+    with pytest.raises(RuntimeError, match="no data"):
+        run_demo(out=tmp_path / "new")
+    assert not (tmp_path / "new").exists()

@@ -98,19 +98,23 @@ def cache_dir() -> Path:
 
 
 def fresh_folder(out: str | os.PathLike[str] | None, stem: str = "fusion-demo") -> Path:
-    """The output folder: ``out`` when it does not exist or is empty (else :class:`DemoError`); with
-    no ``out``, the first of ``stem``, ``stem-2``, ... that does not exist in the current folder."""
+    """The output folder, created now (so that a run started meanwhile cannot take it): ``out`` when
+    it does not exist or is empty (else :class:`DemoError`); with no ``out``, the first of ``stem``,
+    ``stem-2``, ... that does not exist in the current folder."""
     if out is not None:
         folder = Path(out)
         if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
             raise DemoError(f"{folder} exists and is not an empty folder; the demo never overwrites: choose another --out")
+        folder.mkdir(parents=True, exist_ok=True)
         return folder
     k = 1
     while True:
         folder = Path(f"{stem}{'' if k == 1 else f'-{k}'}")
-        if not folder.exists():
+        try:
+            folder.mkdir()
             return folder
-        k += 1
+        except FileExistsError:
+            k += 1
 
 
 def _trained(arch: dict, train, n_classes: int, seed: int, epochs: int, size: int, data_name: str,
@@ -183,44 +187,49 @@ def run_demo(arch: str = "resnet", out: str | os.PathLike[str] | None = None, tr
     if unknown:
         raise DemoError(f"unknown demo row(s) {unknown}; choose from {', '.join(DEMO_RUNS)}")
     folder = fresh_folder(out)
-    t_all = time.perf_counter()
-    train, test, data_name = demo_data(download, data_root)
-    say(f"data: {data_name}")
-    if test_size is not None:
-        test = first_examples(test, test_size)
-    image = int(train[0][0].shape[-1])
-    spec = _arch(arch, image)
-    n_classes = 10
-    cache_folder = cache_dir() if cache is True else (Path(cache) if cache else None)
-    models, rows = [], []
-    for seed in (0, 1):
-        m, sec = _trained(spec, train, n_classes, seed, epochs, train_size, data_name, cache_folder, progress, say,
-                          batch_size)
-        models.append(m)
-        rows.append(DemoRow(f"model seed {seed}", accuracy(m, test), sec, "training" if sec is not None else "cached"))
-    cal = calibration_subset(train, min(calibration_size, len(train)), seed=7)
-    repair = "reset_bn" if has_batchnorm(models[0]) else "none"  # (what repair="auto" does, named in the table)
-    t = time.perf_counter()
-    rows.append(DemoRow("ensemble (both models run)", ensemble_accuracy(models, test), time.perf_counter() - t))
-    for name, kw in DEMO_RUNS.items():
-        if methods is not None and name not in methods:
-            continue
+    try:
+        t_all = time.perf_counter()
+        train, test, data_name = demo_data(download, data_root)
+        say(f"data: {data_name}")
+        if test_size is not None:
+            test = first_examples(test, test_size)
+        image = int(train[0][0].shape[-1])
+        spec = _arch(arch, image)
+        n_classes = 10
+        cache_folder = cache_dir() if cache is True else (Path(cache) if cache else None)
+        models, rows = [], []
+        for seed in (0, 1):
+            m, sec = _trained(spec, train, n_classes, seed, epochs, train_size, data_name, cache_folder, progress, say,
+                              batch_size)
+            models.append(m)
+            rows.append(DemoRow(f"model seed {seed}", accuracy(m, test), sec, "training" if sec is not None else "cached"))
+        cal = calibration_subset(train, min(calibration_size, len(train)), seed=7)
+        repair = "reset_bn" if has_batchnorm(models[0]) else "none"  # (what repair="auto" does, named in the table)
         t = time.perf_counter()
-        fused = fusion.fuse(models, cal, repair=repair, **kw)
-        sec = time.perf_counter() - t
-        rows.append(DemoRow(name, accuracy(fused, test), sec, f"repair={repair}"))
-        say(f"{name}: {100 * rows[-1].accuracy:.2f}% ({sec:.1f} s)")
-    folder.mkdir(parents=True, exist_ok=True)
-    if curves:
-        curve_test = first_examples(test, min(len(test), 2000))
-        interpolation_report(models, cal, curve_test, methods=("average", "permute"), repairs=("none", repair),
-                             alphas=[0.0, 0.25, 0.5, 0.75, 1.0], out=folder, progress=progress)
-    result = DemoResult(data=data_name, rows=rows, folder=folder, seconds=time.perf_counter() - t_all)
-    (folder / "demo.json").write_text(json.dumps({
-        "data": data_name, "arch": spec, "train_size": train_size, "epochs": epochs,
-        "calibration_size": calibration_size, "test_images": len(test), "seconds": result.seconds,
-        "rows": [row.__dict__ for row in rows]}, indent=1) + "\n")
-    return result
+        rows.append(DemoRow("ensemble (both models run)", ensemble_accuracy(models, test), time.perf_counter() - t))
+        for name, kw in DEMO_RUNS.items():
+            if methods is not None and name not in methods:
+                continue
+            t = time.perf_counter()
+            fused = fusion.fuse(models, cal, repair=repair, **kw)
+            sec = time.perf_counter() - t
+            rows.append(DemoRow(name, accuracy(fused, test), sec, f"repair={repair}"))
+            say(f"{name}: {100 * rows[-1].accuracy:.2f}% ({sec:.1f} s)")
+        if curves:
+            curve_test = first_examples(test, min(len(test), 2000))
+            interpolation_report(models, cal, curve_test, methods=("average", "permute"), repairs=("none", repair),
+                                 alphas=[0.0, 0.25, 0.5, 0.75, 1.0], out=folder, progress=progress)
+        result = DemoResult(data=data_name, rows=rows, folder=folder, seconds=time.perf_counter() - t_all)
+        with open(folder / "demo.json", "x") as f:  # (never replaces a file)
+            f.write(json.dumps({
+                "data": data_name, "arch": spec, "train_size": train_size, "epochs": epochs,
+                "calibration_size": calibration_size, "test_images": len(test), "seconds": result.seconds,
+                "rows": [row.__dict__ for row in rows]}, indent=1) + "\n")
+        return result
+    except BaseException:
+        if folder.is_dir() and not any(folder.iterdir()):  # (claimed at the start; nothing written)
+            folder.rmdir()
+        raise
 
 
 def format_table(result: DemoResult) -> str:
