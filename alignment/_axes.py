@@ -96,6 +96,12 @@ class Classes:
         return self.find(a)
 
     def _merge_structs(self, root: int, sa: Struct, sb: Struct) -> None:
+        # an empty segment (a concatenation with zero register tokens) indexes nothing: a boundary
+        # it put at an end of the axis could never be cut, and the refinement below would not end
+        if sa.outer is None:
+            sa = Struct(None, self._nonempty(sa.parts))
+        if sb.outer is None:
+            sb = Struct(None, self._nonempty(sb.parts))
         sizes_a = [self.size[self.find(p)] for p in sa.parts]
         sizes_b = [self.size[self.find(p)] for p in sb.parts]
         if sizes_a == sizes_b:
@@ -110,8 +116,8 @@ class Classes:
         # different part boundaries: refine both to the common boundaries
         cuts = sorted(set(itertools.accumulate(sizes_a[:-1])) | set(itertools.accumulate(sizes_b[:-1])))
         while True:
-            pa = self._refine(sa, cuts)
-            pb = self._refine(sb, cuts)
+            pa = self._nonempty(self._refine(sa, cuts))
+            pb = self._nonempty(self._refine(sb, cuts))
             # a class met twice in one concatenation (the flattened rows of a relative-position
             # skew) is cut at every offset any of its places needs: the pieces may come out finer
             # than asked; refine both again until their boundaries agree
@@ -123,6 +129,10 @@ class Classes:
         for p, q in zip(pa, pb):
             self.union(p, q)
         self.struct[self.find(root)] = Struct(None, pa)
+
+    def _nonempty(self, parts: list[int]) -> list[int]:
+        """``parts`` without the empty ones (a concatenation segment of size 0 indexes nothing)."""
+        return [p for p in parts if self.size[self.find(p)] > 0]
 
     def _refine(self, st: Struct, cuts: list[int]) -> list[int]:
         if st.outer is not None:
@@ -158,13 +168,15 @@ class Classes:
         n = self.size[r]
         if start == 0 and stop == n:
             return r
+        if stop <= start:  # an empty range (a split with a segment of size 0) cuts nothing
+            return self.new(0)
         offsets = [o for o in (start, stop) if 0 < o < n]
         pieces = self.cut(r, offsets)
         # locate the pieces covering [start, stop)
         chosen, pos = [], 0
         for p in pieces:
             m = self.size[self.find(p)]
-            if pos >= start and pos + m <= stop:
+            if m > 0 and pos >= start and pos + m <= stop:
                 chosen.append(p)
             pos += m
         if len(chosen) == 1:
@@ -174,7 +186,9 @@ class Classes:
         return out
 
     def concat(self, parts: list[int]) -> int:
-        """A new class that is the concatenation of ``parts``."""
+        """A new class that is the concatenation of ``parts`` (empty parts, such as zero register
+        tokens, are left out: they index nothing)."""
+        parts = self._nonempty(parts) or list(parts[:1])
         if len(parts) == 1:
             return parts[0]
         out = self.new(sum(self.size[self.find(p)] for p in parts))

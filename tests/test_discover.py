@@ -382,3 +382,95 @@ def test_cross_attention_permuted_copy_keeps_function(batch_first, need_weights)
     vo = next(n for n, ms in members.items() if ("attn.in_proj_weight", 0, 32, 48) in ms)
     assert {("attn.out_proj.weight", 1, 0, 16), ("attn.in_proj_bias", 0, 32, 48)} <= members[vo] and vo != qk
     assert [s.width for s in graph.spaces if s.kind == "heads"] == [4]
+
+
+def _run_isolated(code: str, timeout: float = 90.0) -> dict:
+    """Run ``code`` in a fresh interpreter (one that loops forever fails the test instead of hanging
+    it) and return the JSON object it prints last."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    try:
+        res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                             timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"discovery did not finish in {timeout:.0f} s")
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+_EMPTY_PREFIX = '''
+import json, torch, warnings
+from torch import nn
+import alignment, fusion
+torch.set_num_threads(1)
+
+class Rope(nn.Module):
+    """Patch tokens of a 4 x 4 grid after a class token and zero register tokens, split off again
+    and multiplied by a table over the grid's positions (DINOv3's RoPE with num_register_tokens=0)."""
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 4, 4)
+        self.cls = nn.Parameter(torch.randn(1, 1, 8))
+        self.reg = nn.Parameter(torch.zeros(1, 0, 8))
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 5)
+    def forward(self, x):
+        p = self.patch(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(len(x), -1, -1), self.reg.expand(len(x), -1, -1), p], 1)
+        prefix, patches = t.split((1, 16), 1)
+        r = torch.arange(4.0, device=x.device)
+        coords = torch.stack(torch.meshgrid(r, r, indexing="ij"), -1).flatten(0, 1)
+        h = self.fc1(torch.cat([prefix, patches * coords.sum(-1, keepdim=True)], 1)).relu()
+        return self.fc2(h).mean(1)
+
+def check(model, x, out=lambda y: y):
+    graph = alignment.discover(model, x[:2])
+    copy_ = alignment.permute(model, graph, graph.random_permutations(seed=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fused = fusion.fuse([model, copy_], x, method="permute", repair="none")
+    with torch.no_grad():
+        y = out(model(x))
+        err = lambda z: float((out(z) - y).norm() / y.norm())
+        return {"spaces": len(graph.alignable_spaces), "copy": err(copy_(x)), "fused": err(fused(x)),
+                "moved": any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                                    copy_.state_dict().values()))}
+'''
+
+
+def test_concatenation_with_an_empty_segment_terminates():
+    """Guards: a concatenation holding an empty segment (zero register tokens between the class
+    token and the patches), split again and met with the patch grid's factorisation, used to refine
+    the two structures forever (the empty segment's boundary at the axis' end can never be cut):
+    discovery hung. Empty segments index nothing and are left out; the model permutes and fuses."""
+    r = _run_isolated(_EMPTY_PREFIX + '''
+torch.manual_seed(0)
+print(json.dumps(check(Rope().eval(), torch.randn(16, 3, 16, 16))))
+''', timeout=60)
+    assert r["spaces"] >= 1 and r["moved"]
+    assert r["copy"] < 1e-5 and r["fused"] < 1e-5
+
+
+def test_hf_dinov3_with_rope_and_no_register_tokens():
+    """Guards: transformers' DINOv3 ViT (RoPE computed from ``inv_freq`` on the patch tokens only,
+    no register tokens) is discovered in seconds; its permuted copy and its fusion with that copy
+    compute the model's function (query-key dims follow the RoPE frequencies: rotate_half pairs dim
+    i with i + d/2, both halves and both grid coordinates share one frequency permutation)."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "DINOv3ViTModel"):
+        pytest.skip("this transformers has no DINOv3ViTModel")
+    r = _run_isolated(_EMPTY_PREFIX + '''
+import transformers
+torch.manual_seed(0)
+cfg = transformers.DINOv3ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+    intermediate_size=128, image_size=32, patch_size=8, num_register_tokens=0)
+model = transformers.DINOv3ViTModel(cfg).eval()
+print(json.dumps(check(model, torch.randn(16, 3, 32, 32), lambda y: y.last_hidden_state)))
+''', timeout=90)
+    assert r["spaces"] >= 4 and r["moved"]
+    assert r["copy"] < 1e-4 and r["fused"] < 1e-4
