@@ -656,3 +656,177 @@ def test_unknown_attention_with_stale_head_dim_is_refused():
     with pytest.raises(UnknownModuleError, match="head_dim") as exc:
         sync_module_attributes(m, old_shapes=old)
     assert exc.value.modules[0][:2] == ("1", StaleHeadsAttention) and "head_dim" in exc.value.modules[0][2]
+
+
+# --------------------------------------------------------------------------- timm models by their attributes
+
+_TIMM_CNNS = ["mobilenetv3_small_050", "efficientnet_b0", "regnetx_002", "resnext26ts"]
+_GROUPED = {"regnetx_002", "resnext26ts"}  # grouped (not depthwise) convs
+
+
+def make_timm_cnn(name: str) -> nn.Module:
+    """A random timm CNN (1 input channel, 10 classes) whose BatchNorms are not the identity (timm
+    zero-inits the last one of a residual branch)."""
+    torch.manual_seed(0)
+    m = timm.create_model(name, pretrained=False, num_classes=10, in_chans=1).eval()
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.normal_(0, 0.1)
+                mod.running_var.uniform_(0.5, 2)
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.normal_(0, 0.1)
+    return m
+
+
+def _timm_widths(m: nn.Module, x: torch.Tensor) -> tuple[int, int, list[int]]:
+    """(channels of forward_features, width of the pre-logits, channels of each feature_info module)
+    from a real forward pass."""
+    seen: dict[str, int] = {}
+    handles = [m.get_submodule(e["module"]).register_forward_hook(
+        lambda _m, _i, out, name=e["module"]: seen.__setitem__(name, out.shape[1])) for e in m.feature_info]
+    try:
+        with torch.no_grad():
+            feats = m.forward_features(x)
+            pre = m.forward_head(feats, pre_logits=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return feats.shape[1], pre.shape[-1], [seen[e["module"]] for e in m.feature_info]
+
+
+@pytest.mark.parametrize("factor", [0.5, 2.0])
+@pytest.mark.parametrize("name", _TIMM_CNNS)
+def test_timm_models_by_attributes_resized(name, factor):
+    """Guards: timm models with no handler of their own (MobileNetV3, EfficientNet, RegNet, ByobNet)
+    resize instead of raising UnknownModuleError at their root: ``num_features`` is the channels of
+    ``forward_features``, ``head_hidden_size`` the classifier's input width (so
+    ``reset_classifier`` builds a head that runs) and ``feature_info`` the channels of its modules;
+    widening by 2 keeps the function exactly (models without grouped convs)."""
+    from fusion.resize import resize
+
+    torch.set_num_threads(1)
+    m = make_timm_cnn(name)
+    x = torch.randn(2, 1, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = resize(m, factor, x)
+    assert check_consistency(r) == []
+    nf, pre, info = _timm_widths(r, x)
+    assert (r.num_features, r.head_hidden_size) == (nf, pre) == (nf, r.get_classifier().in_features)
+    assert [e["num_chs"] for e in r.feature_info] == info
+    assert nf == int(m.num_features * factor)
+    with torch.no_grad():
+        y, yr = m(x), r(x)
+    assert yr.shape == (2, 10)
+    if factor > 1 and name not in _GROUPED:
+        assert float((y - yr).norm() / y.norm()) < 1e-4
+    r.reset_classifier(5)
+    with torch.no_grad():
+        assert r(x).shape == (2, 5)
+
+
+def test_timm_model_by_attributes_saved_and_reloaded(tmp_path):
+    """Guards: a compressed timm MobileNetV3 (root synced by its attributes) saved with its widths
+    reloads as the same model, attributes included."""
+    from fusion.io import load_model_file, resized_widths, save_model
+    from fusion.resize import resize
+
+    torch.set_num_threads(1)
+    arch = {"library": "timm", "name": "mobilenetv3_small_050", "kwargs": {"in_chans": 1}}
+    m = make_timm_cnn("mobilenetv3_small_050")
+    x = torch.randn(2, 1, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = resize(m, 0.5, x)
+    save_model(r, tmp_path / "r", arch, 10, widths=resized_widths(r, arch, 10))
+    loaded, _ = load_model_file(tmp_path / "r")
+    assert check_consistency(loaded) == []
+    assert (loaded.num_features, loaded.head_hidden_size) == (r.num_features, r.head_hidden_size)
+    assert [e["num_chs"] for e in loaded.feature_info] == [e["num_chs"] for e in r.feature_info]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), r(x))
+
+
+def test_timm_explicit_handlers_win_over_attributes():
+    """Guards: timm ResNet, ConvNeXt and ViT keep their own handlers; the handler matched by
+    attributes takes only timm models that none names."""
+    from fusion.modules import timm_modules
+    from fusion.modules.core import handler_for
+
+    resnet = make_timm_resnet()
+    convnext = timm.create_model("convnext_atto", pretrained=False, num_classes=10)
+    for model, sync in ((resnet, timm_modules._sync_timm_resnet), (convnext, timm_modules._sync_timm_convnext),
+                        (make_timm_vit(), timm_modules._sync_timm_vit)):
+        assert handler_for(model)[0].sync is sync
+    assert handler_for(timm.create_model("mobilenetv3_small_050", pretrained=False))[0].sync \
+        is timm_modules._sync_timm_model
+
+
+def test_timm_model_trace_changes_nothing():
+    """Guards: the meta-device run that derives a timm model's widths leaves the model as it was:
+    its tensors (objects and values), training flags and hooks, and a forward hook of the user
+    is not called by it."""
+    m = timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=10, in_chans=1)
+    m.train()
+    m.blocks[0].eval()
+    before = {k: (v, v.clone()) for k, v in m.state_dict(keep_vars=True).items()}
+    modes = [mod.training for mod in m.modules()]
+    calls = []
+    m.conv_head.register_forward_hook(lambda *a: calls.append(1))
+    assert check_consistency(m) == []
+    assert calls == [] and [mod.training for mod in m.modules()] == modes
+    after = m.state_dict(keep_vars=True)
+    assert after.keys() == before.keys()
+    for k, (t, v) in before.items():
+        assert after[k] is t and not t.is_meta and torch.equal(t, v), k
+    assert not any(isinstance(v, torch.Tensor) and v.is_meta for mod in m.modules() for v in vars(mod).values())
+    with torch.no_grad():
+        m.eval()(torch.randn(2, 1, 32, 32))
+    assert calls == [1]
+
+
+def test_timm_model_that_cannot_be_traced_is_refused():
+    """Guards: a timm model whose widths cannot be derived (its forward_features does not run on the
+    meta device) is refused with UnknownModuleError at its root instead of keeping stale
+    ``num_features`` / ``head_hidden_size``."""
+    import types
+
+    from fusion.resize import resize
+
+    def forward_features(self, x):
+        if x.is_meta:
+            raise NotImplementedError("data-dependent")
+        return type(self).forward_features(self, x)
+
+    m = make_timm_cnn("mobilenetv3_small_050")
+    m.forward_features = types.MethodType(forward_features, m)
+    with pytest.raises(UnknownModuleError, match="cannot be derived") as exc, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        resize(m, 0.5, torch.randn(2, 1, 32, 32))
+    assert exc.value.modules[0][:2] == ("", type(m))
+
+
+@pytest.mark.parametrize("conv", ["StdConv2d", "ScaledStdConv2d"])
+def test_weight_standardised_convs_refuse_a_new_input_width(conv):
+    """Guards: a weight-standardised conv (timm StdConv2d, ScaledStdConv2d: NormFreeNet, BiT) whose
+    input width would change is refused (widening by repeats and split weights changed its function
+    by 0.3-0.7 with no warning: the standardisation is over the inputs); one whose inputs keep their
+    width resizes its outputs as any conv."""
+    import timm.layers
+
+    from fusion.modules.core import UnknownModuleError
+    from fusion.resize import resize
+
+    cls = getattr(timm.layers, conv)
+    x = torch.randn(4, 1, 8, 8)
+    reads_resized = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), cls(8, 8, 3, padding=1), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).eval()
+    with pytest.raises(UnknownModuleError, match=f"{conv} standardises each filter"):
+        resize(reads_resized, 2.0, x)
+    reads_input = nn.Sequential(cls(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                nn.Linear(8, 3)).eval()
+    wide = resize(reads_input, 2.0, x)
+    assert wide[0].out_channels == 16
+    with torch.no_grad():
+        assert float((wide(x) - reads_input(x)).norm() / reads_input(x).norm()) < 1e-5

@@ -1,11 +1,13 @@
 """Attribute handlers for timm modules, registered on import (by dotted class name: timm is not imported).
 
 Covered: Attention, AttentionRope, AttentionPoolLatent, VisionTransformer, ResNet, ConvNeXt,
-ClassifierHead, NormMlpClassifierHead, ClNormMlpClassifierHead, RmsNorm*/SimpleNorm* (as
+every other timm model of the 0.9+ convention by its attributes (EfficientNet, MobileNetV3/V4,
+RegNet, ByobNet, ...: ``num_features``, ``head_hidden_size`` and ``feature_info`` from a run on
+the meta device), ClassifierHead, NormMlpClassifierHead, ClNormMlpClassifierHead, RmsNorm*/SimpleNorm* (as
 ``nn.LayerNorm``), EvoNorm2dS* (groups validated); the norm classes deriving from torch norms
 (LayerNorm, LayerNorm2d, BatchNormAct2d, GroupNorm, GroupNormAct, ...) via their base; width-free
 modules (PatchEmbed, LayerScale, Mlp, Block, BasicBlock, ...). ``feature_info[*]["num_chs"]`` of
-ViT/ResNet/ConvNeXt is updated too.
+these models is updated too.
 
 Attribute names in the installed timm (1.0.31) that these handlers rely on:
 ``timm.layers.Attention`` has ``num_heads``, ``head_dim``, ``attn_dim`` (used in the output
@@ -16,16 +18,19 @@ so ``scale`` must be kept in sync.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Any, Callable, Iterator
 
+import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from . import torch_modules as _torch_modules  # noqa: F401  (registers nn.LayerNorm, whose handler is reused below)
 from .core import (
-    AttributeSyncError, GroupsNotDivisibleError, HeadsNotDivisibleError, SyncContext, check_scale, divide_heads,
-    is_tensor, lookup, module_check, out_width, path_label, register_attribute_sync, register_width_free,
+    AttributeSyncError, GroupsNotDivisibleError, HeadsNotDivisibleError, SyncContext, UnknownModuleError, check_scale,
+    divide_heads, is_tensor, lookup, module_check, out_width, path_label, register_attribute_sync,
+    register_attribute_sync_by, register_width_free,
 )
 
 __all__: list[str] = []  # nothing to import: the handlers are registered on import
@@ -96,6 +101,30 @@ def _check_feature_info(m: nn.Module) -> Iterator[str]:
         w = _feature_width(m, entry["module"])
         if w is not None and w != entry["num_chs"]:
             yield f"feature_info[{entry['module']!r}].num_chs={entry['num_chs']} but module outputs {w}"
+
+
+# --------------------------------------------------------------------------- weight-standardised convs
+
+
+_STD_CONVS = ("timm.layers.std_conv.StdConv2d", "timm.layers.std_conv.StdConv2dSame",
+              "timm.layers.std_conv.ScaledStdConv2d", "timm.layers.std_conv.ScaledStdConv2dSame")
+
+
+@register_attribute_sync(*_STD_CONVS, check=_torch_modules._check_conv,
+                         managed_attrs={"in_channels", "out_channels", "groups"})
+def _sync_std_conv(m: nn.Module, path: str, ctx: SyncContext) -> None:
+    """A weight-standardised conv (NormFreeNet, BiT) normalises each filter over its inputs before use:
+    a change of its input width changes every filter's standardisation (repeating inputs and
+    splitting their weights, as widening does, is no longer the same function; ScaledStdConv2d's
+    ``scale`` depends on the fan-in), so it is refused; output widths follow as for any conv."""
+    old = (ctx.old_shapes or {}).get(f"{path}.weight" if path else "weight")
+    if old is not None and len(old) == m.weight.dim() and int(old[1]) != int(m.weight.shape[1]):
+        raise UnknownModuleError(
+            f"{path_label(path)}: {type(m).__name__} standardises each filter over its {int(old[1])} inputs per group; "
+            f"changing them to {int(m.weight.shape[1])} changes what it computes (no handler can keep it): resize "
+            f"only spaces this layer does not read, or fuse at the models' own widths",
+            [(path, type(m), ["in_channels"])])
+    _torch_modules._sync_conv(m, path, ctx)
 
 
 # --------------------------------------------------------------------------- attention
@@ -286,6 +315,227 @@ _sync_timm_resnet, _check_timm_resnet = _stage_model(_resnet_num_features, _resn
 register_attribute_sync("timm.models.resnet.ResNet", check=_check_timm_resnet)(_sync_timm_resnet)
 _sync_timm_convnext, _check_timm_convnext = _stage_model(_convnext_num_features, _convnext_head_hidden)
 register_attribute_sync("timm.models.convnext.ConvNeXt", check=_check_timm_convnext)(_sync_timm_convnext)
+
+
+# --------------------------------------------------------------------------- other timm models
+
+
+def _is_timm_model(m: nn.Module) -> bool:
+    """A timm model class of the 0.9+ convention (``timm.models`` package, int ``num_features``,
+    ``get_classifier`` and ``forward_features``) that no handler of its own names."""
+    nf = vars(m).get("num_features")
+    return (type(m).__module__.startswith("timm.models.") and isinstance(nf, int) and not isinstance(nf, bool)
+            and callable(getattr(m, "get_classifier", None)) and callable(getattr(m, "forward_features", None)))
+
+
+# parameter hooks (old-style weight / spectral norm) compute weights during the trace; other module
+# hooks (a user's recorder) must not see it
+try:
+    from torch.nn.utils.spectral_norm import SpectralNorm as _SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm as _WeightNorm
+
+    _PARAM_HOOK_TYPES: tuple[type, ...] = (_WeightNorm, _SpectralNorm)
+except ImportError:  # pragma: no cover - a torch without them
+    _PARAM_HOOK_TYPES = ()
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+
+
+@contextlib.contextmanager
+def _on_meta(model: nn.Module) -> Iterator[None]:
+    """``model`` with every parameter and buffer swapped for a meta tensor of its shape and dtype
+    (tying kept), in eval mode, without its modules' hooks (parameter hooks kept); everything,
+    tensor attributes set by the forward included, is restored on exit."""
+    saved: list[tuple[dict, str, Any]] = []
+    memo: dict[int, torch.Tensor] = {}
+    modules = list(model.modules())
+    state = [(mod, mod.training, {k: v for k, v in vars(mod).items() if isinstance(v, torch.Tensor)},
+              {k: mod.__dict__[k] for k in _HOOK_DICTS if k in mod.__dict__}) for mod in modules]
+    try:
+        for mod, _, _, hooks in state:
+            mod.training = False
+            for k, d in hooks.items():
+                kept = type(d)((i, h) for i, h in d.items() if k == "_forward_pre_hooks"
+                               and isinstance(h, _PARAM_HOOK_TYPES))
+                object.__setattr__(mod, k, kept)
+            for store in (mod._parameters, mod._buffers):
+                for k, t in store.items():
+                    if t is None:
+                        continue
+                    if not is_tensor(t):
+                        raise TypeError("uninitialised (lazy) tensor")
+                    if id(t) not in memo:
+                        memo[id(t)] = torch.empty(t.shape, dtype=t.dtype, device="meta")
+                    saved.append((store, k, t))
+                    store[k] = memo[id(t)]
+        yield
+    finally:
+        for store, k, t in saved:
+            store[k] = t
+        for mod, training, tensors, hooks in state:
+            mod.training = training
+            for k, d in hooks.items():
+                object.__setattr__(mod, k, d)
+            for k, v in list(vars(mod).items()):
+                if isinstance(v, torch.Tensor) and k not in tensors and v.is_meta:
+                    delattr(mod, k)
+            for k, v in tensors.items():
+                if mod.__dict__.get(k) is not v:
+                    object.__setattr__(mod, k, v)
+
+
+def _channels(t: Any, nhwc: bool) -> int | None:
+    """Channel count of a feature tensor: dim 1 of an NCHW map, else the last dim (NHWC, NLC, NC)."""
+    if not isinstance(t, torch.Tensor) or t.dim() < 2:
+        return None
+    return int(t.shape[1] if t.dim() == 4 and not nhwc else t.shape[-1])
+
+
+def _input_sizes(m: nn.Module) -> Iterator[tuple[int, int]]:
+    """(channels, size) of the square inputs to try on ``m``: its ``in_chans`` (else its first conv's
+    input channels) at the size its ``pretrained_cfg`` declares (224 without one), then at its
+    ``img_size`` (a model built for other images)."""
+    chans = vars(m).get("in_chans")
+    if not isinstance(chans, int) or isinstance(chans, bool) or chans <= 0:
+        conv = next((c for c in m.modules() if isinstance(c, _ConvNd)), None)
+        chans = conv.in_channels if conv is not None else None
+    if chans is None:
+        return
+    cfg = getattr(m, "pretrained_cfg", None) or getattr(m, "default_cfg", None) or {}
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    sizes = [int(size[-1]) if isinstance(size, (tuple, list)) and size else 224]
+    img = getattr(m, "img_size", None) or getattr(getattr(m, "patch_embed", None), "img_size", None)
+    img = img[-1] if isinstance(img, (tuple, list)) and img else img
+    if isinstance(img, int) and not isinstance(img, bool) and img > 0 and img not in sizes:
+        sizes.append(img)
+    for hw in sizes:
+        yield chans, hw
+
+
+def _trace_timm_model(m: nn.Module, errors: list[str] | None = None) -> dict[str, Any] | None:
+    """Shapes of a timm model run on the meta device (no memory, no compute, nothing changed):
+    ``{"num_features": channels of forward_features' output, "pre_logits": width of
+    forward_head(..., pre_logits=True) or None, "feature_info": {module name: channels}}``, or
+    None when the model does not run so (data-dependent code, an input size it refuses, a module
+    whose stale attributes no longer fit its tensors, ...; why: appended to ``errors``)."""
+    fmt = getattr(m, "output_fmt", "NCHW")
+    nhwc = str(getattr(fmt, "value", fmt)).upper() == "NHWC"
+    for chans, hw in _input_sizes(m):
+        widths: dict[str, int] = {}
+        handles = []
+        try:
+            dtype = next((t.dtype for t in m.parameters() if t.is_floating_point()), torch.float32)
+            with _on_meta(m), torch.no_grad():
+                for entry in _feature_info(m):
+                    name = str(entry["module"])
+                    try:
+                        sub = m.get_submodule(name)
+                    except AttributeError:
+                        continue
+                    handles.append(sub.register_forward_hook(
+                        lambda _mod, _inp, out, name=name: widths.__setitem__(name, c)
+                        if (c := _channels(out, nhwc)) is not None else None))
+                feats = m.forward_features(torch.empty(2, chans, hw, hw, dtype=dtype, device="meta"))
+                nf = _channels(feats, nhwc)
+                try:
+                    pre = m.forward_head(feats, pre_logits=True)
+                except Exception:  # noqa: BLE001 - no forward_head(pre_logits=): the classifier tells
+                    pre = None
+        except Exception as exc:  # noqa: BLE001 - any failure means: the shapes cannot be traced so
+            if errors is not None:
+                errors.append(f"{type(exc).__name__}: {exc}"[:300])
+            continue
+        finally:
+            for h in handles:
+                h.remove()
+        if nf is None:
+            if errors is not None:
+                errors.append(f"forward_features returned {type(feats).__name__}, not a feature map")
+            return None
+        pre_logits = int(pre.shape[-1]) if isinstance(pre, torch.Tensor) and pre.dim() == 2 else None
+        return {"num_features": nf, "pre_logits": pre_logits, "feature_info": widths}
+    return None
+
+
+def _timm_head_hidden(m: nn.Module, trace: dict[str, Any] | None) -> tuple[int | None, str]:
+    """``head_hidden_size`` of a timm model: the input width of its classifier, or (no Linear or
+    conv classifier: ``num_classes=0``) the width of its pre-logits features."""
+    try:
+        width = _in_width(m.get_classifier())
+    except Exception:  # noqa: BLE001 - a get_classifier that needs arguments: no classifier to read
+        width = None
+    if width is not None:
+        return width, "classifier input width"
+    return (trace or {}).get("pre_logits"), "pre-logits width"
+
+
+def _int_value(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _changed_sizes(m: nn.Module, path: str, ctx: SyncContext) -> set[int]:
+    """Old sizes of the tensors of ``m`` (at ``path``) whose shapes changed (empty: not known)."""
+    out: set[int] = set()
+    for name, t in m.state_dict(keep_vars=True).items():
+        old = ctx.old_shape(path, name)
+        if old is None or not is_tensor(t) or tuple(old) == tuple(t.shape):
+            continue
+        same_dims = len(old) == t.dim()
+        out.update(int(o) for o, n in zip(old, t.shape if same_dims else [None] * len(old)) if o != n)
+    return out
+
+
+@module_check
+def _check_timm_model(m: nn.Module) -> Iterator[str]:
+    trace = _trace_timm_model(m)
+    if trace is not None and m.num_features != trace["num_features"]:
+        yield f"num_features={m.num_features} but forward_features outputs {trace['num_features']} channels"
+    hh, what = _timm_head_hidden(m, trace)
+    if hh is not None and _int_value(vars(m).get("head_hidden_size")) and m.head_hidden_size != hh:
+        yield f"head_hidden_size={m.head_hidden_size} but {what} is {hh}"
+    # only what the run shows: a module it does not call, or one that outputs several maps (HRNet
+    # stages), is not checked
+    traced = (trace or {}).get("feature_info", {})
+    for entry in _feature_info(m):
+        w = traced.get(str(entry["module"]))
+        if w is not None and w != entry["num_chs"]:
+            yield f"feature_info[{entry['module']!r}].num_chs={entry['num_chs']} but module outputs {w}"
+
+
+@register_attribute_sync_by(_is_timm_model, check=_check_timm_model, managed_attrs=("num_features", "head_hidden_size"))
+def _sync_timm_model(m: nn.Module, path: str, ctx: SyncContext) -> None:
+    """Any timm model of the 0.9+ convention without a handler of its own (EfficientNet,
+    MobileNetV3/V4, RegNet, ByobNet, ...): ``num_features`` becomes the channels of
+    ``forward_features``' output and ``head_hidden_size`` the input width of ``get_classifier()``
+    (or the pre-logits width), both found by running the model on the meta device (shapes only),
+    and ``feature_info[*]["num_chs"]`` the channels each listed module outputs there (an entry
+    whose module that run does not call, or that outputs several maps, is left alone). A model that
+    does not run so while its ``num_features`` or ``head_hidden_size`` held a width that changed is
+    refused (:class:`UnknownModuleError`): its widths cannot be derived."""
+    errors: list[str] = []
+    trace = _trace_timm_model(m, errors)
+    hh, _ = _timm_head_hidden(m, trace)
+    unknown = [] if trace is not None else ["num_features"]
+    if hh is None and _int_value(vars(m).get("head_hidden_size")):
+        unknown.append("head_hidden_size")
+    stale = [k for k in unknown if getattr(m, k) in _changed_sizes(m, path, ctx)]
+    if stale:
+        why = f": {errors[-1]}" if errors else ""
+        raise UnknownModuleError(
+            f"module {path_label(path)!r} of type {type(m).__module__}.{type(m).__qualname__}: {' and '.join(stale)} "
+            f"cannot be derived: the model does not run on the meta device at its new widths{why} (a module whose "
+            f"attributes were not synced, or code that needs values). Register a handler for the offending type "
+            f"with `@register_attribute_sync(...)` (from fusion.modules)",
+            [(path, type(m), stale)],
+        )
+    if trace is not None:
+        m.num_features = trace["num_features"]
+        for entry in _feature_info(m):
+            w = trace["feature_info"].get(str(entry["module"]))
+            if w is not None:
+                entry["num_chs"] = w
+    if hh is not None and "head_hidden_size" in vars(m):
+        m.head_hidden_size = hh
 
 
 # --------------------------------------------------------------------------- heads and norms
