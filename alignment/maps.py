@@ -24,7 +24,7 @@ import torch
 
 from .errors import InvalidOptionError, SpaceMismatchError
 from .graph import Graph
-from .structure import Heads, RowPlan, dense_plan
+from .structure import Heads, RowPlan, dense_plan, tree_keys
 
 __all__ = [
     "SpaceMap", "permutation_plan", "plan_maps", "permutation_map", "selection_map", "axis_roles",
@@ -436,11 +436,18 @@ def fuse_tensors(
 
 def query_key_spaces(graph: Graph) -> list[str]:
     """Attention spaces contracted against themselves (query . key): heads-structured spaces none of
-    whose members consumes the features (no ``in`` role)."""
+    whose members consumes the features (no ``in`` role), neither directly nor through the spaces of
+    their structure tree. A grouped conv's input space is structured in groups like heads, but the
+    conv consumes it through its dims-within-group axis (an ``inner`` space with an ``in`` member):
+    it is an ordinary feature space, and rescaling its maps would change the function."""
     out = []
     for s in graph.spaces:
-        if s.members and isinstance(s.tree, Heads) and all(m.role == "out" for m in s.members):
-            out.append(s.name)
+        if not (s.members and isinstance(s.tree, Heads) and all(m.role == "out" for m in s.members)):
+            continue
+        inner = {k for k in tree_keys(s.tree)[1:] if k != s.tree.key and k in graph}
+        if any(m.role == "in" for k in inner for m in graph[k].members):
+            continue
+        out.append(s.name)
     return out
 
 

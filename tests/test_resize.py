@@ -213,3 +213,64 @@ def test_a_flatten_of_other_positions_is_refused_before_any_leaf_is_solved():
         check_structures([g16, g4], g16)
     with pytest.raises(SpaceMismatchError, match="blocks of 4 features in model 0 but 16"):
         Walk([g4], g16, select_leaf)
+
+
+def _grouped(c: int = 8, groups: int = 2, seed: int = 0) -> torch.nn.Sequential:
+    """1x1 conv -> grouped 3x3 conv -> grouped 1x1 conv -> pool -> linear (ResNeXt/RegNet-style),
+    with random BatchNorm statistics and affine weights (so no rescaling of a space hides)."""
+    torch.manual_seed(seed)
+    nn = torch.nn
+    m = nn.Sequential(nn.Conv2d(1, c, 1), nn.BatchNorm2d(c), nn.ReLU(),
+                      nn.Conv2d(c, c, 3, padding=1, groups=groups), nn.BatchNorm2d(c), nn.ReLU(),
+                      nn.Conv2d(c, c, 1, groups=groups), nn.BatchNorm2d(c), nn.ReLU(),
+                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 3))
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.normal_(0, 0.1)
+            mod.running_var.uniform_(0.5, 2.0)
+            mod.weight.data.uniform_(0.5, 1.5)
+            mod.bias.data.normal_(0, 0.1)
+    return m.eval()
+
+
+def test_widening_a_grouped_conv_keeps_the_function_and_equal_groups():
+    """Guards: a grouped (not depthwise) conv's input space is structured in groups like heads but is
+    no attention query-key space (the conv consumes it through its dims-within-group axis), so
+    widening by 2 or 1.5 keeps the function exactly (it used to be rescaled by the query-key logit
+    correction, silently: rel. error 1e-2); every width keeps the group count with equal groups, and
+    an absolute width that the groups cannot split is refused."""
+    from alignment.maps import query_key_spaces
+
+    model, x = _grouped(), torch.randn(4, 1, 8, 8)
+    for factor, c in ((2.0, 16), (1.5, 12), (0.5, 4)):
+        resized = resize(model, factor, x)
+        for i in (3, 6):
+            assert (resized[i].groups, resized[i].in_channels, resized[i].out_channels) == (2, c, c)
+        assert resized[11].in_features == c
+        if factor > 1:
+            with torch.no_grad():
+                assert rel_err(model(x), resized(x)) < 1e-5
+    assert query_key_spaces(discover(model, x)) == []
+    with pytest.raises(WidthError, match="does not split into 2 heads"):
+        resize(model, {"0": 9, "*": 1.0}, x)
+
+
+def test_grouped_conv_fuses_across_widths_and_with_its_permuted_copy():
+    """Guards: grouped-conv models of different widths fuse with ot, a model fuses exactly with a
+    permuted copy of itself, and fusing one model into a wider target (ot) keeps its function."""
+    import fusion
+    from alignment.permute import permute
+
+    x = torch.randn(12, 1, 8, 8)
+    wide, narrow = _grouped(8, seed=0), _grouped(4, seed=1)
+    fused = fusion.fuse([wide, narrow], x, method="ot", repair="none")
+    assert (fused[3].groups, fused[3].out_channels) == (2, 8)
+    with torch.no_grad():
+        assert torch.isfinite(fused(x)).all()
+    graph = discover(wide, x)
+    copy = permute(wide, graph, graph.random_permutations(seed=2))
+    with torch.no_grad():
+        y = wide(x)
+        assert rel_err(y, copy(x)) < 1e-5
+        assert rel_err(y, fusion.fuse([wide, copy], x, method="permute", repair="none")(x)) < 1e-5
+        assert rel_err(y, fusion.fuse([wide], x, method="ot", width=2.0, repair="none")(x)) < 1e-5
