@@ -374,8 +374,10 @@ def permute(ctx: MatchContext, *, iterations: int | None = None) -> MatchResult:
 
     Every model is matched one-to-one to an anchor (the first model of the target's widths). When
     widths differ from the target's, matching is rectangular: the best-matched units are kept and
-    the others dropped (or, when widening, fused units matched by fewer models average those that
-    match them); with no model of the target width the fused units are a barycenter.
+    the others dropped (or, fusing narrower models with one of the target's width, fused units
+    matched by fewer models average those that match them); with no model of the target width the
+    fused units are a barycenter. A target wider than every model is refused (one-to-one matching
+    would leave fused units nobody fills): ``method="ot"`` widens.
 
     Options:
         iterations: MergeMany-style rematching rounds (each model rematched against the mean of the
@@ -383,6 +385,12 @@ def permute(ctx: MatchContext, *, iterations: int | None = None) -> MatchResult:
     """
     if iterations is None:
         iterations = 0 if len(ctx.models) <= 2 else 3
+    for s in ctx.target.spaces:  # (before any statistics)
+        widths = [g[s.name].width for g in ctx.graphs if s.name in g]
+        if s.members and widths and s.width > max(widths):
+            raise SpaceMismatchError(f"space {s.name!r}: permute matches units one-to-one, so the fused width "
+                                     f"{s.width} cannot exceed the widest model's {max(widths)}; use method='ot' "
+                                     f"to widen")
     leaf = partial(ot_leaf, solver="hungarian", iterations=iterations)
     return _solve(ctx, leaf, lambda plans_of: _activation_gram(ctx, "correlation", plans_of, anchored=iterations == 0))
 

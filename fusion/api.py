@@ -188,6 +188,7 @@ class Alignment:
             _check_repair_batches(repair, self.calibration, self.models[0])
         _check_zip_until(zip_until, repair, heads, self.graphs)
         weights = check_alpha(alpha, len(self.models), normalize=False)
+        _warn_unnormalised(weights)
         report = _copy_report(self.report, weights, repair, refine)
         cut = None
         if zip_until is not None:
@@ -250,6 +251,14 @@ class Alignment:
         fused = ctx.fused.to(model_device(self.models[0]))
         fused.fusion_report = report
         return fused
+
+
+def _warn_unnormalised(weights: Sequence[float]) -> None:
+    """Warn when interpolation weights do not sum to 1 (what they then do is rarely what is meant)."""
+    if abs(sum(weights) - 1.0) > 1e-6:
+        warnings.warn(f"alpha={list(weights)} sums to {sum(weights):.6g}: the merge maps average each fused unit's "
+                      f"members by their weights, so the sum scales only what no space maps (the classifier's "
+                      f"outputs); weights summing to 1 extrapolate every layer alike", FusionWarning, stacklevel=3)
 
 
 def _check_data_free(repair: str, refine: str, model: nn.Module | None) -> None:
@@ -548,10 +557,7 @@ def fuse(
     """
     models = model_list(models)  # every tensor is checked once, in align
     weights = check_alpha(alpha, len(models), normalize)
-    if abs(sum(weights) - 1.0) > 1e-6:
-        warnings.warn(f"alpha={weights} sums to {sum(weights):.6g}: the merge maps average each fused unit's members by "
-                      f"their weights, so the sum scales only what no space maps (the classifier's outputs); "
-                      f"weights summing to 1 extrapolate every layer alike", FusionWarning, stacklevel=2)
+    _warn_unnormalised(weights)
     check_heads(heads)
     METHODS.validate(method, options)
     REPAIRS.validate(repair, dict(repair_options or {}))

@@ -255,6 +255,8 @@ CASES = [
      "first batch holds one sample"),
     ("a target in another dtype", lambda a, b, x: fusion.fuse([a, b], _cal(x), target=copy.deepcopy(a).double()),
      ModelError, "target is torch.float64 but the models are torch.float32"),
+    ("permute wider than every model", lambda a, b, x: fusion.fuse([a, b], _cal(x), method="permute", width=2.0),
+     SpaceMismatchError, "permute matches units one-to-one"),
     ("curve weights that are not numbers", lambda a, b, x: _curve([a, b], _cal(x), [], alphas=["a"]),
      InvalidOptionError, r"alphas must be numbers in \[0, 1\]"),
 ]
@@ -330,6 +332,10 @@ def test_alpha_that_extrapolates_needs_normalize_false():
 
     with pytest.warns(FusionWarning, match="sums to 2"):
         fusion.fuse([a, b], _cal(x), alpha=[1.0, 1.0], normalize=False, repair="none")
+    # ... and so does Alignment.build (before: silently)
+    al = fusion.align([a, b], _cal(x))
+    with pytest.warns(FusionWarning, match="sums to 1.4"):
+        al.build([0.7, 0.7])
 
 
 def test_a_non_finite_result_is_an_error_naming_where(monkeypatch):
