@@ -167,6 +167,8 @@ def _input_paths(specs, entries, checkpoints) -> list[Path]:
         w = getattr(e, "weights", None)
         if w is not None:
             paths += [Path(w), Path(w).with_suffix(".json")]
+            if (Path(w).parent / "manifest.json").is_file():  # (a zoo's index, which the job reads too)
+                paths.append(Path(w).parent / "manifest.json")
     return paths
 
 

@@ -573,7 +573,8 @@ def check_inputs_kept(path: str | os.PathLike[str], inputs: Iterable[str | os.Pa
     checkpoints), even with ``overwrite``.
 
     Raises:
-        OutputNotWritableError: an output is an input, or a folder output would hold one.
+        OutputNotWritableError: an output is an input, a folder output would hold one, or an output
+            lies inside an input folder (a transformers model folder: its own weights).
     """
     outs = [p.resolve() for p in (*model_paths(path), *map(Path, extra))]
     for i in inputs:
@@ -582,6 +583,9 @@ def check_inputs_kept(path: str | os.PathLike[str], inputs: Iterable[str | os.Pa
             if o == i or o in i.parents:
                 raise OutputNotWritableError(f"writing the model to {path} would replace the input {i}; choose "
                                              f"another output path")
+            if i.is_dir() and i in o.parents:
+                raise OutputNotWritableError(f"writing the model to {path} would write into the input folder {i}; "
+                                             f"choose an output path outside it")
 
 
 def remove_stale_forms(path: str | os.PathLike[str], written: Iterable[Path]) -> list[Path]:

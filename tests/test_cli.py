@@ -627,3 +627,34 @@ def test_hf_folders_in_bfloat16_fuse_and_keep_their_class_names(tmp_path):
     loaded, _ = load_model_file(out)
     assert loaded.config.id2label == names
     assert {t.dtype for t in loaded.parameters()} == {torch.bfloat16}
+
+
+def test_the_output_never_lands_inside_an_input_folder_or_on_a_zoo_manifest(tmp_path):
+    """Guards: --out inside an input HF model folder (``hf/model``: its own weights file) and --out on
+    the zoo's ``manifest`` are refused before any work, with --overwrite too (before: the folder's
+    weights and the zoo index were replaced)."""
+    import hashlib
+
+    from fusion.io import save_weights
+    from tests.data_spec_helpers import two_resnets
+
+    model = _hf_folder(tmp_path / "hf")
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "hf").iterdir()}
+    res = CliRunner().invoke(main, ["compress", model, "--width", "0.5", "--out", str(tmp_path / "hf" / "model"),
+                                    "--overwrite", "--data", "tests.data_spec_helpers:noise28",
+                                    "--calibration-size", "8"])
+    assert "would write into the input folder" in _one_error_line(res, alone=False)
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "hf").iterdir()} == before
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    net, arch = two_resnets()[0]
+    save_weights(net, zoo / "tiny.safetensors")
+    (zoo / "manifest.json").write_text(json.dumps({"tiny": {"arch": arch, "classes": list(range(10)),
+                                                             "num_classes": 10}}))
+    manifest = (zoo / "manifest.json").read_bytes()
+    res = CliRunner().invoke(main, ["compress", "tiny", "--zoo", str(zoo), "--width", "0.5", "--out",
+                                    str(zoo / "manifest"), "--overwrite", "--data", "tests.data_spec_helpers:noise28",
+                                    "--calibration-size", "8"])
+    line = _one_error_line(res)
+    assert "would replace the input" in line and "manifest.json" in line
+    assert (zoo / "manifest.json").read_bytes() == manifest
