@@ -129,9 +129,7 @@ def resolve_model(spec: str, zoo: str | None = None, checkpoint: str | None = No
             model = transformers.AutoModelForImageClassification.from_pretrained(str(path), local_files_only=True)
         return model.eval(), None
     if path.name.endswith(".timm.json"):
-        from .io import load_timm_json
-
-        return load_timm_json(path), None
+        return _load_timm_json(path)
     if path.suffix in (".safetensors", ".json") or model_paths(path)[1].exists():
         return load_model_file(path)
     if path.is_dir():
@@ -141,6 +139,21 @@ def resolve_model(spec: str, zoo: str | None = None, checkpoint: str | None = No
                                       f"with its .json sidecar, or their stem; a transformers model a folder with "
                                       f"config.json; a zoo model a name without '/')")
     return load_model(spec, zoo)
+
+
+def _load_timm_json(path: Path):
+    """A ``<stem>.timm.json`` model and the constructor spec its ``timm.create_model`` arguments
+    give (so that it can be fused, compressed and saved like a zoo model)."""
+    from .io import ModelSpec, load_timm_json
+
+    model = load_timm_json(path)
+    args = json.loads(path.read_text())
+    n = int(args.get("num_classes", getattr(model, "num_classes", 0)) or 0)
+    kwargs = {k: v for k, v in args.items() if k not in ("model_name", "num_classes", "pretrained")}
+    stem = path.name[: -len(".timm.json")]
+    spec = ModelSpec(name=stem, library="timm", arch_name=str(args["model_name"]), kwargs=kwargs, num_classes=n,
+                     classes=list(range(n)), weights=path.with_name(stem + ".safetensors"))
+    return model, spec
 
 
 def _load_timm(name: str, checkpoint: str | None, kwargs: dict | None, num_classes: int | None):

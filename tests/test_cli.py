@@ -658,3 +658,22 @@ def test_the_output_never_lands_inside_an_input_folder_or_on_a_zoo_manifest(tmp_
     line = _one_error_line(res)
     assert "would replace the input" in line and "manifest.json" in line
     assert (zoo / "manifest.json").read_bytes() == manifest
+
+
+def test_timm_json_models_compress_and_fuse(tmp_path):
+    """Guards: a ``<stem>.timm.json`` model (the timm form the CLI writes) is accepted by compress and
+    fuse as by eval (before: 'cannot tell how to rebuild ResNet'); the result is saved with its
+    timm constructor spec."""
+    out = tmp_path / "fn.safetensors"
+    res = CliRunner().invoke(main, ["--quiet", "fuse", "tests.data_spec_helpers:two_resnets", "--out", str(out),
+                                    "--data", "tests.data_spec_helpers:noise28", "--calibration-size", "16"])
+    assert res.exit_code == 0, res.output
+    form = str(tmp_path / "fn.timm.json")
+    for cmd in (["compress", form, "--width", "0.5"], ["fuse", form, form]):
+        target = tmp_path / f"{cmd[0]}.safetensors"
+        r = CliRunner().invoke(main, ["--quiet", *cmd, "--out", str(target), "--data",
+                                      "tests.data_spec_helpers:noise28", "--calibration-size", "16"])
+        assert r.exit_code == 0, r.output
+        assert json.loads(target.with_suffix(".json").read_text())["arch"]["name"] == "resnet18"
+        e = CliRunner().invoke(main, ["--quiet", "eval", str(target), "--data", "tests.data_spec_helpers:noise28"])
+        assert e.exit_code == 0, e.output
