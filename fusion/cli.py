@@ -125,8 +125,15 @@ def resolve_model(spec: str, zoo: str | None = None, checkpoint: str | None = No
 
         from .io import transformers_progress
 
-        with transformers_progress(_progress()):
-            model = transformers.AutoModelForImageClassification.from_pretrained(str(path), local_files_only=True)
+        from .io import CheckpointCorruptError
+
+        try:
+            with transformers_progress(_progress()):
+                model = transformers.AutoModelForImageClassification.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:  # a broken folder: say which and why
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointCorruptError(f"{spec}: transformers cannot load this model folder ({first[:300]}); "
+                                         f"check its config.json and weights") from None
         return model.eval(), None
     if path.name.endswith(".timm.json"):
         return _load_timm_json(path)
@@ -332,6 +339,20 @@ def parse_options(items) -> dict:
             out[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
             out[key.strip()] = value
+    return out
+
+
+def method_options(items) -> dict:
+    """``--option key=value`` pairs for the method (:func:`parse_options`); a key naming one of the
+    fusion call's own keywords (seed, repair, width, ...) is refused: the command sets those through
+    its own options."""
+    from alignment.methods import CALL_KEYWORDS
+
+    out = parse_options(items)
+    taken = [k for k in out if k in CALL_KEYWORDS or k in ("overwrite", "out", "methods", "repairs", "alphas")]
+    if taken:
+        raise click.BadParameter(f"{taken[0]!r} is no method option: the command sets it (see its --help); --option "
+                                 f"passes method options (`fusion methods` lists them)", param_hint="--option")
     return out
 
 
@@ -596,8 +617,14 @@ def eval_cmd(model: str, zoo_dir: str | None, limit: int | None, device: str | N
     MODEL is a zoo name, a .safetensors file written by `fusion fuse` (or save_model), an HF model
     folder, or timm:NAME with --checkpoint.
     """
+    from .checks import check_device
+
+    check_device(device)
     data = _data_of(kw)
-    [(m, entry)] = _resolve_all([model], zoo_dir, checkpoints, kwargs_json, num_classes)
+    resolved = _resolve_all([model], zoo_dir, checkpoints, kwargs_json, num_classes)
+    if len(resolved) != 1:
+        raise click.BadParameter(f"{model} gives {len(resolved)} models; eval takes one", param_hint="MODEL")
+    [(m, entry)] = resolved
     heads = (getattr(entry, "extra", None) or {}).get("heads") if entry is not None else None
     if heads:
         _report_heads(model, m, heads, data, limit, device)
@@ -656,6 +683,7 @@ def _run_fusion(models, method, alphas, out, repair, target_spec, width, calibra
     # before any work: an existing or unwritable output (the library forms included) fails now
     check_output(out, overwrite, extra=library_form_paths(out))
     data = _data_of(kw)
+    method_opts = method_options(options)
     if target_spec is not None and width is not None:
         raise click.UsageError("give --target or --width, not both")
     resolved = _resolve_all(models, zoo_dir, checkpoints, kwargs_json, num_classes)
@@ -681,7 +709,7 @@ def _run_fusion(models, method, alphas, out, repair, target_spec, width, calibra
     fused = fuse_fn(mods, calibration, method=method, repair=repair, alpha=alpha, seed=seed, device=device,
                     target=target, width=width, progress=_progress(), refine=refine,
                     refine_options=parse_options(refine_options), budget=budget, heads=heads,
-                    zip_until=_cut_value(zip_until), **parse_options(options))
+                    zip_until=_cut_value(zip_until), **method_opts)
     fused = fused.to("cpu")
     report = fused.fusion_report
     head_classes = None
@@ -811,6 +839,7 @@ def interpolate(models, out, overwrite, methods, repairs, steps, calibration_siz
 
     check_output_folder(out, (JSON_NAME, PLOT_NAME), overwrite)  # before any work
     data = _data_of(kw)
+    method_opts = method_options(options)
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     repair_list = [r.strip() for r in repairs.split(",") if r.strip()]
     bad = [r for r in repair_list if r not in REPAIRS]
@@ -831,7 +860,7 @@ def interpolate(models, out, overwrite, methods, repairs, steps, calibration_siz
     test = data.test(mods[0], first_classes, test_limit)
     curves = interpolation_report(mods, calibration, test, methods=method_list, repairs=repair_list,
                                   alphas=default_alphas(steps), out=out, device=device, progress=_progress(),
-                                  seed=seed, overwrite=overwrite, **parse_options(options))
+                                  seed=seed, overwrite=overwrite, **method_opts)
     for c in curves:
         click.echo(f"{c['method']:>16s} + {c['repair']:8s}: accuracy "
                    + " ".join(f"{100 * a:.1f}" for a in c["accuracy"])

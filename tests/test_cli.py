@@ -677,3 +677,23 @@ def test_timm_json_models_compress_and_fuse(tmp_path):
         assert json.loads(target.with_suffix(".json").read_text())["arch"]["name"] == "resnet18"
         e = CliRunner().invoke(main, ["--quiet", "eval", str(target), "--data", "tests.data_spec_helpers:noise28"])
         assert e.exit_code == 0, e.output
+
+
+def test_cli_input_errors_are_one_line(tmp_path):
+    """Guards: a transformers folder that cannot load, an eval device that is not there, an
+    ``--option`` naming the command's own keyword (seed), and eval of a function giving two models
+    are one-line errors with exit code 2 (before: OSError, RuntimeError and TypeError tracebacks,
+    the TypeError only after loading models and data)."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    res = CliRunner().invoke(main, ["eval", str(broken)])
+    assert res.exit_code == 2 and "cannot load this model folder" in _one_error_line(res, alone=False)
+    res = CliRunner().invoke(main, ["eval", _hf_folder(tmp_path / "hf"), "--device", "cuda:7"])
+    assert res.exit_code == 2 and "cuda:7" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(main, ["compress", str(tmp_path / "hf"), "--width", "0.5", "--out", str(tmp_path / "o"),
+                                    "--option", "seed=1", "--data", "tests.data_spec_helpers:noise28"])
+    assert res.exit_code == 2 and "'seed' is no method option" in res.output
+    res = CliRunner().invoke(main, ["eval", "tests.data_spec_helpers:two_resnets", "--data",
+                                    "tests.data_spec_helpers:noise28"])
+    assert res.exit_code == 2 and "eval takes one" in res.output
