@@ -705,6 +705,8 @@ def _run_fusion(models, method, alphas, out, repair, target_spec, width, calibra
         target, t_entry = resolve_model(target_spec, zoo_dir)
         arch_source = (target, t_entry)
     arch, n_classes, classes = _arch_of(*arch_source)
+    if do_eval:  # the test split is found before the work (a missing one failed after fusing and saving)
+        data.load("test", mods[0], None, remap=False)
     calibration = data.calibration(mods[0], entries, calibration_size, calibration_seed)
     fused = fuse_fn(mods, calibration, method=method, repair=repair, alpha=alpha, seed=seed, device=device,
                     target=target, width=width, progress=_progress(), refine=refine,

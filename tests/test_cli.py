@@ -697,3 +697,18 @@ def test_cli_input_errors_are_one_line(tmp_path):
     res = CliRunner().invoke(main, ["eval", "tests.data_spec_helpers:two_resnets", "--data",
                                     "tests.data_spec_helpers:noise28"])
     assert res.exit_code == 2 and "eval takes one" in res.output
+
+
+def test_eval_without_a_test_split_fails_before_the_work(tmp_path):
+    """Guards: --eval with data that has no test split fails before fusing and writes nothing
+    (before: the model was compressed and saved, then the error came)."""
+    from tests.test_data import _png_folder
+
+    _png_folder(tmp_path / "images" / "train", {f"c{k}": [(20 * k, 9, 9)] * 2 for k in range(10)})
+    model = _hf_folder(tmp_path / "hf")
+    out = tmp_path / "half"
+    res = CliRunner().invoke(main, ["compress", model, "--width", "0.5", "--out", str(out), "--eval",
+                                    "--data", str(tmp_path / "images"), "--mean", "0.5", "--std", "0.5",
+                                    "--calibration-size", "8"])
+    assert res.exit_code == 2 and "test" in _one_error_line(res, alone=False)
+    assert not out.with_suffix(".safetensors").exists() and "statistics" not in res.output
