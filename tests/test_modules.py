@@ -565,6 +565,15 @@ def _reloaded_logits(model: nn.Module, path, x: torch.Tensor) -> torch.Tensor:
         return type(model).from_pretrained(path).eval()(x).logits
 
 
+def _resize_quietly(model, factor, x):
+    """``fusion.resize.resize`` with its warnings silenced (uneven LayerNorm repeats and the like)."""
+    from fusion.resize import resize
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return resize(model, factor, x)
+
+
 @pytest.mark.parametrize("factor", [2.0, 0.5])
 @pytest.mark.parametrize("name", ["dinov2", "dinov2_with_registers", "beit"])
 def test_hf_attention_by_attributes_resized(name, factor, tmp_path):
@@ -573,14 +582,9 @@ def test_hf_attention_by_attributes_resized(name, factor, tmp_path):
     and ``scaling`` follow the q/k/v width (no other number of heads run silently), widening by 2
     keeps the function exactly, and the ``save_pretrained`` folder (config with the new sizes)
     reloads the same model."""
-    from fusion.resize import resize
-
-    torch.set_num_threads(1)
     m = make_hf_attention_model(name)
     x = torch.randn(4, 1, 28, 28)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        r = resize(m, factor, x)
+    r = _resize_quietly(m, factor, x)
     head_dim = int(16 * factor)
     for att in _hf_attentions(r):
         assert (att.num_attention_heads, att.head_dim, att.q_proj.out_features) == (4, head_dim, 4 * head_dim)
@@ -601,7 +605,6 @@ def test_hf_attention_rounded_head_dim_config(tmp_path):
     from fusion.modules.core import config_rebuilds
     from fusion.resize import resize
 
-    torch.set_num_threads(1)
     m = make_hf_attention_model("beit")
     x = torch.randn(4, 1, 28, 28)
     r = resize(m, 0.3, x)
@@ -703,14 +706,9 @@ def test_timm_models_by_attributes_resized(name, factor):
     ``forward_features``, ``head_hidden_size`` the classifier's input width (so
     ``reset_classifier`` builds a head that runs) and ``feature_info`` the channels of its modules;
     widening by 2 keeps the function exactly (models without grouped convs)."""
-    from fusion.resize import resize
-
-    torch.set_num_threads(1)
     m = make_timm_cnn(name)
     x = torch.randn(2, 1, 32, 32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        r = resize(m, factor, x)
+    r = _resize_quietly(m, factor, x)
     assert check_consistency(r) == []
     nf, pre, info = _timm_widths(r, x)
     assert (r.num_features, r.head_hidden_size) == (nf, pre) == (nf, r.get_classifier().in_features)
@@ -732,7 +730,6 @@ def test_timm_model_by_attributes_saved_and_reloaded(tmp_path):
     from fusion.io import load_model_file, resized_widths, save_model
     from fusion.resize import resize
 
-    torch.set_num_threads(1)
     arch = {"library": "timm", "name": "mobilenetv3_small_050", "kwargs": {"in_chans": 1}}
     m = make_timm_cnn("mobilenetv3_small_050")
     x = torch.randn(2, 1, 32, 32)
