@@ -800,6 +800,9 @@ class Walk:
         anchor = self.anchor if self.anchor is not None and sizes[self.anchor] == n else None
         if anchor is None and self.anchor is None:
             anchor = next((i for i, s in enumerate(sizes) if s == n), None)
+        elif anchor is None:
+            (note or self.note)(f"space {space!r}: the anchor model {self.anchor} has {sizes[self.anchor]} units where "
+                                f"the fused model has {n}, so no model anchors them: matched to their barycenter")
         gv = self._gram(space)
         G = geometry = None
         if gv is not None:

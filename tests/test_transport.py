@@ -733,3 +733,17 @@ def test_an_unconverged_sinkhorn_plan_is_reported_once_per_space():
             transport_plan(torch.rand(12, 12, generator=g), "sinkhorn", reg=1e-3, num_iter=5, note=ctx.note,
                            where="space 'x'")
     assert len(ctx.notes) == 1
+
+
+def test_an_ot_anchor_without_the_fused_width_is_reported():
+    """Guards: ``anchor=`` naming a model narrower than the fused widths cannot anchor those spaces;
+    they are matched to their barycenter and the report says so per space (before: silently)."""
+    from tests.tiny_models import timm_resnet18
+
+    torch.manual_seed(0)
+    wide, narrow, wide2 = (timm_resnet18(c).eval() for c in ((16, 32, 64, 128), (8, 16, 32, 64), (16, 32, 64, 128)))
+    cal = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(5))
+    fused = fusion.fuse([wide, narrow, wide2], cal, method="ot", repair="none", anchor=1)
+    assert any("anchor model 1 has 8 units where the fused model has 16" in f for f in fused.fusion_report.fallbacks)
+    assert not any("anchor" in f for f in fusion.fuse([wide, narrow, wide2], cal, method="ot", repair="none",
+                                                      anchor=0).fusion_report.fallbacks)
