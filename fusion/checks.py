@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from typing import Any, Sequence
 
 import torch
@@ -106,7 +107,9 @@ def check_alpha(alpha: Sequence[float] | float | None, n: int, normalize: bool =
     """
     if alpha is None:
         return [1.0 / n] * n
-    if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
+    if hasattr(alpha, "tolist") and callable(alpha.tolist):  # a numpy array or tensor (any float dtype), or scalar
+        alpha = alpha.tolist()
+    if isinstance(alpha, numbers.Real) and not isinstance(alpha, bool):
         if n != 2:
             raise InvalidOptionError(f"a single alpha is for two models; give {n} weights")
         alpha = [1.0 - float(alpha), float(alpha)]
@@ -116,7 +119,7 @@ def check_alpha(alpha: Sequence[float] | float | None, n: int, normalize: bool =
         raise InvalidOptionError(f"alpha has {len(alpha)} weights for {n} models")
     out = []
     for a in alpha:
-        if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a):
+        if isinstance(a, bool) or not isinstance(a, numbers.Real) or not math.isfinite(a):
             raise InvalidOptionError(f"alpha weights must be finite numbers, got {list(alpha)!r}")
         out.append(float(a))
     if normalize:

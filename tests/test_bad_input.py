@@ -474,3 +474,17 @@ def test_a_later_calibration_batch_of_another_dtype_is_named():
     a, b, x = _models()
     with pytest.raises(CalibrationError, match="batch 1 is torch.float64 but batch 0 is torch.float32"):
         fusion.fuse([a, b], [_cal(x), _cal(x).double()])
+
+
+def test_alpha_as_an_array_or_tensor_of_any_float_dtype():
+    """Guards: alpha given as a numpy float32 array, a torch tensor or a numpy scalar is read as the
+    numbers it holds (before: float32 arrays and tensors were refused as 'not finite numbers')."""
+    import numpy as np
+
+    from fusion.checks import check_alpha
+
+    for alpha in (np.array([0.25, 0.75], dtype=np.float32), torch.tensor([0.25, 0.75]), [np.float32(0.25), 0.75]):
+        assert check_alpha(alpha, 2) == [0.25, 0.75]
+    assert check_alpha(np.float32(0.75), 2) == [0.25, 0.75]
+    with pytest.raises(InvalidOptionError, match="finite"):
+        check_alpha(torch.tensor([float("nan"), 1.0]), 2)
