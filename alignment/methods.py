@@ -216,6 +216,13 @@ def _require_same_widths(ctx: MatchContext, method: str) -> None:
                     f"equal widths (use method='ot', 'merge' or 'permute' for different widths)")
 
 
+def _model_widths(ctx: MatchContext):
+    """``(space, [width in each model that has it])`` for every target space with members."""
+    for s in ctx.target.spaces:
+        if s.members:
+            yield s, [g[s.name].width for g in ctx.graphs if s.name in g]
+
+
 def _require_family(ctx: MatchContext) -> None:
     """Models and target are of one family: the same spaces (by name, at any widths) and the same
     parameters and buffers (by name). A model with layers the target lacks (a deeper variant) would
@@ -385,9 +392,8 @@ def permute(ctx: MatchContext, *, iterations: int | None = None) -> MatchResult:
     """
     if iterations is None:
         iterations = 0 if len(ctx.models) <= 2 else 3
-    for s in ctx.target.spaces:  # (before any statistics)
-        widths = [g[s.name].width for g in ctx.graphs if s.name in g]
-        if s.members and widths and s.width > max(widths):
+    for s, widths in _model_widths(ctx):  # (before any statistics)
+        if widths and s.width > max(widths):
             raise SpaceMismatchError(f"space {s.name!r}: permute matches units one-to-one, so the fused width "
                                      f"{s.width} cannot exceed the widest model's {max(widths)}; use method='ot' "
                                      f"to widen")
@@ -497,10 +503,7 @@ def _check_zip(options: dict[str, Any]) -> None:
 def _check_zip_widths(ctx: MatchContext, within: float) -> None:
     """Fused widths zipping cannot reach, refused before the statistics pass (the leaves check again
     per head and segment)."""
-    for s in ctx.target.spaces:
-        if not s.members:
-            continue
-        widths = [g[s.name].width for g in ctx.graphs if s.name in g]
+    for s, widths in _model_widths(ctx):
         if s.width > sum(widths):
             raise SpaceMismatchError(f"space {s.name!r}: zipping cannot widen the {sum(widths)} pooled units into "
                                      f"{s.width}; use method='ot' to widen")

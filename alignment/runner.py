@@ -20,7 +20,7 @@ from torch import nn
 
 from .errors import CalibrationError
 
-__all__ = ["DEFAULT_BATCH_SIZE", "batch_input", "batches", "first_batch", "check_data", "model_device",
+__all__ = ["DEFAULT_BATCH_SIZE", "batch_input", "batches", "first_batch", "check_data", "model_device", "model_dtype",
            "modes", "runnable", "stream", "all_finite", "has_nan", "plain_precision"]
 
 DEFAULT_BATCH_SIZE = 256
@@ -165,6 +165,11 @@ def model_device(model: nn.Module) -> torch.device:
     for t in model.buffers():
         return t.device
     return torch.device("cpu")
+
+
+def model_dtype(*models: nn.Module, default: torch.dtype | None = torch.float32) -> torch.dtype | None:
+    """Floating dtype of the first floating parameter of ``models`` (``default`` when none has one)."""
+    return next((t.dtype for m in models for t in m.parameters() if t.is_floating_point()), default)
 
 
 def runnable(models: Sequence[nn.Module], device: torch.device, avoid: Sequence[nn.Module] = ()) -> list[nn.Module]:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from alignment.errors import CalibrationError, FusionError, InvalidOptionError
-from alignment.runner import all_finite, batch_input, check_data, first_batch, has_nan, modes
+from alignment.runner import all_finite, batch_input, check_data, first_batch, has_nan, model_dtype, modes
 from alignment.structure import RowPlan
 
 __all__ = ["ModelError", "NonFiniteError", "model_list", "check_models", "check_alpha", "check_calibration", "check_device",
@@ -191,7 +191,7 @@ def check_calibration(data: Any, models: Sequence[nn.Module], heads: str | None 
     if not x.is_floating_point():
         raise CalibrationError(f"calibration inputs are {str(x.dtype).replace('torch.', '')}; the models take floating "
                                f"inputs: convert them (e.g. x.float() / 255)")
-    want = next((t.dtype for m in models for t in m.parameters() if t.is_floating_point()), None)
+    want = model_dtype(*models, default=None)
     if want is not None and x.dtype != want:
         raise CalibrationError(f"calibration inputs are {str(x.dtype).replace('torch.', '')} but the models are "
                                f"{str(want).replace('torch.', '')}; cast the data (x.to({want}))")

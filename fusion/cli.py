@@ -123,9 +123,7 @@ def resolve_model(spec: str, zoo: str | None = None, checkpoint: str | None = No
     if path.is_dir() and (path / "config.json").exists():
         import transformers
 
-        from .io import transformers_progress
-
-        from .io import CheckpointCorruptError
+        from .io import CheckpointCorruptError, transformers_progress
 
         try:
             with transformers_progress(_progress()):
@@ -466,7 +464,9 @@ class _InModelDtype(torch.utils.data.Dataset):
     @classmethod
     def wrap(cls, data, model):
         """``data`` itself when the model is float32 (or has no floating parameters)."""
-        dtype = next((t.dtype for t in model.parameters() if t.is_floating_point()), torch.float32)
+        from alignment.runner import model_dtype
+
+        dtype = model_dtype(model)
         return data if dtype == torch.float32 else cls(data, dtype)
 
     def __len__(self) -> int:

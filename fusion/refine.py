@@ -257,21 +257,14 @@ def _refinable(module: nn.Module, norms: bool) -> str | None:
 
 
 def _plan_layers(fused: nn.Module, tape, batchnorm: str, norms: bool,
-                 rules: dict[str, dict[str, Any] | None] | None = None) -> tuple[list[_Layer], list[str]]:
+                 rules: dict[str, dict[str, Any] | None]) -> tuple[list[_Layer], list[str]]:
     """The layers to refit in execution order, and the weighted modules left as they are (with why).
 
-    ``rules`` (from :func:`_probe`) says how each layer computes; without it every module is taken
-    for the plain operation of its base class. A layer whose forward no rule reproduces is left as
-    mapped (listed with why); a BatchNorm after a convolution that no rule reproduces is not folded
-    (the convolution is fitted to its own outputs, listed too)."""
+    ``rules`` (from :func:`_probe`) says how each layer computes. A layer whose forward no rule
+    reproduces is left as mapped (listed with why); a BatchNorm after a convolution that no rule
+    reproduces is not folded (the convolution is fitted to its own outputs, listed too)."""
     modules = dict(fused.named_modules())
     layers, skipped, seen = [], [], set()
-
-    def rule(path: str) -> dict[str, Any] | None:
-        if rules is None:
-            m = modules[path]
-            return {"dim": -1 if isinstance(m, (nn.Linear, nn.LayerNorm)) else 1, "pad": None, "extra": False}
-        return rules.get(path)
 
     for k, c in enumerate(tape.calls):
         m = modules.get(c.path)
@@ -288,7 +281,7 @@ def _plan_layers(fused: nn.Module, tape, batchnorm: str, norms: bool,
         if tape.count(c.path) > 1:
             skipped.append(f"{c.path} (called {tape.count(c.path)} times per forward pass: shared weights)")
             continue
-        how = rule(c.path)
+        how = rules.get(c.path)
         if how is None:
             what = {"linear": "F.linear of its weights", "conv": "a zero-, copy- or TensorFlow-'same'-padded "
                     "convolution by its weights", "norm": "a norm over the features, last or first after the "
@@ -302,11 +295,11 @@ def _plan_layers(fused: nn.Module, tape, batchnorm: str, norms: bool,
                 path = tape.calls[after[0]].path
                 norm = modules[path]
                 if norm.track_running_stats and norm.affine and tape.count(path) == 1:
-                    if rule(path) is None:
+                    if rules.get(path) is None:
                         skipped.append(f"{path} ({type(norm).__name__}: its forward is not its normalisation followed "
                                        f"by its submodules: not folded, {c.path} fitted to its own outputs)")
                     else:
-                        bn, extra = path, bool(rule(path)["extra"])
+                        bn, extra = path, bool(rules[path]["extra"])
         layers.append(_Layer(c.path, kind, bn, dim=how.get("dim", 1), pad=how.get("pad"), bn_extra=extra))
     return layers, skipped
 

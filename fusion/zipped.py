@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_leaves, tree_map_only
 
 from alignment.errors import FusionError
 from alignment.graph import Graph
-from alignment.runner import modes
+from alignment.runner import model_dtype, modes
 
 from .replay import Tape, record
 
@@ -317,8 +317,7 @@ class ZippedModel(nn.Module):
         self.cut, self.heads = cut, heads
         self.alpha = list(alpha) if alpha is not None else [1.0 / len(branches)] * len(branches)
         # the maps in the models' floating dtype (float64, bfloat16 models: no mixed dtypes)
-        dtype = next((t.dtype for m in ([trunk] if trunk is not None else []) + list(branches)
-                      for t in m.parameters() if t.is_floating_point()), torch.float32)
+        dtype = model_dtype(*([trunk] if trunk is not None else []), *branches)
         for i, U in enumerate(unmerge or []):
             self.register_buffer(f"unmerge_{i}", U.detach().to(dtype).clone())
             self.register_buffer(f"unmerge_bias_{i}", torch.zeros(U.shape[0], device=U.device, dtype=dtype))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from alignment import discover, permute
 from alignment.errors import SpaceMismatchError
@@ -67,3 +68,16 @@ def test_missing_map_is_reported():
 def test_space_map_checks_shapes():
     with pytest.raises(ValueError, match="do not fit"):
         SpaceMap([torch.zeros(3, 4)], [torch.zeros(3, 4)])
+
+
+def test_model_dtype_is_the_first_floating_parameter_dtype():
+    """Guards ``alignment.runner.model_dtype``: integer parameters are passed over, several models
+    are read in order, and a model without floating parameters gives the default."""
+    from alignment.runner import model_dtype
+
+    holder = nn.Module()
+    holder.count = nn.Parameter(torch.zeros(2, dtype=torch.int64), requires_grad=False)
+    wide = nn.Linear(2, 2).double()
+    assert model_dtype(holder, wide) == torch.float64
+    assert model_dtype(nn.Linear(2, 2).bfloat16()) == torch.bfloat16
+    assert model_dtype(holder) == torch.float32 and model_dtype(holder, default=None) is None

@@ -827,3 +827,12 @@ def test_weight_standardised_convs_refuse_a_new_input_width(conv):
     assert wide[0].out_channels == 16
     with torch.no_grad():
         assert float((wide(x) - reads_input(x)).norm() / reads_input(x).norm()) < 1e-5
+
+
+def test_is_int_takes_ints_and_no_bools():
+    """Guards ``fusion.modules.core.is_int``, which tells width and head attributes from flags:
+    ``True`` is an int in Python but no width."""
+    from fusion.modules.core import is_int
+
+    assert is_int(3) and is_int(0) and is_int(-2)
+    assert not any(is_int(v) for v in (True, False, 3.0, "3", None))

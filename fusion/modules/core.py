@@ -22,7 +22,7 @@ from alignment.errors import FusionError, FusionWarning
 __all__ = [
     "AttributeSyncError", "AttributeSyncWarning", "GroupsNotDivisibleError", "HeadsNotDivisibleError", "SyncContext",
     "SyncHandler", "UnknownModuleError", "UnknownTensorError", "check_consistency", "check_scale", "config_rebuilds",
-    "divide_heads", "handler_for", "is_tensor", "lookup", "module_check", "out_width", "path_label",
+    "divide_heads", "handler_for", "is_int", "is_tensor", "lookup", "module_check", "out_width", "path_label",
     "register_attribute_sync", "register_attribute_sync_by", "register_config_fallback", "register_config_sync",
     "register_width_free", "replace_tensor", "sync_config_by_shapes", "sync_module_attributes",
     "unregister_attribute_sync",
@@ -277,6 +277,11 @@ def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
+def is_int(value: Any) -> bool:
+    """Whether ``value`` is an int and no bool (a width, a head count, a size field)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def is_tensor(t: Any) -> bool:
     """Whether ``t`` is a materialised tensor (not ``None`` and not a lazy module's placeholder)."""
     return isinstance(t, torch.Tensor) and not isinstance(t, nn.parameter.UninitializedTensorMixin)
@@ -431,16 +436,12 @@ _HEAD_SIZE_ATTRS = ("head_dim", "attention_head_size", "attention_head_dim", "he
 _SCALE_ATTRS = ("scaling", "scale")
 
 
-def _int_attr(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _stale_head_sizes(mod: nn.Module, sizes: set[int]) -> set[str]:
     """Per-head size attributes of ``mod`` that, times one of its head counts (times 1, 2 or 3: q, kv
     or qkv projections), give an old size in ``sizes``: the width they divide changed."""
     attrs = vars(mod)
-    heads = [v for k in _HEADS_ATTRS if _int_attr(v := attrs.get(k)) and v > 0]
-    return {k for k in _HEAD_SIZE_ATTRS if _int_attr(v := attrs.get(k)) and v > 0
+    heads = [v for k in _HEADS_ATTRS if is_int(v := attrs.get(k)) and v > 0]
+    return {k for k in _HEAD_SIZE_ATTRS if is_int(v := attrs.get(k)) and v > 0
             and any(h * v * r in sizes for h in heads for r in (1, 2, 3))}
 
 
@@ -477,7 +478,7 @@ def _detect_unknown(modules: list[tuple[str, nn.Module]], changed: Mapping[str, 
             continue
         bad = {
             k for k, v in vars(mod).items()
-            if _int_attr(v) and not k.startswith("__") and k not in managed
+            if is_int(v) and not k.startswith("__") and k not in managed
             and (v in own or (v in below and _WIDTH_NAME.search(k) and not _NOT_WIDTH_NAME.search(k)))
         }
         bad |= _stale_head_sizes(mod, own | below) - managed
@@ -519,8 +520,7 @@ def _sync_num_classes(modules: list[tuple[str, nn.Module]], affected: set[str] |
     # other outputs: models fused with separate heads)
     for path, m in modules:
         n, get = getattr(m, "num_classes", None), getattr(m, "get_classifier", None)
-        if (affected is not None and path not in affected) or not isinstance(n, int) or isinstance(n, bool) \
-                or not callable(get):
+        if (affected is not None and path not in affected) or not is_int(n) or not callable(get):
             continue
         try:
             head = get()
@@ -537,7 +537,7 @@ def _head_attrs(model: nn.Module) -> dict[str, Any]:
     for path, mod in model.named_modules():
         attrs = vars(mod)
         for k in (*_HEADS_ATTRS, *_HEAD_SIZE_ATTRS):
-            if _int_attr(attrs.get(k)):
+            if is_int(attrs.get(k)):
                 out[_join(path, k)] = attrs[k]
         for k in _SCALE_ATTRS:
             if isinstance(attrs.get(k), float):
@@ -546,7 +546,7 @@ def _head_attrs(model: nn.Module) -> dict[str, Any]:
 
 
 def _same_head_attrs(have: Mapping[str, Any], got: Mapping[str, Any]) -> bool:
-    return all(k not in got or (got[k] == v if _int_attr(v) else math.isclose(got[k], v, rel_tol=1e-6))
+    return all(k not in got or (got[k] == v if is_int(v) else math.isclose(got[k], v, rel_tol=1e-6))
                for k, v in have.items())
 
 
@@ -571,13 +571,12 @@ def _size_fields(config: Any, sizes: Mapping[int, int]) -> dict[str, Any]:
     and their values with every such size replaced by its new one."""
     out: dict[str, Any] = {}
     labels = getattr(config, "num_labels", None)  # (a property over id2label in transformers)
-    if isinstance(labels, int) and not isinstance(labels, bool) and labels in sizes:
+    if is_int(labels) and labels in sizes:
         out["num_labels"] = sizes[labels]
     for key, value in vars(config).items():
-        if isinstance(value, int) and not isinstance(value, bool) and value in sizes:
+        if is_int(value) and value in sizes:
             out[key] = sizes[value]
-        elif (isinstance(value, (list, tuple)) and value and all(isinstance(v, int) and not isinstance(v, bool)
-                                                                  for v in value)
+        elif (isinstance(value, (list, tuple)) and value and all(is_int(v) for v in value)
               and any(v in sizes for v in value)):
             out[key] = type(value)(sizes.get(v, v) for v in value)
     return out

@@ -30,7 +30,7 @@ from typing import Any, Iterator
 from torch import nn
 
 from .core import (
-    AttributeSyncError, SyncContext, check_scale, config_rebuilds, handler_for, is_tensor, module_check, out_width,
+    AttributeSyncError, SyncContext, check_scale, config_rebuilds, handler_for, is_int, is_tensor, module_check, out_width,
     path_label, register_attribute_sync, register_attribute_sync_by, register_config_fallback, register_config_sync,
     register_width_free, sync_config_by_shapes,
 )
@@ -60,10 +60,6 @@ _HEAD_DIMS = ("head_dim", "attention_head_size")  # the per-head size (5.x / 4.x
 _SCALES = ("scaling", "scale")  # the softmax scale
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _hf_qkv(m: nn.Module) -> tuple[Any, Any, Any]:
     """The q, k, v projections of 5.x (``q_proj``, ...) or 4.x (``query``, ...) attention."""
     def first(*names):
@@ -74,12 +70,12 @@ def _hf_qkv(m: nn.Module) -> tuple[Any, Any, Any]:
 
 def _heads_attr(m: nn.Module) -> str:
     """The name of ``m``'s number of heads (``num_attention_heads`` when it has none)."""
-    return next((a for a in _HEADS if _is_int(getattr(m, a, None))), _HEADS[0])
+    return next((a for a in _HEADS if is_int(getattr(m, a, None))), _HEADS[0])
 
 
 def _head_dim(m: nn.Module) -> int | None:
     """``m``'s per-head size (``head_dim``, or 4.x ``attention_head_size``), or ``None``."""
-    return next((v for v in (getattr(m, a, None) for a in _HEAD_DIMS) if _is_int(v)), None)
+    return next((v for v in (getattr(m, a, None) for a in _HEAD_DIMS) if is_int(v)), None)
 
 
 def _scale_attr(m: nn.Module) -> str | None:
@@ -96,7 +92,7 @@ def _is_hf_attention(m: nn.Module) -> bool:
     if not type(m).__module__.startswith("transformers.") or _head_dim(m) is None:
         return False
     heads = getattr(m, _heads_attr(m), None)
-    if not _is_int(heads):
+    if not is_int(heads):
         return False
     kv_heads = getattr(m, "num_key_value_heads", heads)
     return kv_heads == heads and all(isinstance(p, nn.Linear) for p in _hf_qkv(m))
@@ -114,7 +110,7 @@ def _check_hf_attention(m: nn.Module) -> Iterator[str]:
         if isinstance(proj, nn.Linear) and proj.out_features != total:
             yield f"{heads}*head_dim={total} but {name} projection out_features={proj.out_features}"
     for name in _HEAD_DIMS:
-        if _is_int(getattr(m, name, None)) and getattr(m, name) != head_dim:
+        if is_int(getattr(m, name, None)) and getattr(m, name) != head_dim:
             yield f"{name}={getattr(m, name)} but head_dim={head_dim}"
     if hasattr(m, "all_head_size") and m.all_head_size != total:
         yield f"all_head_size={m.all_head_size} but {heads}*attention_head_size={total}"
@@ -271,7 +267,7 @@ def _sync_hf_vit_config(owner: nn.Module, path: str, config: Any, ctx: SyncConte
 def _check_hf_heads_config(owner: nn.Module, path: str, config: Any) -> list[str]:
     attn = _hf_attention_heads(owner)
     heads, hidden = getattr(config, "num_attention_heads", None), getattr(config, "hidden_size", None)
-    if not attn or not _is_int(heads) or not _is_int(hidden):
+    if not attn or not is_int(heads) or not is_int(hidden):
         return []
     out = []
     p = f"{path_label(path)}.config"
@@ -294,7 +290,7 @@ def _sync_hf_heads_config(owner: nn.Module, path: str, config: Any, ctx: SyncCon
     built from the config has the model's shapes, heads and per-head sizes; otherwise the config is
     left to the shape-based sync."""
     attn = _hf_attention_modules(owner)
-    if not attn or not _is_int(getattr(config, "num_attention_heads", None)) or config_rebuilds(owner, config):
+    if not attn or not is_int(getattr(config, "num_attention_heads", None)) or config_rebuilds(owner, config):
         return
     # the first layer's; per-stage head dims (MobileViT) follow the sizes, and per-layer numbers of
     # heads that the config cannot express fail the rebuild (the core then warns)
@@ -302,13 +298,13 @@ def _sync_hf_heads_config(owner: nn.Module, path: str, config: Any, ctx: SyncCon
     hidden = {int(_hf_qkv(mod)[0].in_features) for mod in attn}
     trial = copy.deepcopy(config)
     _set_config(trial, "num_attention_heads", int(n))
-    if _is_int(getattr(trial, "head_dim", None)):
+    if is_int(getattr(trial, "head_dim", None)):
         _set_config(trial, "head_dim", int(head_dim))
     synced = sync_config_by_shapes(owner, trial, path, ctx.old_shapes)
-    if not synced and not _is_int(getattr(trial, "head_dim", None)):
+    if not synced and not is_int(getattr(trial, "head_dim", None)):
         trial.head_dim = int(head_dim)
         synced = sync_config_by_shapes(owner, trial, path, ctx.old_shapes)
-    if not synced and len(hidden) == 1 and _is_int(getattr(trial, "hidden_size", None)):
+    if not synced and len(hidden) == 1 and is_int(getattr(trial, "hidden_size", None)):
         _set_config(trial, "hidden_size", hidden.pop())
         synced = sync_config_by_shapes(owner, trial, path, ctx.old_shapes)
     if synced:

@@ -26,10 +26,12 @@ import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
+from alignment.runner import model_dtype
+
 from . import torch_modules as _torch_modules  # noqa: F401  (registers nn.LayerNorm, whose handler is reused below)
 from .core import (
     AttributeSyncError, GroupsNotDivisibleError, HeadsNotDivisibleError, SyncContext, UnknownModuleError, check_scale,
-    divide_heads, is_tensor, lookup, module_check, out_width, path_label, register_attribute_sync,
+    divide_heads, is_int, is_tensor, lookup, module_check, out_width, path_label, register_attribute_sync,
     register_attribute_sync_by, register_width_free,
 )
 
@@ -324,7 +326,7 @@ def _is_timm_model(m: nn.Module) -> bool:
     """A timm model class of the 0.9+ convention (``timm.models`` package, int ``num_features``,
     ``get_classifier`` and ``forward_features``) that no handler of its own names."""
     nf = vars(m).get("num_features")
-    return (type(m).__module__.startswith("timm.models.") and isinstance(nf, int) and not isinstance(nf, bool)
+    return (type(m).__module__.startswith("timm.models.") and is_int(nf)
             and callable(getattr(m, "get_classifier", None)) and callable(getattr(m, "forward_features", None)))
 
 
@@ -396,7 +398,7 @@ def _input_sizes(m: nn.Module) -> Iterator[tuple[int, int]]:
     input channels) at the size its ``pretrained_cfg`` declares (224 without one), then at its
     ``img_size`` (a model built for other images)."""
     chans = vars(m).get("in_chans")
-    if not isinstance(chans, int) or isinstance(chans, bool) or chans <= 0:
+    if not is_int(chans) or chans <= 0:
         conv = next((c for c in m.modules() if isinstance(c, _ConvNd)), None)
         chans = conv.in_channels if conv is not None else None
     if chans is None:
@@ -406,7 +408,7 @@ def _input_sizes(m: nn.Module) -> Iterator[tuple[int, int]]:
     sizes = [int(size[-1]) if isinstance(size, (tuple, list)) and size else 224]
     img = getattr(m, "img_size", None) or getattr(getattr(m, "patch_embed", None), "img_size", None)
     img = img[-1] if isinstance(img, (tuple, list)) and img else img
-    if isinstance(img, int) and not isinstance(img, bool) and img > 0 and img not in sizes:
+    if is_int(img) and img > 0 and img not in sizes:
         sizes.append(img)
     for hw in sizes:
         yield chans, hw
@@ -424,7 +426,7 @@ def _trace_timm_model(m: nn.Module, errors: list[str] | None = None) -> dict[str
         widths: dict[str, int] = {}
         handles = []
         try:
-            dtype = next((t.dtype for t in m.parameters() if t.is_floating_point()), torch.float32)
+            dtype = model_dtype(m)
             with _on_meta(m), torch.no_grad():
                 for entry in _feature_info(m):
                     name = str(entry["module"])
@@ -469,10 +471,6 @@ def _timm_head_hidden(m: nn.Module, trace: dict[str, Any] | None) -> tuple[int |
     return (trace or {}).get("pre_logits"), "pre-logits width"
 
 
-def _int_value(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _changed_sizes(m: nn.Module, path: str, ctx: SyncContext) -> set[int]:
     """Old sizes of the tensors of ``m`` (at ``path``) whose shapes changed (empty: not known)."""
     out: set[int] = set()
@@ -491,7 +489,7 @@ def _check_timm_model(m: nn.Module) -> Iterator[str]:
     if trace is not None and m.num_features != trace["num_features"]:
         yield f"num_features={m.num_features} but forward_features outputs {trace['num_features']} channels"
     hh, what = _timm_head_hidden(m, trace)
-    if hh is not None and _int_value(vars(m).get("head_hidden_size")) and m.head_hidden_size != hh:
+    if hh is not None and is_int(vars(m).get("head_hidden_size")) and m.head_hidden_size != hh:
         yield f"head_hidden_size={m.head_hidden_size} but {what} is {hh}"
     # only what the run shows: a module it does not call, or one that outputs several maps (HRNet
     # stages), is not checked
@@ -516,7 +514,7 @@ def _sync_timm_model(m: nn.Module, path: str, ctx: SyncContext) -> None:
     trace = _trace_timm_model(m, errors)
     hh, _ = _timm_head_hidden(m, trace)
     unknown = [] if trace is not None else ["num_features"]
-    if hh is None and _int_value(vars(m).get("head_hidden_size")):
+    if hh is None and is_int(vars(m).get("head_hidden_size")):
         unknown.append("head_hidden_size")
     stale = [k for k in unknown if getattr(m, k) in _changed_sizes(m, path, ctx)]
     if stale:
