@@ -317,6 +317,9 @@ def zip_labels(S: torch.Tensor, sizes: Sequence[int], n: int, within: float, rem
         n: number of groups.
         within: weight of a merge inside one model against a merge across models (similarities of
             two units of one model are multiplied by it; 0 forbids such merges). Ignored for one model.
+            With ``within=0`` and three or more models, the models are zipped in order (see
+            :func:`_zip_in_order`): merging all of them at once can leave only groups that share a
+            model before ``n`` is reached.
         remerge: factor applied to the similarities of a group that holds its share of units
             (``ceil(P / n)`` of the ``P`` pooled units: a pair when two models zip into one width;
             ZipIt's linkage: the smaller of its parts' similarities, times this); 0 lets a group grow
@@ -324,6 +327,9 @@ def zip_labels(S: torch.Tensor, sizes: Sequence[int], n: int, within: float, rem
         where: what is being merged (named in errors).
         overwrite: work in ``S`` itself (it is overwritten; see :func:`greedy_merge`).
     """
+    decay_from = max(2, math.ceil(S.shape[0] / n))
+    if within == 0 and len(sizes) > 2:
+        return _zip_in_order(S, sizes, n, remerge, decay_from)
     if not overwrite:
         S = S.clone()
     if len(sizes) > 1 and within != 1.0:
@@ -336,11 +342,63 @@ def zip_labels(S: torch.Tensor, sizes: Sequence[int], n: int, within: float, rem
             else:
                 S[a:b, a:b].fill_(-math.inf)
     try:
-        return greedy_merge(S, n, balanced=False, linkage="min", decay=remerge,
-                            decay_from=max(2, math.ceil(S.shape[0] / n)), overwrite=True)
-    except RuntimeError:
+        return greedy_merge(S, n, balanced=False, linkage="min", decay=remerge, decay_from=decay_from, overwrite=True)
+    except RuntimeError:  # (not reached: two models' groups always leave a merge across them)
         raise SpaceMismatchError(f"{where}: with within=0 no merge is left that keeps every group to one unit per "
                                  f"model before reaching width {n}; allow merges inside a model (within > 0)") from None
+
+
+def _zip_in_order(S: torch.Tensor, sizes: Sequence[int], n: int, remerge: float, decay_from: int) -> torch.Tensor:
+    """ZipIt's merging with no merge inside a model (``within=0``) for three or more models, one model
+    at a time: model ``i``'s units are zipped into the groups formed from models ``0..i-1`` (greedy,
+    most similar first, ZipIt's linkage), merging only as much as keeps at most ``n`` groups.
+
+    Pooling every model at once can end with groups that each share a model with all the others
+    before ``n`` groups are reached (three models zipped into their width: a group holding units of
+    models 0 and 1 cannot take a group holding units of 1 and 2). In order, a stage that must merge
+    always has a unit of model ``i`` and a group without one, so it never stalls. A group's
+    similarity to a unit or group is the smallest over their members' pairs, times ``remerge`` for
+    each unit it holds from its share (``decay_from`` units) on, as in :func:`greedy_merge`.
+    """
+    S = S.detach().to("cpu", torch.float64)
+    offsets = [0]
+    for s in sizes:
+        offsets.append(offsets[-1] + int(s))
+    lab = torch.arange(offsets[1])  # group of each unit placed so far (models 0..i-1)
+    owner = torch.zeros(offsets[1], dtype=torch.long)
+    k = offsets[1]
+    for i in range(1, len(sizes)):
+        a, b = offsets[i], offsets[i + 1]
+        done = torch.arange(a)
+        size = torch.bincount(lab, minlength=k).double()
+        has = torch.zeros(k, len(sizes), dtype=torch.bool)
+        has[lab, owner] = True
+        factor = remerge ** (size - decay_from + 1).clamp_min(0)
+        # every group's smallest similarity to every unit, then to every group
+        to_unit = torch.full((k, S.shape[1]), math.inf, dtype=torch.float64)
+        to_unit.scatter_reduce_(0, lab[:, None].expand(-1, S.shape[1]), S[done], "amin")
+        to_group = torch.full((k, k), math.inf, dtype=torch.float64)
+        to_group.scatter_reduce_(1, lab[None, :].expand(k, -1), to_unit[:, done], "amin")
+        M = torch.full((k + b - a, k + b - a), -math.inf, dtype=torch.float64)
+        M[:k, :k] = _decayed(to_group, factor[:, None] * factor[None, :])
+        M[:k, :k][(has.double() @ has.double().T) > 0] = -math.inf  # groups sharing a model
+        M[:k, k:] = _decayed(to_unit[:, a:b], factor[:, None])
+        M[k:, :k] = M[:k, k:].T
+        target = min(n, k + b - a)
+        new = greedy_merge(M, target, balanced=False, linkage="min", decay=remerge, decay_from=decay_from,
+                           overwrite=True, sizes=torch.cat([size, torch.ones(b - a, dtype=torch.float64)]).tolist())
+        lab = torch.cat([new[lab], new[k:]])
+        owner = torch.cat([owner, torch.full((b - a,), i, dtype=torch.long)])
+        k = target
+    first = torch.full((k,), lab.numel(), dtype=torch.long).scatter_reduce_(0, lab, torch.arange(lab.numel()), "amin")
+    rank = torch.empty(k, dtype=torch.long)
+    rank[torch.argsort(first)] = torch.arange(k)
+    return rank[lab]  # groups numbered by their smallest member, as greedy_merge numbers them
+
+
+def _decayed(sim: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``sim`` times ``factor`` where it is finite (ZipIt's decay of a merged group's similarities)."""
+    return torch.where(torch.isfinite(sim), sim * factor, sim)
 
 
 def zip_leaf(leaf: LeafProblem, within: float = 1.0, remerge: float = 0.3) -> tuple[list[torch.Tensor], float]:

@@ -44,7 +44,8 @@ LINKAGES = ("average", "min")
 
 
 def greedy_merge(S: torch.Tensor, n: int, balanced: bool = True, linkage: str = "average",
-                 decay: float = 1.0, decay_from: int = 2, overwrite: bool = False) -> torch.Tensor:
+                 decay: float = 1.0, decay_from: int = 2, overwrite: bool = False,
+                 sizes=None) -> torch.Tensor:
     """Agglomerative merging of P units into n groups (average linkage, or ZipIt's scaled minimum).
 
     Exact (same merges, same tie-breaking, bit-identical merged similarities) equivalent of the
@@ -74,6 +75,9 @@ def greedy_merge(S: torch.Tensor, n: int, balanced: bool = True, linkage: str = 
         overwrite: work in ``S`` itself when it is a contiguous float32/float64 CPU matrix (it is
             overwritten): no copy of a ``P x P`` matrix (wide spaces: hundreds of MB). Default: ``S``
             is left as it is.
+        sizes: how many units each of the ``P`` rows already stands for (default: one each): the
+            sizes that the cap and ``decay_from`` compare and that average linkage weights by, for
+            continuing a merge from groups formed earlier.
 
     Returns:
         CPU ``LongTensor`` of length ``P``: the group of each unit, with values ``0..n-1`` and groups
@@ -103,16 +107,22 @@ def greedy_merge(S: torch.Tensor, n: int, balanced: bool = True, linkage: str = 
     if not bool(torch.all(S < math.inf)):  # false for NaN and +inf
         raise ValueError("S must not contain NaN or +inf off the diagonal")
 
+    if sizes is None:
+        sizen = np.ones(P, dtype=np.float64)
+    else:
+        sizen = np.asarray(sizes, dtype=np.float64).copy()
+        if sizen.shape != (P,) or not bool(np.all(sizen >= 1)) or not bool(np.all(sizen == np.floor(sizen))):
+            raise ValueError(f"sizes must be {P} positive integers, got {sizes!r}")
+    total = float(sizen.sum())
     neg = -math.inf
     label = torch.arange(P)
-    cap = math.ceil(P / n) if balanced else P
+    cap = math.ceil(total / n) if balanced else total
     # The merged rows are computed with torch, exactly as in the reference; the bookkeeping runs on
     # numpy views of the same memory (much lower per-call overhead for the O(P) updates).
     Sn, labeln = S.numpy(), label.numpy()
-    sizen = np.ones(P, dtype=np.float64)
 
     dead = np.zeros(P, dtype=Sn.dtype)  # -inf at merged-away groups: added to a row, masks them
-    largest = [1.0]  # the largest live group
+    largest = [float(sizen.max())]  # the largest live group
 
     def scan(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Best allowed partner of each of ``rows``: (value, first column attaining it)."""

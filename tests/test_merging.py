@@ -10,16 +10,17 @@ import torch
 from alignment.merging import greedy_merge
 
 
-def reference(S, n, balanced=True, linkage="average", decay=1.0, decay_from=2):
-    """The original O(P^3) merge loop (copied verbatim; plus a guard instead of looping forever, and
-    ZipIt's linkage as an option: see reference_min)."""
+def reference(S, n, balanced=True, linkage="average", decay=1.0, decay_from=2, sizes=None):
+    """The original O(P^3) merge loop (copied verbatim; plus a guard instead of looping forever,
+    ZipIt's linkage as an option: see reference_min, and rows that start as groups of ``sizes``)."""
     P = S.shape[0]
     S = S.clone()
     S.fill_diagonal_(-math.inf)
-    size = torch.ones(P, dtype=torch.float64)
+    size = torch.ones(P, dtype=torch.float64) if sizes is None else torch.tensor(sizes, dtype=torch.float64)
     label = torch.arange(P)
     alive = torch.ones(P, dtype=torch.bool)
-    cap = math.ceil(P / n) if balanced else P
+    total = int(size.sum())
+    cap = math.ceil(total / n) if balanced else total
     for _ in range(P - n):
         while True:
             too_big = (size[:, None] + size[None, :]) > cap
@@ -29,7 +30,7 @@ def reference(S, n, balanced=True, linkage="average", decay=1.0, decay_from=2):
             if a != b and alive[a] and alive[b] and masked[a, b] > -math.inf:
                 break
             cap += 1
-            if cap > 2 * P:  # guard (not in the original): every remaining pair is -inf
+            if cap > 2 * total:  # guard (not in the original): every remaining pair is -inf
                 raise RuntimeError("reference would loop forever")
         if a > b:
             a, b = b, a
@@ -275,3 +276,19 @@ def test_deferred_full_groups_replay_exactly_when_the_cap_grows(linkage):
         assert torch.equal(got, reference(S, n, True, linkage, 0.5)), n
         grew |= int(torch.bincount(got).max()) > math.ceil(P / n)
     assert grew  # the cap did grow (the replay ran)
+
+
+@pytest.mark.parametrize("linkage", ["average", "min"])
+@pytest.mark.parametrize("balanced", [True, False])
+def test_rows_that_start_as_groups_match_the_loop(linkage, balanced):
+    """Property: ``sizes=`` (rows standing for groups formed earlier) weighs average linkage, the cap
+    and ZipIt's decay threshold by those sizes exactly as the loop started from such groups does."""
+    for P, seed in [(9, 4), (40, 5)]:
+        S = _random_sym(P, seed)
+        sizes = [1 + (i * 7) % 3 for i in range(P)]
+        for n in _ns(P):
+            got = greedy_merge(S, n, balanced=balanced, linkage=linkage, decay=0.5, decay_from=3, sizes=sizes)
+            want = reference(S, n, balanced, linkage, 0.5, 3, sizes=sizes)
+            assert torch.equal(got, want), (P, n)
+    with pytest.raises(ValueError, match="sizes"):
+        greedy_merge(_random_sym(4, 0), 2, sizes=[1, 0, 1, 1])
