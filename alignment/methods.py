@@ -56,7 +56,7 @@ CALL_KEYWORDS = ("models", "calibration", "method", "repair", "target", "alpha",
 METHODS = Registry("method", UnknownMethodError, reserved=CALL_KEYWORDS)
 
 
-def register_method(name: str, check: Callable[[dict[str, Any]], None] | None = None) -> Callable:
+def register_method(name: str, check: Callable[..., None] | None = None) -> Callable:
     """Register a fusion method ``fn(ctx, *, options...) -> MatchResult`` under ``name`` (``check``:
     see :meth:`alignment.registry.Registry.register`)."""
     return METHODS.register(name, check=check)
@@ -137,9 +137,10 @@ class MatchContext:
         """
         if self.statistics is None:
             raise CalibrationError("this method needs activation statistics: give calibration data")
-        if not anchored:
-            return self.statistics()
-        return self.statistics(pairs=self.anchor_pairs(anchor))
+        stats = self.statistics() if not anchored else self.statistics(pairs=self.anchor_pairs(anchor))
+        # what collection did other than asked (it warned already) goes into the fusion report
+        self.notes.extend(m for m in getattr(stats, "notes", ()) if m not in self.notes)
+        return stats
 
     def anchor_pairs(self, anchor: int | None = None) -> Callable[[str], list[tuple[int, int]] | None]:
         """``pairs(space)``: the model pairs ``(anchor, i)`` an anchored method needs (None: all)."""
@@ -189,9 +190,10 @@ def match(ctx: MatchContext, method: str, **options: Any) -> MatchResult:
 
     Raises:
         UnknownMethodError: no such method.
-        InvalidOptionError: an unknown option, or a value the option does not allow.
+        InvalidOptionError: an unknown option, or a value the option does not allow (with these
+            others, or for this many models).
     """
-    checked = METHODS.validate(method, options)
+    checked = METHODS.validate(method, options, models=len(ctx.models))
     _require_family(ctx)
     t0 = time.perf_counter()
     result = METHODS.get(method).fn(ctx, **checked)
@@ -425,7 +427,7 @@ def weight_matching(ctx: MatchContext, *, max_iter: int = 100) -> MatchResult:
     return _solve(ctx, leaf, gram_of, sweeps=max_iter, shuffle=True, anchor=0)
 
 
-def _check_ot(options: dict[str, Any]) -> None:
+def _check_ot(options: dict[str, Any], *, given: frozenset[str] = frozenset(), models: int | None = None) -> None:
     if not options["reg"] > 0:
         raise InvalidOptionError(f"method 'ot': reg must be > 0, got {options['reg']}")
     sweeps, iterations, anchor = options["sweeps"], options["iterations"], options["anchor"]
@@ -433,6 +435,18 @@ def _check_ot(options: dict[str, Any]) -> None:
         raise InvalidOptionError(f"method 'ot': sweeps must be >= 1 and iterations >= 0 (got {sweeps}, {iterations})")
     if anchor is not None and anchor < 0:
         raise InvalidOptionError(f"method 'ot': anchor={anchor} is not a model index (0 or more)")
+    if anchor is not None and models is not None and anchor >= models:
+        raise InvalidOptionError(f"method 'ot': anchor={anchor} is not a model index (0..{models - 1} for {models} "
+                                 f"model{'s' if models != 1 else ''})")
+    # an option given with others that leave it unused is refused, as other options that exclude each
+    # other are (target and width, a budget with Sinkhorn plans): accepted, it would do nothing silently
+    if "sweeps" in given and options["cost"] != "weights":
+        raise InvalidOptionError(f"method 'ot': sweeps={sweeps} has no effect with cost={options['cost']!r} (it "
+                                 f"counts the passes of cost='weights', whose spaces depend on each other's plans); "
+                                 f"drop sweeps or use cost='weights'")
+    if "reg" in given and options["solver"] != "sinkhorn":
+        raise InvalidOptionError(f"method 'ot': reg={options['reg']} has no effect with solver={options['solver']!r} "
+                                 f"(exact transport has no regularisation); drop reg or use solver='sinkhorn'")
 
 
 @register_method("ot", check=_check_ot)
@@ -453,10 +467,12 @@ def optimal_transport(ctx: MatchContext, *, cost: Literal["auto", "correlation",
             correlation), ``"distance"`` (Euclidean distance between activations) or ``"weights"``
             (between weight vectors; no calibration data needed).
         solver: ``"emd"`` (exact) or ``"sinkhorn"`` (entropic).
-        reg: Sinkhorn regularisation relative to the largest cost (> 0).
+        reg: Sinkhorn regularisation relative to the largest cost (> 0); only with
+            ``solver="sinkhorn"`` (given with ``"emd"`` it is refused: it would do nothing).
         anchor: index of the anchor model.
         iterations: barycenter iterations (default 0 with an anchor model, else 20).
-        sweeps: for ``cost="weights"``, passes over all spaces (each uses the others' last plans).
+        sweeps: for ``cost="weights"``, passes over all spaces (each uses the others' last plans);
+            given with another cost it is refused (it would do nothing).
     """
     _check_anchor(ctx, anchor)
     leaf = partial(ot_leaf, solver=solver, reg=reg, iterations=iterations)

@@ -8,7 +8,9 @@ style of timm's ``@register_model`` (and mergekit's typed merge methods)::
     def optimal_transport(ctx, *, solver: Literal["emd", "sinkhorn"] = "emd", reg: float = 0.01): ...
 
 An unknown option raises :class:`~alignment.errors.InvalidOptionError` naming it and listing the
-valid ones; a value of the wrong type, or outside a ``Literal``, says what is allowed.
+valid ones; a value of the wrong type, or outside a ``Literal``, says what is allowed. A ``check``
+hook given at registration checks what types cannot (ranges, options that exclude each other, a
+model index against the number of models) before any work.
 """
 
 from __future__ import annotations
@@ -22,9 +24,14 @@ from typing import Any, Callable, Literal
 
 from .errors import InvalidOptionError, UnknownNameError
 
-__all__ = ["Option", "Entry", "Registry"]
+__all__ = ["CHECK_CONTEXT", "Option", "Entry", "Registry"]
 
 _NONE = type(None)
+
+CHECK_CONTEXT = ("given", "models")
+"""Keywords a ``check`` hook may declare to receive, besides the options: ``given``, the names of
+the options the caller gave (a frozenset; the others hold their defaults), and ``models``, the
+number of models (None when the caller does not know it yet)."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,20 @@ class Option:
         raise InvalidOptionError(f"{owner}: option {self.name}={value!r} is not allowed; use {self.allowed()}")
 
 
+def _check_context(check: Callable[..., None], owner: str) -> frozenset[str]:
+    """The keywords of :data:`CHECK_CONTEXT` that ``check`` declares (all for ``**kwargs``)."""
+    if not callable(check):
+        raise InvalidOptionError(f"{owner}: check={check!r} is not callable")
+    try:
+        params = inspect.signature(check).parameters
+    except (TypeError, ValueError):  # (a builtin without a signature: options only)
+        return frozenset()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return frozenset(CHECK_CONTEXT)
+    return frozenset(k for k in CHECK_CONTEXT if k in params
+                     and params[k].kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD))
+
+
 def _alternatives(annotation: Any) -> tuple:
     if typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         return typing.get_args(annotation)
@@ -92,7 +113,9 @@ class Entry:
     name: str
     fn: Callable[..., Any]
     options: tuple[Option, ...]
-    check: Callable[[dict[str, Any]], None] | None = None
+    check: Callable[..., None] | None = None
+    check_context: frozenset[str] = frozenset()
+    """The keywords of :data:`CHECK_CONTEXT` that ``check`` takes."""
 
     @property
     def summary(self) -> str:
@@ -116,13 +139,18 @@ class Registry:
         self.reserved = frozenset(reserved)
         self._entries: dict[str, Entry] = {}
 
-    def register(self, name: str, check: Callable[[dict[str, Any]], None] | None = None,
+    def register(self, name: str, check: Callable[..., None] | None = None,
                  replace: bool = False) -> Callable:
         """Decorator registering ``fn(ctx, *, option: type = default, ...)`` under ``name``.
 
         ``check(options)``, when given, checks option values beyond their types (e.g. ranges) and
         raises :class:`~alignment.errors.InvalidOptionError`; it runs in :meth:`validate`, before
-        any work. A name that is registered already is refused unless ``replace``.
+        any work. ``options`` holds every option, defaults filled in; a hook that declares the
+        keyword arguments ``given`` and/or ``models`` (:data:`CHECK_CONTEXT`) also receives the
+        names of the options given explicitly (to refuse one that has no effect with the others,
+        while its default says nothing) and the number of models (to check a model index; None
+        when :meth:`validate` was not told). A name that is registered already is refused unless
+        ``replace``.
 
         Raises:
             InvalidOptionError: a name that is no non-empty string or is taken, a function that is
@@ -133,6 +161,7 @@ class Registry:
         if name in self._entries and not replace:
             raise InvalidOptionError(f"a {self.kind} named {name!r} is registered already; choose another name "
                                      f"(or register it with replace=True)")
+        context = _check_context(check, f"{self.kind} {name!r}") if check is not None else frozenset()
 
         def deco(fn):
             if not callable(fn):
@@ -149,7 +178,7 @@ class Registry:
                 opt = Option(p.name, p.default, hints.get(p.name, Any))
                 opt.check(p.default, f"{self.kind} {name!r} (its default)")
                 opts.append(opt)
-            self._entries[name] = Entry(name, fn, tuple(opts), check)
+            self._entries[name] = Entry(name, fn, tuple(opts), check, context)
             fn.registered_name = name
             return fn
         return deco
@@ -170,8 +199,10 @@ class Registry:
             raise self.error(f"unknown {self.kind} {name!r}; registered: {', '.join(self.names())}")
         return self._entries[name]
 
-    def validate(self, name: str, options: dict[str, Any]) -> dict[str, Any]:
-        """Checked options of ``name`` (defaults filled in)."""
+    def validate(self, name: str, options: dict[str, Any], models: int | None = None) -> dict[str, Any]:
+        """Checked options of ``name`` (defaults filled in). ``models``: the number of models, for
+        checks that depend on it (e.g. a model index); None skips those (the function checks
+        again when it runs)."""
         entry = self.get(name)
         known = {o.name: o for o in entry.options}
         unknown = [k for k in options if k not in known]
@@ -182,7 +213,8 @@ class Registry:
         for k, v in options.items():
             out[k] = known[k].check(v, f"{self.kind} {name!r}")
         if entry.check is not None:
-            entry.check(out)
+            context = {"given": frozenset(options), "models": models}
+            entry.check(out, **{k: v for k, v in context.items() if k in entry.check_context})
         return out
 
     def call(self, name: str, ctx: Any, options: dict[str, Any]) -> Any:

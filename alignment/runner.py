@@ -211,6 +211,7 @@ def stream(
     device: str | torch.device | None = None,
     on_batch: Callable[[torch.Tensor, list[Any]], None] | None = None,
     before_model: Callable[[int], None] | None = None,
+    before_batch: Callable[[torch.Tensor], None] | None = None,
     train: Callable[[nn.Module], bool] | None = None,
     max_batches: int | None = None,
     progress: bool = False,
@@ -225,6 +226,7 @@ def stream(
         device: where batches go (default: the first model's device).
         on_batch: ``on_batch(x, outputs)`` after all models ran on batch ``x``.
         before_model: ``before_model(i)`` before model ``i`` runs on a batch (e.g. to reset hook state).
+        before_batch: ``before_batch(x)`` before the models run on batch ``x`` (on the device).
         train: modules for which it returns true run in training mode (BatchNorm reset); all others
             in eval mode.
         max_batches: stop after this many batches.
@@ -252,6 +254,8 @@ def stream(
             x = x.to(dev)
             if x.is_inference():  # (made under inference_mode: no version counter for the readers)
                 x = x.clone()
+            if before_batch is not None:
+                before_batch(x)
             outs = []
             for i, m in enumerate(models):
                 if before_model is not None:

@@ -13,6 +13,7 @@ import functools
 import itertools
 import math
 import time
+import warnings
 import weakref
 import zlib
 from collections import defaultdict
@@ -22,16 +23,21 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .errors import InvalidOptionError, SpaceMismatchError
+from .errors import FallbackWarning, FusionError, InvalidOptionError, SpaceMismatchError
 from .graph import Graph, Observation, Space, module_of
 from .runner import model_device, plain_precision, runnable, stream
 from .structure import BlockGram
 
-__all__ = ["POINT_POLICIES", "observation_points", "PointStats", "Statistics", "collect", "add_gram", "add_promoted_",
-           "live_weight", "LIVE_SPAN"]
+__all__ = ["POINT_POLICIES", "observation_points", "PointStats", "Statistics", "StatisticsMismatchError", "collect",
+           "add_gram", "add_promoted_", "live_weight", "LIVE_SPAN"]
 
 
 POINT_POLICIES = ("auto", "consumers", "normalized", "producers", "both", "outputs", "all")
+
+
+class StatisticsMismatchError(FusionError, ValueError):
+    """Statistics collected with different settings (positions per image, precision) cannot be
+    merged: their sums mean different things."""
 
 
 def observation_points(space: Space, graph: Graph, policy: str = "auto") -> list[Observation]:
@@ -44,9 +50,18 @@ def observation_points(space: Space, graph: Graph, policy: str = "auto") -> list
         output holding the space (pre-norm, post-norm, post-activation); ``"all"``: every point.
         ``"auto"`` (default): ``"outputs"`` for spaces with BatchNorm statistics, else
         ``"consumers"`` (measured on the zoo: ResNet-18 pairs fuse ~2 pt better with module
-        outputs, ViT pairs ~5 pt better with consumer inputs; see benchmarks/results).
-        Policies fall back to the producers' outputs, then to every point, when they find none.
+        outputs, ViT pairs ~5 pt better with consumer inputs; see benchmarks/results), and where
+        a space has none of those (attention query-key dims have no consuming layer) the producers'
+        outputs, then every point.
+        A policy named explicitly falls back the same way where it finds no point; :func:`collect`
+        reports that (see :func:`_policy_points`).
     """
+    return _policy_points(space, graph, policy)[0]
+
+
+def _policy_points(space: Space, graph: Graph, policy: str) -> tuple[list[Observation], str | None]:
+    """:func:`observation_points` and the fallback taken: None (the policy's own points),
+    ``"producers"`` (the producers' outputs) or ``"all"`` (every point)."""
     if policy not in POINT_POLICIES:
         raise InvalidOptionError(f"points={policy!r} is no observation policy; use one of {', '.join(POINT_POLICIES)}")
     if policy == "auto":
@@ -72,17 +87,19 @@ def observation_points(space: Space, graph: Graph, policy: str = "auto") -> list
         obs = [o for o in space.observations if o.io == "output"]
     elif policy == "all":
         obs = list(space.observations)
-    if not obs:
+    fallback = None
+    if not obs and space.observations:
         obs = [o for o in space.observations if o.io == "output" and o.module in producers]
-    if not obs:
-        obs = list(space.observations)
+        fallback = "producers"
+        if not obs:
+            obs, fallback = list(space.observations), "all"
     seen, out = set(), []
     for o in obs:
         key = (o.module, o.io, o.call, o.start)
         if key not in seen:
             seen.add(key)
             out.append(o)
-    return out
+    return out, fallback
 
 
 def _point_key(o: Observation, rank: int) -> tuple:
@@ -407,6 +424,9 @@ class Statistics:
         samples: number of calibration examples seen.
         positions_per_image: the subsampling of positions/tokens used (None: all).
         precision: dtype of the per-batch products.
+        notes: where collection did something other than asked (an explicit observation policy
+            that found no point of a space, points not in every model), each also warned; the
+            fusion report lists them.
     """
 
     points: dict[str, list[PointStats]] = field(default_factory=dict)
@@ -415,15 +435,31 @@ class Statistics:
     samples: int = 0
     positions_per_image: int | None = None
     precision: str = "float32"
+    notes: list[str] = field(default_factory=list)
 
     def merge(self, other: "Statistics") -> "Statistics":
-        """Statistics over the data of both (e.g. collected on two shards, with the same spaces)."""
+        """Statistics over the data of both (e.g. collected on two shards, with the same spaces and
+        settings).
+
+        Raises:
+            SpaceMismatchError: other spaces or observation points.
+            StatisticsMismatchError: another ``positions_per_image`` (a sum over every position
+                and one over a few per image weigh images and positions differently) or another
+                ``precision`` (the result could state neither).
+        """
+        for what in ("positions_per_image", "precision"):
+            mine, theirs = getattr(self, what), getattr(other, what)
+            if mine != theirs:
+                raise StatisticsMismatchError(
+                    f"cannot merge statistics collected with {what}={mine!r} and {what}={theirs!r}: the sums "
+                    f"would mix two meanings; collect every shard with the same {what}")
         if set(self.points) != set(other.points) or any(len(v) != len(other.points[k]) for k, v in self.points.items()):
             raise SpaceMismatchError("cannot merge statistics collected at different observation points")
         return Statistics(
             points={k: [a.merge(b) for a, b in zip(v, other.points[k])] for k, v in self.points.items()},
             widths=dict(self.widths), seconds=self.seconds + other.seconds, samples=self.samples + other.samples,
-            positions_per_image=self.positions_per_image, precision=self.precision)
+            positions_per_image=self.positions_per_image, precision=self.precision,
+            notes=list(dict.fromkeys(self.notes + other.notes)))
 
     def all_reduce(self) -> "Statistics":
         """Sum the statistics over the processes of the default ``torch.distributed`` group (in
@@ -542,12 +578,17 @@ def collect(
         precision: dtype of each batch's products (``"float32"``, the default, or ``"float64"``);
             batches are always summed in float64. Features of float64 models stay float64.
         positions_per_image: keep at most this many spatial positions (or tokens) per image at each
-            point, drawn at random (the same for every model); None keeps all.
+            point, drawn at random (the same for every model); None keeps all. The image axis is the
+            first axis of the batch's size (sequence-first tensors too).
         seed: seed of that draw.
 
     Returns:
         :class:`Statistics` with per-space, per-point running sums. A tensor read at two points of a
-        space (e.g. a module's output and the next module's input) is multiplied out once.
+        space (e.g. a module's output and the next module's input) is multiplied out once. Where
+        collection reads other points than asked (an explicit ``points`` policy that finds none
+        of a space, points that not every model has, a point with no axis of the batch's images
+        where ``positions_per_image`` cannot draw positions per image), :attr:`Statistics.notes`
+        says so and a :class:`~alignment.errors.FallbackWarning` is issued.
     """
     if precision not in PRECISIONS:
         raise InvalidOptionError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -561,13 +602,21 @@ def collect(
     stats = Statistics(positions_per_image=positions_per_image, precision=precision)
     # per model: module -> list of (space, point index, observation)
     plans: list[dict[str, list[tuple[str, int, Observation]]]] = [defaultdict(list) for _ in models]
+    fell_back: dict[str, list[str]] = defaultdict(list)  # fallback -> spaces (an explicit policy's only)
     for name in names:
         per_model = []
         for g in graphs:
             if name not in g:
                 raise SpaceMismatchError(f"space {name!r} is missing from one model's graph; models must be of one family")
-            per_model.append(observation_points(g[name], g, points))
+            obs, fallback = _policy_points(g[name], g, points)
+            if fallback is not None and points != "auto" and name not in fell_back[fallback]:
+                fell_back[fallback].append(name)
+            per_model.append(obs)
         common = _pair_points(per_model)
+        dropped = sum(len(obs) for obs in per_model) - len(common) * len(per_model)
+        if dropped:
+            stats.notes.append(f"space {name!r}: {dropped} observation point(s) are not in every model's graph and "
+                               f"are left out ({len(common)} read in every model)")
         if not common:
             continue
         stats.widths[name] = [g[name].width for g in graphs]
@@ -576,6 +625,18 @@ def collect(
         for k, obs_per_model in enumerate(common):
             for i, o in enumerate(obs_per_model):
                 plans[i][o.module].append((name, k, o))
+    where = {"producers": "the outputs of the layers producing them", "all": "every point where they can be read"}
+    policy_notes = []
+    for fallback in ("producers", "all"):
+        spaces_ = fell_back.get(fallback)
+        if spaces_:
+            listed = ", ".join(repr(n) for n in spaces_[:4]) + (f" and {len(spaces_) - 4} more" if len(spaces_) > 4 else "")
+            policy_notes.append(f"points={points!r}: {len(spaces_)} space(s) have no observation point of that policy "
+                                f"and are read at {where[fallback]} instead: {listed} (points='auto' chooses per "
+                                f"space)")
+    stats.notes[:0] = policy_notes
+    for msg in stats.notes:
+        warnings.warn(msg, FallbackWarning, stacklevel=3)
     dtype = torch.float64 if precision == "float64" else torch.float32
     reader = _Reader(dtype, positions_per_image, seed)
     buffers: list[dict[tuple[str, int], torch.Tensor]] = [dict() for _ in models]
@@ -613,10 +674,14 @@ def collect(
 
     try:
         stats.samples = stream(runs, data, device=dev, on_batch=on_batch, before_model=before,
+                               before_batch=lambda x: setattr(reader, "batch_size", len(x)),
                                max_batches=max_batches, progress=progress, desc="statistics")
     finally:
         for h in hooks:
             h.remove()
+    for msg in reader.notes:
+        stats.notes.append(msg)
+        warnings.warn(msg, FallbackWarning, stacklevel=3)
     stats.seconds = time.perf_counter() - t0
     return stats
 
@@ -648,8 +713,26 @@ class _Reader:
     def __init__(self, dtype: torch.dtype, positions: int | None, seed: int):
         self.dtype, self.positions, self.seed = dtype, positions, seed
         self.batch = 0
+        self.batch_size: int | None = None  # images in the current batch (set by collect)
+        self.notes: dict[str, None] = {}  # points where positions could not be subsampled per image
         self.seen: dict[tuple, tuple] = {}
         self.shifts: dict[tuple[str, int, int], torch.Tensor] = {}
+
+    def _images_first(self, v: torch.Tensor, o: Observation, where: tuple[str, int, int], shape: tuple) -> torch.Tensor:
+        """``v`` (features first) with its image axis second, so that positions are drawn per
+        image: the first axis of the batch's size (a sequence-first ``(tokens, images, features)``
+        tensor has it third). Without such an axis positions cannot be drawn per image: all are
+        kept there, and noted."""
+        n = self.batch_size
+        if n is None or v.shape[1] == n:
+            return v
+        axes = [k for k in range(2, v.dim()) if v.shape[k] == n]
+        if axes:
+            return v.movedim(axes[0], 1)
+        self.notes[f"positions_per_image={self.positions}: space {where[0]!r} is read at the {o.io} of "
+                   f"{o.module or 'the model'!r}, of shape {list(shape)}, which has no axis of the batch's {n} "
+                   f"images; every position is read there"] = None
+        return v.reshape(v.shape[0], -1)
 
     def __call__(self, t: torch.Tensor, o: Observation, where: tuple[str, int, int]) -> torch.Tensor:
         key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.storage_offset(), o.dim, o.start, o.stop)
@@ -662,6 +745,8 @@ class _Reader:
         dim = o.dim if t.dim() == o.ndim or o.ndim == 0 else o.dim - o.ndim + t.dim()
         v = t.detach().movedim(dim, 0)[o.start:o.stop]
         dtype = torch.float64 if v.dtype == torch.float64 else self.dtype
+        if self.positions is not None and v.dim() >= 2:
+            v = self._images_first(v, o, where, tuple(t.shape))
         if self.positions is not None and v.dim() > 2:
             # the same positions for every model and point of a space: drawn from (seed, batch, space)
             per = v.shape[2:].numel()

@@ -638,3 +638,38 @@ def test_stage_functions_name_bad_arguments_with_fusion_errors(tiny):
     cnn, xc = tiny("timm_resnet18")
     with pytest.raises(CalibrationError, match="repair='auto'"):
         fusion.fuse([cnn, cnn], None, method="weight_matching", example_input=xc)
+
+
+def test_an_ot_anchor_beyond_the_models_is_refused_by_the_options_check(monkeypatch):
+    """Guards: ``anchor=`` past the last model is refused by the registry's check with the number
+    of models (``validate(..., models=n)``, which ``match`` passes), before the family checks and
+    any statistics, naming the valid range (before: only inside the method, after discovery and
+    the family checks). Check hooks that declare ``given``/``models`` receive them; one-argument
+    hooks are called as before."""
+    from alignment.methods import MatchContext, match
+    from alignment.registry import Registry
+
+    with pytest.raises(InvalidOptionError, match=r"anchor=2 is not a model index \(0\.\.1 for 2 models\)"):
+        METHODS.validate("ot", {"anchor": 2}, models=2)
+    assert METHODS.validate("ot", {"anchor": 1}, models=2)["anchor"] == 1
+    assert METHODS.validate("ot", {"anchor": 2})["anchor"] == 2  # the count unknown: the method checks it
+    a, x = build("mlp")
+    g = discover(a, x)
+    family, stats = [], []
+    monkeypatch.setattr(alignment.methods, "_require_family", lambda ctx: family.append(1))
+    ctx = MatchContext(models=[a, a], graphs=[g, g], alpha=[0.5, 0.5], statistics=lambda **k: stats.append(1))
+    with pytest.raises(InvalidOptionError, match="anchor=5"):
+        match(ctx, "ot", anchor=5)
+    assert family == [] and stats == []
+
+    seen = []
+    reg = Registry("thing")
+
+    def full(options, *, given, models):
+        seen.append((dict(options), given, models))
+
+    reg.register("full", check=full)(lambda ctx, *, n=1, r=0.5: None)
+    reg.register("plain", check=lambda options: seen.append(dict(options)))(lambda ctx, *, n=1: None)
+    reg.validate("full", {"r": 0.25}, models=3)
+    reg.validate("plain", {"n": 2}, models=3)
+    assert seen == [({"n": 1, "r": 0.25}, frozenset({"r"}), 3), {"n": 2}]

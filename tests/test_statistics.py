@@ -376,3 +376,103 @@ def test_a_point_where_no_unit_varies_is_left_out_of_the_averages():
     assert float(both.correlation("s")[0, 0]) == pytest.approx(0.5)  # constant at one of two
     only = Statistics(points={"s": [flat]}, widths={"s": [6, 6]})
     assert float(only.correlation("s").abs().sum()) == 0.0  # every unit constant: kept, all dead
+
+
+def test_statistics_of_other_positions_per_image_or_precision_are_not_merged():
+    """Guards: merging statistics collected with another ``positions_per_image`` (sums over every
+    position and over a few per image weigh images differently) or another ``precision`` is a
+    StatisticsMismatchError (a FusionError) naming both values (before: merged, the result keeping
+    the first one's settings); equal settings merge, and their notes are kept."""
+    from alignment.errors import FusionError
+    from alignment.statistics import Statistics
+
+    def stats(**kw):
+        p = PointStats.zeros([3, 3])
+        p.update([torch.randn(10, 3, dtype=torch.float64), torch.randn(10, 3, dtype=torch.float64)])
+        return Statistics(points={"s": [p]}, widths={"s": [3, 3]}, samples=10, **kw)
+
+    for mine, theirs, match in (({"positions_per_image": 4}, {}, "positions_per_image=4 and positions_per_image=None"),
+                                ({}, {"positions_per_image": 8}, "positions_per_image=None and positions_per_image=8"),
+                                ({"precision": "float32"}, {"precision": "float64"},
+                                 "precision='float32' and precision='float64'")):
+        with pytest.raises(FusionError, match=match) as got:
+            stats(**mine).merge(stats(**theirs))
+        assert type(got.value).__name__ == "StatisticsMismatchError"
+    merged = stats(positions_per_image=4, notes=["a"]).merge(stats(positions_per_image=4, notes=["a", "b"]))
+    assert merged.positions_per_image == 4 and merged.samples == 20 and merged.notes == ["a", "b"]
+
+
+def test_an_observation_policy_that_finds_no_point_is_reported():
+    """Guards: a ``points`` policy named explicitly that finds no point of a space (a ViT's query-key
+    dims have no consuming layer, so ``points="consumers"`` finds none) reads the producers'
+    outputs instead: one note naming the policy and the spaces, warned and listed in the fusion
+    report; ``"auto"``, which chooses per space, notes nothing. Points not in every model's graph
+    are left out with a note (before: both silently)."""
+    import warnings
+
+    import fusion
+    from alignment.errors import FallbackWarning
+
+    model, x = build("timm_vit", seed=0)
+    other, _ = build("timm_vit", seed=1)
+    cal = torch.randn(4, *x.shape[1:], generator=torch.Generator().manual_seed(0))
+    g = discover(model, x)
+    with pytest.warns(FallbackWarning, match=r"points='consumers': 2 space\(s\).*outputs of the layers producing "
+                                             r"them.*'blocks.0.attn.qkv#0', 'blocks.1.attn.qkv#0'"):
+        stats = collect([model, other], [g, g], cal, points="consumers")
+    assert len(stats.notes) == 1 and "blocks.1.attn.qkv#0" in stats.points
+    with pytest.warns(FallbackWarning, match="points='consumers'"):
+        fused = fusion.fuse([model, other], cal, method="permute", repair="none", points="consumers")
+    assert any(f.startswith("points='consumers': 2 space(s)") for f in fused.fusion_report.fallbacks)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
+        assert collect([model, other], [g, g], cal, points="auto").notes == []
+    # a point that one model's graph lacks
+    a, xa = build("mlp", seed=0)
+    ga, gb = discover(a, xa), discover(a, xa)
+    space = next(s for s in gb.spaces if len(observation_points(s, gb, "all")) > 1)
+    space.observations = space.observations[:-1]
+    with pytest.warns(FallbackWarning, match=f"space '{space.name}': 1 observation point.*not in every model"):
+        collect([a, a], [ga, gb], xa, points="all")
+
+
+class _SeqFirst(torch.nn.Module):
+    """Tokens of 8x8 images, run sequence-first ``(tokens, images, features)`` through a linear
+    layer, then flattened to ``(images x tokens, features)`` for another."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Linear(16, 8)
+        self.mid = torch.nn.Linear(8, 8)
+        self.flat = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        t = self.embed(x.reshape(x.shape[0], 4, 16)).transpose(0, 1)  # (4 tokens, images, 8)
+        t = torch.relu(self.mid(t))
+        f = torch.relu(self.flat(t.transpose(0, 1).reshape(-1, 8)))  # (images x 4 tokens, 8)
+        return self.head(f.reshape(x.shape[0], 4, 8).mean(1))
+
+
+def test_positions_per_image_are_drawn_per_image_in_sequence_first_tensors_or_reported():
+    """Guards: ``positions_per_image=k`` draws k tokens of each image also where the tensor is
+    sequence-first (images on its second axis: 16 images x 2 tokens; before: 2 images of each token,
+    4 x 2 samples, silently); where a tensor has no axis of the batch's images (tokens flattened
+    into rows) every position is read, with a note warned and kept in the statistics (before:
+    silently)."""
+    from alignment.errors import FallbackWarning
+
+    torch.manual_seed(0)
+    model = _SeqFirst().eval()
+    x = torch.randn(2, 1, 8, 8)
+    g = discover(model, x)
+    cal = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with pytest.warns(FallbackWarning, match=r"positions_per_image=2: space '.*' is read at the input of 'flat', "
+                                             r"of shape \[64, 8\], which has no axis of the batch's 16 images"):
+        stats = collect([model], [g], cal, positions_per_image=2, points="consumers")
+    counts = {(name, p.count) for name, pts in stats.points.items() for p in pts}
+    mid = next(s.name for s in g.spaces if any(o.module == "mid" and o.io == "input" for o in s.observations))
+    assert (mid, 16 * 2) in counts
+    flat = next(s.name for s in g.spaces if any(o.module == "flat" and o.io == "input" for o in s.observations))
+    assert {c for n, c in counts if n == flat} == {16 * 4}
+    assert any("'flat'" in n for n in stats.notes)

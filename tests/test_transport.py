@@ -747,3 +747,27 @@ def test_an_ot_anchor_without_the_fused_width_is_reported():
     assert any("anchor model 1 has 8 units where the fused model has 16" in f for f in fused.fusion_report.fallbacks)
     assert not any("anchor" in f for f in fusion.fuse([wide, narrow, wide2], cal, method="ot", repair="none",
                                                       anchor=0).fusion_report.fallbacks)
+
+
+def test_ot_options_that_would_do_nothing_are_refused_before_any_work(monkeypatch):
+    """Guards: ``sweeps`` counts the passes of ``cost="weights"`` and ``reg`` regularises Sinkhorn
+    only; given explicitly with another cost or with ``solver="emd"`` they would do nothing, and are
+    refused (InvalidOptionError naming the option and the setting it needs) before discovery, as
+    other options that exclude each other are; their defaults are never refused (before: accepted
+    and silently unused)."""
+    from alignment.methods import METHODS
+
+    calls = []
+    monkeypatch.setattr(fusion.api, "discover_all", lambda *a, **k: calls.append(1))
+    a, x = build("mlp")
+    for options, match in (({"sweeps": 9}, r"sweeps=9 has no effect with cost='auto'.*cost='weights'"),
+                           ({"sweeps": 5, "cost": "correlation"}, r"sweeps=5 .*cost='correlation'"),
+                           ({"reg": 0.5}, r"reg=0.5 has no effect with solver='emd'.*solver='sinkhorn'"),
+                           ({"reg": 0.5, "cost": "weights"}, r"reg=0.5 has no effect with solver='emd'")):
+        with pytest.raises(InvalidOptionError, match=match):
+            fusion.fuse([a, a], _cal(x, 8), method="ot", repair="none", **options)
+    assert calls == []
+    # the defaults, and each option where it acts, are accepted
+    for options in ({}, {"cost": "weights", "sweeps": 2}, {"solver": "sinkhorn", "reg": 0.5},
+                    {"cost": "weights", "solver": "sinkhorn", "reg": 0.1, "sweeps": 3}, {"cost": "distance"}):
+        assert METHODS.validate("ot", options)["sweeps"] == options.get("sweeps", 5)
