@@ -22,6 +22,7 @@ architectures to load them.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
@@ -93,6 +94,14 @@ def _first(out: Any) -> torch.Tensor | None:
     return None
 
 
+@dataclass(frozen=True)
+class _Like:
+    """The shape and dtype of a stand-in's output tensor."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
 class _Skipped(nn.Module):
     """Stands for a branch module whose work the trunk does: returns zeros shaped like its output.
 
@@ -109,17 +118,18 @@ class _Skipped(nn.Module):
 
     def _like(self, args, kwargs) -> Any:
         leaves = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        key = tuple((tuple(t.shape), t.dtype) for t in leaves)
+        # (int(): under torch.jit.trace a tensor's sizes read as 0-dim tensors)
+        key = tuple((tuple(int(n) for n in t.shape), t.dtype) for t in leaves)
         if key not in self._shapes:
-            margs, mkw = tree_map_only(torch.Tensor, lambda t: torch.empty_like(t, device="meta"), (args, kwargs))
-            with torch.no_grad():
-                self._shapes[key] = self._meta(*margs, **mkw)
+            margs, mkw = tree_map_only(torch.Tensor, lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"),
+                                       (args, kwargs))
+            with torch.no_grad(), _untraced():
+                out = self._meta(*margs, **mkw)
+            # plain sizes, not meta tensors (a tracer would record a size read as a meta constant)
+            self._shapes[key] = tree_map_only(torch.Tensor, lambda t: _Like(tuple(t.shape), t.dtype), out)
         device = leaves[0].device if leaves else torch.device("cpu")
-        if self.fill == "noise":
-            return tree_map_only(torch.Tensor, lambda t: torch.randn(t.shape, dtype=t.dtype, device=device),
-                                 self._shapes[key])
-        return tree_map_only(torch.Tensor, lambda t: torch.zeros(t.shape, dtype=t.dtype, device=device),
-                             self._shapes[key])
+        make = torch.randn if self.fill == "noise" else torch.zeros
+        return tree_map_only(_Like, lambda t: make(t.shape, dtype=t.dtype, device=device), self._shapes[key])
 
     def _apply(self, fn, recurse=True):
         # a dtype change of the model (.double(), .half(), .to("cuda", torch.bfloat16)) reaches the
@@ -148,6 +158,18 @@ class _Skipped(nn.Module):
         return self._like(args, kwargs)
 
 
+@contextlib.contextmanager
+def _untraced():
+    """Pauses a ``torch.jit.trace`` in progress (a stand-in's meta-device shape run is not part of the
+    model's computation, and the tracer cannot record meta tensors)."""
+    state = torch._C._get_tracing_state()
+    torch._C._set_tracing_state(None)
+    try:
+        yield
+    finally:
+        torch._C._set_tracing_state(state)
+
+
 class _Injected(_Skipped):
     """The branch's cut module: returns the features handed in (the trunk's, unmerged) in its output's place."""
 
@@ -161,13 +183,6 @@ class _Injected(_Skipped):
         if isinstance(out, torch.Tensor):
             return value
         return type(out)([value, *out[1:]])
-
-
-class _Removed(nn.Module):
-    """Stands for a trunk module that runs only after the cut (the trunk stops before it)."""
-
-    def forward(self, *args, **kwargs):
-        raise CutError("a module after the cut ran in a ZippedModel's trunk")
 
 
 def _calls(tape: Tape) -> dict[str, list]:
@@ -278,9 +293,10 @@ def _unused_as_buffers(module: nn.Module, run) -> list[str]:
 
 
 def _trunk(fused: nn.Module, tape: Tape, cut: Cut) -> nn.Module:
-    """A copy of the fused model without the modules that run only after the cut."""
+    """A copy of the fused model in which the modules that run only after the cut are stand-ins (no
+    parameters; the trunk's own output is not used, its features are read at the cut)."""
     end = _exit_of(tape, cut.module)
-    return _copy_replacing(fused, _outermost(fused, _calls(tape), lambda c: c.enter > end), lambda path, m: _Removed().train(m.training))
+    return _copy_replacing(fused, _outermost(fused, _calls(tape), lambda c: c.enter > end), lambda path, m: _Skipped(m))
 
 
 def _logits(out: Any) -> torch.Tensor:
@@ -323,8 +339,20 @@ class ZippedModel(nn.Module):
             self.register_buffer(f"unmerge_bias_{i}", torch.zeros(U.shape[0], device=U.device, dtype=dtype))
 
     def trunk_features(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """The fused features at the cut for the input (as the source models take it)."""
-        return _output_at(self.trunk, self.cut.module, *args, **kwargs)
+        """The fused features at the cut for the input (as the source models take it).
+
+        The trunk runs to its end (its modules after the cut are stand-ins that return zeros) rather
+        than being stopped at the cut, so that ``torch.export`` and ``torch.jit.trace`` can follow it.
+        """
+        seen: list[torch.Tensor | None] = []
+        handle = self.trunk.get_submodule(self.cut.module).register_forward_hook(lambda m, a, out: seen.append(_first(out)))
+        try:
+            self.trunk(*args, **kwargs)
+        finally:
+            handle.remove()
+        if not seen or seen[0] is None:
+            raise CutError(f"the trunk's forward pass never reached {self.cut.module!r}")
+        return seen[0]
 
     def branch_input(self, f: torch.Tensor, i: int) -> torch.Tensor:
         """Model ``i``'s features at the cut from the fused ones: ``U_i f + c_i`` along the cut's axis."""

@@ -243,3 +243,20 @@ def test_save_zipped_checks_what_it_is_given_and_a_loaded_resized_model_saves_ag
     again = save_zipped(loaded, tmp_path / "again", ARCHS["timm_resnet18"], branches, list(range(20)))
     with torch.no_grad():
         torch.testing.assert_close(load_model_file(again)[0](x), z(x))
+
+
+@pytest.mark.parametrize("name", ["timm_resnet18", "timm_vit", "hf_vit"])
+def test_a_zipped_model_exports_and_traces(name):
+    """Deployment: ``torch.export`` and ``torch.jit.trace`` follow a zipped model (the trunk runs to its
+    end through parameter-free stand-ins instead of being stopped by an exception at the cut, and the
+    stand-ins' shape runs are kept out of a trace), and what they capture computes its logits on
+    another input."""
+    a, b, x, cal = _pair(name)
+    z = fusion.fuse([a, b], cal, method="zip", zip_until=MIDDLE[name], heads="separate", repair="none")
+    other = torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        want = z(other)
+        exported = torch.export.export(z, (x,)).module()
+        torch.testing.assert_close(exported(other), want)
+        traced = torch.jit.trace(z, x)
+        torch.testing.assert_close(traced(other), want)
