@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ from alignment.errors import FusionError
 __all__ = [
     "main",
     "OptionValueError",
+    "UnsupportedModelError",
     "resolve_model",
     "parse_width",
     "parse_kwargs",
@@ -32,6 +34,9 @@ EPILOG_SPACES = """\b
 Example:
   fusion spaces r18w32-s0 --zoo ../shared/zoo
   fusion spaces runs/fused.safetensors
+  fusion spaces runs/fused.timm.json
+  fusion spaces timm:resnet18 --checkpoint a.safetensors --kwargs '{"in_chans": 1}'
+  fusion spaces mypackage.models:build
 """
 EPILOG_EVAL = """\b
 Example:
@@ -78,6 +83,10 @@ Example:
 
 class OptionValueError(FusionError, ValueError):
     """A command-line option has a value the toolkit cannot use."""
+
+
+class UnsupportedModelError(FusionError, ValueError):
+    """A model a command cannot take (a partially zipped model where a whole one is needed)."""
 
 
 class _OneLineError(click.ClickException):
@@ -199,6 +208,10 @@ def _resolve_all(specs, zoo_dir, checkpoints, kwargs_json, num_classes):
         raise click.BadParameter(
             f"give one --checkpoint per timm: model ({n_timm} timm: models, {len(checkpoints)} checkpoints)",
             param_hint="--checkpoint")
+    if n_timm == 0 and (kwargs or num_classes is not None):  # (as --checkpoint: only timm:NAME models take it)
+        option = "--kwargs" if kwargs else "--num-classes"
+        raise OptionValueError(f"{option} has no effect: it is for timm:NAME models, and none is given "
+                               f"({', '.join(specs)}); drop it, or name the model as timm:NAME")
     ckpts = iter(checkpoints)
     out = []
     for spec in specs:
@@ -417,9 +430,17 @@ class _DataOptions:
     std: tuple[float, ...] | None
     download: bool
 
+    warned: set = dataclasses.field(default_factory=set)
+
     def load(self, split: str, model, classes: Sequence[int] | None, remap: bool):
-        """One split for ``model``: its declared format where options do not give one."""
-        from .experiments.data import input_format, load_dataset_spec, parse_dataset_spec
+        """One split for ``model``: its declared format where options do not give one.
+
+        Raises:
+            OptionValueError: if the data's images must be brought to the model's format (image
+                folders, torchvision and digits data, a module:function's uint8 images) and neither
+                the options nor the model give all of it.
+        """
+        from .experiments.data import input_format, integer_images, load_dataset_spec, parse_dataset_spec
 
         parsed = parse_dataset_spec(self.spec)
         declared = input_format(model)
@@ -430,12 +451,41 @@ class _DataOptions:
             fmt = {k: v if v is not None else getattr(declared, k) for k, v in explicit.items()}
         missing = [k for k, v in fmt.items() if v is None]
         if parsed.needs_format and missing:
-            flags = ", ".join("--" + k.replace("_", "-") for k in missing)
-            raise OptionValueError(
-                f"--data {self.spec}: the model does not declare its input {', '.join(missing)} "
-                f"({declared.source}); pass {flags}")
-        return load_dataset_spec(self.spec, split, channels=declared.channels, root=self.root,
+            raise self._format_missing(missing, declared.source, ":")
+        data = load_dataset_spec(self.spec, split, channels=declared.channels, root=self.root,
                                  classes=classes, remap=remap, download=self.download, **fmt)
+        converted = parsed.kind == "function" and integer_images(data)
+        normalising = [k for k in ("mean", "std") if k in missing]
+        if converted and normalising:  # (uint8 pixels scaled to [0, 1] but not normalised as the model was trained)
+            raise self._format_missing(normalising, declared.source, " gives uint8 images (scaled to [0, 1], then "
+                                                                     "normalised with the model's mean and std), but")
+        self._warn_unused(parsed, converted)
+        return data
+
+    def _format_missing(self, missing: Sequence[str], source: str, what: str) -> OptionValueError:
+        flags = ", ".join("--" + k.replace("_", "-") for k in missing)
+        return OptionValueError(f"--data {self.spec}{what} the model does not declare its input "
+                                f"{', '.join(missing)} ({source}); pass {flags}")
+
+    def _warn_unused(self, parsed, converted: bool) -> None:
+        """Warns (once per option) about data options that the spec's kind of data does not use."""
+        unused = {}
+        if self.download and parsed.kind not in ("fashion_mnist", "torchvision"):
+            unused["--download"] = f"only fashion_mnist and torchvision:NAME data are downloaded ({self.spec} is not)"
+        takes = _function_parameters(parsed.target) if parsed.kind == "function" else set()
+        if self.root is not None and parsed.kind in ("digits", "folder"):
+            unused["--data-root"] = f"it names the folder of fashion_mnist or torchvision:NAME data, not of {self.spec}"
+        if self.root is not None and parsed.kind == "function" and "root" not in takes:
+            unused["--data-root"] = f"the function of {self.spec} takes no root= argument"
+        if parsed.kind == "function" and not converted:  # (its data is used as the function returns it)
+            for k in ("image_size", "mean", "std"):
+                if getattr(self, k) is not None and k not in takes:
+                    unused["--" + k.replace("_", "-")] = (f"the function of {self.spec} takes no {k}= argument and "
+                                                          f"its images are not uint8: they are used as it returns them")
+        for flag, why in unused.items():
+            if flag not in self.warned:
+                self.warned.add(flag)
+                _warn(f"{flag} has no effect: {why}")
 
     def calibration(self, model, entries, size: int, seed: int):
         from torch.utils.data import DataLoader
@@ -452,6 +502,18 @@ class _DataOptions:
 
         data = self.load("test", model, list(classes) if classes else None, remap=True)
         return _InModelDtype.wrap(first_examples(data, limit) if limit is not None else data, model)
+
+
+def _function_parameters(target: str) -> set[str]:
+    """The parameter names of a ``module:function`` data spec's function (empty if it cannot be read)."""
+    import importlib
+    import inspect
+
+    module, _, name = target.partition(":")
+    try:
+        return set(inspect.signature(getattr(importlib.import_module(module), name)).parameters)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return set()
 
 
 class _InModelDtype(torch.utils.data.Dataset):
@@ -552,9 +614,15 @@ def _data_of(kw: dict) -> _DataOptions:
     size = _numbers(kw.pop("image_size"), "--image-size", int)
     if size is not None and (len(size) not in (1, 2) or min(size) < 1):
         raise OptionValueError(f"--image-size {size} must be N or HxW with positive sides")
-    return _DataOptions(spec=kw.pop("data_spec"), root=kw.pop("data_root"), image_size=size,
-                        mean=_numbers(kw.pop("mean"), "--mean", float),
-                        std=_numbers(kw.pop("std"), "--std", float), download=kw.pop("download"))
+    mean_text, std_text = kw.pop("mean"), kw.pop("std")
+    mean, std = _numbers(mean_text, "--mean", float), _numbers(std_text, "--std", float)
+    if mean is not None and (not mean or not all(math.isfinite(v) for v in mean)):
+        raise OptionValueError(f"--mean {mean_text} must be finite numbers (one, or one per channel), e.g. --mean 0.5")
+    if std is not None and (not std or not all(math.isfinite(v) and v > 0 for v in std)):
+        raise OptionValueError(f"--std {std_text} must be finite positive numbers (one, or one per channel), "
+                               f"e.g. --std 0.25")
+    return _DataOptions(spec=kw.pop("data_spec"), root=kw.pop("data_root"), image_size=size, mean=mean, std=std,
+                        download=kw.pop("download"))
 
 
 # ---------------------------------------------------------------------------
@@ -594,13 +662,43 @@ def zoo(zoo_dir: str | None) -> None:
 @main.command(epilog=EPILOG_SPACES)
 @click.argument("model")
 @click.option("--zoo", "zoo_dir", default=None, help="Zoo folder for zoo names (default: $FUSION_ZOO).")
-def spaces(model: str, zoo_dir: str | None) -> None:
-    """Discover and print the alignment spaces of MODEL."""
+@_timm_options
+def spaces(model: str, zoo_dir: str | None, checkpoints, kwargs_json, num_classes) -> None:
+    """Discover and print the alignment spaces of MODEL.
+
+    MODEL is given as to `fusion fuse`: a zoo name, a .safetensors file with its JSON sidecar, an HF
+    model folder, a <stem>.timm.json file, timm:NAME (with --checkpoint, --kwargs, --num-classes), or
+    module:function returning the model (the spaces of each model when it returns several).
+    """
     from alignment import discover
 
-    m, entry = resolve_model(model, zoo_dir)
-    graph = discover(m, _example_input(entry, m))
-    click.echo(graph.summary())
+    resolved = _resolve_all([model], zoo_dir, checkpoints, kwargs_json, num_classes)
+    _refuse_zipped([model], resolved, "has no alignment spaces of its own")
+    for k, (m, entry) in enumerate(resolved):
+        graph = discover(m, _example_input(entry, m))
+        if len(resolved) > 1:
+            click.echo(f"{model}[{k}]:")
+        click.echo(graph.summary())
+
+
+def _refuse_zipped(specs: Sequence[str], resolved, what: str) -> None:
+    """Refuses a partially zipped model (:class:`fusion.zipped.ZippedModel`) with a fused trunk (then one
+    branch per source model): no single model whose units could be aligned. ``specs``: the model arguments
+    (named one by one when they gave one model each).
+
+    Raises:
+        UnsupportedModelError: naming the model, its cut and what to use instead.
+    """
+    from .zipped import ZippedModel
+
+    specs = list(specs)
+    for k, (m, entry) in enumerate(resolved):
+        spec = specs[k] if len(specs) == len(resolved) else f"model {k + 1} of {' '.join(specs)}"
+        if isinstance(m, ZippedModel) and not m.cut.at_input:  # (cut at the input: an ensemble, traced whole)
+            sources = (getattr(entry, "extra", None) or {}).get("sources") if entry is not None else None
+            instead = f"its source models ({', '.join(map(str, sources))})" if sources else "its source models"
+            raise UnsupportedModelError(f"{spec} is a partially zipped model (a fused trunk up to {m.cut.module!r}, "
+                                        f"then {len(m.branches)} branches): it {what}; use {instead} instead")
 
 
 @main.command(name="eval", epilog=EPILOG_EVAL)
@@ -657,8 +755,6 @@ def _fusion_options(fn):
                      help="Refinement before the repair: lstsq refits every layer by least squares (PLeaS)."),
         click.option("--refine-option", "refine_options", multiple=True,
                      help="Refinement option key=value (repeatable), e.g. ridge=1e-3 or inputs=merged."),
-        click.option("--budget", type=float, default=1.0, show_default=True,
-                     help="Partial matching: fused parameters up to BUDGET times the fully matched model's."),
         click.option("--heads", default="merged", show_default=True, type=click.Choice(["merged", "separate"]),
                      help="separate: each model keeps its own classifier (models trained on different classes)."),
         click.option("--zip-until", "zip_until", default=None,
@@ -673,7 +769,7 @@ def _fusion_options(fn):
 def _run_fusion(models, method, alphas, out, repair, target_spec, width, calibration_size, calibration_seed,
                 zoo_dir, seed, device, options, do_eval, test_limit, checkpoints, kwargs_json,
                 num_classes, refine="none", refine_options=(), budget=1.0, heads="merged", zip_until=None,
-                overwrite=False, **kw) -> None:
+                overwrite=False, command="fuse", **kw) -> None:
     from . import fuse as fuse_fn
     from .io import (
         check_inputs_kept, check_output, library_form_paths, remove_stale_forms, resized_widths, save_model,
@@ -686,7 +782,15 @@ def _run_fusion(models, method, alphas, out, repair, target_spec, width, calibra
     method_opts = method_options(options)
     if target_spec is not None and width is not None:
         raise click.UsageError("give --target or --width, not both")
+    _check_budget(budget, width, target_spec)
+    refine_opts = _check_method_and_refinement(method, method_opts, refine, refine_options)
+    if test_limit is not None and not do_eval:
+        _warn(f"--test-limit {test_limit} has no effect without --eval (nothing is evaluated)")
     resolved = _resolve_all(models, zoo_dir, checkpoints, kwargs_json, num_classes)
+    if command == "compress" and len(resolved) != 1:
+        raise click.BadParameter(f"{models[0]} gives {len(resolved)} models; compress takes one (fuse several with "
+                                 f"`fusion fuse`)", param_hint="MODEL")
+    _refuse_zipped(models, resolved, "cannot be fused or compressed again")
     mods = [m for m, _ in resolved]
     entries = [e for _, e in resolved]
     alpha = _alpha_of(alphas or (), len(mods))
@@ -710,7 +814,7 @@ def _run_fusion(models, method, alphas, out, repair, target_spec, width, calibra
     calibration = data.calibration(mods[0], entries, calibration_size, calibration_seed)
     fused = fuse_fn(mods, calibration, method=method, repair=repair, alpha=alpha, seed=seed, device=device,
                     target=target, width=width, progress=_progress(), refine=refine,
-                    refine_options=parse_options(refine_options), budget=budget, heads=heads,
+                    refine_options=refine_opts, budget=budget, heads=heads,
                     zip_until=_cut_value(zip_until), **method_opts)
     fused = fused.to("cpu")
     report = fused.fusion_report
@@ -761,6 +865,9 @@ def _run_fusion(models, method, alphas, out, repair, target_spec, width, calibra
 @click.option("--method", default="permute", show_default=True, help="Fusion method (see `fusion methods`).")
 @click.option("--alpha", "alphas", type=float, multiple=True,
               help="Interpolation weight: once per model, or once for two models (weight of the second). Default: uniform.")
+@click.option("--budget", type=float, default=1.0, show_default=True,
+              help="Partial matching (two or more models): fused parameters up to BUDGET (>= 1) times the fully "
+                   "matched model's; the fused widths follow from it (no --width or --target).")
 @_fusion_options
 @_timm_options
 def fuse(models, method, alphas, **kw) -> None:
@@ -780,6 +887,48 @@ def fuse(models, method, alphas, **kw) -> None:
     _run_fusion(models, method, alphas, **kw)
 
 
+def _warn(message: str) -> None:
+    """One ``warning: ...`` line on stderr (an option that has no effect, data used other than asked)."""
+    click.echo(f"warning: {message}", err=True)
+
+
+def _check_budget(budget: float, width, target_spec) -> None:
+    """``--budget`` before any work: a finite number >= 1, and not with --width or --target (partial
+    matching sets the fused widths itself)."""
+    if budget == 1.0:
+        return
+    if not math.isfinite(budget) or budget < 1:
+        raise OptionValueError(f"--budget {budget:g} must be a finite number >= 1 (the fused model's parameters over "
+                               f"the fully matched model's; 1: ordinary matching)")
+    if width is not None or target_spec is not None:
+        given = "--width" if width is not None else "--target"
+        raise OptionValueError(f"--budget {budget:g} sets the fused widths itself (partial matching); do not combine "
+                               f"it with {given}")
+
+
+def _check_method_and_refinement(method: str, method_opts: dict, refine: str, refine_options) -> dict:
+    """The method and its ``--option`` values, and the ``--refine-option`` values, checked before any
+    work (the API would refuse them only after models and data are loaded); returns the refinement
+    options as given.
+
+    Raises:
+        OptionValueError: for a ``--refine-option`` without ``--refine lstsq`` (it would have no effect).
+        alignment.errors.InvalidOptionError: for an unknown method, or an option the method or the
+            refinement does not have (naming it and the options it has).
+    """
+    from alignment.methods import METHODS
+
+    from .refine import REFINEMENTS
+
+    METHODS.validate(method, method_opts)
+    opts = parse_options(refine_options)
+    if opts and refine == "none":
+        raise OptionValueError(f"--refine-option {next(iter(opts))} has no effect without a refinement (--refine is "
+                               f"none); pass --refine lstsq, or drop the option")
+    REFINEMENTS.validate(refine, opts)
+    return opts
+
+
 def _alpha_of(alphas: Sequence[float], n: int):
     """The interpolation weights of ``--alpha`` for ``n`` models (counted once module:function specs
     returned theirs): one per model, or the second's weight for two; None when not given."""
@@ -796,17 +945,23 @@ def _alpha_of(alphas: Sequence[float], n: int):
 @click.argument("model")
 @click.option("--method", default="ot", show_default=True,
               help="ot (transport onto fewer units), merge (merge correlated features), magnitude (L1 pruning), permute.")
+@click.option("--budget", type=float, default=None, hidden=True)  # (fuse's option: refused with a reason)
 @_fusion_options
 @_timm_options
-def compress(model, method, **kw) -> None:
+def compress(model, method, budget, **kw) -> None:
     """Compress MODEL to a narrower width (--width 0.5, or --target a narrower model of its family).
 
     Features are merged onto fewer units through the same engine as fusion, then norms are repaired
-    on calibration data (--repair).
+    on calibration data (--repair). (Partial matching, `fusion fuse --budget`, needs two or more
+    models: compress has no --budget.)
     """
+    if budget is not None:
+        raise OptionValueError(f"--budget {budget:g} is partial matching of two or more models (`fusion fuse "
+                               f"--budget`), which sets the fused widths itself; compress has one model: give its "
+                               f"width with --width or --target")
     if kw.get("target_spec") is None and kw.get("width") is None:
         raise click.UsageError("give --width (e.g. 0.5) or --target (a narrower model)")
-    _run_fusion([model], method, None, **kw)
+    _run_fusion([model], method, None, command="compress", **kw)
 
 
 @main.command(epilog=EPILOG_INTERPOLATE)
@@ -852,6 +1007,7 @@ def interpolate(models, out, overwrite, methods, repairs, steps, calibration_siz
     if steps < 2:
         raise click.BadParameter("needs at least 2 steps", param_hint="--steps")
     resolved = _resolve_all(models, zoo_dir, checkpoints, kwargs_json, num_classes)
+    _refuse_zipped(models, resolved, "cannot be interpolated")
     mods = [m for m, _ in resolved]
     entries = [e for _, e in resolved]
     if all(e is not None for e in entries) and list(entries[0].classes) != list(entries[1].classes):

@@ -712,3 +712,148 @@ def test_eval_without_a_test_split_fails_before_the_work(tmp_path):
                                     "--calibration-size", "8"])
     assert res.exit_code == 2 and "test" in _one_error_line(res, alone=False)
     assert not out.with_suffix(".safetensors").exists() and "statistics" not in res.output
+
+
+# ---------------------------------------------------------------------------
+# review fixes: spaces' model forms, --budget, dict/uint8 data, cache, --mean/--std, unused options
+# ---------------------------------------------------------------------------
+
+
+def test_spaces_takes_every_model_form_that_fuse_takes(tmp_path, monkeypatch):
+    """Guards: `fusion spaces` resolves models as fuse does: timm:NAME with --checkpoint/--kwargs (before:
+    'no such option --checkpoint'), module:function (before: read as a zoo name) and <stem>.timm.json;
+    a partially zipped model with a trunk, which discovery cannot trace, is one line naming its sources."""
+    from fusion import cli
+    from fusion.io import save_weights
+    from fusion.zipped import Cut, ZippedModel
+    from tests.data_spec_helpers import two_resnets
+
+    (model, arch), _ = two_resnets()
+    save_weights(model, tmp_path / "r.safetensors")
+    (tmp_path / "r.timm.json").write_text(json.dumps({"model_name": "resnet18", "num_classes": 10, **arch["kwargs"]}))
+    runs = {
+        "timm": ["timm:resnet18", "--checkpoint", str(tmp_path / "r.safetensors"), "--kwargs", json.dumps(arch["kwargs"])],
+        "function": ["tests.data_spec_helpers:two_resnets"],
+        "timm.json": [str(tmp_path / "r.timm.json")],
+    }
+    outputs = {}
+    for name, args in runs.items():
+        res = CliRunner().invoke(main, ["spaces", *args])
+        assert res.exit_code == 0, (name, res.output)
+        assert "layer1.0.conv1" in res.output and "13 spaces" in res.output, res.output
+        outputs[name] = res.output
+    assert "tests.data_spec_helpers:two_resnets[1]:" in outputs["function"]
+    assert outputs["timm"] == outputs["timm.json"]
+
+    zipped = ZippedModel(torch.nn.Linear(2, 2), [torch.nn.Linear(2, 2)] * 2, [torch.eye(2)] * 2, Cut(module="layer2"))
+    monkeypatch.setattr(cli, "resolve_model", lambda *a, **k: (zipped, None))
+    line = _one_error_line(CliRunner().invoke(main, ["spaces", "runs/zipped.safetensors"]))
+    assert "runs/zipped.safetensors is a partially zipped model" in line and "'layer2'" in line
+
+
+def test_budget_is_fuses_option_and_checked_before_any_work(tmp_path, monkeypatch):
+    """Guards: compress --budget could never run (compress needs --width or --target, which partial
+    matching refuses, and it needs two models): compress now says so in one line; fuse --budget below 1,
+    nan, or with --width is one line before any model is loaded (the zoo given does not exist)."""
+    import fusion
+
+    monkeypatch.setattr(fusion, "fuse", lambda *a, **k: (_ for _ in ()).throw(AssertionError("fusion ran")))
+    zoo = ["--zoo", str(tmp_path / "no-zoo"), "--out", str(tmp_path / "x")]
+    line = _one_error_line(CliRunner().invoke(main, ["compress", "r18w32-s0", "--width", "0.5", "--budget", "1.2", *zoo]))
+    assert "--budget 1.2" in line and "fusion fuse --budget" in line and "--width" in line
+    for args, words in ((["--budget", "0.5"], ">= 1"), (["--budget", "nan"], ">= 1"),
+                        (["--budget", "1.2", "--width", "0.5"], "do not combine it with --width")):
+        line = _one_error_line(CliRunner().invoke(main, ["fuse", "r18w32-s0", "r18w32-s1", *args, *zoo]))
+        assert words in line and "--budget" in line and "zoo" not in line.replace("--", ""), line
+    help_text = CliRunner().invoke(main, ["compress", "--help"]).output
+    assert "--budget" not in help_text.split("Options:")[1]
+    assert "two or more models" in CliRunner().invoke(main, ["fuse", "--help"]).output
+    # a module:function giving two models is no model to compress
+    res = CliRunner().invoke(main, ["compress", "tests.data_spec_helpers:two_resnets", "--width", "0.5",
+                                    "--out", str(tmp_path / "y")])
+    assert res.exit_code == 2 and "compress takes one" in res.output
+
+
+def test_dict_and_uint8_module_function_data_evaluate(tmp_path):
+    """Guards: module:function data of dict items (pixel_values/labels) is restricted to a model's
+    classes and evaluated (before: KeyError traceback); uint8 images are scaled and normalised with
+    --mean/--std, asked for in one line when the model declares none (before: a RuntimeError
+    traceback inside the first conv)."""
+    from fusion.io import save_model
+    from tests.data_spec_helpers import two_resnets
+
+    model, arch = two_resnets()[0]
+    path = str(save_model(model, tmp_path / "m", arch, 10))
+    res = CliRunner().invoke(main, ["--quiet", "eval", path, "--data", "tests.test_data:dict_noise28"])
+    assert res.exit_code == 0, res.output
+    assert _correct(res.output, path)[1] == 40
+    line = _one_error_line(CliRunner().invoke(main, ["eval", path, "--data", "tests.test_data:uint8_noise28"]))
+    assert "uint8" in line and "--mean, --std" in line
+    for spec in ("uint8_noise28", "uint8_dict_noise28"):
+        res = CliRunner().invoke(main, ["--quiet", "eval", path, "--data", f"tests.test_data:{spec}", "--mean", "0.5",
+                                        "--std", "0.25", "--limit", "10"])
+        assert res.exit_code == 0, res.output
+        assert _correct(res.output, path)[1] == 10
+    line = _one_error_line(CliRunner().invoke(main, ["--quiet", "eval", path, "--data", "tests.test_data:uint8_loader"]))
+    assert "uint8 images" in line and "x.float() / 255" in line
+
+
+def test_demo_cache_under_a_file_fails_before_any_work(tmp_path, monkeypatch):
+    """Guards: a demo cache folder ($FUSION_CACHE) under an existing file is one line before data is read
+    or a model trained (before: the demo trained both models, then failed saving them)."""
+    from fusion.experiments import demo, train
+
+    def never(*a, **k):
+        raise AssertionError("work started")
+    monkeypatch.setattr(train, "train_model", never)
+    monkeypatch.setattr(demo, "demo_data", never)
+    (tmp_path / "somefile.txt").write_text("x")
+    monkeypatch.setenv("FUSION_CACHE", str(tmp_path / "somefile.txt" / "sub"))
+    res = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "demo"), "--train-size", "10", "--epochs", "1"])
+    line = _one_error_line(res)
+    assert "somefile.txt" in line and "is a file" in line and "--no-cache" in line
+    assert not (tmp_path / "demo").exists()
+    with pytest.raises(demo.DemoError, match="is a file"):
+        demo.run_demo(out=tmp_path / "d2", cache=tmp_path / "somefile.txt", train_size=10, epochs=1)
+
+
+@pytest.mark.parametrize("option,value", [("--mean", "nan"), ("--mean", "inf"), ("--std", "nan"), ("--std", "0"),
+                                          ("--std", "-1"), ("--std", "0.5,nan")])
+def test_non_finite_mean_and_bad_std_are_one_line(tmp_path, option, value):
+    """Guards: --mean nan/inf and --std nan/0/negative are refused in one line, exit 2, before any model
+    is loaded (the zoo given does not exist; before: --mean nan was accepted and NaN images evaluated,
+    --std 0 failed only when the data was loaded)."""
+    for cmd in (["eval", "r18w16-s2"], ["compress", "r18w16-s2", "--width", "0.5", "--out", str(tmp_path / "o")]):
+        line = _one_error_line(CliRunner().invoke(main, [*cmd, "--zoo", str(tmp_path / "no-zoo"), option, value]))
+        assert f"{option} {value}" in line and "finite" in line
+
+
+def test_options_without_effect_warn_or_fail_naming_the_option(tmp_path):
+    """Guards: options the command would ignore in the given combination are named: --test-limit without
+    --eval, data options the data does not use (--mean/--std with float module:function data, --download,
+    --data-root) warn; --kwargs/--num-classes without a timm: model (as --checkpoint), --refine-option
+    without --refine, and a method option the method does not have fail in one line before any work."""
+    from fusion.io import save_model
+    from tests.data_spec_helpers import two_resnets
+
+    model, arch = two_resnets()[0]
+    path = str(save_model(model, tmp_path / "m", arch, 10))
+    res = CliRunner().invoke(main, ["--quiet", "eval", path, "--data", "tests.data_spec_helpers:noise28", "--mean",
+                                    "0.5", "--std", "0.5", "--download", "--data-root", str(tmp_path), "--limit", "4"])
+    assert res.exit_code == 0, res.output
+    for flag in ("--mean", "--std", "--download", "--data-root"):
+        assert f"warning: {flag} has no effect" in res.stderr, res.stderr
+    out = ["--out", str(tmp_path / "o"), "--zoo", str(tmp_path / "no-zoo")]
+    for args, words in ((["--kwargs", '{"in_chans": 1}'], "--kwargs has no effect"),
+                        (["--num-classes", "5"], "--num-classes has no effect"),
+                        (["--refine-option", "ridge=0.1"], "--refine-option ridge has no effect"),
+                        (["--method", "permute", "--option", "solver=sinkhorn"], "has no option 'solver'")):
+        line = _one_error_line(CliRunner().invoke(main, ["fuse", "nope-a", "nope-b", *args, *out]))
+        assert words in line, line
+    line = _one_error_line(CliRunner().invoke(main, ["eval", path, "--num-classes", "5"]))
+    assert "--num-classes has no effect" in line
+    res = CliRunner().invoke(main, ["--quiet", "compress", path, "--width", "0.5", "--test-limit", "5", "--repair",
+                                    "none", "--method", "magnitude", "--out", str(tmp_path / "c"),
+                                    "--data", "tests.data_spec_helpers:noise28", "--calibration-size", "4"])
+    assert res.exit_code == 0, res.output
+    assert "warning: --test-limit 5 has no effect without --eval" in res.stderr

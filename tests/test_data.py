@@ -445,3 +445,88 @@ def test_torchvision_spec_reads_a_torchvision_dataset(tmp_path: Path, no_default
         assert torch.equal(x, x_ref) and y == int(y_ref)
     with pytest.raises(DatasetNotFoundError, match="--data-root"):
         load_dataset_spec("torchvision:FashionMNIST", "train", root=tmp_path / "empty")
+
+
+# ---------------------------------------------------------------------------
+# module:function data of dict items and uint8 images (functions named in specs below)
+# ---------------------------------------------------------------------------
+
+
+class _DictItems(torch.utils.data.Dataset):
+    """Items as transformers pipelines give them: ``{"pixel_values": x, "labels": y}``."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"pixel_values": self.images[i], "labels": int(self.labels[i])}
+
+
+def dict_noise28(split: str = "train") -> torch.utils.data.Dataset:
+    """Forty random 1x28x28 float images (a draw per split), labels 0..9, as dict items."""
+    g = torch.Generator().manual_seed(0 if split == "train" else 1)
+    return _DictItems(torch.randn(40, 1, 28, 28, generator=g), torch.arange(40) % 10)
+
+
+def uint8_noise28(split: str = "train") -> TensorDataset:
+    """Forty random 1x28x28 uint8 images (pixels 0-255; a draw per split), labels 0..9."""
+    g = torch.Generator().manual_seed(0 if split == "train" else 1)
+    return TensorDataset(torch.randint(0, 256, (40, 1, 28, 28), generator=g, dtype=torch.uint8), torch.arange(40) % 10)
+
+
+def uint8_dict_noise28(split: str = "train") -> torch.utils.data.Dataset:
+    """:func:`uint8_noise28`'s images as dict items."""
+    return _DictItems(*uint8_noise28(split).tensors)
+
+
+def uint8_loader(split: str = "train") -> torch.utils.data.DataLoader:
+    """:func:`uint8_noise28` in a DataLoader (batches of 8), which the loaders use as it is."""
+    return torch.utils.data.DataLoader(uint8_noise28(split), batch_size=8)
+
+
+def test_classes_of_module_function_data_with_dict_items() -> None:
+    """Guards: a module:function dataset of dict items (pixel_values/labels) restricted to classes keeps
+    the items of those classes, as dicts with remapped labels, and calibration draws from it (before:
+    KeyError 1 in dataset_labels, DataFormatError in dataset_tensors)."""
+    data = load_dataset_spec("tests.test_data:dict_noise28", "test", classes=[7, 3])
+    assert len(data) == 8
+    item = data[0]
+    assert isinstance(item, dict) and set(item) == {"pixel_values", "labels"}
+    raw = dict_noise28("test")
+    assert [data[i]["labels"] for i in range(8)] == [1, 0] * 4  # labels 3, 7, 3, 7... remapped to head order
+    torch.testing.assert_close(item["pixel_values"], raw[3]["pixel_values"])
+    kept = fdata.restrict_classes(raw, [3, 7], remap=False)
+    assert fdata.dataset_labels(kept).tolist() == [3, 7] * 4
+    cal = calibration_subset(data, 5, seed=0)
+    assert cal.tensors[0].shape == (5, 1, 28, 28) and set(cal.tensors[1].tolist()) <= {0, 1}
+    with pytest.raises(DataFormatError, match="pixel_values"):
+        fdata.dataset_labels(_BadDict())
+
+
+class _BadDict(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": torch.zeros(1, 2, 2), "target": 0}
+
+
+def test_uint8_images_of_module_function_data_are_converted() -> None:
+    """Guards: uint8 images from a module:function Dataset are scaled to [0, 1] and normalised with
+    mean/std like every other spec's images (before: returned as uint8, which no float model takes),
+    class restriction included; dict items too; integer_images tells them apart."""
+    raw = uint8_noise28("train")
+    assert fdata.integer_images(raw) and not fdata.integer_images(dict_noise28())
+    data = load_dataset_spec("tests.test_data:uint8_noise28", "train", mean=0.5, std=0.25, classes=[2, 5])
+    x, y = data[0]
+    assert x.dtype == torch.float32 and y == 0
+    torch.testing.assert_close(x, (raw.tensors[0][2].float() / 255 - 0.5) / 0.25)
+    assert fdata.integer_images(data)  # (what the data gave, under the conversion)
+    plain = load_dataset_spec("tests.test_data:uint8_dict_noise28", "test")
+    item = plain[0]
+    assert item["pixel_values"].dtype == torch.float32 and float(item["pixel_values"].max()) <= 1.0
+    with pytest.raises(DataOptionError, match="finite"):
+        load_dataset_spec("tests.test_data:uint8_noise28", "train", mean=float("nan"), std=0.25)

@@ -231,3 +231,24 @@ def test_a_list_of_labelled_batches_evaluates_like_the_dataset():
     got = evaluate_loss_and_accuracy(model, batches)
     assert got["n"] == want["n"] == 10 and got["accuracy"] == want["accuracy"]
     assert abs(got["loss"] - want["loss"]) < 1e-6
+
+
+def test_uint8_images_are_a_specific_error_saying_how_to_convert_them() -> None:
+    """Guards: a DataLoader of uint8 images (used as the user gives it) evaluated with a float model is
+    an EvaluationError naming the uint8 inputs and the conversion (before: torch's RuntimeError
+    'expected scalar type Byte but found Float'); a model that takes uint8 itself is let be."""
+    conv = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Flatten(), nn.LazyLinear(3))
+    images = torch.randint(0, 256, (6, 1, 5, 5), dtype=torch.uint8)
+    loader = DataLoader(TensorDataset(images, torch.arange(6) % 3), batch_size=4)
+    with pytest.raises(EvaluationError, match=r"uint8 images.*float32.*x\.float\(\) / 255"):
+        accuracy(conv, loader)
+
+    class TakesUint8(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = conv
+
+        def forward(self, x):
+            return self.inner(x.float() / 255)
+
+    assert 0.0 <= accuracy(TakesUint8(), loader) <= 1.0

@@ -69,6 +69,7 @@ __all__ = [
     "restrict_classes",
     "dataset_labels",
     "dataset_tensors",
+    "integer_images",
     "calibration_subset",
     "first_examples",
     "make_loader",
@@ -366,8 +367,16 @@ class _View(Dataset):
         y = int(y)
         return int(self.lookup[y]) if self.lookup is not None else y
 
-    def __getitem__(self, i: int) -> tuple[Any, int]:
-        x, y = self.base[self.indices[i]][:2]
+    def __getitem__(self, i: int) -> Any:
+        item = self.base[self.indices[i]]
+        if isinstance(item, Mapping):  # a dict item keeps its keys; its input and label are converted
+            x_key, y_key = _item_keys(item)
+            out = dict(item)
+            if self.transform is not None:
+                out[x_key] = self.transform(item[x_key])
+            out[y_key] = self._label(item[y_key])
+            return out
+        x, y = _item_pair(item)
         return (self.transform(x) if self.transform is not None else x), self._label(y)
 
     @property
@@ -377,8 +386,38 @@ class _View(Dataset):
         return [self._label(labels[i]) for i in self.indices]
 
 
+_INPUT_KEYS = ("pixel_values", "x", "input")
+_LABEL_KEYS = ("labels", "label", "y")
+
+
+def _item_keys(item: Mapping[str, Any]) -> tuple[str, str]:
+    """The input and label keys of a dict item (``pixel_values``/``labels``, or ``x``/``y``...)."""
+    x_key = next((k for k in _INPUT_KEYS if k in item), None)
+    y_key = next((k for k in _LABEL_KEYS if k in item), None)
+    if x_key is None or y_key is None:
+        raise DataFormatError(
+            f"A dict item with keys {sorted(map(str, item))}: expected an input under one of "
+            f"{', '.join(_INPUT_KEYS)} and a label under one of {', '.join(_LABEL_KEYS)}."
+        )
+    return x_key, y_key
+
+
+def _item_pair(item: Any, where: str = "An item") -> tuple[Any, Any]:
+    """``(input, label)`` of one dataset item: a pair (or longer tuple) or a dict (:func:`_item_keys`)."""
+    if isinstance(item, Mapping):
+        x_key, y_key = _item_keys(item)
+        return item[x_key], item[y_key]
+    if isinstance(item, (tuple, list)) and len(item) >= 2:
+        return item[0], item[1]
+    raise DataFormatError(
+        f"{where} is {type(item).__name__}; expected an (input, label) pair or a dict with "
+        "pixel_values and labels."
+    )
+
+
 def dataset_labels(dataset: Dataset) -> torch.Tensor:
-    """The labels of a map-style dataset of (input, label) pairs, as int64.
+    """The labels of a map-style dataset of (input, label) pairs (or dicts with ``pixel_values`` and
+    ``labels``), as int64.
 
     A ``TensorDataset``'s labels, or a ``targets`` / ``labels`` attribute (torchvision
     datasets, ``ImageFolder``), are read without loading any input; otherwise every
@@ -397,14 +436,16 @@ def dataset_labels(dataset: Dataset) -> torch.Tensor:
         labels = getattr(dataset, attr, None)
         if labels is not None and not callable(labels) and len(labels) == n:
             return torch.as_tensor(np.asarray(labels), dtype=torch.int64)
-    return torch.as_tensor([int(dataset[i][1]) for i in range(n)], dtype=torch.int64)
+    return torch.as_tensor([int(_item_pair(dataset[i], f"Item {i} of {type(dataset).__name__}")[1])
+                            for i in range(n)], dtype=torch.int64)
 
 
 def restrict_classes(dataset: Dataset, classes: Sequence[int] | None, remap: bool = True) -> Dataset:
     """Keeps the examples of some classes of any dataset (see :func:`select_classes`).
 
     Args:
-        dataset: A map-style dataset of (input, label) pairs.
+        dataset: A map-style dataset of (input, label) pairs, or of dicts with an input and a label
+            (``pixel_values`` and ``labels``; dict items stay dicts).
         classes: Labels to keep, in head order; ``None`` returns ``dataset`` unchanged.
         remap: If true, label ``classes[j]`` becomes ``j``.
 
@@ -551,7 +592,8 @@ def dataset_tensors(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns the (inputs, labels) tensors of a dataset of (input, label) pairs.
 
     A ``TensorDataset``'s own tensors are returned without copying; any other
-    map-style dataset is read item by item and stacked.
+    map-style dataset is read item by item and stacked (dict items give their
+    ``pixel_values`` and ``labels``).
 
     Args:
         dataset: The dataset.
@@ -579,14 +621,9 @@ def dataset_tensors(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
         ) from exc
     xs, ys = [], []
     for i in range(n):
-        item = dataset[i]
-        if not isinstance(item, (tuple, list)) or len(item) < 2:
-            raise DataFormatError(
-                f"Item {i} of {type(dataset).__name__} is {type(item).__name__}; expected "
-                "an (input, label) pair."
-            )
-        xs.append(torch.as_tensor(item[0]))
-        ys.append(torch.as_tensor(item[1]))
+        x, y = _item_pair(dataset[i], f"Item {i} of {type(dataset).__name__}")
+        xs.append(torch.as_tensor(x))
+        ys.append(torch.as_tensor(y))
     if not xs:
         raise DataFormatError(f"{type(dataset).__name__} is empty.")
     return torch.stack(xs), torch.stack(ys).to(torch.int64)
@@ -897,8 +934,10 @@ class _ImageFormatter:
         mean, std = _floats(mean, "mean"), _floats(std, "std")
         if (mean is None) != (std is None):
             raise DataOptionError("give mean and std together (or neither, to keep pixels in [0, 1]).")
-        if std is not None and min(std) <= 0:
-            raise DataOptionError(f"std must be positive, got {std}.")
+        if mean is not None and not all(np.isfinite(mean)):
+            raise DataOptionError(f"mean must be finite, got {mean}.")
+        if std is not None and not all(np.isfinite(v) and v > 0 for v in std):
+            raise DataOptionError(f"std must be finite and positive, got {std}.")
         self.mean = None if mean is None else torch.tensor(mean).view(-1, 1, 1)
         self.std = None if std is None else torch.tensor(std).view(-1, 1, 1)
 
@@ -1089,6 +1128,44 @@ def _load_torchvision(name: str, split: str, root: Path, formatter: _ImageFormat
     raise DataOptionError(f"torchvision:{name} has no {split!r} split: {error}")
 
 
+def _raw_dataset(data: Any) -> Any:
+    """The user's dataset under the toolkit's views and subsets."""
+    while isinstance(data, (_View, Subset)):
+        data = data.base if isinstance(data, _View) else data.dataset
+    return data
+
+
+def integer_images(data: Dataset | DataLoader) -> bool:
+    """Whether a dataset's inputs, as the dataset itself gives them (under the views and subsets of
+    this module), are integer images (``uint8`` pixels, 0-255), which the loaders convert to floats.
+
+    Only the first item is read; a ``DataLoader`` (whose batches are not read here) and an empty
+    dataset give False.
+
+    Args:
+        data: A map-style dataset of (input, label) pairs or dicts with ``pixel_values``.
+
+    Returns:
+        True for an integer (not boolean) tensor or array input of two or more dimensions.
+    """
+    raw = _raw_dataset(data)
+    if isinstance(raw, DataLoader):
+        return False
+    if isinstance(raw, TensorDataset):
+        x = raw.tensors[0]
+        return not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool and x.dim() >= 3
+    try:
+        if len(raw) == 0:  # type: ignore[arg-type]
+            return False
+        x, _ = _item_pair(raw[0])
+    except (TypeError, DataFormatError):
+        return False
+    if isinstance(x, np.ndarray):
+        return x.ndim >= 2 and np.issubdtype(x.dtype, np.integer)
+    return (isinstance(x, torch.Tensor) and x.dim() >= 2 and not x.is_floating_point() and not x.is_complex()
+            and x.dtype != torch.bool)
+
+
 def _call_data_function(target: str, values: Mapping[str, Any]) -> tuple[Dataset | DataLoader, set[str]]:
     """Calls ``module:function`` with the values its signature names; returns its data and those names."""
     module_name, function_name = target.split(":")
@@ -1132,13 +1209,15 @@ def load_dataset_spec(
       ``val``), or of the folder itself for both splits (with a :class:`DataWarning`);
     * ``torchvision:NAME``: ``torchvision.datasets.NAME`` under ``root`` (default
       :data:`DEFAULT_DOWNLOAD_DIR`), split by its ``train=`` or ``split=`` argument;
-    * ``module:function``: the function's Dataset or DataLoader, as it returns it; it is
-      called with those of ``split``, ``root``, ``image_size``, ``mean``, ``std``,
-      ``channels`` and ``classes`` its signature names.
+    * ``module:function``: the function's Dataset or DataLoader, as it returns it (items
+      as (input, label) pairs or dicts with ``pixel_values`` and ``labels``), except that a
+      Dataset of integer (``uint8``) images is converted like the images of the other forms
+      (below); it is called with those of ``split``, ``root``, ``image_size``, ``mean``,
+      ``std``, ``channels`` and ``classes`` its signature names.
 
-    Images are converted to float tensors, their channels matched to ``channels``
-    (grey <-> RGB), resized to ``image_size`` and normalised with ``mean``/``std``;
-    ``None`` leaves that aspect as the data has it.
+    Images are converted to float tensors (integer pixels scaled from 0-255 to [0, 1]),
+    their channels matched to ``channels`` (grey <-> RGB), resized to ``image_size`` and
+    normalised with ``mean``/``std``; ``None`` leaves that aspect as the data has it.
 
     Args:
         spec: The dataset spec.
@@ -1179,6 +1258,9 @@ def load_dataset_spec(
         values = {"split": split, "root": root, "image_size": image_size, "mean": mean, "std": std,
                   "channels": channels, "classes": classes}
         data, given = _call_data_function(parsed.target, values)
+        if isinstance(data, Dataset) and integer_images(data):
+            # uint8 images are converted as every other spec's images: to [0, 1], channels, size, mean/std
+            data = _View(data, transform=formatter)
         if classes is None or "classes" in given:
             return data
         if isinstance(data, DataLoader):

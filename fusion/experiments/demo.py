@@ -25,7 +25,8 @@ import torch
 
 from alignment.errors import FusionError
 
-__all__ = ["DemoError", "DEMO_ARCHS", "DEMO_RUNS", "DemoRow", "demo_data", "cache_dir", "fresh_folder", "run_demo", "format_table"]
+__all__ = ["DemoError", "DEMO_ARCHS", "DEMO_RUNS", "DemoRow", "demo_data", "cache_dir", "check_cache_folder",
+           "fresh_folder", "run_demo", "format_table"]
 
 
 class DemoError(FusionError, ValueError):
@@ -95,6 +96,26 @@ def cache_dir() -> Path:
         return Path(os.environ["FUSION_CACHE"])
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "fusion-toolkit"
+
+
+def check_cache_folder(folder: str | os.PathLike[str]) -> Path:
+    """The demo's cache folder, checked before any work: it must be a folder or not exist yet, and
+    nothing on its path may be a file (else saving the trained models would fail only after
+    training).
+
+    Raises:
+        DemoError: naming the folder (and the file in its way) and what to do.
+    """
+    folder = Path(folder).expanduser()
+    where = "the cache folder (cache= or $FUSION_CACHE)"
+    for part in (folder, *folder.parents):
+        if part.exists() and not part.is_dir():
+            what = "is a file" if part == folder else f"lies under {part}, which is a file"
+            raise DemoError(f"{where} {folder} {what}; choose a folder (FUSION_CACHE=DIR), or run without a "
+                            f"cache (--no-cache / cache=False)")
+        if part.exists():
+            break
+    return folder
 
 
 def fresh_folder(out: str | os.PathLike[str] | None, stem: str = "fusion-demo") -> Path:
@@ -173,6 +194,10 @@ def run_demo(arch: str = "resnet", out: str | os.PathLike[str] | None = None, tr
 
     Returns:
         A :class:`DemoResult` (its table is also written as ``demo.json`` in the folder).
+
+    Raises:
+        DemoError: for an unknown ``arch`` or row, an output folder in use, or a cache folder that is
+            a file or lies under one (all before any work).
     """
     import fusion
     from fusion.interpolate import interpolation_report
@@ -186,6 +211,7 @@ def run_demo(arch: str = "resnet", out: str | os.PathLike[str] | None = None, tr
     unknown = [m for m in (methods or []) if m not in DEMO_RUNS]
     if unknown:
         raise DemoError(f"unknown demo row(s) {unknown}; choose from {', '.join(DEMO_RUNS)}")
+    cache_folder = check_cache_folder(cache_dir() if cache is True else cache) if cache else None
     folder = fresh_folder(out)
     try:
         t_all = time.perf_counter()
@@ -196,7 +222,6 @@ def run_demo(arch: str = "resnet", out: str | os.PathLike[str] | None = None, tr
         image = int(train[0][0].shape[-1])
         spec = _arch(arch, image)
         n_classes = 10
-        cache_folder = cache_dir() if cache is True else (Path(cache) if cache else None)
         models, rows = [], []
         for seed in (0, 1):
             m, sec = _trained(spec, train, n_classes, seed, epochs, train_size, data_name, cache_folder, progress, say,

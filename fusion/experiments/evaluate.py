@@ -127,6 +127,22 @@ def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
+def _refuse_uint8(x: Any, model: nn.Module, exc: Exception) -> None:
+    """After a failed forward pass: uint8 images given to a model with floating weights are an
+    :class:`EvaluationError` saying how to convert them (a model that takes uint8 itself is let be)."""
+    from alignment.runner import model_dtype
+
+    if isinstance(x, torch.Tensor) and x.dtype == torch.uint8:
+        dtype = model_dtype(model, default=None)
+        if dtype is not None:
+            raise EvaluationError(
+                f"The inputs are uint8 images but the model takes {str(dtype).replace('torch.', '')} inputs "
+                f"({str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__}); convert "
+                "them as the model was trained (x.float() / 255, then normalised with its mean and std), or give "
+                "a Dataset of them to the data loaders (load_dataset_spec and --data convert uint8 images)."
+            ) from exc
+
+
 def predict_logits(
     model: nn.Module,
     data: Data,
@@ -154,7 +170,8 @@ def predict_logits(
 
     Raises:
         OutputFormatError: If batches are not (input, label) pairs or outputs hold no logits.
-        EvaluationError: If ``data`` is empty.
+        EvaluationError: If ``data`` is empty, or its inputs are uint8 images (not converted to the
+            model's floating inputs).
     """
     home = model_device(model)
     target = home if device is None else torch.device(device)
@@ -171,7 +188,12 @@ def predict_logits(
     with eval_mode(runner), torch.no_grad():
         for batch in loader:
             x, y = _split_batch(batch)
-            logits = extract_logits(runner(x.to(target)))
+            try:
+                out = runner(x.to(target))
+            except RuntimeError as exc:  # e.g. uint8 images reaching a float conv: say what to do
+                _refuse_uint8(x, runner, exc)
+                raise
+            logits = extract_logits(out)
             all_logits.append(logits.detach().float().cpu())
             all_labels.append(torch.as_tensor(y).to(torch.int64).cpu())
     if not all_logits:
