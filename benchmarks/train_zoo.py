@@ -128,7 +128,7 @@ def train_entry(
     recipe = recipe_for_arch(spec["arch"])
     result = train_model(model, train, recipe, n_epochs, seed, device=device, progress=progress)
     test_acc = accuracy(model, test)
-    save_weights(model.cpu(), out / f"{name}.safetensors")
+    save_weights(model.cpu(), out / f"{name}.safetensors", overwrite=True)  # (retraining replaces an entry)
     extra: dict[str, Any] = {"train_seconds": round(result.seconds)}
     if limit_train is not None:
         extra["limit_train"] = int(limit_train)

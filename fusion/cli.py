@@ -312,13 +312,16 @@ def _classes_union(entries) -> list[int] | None:
 
 def _example_input(entry, model) -> torch.Tensor:
     """A random batch the model accepts: from its constructor spec, else its declared format."""
+    from alignment.runner import model_dtype
+
     from .experiments.data import input_format
     from .io import example_input
 
+    dtype = model_dtype(model)  # (a bfloat16 or float64 model takes its own dtype)
     if entry is not None:
-        return example_input(entry)
+        return example_input(entry, dtype=dtype)
     fmt = input_format(model)
-    return torch.randn(2, fmt.channels or 1, *(fmt.image_size or (28, 28)))
+    return torch.randn(2, fmt.channels or 1, *(fmt.image_size or (28, 28)), dtype=dtype)
 
 
 # ---------------------------------------------------------------------------

@@ -80,6 +80,9 @@ SIDECAR_FORMAT = "fusion-model-v1"
 KNOWN_LIBRARIES = ("timm", "transformers")
 """Libraries a constructor spec may name."""
 
+_FOLDER_FORMS = (".hf",)
+# suffixes of the library forms (library_form_paths) that are folders, not files
+
 
 class CheckpointError(FusionError):
     """Base class of the errors raised while building, saving or loading a model."""
@@ -256,7 +259,7 @@ def _check_arch(arch: Mapping[str, Any] | ModelSpec) -> tuple[str, str, dict[str
     return library, name, kwargs
 
 
-def build_model(arch: Mapping[str, Any] | ModelSpec, num_classes: int) -> nn.Module:
+def build_model(arch: Mapping[str, Any] | ModelSpec, num_classes: int | None) -> nn.Module:
     """Builds a randomly initialised model from its constructor spec.
 
     Nothing is downloaded: timm models are created with ``pretrained=False`` and
@@ -265,7 +268,8 @@ def build_model(arch: Mapping[str, Any] | ModelSpec, num_classes: int) -> nn.Mod
     Args:
         arch: ``{"library": "timm" | "transformers", "name": ..., "kwargs": {...}}``
             (or a :class:`ModelSpec`, whose ``arch`` is used).
-        num_classes: Width of the classification head.
+        num_classes: Width of the classification head (None: the constructor's default, e.g.
+            for a ``.timm.json`` that does not name it).
 
     Returns:
         The model, in eval mode.
@@ -275,7 +279,7 @@ def build_model(arch: Mapping[str, Any] | ModelSpec, num_classes: int) -> nn.Mod
             kwargs are rejected by the constructor.
     """
     library, name, kwargs = _check_arch(arch)
-    num_classes = int(num_classes)
+    head = {} if num_classes is None else {"num_classes": int(num_classes)}
     if library == "timm":
         import timm
 
@@ -284,8 +288,8 @@ def build_model(arch: Mapping[str, Any] | ModelSpec, num_classes: int) -> nn.Mod
                 f"timm has no model named {name!r}; check the name with timm.list_models()."
             )
         try:
-            model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
-        except TypeError as exc:
+            model = timm.create_model(name, pretrained=False, **head, **kwargs)
+        except (TypeError, ValueError, AssertionError) as exc:  # an unknown kwarg, or a value it refuses
             raise UnknownArchitectureError(
                 f"timm model {name!r} rejected kwargs {kwargs}: {exc}"
             ) from exc
@@ -300,7 +304,7 @@ def build_model(arch: Mapping[str, Any] | ModelSpec, num_classes: int) -> nn.Mod
                 "class such as 'ViTForImageClassification' or 'ResNetForImageClassification'."
             )
         try:
-            config = config_cls(num_labels=num_classes, **kwargs)
+            config = config_cls(**({"num_labels": head["num_classes"]} if head else {}), **kwargs)
         except (TypeError, ValueError) as exc:
             raise UnknownArchitectureError(
                 f"{config_cls.__name__} rejected kwargs {kwargs} for {name!r}: {exc}"
@@ -309,11 +313,22 @@ def build_model(arch: Mapping[str, Any] | ModelSpec, num_classes: int) -> nn.Mod
     return model.eval()
 
 
-def example_input(arch: Mapping[str, Any] | ModelSpec, batch: int = 2) -> torch.Tensor:
+def example_input(arch: Mapping[str, Any] | ModelSpec, batch: int = 2,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A random input batch that fits a constructor spec: channels and image size from its kwargs,
     else from the format the model it builds declares (timm ``pretrained_cfg``, a transformers
     config's ``num_channels`` / ``image_size``; see :func:`fusion.experiments.data.input_format`),
-    else 1 channel at 28 x 28."""
+    else 1 channel at 28 x 28.
+
+    Args:
+        arch: The constructor spec.
+        batch: Number of images.
+        dtype: Floating dtype of the batch: that of the model it is fed to (a bfloat16 or float64
+            model refuses float32 inputs; :func:`alignment.runner.model_dtype` gives it).
+
+    Returns:
+        A ``(batch, channels, height, width)`` tensor (the same values for the same spec).
+    """
     _, _, kwargs = _check_arch(arch)
     chans = kwargs.get("in_chans", kwargs.get("num_channels"))
     size = kwargs.get("img_size", kwargs.get("image_size"))
@@ -322,7 +337,18 @@ def example_input(arch: Mapping[str, Any] | ModelSpec, batch: int = 2) -> torch.
         chans = chans if chans is not None else (fmt.channels or 1)
         size = size if size is not None else (fmt.image_size or 28)
     h, w = (size[0], size[-1]) if isinstance(size, (list, tuple)) else (size, size)
-    return torch.randn(batch, int(chans), int(h), int(w), generator=torch.Generator().manual_seed(0))
+    x = torch.randn(batch, int(chans), int(h), int(w), generator=torch.Generator().manual_seed(0))
+    return x.to(dtype)
+
+
+def _fit_input(example: Any, model: nn.Module) -> Any:
+    """``example`` in the floating dtype and on the device of ``model`` (a bfloat16 or float64 model
+    refuses float32 inputs); a non-floating or non-tensor input is left as it is."""
+    from alignment.runner import model_device, model_dtype
+
+    if isinstance(example, torch.Tensor) and example.is_floating_point():
+        return example.to(device=model_device(model), dtype=model_dtype(model, default=example.dtype))
+    return example
 
 
 def _declared_format(arch: Mapping[str, Any] | ModelSpec):
@@ -338,10 +364,19 @@ def _declared_format(arch: Mapping[str, Any] | ModelSpec):
 
 
 def space_widths(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
-    """Width of every feature space of a model (what :func:`save_model` records as ``widths``)."""
+    """Width of every feature space of a model (what :func:`save_model` records as ``widths``).
+
+    Args:
+        model: The model (run once on ``example``; not modified).
+        example: An input batch (e.g. :func:`example_input`); a floating one is cast to the
+            model's dtype and device first.
+
+    Returns:
+        Space name to width.
+    """
     from alignment import discover
 
-    return {s.name: s.width for s in discover(model, example).spaces if s.kind == "features"}
+    return {s.name: s.width for s in discover(model, _fit_input(example, model)).spaces if s.kind == "features"}
 
 
 def resized_widths(
@@ -373,7 +408,7 @@ def _resized(model: nn.Module, arch: Mapping[str, Any] | ModelSpec, widths: Mapp
             isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in widths.values()):
         raise SidecarError(f"{where}: 'widths' must map space names to positive integer widths, got {widths!r:.200}.")
     widths = {**{str(k): int(v) for k, v in widths.items()}, "*": 1.0}
-    return _template(model, widths, discover(model, example_input(arch)))
+    return _template(model, widths, discover(model, _fit_input(example_input(arch), model)))
 
 
 # ---------------------------------------------------------------------------
@@ -397,20 +432,29 @@ def state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
 
 
-def save_weights(model: nn.Module, path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None) -> Path:
-    """Writes the model's ``state_dict`` to a ``.safetensors`` file.
+def save_weights(model: nn.Module, path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None,
+                 overwrite: bool = False) -> Path:
+    """Writes the model's ``state_dict`` to a ``.safetensors`` file (atomically, as :func:`save_model`).
 
     Args:
         model: The model (not modified).
         path: Output file; its parent folder is created if missing.
         metadata: Optional string metadata stored in the file header.
+        overwrite: Replace an existing file (else :class:`OutputExistsError`).
 
     Returns:
         The path written.
+
+    Raises:
+        OutputExistsError: If ``path`` exists (a dangling symlink included) and ``overwrite`` is false.
+        OutputNotWritableError: If ``path`` is a folder, or its folder cannot be created or written.
     """
     from safetensors.torch import save
 
     path = Path(path)
+    _refuse_folder(path, "weights")
+    _refuse_existing(path, overwrite)
+    _check_writable(path.parent)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = save(state_dict_for_saving(model), metadata=dict(metadata) if metadata else None)
     _commit([(path, data)])
@@ -536,31 +580,63 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str], what: str | Non
 # ---------------------------------------------------------------------------
 
 
+def _occupied(path: Path) -> bool:
+    """Whether something is at ``path``: a file, a folder or a symlink (a dangling one included, which
+    ``Path.exists`` does not see)."""
+    return path.exists() or path.is_symlink()
+
+
 def _refuse_existing(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"{path} exists; choose another output path or allow overwriting "
+    if _occupied(path) and not overwrite:
+        what = "is a symlink to a missing file" if not path.exists() else "exists"
+        raise OutputExistsError(f"{path} {what}; choose another output path or allow overwriting "
                                 f"(overwrite=True, --overwrite)")
+
+
+def _refuse_folder(path: Path, what: str = "output") -> None:
+    """A folder (not a symlink to one) where a file is to be written: refused even with ``overwrite``
+    (replacing would delete the folder and everything in it)."""
+    if path.is_dir() and not path.is_symlink():
+        raise OutputNotWritableError(f"{path} is a folder, where the {what} file is to be written; a folder is never "
+                                     f"replaced, even with overwrite: move or rename it, or choose another output path")
+
+
+def _remove(path: Path) -> None:
+    """Remove what is at ``path``: a symlink or file is unlinked (a link's target is kept), a folder removed."""
+    import shutil
+
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def check_output(path: str | os.PathLike[str], overwrite: bool = False, sidecar: bool = True,
                  extra: Iterable[Path] = ()) -> tuple[Path, Path]:
     """Check, before any work, that a model can be written to ``path``: its folder exists or can be
     created and is writable, and (unless ``overwrite``) neither the weights, the sidecar nor any of
-    the ``extra`` paths (e.g. :func:`library_form_paths`) exist.
+    the ``extra`` paths (e.g. :func:`library_form_paths`) exist (a dangling symlink counts as existing).
+    A folder where a file is to be written (the weights, the sidecar, a ``.timm.json`` form) is
+    refused even with ``overwrite``.
 
     Returns:
         ``(weights path, sidecar path)``.
 
     Raises:
         OutputExistsError: an output exists and ``overwrite`` is false.
-        OutputNotWritableError: the folder cannot be created or written, or ``path`` names a folder
-            (``out/`` or an existing directory: the model would land beside it, not in it).
+        OutputNotWritableError: the folder cannot be created or written, ``path`` names a folder
+            (``out/`` or an existing directory: the model would land beside it, not in it), or a
+            folder stands where an output file is to be written.
     """
     if str(path).endswith(("/", os.sep)) or Path(path).is_dir():
         raise OutputNotWritableError(f"{path} names a folder; give a file path for the model, e.g. "
                                      f"{Path(path) / 'fused.safetensors'}")
     weights, side = model_paths(path)
-    for p in [weights, *([side] if sidecar else []), *extra]:
+    outputs = [weights, *([side] if sidecar else []), *map(Path, extra)]
+    for p in outputs:
+        if p.suffix not in _FOLDER_FORMS:
+            _refuse_folder(p, "weights" if p == weights else "sidecar" if p == side else "output")
+    for p in outputs:
         _refuse_existing(Path(p), overwrite)
     _check_writable(weights.parent)
     return weights, side
@@ -591,13 +667,11 @@ def check_inputs_kept(path: str | os.PathLike[str], inputs: Iterable[str | os.Pa
 def remove_stale_forms(path: str | os.PathLike[str], written: Iterable[Path]) -> list[Path]:
     """Remove the library forms (:func:`library_form_paths`) of ``path`` that this save did not write
     (left by an earlier model saved there, they would describe other weights). Returns them."""
-    import shutil
-
     keep = {Path(p) for p in written}
     gone = []
     for p in library_form_paths(path):
-        if p not in keep and (p.exists() or p.is_symlink()):
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        if p not in keep and _occupied(p):
+            _remove(p)
             gone.append(p)
     return gone
 
@@ -623,8 +697,9 @@ def check_output_folder(folder: str | os.PathLike[str], names: Iterable[str], ov
         OutputNotWritableError: ``folder`` is an existing file, or cannot be created or written.
     """
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise OutputNotWritableError(f"{folder} is a file, not a folder; choose a folder for the output")
+    if _occupied(folder) and not folder.is_dir():
+        what = "a symlink to a missing folder" if folder.is_symlink() and not folder.exists() else "a file"
+        raise OutputNotWritableError(f"{folder} is {what}, not a folder; choose a folder for the output")
     for name in names:
         _refuse_existing(folder / name, overwrite)
     _check_writable(folder)
@@ -675,6 +750,8 @@ def _commit(files: list[tuple[Path, bytes]]) -> None:
     only once every new file is in place. Any failure, Ctrl-C included, puts the old files back."""
     import tempfile
 
+    for path, _ in files:  # (before anything is written: a folder would be moved aside, then fail to go)
+        _refuse_folder(path)
     temps: list[tuple[Path, Path]] = []
     backups: list[tuple[Path, Path]] = []
     placed: list[Path] = []
@@ -688,7 +765,7 @@ def _commit(files: list[tuple[Path, bytes]]) -> None:
                 os.fsync(fh.fileno())
             os.chmod(tmp, _file_mode())
         for _, path in temps:
-            if path.exists():
+            if _occupied(path):
                 backup = path.with_name(f".{path.name}.old")
                 os.replace(path, backup)
                 backups.append((backup, path))
@@ -919,7 +996,7 @@ def _build_zipped(data: Mapping[str, Any], where: str) -> nn.Module:
             trunk = _resized(trunk, data["arch"], z["trunk_widths"], where)
         trunk = trunk.eval()
     zipped = zipped_from_parts(trunk, branches, [int(w) for w in z.get("cut_widths") or []], cut,
-                               example_input(data["arch"]), heads=str(z.get("heads", "merged")),
+                               _fit_input(example_input(data["arch"]), branches[0]), heads=str(z.get("heads", "merged")),
                                alpha=z.get("alpha"))
     if z.get("trunk_widths"):
         zipped.fused_widths = dict(z["trunk_widths"])  # (what save_zipped records when it is saved again)
@@ -1050,18 +1127,28 @@ def save_library_forms(model: nn.Module, path: str | os.PathLike[str], arch: Map
             return []
         folder = stem.with_name(stem.name + ".hf")
         _refuse_existing(folder, overwrite)
+        _check_writable(folder.parent)
         tmp = folder.with_name(f".{folder.name}.tmp")
-        if tmp.exists():
-            import shutil
-
-            shutil.rmtree(tmp)
-        with transformers_progress(False):  # (one folder: no "Writing model shards" bar)
-            model.save_pretrained(str(tmp), safe_serialization=True)
-        if folder.exists():
-            import shutil
-
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        old = folder.with_name(f".{folder.name}.old")
+        for leftover in (tmp, old):  # (of an interrupted earlier save)
+            if _occupied(leftover):
+                _remove(leftover)
+        moved = False
+        try:
+            with transformers_progress(False):  # (one folder: no "Writing model shards" bar)
+                model.save_pretrained(str(tmp), safe_serialization=True)
+            if _occupied(folder):  # a folder, a file or a symlink (whose target is kept): moved aside
+                os.replace(folder, old)
+                moved = True
+            os.replace(tmp, folder)
+        except BaseException:  # Ctrl-C included: the previous form back, no temporary copy left
+            if moved:
+                os.replace(old, folder)
+            if _occupied(tmp):
+                _remove(tmp)
+            raise
+        if moved:
+            _remove(old)
         return [folder]
     if library != "timm":
         return []
@@ -1073,6 +1160,7 @@ def save_library_forms(model: nn.Module, path: str | os.PathLike[str], arch: Map
     if problems:
         return []
     out = stem.with_name(stem.name + ".timm.json")
+    _refuse_folder(out, "timm form")
     _refuse_existing(out, overwrite)
     _commit([(out, (json.dumps(spec, indent=1, sort_keys=True) + "\n").encode())])
     return [out]
@@ -1085,14 +1173,34 @@ def library_form_paths(path: str | os.PathLike[str]) -> list[Path]:
 
 
 def _timm_model(spec: Mapping[str, Any]) -> nn.Module:
-    import timm
-
-    return timm.create_model(**dict(spec))
+    """The model of ``timm.create_model(**spec)``, built by :func:`build_model` (so with its checks:
+    a known name, kwargs the constructor takes, no pretrained weights)."""
+    kwargs = {k: v for k, v in spec.items() if k not in ("model_name", "num_classes")}
+    num_classes = spec.get("num_classes")
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)):
+        raise UnknownArchitectureError(f"timm model {spec.get('model_name')!r}: num_classes must be an integer, "
+                                       f"got {num_classes!r}")
+    return build_model({"library": "timm", "name": str(spec["model_name"]), "kwargs": kwargs}, num_classes)
 
 
 def load_timm_json(path: str | os.PathLike[str]) -> nn.Module:
     """The model a ``<stem>.timm.json`` (see :func:`save_library_forms`) describes, with the weights of
-    ``<stem>.safetensors`` loaded (eval mode)."""
+    ``<stem>.safetensors`` loaded (eval mode).
+
+    The arguments pass the checks of :func:`build_model`; nothing is downloaded.
+
+    Args:
+        path: The ``<stem>.timm.json`` file.
+
+    Returns:
+        The model, in eval mode.
+
+    Raises:
+        SidecarError: The file cannot be read, is not JSON, or lacks ``model_name``.
+        UnknownArchitectureError: timm has no such model, its constructor rejects the arguments, or
+            they ask for pretrained weights.
+        CheckpointNotFoundError, CheckpointMismatchError: As for :func:`load_weights`.
+    """
     path = Path(path)
     weights = path.with_name(path.name[: -len(".timm.json")] + ".safetensors")
     try:
@@ -1101,5 +1209,12 @@ def load_timm_json(path: str | os.PathLike[str]) -> nn.Module:
         raise SidecarError(f"{path} is not a readable timm JSON ({exc})") from None
     if not isinstance(spec, dict) or "model_name" not in spec:
         raise SidecarError(f"{path} needs 'model_name' and the timm.create_model arguments")
-    model = _timm_model(spec)
+    if spec.get("pretrained"):
+        raise UnknownArchitectureError(
+            f"{path} asks for pretrained=True: nothing is downloaded; the weights are those of {weights.name}. "
+            f"Set \"pretrained\": false (or remove it) in {path.name}")
+    try:
+        model = _timm_model(spec)
+    except UnknownArchitectureError as exc:
+        raise type(exc)(f"{path}: {exc}") from exc
     return load_weights(model, weights, what=f"timm model {path.name!r}").eval()

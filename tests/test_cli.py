@@ -857,3 +857,19 @@ def test_options_without_effect_warn_or_fail_naming_the_option(tmp_path):
                                     "--data", "tests.data_spec_helpers:noise28", "--calibration-size", "4"])
     assert res.exit_code == 0, res.output
     assert "warning: --test-limit 5 has no effect without --eval" in res.stderr
+
+
+def test_spaces_of_a_bfloat16_vit_saved_in_its_dtype(tmp_path):
+    """Guards: `fusion spaces` runs discovery on an example in the model's own dtype (before: a
+    bfloat16 timm ViT failed in torch.export with 'Input type (float) and bias type (BFloat16)')."""
+    from fusion.io import save_model
+
+    arch = {"library": "timm", "name": "vit_tiny_patch16_224",
+            "kwargs": {"img_size": 28, "patch_size": 7, "embed_dim": 32, "depth": 1, "num_heads": 2, "in_chans": 1}}
+    from fusion.io import build_model
+
+    model = build_model(arch, 10).to(torch.bfloat16)
+    path = str(save_model(model, tmp_path / "v", arch, 10))
+    res = CliRunner().invoke(main, ["spaces", path])
+    assert res.exit_code == 0, res.output
+    assert "blocks.0.mlp.fc1" in res.output, res.output

@@ -264,7 +264,7 @@ def test_sidecar_of_other_weights_is_refused_and_modes_are_normal(tmp_path: Path
     other = build_model(TINY_RESNET, 3)
     with torch.no_grad():
         other.fc.weight.add_(1.0)
-    save_weights(other, path)  # the weights change, the sidecar does not
+    save_weights(other, path, overwrite=True)  # the weights change, the sidecar does not
     with pytest.raises(CheckpointMismatchError, match="SHA-256"):
         load_model_file(path)
 
@@ -478,3 +478,137 @@ def test_a_model_saved_in_another_dtype_loads_in_it(tmp_path, dtype):
     x = torch.randn(2, 1, 28, 28, dtype=dtype)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=["bf16", "f64"])
+@pytest.mark.parametrize("arch", [TINY_RESNET, TINY_VIT], ids=["timm-resnet", "timm-vit"])
+def test_a_bf16_or_f64_model_gets_its_widths_and_round_trips(tmp_path, arch, dtype):
+    """Guards: the widths of a bfloat16 / float64 timm model are computed on an example input of its
+    dtype (before: resized_widths fed it float32 and raised ExportError, so the CLI lost a fused
+    bfloat16 job at saving); a narrowed model saved with them reloads in its dtype with the same logits."""
+    from fusion.resize import resize
+
+    assert fio.resized_widths(build_model(arch, 10).to(dtype), arch, 10) is None
+    half = resize(build_model(arch, 10), 0.5, fio.example_input(arch)).to(dtype)
+    widths = fio.resized_widths(half, arch, 10)
+    assert widths and widths == fio.space_widths(half, fio.example_input(arch))
+    loaded, _ = load_model_file(save_model(half, tmp_path / "m", arch, 10, widths=widths))
+    assert {t.dtype for t in loaded.state_dict().values() if t.is_floating_point()} == {dtype}
+    x = _x().to(dtype)
+    assert torch.equal(_logits(loaded, x), _logits(half, x))
+    assert fio.example_input(arch, dtype=dtype).dtype == dtype
+
+
+def test_timm_json_arguments_get_the_checks_of_build_model(tmp_path, monkeypatch):
+    """Guards: a <stem>.timm.json naming an unknown model, a kwarg the constructor rejects, or
+    pretrained=True raises UnknownArchitectureError naming the file and what to do, and nothing is
+    downloaded (before: a raw RuntimeError, TypeError, or a hub download that fails offline)."""
+    import timm.models._builder as builder
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a pretrained download was attempted")
+    monkeypatch.setattr(builder, "load_pretrained", no_download)
+    model = build_model(TINY_RESNET, 10)
+    save_model(model, tmp_path / "m", TINY_RESNET, 10)
+    assert fio.save_library_forms(model, tmp_path / "m", TINY_RESNET, 10) == [tmp_path / "m.timm.json"]
+    spec = json.loads((tmp_path / "m.timm.json").read_text())
+    cases = [("unknown", {"model_name": "resnet18x"}, "unknown.timm.json.*no model named 'resnet18x'"),
+             ("badkw", {"bogus": 1}, "badkw.timm.json.*rejected kwargs.*bogus"),
+             ("pre", {"pretrained": True}, "pre.timm.json.*pretrained=True.*\"pretrained\": false")]
+    for stem, change, words in cases:
+        (tmp_path / f"{stem}.timm.json").write_text(json.dumps({**spec, **change}))
+        (tmp_path / f"{stem}.safetensors").write_bytes((tmp_path / "m.safetensors").read_bytes())
+        with pytest.raises(UnknownArchitectureError, match=words):
+            fio.load_timm_json(tmp_path / f"{stem}.timm.json")
+    x = _x()
+    assert torch.equal(_logits(fio.load_timm_json(tmp_path / "m.timm.json"), x), _logits(model, x))
+
+
+def test_hf_form_over_a_symlink_or_file_with_overwrite_and_no_leftover(tmp_path, monkeypatch):
+    """Guards: with overwrite, a <stem>.hf that is a symlink (its target kept) or a plain file is
+    replaced by the folder, and a save that fails leaves the previous form and no hidden temporary
+    copy (before: OSError / NotADirectoryError, and a .<stem>.hf.tmp copy of the weights stayed)."""
+    import os
+
+    model = build_model(HF_VIT, 10)
+    (tmp_path / "earlier").mkdir()
+    fio.save_library_forms(model, tmp_path / "earlier" / "m", HF_VIT, 10)
+    target = _pair_state(tmp_path / "earlier" / "m.hf")
+    os.symlink(tmp_path / "earlier" / "m.hf", tmp_path / "m.hf")
+    (tmp_path / "g.hf").write_text("a file")
+    for stem in ("m", "g"):
+        with pytest.raises(fio.OutputExistsError):
+            fio.save_library_forms(model, tmp_path / stem, HF_VIT, 10)
+        assert fio.save_library_forms(model, tmp_path / stem, HF_VIT, 10, overwrite=True) == [tmp_path / f"{stem}.hf"]
+        folder = tmp_path / f"{stem}.hf"
+        assert folder.is_dir() and not folder.is_symlink() and (folder / "config.json").is_file()
+    assert _pair_state(tmp_path / "earlier" / "m.hf") == target
+    before = _pair_state(tmp_path / "g.hf")
+
+    def broken(self, where, **kwargs):
+        Path(where).mkdir()
+        (Path(where) / "model.safetensors").write_bytes(b"partial")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(type(model), "save_pretrained", broken)
+    with pytest.raises(KeyboardInterrupt):
+        fio.save_library_forms(model, tmp_path / "g", HF_VIT, 10, overwrite=True)
+    assert _pair_state(tmp_path / "g.hf") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier", "g.hf", "m.hf"]
+
+
+def test_a_folder_at_an_output_file_path_is_refused_even_with_overwrite(tmp_path):
+    """Guards: a folder where the weights, the sidecar or a .timm.json form would go is refused before
+    anything is written, with or without overwrite, and left as it was (before: the new pair was
+    placed, then a raw IsADirectoryError, and the folder was left renamed to .d.safetensors.old)."""
+    model = build_model(TINY_RESNET, 10)
+    for name in ("d.safetensors", "e.json"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "notes.txt").write_text("mine")
+    for stem, name in (("d", "d.safetensors"), ("e", "e.json")):
+        for overwrite in (True, False):
+            with pytest.raises(fio.OutputNotWritableError, match=f"{name} is a folder.*move or rename it"):
+                save_model(model, tmp_path / stem, TINY_RESNET, 10, overwrite=overwrite)
+    with pytest.raises(fio.OutputNotWritableError, match="d.safetensors is a folder"):
+        save_weights(model, tmp_path / "d.safetensors", overwrite=True)
+    (tmp_path / "f.timm.json").mkdir()
+    with pytest.raises(fio.OutputNotWritableError, match="f.timm.json is a folder"):
+        fio.check_output(tmp_path / "f", True, extra=fio.library_form_paths(tmp_path / "f"))
+    with pytest.raises(fio.OutputNotWritableError, match="f.timm.json is a folder"):
+        fio.save_library_forms(model, tmp_path / "f", TINY_RESNET, 10, overwrite=True)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
+        "d.safetensors", "d.safetensors/notes.txt", "e.json", "e.json/notes.txt", "f.timm.json"]
+    (tmp_path / "g.hf").mkdir()  # (a transformers form is a folder: replaced with overwrite)
+    assert fio.check_output(tmp_path / "g", True, extra=fio.library_form_paths(tmp_path / "g"))
+
+
+def test_save_weights_keeps_an_existing_file_unless_overwrite(tmp_path):
+    """Guards: save_weights refuses to replace a user's file without overwrite=True, as save_model
+    does (before: it had no overwrite option and replaced the file silently)."""
+    path = tmp_path / "user.safetensors"
+    path.write_bytes(b"precious user data")
+    model = build_model(TINY_RESNET, 10)
+    with pytest.raises(fio.OutputExistsError, match="user.safetensors exists.*overwrite=True"):
+        save_weights(model, path)
+    assert path.read_bytes() == b"precious user data"
+    assert save_weights(model, path, overwrite=True) == path
+    assert set(load_file(str(path))) == set(model.state_dict())
+
+
+def test_a_dangling_symlink_at_an_output_path_counts_as_existing(tmp_path):
+    """Guards: a symlink to a missing file at an output path is not replaced without overwrite
+    (before: Path.exists() is false for it, so it was replaced silently); with overwrite it is."""
+    import os
+
+    model = build_model(TINY_RESNET, 10)
+    for name in ("m.safetensors", "w.safetensors", "m.timm.json"):
+        os.symlink(tmp_path / "gone" / name, tmp_path / name)
+    with pytest.raises(fio.OutputExistsError, match="m.safetensors is a symlink to a missing file"):
+        save_model(model, tmp_path / "m", TINY_RESNET, 10)
+    with pytest.raises(fio.OutputExistsError, match="w.safetensors is a symlink"):
+        save_weights(model, tmp_path / "w.safetensors")
+    with pytest.raises(fio.OutputExistsError, match="m.timm.json is a symlink"):
+        fio.save_library_forms(model, tmp_path / "m", TINY_RESNET, 10)
+    assert all((tmp_path / n).is_symlink() for n in ("m.safetensors", "w.safetensors", "m.timm.json"))
+    assert not (tmp_path / "m.json").exists()
+    save_model(model, tmp_path / "m", TINY_RESNET, 10, overwrite=True)
+    assert not (tmp_path / "m.safetensors").is_symlink() and load_model_file(tmp_path / "m")[0] is not None

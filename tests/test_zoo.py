@@ -111,7 +111,7 @@ def test_checkpoint_mismatch_names_keys(tmp_path: Path) -> None:
     message = str(info.value)
     assert "missing keys (1): fc.weight" in message and "unexpected keys (1): extra.bias" in message
 
-    save_weights(build_model(TINY_RESNET, 7), tmp_path / "tiny-B.safetensors")
+    save_weights(build_model(TINY_RESNET, 7), tmp_path / "tiny-B.safetensors", overwrite=True)
     with pytest.raises(CheckpointMismatchError, match=r"shape mismatches \(2\): fc.weight: checkpoint \(7, 8\) vs model \(5, 8\)"):
         load_model("tiny-B", tmp_path)
 
