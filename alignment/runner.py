@@ -2,11 +2,11 @@
 
 Statistics collection, BatchNorm reset, REPAIR and least-squares refinement all need the same loop:
 take the user's data (a tensor, a dataset, a ``DataLoader`` with any sampler, or any re-iterable of
-batches), pull the input out of each batch (a tensor, an ``(x, y)`` pair, or a dict with
-``pixel_values``), move it to the device, run models with gradients off in eval mode (or with chosen
-modules in training mode), and restore every module's train/eval flag afterwards, even on error.
-What a pass accumulates is up to its hooks; sums that are kept as running totals merge across data
-shards (:meth:`alignment.statistics.Statistics.merge`).
+batches), pull the input out of each batch (a tensor, an ``(x, y)`` pair, a dict with
+``pixel_values``, or a ``(dict, y)`` pair), move it to the device, run models with gradients off in
+eval mode (or with chosen modules in training mode), and restore every module's train/eval flag
+afterwards, even on error. What a pass accumulates is up to its hooks; sums that are kept as running
+totals merge across data shards (:meth:`alignment.statistics.Statistics.merge`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from torch import nn
 
 from .errors import CalibrationError
 
-__all__ = ["DEFAULT_BATCH_SIZE", "batch_input", "batches", "first_batch", "check_data", "model_device", "model_dtype",
-           "modes", "runnable", "stream", "all_finite", "has_nan", "plain_precision"]
+__all__ = ["DEFAULT_BATCH_SIZE", "batch_input", "batches", "first_batch", "check_data", "dropped_note",
+           "loader_samples", "model_device", "model_dtype", "modes", "one_pair", "runnable", "stream", "all_finite",
+           "has_nan", "plain_precision"]
 
 DEFAULT_BATCH_SIZE = 256
 
@@ -66,12 +67,16 @@ INPUT_KEYS = ("pixel_values", "image", "images", "img", "pixels", "input", "inpu
 
 
 def batch_input(batch: Any) -> torch.Tensor:
-    """The model input of one batch: the tensor itself, the first element of an ``(x, y)`` pair, or
-    of a dict the value of the first of :data:`INPUT_KEYS` it has (else its only floating tensor)."""
+    """The model input of one batch: the tensor itself, the first element of an ``(x, y)`` pair, of
+    a dict the value of the first of :data:`INPUT_KEYS` it has (else its only floating tensor), or
+    the input of the dict of a ``(dict, y)`` pair (a collate that returns ``({"pixel_values": x}, y)``)."""
     if isinstance(batch, torch.Tensor):
         return batch
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
         return batch[0]
+    if (isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], dict)
+            and not any(isinstance(b, dict) for b in batch[1:])):  # (a list of per-sample dicts is no pair)
+        batch = batch[0]
     if isinstance(batch, dict):
         for key in INPUT_KEYS:
             if isinstance(batch.get(key), torch.Tensor):
@@ -83,8 +88,15 @@ def batch_input(batch: Any) -> torch.Tensor:
             f"cannot tell which key of a calibration batch holds the model input (keys {', '.join(map(repr, batch))}); "
             f"name it one of {', '.join(map(repr, INPUT_KEYS[:3]))}, or give (input, label) pairs")
     raise CalibrationError(
-        f"cannot find the model input in a calibration batch of type {type(batch).__name__}; give tensors, "
-        f"(input, label) pairs, or dicts with 'pixel_values'")
+        f"cannot find the model input in a calibration batch of type {type(batch).__name__}"
+        f"{_first_of(batch)}; give tensors, (input, label) pairs whose input is a tensor or a dict with "
+        f"'pixel_values', or dicts with 'pixel_values'")
+
+
+def _first_of(batch: Any) -> str:
+    if isinstance(batch, (tuple, list)):
+        return f" (its first element is a {type(batch[0]).__name__})" if batch else " (empty)"
+    return ""
 
 
 def check_data(data: Any) -> None:
@@ -92,7 +104,8 @@ def check_data(data: Any) -> None:
 
     Raises:
         CalibrationError: for None, an empty tensor, a one-shot iterator (a generator), a single dict
-            batch, or something that is no data at all.
+            batch, a single ``(inputs, labels)`` pair (see :func:`one_pair`), or something that is no
+            data at all.
     """
     if data is None:
         raise CalibrationError("no calibration data given; pass a tensor, a dataset or a DataLoader")
@@ -103,6 +116,8 @@ def check_data(data: Any) -> None:
     if isinstance(data, dict):
         raise CalibrationError("calibration data is one dict batch; pass a list of batches ([batch]), a dataset or a "
                                "DataLoader")
+    if one_pair(data):
+        raise CalibrationError(_pair_message(data))
     if not isinstance(data, torch.utils.data.Dataset) and not hasattr(data, "__iter__"):
         raise CalibrationError(f"calibration data of type {type(data).__name__} is no tensor, dataset, DataLoader or "
                                f"list of batches")
@@ -112,16 +127,98 @@ def check_data(data: Any) -> None:
             f"pass a list of batches, a tensor, a dataset or a DataLoader")
 
 
+def one_pair(data: Any) -> bool:
+    """Whether ``data`` is, unambiguously, one ``(inputs, labels)`` pair rather than a sequence of
+    two batches: a tuple of two tensors with the same first size whose second cannot be inputs like
+    the first's: of lower rank (class indices ``(N,)`` or soft labels ``(N, C)`` beside images
+    ``(N, C, H, W)``), or integer/boolean beside floating inputs. A list is always a list of batches."""
+    if not (isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)):
+        return False
+    x, y = data
+    if x.dim() == 0 or y.dim() == 0 or len(x) != len(y):
+        return False
+    return y.dim() < x.dim() or (x.is_floating_point() and not y.is_floating_point())
+
+
+def _pair_message(data: tuple) -> str:
+    x, y = data
+    return (f"calibration data is one (inputs, labels) pair (a tuple of inputs of shape {tuple(x.shape)} and "
+            f"{str(y.dtype).replace('torch.', '')} labels of shape {tuple(y.shape)}), which would be read as two "
+            f"batches; pass a list of batches ([(x, y)]), the inputs alone (x), TensorDataset(x, y) or a DataLoader")
+
+
+def _spans(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of the batches the runner cuts ``n`` samples into: ``batch_size`` each,
+    except that a last batch of one sample (which BatchNorm in training mode refuses, and whose
+    batch statistics have no spread between samples) is avoided by sharing the last
+    ``batch_size + 1`` samples between the last two batches (257 -> 256 + 1 becomes 128 + 129)."""
+    cuts = list(range(0, n, batch_size)) + [n]
+    if batch_size >= 3 and len(cuts) > 2 and n - cuts[-2] == 1:
+        cuts[-2] = cuts[-3] + (batch_size + 1) // 2
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def loader_samples(loader: torch.utils.data.DataLoader) -> int | None:
+    """The number of samples a ``DataLoader`` yields in one pass, where its sampler tells: what the
+    sampler draws (not the dataset's length), less what ``drop_last`` drops; None where unknown (an
+    iterable dataset, a custom batch sampler, or no automatic batching, whose items may be batches)."""
+    if isinstance(loader.dataset, torch.utils.data.IterableDataset):
+        return None
+    bs = loader.batch_sampler
+    if not isinstance(bs, torch.utils.data.BatchSampler) or not isinstance(bs.batch_size, int):
+        return None
+    try:
+        n = len(bs.sampler)
+    except TypeError:
+        return None
+    return n - n % bs.batch_size if bs.drop_last else n
+
+
+def dropped_note(loader: Any) -> str:
+    """Why a ``DataLoader`` may yield fewer samples than its sampler draws (``drop_last``), or ``""``."""
+    if not isinstance(loader, torch.utils.data.DataLoader) or not loader.drop_last:
+        return ""
+    bs = loader.batch_sampler
+    size = getattr(bs, "batch_size", None)
+    if not isinstance(size, int):
+        return ""
+    try:
+        n = len(bs.sampler)
+    except TypeError:
+        return (f" (the DataLoader's drop_last=True drops a last batch of fewer than batch_size={size} samples; "
+                f"use a smaller batch_size or drop_last=False)")
+    if n % size == 0:
+        return ""
+    kept = n - n % size
+    fix = (f"use a batch_size of at most {n} or drop_last=False" if kept == 0 else
+           "use a smaller batch_size or drop_last=False")
+    return (f" (the DataLoader's drop_last=True drops {n % size} of its {n} samples: batches of batch_size={size} "
+            f"keep {kept}; {fix})")
+
+
+def _default_collate(loader: torch.utils.data.DataLoader) -> bool:
+    from torch.utils.data import default_collate, default_convert
+
+    return loader.collate_fn in (default_collate, default_convert)
+
+
 def batches(data: Any, batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator[torch.Tensor]:
-    """Input tensors of the calibration data, one batch at a time (see :func:`batch_input`)."""
+    """Input tensors of the calibration data, one batch at a time (see :func:`batch_input`).
+
+    Tensors and map-style datasets are cut into batches of ``batch_size`` (a last batch of one
+    sample is avoided, see :func:`_spans`); a ``DataLoader`` or a list keeps its own batches."""
     check_data(data)
     if isinstance(data, torch.Tensor):
-        for i in range(0, len(data), batch_size):
-            yield data[i:i + batch_size]
+        for i, j in _spans(len(data), batch_size):
+            yield data[i:j]
         return
     if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
         _check_items(data)
-        data = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
+        spans = _spans(len(data), batch_size)
+        data = torch.utils.data.DataLoader(data, batch_sampler=[list(range(i, j)) for i, j in spans])
+    elif (isinstance(data, torch.utils.data.DataLoader) and _default_collate(data)
+          and not isinstance(data.dataset, torch.utils.data.IterableDataset)):
+        _check_items(data.dataset)  # (torch's collate fails on PIL images without saying what to do)
     dtype = None
     for b, batch in enumerate(data):
         x = batch_input(batch)
@@ -155,7 +252,7 @@ def first_batch(data: Any) -> torch.Tensor:
     """The first input batch of the calibration data."""
     for x in batches(data):
         return x
-    raise CalibrationError("calibration data is empty")
+    raise CalibrationError(f"calibration data is empty{dropped_note(data)}")
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -217,6 +314,7 @@ def stream(
     progress: bool = False,
     desc: str = "calibration",
     batch_size: int = DEFAULT_BATCH_SIZE,
+    skip: Callable[[int, torch.Tensor], bool] | None = None,
 ) -> int:
     """One pass of ``models`` over calibration data.
 
@@ -233,6 +331,8 @@ def stream(
         progress: show a progress bar (with a total when the data has a length).
         desc: the progress bar's label.
         batch_size: batch size for tensors and datasets.
+        skip: batches ``x`` (number ``b``) for which ``skip(b, x)`` is true are not run (nor
+            counted); the caller reports them.
 
     Returns:
         The number of samples seen.
@@ -251,6 +351,8 @@ def stream(
         for b, x in enumerate(it):
             if max_batches is not None and b >= max_batches:
                 break
+            if skip is not None and skip(b, x):
+                continue
             x = x.to(dev)
             if x.is_inference():  # (made under inference_mode: no version counter for the readers)
                 x = x.clone()

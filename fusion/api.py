@@ -32,7 +32,7 @@ from alignment.graph import Graph
 from alignment.maps import SpaceMap, correct_query_key, plan_maps
 from alignment.methods import METHODS, MatchContext, MatchResult, match
 from alignment.partial import check_budget, partial_plans, tensor_uses
-from alignment.runner import first_batch, model_device, plain_precision, runnable
+from alignment.runner import first_batch, loader_samples, model_device, plain_precision, runnable
 from alignment.statistics import POINT_POLICIES, Statistics, collect
 from alignment.structure import dense_plan
 
@@ -272,11 +272,17 @@ def _check_data_free(repair: str, refine: str, model: nn.Module | None) -> None:
 def _check_repair_batches(repair: str, data: Any, model: nn.Module | None) -> None:
     """Raise :class:`CalibrationError` when a BatchNorm reset would run on batches of one sample
     (a ``DataLoader`` with ``batch_size=1``): batch statistics of one sample are undefined after
-    global pooling, and the image's own statistics elsewhere (no spread between images)."""
+    global pooling, and the image's own statistics elsewhere (no spread between images). Only the
+    first batch is read here; a later batch of one sample (a loader's or a list's last) is left out
+    of the reset and reported (:func:`fusion.repair.reset_bn`), and the runner cuts tensors and
+    datasets into no such batch."""
     if repair not in ("auto", "reset_bn", "repair") or model is None or not has_batchnorm(model):
         return
     if not isinstance(data, torch.utils.data.DataLoader):
         return  # (the runner batches tensors and datasets itself; check_calibration refuses other data of 1-sample batches)
+    total = loader_samples(data)
+    if total is not None and total < 2:
+        return  # (check_calibration refuses it, naming the count)
     if len(first_batch(data)) < 2:
         raise CalibrationError(f"repair={repair!r} resets BatchNorm statistics on the calibration batches, but the first "
                                f"batch holds one sample; give batches of 2 or more (e.g. DataLoader(..., batch_size=64)), "
@@ -361,7 +367,7 @@ def align(
     models = check_models(models)
     check_seed(seed)
     check_device(device)
-    checked = METHODS.validate(method, options)
+    checked = METHODS.validate(method, options, models=len(models))
     if heads is not None:
         check_heads(heads)
     if points not in POINT_POLICIES:
@@ -496,8 +502,9 @@ def fuse(
         models: models of one family (same architecture; widths may differ for methods that allow
             it). They are never modified.
         calibration: calibration inputs for statistics, refinement and repair: a tensor, a dataset,
-            a ``DataLoader`` or a list of batches (tensors, ``(x, y)`` pairs or dicts with
-            ``pixel_values``).
+            a ``DataLoader`` or a list of batches (tensors, ``(x, y)`` pairs, dicts with
+            ``pixel_values``, or ``(dict, y)`` pairs). One pair or one dict is one batch: give
+            ``[(x, y)]``, not ``(x, y)``.
         method: a registered method (:func:`list_methods`; ``fusion methods`` lists their options):
             ``"permute"`` (activation matching; rectangular for different widths),
             ``"weight_matching"``, ``"average"`` (plain averaging), ``"ot"`` (optimal transport, any
@@ -559,7 +566,7 @@ def fuse(
     weights = check_alpha(alpha, len(models), normalize)
     _warn_unnormalised(weights)
     check_heads(heads)
-    METHODS.validate(method, options)
+    METHODS.validate(method, options, models=len(models))
     REPAIRS.validate(repair, dict(repair_options or {}))
     REFINEMENTS.validate(refine, dict(refine_options or {}))
     if calibration is None:

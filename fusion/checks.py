@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from alignment.errors import CalibrationError, FusionError, InvalidOptionError
-from alignment.runner import all_finite, batch_input, check_data, first_batch, has_nan, model_dtype, modes
+from alignment.runner import (all_finite, batch_input, check_data, dropped_note, first_batch, has_nan, loader_samples,
+                              model_dtype, modes)
 from alignment.structure import RowPlan
 
 __all__ = ["ModelError", "NonFiniteError", "model_list", "check_models", "check_alpha", "check_calibration", "check_device",
@@ -168,9 +169,11 @@ def check_device(device: Any) -> torch.device | None:
 def check_calibration(data: Any, models: Sequence[nn.Module], heads: str | None = None) -> torch.Tensor:
     """Check calibration data against the models and return its first input batch.
 
-    The data must be re-iterable (not a one-shot generator), hold at least 2 samples, finite floating
-    inputs of the models' dtype, and a batch layout whose input is known (a tensor, ``(x, y)``, or a
-    dict with an input key); every model must run on two samples of it (which also checks the shape).
+    The data must be re-iterable (not a one-shot generator), hold at least 2 samples (a
+    ``DataLoader`` counts what its sampler draws and ``drop_last`` keeps), finite floating inputs of
+    the models' dtype, and a batch layout whose input is known (a tensor, ``(x, y)``, a dict with an
+    input key, or ``(dict, y)``); one ``(x, y)`` pair given as the data (not as a list of batches)
+    is refused; every model must run on two samples of it (which also checks the shape).
     With ``heads="merged"`` (one classifier for all) the models must have the same number of outputs.
 
     Raises:
@@ -178,10 +181,11 @@ def check_calibration(data: Any, models: Sequence[nn.Module], heads: str | None 
         fusion.engine.HeadsError: models with different output counts and one merged classifier.
     """
     check_data(data)
+    _check_pair(data, models)
     size = _length(data)
     if size is not None and size < 2:
-        raise CalibrationError(f"calibration data holds {size} sample(s); statistics need at least 2 (correlations "
-                               f"and variances are undefined for one)")
+        raise CalibrationError(f"calibration data holds {size} sample(s){_counted(data)}{dropped_note(data)}; "
+                               f"statistics need at least 2 (correlations and variances are undefined for one)")
     x = first_batch(data)
     if size is None and len(x) < 2:
         raise CalibrationError(f"the first calibration batch holds 1 sample (shape {tuple(x.shape)}); statistics need "
@@ -240,14 +244,47 @@ def _label_names(model: nn.Module) -> list[str] | None:
     return None if names == [f"LABEL_{k}" for k in range(len(names))] else names
 
 
+def _check_pair(data: Any, models: Sequence[nn.Module]) -> None:
+    """Refuse one ``(inputs, targets)`` pair given as the calibration data (it would be read as two
+    batches) where its second tensor has the rank of the inputs but cannot be model inputs (the
+    model fails on it: soft labels ``(N, C)`` beside flat inputs ``(N, F)``). The other pairs are
+    refused by :func:`alignment.runner.check_data`; a tuple whose two tensors both run is two batches."""
+    if not (isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)):
+        return
+    x, y = data
+    if x.dim() == 0 or y.dim() != x.dim() or len(x) != len(y) or y.shape[1:] == x.shape[1:] or not models:
+        return
+    m = models[0]
+    try:
+        with modes([m]), torch.no_grad():
+            m(y[:2].to(next((t.device for t in m.parameters()), torch.device("cpu"))))
+    except Exception:  # noqa: BLE001 - the second tensor is no model input: the data is one (x, y) pair
+        raise CalibrationError(f"calibration data is a tuple of two tensors of shapes {tuple(x.shape)} and "
+                               f"{tuple(y.shape)}, read as two batches, but model 0 cannot take the second: if it is "
+                               f"one (inputs, labels) pair, pass a list of batches ([(x, y)]), the inputs alone (x), "
+                               f"TensorDataset(x, y) or a DataLoader") from None
+
+
+def _counted(data: Any) -> str:
+    """Where a ``DataLoader``'s sample count comes from, when its sampler draws another number than
+    its dataset holds."""
+    if isinstance(data, torch.utils.data.DataLoader):
+        try:
+            n = len(data.batch_sampler.sampler)
+            if n != len(data.dataset):
+                return f" (the DataLoader's sampler draws {n} of its dataset's {len(data.dataset)})"
+        except (TypeError, AttributeError):
+            pass
+    return ""
+
+
 def _length(data: Any) -> int | None:
+    """The number of samples of the calibration data, where it is known before a pass: a
+    ``DataLoader`` counts what its sampler draws and ``drop_last`` keeps (not its dataset)."""
     if isinstance(data, torch.Tensor):
         return len(data)
     if isinstance(data, torch.utils.data.DataLoader):
-        try:
-            return len(data.dataset)
-        except TypeError:  # an iterable dataset without a length
-            return None
+        return loader_samples(data)
     if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__"):
         return len(data)
     if isinstance(data, (list, tuple)) and len(data) == 1:

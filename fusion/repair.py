@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
-from alignment.errors import InvalidOptionError, UnknownNameError
+from alignment.errors import CalibrationError, FallbackWarning, InvalidOptionError, UnknownNameError
 from alignment.graph import Graph
 from alignment.maps import SpaceMap, axis_matrix
 from alignment.registry import Registry
@@ -127,7 +128,7 @@ def _auto(ctx: RepairContext) -> None:
     ran = "reset_bn" if has_batchnorm(ctx.fused, ctx.frozen) else "none"
     ctx.details["repaired"] = ran
     if ran == "reset_bn":
-        reset_bn(ctx.fused, ctx.data, ctx.device, progress=ctx.progress, keep=ctx.frozen)
+        reset_bn(ctx.fused, ctx.data, ctx.device, progress=ctx.progress, keep=ctx.frozen, notes=ctx.notes)
 
 
 @register_repair("reset_bn")
@@ -137,7 +138,7 @@ def _reset(ctx: RepairContext) -> None:
         ctx.notes.append("repair 'reset_bn': the fused model has no BatchNorm layer with running statistics to "
                          "reset, so nothing was repaired; repair='repair' rescales LayerNorm/GroupNorm outputs")
         return
-    reset_bn(ctx.fused, ctx.data, ctx.device, progress=ctx.progress, keep=ctx.frozen)
+    reset_bn(ctx.fused, ctx.data, ctx.device, progress=ctx.progress, keep=ctx.frozen, notes=ctx.notes)
 
 
 def _check_repair(options: dict[str, Any]) -> None:
@@ -156,28 +157,74 @@ def _repair(ctx: RepairContext, *, eps: float = 1e-5, replay_gib: float = 4.0) -
 
 
 def reset_bn(model: nn.Module, data: Any, device: str | torch.device | None = None,
-             max_batches: int | None = None, progress: bool = False, keep: Sequence[nn.Module] = ()) -> nn.Module:
+             max_batches: int | None = None, progress: bool = False, keep: Sequence[nn.Module] = (),
+             notes: list[str] | None = None) -> nn.Module:
     """Recompute the BatchNorm running statistics of ``model`` (in place) on ``data``.
 
     Only BatchNorm layers run in training mode (cumulative averages over all batches); dropout and
     other layers stay in eval mode; BatchNorm layers in ``keep`` keep their statistics. Returns the
     model, every module in its original mode.
+
+    A batch of one sample is left out, whatever the kind of BatchNorm: BatchNorm1d on features
+    refuses it (no spread to normalise by), and where it runs (BatchNorm2d, over one image's
+    positions) its statistics lack the spread between images, while the cumulative average gives it
+    the weight of a whole batch. (Tensors and datasets are never cut into such a batch by the runner;
+    a ``DataLoader`` or a list of batches may end with one.) What was left out is appended to
+    ``notes`` (the fusion report's fallbacks), or warned as a :class:`~alignment.errors.FallbackWarning`
+    when ``notes`` is None.
+
+    Raises:
+        CalibrationError: every batch holds one sample (nothing to reset from).
     """
     kept = {id(m) for m in keep}
     bns = [m for m in model.modules() if isinstance(m, _BN) and id(m) not in kept]
     if not bns:
         return model
     saved = [m.momentum for m in bns]
+    left_out: list[int] = []
+    seen = [0]
+
+    def single(b: int, x: torch.Tensor) -> bool:
+        seen[0] = b + 1
+        if len(x) == 1:
+            left_out.append(b)
+            return True
+        return False
+
     try:
         for m in bns:
             m.reset_running_stats()
             m.momentum = None
-        stream([model], data, device=device, train=lambda m: isinstance(m, _BN) and id(m) not in kept, max_batches=max_batches,
-               progress=progress, desc="BatchNorm reset")
+        try:
+            stream([model], data, device=device, train=lambda m: isinstance(m, _BN) and id(m) not in kept,
+                   max_batches=max_batches, progress=progress, desc="BatchNorm reset", skip=single)
+        except CalibrationError:
+            if not left_out or len(left_out) < seen[0]:
+                raise
+            raise CalibrationError(f"the BatchNorm reset found only batches of one sample ({len(left_out)}); "
+                                   f"BatchNorm statistics need 2 or more samples per batch: give batches of 2 or more "
+                                   f"(e.g. DataLoader(..., batch_size=64)), or repair='none'") from None
     finally:
         for m, mom in zip(bns, saved):
             m.momentum = mom
+    if left_out:
+        msg = _left_out_message(left_out, seen[0])
+        if notes is not None:
+            notes.append(msg)
+        else:
+            warnings.warn(msg, FallbackWarning, stacklevel=2)
     return model
+
+
+def _left_out_message(left_out: list[int], total: int) -> str:
+    if left_out == [total - 1]:
+        what = "the last calibration batch (1 sample) was" if total > 1 else "calibration batch 0 (1 sample) was"
+    else:
+        shown = ", ".join(map(str, left_out[:5])) + (", ..." if len(left_out) > 5 else "")
+        what = f"{len(left_out)} calibration batches of 1 sample (batch {shown}) were"
+    return (f"repair: {what} left out of the BatchNorm reset (BatchNorm statistics need 2 or more samples per "
+            f"batch: BatchNorm1d refuses one, and one image has no spread between images); to use every sample, give "
+            f"batches of 2 or more (a batch_size that leaves no single sample over, or drop_last=True)")
 
 
 def _channel_dim(module: nn.Module, graph: Graph, path: str) -> int:
@@ -301,7 +348,7 @@ def repair(
             sd_t = sd_t + A @ (sd * sign)
         targets[path] = (mu_t, sd_t)
     if any(isinstance(m, _BN) for _, m in norms):
-        reset_bn(fused, data, dev, max_batches, progress)
+        reset_bn(fused, data, dev, max_batches, progress, notes=notes)
     mods = dict(fused.named_modules())
     todo = [(p, d) for p, d in layers if p in targets]
 

@@ -141,6 +141,10 @@ def _old_weight_norm() -> nn.Module:
         return nn.Sequential(nn.utils.weight_norm(nn.Linear(8, 16)), nn.ReLU(), nn.Linear(16, 4)).eval()
 
 
+def _loader(x, **kw):
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), **kw)
+
+
 def _with_nan(t):
     t = t.clone()
     t[3, 0, 1, 1] = float("nan")
@@ -259,6 +263,23 @@ CASES = [
      SpaceMismatchError, "permute matches units one-to-one"),
     ("curve weights that are not numbers", lambda a, b, x: _curve([a, b], _cal(x), [], alphas=["a"]),
      InvalidOptionError, r"alphas must be numbers in \[0, 1\]"),
+    # read as two batches: a dtype error naming "batch 1", or a raw conv error for float labels, mid-statistics
+    ("one (x, y) pair as calibration", lambda a, b, x: fusion.fuse([a, b], (_cal(x), torch.arange(16) % 10)),
+     CalibrationError, r"one \(inputs, labels\) pair .*int64 labels of shape \(16,\).*\[\(x, y\)\]"),
+    ("one (x, soft labels) pair as calibration",
+     lambda a, b, x: fusion.fuse([a, b], (_cal(x), torch.full((16, 10), 0.1))), CalibrationError,
+     r"one \(inputs, labels\) pair .*float32 labels of shape \(16, 10\)"),
+    # counted len(dataset): fused from one sample, reported as calibration_samples=1, no warning
+    ("a DataLoader whose sampler draws one sample",
+     lambda a, b, x: fusion.fuse([a, b], _loader(_cal(x), batch_size=4, sampler=[3])), CalibrationError,
+     r"holds 1 sample\(s\) \(the DataLoader's sampler draws 1 of its dataset's 16\).*at least 2"),
+    # a raw TypeError from torch's default_collate
+    ("a DataLoader of PIL images", lambda a, b, x: fusion.fuse([a, b], torch.utils.data.DataLoader(_PILImages(), 4)),
+     CalibrationError, r"items hold PIL\.Image\.Image inputs, not tensors.*ToTensor"),
+    # said only "calibration data is empty"
+    ("drop_last dropping every sample",
+     lambda a, b, x: fusion.fuse([a, b], _loader(_cal(x, 3), batch_size=4, drop_last=True)), CalibrationError,
+     r"drop_last=True drops 3 of its 3 samples.*batch_size of at most 3 or drop_last=False"),
 ]
 
 
@@ -488,3 +509,17 @@ def test_alpha_as_an_array_or_tensor_of_any_float_dtype():
     assert check_alpha(np.float32(0.75), 2) == [0.25, 0.75]
     with pytest.raises(InvalidOptionError, match="finite"):
         check_alpha(torch.tensor([float("nan"), 1.0]), 2)
+
+
+def test_one_pair_of_flat_inputs_and_soft_labels_is_refused_before_work(no_pass):
+    """Guards: ``(x, soft_labels)`` for a model of flat inputs (both rank 2) was read as two batches
+    and failed with a raw error in the statistics pass; the second tensor is tried on model 0 first
+    and the pair refused. Two batches of inputs in a tuple are still two batches."""
+    from fusion.checks import check_calibration
+
+    a, b, x = _models("mlp")
+    flat = torch.randn(16, 64)
+    with pytest.raises(CalibrationError, match=r"shapes \(16, 64\) and \(16, 10\).*model 0 cannot take the second.*"
+                                               r"\[\(x, y\)\]"):
+        fusion.fuse([a, b], (flat, torch.full((16, 10), 0.1)))
+    assert check_calibration((flat, torch.randn(16, 1, 8, 8)), [a, b]).shape == (16, 64)

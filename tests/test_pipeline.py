@@ -73,9 +73,12 @@ def test_options_are_checked_before_any_work(monkeypatch):
         fusion.fuse([a, a], x, alpha=[0.5, float("nan")])
     # value ranges too (they were checked inside the methods, after discovery and statistics)
     for method, options in (("ot", {"reg": -1.0}), ("ot", {"sweeps": 0}), ("ot", {"anchor": -1}),
-                            ("permute", {"iterations": -1}), ("weight_matching", {"max_iter": 0})):
+                            ("ot", {"anchor": 5}), ("permute", {"iterations": -1}),
+                            ("weight_matching", {"max_iter": 0})):
         with pytest.raises(InvalidOptionError, match=next(iter(options))):
             fusion.fuse([a, a], x, method=method, **options)
+        with pytest.raises(InvalidOptionError, match=next(iter(options))):
+            fusion.align([a, a], x, method=method, **options)
     assert calls == []
 
 
@@ -284,6 +287,98 @@ def test_runner_accepts_every_batch_form_and_restores_modes():
     with pytest.raises(RuntimeError):
         stream([m], loader, on_batch=lambda *_: (_ for _ in ()).throw(RuntimeError("boom")))
     assert m.training and not m.drop.training
+
+
+def test_runner_cuts_tensors_and_datasets_into_no_batch_of_one_sample():
+    """Guards: 257 samples were cut into 256 + 1, and BatchNorm1d in training mode refuses a batch of
+    one (a raw ValueError from the BatchNorm reset after all the fusion work); the last 257 samples
+    are now shared by the last two batches, every other batch keeps the batch size, and every
+    sample is streamed once, in order."""
+    for n, sizes in ((256, [256]), (257, [128, 129]), (513, [256, 128, 129]), (258, [256, 2]), (1, [1])):
+        x = torch.randn(n, 3)
+        for data in (x, torch.utils.data.TensorDataset(x)):
+            got = list(batches(data))
+            assert [len(b) for b in got] == sizes
+            assert torch.equal(torch.cat(got), x)
+    assert [len(b) for b in batches(torch.randn(9, 3), batch_size=4)] == [4, 2, 3]
+
+
+class _BN1d(nn.Module):
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc1, self.bn, self.fc2 = nn.Linear(16, 12), nn.BatchNorm1d(12), nn.Linear(12, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.bn(self.fc1(x))))
+
+
+def test_a_batchnorm_reset_leaves_out_a_batch_of_one_sample_and_reports_it():
+    """Guards: a DataLoader or a list whose last batch holds one sample crashed the BatchNorm reset
+    of a BatchNorm1d model with a raw ValueError after all the fusion work, and a tensor of 257
+    samples did too (the runner's own 256 + 1). Now a tensor fuses with no fallback; a batch of one
+    sample is left out of the reset (the statistics are those of the other batches) and reported
+    as a fallback (warned, in the fusion report), for BatchNorm1d and BatchNorm2d alike."""
+    from fusion.repair import reset_bn
+
+    a, b = _BN1d(0).eval(), _BN1d(1).eval()
+    x = torch.randn(257, 16, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
+        assert fusion.fuse([a, b], x).fusion_report.fallbacks == []
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:9]), batch_size=4)
+    for data in (loader, [x[:4], x[4:8], x[8:9]]):
+        with pytest.warns(FallbackWarning, match=r"last calibration batch \(1 sample\) was left out of the BatchNorm"):
+            fused = fusion.fuse([a, b], data)
+        assert any("left out of the BatchNorm reset" in f for f in fused.fusion_report.fallbacks)
+        assert torch.isfinite(fused(x)).all()
+    # the reset's statistics are those of the batches of two or more samples
+    notes: list[str] = []
+    got = reset_bn(copy.deepcopy(a), [x[:4], x[4:5], x[5:9], x[9:10]], notes=notes)
+    want = reset_bn(copy.deepcopy(a), [x[:4], x[5:9]])
+    assert torch.equal(got.bn.running_mean, want.bn.running_mean)
+    assert torch.equal(got.bn.running_var, want.bn.running_var)
+    assert len(notes) == 1 and "2 calibration batches of 1 sample (batch 1, 3) were left out" in notes[0]
+    bn2d = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)).eval()
+    with pytest.warns(FallbackWarning, match="last calibration batch"):
+        reset_bn(bn2d, [torch.randn(3, 1, 6, 6), torch.randn(1, 1, 6, 6)])
+    with pytest.raises(CalibrationError, match="only batches of one sample"):
+        reset_bn(copy.deepcopy(a), [x[:1], x[1:2]])
+
+
+def test_a_collate_of_dict_and_labels_is_read_as_a_dict_batch():
+    """Guards: a collate returning ``({"pixel_values": x}, y)`` was refused with a message that
+    listed both "(input, label) pairs" and "dicts with 'pixel_values'" as accepted; the dict of
+    such a pair is now read as a dict batch. A list of per-sample dicts is no pair: still refused,
+    naming what the batch holds."""
+    from alignment.runner import batch_input
+
+    x, y = torch.randn(10, 1, 8, 8), torch.randint(0, 10, (10,))
+
+    def collate(items):
+        return {"pixel_values": torch.stack([i[0] for i in items])}, torch.stack([i[1] for i in items])
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4, collate_fn=collate)
+    assert torch.equal(torch.cat(list(batches(loader))), x)
+    assert torch.equal(torch.cat(list(batches([({"image": x[:5]}, y[:5]), ({"image": x[5:]}, y[5:])]))), x)
+    a, _ = build("mlp", seed=0)
+    b, _ = build("mlp", seed=1)
+    assert fusion.fuse([a, b], loader).fusion_report.calibration_samples == 10
+    with pytest.raises(CalibrationError, match=r"type list \(its first element is a dict\)"):
+        batch_input([{"pixel_values": x[0]}, {"pixel_values": x[1]}])
+
+
+def test_runner_rejects_one_input_label_pair_but_reads_two_batches_and_lists():
+    """Guards: one ``(x, y)`` tuple given as the calibration data was read as two batches (a dtype
+    error naming batch 1, or a raw conv error for float labels); it is refused as a pair like a
+    single dict batch. A tuple of two input batches and a list of pairs still stream."""
+    x, y = torch.randn(10, 1, 8, 8), torch.randint(0, 10, (10,))
+    for pair in ((x, y), (x, torch.softmax(torch.randn(10, 10), 1)), (x, y > 4)):
+        with pytest.raises(CalibrationError, match=r"one \(inputs, labels\) pair.*\[\(x, y\)\]"):
+            list(batches(pair))
+    assert [len(b) for b in batches((x, x))] == [10, 10]
+    assert [len(b) for b in batches([(x, y)])] == [10]
+    assert [len(b) for b in batches([x, y.float()])] == [10, 10]  # (a list is batches: its error comes later)
 
 
 def test_runner_rejects_unusable_calibration_data():
