@@ -309,9 +309,14 @@ def _activation_gram(ctx: MatchContext, kind, plans_of, anchored: bool = False,
             return agram(name)
         ctx.note(f"space {name!r} has no activation statistics (no observation point): its units are "
                  f"compared by their weights")
+        tied.add(name)  # (weights depend on the neighbours' plans, as for dead units)
         return wgram(name)
     gram.tied = tied
     return gram
+
+
+_TIED_PASSES = 10
+"""The most passes over the spaces compared by weights after a one-pass walk (see :func:`_solve`)."""
 
 
 def _solve(ctx: MatchContext, leaf_solver, gram_of=None, scores=None, sweeps: int = 1, shuffle: bool = False,
@@ -342,12 +347,21 @@ def _solve(ctx: MatchContext, leaf_solver, gram_of=None, scores=None, sweeps: in
         holder["prev"] = dict(new)
         if not changed:
             break
-    # spaces whose Gram depended on neighbours' plans not yet solved in a one-pass walk: once more
+    # spaces whose Gram depended on neighbours' plans not yet solved in a one-pass walk: solved again
+    # with every neighbour's plan, until none changes (several such spaces may neighbour each other,
+    # e.g. a learned query and the attention projection it feeds)
     tied = getattr(gram, "tied", set())
     if sweeps <= 1 and tied:
-        for name in [n for n in walk.order() if n in tied]:
-            walk.reset(name)
-            walk.solve(name)
+        for _ in range(_TIED_PASSES):
+            changed = False
+            for name in [n for n in walk.order() if n in tied]:
+                before = walk.planned(name)
+                walk.reset(name)
+                walk.solve(name)
+                after = walk.planned(name)
+                changed |= before is None or not all(plans_equal(a, b) for a, b in zip(before, after))
+            if not changed:
+                break
     result = MatchResult(plans=[{k: v[i] for k, v in walk.plans.items()} for i in range(len(ctx.models))],
                          costs=dict(walk.costs))
     # the walk's Gram function reads plans through ``holder``, which holds the walk: a cycle that
