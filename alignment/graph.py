@@ -166,7 +166,9 @@ class Graph:
     """Alignment spaces of a model plus the axes that are fixed.
 
     Attributes:
-        spaces: every space, in a deterministic order (order of first use in the forward pass).
+        spaces: every space, in a deterministic order: that of the parameters naming them, as the
+            model registers its parameters and buffers (which need not be the order the forward
+            pass uses them; :meth:`forward_order` gives that).
         fixed: parameter/buffer axis ranges that must not be permuted.
         shapes: shape of every parameter and buffer the graph describes.
         notes: remarks from discovery (e.g. axes kept fixed for a reason worth knowing).
@@ -195,6 +197,21 @@ class Graph:
                 cons = {module_of(m.tensor) for m in s.members if m.role == "in"}
                 s.producers = sorted(prod, key=lambda p: (rank.get(p, len(rank)), p))
                 s.consumers = sorted(cons, key=lambda p: (rank.get(p, len(rank)), p))
+
+    def forward_order(self) -> list[Space]:
+        """The spaces in the order the forward pass first writes them: by their first producing
+        module's place in :attr:`modules` (a space no module produces, e.g. the input of the first
+        layer or a learned token, by its first consumer); ties keep :attr:`spaces`' order."""
+        rank = {m: i for i, m in enumerate(self.modules)}
+        end = len(rank)
+
+        def key(s: Space) -> int:
+            for group in (s.producers, s.consumers):
+                ranks = [rank[m] for m in group if m in rank]
+                if ranks:
+                    return min(ranks)
+            return end
+        return sorted(self.spaces, key=key)
 
     def layer_spaces(self, module: str) -> tuple[list[str], list[str]]:
         """The spaces a module's weights read (input axes) and write (output axes)."""

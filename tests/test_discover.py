@@ -512,3 +512,27 @@ print(json.dumps(check(model, torch.randn(16, 3, 32, 32), lambda y: y.last_hidde
 ''', timeout=90)
     assert r["spaces"] >= 4 and r["moved"]
     assert r["copy"] < 1e-4 and r["fused"] < 1e-4
+
+
+class _RegisteredBackwards(nn.Module):
+    """Layers registered in the reverse of the order the forward pass runs them."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(8, 3)
+        self.c = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+        self.a = nn.Linear(5, 8)
+
+    def forward(self, x):
+        return self.head(self.c(self.b(self.a(x).relu()).relu()).relu())
+
+
+def test_forward_order_follows_the_forward_pass_not_the_registration():
+    """Guards: Graph.forward_order lists spaces as the forward pass writes them (a, b, c), while
+    Graph.spaces keeps the registration order the docstring now states (c's output space before a's)."""
+    graph = discover(_RegisteredBackwards(), torch.randn(2, 5))
+    assert graph.modules == ["a", "b", "c", "head"]
+    written = [s.producers[0] for s in graph.forward_order()]
+    assert written == ["a", "b", "c"], written
+    assert [s.producers[0] for s in graph.spaces] != written
