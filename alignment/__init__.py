@@ -1,7 +1,7 @@
 """Finding correspondences between hidden units: alignment spaces, statistics and solvers."""
 
 from ._rules import register_op_kind, register_op_rule
-from .discover import discover
+from .discover import discover, discover_all
 from .errors import (
     CalibrationError,
     DiscoveryError,
@@ -10,6 +10,7 @@ from .errors import (
     FusionError,
     FusionWarning,
     InvalidOptionError,
+    MethodResultError,
     PermutationError,
     SpaceMismatchError,
     UnfollowableOpError,
@@ -20,9 +21,10 @@ from .methods import MatchContext, MatchResult, list_methods, match, register_me
 from .permute import permute, permute_state
 
 __all__ = [
-    "discover", "permute", "permute_state", "register_op_rule", "register_op_kind",
+    "discover", "discover_all", "permute", "permute_state", "register_op_rule", "register_op_kind",
     "Graph", "Space", "Member", "FixedAxis", "Observation",
     "match", "MatchContext", "MatchResult", "list_methods", "register_method",
     "FusionError", "FusionWarning", "FallbackWarning", "DiscoveryError", "ExportError", "UnfollowableOpError",
     "PermutationError", "SpaceMismatchError", "InvalidOptionError", "UnknownNameError", "CalibrationError",
+    "MethodResultError",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 __all__ = [
     "FusionError", "FusionWarning", "FallbackWarning", "DiscoveryError", "ExportError",
     "UnfollowableOpError", "PermutationError", "SpaceMismatchError", "InvalidOptionError",
-    "UnknownNameError", "CalibrationError",
+    "UnknownNameError", "CalibrationError", "MethodResultError",
 ]
 
 
@@ -69,3 +69,8 @@ class UnknownNameError(FusionError, KeyError):
 
 class CalibrationError(FusionError, ValueError):
     """Calibration data is missing or unusable."""
+
+
+class MethodResultError(SpaceMismatchError, TypeError):
+    """A fusion method returned something other than a :class:`~alignment.methods.MatchResult` with
+    one plan (an ``n x n_i`` matrix) per model for every space that needs one."""

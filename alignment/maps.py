@@ -22,12 +22,12 @@ from typing import Sequence
 
 import torch
 
-from .errors import InvalidOptionError, SpaceMismatchError
+from .errors import InvalidOptionError, PermutationError, SpaceMismatchError
 from .graph import Graph
 from .structure import Heads, RowPlan, dense_plan, tree_keys
 
 __all__ = [
-    "SpaceMap", "permutation_plan", "plan_maps", "permutation_map", "selection_map", "axis_roles",
+    "SpaceMap", "permutation_plan", "as_plan", "plan_maps", "permutation_map", "selection_map", "axis_roles",
     "axis_matrix", "map_tensor", "sparse_entries", "SPARSE", "fuse_tensors", "query_key_spaces", "correct_query_key",
 ]
 
@@ -47,14 +47,26 @@ class SpaceMap:
     """
 
     def __init__(self, merge: Sequence[torch.Tensor], unmerge: Sequence[torch.Tensor]) -> None:
+        """Raises :class:`~alignment.errors.SpaceMismatchError` (a ``ValueError``) when the maps do
+        not fit: not one merge and one unmerge map per model, a map that is no matrix, shapes other
+        than ``(n, n_i)`` and ``(n_i, n)``, or merge maps of different fused widths ``n``."""
         if len(merge) != len(unmerge):
-            raise ValueError("merge and unmerge need one map per model")
+            raise SpaceMismatchError(f"SpaceMap got {len(merge)} merge and {len(unmerge)} unmerge maps: give one of "
+                                     f"each per model")
         for i, (m, u) in enumerate(zip(merge, unmerge)):
+            if not (isinstance(m, torch.Tensor) and isinstance(u, torch.Tensor)) or m.dim() != 2 or u.dim() != 2:
+                raise SpaceMismatchError(
+                    f"model {i}: merge and unmerge maps must be matrices (tensors of shapes (n, n_i) and (n_i, n)), "
+                    f"got {_shape_of(m)} and {_shape_of(u)}")
             if m.shape[0] != u.shape[1] or m.shape[1] != u.shape[0]:
-                raise ValueError(
+                raise SpaceMismatchError(
                     f"model {i}: merge map {tuple(m.shape)} and unmerge map {tuple(u.shape)} do not fit "
                     f"(expected (n, n_i) and (n_i, n))"
                 )
+            if m.shape[0] != merge[0].shape[0]:
+                raise SpaceMismatchError(f"model {i}: merge map {tuple(m.shape)} gives {m.shape[0]} fused features but "
+                                         f"model 0's gives {merge[0].shape[0]}; every model's maps must share the "
+                                         f"fused width n")
         self._setup(list(merge), list(unmerge), [int(m.shape[1]) for m in merge],
                     int(merge[0].shape[0]) if merge else 0, {})
 
@@ -69,16 +81,16 @@ class SpaceMap:
         """Maps given by their nonzero entries (see :meth:`entries`): per model of width
         ``sizes[i]``, ``M_i`` and ``U_i^T`` (both ``width x sizes[i]``) as ``(rows, cols, vals)``."""
         if not (len(sizes) == len(merge) == len(unmerge)) or not sizes:
-            raise ValueError("from_entries needs one size, merge and unmerge entry list per model")
+            raise SpaceMismatchError("from_entries needs one size, merge and unmerge entry list per model")
         for i, (w, em, eu) in enumerate(zip(sizes, merge, unmerge)):
             for rows, cols, vals in (em, eu):
                 if not len(rows) == len(cols) == len(vals):
-                    raise ValueError(f"model {i}: rows, cols and vals of an entry list differ in length")
+                    raise SpaceMismatchError(f"model {i}: rows, cols and vals of an entry list differ in length")
                 if len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= width
                                   or int(cols.min()) < 0 or int(cols.max()) >= w):
-                    raise ValueError(f"model {i}: an entry does not fit a map of shape ({width}, {w})")
+                    raise SpaceMismatchError(f"model {i}: an entry does not fit a map of shape ({width}, {w})")
                 if bool((vals == 0).any()):
-                    raise ValueError(f"model {i}: an entry list holds a zero entry")
+                    raise SpaceMismatchError(f"model {i}: an entry list holds a zero entry")
         self = cls.__new__(cls)
         entries = {(i, m): tuple(e) for i, pair in enumerate(zip(merge, unmerge)) for m, e in zip((True, False), pair)}
         self._setup([None] * len(sizes), [None] * len(sizes), [int(w) for w in sizes], int(width), entries)
@@ -90,11 +102,11 @@ class SpaceMap:
         """Maps given as gathers (see :meth:`gather`): per model of width ``sizes[i]``, ``M_i`` and
         ``U_i^T`` as ``(idx, vals)`` of length ``n`` (every row one nonzero entry)."""
         if not (len(sizes) == len(merge) == len(unmerge)) or not sizes:
-            raise ValueError("from_gathers needs one size, merge and unmerge gather per model")
+            raise SpaceMismatchError("from_gathers needs one size, merge and unmerge gather per model")
         n = len(merge[0][0])
         for i, (w, gm, gu) in enumerate(zip(sizes, merge, unmerge)):
             if any(len(idx) != n or len(vals) != n for idx, vals in (gm, gu)):
-                raise ValueError(f"model {i}: a gather does not fit a map of shape ({n}, {w})")
+                raise SpaceMismatchError(f"model {i}: a gather does not fit a map of shape ({n}, {w})")
         rows = torch.arange(n)  # (from_entries checks the columns and the zero entries)
         return cls.from_entries(sizes, n, [(rows, *g) for g in merge], [(rows, *g) for g in unmerge])
 
@@ -178,23 +190,88 @@ def sparse_entries(A: torch.Tensor) -> Entries | None:
     return rows, cols, A[rows, cols]
 
 
+def _shape_of(x) -> str:
+    return f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else f"a {type(x).__name__}"
+
+
+def _indices(perm, what: str) -> torch.Tensor:
+    """``perm`` as a 1-D long tensor on the CPU (:class:`PermutationError` for anything else)."""
+    try:
+        p = torch.as_tensor(perm)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise PermutationError(f"{what} must be a 1-D tensor of feature indices, got a {type(perm).__name__} "
+                               f"({exc})") from None
+    whole = not (p.dtype == torch.bool or p.is_complex()) and (not p.is_floating_point() or bool((p == p.round()).all()))
+    if p.dim() != 1 or not whole:
+        raise PermutationError(f"{what} must be a 1-D tensor of integer feature indices, got {p.dtype} of shape "
+                               f"{tuple(p.shape)}")
+    return p.long().cpu()
+
+
 def permutation_plan(perm: torch.Tensor, n_source: int | None = None) -> torch.Tensor:
-    """0/1 plan of a permutation or selection: fused feature ``k`` is model feature ``perm[k]``."""
-    p = torch.as_tensor(perm).long().cpu()
-    T = torch.zeros(len(p), n_source if n_source is not None else len(p), dtype=torch.float64)
+    """0/1 plan of a permutation or selection: fused feature ``k`` is model feature ``perm[k]``.
+
+    Raises:
+        PermutationError: ``perm`` is no 1-D vector of indices in ``0..n_source - 1``.
+    """
+    p = _indices(perm, "a permutation or selection")
+    n = n_source if n_source is not None else len(p)
+    if len(p) and (int(p.min()) < 0 or int(p.max()) >= n):
+        bad = int(p[(p < 0) | (p >= n)][0])
+        raise PermutationError(f"index {bad} of a permutation or selection is not a feature of a model of width {n}; "
+                               f"give indices in 0..{n - 1}")
+    T = torch.zeros(len(p), n, dtype=torch.float64)
     T[torch.arange(len(p)), p] = 1.0
     return T
 
 
+def as_plan(T, where: str = "a plan") -> "torch.Tensor | RowPlan":
+    """A plan in a form :func:`plan_maps` reads: a :class:`RowPlan` as it is; a tensor dense (a sparse
+    layout converted) and floating (integer and boolean plans as float64); any other array-like
+    (a numpy array, nested lists) as a float64 tensor.
+
+    Raises:
+        SpaceMismatchError: ``T`` (named by ``where``) is no ``n x n_i`` matrix of real numbers.
+    """
+    if isinstance(T, RowPlan):
+        return T
+    if isinstance(T, torch.Tensor):
+        if T.layout != torch.strided:  # (sparse COO/CSR: most ops the maps use have no sparse kernel)
+            T = T.to_dense()
+        if T.is_complex():
+            raise SpaceMismatchError(f"{where} is complex ({T.dtype}); plans are non-negative real n x n_i matrices")
+        if not T.is_floating_point():
+            T = T.to(torch.float64)
+    else:
+        try:
+            T = torch.as_tensor(T, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise SpaceMismatchError(f"{where} is a {type(T).__name__}, which is no matrix ({str(exc)[:100]}); give an "
+                                     f"n x n_i tensor (or numpy array), or an alignment.structure.RowPlan") from None
+    if T.dim() != 2:
+        raise SpaceMismatchError(f"{where} has shape {tuple(T.shape)}; a plan is an n x n_i matrix (fused features x "
+                                 f"the model's features; for an index vector p use alignment.maps.permutation_plan(p, "
+                                 f"n_i))")
+    return T
+
+
 def plan_maps(plans: Sequence["torch.Tensor | RowPlan"], alpha: Sequence[float], allow_empty: bool = False) -> SpaceMap:
-    """Merge/unmerge maps from per-model plans (``n x n_i`` matrices or :class:`RowPlan`) and
-    interpolation weights.
+    """Merge/unmerge maps from per-model plans (``n x n_i`` matrices or :class:`RowPlan`; array-likes
+    are read by :func:`as_plan`) and interpolation weights.
 
     See the module docstring for the formulas. Every fused feature must receive something from at
     least one model, unless ``allow_empty`` (such features get zero merge rows: e.g. one model's
     view of a fused basis that other models' units complete).
+
+    Raises:
+        SpaceMismatchError: no plans, a plan that is no matrix, plans of different fused widths,
+            negative entries, or a fused feature no model sends anything to.
+        InvalidOptionError: not one interpolation weight per plan.
     """
-    plans = [T if isinstance(T, RowPlan) else torch.as_tensor(T, dtype=torch.float64).cpu() for T in plans]
+    if not len(plans):
+        raise SpaceMismatchError("plan_maps got no plans: give one n x n_i plan per model (and one weight each)")
+    plans = [as_plan(T, f"plan {i}") for i, T in enumerate(plans)]
+    plans = [T if isinstance(T, RowPlan) else T.to(torch.float64).cpu() for T in plans]
     if len(alpha) != len(plans):
         raise InvalidOptionError(f"{len(alpha)} interpolation weights for {len(plans)} plans: give one per model")
     n = plans[0].shape[0]
@@ -261,12 +338,31 @@ def permutation_map(perms: Sequence[torch.Tensor], alpha: Sequence[float]) -> Sp
     Args:
         perms: per model, a permutation (fused feature ``k`` is model i's feature ``perms[i][k]``).
         alpha: interpolation weight of each model.
+
+    Raises:
+        PermutationError: an entry of ``perms`` is not a permutation of ``0..n-1`` (a selection or a
+            repeat: use :func:`selection_map` or :func:`plan_maps`), or the models' widths differ.
     """
-    return plan_maps([permutation_plan(p) for p in perms], alpha)
+    checked = []
+    for i, p in enumerate(perms):
+        p = _indices(p, f"permutation {i}")
+        if not torch.equal(torch.sort(p).values, torch.arange(len(p))):
+            raise PermutationError(f"permutation {i} is not a permutation of 0..{len(p) - 1} (it repeats or skips "
+                                   f"features); to keep a subset use selection_map, for any other correspondence "
+                                   f"plan_maps")
+        if checked and len(p) != len(checked[0]):
+            raise PermutationError(f"permutation {i} has {len(p)} entries but permutation 0 has {len(checked[0])}; "
+                                   f"permuted models have equal widths")
+        checked.append(p)
+    return plan_maps([permutation_plan(p) for p in checked], alpha)
 
 
 def selection_map(indices: torch.Tensor, n_source: int) -> SpaceMap:
-    """Maps for keeping a subset of one model's features (width reduction by selection)."""
+    """Maps for keeping a subset of one model's features (width reduction by selection).
+
+    Raises:
+        PermutationError: an index outside ``0..n_source - 1``.
+    """
     return plan_maps([permutation_plan(indices, n_source)], [1.0])
 
 
@@ -414,8 +510,12 @@ def fuse_tensors(
         Fused tensors (float tensors in the first model's dtype and device; integer buffers copied
         from the first model).
     """
-    if not (len(tensors) == len(graphs) == len(alpha)):
-        raise ValueError("tensors, graphs and alpha need one entry per model")
+    if len(tensors) != len(graphs) or not tensors:
+        raise SpaceMismatchError(f"fuse_tensors got {len(tensors)} tensor dict(s) and {len(graphs)} graph(s): give one "
+                                 f"graph per model (alignment.discover_all(models, example))")
+    if len(alpha) != len(tensors):
+        raise InvalidOptionError(f"fuse_tensors got {len(alpha)} interpolation weight(s) for {len(tensors)} models: "
+                                 f"give one weight per model")
     roles = [axis_roles(g) for g in graphs]
     names = list(names) if names is not None else list(graphs[0].shapes)
     out: dict[str, torch.Tensor] = {}

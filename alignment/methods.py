@@ -30,17 +30,19 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 from torch import nn
 
-from .errors import CalibrationError, FallbackWarning, InvalidOptionError, SpaceMismatchError, UnknownNameError
+from .errors import (CalibrationError, FallbackWarning, InvalidOptionError, MethodResultError, SpaceMismatchError,
+                     UnknownNameError)
 from .grams import activation_gram, magnitude_scores, weight_gram
 from .graph import Graph
 from .leaves import magnitude_leaf, merge_leaf, ot_leaf, zip_labels, zip_leaf
+from .maps import as_plan
 from .permute import effective_weights, model_tensors, weight_norms
 from .registry import Registry
 from .structure import GramView, Heads, Walk, check_structures, plan_argmax, plans_equal
 
 __all__ = [
     "METHODS", "MatchContext", "MatchResult", "UnknownMethodError", "register_method", "list_methods",
-    "get_method", "match", "MAX_WORKERS",
+    "get_method", "match", "check_result", "MAX_WORKERS",
 ]
 
 
@@ -95,6 +97,8 @@ class MatchContext:
         workers: threads that run leaf solves while the walk prepares the next spaces (default
             ``torch.get_num_threads()``, at most :data:`MAX_WORKERS`: each solve in flight holds its
             cost matrices; the plans do not depend on it, see :class:`alignment.structure.Walk`).
+        collect_seconds: wall time spent in :meth:`stats` getting the statistics (collecting them
+            on first use); :func:`match` leaves it out of :attr:`MatchResult.seconds`.
     """
 
     models: Sequence[nn.Module]
@@ -105,6 +109,7 @@ class MatchContext:
     seed: int = 0
     notes: list[str] = field(default_factory=list)
     workers: int = field(default_factory=lambda: min(torch.get_num_threads(), MAX_WORKERS))
+    collect_seconds: float = 0.0
 
     @property
     def target(self) -> Graph:
@@ -137,7 +142,11 @@ class MatchContext:
         """
         if self.statistics is None:
             raise CalibrationError("this method needs activation statistics: give calibration data")
-        stats = self.statistics() if not anchored else self.statistics(pairs=self.anchor_pairs(anchor))
+        t0 = time.perf_counter()
+        try:
+            stats = self.statistics() if not anchored else self.statistics(pairs=self.anchor_pairs(anchor))
+        finally:  # (collected on first use: the time of matching leaves it out)
+            self.collect_seconds += time.perf_counter() - t0
         # what collection did other than asked (it warned already) goes into the fusion report
         self.notes.extend(m for m in getattr(stats, "notes", ()) if m not in self.notes)
         return stats
@@ -188,19 +197,82 @@ class MatchResult:
 def match(ctx: MatchContext, method: str, **options: Any) -> MatchResult:
     """The match stage: run ``method`` with checked options on ``ctx``.
 
+    The method's result is checked (see :func:`check_result`): a registered method may return plans
+    as tensors of any floating dtype, integer or boolean tensors, sparse tensors, numpy arrays or
+    nested lists; they come back as dense floating tensors (:class:`alignment.structure.RowPlan`
+    plans as they are).
+
     Raises:
         UnknownMethodError: no such method.
         InvalidOptionError: an unknown option, or a value the option does not allow (with these
             others, or for this many models).
+        MethodResultError: the method returned no :class:`MatchResult`, or plans that are missing,
+            no matrices, or of shapes other than the fused width by the model's width.
     """
     checked = METHODS.validate(method, options, models=len(ctx.models))
     _require_family(ctx)
+    collected = ctx.collect_seconds
     t0 = time.perf_counter()
-    result = METHODS.get(method).fn(ctx, **checked)
+    result = check_result(ctx, method, METHODS.get(method).fn(ctx, **checked))
     for msg in list(result.notes):  # a method may return notes of its own besides ctx.note's
         ctx.note(msg)
     result.notes = list(ctx.notes)
-    result.seconds = time.perf_counter() - t0
+    result.seconds = time.perf_counter() - t0 - (ctx.collect_seconds - collected)
+    return result
+
+
+def check_result(ctx: MatchContext, method: str, result: Any) -> MatchResult:
+    """``result`` of ``method`` on ``ctx`` after checking it: a :class:`MatchResult` with one dict of
+    plans per model, holding a plan for every space of the target with parameters (extra plans are
+    kept), each an ``n x n_i`` matrix (``n``: the target's width, ``n_i``: the model's) or a
+    :class:`alignment.structure.RowPlan`; array-likes are converted by :func:`alignment.maps.as_plan`
+    (the plans are replaced in ``result``; a valid tensor or row plan is kept as the same object).
+
+    Raises:
+        MethodResultError: naming the method, the model index and the space at fault.
+    """
+    where = f"method {method!r}"
+    if not isinstance(result, MatchResult):
+        raise MethodResultError(f"{where} returned a {type(result).__name__}, not an alignment.methods.MatchResult; "
+                                f"return MatchResult(plans=[{{space name: plan}} for each model], costs={{...}})")
+    plans = result.plans
+    if not isinstance(plans, (list, tuple)) or len(plans) != len(ctx.models):
+        got = f"{len(plans)} plan dict(s)" if isinstance(plans, (list, tuple)) else f"plans of type {type(plans).__name__}"
+        raise MethodResultError(f"{where} returned {got} for {len(ctx.models)} models; MatchResult.plans is a list with "
+                                f"one dict (space name -> plan) per model, in the models' order")
+    if not isinstance(result.costs, dict) or isinstance(result.notes, str) or not all(
+            isinstance(m, str) for m in result.notes):
+        raise MethodResultError(f"{where} returned costs of type {type(result.costs).__name__} and notes of type "
+                                f"{type(result.notes).__name__}; MatchResult.costs is a dict (space name -> score) "
+                                f"and notes a list of strings")
+    target = ctx.target
+    needed = [s.name for s in target.spaces if s.members]
+    out = []
+    for i, (p, g) in enumerate(zip(plans, ctx.graphs)):
+        if not isinstance(p, dict):
+            raise MethodResultError(f"{where} returned a {type(p).__name__} as model {i}'s plans; give a dict (space "
+                                    f"name -> n x n_i plan) per model")
+        missing = [k for k in needed if k not in p]
+        if missing:
+            raise MethodResultError(
+                f"{where} gave model {i} no plan for space(s) {missing[:4]} ({len(missing)} of {len(needed)} spaces "
+                f"with parameters); every such space needs one per model (e.g. torch.eye(width) keeps the model's "
+                f"features in their order)")
+        q = {}
+        for name, T in p.items():
+            try:
+                T = as_plan(T, f"the plan of space {name!r} for model {i}")
+            except SpaceMismatchError as exc:
+                raise MethodResultError(f"{where}: {exc}") from None
+            if name in needed and name in g:
+                want = (target[name].width, g[name].width)
+                if tuple(T.shape) != want:
+                    raise MethodResultError(
+                        f"{where}: the plan of space {name!r} for model {i} has shape {tuple(T.shape)}, expected "
+                        f"{want} (the fused width {want[0]} by the model's width {want[1]})")
+            q[name] = T
+        out.append(q)
+    result.plans = out
     return result
 
 

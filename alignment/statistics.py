@@ -23,13 +23,13 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .errors import FallbackWarning, FusionError, InvalidOptionError, SpaceMismatchError
+from .errors import CalibrationError, FallbackWarning, FusionError, InvalidOptionError, SpaceMismatchError
 from .graph import Graph, Observation, Space, module_of
-from .runner import model_device, plain_precision, runnable, stream
+from .runner import first_batch, model_device, modes, plain_precision, runnable, stream
 from .structure import BlockGram
 
 __all__ = ["POINT_POLICIES", "observation_points", "PointStats", "Statistics", "StatisticsMismatchError", "collect",
-           "add_gram", "add_promoted_", "live_weight", "LIVE_SPAN"]
+           "check_inputs", "add_gram", "add_promoted_", "live_weight", "LIVE_SPAN"]
 
 
 POINT_POLICIES = ("auto", "consumers", "normalized", "producers", "both", "outputs", "all")
@@ -442,11 +442,15 @@ class Statistics:
         settings).
 
         Raises:
+            InvalidOptionError: ``other`` is no :class:`Statistics`.
             SpaceMismatchError: other spaces or observation points.
             StatisticsMismatchError: another ``positions_per_image`` (a sum over every position
                 and one over a few per image weigh images and positions differently) or another
                 ``precision`` (the result could state neither).
         """
+        if not isinstance(other, Statistics):
+            raise InvalidOptionError(f"Statistics.merge takes another Statistics (collected with the same spaces and "
+                                     f"settings, e.g. on another shard of the data), got {type(other).__name__}")
         for what in ("positions_per_image", "precision"):
             mine, theirs = getattr(self, what), getattr(other, what)
             if mine != theirs:
@@ -558,6 +562,7 @@ def collect(
     precision: str = "float32",
     positions_per_image: int | None = None,
     seed: int = 0,
+    check: bool = True,
 ) -> Statistics:
     """Collect joint activation statistics of N models in one streaming pass.
 
@@ -581,6 +586,9 @@ def collect(
             point, drawn at random (the same for every model); None keeps all. The image axis is the
             first axis of the batch's size (sequence-first tensors too).
         seed: seed of that draw.
+        check: first run every model on two samples of the first batch (:func:`check_inputs`), so
+            that data a model cannot take raises :class:`~alignment.errors.CalibrationError` naming
+            the model. :func:`fusion.align` has checked the data already and passes False.
 
     Returns:
         :class:`Statistics` with per-space, per-point running sums. A tensor read at two points of a
@@ -589,13 +597,23 @@ def collect(
         of a space, points that not every model has, a point with no axis of the batch's images
         where ``positions_per_image`` cannot draw positions per image), :attr:`Statistics.notes`
         says so and a :class:`~alignment.errors.FallbackWarning` is issued.
+
+    Raises:
+        SpaceMismatchError: not one graph per model, or graphs that do not fit the models.
+        CalibrationError: data that is empty or unusable, or that a model cannot take.
+        InvalidOptionError: an unknown ``precision`` or a bad ``positions_per_image``.
     """
+    if len(graphs) != len(models) or not models:
+        raise SpaceMismatchError(f"collect got {len(models)} model(s) and {len(graphs)} graph(s): one graph per model is "
+                                 f"needed, in the models' order (alignment.discover_all(models, example))")
     if precision not in PRECISIONS:
         raise InvalidOptionError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if positions_per_image is not None and (isinstance(positions_per_image, bool)
                                             or not isinstance(positions_per_image, int) or positions_per_image < 1):
         raise InvalidOptionError(f"positions_per_image must be a positive integer or None, got {positions_per_image!r}")
     t0 = time.perf_counter()
+    if check:
+        check_inputs(models, first_batch(data)[:2])
     dev = torch.device(device) if device is not None else model_device(models[0])
     runs = runnable(models, dev)  # the same object twice (a model fused with itself) needs its own hooks
     names = list(spaces) if spaces is not None else [s.name for s in graphs[0].spaces if s.observations]
@@ -684,6 +702,31 @@ def collect(
         warnings.warn(msg, FallbackWarning, stacklevel=3)
     stats.seconds = time.perf_counter() - t0
     return stats
+
+
+def check_inputs(models: Sequence[nn.Module], sample: torch.Tensor) -> list[int | None]:
+    """Run every model on ``sample`` (each on its own device, in eval mode, without gradients; modes
+    restored) and return the size of each one's output along its last axis (None where the output
+    is no tensor with axes; a ``logits`` attribute or the first of a tuple is read).
+
+    Raises:
+        CalibrationError: naming the first model that cannot take the sample, its shape and why.
+    """
+    sizes = []
+    for i, m in enumerate(models):
+        dev = next((t.device for t in m.parameters()), torch.device("cpu"))
+        try:
+            with modes([m]), torch.no_grad():
+                out = m(sample.to(dev))
+        except Exception as exc:  # the model cannot take this input: say which and with what shape
+            first = (str(exc).splitlines() or [""])[0][:200]
+            raise CalibrationError(f"model {i} ({type(m).__name__}) fails on calibration inputs of shape "
+                                   f"{tuple(sample.shape)} ({type(exc).__name__}: {first}); give inputs the model "
+                                   f"accepts") from None
+        out = getattr(out, "logits", out)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        sizes.append(int(out.shape[-1]) if isinstance(out, torch.Tensor) and out.dim() else None)
+    return sizes
 
 
 def _pair_points(per_model: list[list[Observation]]) -> list[list[Observation]]:

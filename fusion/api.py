@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from alignment.discover import discover, discover_all, same_structure
-from alignment.errors import CalibrationError, FallbackWarning, FusionWarning, InvalidOptionError
+from alignment.errors import CalibrationError, FallbackWarning, FusionWarning, InvalidOptionError, SpaceMismatchError
 from alignment.graph import Graph
 from alignment.maps import SpaceMap, correct_query_key, plan_maps
 from alignment.methods import METHODS, MatchContext, MatchResult, match
@@ -161,7 +161,8 @@ class Alignment:
         """Per-space merge/unmerge maps for interpolation weights ``alpha``."""
         alpha = check_alpha(alpha, len(self.models), normalize=False)
         tg = self.target_graph if self.target_graph is not None else self.graphs[0]
-        maps = {s.name: plan_maps([p[s.name] for p in self.result.plans], alpha) for s in tg.spaces if s.members}
+        maps = {s.name: _space_maps(s.name, [p[s.name] for p in self.result.plans], alpha)
+                for s in tg.spaces if s.members}
         return correct_query_key(maps, self.graphs, alpha)
 
     def apply(self, alpha: Sequence[float] | float | None = None, heads: str | None = None) -> nn.Module:
@@ -251,6 +252,14 @@ class Alignment:
         fused = ctx.fused.to(model_device(self.models[0]))
         fused.fusion_report = report
         return fused
+
+
+def _space_maps(name: str, plans: Sequence[Any], alpha: Sequence[float]) -> SpaceMap:
+    """:func:`plan_maps` of one space, its errors naming the space."""
+    try:
+        return plan_maps(plans, alpha)
+    except (SpaceMismatchError, InvalidOptionError) as exc:
+        raise type(exc)(f"space {name!r}: {exc}") from None
 
 
 def _warn_unnormalised(weights: Sequence[float]) -> None:
@@ -436,7 +445,8 @@ def align(
                 raise CalibrationError(f"method {method!r} needs calibration data for activation statistics")
             t1 = time.perf_counter()
             cached["stats"] = collect(models, graphs, calibration, device=dev, progress=progress, points=points,
-                                      pairs=pairs, positions_per_image=positions_per_image, seed=seed)
+                                      pairs=pairs, positions_per_image=positions_per_image, seed=seed,
+                                      check=False)  # (check_calibration has run every model on the data)
             cached["pairs"] = pairs
             report.seconds["collect"] = report.seconds.get("collect", 0.0) + time.perf_counter() - t1
             report.calibration_samples = cached["stats"].samples

@@ -19,6 +19,7 @@ from torch import nn
 from alignment.errors import CalibrationError, FusionError, InvalidOptionError
 from alignment.runner import (all_finite, batch_input, check_data, dropped_note, first_batch, has_nan, loader_samples,
                               model_dtype, modes)
+from alignment.statistics import check_inputs
 from alignment.structure import RowPlan
 
 __all__ = ["ModelError", "NonFiniteError", "model_list", "check_models", "check_alpha", "check_calibration", "check_device",
@@ -203,21 +204,7 @@ def check_calibration(data: Any, models: Sequence[nn.Module], heads: str | None 
     if not all_finite(whole):
         where = "the calibration tensor" if isinstance(data, torch.Tensor) else "the first calibration batch"
         raise CalibrationError(f"{where} holds non-finite values (NaN or inf); clean the data first")
-    sample = x[:2]
-    sizes = []
-    for i, m in enumerate(models):
-        dev = next((t.device for t in m.parameters()), torch.device("cpu"))
-        try:
-            with modes([m]), torch.no_grad():
-                out = m(sample.to(dev))
-        except Exception as exc:  # the model cannot take this input: say which and with what shape
-            first = (str(exc).splitlines() or [""])[0][:200]
-            raise CalibrationError(f"model {i} ({type(m).__name__}) fails on calibration inputs of shape "
-                                   f"{tuple(sample.shape)} ({type(exc).__name__}: {first}); give inputs the model "
-                                   f"accepts") from None
-        out = getattr(out, "logits", out)
-        out = out[0] if isinstance(out, (tuple, list)) else out
-        sizes.append(int(out.shape[-1]) if isinstance(out, torch.Tensor) and out.dim() else None)
+    sizes = check_inputs(models, x[:2])  # (the check alignment.statistics.collect runs alone)
     if heads == "merged" and len(set(sizes)) > 1:
         from .engine import HeadsError
 

@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from alignment.errors import FusionError, SpaceMismatchError
+from alignment.errors import FusionError, InvalidOptionError, SpaceMismatchError
 from alignment.graph import Graph
 from alignment.maps import SpaceMap, axis_roles, fuse_tensors, map_tensor
 from alignment.permute import (
@@ -111,8 +111,17 @@ def apply_maps(
     Raises:
         HeadsError: ``heads="separate"`` on a model without a classifier (a layer whose output axis
             is the model output), or an unknown ``heads``.
+        SpaceMismatchError: not one graph per model, or maps that do not fit the models.
+        InvalidOptionError: not one interpolation weight per model.
     """
+    models = list(models)
+    if len(graphs) != len(models):
+        raise SpaceMismatchError(f"apply_maps got {len(models)} model(s) and {len(graphs)} graph(s): give one graph per "
+                                 f"model, in the models' order (alignment.discover_all(models, example))")
     alpha = list(alpha) if alpha is not None else [1.0 / len(models)] * len(models)
+    if len(alpha) != len(models):
+        raise InvalidOptionError(f"apply_maps got {len(alpha)} interpolation weight(s) (alpha) for {len(models)} "
+                                 f"models: give one weight per model")
     norms = weight_norms(models[0])
     tensors = [effective_weights(model_tensors(m), norms) for m in models]
     check_heads(heads)

@@ -20,12 +20,13 @@ import torch
 from torch import nn
 
 from alignment.errors import InvalidOptionError
-from alignment.methods import METHODS
+from alignment.methods import CALL_KEYWORDS, METHODS
 from alignment.runner import plain_precision
 
 from .api import Alignment, ModelError, align
 from .experiments.evaluate import evaluate_loss_and_accuracy
 from .io import check_output_folder, write_files
+from .refine import REFINEMENTS
 from .repair import REPAIRS
 
 __all__ = ["default_alphas", "interpolation_curve", "interpolation_report", "plot_curves"]
@@ -59,6 +60,9 @@ def interpolation_curve(
     repair: str = "auto",
     device: str | torch.device | None = None,
     progress: bool = False,
+    refine: str = "none",
+    repair_options: dict[str, Any] | None = None,
+    refine_options: dict[str, Any] | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Loss and accuracy of the fused model ``(1 - alpha) * A + alpha * B`` along ``alphas``.
@@ -74,20 +78,27 @@ def interpolation_curve(
             ``"repair"``, applied at every point.
         device: where to align, repair and evaluate (default: the models' device).
         progress: show progress bars while collecting statistics.
-        **options: passed on to :func:`fusion.align` (``seed`` and method options).
+        refine: a refinement run at every point before the repair (``"none"`` or ``"lstsq"``; see
+            :meth:`fusion.api.Alignment.build`).
+        repair_options, refine_options: options of the repair and the refinement (checked before
+            any work), as in :func:`fusion.fuse`.
+        **options: passed on to :func:`fusion.align` (``seed`` and method options). The weights are
+            the curve's own (``alphas``): ``alpha`` and ``normalize`` are refused.
 
     Returns:
-        ``{"method", "repair", "alphas", "accuracy", "loss", "barrier_accuracy", "barrier_loss",
+        ``{"method", "repair", "refine", "alphas", "accuracy", "loss", "barrier_accuracy", "barrier_loss",
         "endpoints", "seconds"}``. The barriers are the largest drop of the curve below the straight
         line between its endpoints (accuracy) and the largest rise above it (loss). The endpoints are
         the curve's values at alpha 0 and 1 when ``alphas`` contains them, otherwise the source
         models evaluated as they are.
     """
-    _check(models, repair, alphas)
+    build = _check(models, repair, alphas, refine, repair_options, refine_options)
+    _refuse_build_keywords(options)
     models = _distinct(models)
     t0 = time.perf_counter()
     al = align(models, calibration, method=method, device=device, progress=progress, **options)
-    return _curve(al, models, calibration, data, alphas, method, repair, device, time.perf_counter() - t0, progress)
+    return _curve(al, models, calibration, data, alphas, method, repair, device, time.perf_counter() - t0, progress,
+                  **build)
 
 
 def _distinct(models: Sequence[nn.Module]) -> list[nn.Module]:
@@ -117,11 +128,27 @@ def _method_options(methods: Sequence[str], options: dict[str, Any]) -> dict[str
     return out
 
 
-def _check(models: Sequence[nn.Module], repair: str, alphas: Sequence[float] | None = None) -> None:
+def _check(models: Sequence[nn.Module], repair: str, alphas: Sequence[float] | None = None, refine: str = "none",
+           repair_options: dict[str, Any] | None = None, refine_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Check a curve's arguments; returns the keywords of every point's :meth:`Alignment.build`
+    besides the weights and the repair."""
     if len(models) != 2:
         raise ModelError(f"an interpolation curve is between two models, got {len(models)}")
-    REPAIRS.validate(repair, {})
+    REPAIRS.validate(repair, dict(repair_options or {}))
+    REFINEMENTS.validate(refine, dict(refine_options or {}))
     _alphas(alphas)
+    return {"refine": refine, "repair_options": repair_options, "refine_options": refine_options}
+
+
+def _refuse_build_keywords(options: dict[str, Any]) -> None:
+    """Refuse keywords of :func:`fusion.fuse` that a curve does not take (before: each was passed
+    to :func:`fusion.align` and refused as an option the method does not have)."""
+    takes = set(inspect.signature(align).parameters) | {"repair", "refine", "repair_options", "refine_options"}
+    for k in options:
+        if k in CALL_KEYWORDS and k not in takes:
+            hint = ("the curve sets the weights itself: give alphas=[...] (the second model's weight at each point)"
+                    if k in ("alpha", "normalize") else "drop it")
+            raise InvalidOptionError(f"an interpolation curve takes no option {k!r} (a keyword of fusion.fuse); {hint}")
 
 
 def _alphas(alphas: Sequence[float] | None) -> list[float]:
@@ -142,8 +169,10 @@ def _alphas(alphas: Sequence[float] | None) -> list[float]:
 
 def _curve(al: Alignment, models: Sequence[nn.Module], calibration: Any, data: Any,
            alphas: Sequence[float] | None, method: str, repair: str,
-           device: str | torch.device | None, align_seconds: float, progress: bool = False) -> dict[str, Any]:
-    """The curve of an existing alignment (``seconds`` includes ``align_seconds``)."""
+           device: str | torch.device | None, align_seconds: float, progress: bool = False, refine: str = "none",
+           repair_options: dict[str, Any] | None = None, refine_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The curve of an existing alignment (``seconds`` includes ``align_seconds``); every point is
+    built with ``refine`` and the options."""
     alphas = _alphas(alphas)
     t0 = time.perf_counter()
     accs: list[float] = []
@@ -155,7 +184,8 @@ def _curve(al: Alignment, models: Sequence[nn.Module], calibration: Any, data: A
         steps = tqdm(alphas, desc=f"{method} + {repair} along alpha", total=len(alphas), leave=False)
     for a in steps:
         weights = [1.0 - a, a]
-        fused = al.build(weights, repair=repair)
+        fused = al.build(weights, repair=repair, refine=refine, repair_options=repair_options,
+                         refine_options=refine_options)
         res = evaluate_loss_and_accuracy(fused, data, device=device)
         accs.append(float(res["accuracy"]))
         losses.append(float(res["loss"]))
@@ -174,6 +204,7 @@ def _curve(al: Alignment, models: Sequence[nn.Module], calibration: Any, data: A
     return {
         "method": method,
         "repair": repair,
+        "refine": refine,
         "alphas": alphas,
         "accuracy": accs,
         "loss": losses,
@@ -202,7 +233,8 @@ def _plot_png(curves: Sequence[dict[str, Any]]) -> bytes:
     FigureCanvasAgg(fig)
     ax_acc, ax_loss = fig.subplots(1, 2)
     for c in curves:
-        label = f"{c['method']} + {c['repair']}"
+        refine = c.get("refine", "none")
+        label = f"{c['method']}{f' + {refine}' if refine != 'none' else ''} + {c['repair']}"
         ax_acc.plot(c["alphas"], [100 * a for a in c["accuracy"]], marker="o", label=label)
         ax_loss.plot(c["alphas"], c["loss"], marker="o", label=label)
     ax_acc.set(xlabel="alpha (weight of model B)", ylabel="accuracy (%)", title="Accuracy")
@@ -238,6 +270,9 @@ def interpolation_report(
     device: str | torch.device | None = None,
     progress: bool = False,
     overwrite: bool = False,
+    refine: str = "none",
+    repair_options: dict[str, Any] | None = None,
+    refine_options: dict[str, Any] | None = None,
     **options: Any,
 ) -> list[dict[str, Any]]:
     """Interpolation curves for every (method, repair) pair, optionally written to a folder.
@@ -254,6 +289,8 @@ def interpolation_report(
             Checked before any work; both files are written all or nothing.
         overwrite: replace ``interpolation.json`` / ``interpolation.png`` when ``out`` holds them
             (default: refuse with :class:`fusion.io.OutputExistsError` before any work).
+        refine, repair_options, refine_options: see :func:`interpolation_curve` (every curve's;
+            ``repair_options`` must suit every repair in ``repairs``).
 
     Returns:
         The list of curve dicts, methods outer, repairs inner. Each method is aligned once and its
@@ -263,7 +300,8 @@ def interpolation_report(
     if not methods or not repairs:
         raise InvalidOptionError(f"give at least one method and one repair (got methods={methods}, repairs={repairs})")
     for r in repairs:
-        _check(models, r, alphas)
+        build = _check(models, r, alphas, refine, repair_options, refine_options)
+    _refuse_build_keywords(options)
     per_method = _method_options(methods, options)
     if out is not None:
         check_output_folder(out, (JSON_NAME, PLOT_NAME), overwrite)
@@ -274,7 +312,7 @@ def interpolation_report(
         al = align(models, calibration, method=m, device=device, progress=progress, **per_method[m])
         dt = time.perf_counter() - t0
         for r in repairs:
-            curves.append(_curve(al, models, calibration, data, alphas, m, r, device, dt, progress))
+            curves.append(_curve(al, models, calibration, data, alphas, m, r, device, dt, progress, **build))
     if out is not None:
         write_files(out, {JSON_NAME: (json.dumps(_json_safe(curves), indent=1) + "\n").encode(),
                           PLOT_NAME: _plot_png(curves)})

@@ -81,3 +81,56 @@ def test_model_dtype_is_the_first_floating_parameter_dtype():
     assert model_dtype(holder, wide) == torch.float64
     assert model_dtype(nn.Linear(2, 2).bfloat16()) == torch.bfloat16
     assert model_dtype(holder) == torch.float32 and model_dtype(holder, default=None) is None
+
+
+def test_map_stage_functions_raise_fusion_errors_that_name_the_argument():
+    """Guards: every public map function refuses bad arguments with a FusionError naming them (a
+    ValueError where it raised one before): ``plan_maps([], [])`` and a 1-D plan (before: IndexError),
+    SpaceMap shapes and counts, ``fuse_tensors`` / ``apply_maps`` with too few graphs or weights
+    (before: a bare ValueError), a selection index out of range (before: IndexError; a negative one
+    wrapped around silently) and a "permutation" that repeats a feature (before: accepted)."""
+    from alignment.errors import FusionError, InvalidOptionError, PermutationError
+    from alignment.maps import fuse_tensors, plan_maps, selection_map
+    from alignment.permute import model_tensors
+
+    model = TinyMLP(width=4).eval()
+    x = torch.randn(2, 1, 8, 8)
+    graph = discover(model, x)
+    maps = {"fc1": permutation_map([torch.arange(4), torch.arange(4)], [0.5, 0.5])}
+    cases = [
+        (lambda: plan_maps([], []), SpaceMismatchError, "no plans"),
+        (lambda: plan_maps([torch.ones(4)], [1.0]), SpaceMismatchError, r"plan 0 has shape \(4,\)"),
+        (lambda: SpaceMap([torch.eye(3)], [torch.eye(4)]), SpaceMismatchError, "do not fit"),
+        (lambda: SpaceMap([torch.eye(3)], []), SpaceMismatchError, "1 merge and 0 unmerge"),
+        (lambda: SpaceMap([torch.eye(3), torch.ones(2, 3)], [torch.eye(3), torch.ones(3, 2)]), SpaceMismatchError,
+         "fused width"),
+        (lambda: fuse_tensors([model_tensors(model)], [graph, graph], maps, [0.5, 0.5]), SpaceMismatchError,
+         "one graph per model"),
+        (lambda: fuse_tensors([model_tensors(model)] * 2, [graph, graph], maps, [1.0]), InvalidOptionError,
+         "one weight per model"),
+        (lambda: apply_maps([model, model], [graph], maps), SpaceMismatchError, "2 model.*1 graph"),
+        (lambda: apply_maps([model, model], [graph, graph], maps, alpha=[1.0]), InvalidOptionError, "alpha"),
+        (lambda: permutation_map([torch.tensor([0, 0, 1])], [1.0]), PermutationError, "not a permutation"),
+        (lambda: permutation_map([torch.tensor([0.5, 1.0])], [1.0]), PermutationError, "integer"),
+        (lambda: selection_map(torch.tensor([0, 5]), 3), PermutationError, r"index 5 .* 0\.\.2"),
+        (lambda: selection_map(torch.tensor([-1, 0]), 3), PermutationError, "index -1"),
+    ]
+    for fn, error, message in cases:
+        with pytest.raises(error, match=message) as info:
+            fn()
+        assert isinstance(info.value, (FusionError, ValueError)) and isinstance(info.value, ValueError), message
+
+
+def test_plan_maps_reads_sparse_numpy_integer_and_list_plans_as_the_dense_plan():
+    """Guards: plans given as a sparse tensor (before: NotImplementedError from a sparse kernel), a
+    numpy array, an integer or boolean tensor, or nested lists give the maps of the float64 matrix."""
+    from alignment.maps import plan_maps, permutation_plan
+
+    P = permutation_plan(torch.tensor([2, 0, 3, 1]))
+    Q = permutation_plan(torch.tensor([4, 1, 0, 2]), 6)
+    want = plan_maps([P, Q], [0.3, 0.7])
+    for form in (lambda T: T.to_sparse(), lambda T: T.numpy(), lambda T: T.long(), lambda T: T.bool(),
+                 lambda T: T.tolist()):
+        got = plan_maps([form(P), form(Q)], [0.3, 0.7])
+        for a, b in zip(want.merge + want.unmerge, got.merge + got.unmerge):
+            assert torch.equal(a, b)

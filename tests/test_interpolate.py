@@ -209,3 +209,36 @@ def test_a_report_checks_every_method_and_option_before_any_curve(monkeypatch):
                                      alphas=[0.0, 1.0], iterations=1, seed=3)
     assert [c["method"] for c in curves] == ["average", "permute"]
     assert seen == [("average", ["device", "progress", "seed"]), ("permute", ["device", "iterations", "progress", "seed"])]
+
+
+def test_a_curve_takes_refine_and_repair_options_and_refuses_fuse_weights():
+    """Guards: ``refine``, ``repair_options`` and ``refine_options`` reach every point's build (a
+    curve's point is the model fuse builds with them) and are checked before any work; ``alpha``
+    (a fuse keyword) is refused as one the curve does not take (before: all were refused as
+    "method 'permute' has no option ...")."""
+    import fusion
+    from alignment.errors import InvalidOptionError
+
+    models, x = _pair("mlp")
+    cal = torch.randn(32, *x.shape[1:], generator=torch.Generator().manual_seed(4))
+    data = _data(x.shape, n=32)
+    c = interpolation_curve(models, cal, data, alphas=[0.5], method="permute", repair="none", refine="lstsq",
+                            refine_options={"ridge": 1e-3})
+    fused = fusion.fuse(models, cal, method="permute", alpha=0.5, repair="none", refine="lstsq",
+                        refine_options={"ridge": 1e-3})
+    assert c["refine"] == "lstsq"
+    assert c["loss"][0] == pytest.approx(float(evaluate_loss_and_accuracy(fused, data)["loss"]), rel=1e-6)
+    from alignment.errors import UnknownNameError
+
+    for bad, error, message in (({"repair_options": {"eps": 1e-3}}, InvalidOptionError,
+                                 "repair 'none' has no option 'eps'"),
+                                ({"refine": "nope"}, UnknownNameError, "unknown refinement 'nope'"),
+                                ({"alpha": 0.3}, InvalidOptionError,
+                                 "interpolation curve takes no option 'alpha'.*alphas=")):
+        with pytest.raises(error, match=message):
+            interpolation_curve(models, cal, data, alphas=[0.0, 1.0], method="permute", repair="none", **bad)
+    with pytest.raises(InvalidOptionError, match="takes no option 'normalize'"):
+        interpolation_report(models, cal, data, methods=("permute",), repairs=("none",), normalize=False)
+    curves = interpolation_report(models, cal, data, methods=("permute",), repairs=("none",), alphas=[0.5],
+                                  refine="lstsq", refine_options={"ridge": 1e-3})
+    assert curves[0]["refine"] == "lstsq" and curves[0]["loss"] == pytest.approx(c["loss"])

@@ -768,3 +768,128 @@ def test_an_ot_anchor_beyond_the_models_is_refused_by_the_options_check(monkeypa
     reg.validate("full", {"r": 0.25}, models=3)
     reg.validate("plain", {"n": 2}, models=3)
     assert seen == [({"n": 1, "r": 0.25}, frozenset({"r"}), 3), {"n": 2}]
+
+
+def test_a_custom_methods_result_is_checked_and_its_plans_converted():
+    """Guards: what a registered method returns is checked once, in ``match``, with errors naming the
+    method, model and space (before: a KeyError in Alignment.maps for a missing space, an
+    AttributeError for a list returned or numpy plans, a NotImplementedError for sparse plans);
+    numpy, nested-list, sparse and integer plans give the fused weights of the dense float64 plans,
+    and built-in methods' plans come back as the very objects the method made."""
+    from alignment.errors import MethodResultError, SpaceMismatchError
+    from alignment.methods import MatchContext, MatchResult, get_method, match
+
+    def base(ctx):
+        return get_method("permute")(ctx)
+
+    def first(r):
+        return sorted(r.plans[0])[0]
+
+    def missing(ctx):
+        r = base(ctx)
+        r.plans[1].pop(first(r))
+        return r
+
+    def narrow(ctx):
+        r = base(ctx)
+        k = first(r)
+        r.plans[1][k] = dense_plan(r.plans[1][k])[:, :-1]
+        return r
+
+    def one(ctx):
+        r = base(ctx)
+        r.plans = r.plans[:1]
+        return r
+
+    def converted(form):
+        def method(ctx):
+            r = base(ctx)
+            return MatchResult(plans=[{k: form(dense_plan(v)) for k, v in p.items()} for p in r.plans], costs=r.costs)
+        return method
+
+    registered = {
+        "result-test-missing": missing, "result-test-narrow": narrow, "result-test-one": one,
+        "result-test-list": lambda ctx: base(ctx).plans, "result-test-vector": converted(lambda T: T.argmax(1)),
+        "result-test-numpy": converted(lambda T: T.numpy()), "result-test-lists": converted(lambda T: T.tolist()),
+        "result-test-sparse": converted(lambda T: T.to_sparse()), "result-test-bool": converted(lambda T: T.bool()),
+        "result-test-float32": converted(lambda T: T.float()),
+    }
+    for name, fn in registered.items():
+        alignment.methods.register_method(name)(fn)
+    try:
+        a, x = build("mlp", seed=0)
+        b, _ = build("mlp", seed=1)
+        space = discover(a, x).spaces[0].name
+        refused = {
+            "result-test-missing": rf"method 'result-test-missing' gave model 1 no plan for space\(s\) \['{space}'\]",
+            "result-test-narrow": rf"method 'result-test-narrow': the plan of space '{space}' for model 1 has shape",
+            "result-test-one": r"method 'result-test-one' returned 1 plan dict\(s\) for 2 models",
+            "result-test-list": r"method 'result-test-list' returned a list, not an alignment.methods.MatchResult",
+            "result-test-vector": rf"method 'result-test-vector': the plan of space '{space}' for model 0 has shape",
+        }
+        for name, message in refused.items():
+            with pytest.raises(MethodResultError, match=message) as info:
+                fusion.fuse([a, b], x, method=name, repair="none")
+            assert isinstance(info.value, SpaceMismatchError)
+        want = fusion.fuse([a, b], x, method="permute", repair="none").state_dict()
+        for name in ("result-test-numpy", "result-test-lists", "result-test-sparse", "result-test-bool",
+                     "result-test-float32"):
+            al = fusion.align([a, b], x, method=name)
+            assert all(isinstance(T, torch.Tensor) and T.layout == torch.strided and T.is_floating_point()
+                       for p in al.plans for T in p.values()), name
+            got = al.build(repair="none").state_dict()
+            assert all(torch.equal(want[k], got[k]) for k in want), name
+        # a built-in method's plans are returned as they are (no copy, no conversion)
+        graphs = alignment.discover_all([a, b], x)
+        made = []
+        real = get_method("average")
+
+        def spy(ctx):
+            r = real(ctx)
+            made.append(r.plans)
+            return r
+        alignment.methods.register_method("result-test-spy")(spy)
+        got = match(MatchContext([a, b], graphs, [0.5, 0.5]), "result-test-spy").plans
+        assert all(got[i][k] is made[0][i][k] for i in range(2) for k in made[0][i])
+    finally:
+        for name in list(registered) + ["result-test-spy"]:
+            METHODS._entries.pop(name, None)
+
+
+def test_match_seconds_leave_out_statistics_collection():
+    """Guards: ``MatchResult.seconds`` is the time of matching alone, as documented (before: match
+    timed the whole call, and statistics are collected lazily inside it); the collection time is
+    ``MatchContext.collect_seconds``."""
+    import time
+
+    from alignment.methods import MatchContext, MatchResult, match
+
+    a, x = build("mlp", seed=0)
+    b, _ = build("mlp", seed=1)
+    graphs = alignment.discover_all([a, b], x)
+    stats = collect([a, b], graphs, x)
+
+    @alignment.methods.register_method("seconds-test")
+    def _reads_statistics(ctx):
+        ctx.stats()  # (all the time of this method is in collecting)
+        return MatchResult(plans=[{s.name: torch.eye(s.width, dtype=torch.float64) for s in g.spaces if s.members}
+                                  for g in ctx.graphs])
+
+    def slow(pairs=None):
+        time.sleep(0.5)
+        return stats
+    try:
+        ctx = MatchContext([a, b], graphs, [0.5, 0.5], statistics=slow)
+        result = match(ctx, "seconds-test")
+        assert ctx.collect_seconds >= 0.5
+        assert 0 <= result.seconds < 0.25
+    finally:
+        METHODS._entries.pop("seconds-test", None)
+
+
+def test_discover_all_is_exported_from_alignment():
+    """Guards: the README's ``alignment.discover_all`` exists (before: only alignment.discover.discover_all)."""
+    import sys
+
+    assert "discover_all" in alignment.__all__ and "MethodResultError" in alignment.__all__
+    assert alignment.discover_all is sys.modules["alignment.discover"].discover_all

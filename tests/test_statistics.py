@@ -476,3 +476,32 @@ def test_positions_per_image_are_drawn_per_image_in_sequence_first_tensors_or_re
     flat = next(s.name for s in g.spaces if any(o.module == "flat" and o.io == "input" for o in s.observations))
     assert {c for n, c in counts if n == flat} == {16 * 4}
     assert any("'flat'" in n for n in stats.notes)
+
+
+def test_collect_alone_checks_its_graphs_and_data():
+    """Guards: the statistics stage called on its own refuses too few graphs with "one graph per
+    model" (before: "observation point 0 ... did not fire"), and data a model cannot take with the
+    CalibrationError that fuse gives, naming the model (before: torch's raw RuntimeError)."""
+    from alignment import discover_all
+    from alignment.errors import CalibrationError, SpaceMismatchError
+
+    a, x = build("mlp", seed=0)
+    b, _ = build("mlp", seed=1)
+    graphs = discover_all([a, b], x)
+    cal = torch.randn(8, *x.shape[1:], generator=torch.Generator().manual_seed(3))
+    with pytest.raises(SpaceMismatchError, match="collect got 2 model.* and 1 graph.*one graph per model is needed"):
+        collect([a, b], graphs[:1], cal)
+    with pytest.raises(CalibrationError, match=r"model 0 \(TinyMLP\) fails on calibration inputs of shape \(2, 3, 5, 5\)"):
+        collect([a, b], graphs, torch.randn(4, 3, 5, 5))
+    assert collect([a, b], graphs, [cal[:4], cal[4:]]).samples == 8
+
+
+def test_statistics_merge_refuses_what_is_no_statistics():
+    """Guards: ``Statistics.merge(None)`` is an InvalidOptionError naming the type (before: AttributeError)."""
+    from alignment import discover_all
+    from alignment.errors import InvalidOptionError
+
+    a, x = build("mlp", seed=0)
+    stats = collect([a], discover_all([a], x), x)
+    with pytest.raises(InvalidOptionError, match="Statistics.merge takes another Statistics.*got NoneType"):
+        stats.merge(None)
