@@ -28,6 +28,7 @@ __all__ = [
     "parse_width",
     "parse_kwargs",
     "parse_options",
+    "import_modules",
 ]
 
 EPILOG_SPACES = """\b
@@ -61,6 +62,9 @@ Example:
       --kwargs '{"in_chans": 1}' --num-classes 10 --out runs/r18.safetensors
   fusion fuse timm:resnet18 timm:resnet18 --checkpoint a.pt --checkpoint b.pt \\
       --data torchvision:CIFAR10 --data-root ~/data --image-size 32 --out runs/cifar.safetensors
+  fusion fuse r18w32-s0 r18w32-s1 --zoo ../shared/zoo --repair repair --repair-option eps=1e-4 --out runs/r.safetensors
+  fusion --import myplugins fuse r18w32-s0 r18w32-s1 --zoo ../shared/zoo --method my_method \\
+      --repair my_repair --out runs/mine.safetensors    # methods and repairs myplugins registers
 """
 EPILOG_COMPRESS = """\b
 Example:
@@ -78,6 +82,7 @@ Example:
 EPILOG_METHODS = """\b
 Example:
   fusion methods
+  fusion --import myplugins methods     # with the methods, repairs and refinements myplugins registers
 """
 
 
@@ -107,6 +112,101 @@ class _FusionGroup(click.Group):
         except FusionError as exc:
             lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
             raise _OneLineError(" ".join(lines) or type(exc).__name__) from exc
+
+
+# ---------------------------------------------------------------------------
+# User code: --import and the modules of module:function specs
+# ---------------------------------------------------------------------------
+
+
+_MODULE_NAME = r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*"
+
+
+def import_modules(names: Sequence[str]) -> None:
+    """``fusion --import MODULE``: imports each module (in order), e.g. one that registers methods,
+    repairs or refinements of its own, before the command runs.
+
+    Raises:
+        OptionValueError: for a name that is no module name, a module that cannot be found or
+            fails to import (naming it), or a FusionError its import raises (e.g. a registration
+            refused).
+    """
+    import importlib
+    import re
+
+    for name in names:
+        name = name.strip()
+        if re.fullmatch(_MODULE_NAME, name) is None:
+            raise OptionValueError(f"--import {name!r} is not a module name: give a dotted Python module name such as "
+                                   f"myplugins or mypackage.plugins (not a file path or module:function)")
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name and (name == exc.name or name.startswith(exc.name + ".")):
+                raise OptionValueError(f"--import {name}: no module named {exc.name!r} (is its folder on the Python "
+                                       f"path? e.g. PYTHONPATH=. for a module in the current folder)") from None
+            raise OptionValueError(f"--import {name}: importing it failed: {exc}") from exc
+        except ImportError as exc:
+            raise OptionValueError(f"--import {name}: importing it failed: {exc}") from exc
+        except FusionError as exc:
+            raise OptionValueError(f"--import {name}: {' '.join(str(exc).split())}") from exc
+
+
+def _import_spec_module(spec: str):
+    """The module of a ``module:function`` MODELS spec, imported (the function is not called).
+
+    Raises:
+        click.BadParameter: when it cannot be imported."""
+    import importlib
+
+    module, _, name = spec.partition(":")
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise click.BadParameter(f"{spec}: cannot import {name!r} from {module!r} ({exc})", param_hint="MODELS")
+
+
+def _import_user_modules(specs: Sequence[str], data_spec: str | None) -> None:
+    """Imports (without calling anything) the modules that ``module:function`` MODELS and ``--data``
+    specs name, so that what they register (methods, repairs, refinements) is known when the
+    options are checked, before any work.
+
+    Raises:
+        click.BadParameter: a MODELS module that cannot be imported.
+        fusion.experiments.data.UnknownDatasetError: a --data module that cannot be imported (or a
+            --data spec of no accepted form); both as the later loading would say.
+    """
+    import importlib
+
+    for spec in specs:
+        if _is_function_spec(spec):
+            _import_spec_module(spec)
+    if data_spec is None:
+        return
+    from .experiments.data import _unknown_spec, parse_dataset_spec
+
+    parsed = parse_dataset_spec(data_spec)
+    if parsed.kind == "function":
+        module = parsed.target.partition(":")[0]
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise _unknown_spec(parsed.target, f"module {module!r} cannot be imported: {exc}") from exc
+
+
+def _check_registered(registry, name: str, option: str, command: str) -> None:
+    """``name`` is registered in ``registry`` (methods, repairs, refinements); else the registry's
+    error, listing the registered names and how to make a name of one's own available.
+
+    Raises:
+        alignment.errors.UnknownNameError: (the registry's subclass) for a name not registered.
+    """
+    if isinstance(name, str) and name in registry:
+        return
+    raise registry.error(f"unknown {registry.kind} {name!r} ({option}); registered: {', '.join(registry.names())}; "
+                         f"for a {registry.kind} of your own, import the module that registers it with "
+                         f"`fusion --import MODULE {command} ...` (or register it in the module of a "
+                         f"module:function MODELS or --data spec)")
 
 
 # ---------------------------------------------------------------------------
@@ -233,14 +333,12 @@ def _is_function_spec(spec: str) -> bool:
 def _models_from_function(spec: str) -> list:
     """``module:function`` returning a model, a list of models, or ``(model, arch)`` pairs (``arch``: the
     constructor spec that rebuilds it, see :func:`fusion.io.build_model`; transformers models need none)."""
-    import importlib
-
     from .io import ModelSpec, _check_arch
 
     module, _, name = spec.partition(":")
     try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as exc:
+        fn = getattr(_import_spec_module(spec), name)
+    except AttributeError as exc:
         raise click.BadParameter(f"{spec}: cannot import {name!r} from {module!r} ({exc})", param_hint="MODELS")
     got = fn()
     items = list(got) if isinstance(got, (list, tuple)) and not (len(got) == 2 and isinstance(got[1], dict)) else [got]
@@ -342,12 +440,13 @@ def parse_kwargs(text: str | None) -> dict:
     return value
 
 
-def parse_options(items) -> dict:
-    """``key=value`` pairs; values are parsed as JSON when they can be (numbers, booleans...)."""
+def parse_options(items, option: str = "--option") -> dict:
+    """``key=value`` pairs; values are parsed as JSON when they can be (numbers, booleans...).
+    ``option``: the command-line option they came from (named in the error for an item without ``=``)."""
     out = {}
     for item in items or ():
         if "=" not in item:
-            raise click.BadParameter(f"{item!r} is not key=value", param_hint="--option")
+            raise click.BadParameter(f"{item!r} is not key=value", param_hint=option)
         key, value = item.split("=", 1)
         try:
             out[key.strip()] = json.loads(value)
@@ -635,13 +734,23 @@ def _data_of(kw: dict) -> _DataOptions:
 
 @click.group(cls=_FusionGroup)
 @click.option("--quiet", is_flag=True, help="No progress bars (statistics, refinement, repair, evaluation).")
-def main(quiet: bool) -> None:
+@click.option("--import", "imports", multiple=True, metavar="MODULE",
+              help="Import MODULE before the command runs (repeatable; given before the command, e.g. `fusion "
+                   "--import myplugins fuse ...`): the methods, repairs and refinements it registers "
+                   "(register_method, register_repair, register_refinement) become valid --method, --repair, "
+                   "--refine (and interpolate --methods, --repairs) values and are listed by `fusion methods`.")
+def main(quiet: bool, imports: tuple[str, ...]) -> None:
     """Fuse independently trained vision models by aligning their hidden units.
+
+    Methods, repairs and refinements of your own: register them in a module and load it with
+    --import MODULE (the modules of module:function MODELS and --data specs are imported too,
+    before options are checked).
 
     Environment: FUSION_ZOO is the default --zoo folder (zoo names such as r18w32-s0 need one);
     FUSION_DATA_DIR the default Fashion-MNIST folder (else the Debian package's
     /usr/share/datasets/fashion-mnist).
     """
+    import_modules(imports)
 
 
 def _progress() -> bool:
@@ -739,8 +848,11 @@ def _fusion_options(fn):
         click.option("--out", required=True, help="Output .safetensors path (a .json sidecar is written next to it)."),
         click.option("--overwrite", is_flag=True, help="Replace existing output files (default: refuse, before any work)."),
         click.option("--repair", default="auto", show_default=True,
-                     type=click.Choice(["auto", "none", "reset_bn", "repair"]),
-                     help="Norm repair after fusing; auto: reset_bn where the model has BatchNorm layers, else none."),
+                     help="Norm repair after fusing: auto (reset_bn where the model has BatchNorm layers, else none), "
+                          "none, reset_bn, repair, or a repair registered with --import (`fusion methods` lists "
+                          "them)."),
+        click.option("--repair-option", "repair_options", multiple=True,
+                     help="Repair option key=value (repeatable), e.g. eps=1e-4 for --repair repair."),
         click.option("--target", "target_spec", default=None,
                      help="A model of the fused widths (zoo name, file, HF folder); only its architecture is used."),
         click.option("--width", "width", default=None, callback=_width_callback,
@@ -754,8 +866,9 @@ def _fusion_options(fn):
         click.option("--device", default=None, help="Device for statistics and repair (default cpu)."),
         click.option("--option", "options", multiple=True,
                      help="Method option key=value (repeatable), e.g. solver=sinkhorn or reg=0.05."),
-        click.option("--refine", default="none", show_default=True, type=click.Choice(["none", "lstsq"]),
-                     help="Refinement before the repair: lstsq refits every layer by least squares (PLeaS)."),
+        click.option("--refine", default="none", show_default=True,
+                     help="Refinement before the repair: none, lstsq (refits every layer by least squares, PLeaS), "
+                          "or a refinement registered with --import (`fusion methods` lists them)."),
         click.option("--refine-option", "refine_options", multiple=True,
                      help="Refinement option key=value (repeatable), e.g. ridge=1e-3 or inputs=merged."),
         click.option("--heads", default="merged", show_default=True, type=click.Choice(["merged", "separate"]),
@@ -771,8 +884,8 @@ def _fusion_options(fn):
 
 def _run_fusion(models, method, alphas, out, repair, target_spec, width, calibration_size, calibration_seed,
                 zoo_dir, seed, device, options, do_eval, test_limit, checkpoints, kwargs_json,
-                num_classes, refine="none", refine_options=(), budget=1.0, heads="merged", zip_until=None,
-                overwrite=False, command="fuse", **kw) -> None:
+                num_classes, refine="none", refine_options=(), repair_options=(), budget=1.0, heads="merged",
+                zip_until=None, overwrite=False, command="fuse", **kw) -> None:
     from . import fuse as fuse_fn
     from .io import (
         check_inputs_kept, check_output, library_form_paths, remove_stale_forms, resized_widths, save_model,
@@ -786,7 +899,9 @@ def _run_fusion(models, method, alphas, out, repair, target_spec, width, calibra
     if target_spec is not None and width is not None:
         raise click.UsageError("give --target or --width, not both")
     _check_budget(budget, width, target_spec)
-    refine_opts = _check_method_and_refinement(method, method_opts, refine, refine_options)
+    _import_user_modules(models, data.spec)  # (what they register is known to the checks below)
+    refine_opts = _check_method_and_refinement(method, method_opts, refine, refine_options, command)
+    repair_opts = _check_repair(repair, repair_options, command)
     if test_limit is not None and not do_eval:
         _warn(f"--test-limit {test_limit} has no effect without --eval (nothing is evaluated)")
     resolved = _resolve_all(models, zoo_dir, checkpoints, kwargs_json, num_classes)
@@ -817,7 +932,7 @@ def _run_fusion(models, method, alphas, out, repair, target_spec, width, calibra
     calibration = data.calibration(mods[0], entries, calibration_size, calibration_seed)
     fused = fuse_fn(mods, calibration, method=method, repair=repair, alpha=alpha, seed=seed, device=device,
                     target=target, width=width, progress=_progress(), refine=refine,
-                    refine_options=refine_opts, budget=budget, heads=heads,
+                    repair_options=repair_opts, refine_options=refine_opts, budget=budget, heads=heads,
                     zip_until=_cut_value(zip_until), **method_opts)
     fused = fused.to("cpu")
     report = fused.fusion_report
@@ -909,27 +1024,68 @@ def _check_budget(budget: float, width, target_spec) -> None:
                                f"it with {given}")
 
 
-def _check_method_and_refinement(method: str, method_opts: dict, refine: str, refine_options) -> dict:
-    """The method and its ``--option`` values, and the ``--refine-option`` values, checked before any
-    work (the API would refuse them only after models and data are loaded); returns the refinement
-    options as given.
+def _check_method_and_refinement(method: str, method_opts: dict, refine: str, refine_options,
+                                 command: str = "fuse") -> dict:
+    """The method and its ``--option`` values, and the refinement and its ``--refine-option`` values,
+    checked before any work (the API would refuse them only after models and data are loaded);
+    returns the refinement options as given.
 
     Raises:
-        OptionValueError: for a ``--refine-option`` without ``--refine lstsq`` (it would have no effect).
-        alignment.errors.InvalidOptionError: for an unknown method, or an option the method or the
-            refinement does not have (naming it and the options it has).
+        OptionValueError: for a ``--refine-option`` without a refinement that takes options (it would
+            have no effect).
+        alignment.errors.UnknownNameError: for a method or refinement not registered (listing those
+            that are, and how to load one's own: ``--import``).
+        alignment.errors.InvalidOptionError: for an option the method or the refinement does not
+            have (naming it and the options it has).
     """
     from alignment.methods import METHODS
 
     from .refine import REFINEMENTS
 
+    _check_registered(METHODS, method, "--method", command)
     METHODS.validate(method, method_opts)
-    opts = parse_options(refine_options)
-    if opts and refine == "none":
-        raise OptionValueError(f"--refine-option {next(iter(opts))} has no effect without a refinement (--refine is "
-                               f"none); pass --refine lstsq, or drop the option")
+    _check_registered(REFINEMENTS, refine, "--refine", command)
+    opts = parse_options(refine_options, "--refine-option")
+    _refuse_options_without_effect(REFINEMENTS, refine, opts, "--refine", "--refine-option", "a refinement")
     REFINEMENTS.validate(refine, opts)
     return opts
+
+
+def _check_repair(repair: str, repair_options, command: str = "fuse") -> dict:
+    """The repair (a registered one) and its ``--repair-option`` values, checked before any work;
+    returns the options as given.
+
+    Raises:
+        alignment.errors.UnknownNameError: for a repair not registered (listing those that are).
+        OptionValueError: for a ``--repair-option`` with a repair that takes no options (none, auto,
+            reset_bn: it would have no effect).
+        alignment.errors.InvalidOptionError: for an option the repair does not have, or a bad value.
+    """
+    from .repair import REPAIRS
+
+    _check_registered(REPAIRS, repair, "--repair", command)
+    opts = parse_options(repair_options, "--repair-option")
+    _refuse_options_without_effect(REPAIRS, repair, opts, "--repair", "--repair-option", "a repair")
+    REPAIRS.validate(repair, opts)
+    return opts
+
+
+def _refuse_options_without_effect(registry, name: str, opts: dict, option: str, option_flag: str,
+                                   what: str) -> None:
+    """Options given for a registered ``name`` (a repair, a refinement) that takes none would have no effect.
+
+    Raises:
+        OptionValueError: naming the first option and the names that take options."""
+    if not opts or registry.get(name).options:
+        return
+    taking = [n for n in registry.names() if registry.get(n).options]
+    instead = " or ".join(f"{option} {n}" for n in taking) if taking else f"{option} with options"
+    key = next(iter(opts))
+    if name == "none":
+        raise OptionValueError(f"{option_flag} {key} has no effect without {what} ({option} is none); pass "
+                               f"{instead}, or drop the option")
+    raise OptionValueError(f"{option_flag} {key} has no effect: {option} {name} takes no options; pass {instead}, "
+                           f"or drop the option")
 
 
 def _alpha_of(alphas: Sequence[float], n: int):
@@ -972,8 +1128,11 @@ def compress(model, method, budget, **kw) -> None:
 @click.option("--out", required=True, help="Folder for interpolation.json and interpolation.png.")
 @click.option("--overwrite", is_flag=True, help="Replace interpolation.json and interpolation.png in --out (default: "
                                                 "refuse, before any work).")
-@click.option("--methods", default="average,permute", show_default=True, help="Comma-separated fusion methods.")
-@click.option("--repairs", default="none,reset_bn", show_default=True, help="Comma-separated repairs (none, reset_bn, repair).")
+@click.option("--methods", default="average,permute", show_default=True,
+              help="Comma-separated fusion methods (registered ones: `fusion methods` lists them, --import adds "
+                   "yours).")
+@click.option("--repairs", default="none,reset_bn", show_default=True,
+              help="Comma-separated repairs (none, reset_bn, repair, or a repair registered with --import).")
 @click.option("--steps", type=int, default=11, show_default=True, help="Number of alphas from 0 to 1.")
 @click.option("--calibration-size", type=int, default=2000, show_default=True,
               help="Calibration images drawn from the train split of --data.")
@@ -993,20 +1152,28 @@ def interpolate(models, out, overwrite, methods, repairs, steps, calibration_siz
     Writes OUT/interpolation.json (the curves) and OUT/interpolation.png (accuracy and loss vs alpha).
     The test data uses the first model's classes.
     """
-    from .interpolate import JSON_NAME, PLOT_NAME, default_alphas, interpolation_report
+    from alignment.methods import METHODS
+
+    from .interpolate import JSON_NAME, PLOT_NAME, _method_options, default_alphas, interpolation_report
     from .io import check_output_folder
     from .repair import REPAIRS
 
     check_output_folder(out, (JSON_NAME, PLOT_NAME), overwrite)  # before any work
     data = _data_of(kw)
     method_opts = method_options(options)
+    _import_user_modules(models, data.spec)  # (what they register is known to the checks below)
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     repair_list = [r.strip() for r in repairs.split(",") if r.strip()]
-    bad = [r for r in repair_list if r not in REPAIRS]
-    if bad or not repair_list:
-        raise click.BadParameter(f"repairs must be among {', '.join(REPAIRS)}; got {repairs!r}", param_hint="--repairs")
+    if not repair_list:
+        raise click.BadParameter(f"give at least one repair (registered: {', '.join(REPAIRS)}); got {repairs!r}",
+                                 param_hint="--repairs")
+    for r in repair_list:
+        _check_registered(REPAIRS, r, "--repairs", "interpolate")
     if not method_list:
         raise click.BadParameter("give at least one method", param_hint="--methods")
+    for m in method_list:
+        _check_registered(METHODS, m, "--methods", "interpolate")
+    _method_options(method_list, method_opts)  # (each option a method's, with a valid value: before any work)
     if steps < 2:
         raise click.BadParameter("needs at least 2 steps", param_hint="--steps")
     resolved = _resolve_all(models, zoo_dir, checkpoints, kwargs_json, num_classes)
@@ -1032,14 +1199,19 @@ def interpolate(models, out, overwrite, methods, repairs, steps, calibration_siz
 
 @main.command(epilog=EPILOG_METHODS)
 def methods() -> None:
-    """List the registered fusion methods, repairs and refinements with their options and defaults."""
+    """List the registered fusion methods, repairs and refinements with their options and defaults.
+
+    Those of your own appear when the module that registers them is imported: `fusion --import
+    MODULE methods`.
+    """
     from alignment.methods import METHODS
 
     from .refine import REFINEMENTS
     from .repair import REPAIRS
 
     for title, reg in (("methods (--method, options with --option key=value)", METHODS),
-                       ("repairs (--repair)", REPAIRS), ("refinements", REFINEMENTS)):
+                       ("repairs (--repair, options with --repair-option key=value)", REPAIRS),
+                       ("refinements (--refine, options with --refine-option key=value)", REFINEMENTS)):
         click.echo(f"{title}:")
         for line in reg.describe().splitlines():
             click.echo(f"  {line}")

@@ -873,3 +873,170 @@ def test_spaces_of_a_bfloat16_vit_saved_in_its_dtype(tmp_path):
     res = CliRunner().invoke(main, ["spaces", path])
     assert res.exit_code == 0, res.output
     assert "blocks.0.mlp.fc1" in res.output, res.output
+
+
+# ---------------------------------------------------------------------------
+# user code: --import, the modules of module:function specs, registered repairs and refinements
+# ---------------------------------------------------------------------------
+
+_PLUGIN = "tests.cli_plugin_helpers"
+_PLUGIN_NAMES = {"method": "cli_test_perm", "repair": "cli_test_repair", "refinement": "cli_test_refine"}
+_TINY_VIT = {"library": "timm", "name": "vit_tiny_patch16_224",
+             "kwargs": {"img_size": 28, "patch_size": 7, "embed_dim": 32, "depth": 1, "num_heads": 2, "in_chans": 1}}
+
+
+@pytest.fixture
+def cli_plugin():
+    """A user's plugin module (tests/cli_plugin_helpers.py: importing it registers a method, a repair and
+    a refinement) that only the command imports; gives the module as the command imported it. Before
+    and after the test its registrations and the module itself are removed (registries have no
+    unregister: their entries are dropped here), so that no test sees them and the next import
+    registers afresh."""
+    import sys
+
+    import tests
+    from alignment.methods import METHODS
+    from fusion.refine import REFINEMENTS
+    from fusion.repair import REPAIRS
+
+    regs = {"method": METHODS, "repair": REPAIRS, "refinement": REFINEMENTS}
+
+    def clean():
+        sys.modules.pop(_PLUGIN, None)
+        if hasattr(tests, "cli_plugin_helpers"):
+            delattr(tests, "cli_plugin_helpers")
+        for kind, name in _PLUGIN_NAMES.items():
+            regs[kind]._entries.pop(name, None)
+
+    clean()
+    yield lambda: sys.modules[_PLUGIN]
+    clean()
+    assert not any(name in regs[kind] for kind, name in _PLUGIN_NAMES.items())
+
+
+def _tiny_vit_files(tmp_path) -> list[str]:
+    """Two saved tiny ViTs (28x28 one-channel images) from different seeds: models that are no plugin's."""
+    from fusion.io import build_model, save_model
+
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        paths.append(str(save_model(build_model(_TINY_VIT, 10).eval(), tmp_path / f"vit{seed}", _TINY_VIT, 10)))
+    return paths
+
+
+_NOISE = ["--data", "tests.data_spec_helpers:noise28", "--calibration-size", "16"]
+
+
+def test_import_option_makes_a_users_method_available_to_fuse_and_methods(tmp_path, cli_plugin):
+    """Guards: `fusion --import MODULE` imports a user's module before the command (before: the CLI could not
+    use a method the user registered, 'unknown method', and had no way to load user code); `fusion methods`
+    lists what it registers; --help documents it."""
+    assert "--import MODULE" in CliRunner().invoke(main, ["--help"]).output
+    listed = CliRunner().invoke(main, ["--import", _PLUGIN, "methods"])
+    assert listed.exit_code == 0, listed.output
+    for name in _PLUGIN_NAMES.values():
+        assert f"  {name}: " in listed.output, listed.output
+    assert "strength = 1.0  (float)" in listed.output and "scale = 1.0  (float)" in listed.output
+    out = tmp_path / "mine.safetensors"
+    res = CliRunner().invoke(main, ["--quiet", "--import", _PLUGIN, "fuse", *_tiny_vit_files(tmp_path), *_NOISE,
+                                    "--method", "cli_test_perm", "--option", "flip=true", "--repair", "none",
+                                    "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert ("method", True) in cli_plugin().CALLS
+    assert json.loads(out.with_suffix(".json").read_text())["method"] == "cli_test_perm"
+
+
+def test_import_of_a_module_that_cannot_be_imported_is_one_line_naming_it(tmp_path):
+    """Guards: a missing --import module ends as one line naming it (exit 2), whatever the command."""
+    for cmd in (["methods"], ["fuse", "nope-a", "nope-b", "--out", str(tmp_path / "o")]):
+        line = _one_error_line(CliRunner().invoke(main, ["--import", "tests.no_such_plugin", *cmd]))
+        assert "--import tests.no_such_plugin" in line and "no module named" in line, line
+    line = _one_error_line(CliRunner().invoke(main, ["--import", "plugins/mine.py", "methods"]))
+    assert "'plugins/mine.py' is not a module name" in line
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("where", ["models", "data"])
+def test_a_method_registered_in_a_models_or_data_module_is_known_when_options_are_checked(tmp_path, cli_plugin,
+                                                                                         where):
+    """Guards: the modules of module:function MODELS and --data specs are imported before the options are
+    checked (before: --method was checked first, and a method their module registers was 'unknown')."""
+    if where == "models":
+        args = [f"{_PLUGIN}:two_vits", *_NOISE]
+    else:
+        args = [*_tiny_vit_files(tmp_path), "--data", f"{_PLUGIN}:noise28", "--calibration-size", "16"]
+    res = CliRunner().invoke(main, ["--quiet", "fuse", *args, "--method", "cli_test_perm", "--repair", "none",
+                                    "--out", str(tmp_path / "f")])
+    assert res.exit_code == 0, res.output
+    assert ("method", False) in cli_plugin().CALLS
+
+
+def test_registered_repairs_and_refinements_with_their_options_reach_fuse(tmp_path, cli_plugin):
+    """Guards: --repair and --refine take any registered name (before: a fixed choice refused what `fusion
+    methods` lists), and --repair-option passes the repair's options (before: there was none)."""
+    assert "--repair-option" in CliRunner().invoke(main, ["fuse", "--help"]).output
+    res = CliRunner().invoke(main, ["--quiet", "--import", _PLUGIN, "fuse", *_tiny_vit_files(tmp_path), *_NOISE,
+                                    "--repair", "cli_test_repair", "--repair-option", "strength=2.5",
+                                    "--refine", "cli_test_refine", "--refine-option", "scale=3",
+                                    "--out", str(tmp_path / "f")])
+    assert res.exit_code == 0, res.output
+    calls = cli_plugin().CALLS
+    assert ("refine", 3.0) in calls and ("repair", 2.5) in calls, calls
+    assert json.loads((tmp_path / "f.json").read_text())["repair"] == "cli_test_repair"
+
+
+def test_repair_refine_and_method_names_and_options_are_checked_before_any_work(tmp_path, cli_plugin):
+    """Guards: an unknown --repair, --refine or --method, and a --repair-option that is unknown or has no
+    effect, end as one line before any model is resolved (the models here do not exist); unknown names
+    list the registered ones (a plugin's too) and say how to add one's own (--import)."""
+    fuse = ["fuse", "nope-a", "nope-b", "--out", str(tmp_path / "o"), "--zoo", str(tmp_path / "no-zoo")]
+    for args, words in (
+            (["--repair", "nope"], ["unknown repair 'nope'", "registered: auto, none, repair, reset_bn", "--import"]),
+            (["--refine", "nope"], ["unknown refinement 'nope'", "registered: lstsq, none", "--import"]),
+            (["--method", "nope"], ["unknown method 'nope'", "permute", "fusion --import MODULE fuse"]),
+            (["--repair", "none", "--repair-option", "eps=1e-4"], ["--repair-option eps has no effect without a repair",
+                                                                   "--repair repair"]),
+            (["--repair-option", "eps=1e-4"], ["--repair-option eps has no effect: --repair auto takes no options"]),
+            (["--repair", "repair", "--repair-option", "bogus=1"], ["repair 'repair' has no option 'bogus'",
+                                                                    "eps, replay_gib"]),
+            (["--repair", "repair", "--repair-option", "eps=-1"], ["repair 'repair'", "eps"])):
+        line = _one_error_line(CliRunner().invoke(main, [*fuse, *args]))
+        assert all(w in line for w in words), (args, line)
+    res = CliRunner().invoke(main, [*fuse, "--repair", "repair", "--repair-option", "eps"])
+    assert res.exit_code == 2 and "--repair-option" in res.output and "'eps' is not key=value" in res.output
+    line = _one_error_line(CliRunner().invoke(main, ["--import", _PLUGIN, *fuse, "--repair", "nope"]))
+    assert "cli_test_repair" in line and "unknown repair 'nope'" in line
+    line = _one_error_line(CliRunner().invoke(main, ["compress", "nope-a", "--width", "0.5", "--repair", "reset_bn",
+                                                     "--repair-option", "eps=1e-4", "--out", str(tmp_path / "c")]))
+    assert "--repair-option eps has no effect: --repair reset_bn takes no options" in line
+    interp = ["interpolate", "nope-a", "nope-b", "--out", str(tmp_path / "i")]
+    line = _one_error_line(CliRunner().invoke(main, [*interp, "--methods", "permute,nope"]))
+    assert "unknown method 'nope' (--methods)" in line and "fusion --import MODULE interpolate" in line
+    line = _one_error_line(CliRunner().invoke(main, [*interp, "--repairs", "none,nope"]))
+    assert "unknown repair 'nope' (--repairs)" in line
+    line = _one_error_line(CliRunner().invoke(main, [*interp, "--option", "bogus=1"]))
+    assert "'bogus'" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("where", ["import", "data"])
+def test_interpolate_takes_registered_methods_and_repairs(tmp_path, cli_plugin, where):
+    """Guards: `fusion interpolate --methods/--repairs` take a user's method and repair, loaded with --import
+    or registered in the --data module (before: no --import, and --repairs was checked before that module
+    was imported)."""
+    paths = _tiny_vit_files(tmp_path)
+    if where == "import":
+        head, data = ["--import", _PLUGIN], "tests.data_spec_helpers:noise28"
+    else:
+        head, data = [], f"{_PLUGIN}:noise28"
+    out = tmp_path / "interp"
+    res = CliRunner().invoke(main, ["--quiet", *head, "interpolate", *paths, "--methods", "cli_test_perm",
+                                    "--repairs", "none,cli_test_repair", "--steps", "2", "--data", data,
+                                    "--calibration-size", "16", "--test-limit", "8", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    curves = json.loads((out / "interpolation.json").read_text())
+    curves = curves["curves"] if isinstance(curves, dict) else curves
+    assert {(c["method"], c["repair"]) for c in curves} == {("cli_test_perm", "none"),
+                                                            ("cli_test_perm", "cli_test_repair")}
+    assert ("repair", 1.0) in cli_plugin().CALLS
