@@ -90,9 +90,10 @@ class Observation:
         """The observed tensor in a hooked module's output (``io="output"``) or positional inputs
         (``io="input"``): the value itself when it is a tensor; in a tuple, list, dict or model
         output, the first tensor of the traced shape (the batch axis may differ), else the first of
-        the traced rank whose feature axis has the traced size, else the first tensor (a stage that
-        returns ``(feature map, class token)`` is read at the element that was traced). None when
-        the value holds no tensor."""
+        the traced rank whose feature axis has the traced size (a stage that returns ``(feature
+        map, class token)`` is read at the element that was traced). None when the value holds no
+        tensor, or (the traced shape known) none of the traced rank and feature size: another
+        tensor would be read as these features (the collection then says the point did not fire)."""
         if isinstance(value, torch.Tensor):
             return value
         flat = _tensors_in(value)
@@ -104,6 +105,7 @@ class Observation:
             for t in flat:
                 if t.dim() == n and t.shape[self.dim] == self.shape[self.dim]:
                     return t
+            return None
         return flat[0] if flat else None
 
 

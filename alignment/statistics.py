@@ -679,8 +679,9 @@ def collect(
                 got = [buffers[i].get((name, k)) for i in range(len(runs))]
                 if any(f is None for f in got):
                     raise SpaceMismatchError(
-                        f"observation point {k} of space {name!r} did not fire in every model; "
-                        f"the forward pass differs from the traced one")
+                        f"observation point {k} of space {name!r} did not fire in every model (or its "
+                        f"module gave no tensor of the traced rank and feature size); the forward pass "
+                        f"differs from the traced one")
                 # the same tensor read at two points of the space: one product, added twice
                 key = tuple(id(f) for f in got)
                 if key not in done:

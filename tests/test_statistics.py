@@ -285,6 +285,9 @@ def test_a_module_returning_several_tensors_is_read_at_the_traced_one():
     assert point.read((None, torch.zeros(4, 8, 5, 5), (torch.ones(4, 1, 8),))).shape == (4, 1, 8)
     assert point.read(torch.zeros(3)).shape == (3,)  # a plain tensor is the observed one
     assert point.read(("no tensor",)) is None
+    # a container with no tensor of the traced rank and feature size: nothing is read (before: its
+    # first tensor, whose 5 "features" were taken for the 8 of the space)
+    assert point.read((torch.zeros(4, 5, 5), torch.zeros(4, 5))) is None
 
 
 def test_promoted_add_equals_the_mixed_dtype_add_bit_for_bit():
