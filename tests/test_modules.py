@@ -671,7 +671,12 @@ def make_timm_cnn(name: str) -> nn.Module:
     """A random timm CNN (1 input channel, 10 classes) whose BatchNorms are not the identity (timm
     zero-inits the last one of a residual branch)."""
     torch.manual_seed(0)
-    m = timm.create_model(name, pretrained=False, num_classes=10, in_chans=1).eval()
+    return _live_norms(timm.create_model(name, pretrained=False, num_classes=10, in_chans=1).eval())
+
+
+def _live_norms(m: nn.Module) -> nn.Module:
+    """``m`` with random BatchNorm statistics and affines (timm zero-inits the last one of a residual
+    branch) and LayerScale gammas of 0.2-0.5 (FastViT's are 1e-5): no layer is (nearly) the identity."""
     with torch.no_grad():
         for mod in m.modules():
             if isinstance(mod, nn.BatchNorm2d):
@@ -679,6 +684,8 @@ def make_timm_cnn(name: str) -> nn.Module:
                 mod.running_var.uniform_(0.5, 2)
                 mod.weight.uniform_(0.5, 1.5)
                 mod.bias.normal_(0, 0.1)
+            elif type(mod).__name__.startswith("LayerScale"):
+                mod.gamma.uniform_(0.2, 0.5)
     return m
 
 
@@ -836,3 +843,260 @@ def test_is_int_takes_ints_and_no_bools():
 
     assert is_int(3) and is_int(0) and is_int(-2)
     assert not any(is_int(v) for v in (True, False, 3.0, "3", None))
+
+
+# --------------------------------------------------------------------------- timm families whose blocks store widths
+
+_GHOST_CFGS = [[[3, 16, 16, 0, 1]], [[3, 48, 24, 0, 2]], [[3, 72, 24, 0, 1]], [[5, 72, 40, 0.25, 2]]]
+_XCEPTION_BLOCKS = [(64, 32, 2, {}), (32, 32, 1, {}), (32, (32, 48, 48), 2, {}),
+                    (48, (64, 64, 96), 1, dict(no_skip=True, start_with_relu=False))]
+
+
+def _mul(value, k):
+    return tuple(v * k for v in value) if isinstance(value, tuple) else value * k
+
+
+def _csp_kwargs(name: str, k: int) -> dict:
+    """Two-stage CSPNets of widths times ``k``: CrossStage3 (cs3darknet) or CrossStage (cspresnet)."""
+    from timm.models.cspnet import CspStagesCfg, CspStemCfg
+
+    if name == "cs3darknet_s":
+        return dict(stem=CspStemCfg(out_chs=(8 * k, 16 * k), kernel_size=3, stride=2, pool=""),
+                    stages=CspStagesCfg(depth=(1, 1), out_chs=(32 * k, 64 * k), stride=2, block_ratio=0.5,
+                                        stage_type="cs3", block_type="dark"))
+    return dict(stem=CspStemCfg(out_chs=16 * k, kernel_size=3, stride=2, pool=""),
+                stages=CspStagesCfg(depth=(1, 1), out_chs=(32 * k, 64 * k), stride=(1, 2), expand_ratio=2.0,
+                                    bottle_ratio=0.5, cross_linear=True))
+
+
+def _family_kwargs(name: str, k: int) -> dict:
+    """Constructor kwargs of the smallest model of each family, at its widths times ``k`` (1 or 2)."""
+    if name in ("cs3darknet_s", "cspresnet50"):
+        return _csp_kwargs(name, k)
+    if name == "dla60_res2net":  # base_width 64: Res2Net pieces of half the block width (any width halves)
+        return dict(levels=(1, 1, 1, 2, 1, 1), channels=_mul((4, 8, 16, 32, 32, 64), k), base_width=64)
+    if name.startswith("xception41"):  # xception41p: pre-activation blocks, which take no start_with_relu
+        return dict(block_cfg=[dict(in_chs=i * k if i != 64 else 64, out_chs=_mul(o, k), stride=s,
+                                    **{a: v for a, v in kw.items() if name == "xception41" or a == "no_skip"})
+                               for i, o, s, kw in _XCEPTION_BLOCKS])
+    if name == "rexnet_100":
+        return dict(width_mult=0.5 * k, depth_mult=0.2)
+    if name == "tresnet_m":
+        return dict(layers=(1, 1, 1, 1), width_factor=0.125 * k)
+    if name == "fastvit_sa12":  # RepMixer stages, then attention with a RepConditionalPosEnc
+        return dict(layers=(1, 1, 1, 1), embed_dims=_mul((8, 16, 32, 64), k))
+    raise KeyError(name)
+
+
+def make_family_model(name: str, k: int = 2) -> nn.Module:
+    """A random timm model of ``name``'s family (1 input channel, 5 classes) whose BatchNorms and
+    layer scales are not the identity (timm zero-inits some, and FastViT's layer scales are 1e-5)."""
+    torch.manual_seed(0)
+    if name.startswith("ghostnet"):  # its factory fixes the block config: the class, with a shorter one
+        from timm.models.ghostnet import GhostNet
+
+        m = GhostNet(_GHOST_CFGS, num_classes=5, in_chans=1, width=0.5 * k,
+                     version="v2" if name == "ghostnetv2" else "v1")
+    else:
+        m = timm.create_model(name, pretrained=False, num_classes=5, in_chans=1, **_family_kwargs(name, k))
+    return _live_norms(m.eval())
+
+
+# the width attributes that the handlers of timm_modules keep, by class name
+_FAMILY_ATTRS = {
+    "CrossStage": ("expand_chs",), "CrossStage3": ("expand_chs",),
+    "DLA": ("channels",), "DlaTree": ("root_dim",), "DlaBottle2neck": ("width",),
+    "GhostModule": ("out_chs",), "GhostModuleV2": ("out_chs",), "GhostNet": ("pool_dim",),
+    "LinearBottleneck": ("in_channels", "out_channels"), "XceptionModule": ("in_channels", "out_channels"),
+    "PreXceptionModule": ("in_channels", "out_channels"),
+    "TResNet": ("planes", "inplanes"), "BlurPool2d": ("channels",),
+    "MobileOneBlock": ("in_chs", "out_chs", "groups"), "ReparamLargeKernelConv": ("in_chs", "out_chs", "groups"),
+    "RepMixer": ("dim",), "RepConditionalPosEnc": ("dim", "dim_out", "groups"), "Attention": ("head_dim",),
+}
+_FAMILIES = {  # model: (input size, classes whose width attributes it must hold)
+    "cs3darknet_s": (32, {"CrossStage3"}),
+    "cspresnet50": (32, {"CrossStage"}),
+    "dla60_res2net": (32, {"DLA", "DlaTree", "DlaBottle2neck"}),
+    "ghostnet": (32, {"GhostModule", "GhostNet"}),
+    "ghostnetv2": (32, {"GhostModule", "GhostModuleV2", "GhostNet"}),
+    "rexnet_100": (32, {"LinearBottleneck"}),
+    "xception41": (32, {"XceptionModule"}),
+    "xception41p": (32, {"PreXceptionModule"}),
+    "tresnet_m": (32, {"TResNet", "BlurPool2d"}),
+    "fastvit_sa12": (64, {"MobileOneBlock", "ReparamLargeKernelConv", "RepMixer", "RepConditionalPosEnc",
+                          "Attention"}),
+}
+_NATIVE_HALF = {"cs3darknet_s", "cspresnet50", "dla60_res2net"}  # timm builds them at half width
+_ODD_WIDTHS = {"rexnet_100"}  # widths that halve to no exact half
+# widened by default (the others under -m slow): families whose forward splits, slices or adds
+# channels by their width attributes
+_WIDENED = {"cs3darknet_s", "ghostnetv2", "rexnet_100"}
+_RESIZED: dict[tuple[str, float], tuple] = {}
+
+
+def family_resized(name: str, factor: float) -> tuple[nn.Module, torch.Tensor, nn.Module]:
+    """``(model, input, model resized by factor)`` of ``name``'s family: copies of what is built
+    and resized once per session (resizing dominates the cost of these tests)."""
+    if (name, factor) not in _RESIZED:
+        size = _FAMILIES[name][0]
+        m = make_family_model(name)
+        x = torch.randn(2, 1, size, size, generator=torch.Generator().manual_seed(0))
+        _RESIZED[name, factor] = (m, x, _resize_quietly(m, factor, x))
+    m, x, r = _RESIZED[name, factor]
+    return copy.deepcopy(m), x.clone(), copy.deepcopy(r)
+
+
+def _family_attrs(model: nn.Module) -> dict[tuple[str, str], object]:
+    return {(path, attr): getattr(mod, attr) for path, mod in model.named_modules()
+            for attr in _FAMILY_ATTRS.get(type(mod).__name__, ()) if getattr(mod, attr, None) is not None}
+
+
+def _expected(old, factor: float):
+    if old == 1:  # the image's channel, or the groups of an ungrouped conv (a depthwise one's follow its width)
+        return 1
+    return tuple(int(v * factor) for v in old) if isinstance(old, tuple) else int(old * factor)
+
+
+def _int_attrs(model: nn.Module) -> dict[tuple[str, str], int | tuple[int, ...]]:
+    """Every int (or tuple of ints) attribute of every module of ``model``, by (path, name)."""
+    def is_ints(v) -> bool:
+        return all(isinstance(i, int) and not isinstance(i, bool) for i in (v if isinstance(v, tuple) else [v]))
+
+    return {(path, k): v for path, mod in model.named_modules() for k, v in vars(mod).items()
+            if not k.startswith("_") and isinstance(v, (int, tuple)) and is_ints(v)}
+
+
+@pytest.mark.parametrize("name, factor", [
+    pytest.param(name, factor, id=f"{name}-{factor}",
+                 marks=() if factor < 1 or name in _WIDENED else pytest.mark.slow)
+    for name in _FAMILIES for factor in (0.5, 2.0)])
+def test_timm_families_storing_widths_resized(name, factor):
+    """Guards the handlers of timm blocks that store widths (CSPNet CrossStage/CrossStage3, DLA and
+    its trees and Res2Net blocks, GhostNet and GhostModule(V2), ReXNet LinearBottleneck, Xception
+    (Pre)XceptionModule, TResNet and BlurPool2d, FastViT's reparameterisable blocks and attention):
+    resizing the smallest model of each family (halving, or widening by 2) raised
+    UnknownModuleError before them. The resized model runs, passes the attribute checks, every
+    width attribute is the old one times the factor (heads kept: FastViT's ``head_dim`` follows),
+    widening keeps the function exactly (the attributes that split, slice and add channels are
+    right), and a stale attribute is reported by the check of its module."""
+    from fusion.modules.core import handler_for
+
+    m, x, r = family_resized(name, factor)
+    assert check_consistency(r) == []
+    with torch.no_grad():
+        y, yr = m(x), r(x)
+    assert yr.shape == (2, 5)
+    if factor > 1:
+        assert float((y - yr).norm() / y.norm()) < 1e-4
+    old, new = _family_attrs(m), _family_attrs(r)
+    assert {type(r.get_submodule(p)).__name__ for p, _ in new} >= _FAMILIES[name][1]
+    assert new.keys() == old.keys()
+    if factor > 1 or name not in _ODD_WIDTHS:
+        assert new == {k: _expected(v, factor) for k, v in old.items()}
+    for (path, attr), value in new.items():  # a stale width is reported
+        mod = r.get_submodule(path)
+        if value == old[(path, attr)]:
+            continue
+        check = handler_for(mod)[0].check
+        assert check is not None, f"{type(mod).__name__} registers no check of {attr}"
+        setattr(mod, attr, old[(path, attr)])
+        try:
+            problems = check(mod, path)
+        finally:
+            setattr(mod, attr, value)
+        assert problems, f"{path}.{attr}={old[(path, attr)]} (stale) is not reported"
+
+
+@pytest.mark.parametrize("name", sorted(_NATIVE_HALF))
+def test_timm_families_halved_as_built_at_half_width(name):
+    """Guards: a CSPNet (CrossStage3, CrossStage) and a DLA (trees, Res2Net blocks) halved by
+    resizing hold the attributes of the model timm builds at half width, which loads its state
+    dict and computes the same."""
+    _, x, r = family_resized(name, 0.5)
+    native = make_family_model(name, k=1)
+    assert _int_attrs(r) == _int_attrs(native)
+    native.load_state_dict(r.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(native(x), r(x))
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_timm_ghost_module_of_odd_width(version):
+    """Guards: a GhostModule that keeps 7 of the 8 channels it computes (``out_chs`` odd) is refused
+    when resized (how many of its new channels to keep is in no tensor); a GhostModuleV2 takes
+    ``out_chs`` from its gate (``short_conv``): widened, it keeps as many channels as its consumer
+    reads and the function."""
+    from timm.models.ghostnet import GhostModule, GhostModuleV2
+
+    from fusion.resize import resize
+
+    torch.manual_seed(0)
+    ghost = (GhostModule if version == "v1" else GhostModuleV2)(8, 7)
+    m = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), ghost, nn.Conv2d(7, 4, 1), nn.AdaptiveAvgPool2d(1),
+                      nn.Flatten()).eval()
+    x = torch.randn(2, 1, 8, 8)
+    if version == "v1":
+        with pytest.raises(UnknownModuleError, match="keeps the first out_chs=7 of its 8 channels"):
+            resize(m, 2.0, x)
+        return
+    r = resize(m, 2.0, x)
+    assert r[1].out_chs == r[2].in_channels > 7 and check_consistency(r) == []
+    with torch.no_grad():
+        torch.testing.assert_close(r(x), m(x), rtol=1e-4, atol=1e-6)
+
+
+def test_timm_ghost_module_widened_without_old_shapes():
+    """Guards: a GhostModule widened by hand is reported stale (``out_chs`` 8 of 16 channels), and
+    synced without old shapes (every known module re-derived) it keeps all of its channels."""
+    from timm.models.ghostnet import GhostModule
+
+    g = GhostModule(4, 8).eval()
+    resize_widths(g, lambda name, t: [0] if t.dim() else [], factor=2)
+    assert any("out_chs=8 but the module computes 16 channels" in p for p in check_consistency(g))
+    sync_module_attributes(g)
+    assert g.out_chs == 16 and check_consistency(g) == []
+    assert g(torch.randn(1, 4, 5, 5)).shape == (1, 16, 5, 5)
+
+
+def _reparameterized(model: nn.Module) -> nn.Module:
+    from timm.utils.model import reparameterize_model
+
+    return reparameterize_model(copy.deepcopy(model))
+
+
+def test_timm_fastvit_reparameterize_after_resizing():
+    """Guards: a halved FastViT (MobileOneBlock, ReparamLargeKernelConv, RepMixer,
+    RepConditionalPosEnc, attention) reparameterises (its blocks build their single conv from
+    ``in_chs``/``out_chs``/``dim``/``groups``) into a model that computes the same, whose convs
+    have the resized widths and groups; resizing the reparameterised model gives the same model."""
+    m, x, r = family_resized("fastvit_sa12", 0.5)
+    rep = _reparameterized(r)
+    assert check_consistency(rep) == []
+    with torch.no_grad():
+        y = r(x)
+        torch.testing.assert_close(rep(x), y, rtol=1e-4, atol=1e-5)
+    blocks = [mod for mod in rep.modules() if hasattr(mod, "reparameterize")]
+    assert len(blocks) > 10 and all(isinstance(b.reparam_conv, nn.Conv2d) for b in blocks)
+    mixer = rep.stages[1].blocks[0].token_mixer
+    assert mixer.reparam_conv.weight.shape == (16, 1, 3, 3) and mixer.reparam_conv.groups == 16
+    cpe = rep.stages[3].pos_emb
+    assert cpe.reparam_conv.weight.shape == (64, 1, 7, 7) and cpe.reparam_conv.groups == 64
+    with torch.no_grad():
+        torch.testing.assert_close(_resize_quietly(_reparameterized(m), 0.5, x)(x), y, rtol=1e-4, atol=1e-5)
+
+
+def test_timm_family_model_saved_and_reloaded(tmp_path):
+    """Guards: a halved FastViT saved with its widths reloads (from its constructor and the widths)
+    as a model with the same attributes that computes the same, and reparameterises alike."""
+    from fusion.io import load_model_file, resized_widths, save_model
+
+    arch = {"library": "timm", "name": "fastvit_sa12",
+            "kwargs": {"in_chans": 1, **{k: list(v) for k, v in _family_kwargs("fastvit_sa12", 2).items()}}}
+    _, x, r = family_resized("fastvit_sa12", 0.5)
+    save_model(r, tmp_path / "r", arch, 5, widths=resized_widths(r, arch, 5))
+    loaded, _ = load_model_file(tmp_path / "r")
+    assert check_consistency(loaded) == []
+    assert _int_attrs(loaded) == _int_attrs(r)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), r(x))
+        torch.testing.assert_close(_reparameterized(loaded)(x), r(x), rtol=1e-4, atol=1e-5)

@@ -7,7 +7,10 @@ the meta device), ClassifierHead, NormMlpClassifierHead, ClNormMlpClassifierHead
 ``nn.LayerNorm``), EvoNorm2dS* (groups validated); the norm classes deriving from torch norms
 (LayerNorm, LayerNorm2d, BatchNormAct2d, GroupNorm, GroupNormAct, ...) via their base; width-free
 modules (PatchEmbed, LayerScale, Mlp, Block, BasicBlock, ...). ``feature_info[*]["num_chs"]`` of
-these models is updated too.
+these models is updated too. Families whose blocks store widths: CSPNet CrossStage(3), DLA (and
+DlaTree, DlaBottle2neck), GhostNet (GhostModule, GhostModuleV2; not GhostModuleV3), ReXNet
+LinearBottleneck, Xception (Pre)XceptionModule, TResNet, FastViT (MobileOneBlock,
+ReparamLargeKernelConv, RepMixer, RepConditionalPosEnc, Attention), BlurPool2d.
 
 Attribute names in the installed timm (1.0.31) that these handlers rely on:
 ``timm.layers.Attention`` has ``num_heads``, ``head_dim``, ``attn_dim`` (used in the output
@@ -534,6 +537,343 @@ def _sync_timm_model(m: nn.Module, path: str, ctx: SyncContext) -> None:
                 entry["num_chs"] = w
     if hh is not None and "head_hidden_size" in vars(m):
         m.head_hidden_size = hh
+
+
+# --------------------------------------------------------------------------- families whose blocks store widths
+
+
+def _convs(m: nn.Module) -> list[_ConvNd]:
+    return [c for c in m.modules() if isinstance(c, _ConvNd)]
+
+
+def _conv_in(*mods: nn.Module | None) -> int | None:
+    """Input channels of the first conv in ``mods`` (registration order), or None."""
+    return next((int(c.weight.shape[1]) * c.groups for m in mods if m is not None for c in _convs(m)), None)
+
+
+def _conv_out(m: nn.Module | None) -> int | None:
+    """Output channels of the last conv in ``m`` (registration order), or None."""
+    convs = _convs(m) if m is not None else []
+    return int(convs[-1].weight.shape[0]) if convs else None
+
+
+def _old_rows(ctx: SyncContext, path: str, sub: str, m: nn.Module) -> int | None:
+    """Old output channels of the conv at ``sub`` below the module at ``path`` (its current ones when
+    the old shapes are not known)."""
+    old = ctx.old_shape(f"{path}.{sub}" if path else sub, "weight")
+    if old is not None:
+        return int(old[0])
+    conv = m.get_submodule(sub)
+    return int(conv.weight.shape[0])
+
+
+def _refuse(path: str, m: nn.Module, attrs: list[str], why: str) -> UnknownModuleError:
+    return UnknownModuleError(f"module {path_label(path)!r} of type {type(m).__module__}.{type(m).__qualname__}: "
+                              f"{why}", [(path, type(m), attrs)])
+
+
+def _timm_model_and(extra: Callable[[nn.Module, str, SyncContext], None]) -> Callable:
+    """The handler of timm models by their attributes (:func:`_sync_timm_model`), then ``extra``
+    for the model's own width attributes."""
+
+    def sync(m: nn.Module, path: str, ctx: SyncContext) -> None:
+        _sync_timm_model(m, path, ctx)
+        extra(m, path, ctx)
+
+    sync.__doc__ = extra.__doc__
+    return sync
+
+
+@module_check
+def _check_cross_stage(m: nn.Module) -> Iterator[str]:
+    exp = _conv_out(m.conv_exp)
+    if exp is not None and m.expand_chs != exp:
+        yield f"expand_chs={m.expand_chs} but conv_exp outputs {exp} channels"
+
+
+@register_attribute_sync("timm.models.cspnet.CrossStage", "timm.models.cspnet.CrossStage3", check=_check_cross_stage)
+def _sync_cross_stage(m: nn.Module, path: str, ctx: SyncContext) -> None:
+    """CSPNet ``CrossStage`` / ``CrossStage3`` split ``conv_exp``'s output in two halves of
+    ``expand_chs // 2`` channels (one read by the blocks, one concatenated to their output):
+    ``expand_chs`` is ``conv_exp``'s output width, which must be twice the width the blocks read
+    (both halves resized alike; halves of other widths cannot be expressed: refused)."""
+    exp = _conv_out(m.conv_exp)
+    if exp is None:
+        return
+    half = _conv_in(m.blocks, getattr(m, "conv_transition_b", None)) if len(m.blocks) or \
+        getattr(m, "conv_transition_b", None) is not None else None
+    if exp % 2 or (half is not None and exp != 2 * half):
+        raise _refuse(path, m, ["expand_chs"],
+                      f"splits conv_exp's {exp} output channels into two equal halves (expand_chs // 2), but its "
+                      f"blocks read {half}: the two halves were given different widths, which this split cannot "
+                      f"express; give both spaces of the split the same width")
+    m.expand_chs = exp
+
+
+def _dla_channels(m: nn.Module, path: str, ctx: SyncContext) -> None:
+    """``channels`` (each level's output width, as ``feature_info``); ``base_width`` and
+    ``cardinality`` are the ratios of the Res2Net blocks' widths, no widths: kept."""
+    widths = [e["num_chs"] for e in _feature_info(m)]
+    if isinstance(m.channels, (tuple, list)) and len(widths) == len(m.channels):
+        m.channels = type(m.channels)(widths)
+
+
+@module_check
+def _check_dla(m: nn.Module) -> Iterator[str]:
+    yield from _check_timm_model.__wrapped__(m)  # its messages, without a second path prefix
+    widths = [e["num_chs"] for e in _feature_info(m)]
+    if isinstance(m.channels, (tuple, list)) and len(widths) == len(m.channels) and list(m.channels) != widths:
+        yield f"channels={tuple(m.channels)} but the levels output {tuple(widths)}"
+
+
+register_attribute_sync("timm.models.dla.DLA", check=_check_dla)(_timm_model_and(_dla_channels))
+
+
+def _dla_root_dim(m: nn.Module) -> int | None:
+    """The ``root_dim`` of a ``DlaTree`` from its tensors (and its last subtree's ``root_dim``)."""
+    if getattr(m, "root", None) is not None:
+        return _conv_in(m.root)
+    if isinstance(getattr(m, "tree2", None), nn.Module) and is_int(getattr(m.tree2, "root_dim", None)):
+        out = _conv_out(m.tree1)
+        return m.tree2.root_dim - out if out is not None else None
+    return None
+
+
+@module_check
+def _check_dla_tree(m: nn.Module) -> Iterator[str]:
+    width = _dla_root_dim(m)
+    if width is not None and m.root_dim != width:
+        yield f"root_dim={m.root_dim} but the root that aggregates this tree reads {width} channels"
+
+
+@register_attribute_sync("timm.models.dla.DlaTree", check=_check_dla_tree)
+def _sync_dla_tree(m: nn.Module, path: str, ctx: SyncContext) -> None:
+    """DLA ``DlaTree.root_dim`` (a constructor value, not read by the forward): the input width of
+    the root that aggregates this tree (its own root, or that of its last subtree less the width
+    this tree adds to it)."""
+    width = _dla_root_dim(m)
+    if width is not None:
+        m.root_dim = width
+
+
+@module_check
+def _check_dla_bottle2neck(m: nn.Module) -> Iterator[str]:
+    if m.convs[0].in_channels != m.width or m.conv1.out_channels != m.width * m.scale:
+        yield (f"width={m.width}, scale={m.scale} but convs[0] reads {m.convs[0].in_channels} of "
+               f"conv1's {m.conv1.out_channels} channels")
+
+
+@register_attribute_sync("timm.models.dla.DlaBottle2neck", check=_check_dla_bottle2neck)
+def _sync_dla_bottle2neck(m: nn.Module, path: str, ctx: SyncContext) -> None:
+    """DLA's Res2Net block splits ``conv1``'s output into ``scale`` pieces of ``width`` channels:
+    ``width`` is what its scale convs read, and the pieces must stay equal (refused otherwise)."""
+    width, total = int(m.convs[0].in_channels), int(m.conv1.out_channels)
+    if width * m.scale != total:
+        raise _refuse(path, m, ["width"], f"splits conv1's {total} output channels into {m.scale} pieces of "
+                                          f"`width` channels, but its scale convs read {width}: the pieces were "
+                                          f"given different widths, which this split cannot express")
+    m.width = width
+
+
+def _ghost_widths(m: nn.Module) -> tuple[int, int]:
+    """(primary, primary + cheap) channels of a ``GhostModule`` (V2): what it concatenates before
+    keeping the first ``out_chs``."""
+    primary = _conv_out(m.primary_conv)
+    return primary, primary + _conv_out(m.cheap_operation)
+
+
+@module_check
+def _check_ghost_module(m: nn.Module) -> Iterator[str]:
+    primary, total = _ghost_widths(m)
+    short = _conv_out(getattr(m, "short_conv", None))
+    ratio = total // primary if primary and total % primary == 0 else 1
+    if short is not None and m.out_chs != short:  # V2: the gate multiplies out_chs channels
+        yield f"out_chs={m.out_chs} but short_conv outputs {short} channels"
+    elif not total - ratio < m.out_chs <= total:  # as built: ceil(out_chs / ratio) primary channels
+        yield f"out_chs={m.out_chs} but the module computes {total} channels ({primary} primary)"
+
+
+@register_attribute_sync("timm.models.ghostnet.GhostModule", "timm.models.ghostnet.GhostModuleV2",
+                         check=_check_ghost_module)
+def _sync_ghost_module(m: nn.Module, path: str, ctx: SyncContext) -> None:
+    """GhostNet's ``GhostModule`` (V2) keeps the first ``out_chs`` of its primary and cheap
+    channels. V2 multiplies them by a gate of ``out_chs`` channels (``short_conv``'s width). V1:
+    when it kept all of them it keeps all of the new ones; a module that dropped some (an odd
+    ``out_chs``) is refused when its widths change (how many to keep is not in its tensors);
+    without the old shapes, an ``out_chs`` that its tensors cannot have been built with becomes
+    all of them (the layout a width change keeps)."""
+    primary, total = _ghost_widths(m)
+    short = _conv_out(getattr(m, "short_conv", None))
+    if short is not None:
+        if short > total:
+            raise _refuse(path, m, ["out_chs"], f"gates {short} channels (short_conv) but computes only {total}")
+        m.out_chs = short
+        return
+    if ctx.old_shapes is None:
+        ratio = total // primary if primary and total % primary == 0 else 1
+        if not total - ratio < m.out_chs <= total:
+            m.out_chs = total
+        return
+    old = _old_rows(ctx, path, "primary_conv.0", m) + _old_rows(ctx, path, "cheap_operation.0", m)
+    if m.out_chs >= old:
+        m.out_chs = total
+    elif total != old:
+        raise _refuse(path, m, ["out_chs"], f"keeps the first out_chs={m.out_chs} of its {old} channels; how many "
+                                            f"of its {total} new channels to keep cannot be derived")
+
+
+def _ghostnet_pool_dim(m: nn.Module, path: str, ctx: SyncContext) -> None:
+    """GhostNet's ``pool_dim``: the width of its last stage (``num_features``)."""
+    m.pool_dim = m.num_features
+
+
+@module_check
+def _check_ghostnet(m: nn.Module) -> Iterator[str]:
+    yield from _check_timm_model.__wrapped__(m)  # its messages, without a second path prefix
+    width = _conv_out(getattr(m, "blocks", None))
+    if width is not None and m.pool_dim != width:
+        yield f"pool_dim={m.pool_dim} but the last stage outputs {width} channels"
+
+
+register_attribute_sync("timm.models.ghostnet.GhostNet", check=_check_ghostnet)(_timm_model_and(_ghostnet_pool_dim))
+
+
+@module_check
+def _check_in_out_channels(m: nn.Module) -> Iterator[str]:
+    first, last = _in_out_convs(m)
+    if first is not None and m.in_channels != first:
+        yield f"in_channels={m.in_channels} but its first conv reads {first}"
+    if last is not None and m.out_channels != last:
+        yield f"out_channels={m.out_channels} but its last conv outputs {last}"
+
+
+def _in_out_convs(m: nn.Module) -> tuple[int | None, int | None]:
+    if hasattr(m, "conv_pwl"):  # ReXNet: conv_exp (optional), conv_dw, se, conv_pwl
+        return _conv_in(getattr(m, "conv_exp", None), m.conv_dw), _conv_out(m.conv_pwl)
+    return _conv_in(m.stack), _conv_out(m.stack)  # (Pre)XceptionModule: the stack of separable convs
+
+
+@register_attribute_sync("timm.models.rexnet.LinearBottleneck", "timm.models.xception_aligned.XceptionModule",
+                         "timm.models.xception_aligned.PreXceptionModule", check=_check_in_out_channels)
+def _sync_in_out_channels(m: nn.Module, path: str, ctx: SyncContext) -> None:
+    """ReXNet ``LinearBottleneck`` (whose residual adds its input to the first ``in_channels`` of
+    its output) and Xception ``XceptionModule`` / ``PreXceptionModule`` (pre-activation):
+    ``in_channels`` and ``out_channels`` are the widths its convs read and write."""
+    first, last = _in_out_convs(m)
+    if first is not None:
+        m.in_channels = first
+    if last is not None:
+        m.out_channels = last
+
+
+def _tresnet_planes(m: nn.Module, path: str, ctx: SyncContext) -> None:
+    """TResNet's ``planes`` (the stem conv's width; also ``feature_info``'s entry for the root, which
+    a run of ``forward_features`` does not show) and ``inplanes`` (what ``_make_layer`` left: the
+    last stage's width, ``num_features``)."""
+    planes = _conv_out(getattr(getattr(m, "body", None), "conv1", None))
+    if planes is not None:
+        m.planes = planes
+        for entry in _feature_info(m):
+            if entry["module"] == "":
+                entry["num_chs"] = planes
+    m.inplanes = m.num_features
+
+
+@module_check
+def _check_tresnet(m: nn.Module) -> Iterator[str]:
+    yield from _check_timm_model.__wrapped__(m)
+    planes = _conv_out(getattr(getattr(m, "body", None), "conv1", None))
+    if planes is not None and m.planes != planes:
+        yield f"planes={m.planes} but the stem conv outputs {planes} channels"
+    for entry in _feature_info(m):
+        if planes is not None and entry["module"] == "" and entry["num_chs"] != planes:
+            yield f"feature_info[''].num_chs={entry['num_chs']} but the stem conv outputs {planes} channels"
+    if m.inplanes != m.num_features:  # (num_features is checked against a run above)
+        yield f"inplanes={m.inplanes} but num_features={m.num_features} (the last stage's width)"
+
+
+register_attribute_sync("timm.models.tresnet.TResNet", check=_check_tresnet)(_timm_model_and(_tresnet_planes))
+
+
+# reparameterisable blocks: (input width, output width, branches holding their conv, first present
+# wins): ``in/out`` and ``groups`` are what ``reparameterize()`` builds its single conv with
+_REPARAM_BLOCKS = {
+    "timm.models.fastvit.MobileOneBlock": ("in_chs", "out_chs", ("reparam_conv", "conv_kxk", "conv_scale", "identity")),
+    "timm.models.fastvit.ReparamLargeKernelConv": ("in_chs", "out_chs", ("reparam_conv", "large_conv", "small_conv")),
+    "timm.models.fastvit.RepMixer": ("dim", None, ("reparam_conv", "mixer", "norm")),
+    "timm.models.fastvit.RepConditionalPosEnc": ("dim", "dim_out", ("reparam_conv", "pos_enc")),
+}
+
+
+def _reparam_widths(m: nn.Module) -> dict[str, int] | None:
+    """The width attributes of a reparameterisable block from the branch that holds its conv (or,
+    with no conv branch, its identity BatchNorm: a depthwise or ungrouped block stays so)."""
+    in_attr, out_attr, branches = _REPARAM_BLOCKS[_qualname(type(m))]
+    for name in branches:
+        branch = getattr(m, name, None)
+        if not isinstance(branch, nn.Module):
+            continue
+        convs = _convs(branch)
+        if convs:
+            conv = convs[0]
+            widths = {in_attr: int(conv.in_channels), out_attr: int(conv.out_channels), "groups": int(conv.groups)}
+        else:
+            width = out_width(branch)
+            if width is None:
+                continue
+            widths = {in_attr: width, out_attr: width}
+            groups = vars(m).get("groups")
+            if is_int(groups):  # depthwise (groups equal to its old or new width) or ungrouped
+                if groups != 1 and groups not in (vars(m).get(in_attr), width):
+                    return None
+                widths["groups"] = 1 if groups == 1 else width
+        return {k: v for k, v in widths.items() if k is not None and is_int(vars(m).get(k))}
+    return {}
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+@module_check
+def _check_reparam_block(m: nn.Module) -> Iterator[str]:
+    widths = _reparam_widths(m)
+    if widths is None:
+        in_attr = _REPARAM_BLOCKS[_qualname(type(m))][0]
+        yield f"groups={m.groups} of a block with no conv branch is neither 1 nor {in_attr}={getattr(m, in_attr)}"
+    for k, v in (widths or {}).items():
+        if getattr(m, k) != v:
+            yield f"{k}={getattr(m, k)} but its branches give {v}"
+
+
+@register_attribute_sync(*_REPARAM_BLOCKS, check=_check_reparam_block)
+def _sync_reparam_block(m: nn.Module, path: str, ctx: SyncContext) -> None:
+    """FastViT's reparameterisable blocks (``MobileOneBlock``, ``ReparamLargeKernelConv``,
+    ``RepMixer``, ``RepConditionalPosEnc``): their widths and ``groups`` (read by
+    ``reparameterize()``, not by the forward) are those of the conv of their branches."""
+    widths = _reparam_widths(m)
+    if widths is None:
+        raise _refuse(path, m, ["groups"], f"groups={m.groups} of a block with no conv branch is neither 1 nor its "
+                                           f"width: its new groups cannot be derived")
+    for k, v in widths.items():
+        setattr(m, k, v)
+
+
+register_attribute_sync("timm.models.fastvit.Attention", check=_check_timm_attention)(_sync_timm_attention)
+
+
+@module_check
+def _check_blur_pool(m: nn.Module) -> Iterator[str]:
+    filt = getattr(m, "filt", None)
+    if m.channels is not None and is_tensor(filt) and m.channels != filt.shape[0]:
+        yield f"channels={m.channels} but filt holds {int(filt.shape[0])} filters"
+
+
+@register_attribute_sync("timm.layers.blur_pool.BlurPool2d", check=_check_blur_pool)
+def _sync_blur_pool(m: nn.Module, path: str, ctx: SyncContext) -> None:
+    """timm ``BlurPool2d`` with ``channels`` runs a depthwise blur of ``filt`` (one filter per channel)."""
+    if m.channels is not None and is_tensor(getattr(m, "filt", None)):
+        m.channels = int(m.filt.shape[0])
 
 
 # --------------------------------------------------------------------------- heads and norms
