@@ -274,3 +274,237 @@ def test_grouped_conv_fuses_across_widths_and_with_its_permuted_copy():
         assert rel_err(y, copy(x)) < 1e-5
         assert rel_err(y, fusion.fuse([wide, copy], x, method="permute", repair="none")(x)) < 1e-5
         assert rel_err(y, fusion.fuse([wide], x, method="ot", width=2.0, repair="none")(x)) < 1e-5
+
+
+# --------------------------------------------------------------------------- transformers Swin, CLIP, SigLIP
+
+_VISION = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+               num_attention_heads=2, num_channels=1)
+_SWIN = dict(image_size=32, patch_size=2, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4, num_channels=1)
+
+
+def _hf_build(name: str, seed: int = 0) -> tuple[torch.nn.Module, dict]:
+    """A tiny random transformers vision model (its parameters randomised: no symmetric unit; not its
+    buffers, which are fixed tables that no file stores, e.g. Swin V2's coordinates) and its
+    fusion.io arch spec."""
+    import transformers as T
+
+    model_cls, config_cls, kwargs = {
+        "swin": ("SwinForImageClassification", "SwinConfig", dict(_SWIN, num_labels=5)),
+        # (4 heads: halved to 2; a single head's logit_scale axis, of size 1, is no space of its graph)
+        "swinv2": ("Swinv2ForImageClassification", "Swinv2Config", dict(_SWIN, num_heads=[4, 4], num_labels=5)),
+        "clip": ("CLIPForImageClassification", "CLIPConfig", dict(vision_config=_VISION, num_labels=5)),
+        "clip_vision": ("CLIPVisionModel", "CLIPVisionConfig", dict(_VISION)),
+        "siglip": ("SiglipForImageClassification", "SiglipConfig", dict(vision_config=_VISION, num_labels=5)),
+        "siglip_vision": ("SiglipVisionModel", "SiglipVisionConfig", dict(_VISION)),
+    }[name]
+    torch.manual_seed(seed)
+    model = getattr(T, model_cls)(getattr(T, config_cls)(**kwargs))
+    arch = {"library": "transformers", "name": model_cls,
+            "kwargs": {k: v for k, v in kwargs.items() if k != "num_labels"}}
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return model.eval(), arch
+
+
+def _hf_out(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The logits of a classifier; the last hidden states and the pooled output of a vision tower."""
+    with torch.no_grad():
+        y = model(x)
+    if getattr(y, "logits", None) is not None:
+        return y.logits
+    return torch.cat([y.last_hidden_state.flatten(1), y.pooler_output.flatten(1)], 1)
+
+
+def _spaces_named(model: torch.nn.Module, x: torch.Tensor, *words: str) -> dict[str, float]:
+    """``{space: 1.0}`` for every space of ``model`` whose name holds one of ``words`` (kept at its width)."""
+    return {s.name: 1.0 for s in discover(model, x).spaces if any(w in s.name for w in words)}
+
+
+def _attention_layout(model: torch.nn.Module) -> list[tuple[int, int, int]]:
+    """``(heads, head_dim, q width)`` of every attention module the transformers handler keeps in sync."""
+    from fusion.modules.hf_modules import _head_dim, _heads_attr, _hf_attention_modules, _hf_qkv
+
+    return [(getattr(m, _heads_attr(m)), _head_dim(m), _hf_qkv(m)[0].out_features)
+            for m in _hf_attention_modules(model)]
+
+
+def _check_swin(half, model):
+    assert half.swin.num_features == half.swin.layernorm.normalized_shape[0] == 16
+    assert half.config.embed_dim == 8 and half.config.hidden_size == 16 and list(half.config.num_heads) == [2, 2]
+    assert _attention_layout(half) == [(2, 4, 8), (2, 8, 16)]
+    assert half.classifier.in_features == 16 and model.swin.num_features == 32
+
+
+def _check_swinv2(half, model):
+    # Swin V2's heads are indexed by logit_scale (a space a width narrows): half the heads go, whole
+    stages = half.swinv2.encoder.layers
+    assert [s.dim for s in stages] == [8, 16] and stages[0].downsample.dim == 8 and half.swinv2.num_features == 16
+    assert _attention_layout(half) == [(2, 4, 8), (2, 8, 16)]
+    assert [s.blocks[0].attention.self.logit_scale.shape[0] for s in stages] == [2, 2]
+    assert half.config.embed_dim == 8 and list(half.config.num_heads) == [2, 2]
+
+
+def _check_clip(half, model):
+    layer = half.vision_model.encoder.layers[0]
+    assert half.vision_model.embeddings.embed_dim == layer.embed_dim == layer.self_attn.embed_dim == 16
+    assert (layer.self_attn.num_heads, layer.self_attn.head_dim) == (2, 8)
+    assert layer.self_attn.scale == pytest.approx(8 ** -0.5)
+    assert (half.config.vision_config.hidden_size, half.config.vision_config.intermediate_size) == (16, 32)
+    assert model.vision_model.encoder.layers[0].embed_dim == 32
+
+
+def _check_vision_mlp_only(half, model):
+    # the residual stream is a model output (last_hidden_state): it keeps its width
+    layer = half.encoder.layers[0]
+    assert half.embeddings.embed_dim == layer.embed_dim == layer.self_attn.embed_dim == 32
+    assert (half.config.hidden_size, half.config.intermediate_size, half.config.num_attention_heads) == (32, 32, 2)
+
+
+def _check_siglip(half, model):
+    layer = half.vision_model.encoder.layers[0]
+    assert half.vision_model.embeddings.embed_dim == layer.embed_dim == layer.self_attn.embed_dim == 16
+    assert (layer.self_attn.num_heads, layer.self_attn.head_dim) == (2, 8)
+    assert (half.config.vision_config.hidden_size, half.config.vision_config.intermediate_size) == (16, 32)
+
+
+# (family, width: 0.5 for every space but those named by these words, kept; attribute checks)
+_HF_HALVED = [
+    ("swin", (), _check_swin),
+    ("swinv2", ("continuous_position_bias_mlp",), _check_swinv2),  # its 512 hidden units are no config field
+    ("clip", (), _check_clip),
+    ("clip_vision", ("self_attn",), _check_vision_mlp_only),  # attention as wide as the (fixed) residual
+    ("siglip", (), _check_siglip),
+    ("siglip_vision", ("self_attn", "head.attention"), _check_vision_mlp_only),
+]
+
+
+@pytest.mark.parametrize("name,keep,check", _HF_HALVED, ids=[c[0] for c in _HF_HALVED])
+def test_halved_hf_swin_clip_siglip_are_the_models_their_resized_configs_build(name, keep, check, tmp_path):
+    """Guards: transformers Swin, Swin V2, CLIP and SigLIP compress (they were refused with
+    UnknownModuleError: SwinModel.num_features, CLIPEncoderLayer.embed_dim, ...); every width
+    attribute follows the tensors (check_consistency finds nothing, no config warning), and the
+    .hf folder that fusion.io writes (the resized config and weights) loads with transformers into a
+    model with the same outputs."""
+    import fusion
+    from fusion import io as fio
+    from fusion.modules import AttributeSyncWarning
+
+    model, arch = _hf_build(name)
+    x = torch.randn(16, 1, 32, 32)
+    width = {"*": 0.5, **_spaces_named(model, x, *keep)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AttributeSyncWarning)
+        half = fusion.fuse([model], x, method="magnitude", width=width, repair="none")
+    assert check_consistency(half) == []
+    check(half, model)
+    written = fio.save_library_forms(half, tmp_path / "m", arch, 5)
+    assert written == [tmp_path / "m.hf"]
+    with fio.transformers_progress(False):
+        rebuilt = type(half).from_pretrained(str(written[0])).eval()
+    assert rel_err(_hf_out(half, x), _hf_out(rebuilt, x)) < 1e-5
+
+
+def _widen_swin_stage0(model, x):
+    from fusion.resize import resize
+
+    return resize(model, {"swin.embeddings.patch_embeddings.projection": 2.0, "*": 1.0}, x)
+
+
+def _halve(model, x):
+    import fusion
+
+    return fusion.fuse([model], x, method="magnitude", width=0.5, repair="none")
+
+
+# (family, resizing, the warning: what the config cannot express)
+_HF_NOT_IN_CONFIG = [
+    ("swin", _widen_swin_stage0, r"stage widths \[32, 32\] are not embed_dim \* 2\*\*i = \[32, 64\]"),
+    ("swinv2", _halve, r"continuous_position_bias_mlp\.0\.weight \(256, 2\) \(the config builds \(512, 2\)\)"),
+    ("clip_vision", _halve, r"attention widths \[16\] differ from hidden_size=32"),
+]
+
+
+@pytest.mark.parametrize("name,resize_fn,message", _HF_NOT_IN_CONFIG, ids=[c[0] for c in _HF_NOT_IN_CONFIG])
+def test_resized_hf_models_their_config_cannot_describe_run_and_reload_from_the_toolkit_files(
+        name, resize_fn, message, tmp_path):
+    """Guards: widths that the config cannot express but the modules run at (Swin stages that do not
+    double: transformers' PatchMerging reads any 4*C and writes any width; Swin V2's position-bias
+    MLP, 512 units in every config; CLIP attention narrower than its fixed residual stream) give a
+    model whose attributes follow its tensors, with a warning naming what the config cannot
+    describe; fusion.io writes no .hf folder that would not load, and the toolkit's own files
+    rebuild the model (same outputs). Widening one Swin stage keeps the function (Net2Net), so the
+    non-doubling stages are computed right."""
+    from fusion import io as fio
+    from fusion.modules import AttributeSyncWarning
+
+    model, arch = _hf_build(name)
+    x = torch.randn(16, 1, 32, 32)
+    with pytest.warns(AttributeSyncWarning, match=message):
+        resized = resize_fn(model, x)
+    assert [p for p in check_consistency(resized) if ".config:" not in p] == []
+    if resize_fn is _widen_swin_stage0:
+        assert rel_err(_hf_out(model, x), _hf_out(resized, x)) < 1e-5
+    assert fio.save_library_forms(resized, tmp_path / "m", arch, 5) == []
+    assert not (tmp_path / "m.hf").exists()
+    with pytest.warns(AttributeSyncWarning, match=message):  # (the toolkit resizes the arch's model alike)
+        fio.save_model(resized, tmp_path / "m", arch, 5, widths=fio.resized_widths(resized, arch, 5))
+        rebuilt, _ = fio.load_model_file(tmp_path / "m")
+    assert rel_err(_hf_out(resized, x), _hf_out(rebuilt, x)) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["swin", "swinv2", "clip", "siglip"])
+def test_hf_swin_clip_siglip_fuse_with_a_narrower_model(name):
+    """Guards: a model fuses (ot) with a half-width model of its family into the narrower one's
+    widths; the result runs, its attributes agree with its tensors and its config rebuilds it."""
+    import fusion
+    from fusion.modules.core import config_rebuilds
+
+    model, _ = _hf_build(name, seed=0)
+    other, _ = _hf_build(name, seed=1)
+    x = torch.randn(16, 1, 32, 32)
+    keep = _spaces_named(other, x, "continuous_position_bias_mlp")  # (Swin V2: 512 units in every config)
+    half = fusion.fuse([other], x, method="magnitude", width={"*": 0.5, **keep}, repair="none")
+    fused = fusion.fuse([model, half], x, method="ot", target=half, repair="none")
+    assert torch.isfinite(_hf_out(fused, x)).all()
+    assert check_consistency(fused) == [] and config_rebuilds(fused, fused.config)
+    assert [p.shape for p in fused.parameters()] == [p.shape for p in half.parameters()]
+
+
+@pytest.mark.parametrize("name", ["clip_vision", "siglip_vision"])
+def test_hf_clip_and_siglip_fuse_with_their_permuted_copies(name):
+    """Guards: a CLIP / SigLIP vision tower (SigLIP's with its attention-pooling head) fused with a
+    randomly permuted copy of itself (method="permute", full width) computes the model's hidden
+    states and pooled output (Swin and Swin V2: test_architectures' sweep)."""
+    import fusion
+    from alignment.permute import permute
+
+    model, _ = _hf_build(name)
+    x = torch.randn(4, 1, 32, 32)
+    graph = discover(model, x)
+    copy = permute(model, graph, graph.random_permutations(seed=1))
+    fused = fusion.fuse([model, copy], torch.randn(32, 1, 32, 32), method="permute", repair="none")
+    y = _hf_out(model, x)
+    assert rel_err(y, _hf_out(copy, x)) < 1e-5
+    assert rel_err(y, _hf_out(fused, x)) < 1e-5
+
+
+def test_hf_attention_embed_dim_of_unknown_meaning_and_siglip_pooling_narrower_than_its_output_are_refused():
+    """Guards the refusals: an attention ``embed_dim`` that is neither its q projection's input width
+    nor its width is UnknownModuleError naming it (not guessed); a SigLIP vision tower halved as a
+    whole would narrow its pooling head's nn.MultiheadAttention below its fixed (output) width,
+    which that module cannot hold: refused naming head.attention (keep its spaces: see the
+    siglip_vision case above)."""
+    from fusion.modules import AttributeSyncError, UnknownModuleError
+
+    model, _ = _hf_build("clip")
+    model.vision_model.encoder.layers[0].self_attn.embed_dim = 64  # neither 32 (in) nor 32 (out)
+    x = torch.randn(8, 1, 32, 32)
+    with pytest.raises(UnknownModuleError, match=r"self_attn'.*embed_dim=64 is neither the input width \(32\)"):
+        _halve(model, x)
+    siglip, _ = _hf_build("siglip_vision")
+    with pytest.raises(AttributeSyncError, match=r"head\.attention.*MultiheadAttention.*width of its query input.*"
+                                                 r"head\.attention\.in_proj_weight"):
+        _halve(siglip, x)

@@ -219,8 +219,12 @@ def _check_mha(m: nn.MultiheadAttention) -> Iterator[str]:
 def _sync_mha(m: nn.MultiheadAttention, path: str, ctx: SyncContext) -> None:
     e, q_width, kdim, vdim = _mha_dims(m)
     if q_width != e:
-        raise AttributeSyncError(f"{path_label(path)}: nn.MultiheadAttention needs the projected q/k/v width "
-                                 f"({q_width}) to equal embed_dim ({e})")
+        raise AttributeSyncError(
+            f"{path_label(path)}: nn.MultiheadAttention needs the projected q/k/v width ({q_width}) to equal "
+            f"embed_dim ({e}), the width of its query input; resize the spaces of its q/k/v projection rows "
+            f"({path + '.' if path else ''}in_proj_weight or q/k/v_proj_weight: see graph.spaces) with that input: "
+            f"give them the input's width, e.g. width={{'*': 0.5, '<space name>': 1.0}} when the input keeps its "
+            f"width")
     ctx.set_heads(m, path, e, scale=None, what="embed_dim")
     m.embed_dim, m.kdim, m.vdim = e, kdim, vdim
 
