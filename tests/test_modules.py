@@ -848,6 +848,9 @@ def test_is_int_takes_ints_and_no_bools():
 # --------------------------------------------------------------------------- timm families whose blocks store widths
 
 _GHOST_CFGS = [[[3, 16, 16, 0, 1]], [[3, 48, 24, 0, 2]], [[3, 72, 24, 0, 1]], [[5, 72, 40, 0.25, 2]]]
+# V3: its third block (shortcut mode: a gate) strides (GhostBottleneckV3 stores in_channels) and
+# squeezes-excites; V3 blocks hold three branches each: three stages, not four
+_GHOST_V3_CFGS = [[[3, 16, 16, 0, 1]], [[3, 48, 24, 0, 1]], [[5, 72, 40, 0.25, 2]]]
 _XCEPTION_BLOCKS = [(64, 32, 2, {}), (32, 32, 1, {}), (32, (32, 48, 48), 2, {}),
                     (48, (64, 64, 96), 1, dict(no_skip=True, start_with_relu=False))]
 
@@ -885,6 +888,17 @@ def _family_kwargs(name: str, k: int) -> dict:
         return dict(layers=(1, 1, 1, 1), width_factor=0.125 * k)
     if name == "fastvit_sa12":  # RepMixer stages, then attention with a RepConditionalPosEnc
         return dict(layers=(1, 1, 1, 1), embed_dims=_mul((8, 16, 32, 64), k))
+    if name.startswith("mobilevit"):  # ByobNet's kwargs overlay its config: an inverted residual, a MobileViT stage
+        from timm.models.mobilevit import _inverted_residual_block, _mobilevit_block, _mobilevitv2_block
+
+        if name == "mobilevit_xxs":  # timm's Attention, 4 heads
+            return dict(blocks=(_inverted_residual_block(d=1, c=8 * k, s=1, br=2.0),
+                                _mobilevit_block(d=1, c=16 * k, s=2, transformer_dim=16 * k, transformer_depth=1,
+                                                 patch_size=2, br=2.0)),
+                        stem_chs=8 * k, num_features=32 * k)
+        # LinearSelfAttention of transformer_dim make_divisible(in_chs / 2, 8)
+        return dict(blocks=(_inverted_residual_block(d=1, c=16 * k, s=1, br=2.0),
+                            _mobilevitv2_block(d=1, c=32 * k, s=2, transformer_depth=1)), stem_chs=8 * k)
     raise KeyError(name)
 
 
@@ -895,8 +909,9 @@ def make_family_model(name: str, k: int = 2) -> nn.Module:
     if name.startswith("ghostnet"):  # its factory fixes the block config: the class, with a shorter one
         from timm.models.ghostnet import GhostNet
 
-        m = GhostNet(_GHOST_CFGS, num_classes=5, in_chans=1, width=0.5 * k,
-                     version="v2" if name == "ghostnetv2" else "v1")
+        cfgs = _GHOST_V3_CFGS if name == "ghostnetv3" else _GHOST_CFGS
+        m = GhostNet(cfgs, num_classes=5, in_chans=1, width=0.5 * k,
+                     version={"ghostnetv2": "v2", "ghostnetv3": "v3"}.get(name, "v1"))
     else:
         m = timm.create_model(name, pretrained=False, num_classes=5, in_chans=1, **_family_kwargs(name, k))
     return _live_norms(m.eval())
@@ -912,6 +927,8 @@ _FAMILY_ATTRS = {
     "TResNet": ("planes", "inplanes"), "BlurPool2d": ("channels",),
     "MobileOneBlock": ("in_chs", "out_chs", "groups"), "ReparamLargeKernelConv": ("in_chs", "out_chs", "groups"),
     "RepMixer": ("dim",), "RepConditionalPosEnc": ("dim", "dim_out", "groups"), "Attention": ("head_dim",),
+    "GhostModuleV3": ("out_chs", "in_channels", "groups"), "GhostBottleneckV3": ("in_channels",),
+    "LinearSelfAttention": ("embed_dim",),
 }
 _FAMILIES = {  # model: (input size, classes whose width attributes it must hold)
     "cs3darknet_s": (32, {"CrossStage3"}),
@@ -925,12 +942,16 @@ _FAMILIES = {  # model: (input size, classes whose width attributes it must hold
     "tresnet_m": (32, {"TResNet", "BlurPool2d"}),
     "fastvit_sa12": (64, {"MobileOneBlock", "ReparamLargeKernelConv", "RepMixer", "RepConditionalPosEnc",
                           "Attention"}),
+    "ghostnetv3": (32, {"GhostModuleV3", "GhostBottleneckV3", "GhostNet"}),
+    "mobilevit_xxs": (32, {"Attention"}),  # MobileVitBlock stores no width
+    "mobilevitv2_050": (32, {"LinearSelfAttention"}),
 }
-_NATIVE_HALF = {"cs3darknet_s", "cspresnet50", "dla60_res2net"}  # timm builds them at half width
+# timm builds them at half width
+_NATIVE_HALF = {"cs3darknet_s", "cspresnet50", "dla60_res2net", "mobilevit_xxs", "mobilevitv2_050"}
 _ODD_WIDTHS = {"rexnet_100"}  # widths that halve to no exact half
 # widened by default (the others under -m slow): families whose forward splits, slices or adds
 # channels by their width attributes
-_WIDENED = {"cs3darknet_s", "ghostnetv2", "rexnet_100"}
+_WIDENED = {"cs3darknet_s", "ghostnetv2", "ghostnetv3", "rexnet_100", "mobilevitv2_050"}
 _RESIZED: dict[tuple[str, float], tuple] = {}
 
 
@@ -972,8 +993,10 @@ def _int_attrs(model: nn.Module) -> dict[tuple[str, str], int | tuple[int, ...]]
     for name in _FAMILIES for factor in (0.5, 2.0)])
 def test_timm_families_storing_widths_resized(name, factor):
     """Guards the handlers of timm blocks that store widths (CSPNet CrossStage/CrossStage3, DLA and
-    its trees and Res2Net blocks, GhostNet and GhostModule(V2), ReXNet LinearBottleneck, Xception
-    (Pre)XceptionModule, TResNet and BlurPool2d, FastViT's reparameterisable blocks and attention):
+    its trees and Res2Net blocks, GhostNet and GhostModule(V2), GhostNetV3's GhostModuleV3 and
+    GhostBottleneckV3, ReXNet LinearBottleneck, Xception (Pre)XceptionModule, TResNet and BlurPool2d,
+    FastViT's reparameterisable blocks and attention, MobileViT's attention and MobileViTv2's
+    LinearSelfAttention):
     resizing the smallest model of each family (halving, or widening by 2) raised
     UnknownModuleError before them. The resized model runs, passes the attribute checks, every
     width attribute is the old one times the factor (heads kept: FastViT's ``head_dim`` follows),
@@ -1009,9 +1032,9 @@ def test_timm_families_storing_widths_resized(name, factor):
 
 @pytest.mark.parametrize("name", sorted(_NATIVE_HALF))
 def test_timm_families_halved_as_built_at_half_width(name):
-    """Guards: a CSPNet (CrossStage3, CrossStage) and a DLA (trees, Res2Net blocks) halved by
-    resizing hold the attributes of the model timm builds at half width, which loads its state
-    dict and computes the same."""
+    """Guards: a CSPNet (CrossStage3, CrossStage), a DLA (trees, Res2Net blocks) and a MobileViT
+    (v1: attention heads; v2: LinearSelfAttention) halved by resizing hold the attributes of the
+    model timm builds at half width, which loads its state dict and computes the same."""
     _, x, r = family_resized(name, 0.5)
     native = make_family_model(name, k=1)
     assert _int_attrs(r) == _int_attrs(native)
@@ -1100,3 +1123,54 @@ def test_timm_family_model_saved_and_reloaded(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), r(x))
         torch.testing.assert_close(_reparameterized(loaded)(x), r(x), rtol=1e-4, atol=1e-5)
+
+
+def test_timm_ghostnetv3_reparameterize_after_resizing():
+    """Guards: a halved GhostNetV3 reparameterises (GhostModuleV3 builds the identity kernel of its
+    cheap branch's skip from ``in_channels``/``groups``) into a model that computes the same, whose
+    cheap convs are depthwise at the halved widths; the reparameterised model (which caches those
+    identity kernels in ``id_tensor``) resized gives the same model, with no stale cached kernel
+    left, and a stale one is reported."""
+    from timm.models.ghostnet import GhostModuleV3
+
+    m, x, r = family_resized("ghostnetv3", 0.5)
+    rep = _reparameterized(r)
+    assert check_consistency(rep) == []
+    with torch.no_grad():
+        y = r(x)
+        torch.testing.assert_close(rep(x), y, rtol=1e-4, atol=1e-5)
+    ghosts = [g for g in rep.modules() if isinstance(g, GhostModuleV3)]
+    assert len(ghosts) == 6 and all(g.infer_mode for g in ghosts)
+    g = rep.blocks[1][0].ghost1  # 48 channels (24 primary) at k=2, halved
+    assert (g.in_channels, g.groups, g.cheap_operation[0].weight.shape) == (12, 12, (12, 1, 3, 3))
+    deployed = _reparameterized(m)
+    cached = [vars(g).get("id_tensor") for g in deployed.modules() if isinstance(g, GhostModuleV3)]
+    assert len(cached) == 6 and all(isinstance(t, torch.Tensor) for t in cached)
+    rd = _resize_quietly(deployed, 0.5, x)
+    assert check_consistency(rd) == []
+    assert not any("id_tensor" in vars(mod) for mod in rd.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(rd(x), y, rtol=1e-4, atol=1e-5)
+    g = rd.blocks[1][0].ghost1
+    g.id_tensor = torch.zeros(24, 1, 3, 3)  # the kernel cached at the old width
+    assert any("id_tensor (24, 1, 3, 3)" in p for p in check_consistency(g))
+
+
+@pytest.mark.parametrize("case", ["linear_self_attention", "ghost_v3_gate"])
+def test_timm_mobilevit_and_ghostnetv3_splits_refused(case):
+    """Guards: widths that the forward's split cannot express are refused, not synced into a wrong
+    model: a MobileViTv2 LinearSelfAttention whose qkv_proj no longer outputs a 1-channel query and
+    a key and a value of out_proj's width (it splits by ``embed_dim``), and a GhostModuleV3 whose
+    gate (short_conv) is wider than the channels it computes (it keeps the first ``out_chs``)."""
+    from timm.models.ghostnet import GhostModuleV3
+    from timm.models.mobilevit import LinearSelfAttention
+
+    torch.manual_seed(0)
+    if case == "linear_self_attention":
+        m, prefix, message = LinearSelfAttention(8), "qkv_proj", "splits qkv_proj's 34 output channels"
+    else:
+        m, prefix, message = GhostModuleV3(4, 8, mode="shortcut"), "short_conv", "gates 16 channels"
+    old = resize_widths(m, lambda name, t: [0] if name.startswith(prefix) and t.dim() else [], factor=2)
+    assert check_consistency(m)
+    with pytest.raises(UnknownModuleError, match=message):
+        sync_module_attributes(m, old_shapes=old)

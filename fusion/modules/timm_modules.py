@@ -8,9 +8,10 @@ the meta device), ClassifierHead, NormMlpClassifierHead, ClNormMlpClassifierHead
 (LayerNorm, LayerNorm2d, BatchNormAct2d, GroupNorm, GroupNormAct, ...) via their base; width-free
 modules (PatchEmbed, LayerScale, Mlp, Block, BasicBlock, ...). ``feature_info[*]["num_chs"]`` of
 these models is updated too. Families whose blocks store widths: CSPNet CrossStage(3), DLA (and
-DlaTree, DlaBottle2neck), GhostNet (GhostModule, GhostModuleV2; not GhostModuleV3), ReXNet
-LinearBottleneck, Xception (Pre)XceptionModule, TResNet, FastViT (MobileOneBlock,
-ReparamLargeKernelConv, RepMixer, RepConditionalPosEnc, Attention), BlurPool2d.
+DlaTree, DlaBottle2neck), GhostNet (GhostModule, GhostModuleV2, GhostModuleV3 and
+GhostBottleneckV3), ReXNet LinearBottleneck, Xception (Pre)XceptionModule, TResNet, FastViT
+(MobileOneBlock, ReparamLargeKernelConv, RepMixer, RepConditionalPosEnc, Attention), BlurPool2d,
+MobileViT (MobileVitBlock, MobileVitV2Block: width-free; MobileViTv2 LinearSelfAttention).
 
 Attribute names in the installed timm (1.0.31) that these handlers rely on:
 ``timm.layers.Attention`` has ``num_heads``, ``head_dim``, ``attn_dim`` (used in the output
@@ -738,6 +739,102 @@ def _check_ghostnet(m: nn.Module) -> Iterator[str]:
 register_attribute_sync("timm.models.ghostnet.GhostNet", check=_check_ghostnet)(_timm_model_and(_ghostnet_pool_dim))
 
 
+def _first_conv(m: nn.Module, *names: str) -> _ConvNd | None:
+    """The first conv under the first of ``m``'s children ``names`` that holds one (reparameterisable
+    blocks hold their convs in branches, and after ``reparameterize()`` in other children)."""
+    return next((c for n in names if isinstance(child := getattr(m, n, None), nn.Module) for c in _convs(child)),
+                None)
+
+
+def _ghost_v3_widths(m: nn.Module) -> tuple[int, int, int] | None:
+    """(primary channels, primary + cheap channels, groups of the cheap conv) of a ``GhostModuleV3``,
+    from its branches (or, reparameterised, from the convs that replaced them); None without them."""
+    primary = _first_conv(m, "primary_rpr_conv", "primary_conv")
+    cheap = _first_conv(m, "cheap_rpr_conv", "cheap_operation")
+    if primary is None or cheap is None:
+        return None
+    p = int(primary.weight.shape[0])
+    return p, p + int(cheap.weight.shape[0]), int(cheap.groups)
+
+
+def _stale_id_tensor(m: nn.Module) -> tuple[int, ...] | None:
+    """Shape of the identity kernel that ``m`` (a GhostNetV3 block) cached in ``id_tensor`` when it
+    no longer fits ``in_channels``/``groups``/``kernel_size`` (``None``: none cached, or it fits)."""
+    t = vars(m).get("id_tensor")
+    if not is_tensor(t):
+        return None
+    groups = vars(m).get("groups", None)
+    want = (m.in_channels, m.in_channels // groups if is_int(groups) and groups else None)
+    have = tuple(int(d) for d in t.shape)
+    return have if have[0] != want[0] or (want[1] is not None and have[1] != want[1]) else None
+
+
+@module_check
+def _check_ghost_module_v3(m: nn.Module) -> Iterator[str]:
+    widths = _ghost_v3_widths(m)
+    if widths is not None:
+        primary, total, groups = widths
+        if m.in_channels != primary:
+            yield f"in_channels={m.in_channels} but its primary branch outputs {primary} channels"
+        if m.groups != groups:
+            yield f"groups={m.groups} but its cheap conv has groups={groups}"
+        short = _conv_out(m.short_conv) if m.mode == "shortcut" else None
+        ratio = total // primary if primary and total % primary == 0 else 1
+        if short is not None and m.out_chs != short:  # the gate multiplies out_chs channels
+            yield f"out_chs={m.out_chs} but short_conv outputs {short} channels"
+        elif short is None and not total - ratio < m.out_chs <= total:
+            yield f"out_chs={m.out_chs} but the module outputs {total} channels ({primary} primary)"
+    if (stale := _stale_id_tensor(m)) is not None:
+        yield f"id_tensor {stale} (cached identity kernel) does not fit in_channels={m.in_channels}"
+
+
+@register_attribute_sync("timm.models.ghostnet.GhostModuleV3", check=_check_ghost_module_v3)
+def _sync_ghost_module_v3(m: nn.Module, path: str, ctx: SyncContext) -> None:
+    """GhostNetV3's ``GhostModuleV3``: ``in_channels`` and ``groups`` (read by ``reparameterize()``
+    for the identity kernel of its cheap branch's BatchNorm skip) are the width of its primary
+    branch and the groups of its cheap conv; ``out_chs`` is the width of the gate (``short_conv``)
+    in ``shortcut`` mode, which keeps the first ``out_chs`` of its channels (a gate wider than
+    them is refused), else (all its channels are returned: ``out_chs`` is read by nothing) the
+    channels it computes when the old value no longer fits them. A cached identity kernel
+    (``id_tensor``) that no longer fits is dropped (``reparameterize()`` rebuilds it)."""
+    widths = _ghost_v3_widths(m)
+    if widths is not None:
+        primary, total, groups = widths
+        m.in_channels, m.groups = primary, groups
+        short = _conv_out(m.short_conv) if m.mode == "shortcut" else None
+        if short is not None:
+            if short > total:
+                raise _refuse(path, m, ["out_chs"], f"gates {short} channels (short_conv) but computes only {total}")
+            m.out_chs = short
+        else:
+            ratio = total // primary if primary and total % primary == 0 else 1
+            if not total - ratio < m.out_chs <= total:
+                m.out_chs = total
+    if _stale_id_tensor(m) is not None:
+        del m.id_tensor
+
+
+@module_check
+def _check_ghost_bottleneck_v3(m: nn.Module) -> Iterator[str]:
+    conv = _first_conv(m, "dw_rpr_conv", "conv_dw")
+    if "in_channels" in vars(m) and conv is not None and m.in_channels != int(conv.weight.shape[0]):
+        yield f"in_channels={m.in_channels} but its depthwise conv outputs {int(conv.weight.shape[0])} channels"
+    if "in_channels" in vars(m) and (stale := _stale_id_tensor(m)) is not None:
+        yield f"id_tensor {stale} (cached identity kernel) does not fit in_channels={m.in_channels}"
+
+
+@register_attribute_sync("timm.models.ghostnet.GhostBottleneckV3", check=_check_ghost_bottleneck_v3)
+def _sync_ghost_bottleneck_v3(m: nn.Module, path: str, ctx: SyncContext) -> None:
+    """GhostNetV3's ``GhostBottleneckV3`` with a stride stores ``in_channels`` (read by
+    ``reparameterize()``): the width of its depthwise conv (its branches, or the conv that replaced
+    them); a cached identity kernel that no longer fits is dropped."""
+    conv = _first_conv(m, "dw_rpr_conv", "conv_dw")
+    if "in_channels" in vars(m) and conv is not None:
+        m.in_channels = int(conv.weight.shape[0])
+        if _stale_id_tensor(m) is not None:
+            del m.id_tensor
+
+
 @module_check
 def _check_in_out_channels(m: nn.Module) -> Iterator[str]:
     first, last = _in_out_convs(m)
@@ -862,6 +959,38 @@ def _sync_reparam_block(m: nn.Module, path: str, ctx: SyncContext) -> None:
 register_attribute_sync("timm.models.fastvit.Attention", check=_check_timm_attention)(_sync_timm_attention)
 
 
+def _linear_self_attention_widths(m: nn.Module) -> tuple[int, int]:
+    """(channels of ``qkv_proj``'s output, input channels of ``out_proj``) of a MobileViTv2
+    ``LinearSelfAttention``, from their weights."""
+    out = m.out_proj
+    return int(m.qkv_proj.weight.shape[0]), int(out.weight.shape[1]) * int(out.groups)
+
+
+@module_check
+def _check_linear_self_attention(m: nn.Module) -> Iterator[str]:
+    qkv, kv = _linear_self_attention_widths(m)
+    if qkv != 1 + 2 * m.embed_dim:
+        yield f"embed_dim={m.embed_dim} but qkv_proj outputs {qkv} channels (1 + 2*embed_dim: query, key, value)"
+    if kv != m.embed_dim:
+        yield f"embed_dim={m.embed_dim} but out_proj reads {kv} channels"
+
+
+@register_attribute_sync("timm.models.mobilevit.LinearSelfAttention", check=_check_linear_self_attention)
+def _sync_linear_self_attention(m: nn.Module, path: str, ctx: SyncContext) -> None:
+    """MobileViTv2's ``LinearSelfAttention`` splits ``qkv_proj``'s output into a 1-channel query and
+    a key and a value of ``embed_dim`` channels (key and value multiply channel by channel, and
+    ``out_proj`` reads the value's channels): ``embed_dim`` is ``out_proj``'s input width; a split
+    of other widths (a resized query, key and value of different widths) cannot be expressed:
+    refused."""
+    qkv, kv = _linear_self_attention_widths(m)
+    if qkv != 1 + 2 * kv:
+        raise _refuse(path, m, ["embed_dim"],
+                      f"splits qkv_proj's {qkv} output channels into a 1-channel query and a key and a value of "
+                      f"embed_dim channels each, but out_proj reads {kv}: the split was given other widths, which "
+                      f"it cannot express; give the key/value space one width and keep the query's single channel")
+    m.embed_dim = kv
+
+
 @module_check
 def _check_blur_pool(m: nn.Module) -> Iterator[str]:
     filt = getattr(m, "filt", None)
@@ -958,4 +1087,7 @@ register_width_free(*(f"timm.{module}.{name}" for module, names in {
     "models.vision_transformer": ("Block", "ResPostBlock"),
     "models.resnet": ("BasicBlock", "Bottleneck"),
     "models.convnext": ("ConvNeXtStage", "ConvNeXtBlock"),
+    # MobileViT blocks store their patch size only (their widths are their tensors'); MobileViT
+    # (v1) attention is timm's Attention
+    "models.mobilevit": ("MobileVitBlock", "MobileVitV2Block", "LinearTransformerBlock"),
 }.items() for name in names))
