@@ -1087,17 +1087,25 @@ def _reparameterized(model: nn.Module) -> nn.Module:
     return reparameterize_model(copy.deepcopy(model))
 
 
+def _halved_and_reparameterized(name: str) -> tuple[nn.Module, torch.Tensor, nn.Module, nn.Module]:
+    """``(model, x, halved, halved and reparameterised)``, the last checked consistent and computing
+    what the halved model computes."""
+    m, x, r = family_resized(name, 0.5)
+    rep = _reparameterized(r)
+    assert check_consistency(rep) == []
+    with torch.no_grad():
+        torch.testing.assert_close(rep(x), r(x), rtol=1e-4, atol=1e-5)
+    return m, x, r, rep
+
+
 def test_timm_fastvit_reparameterize_after_resizing():
     """Guards: a halved FastViT (MobileOneBlock, ReparamLargeKernelConv, RepMixer,
     RepConditionalPosEnc, attention) reparameterises (its blocks build their single conv from
     ``in_chs``/``out_chs``/``dim``/``groups``) into a model that computes the same, whose convs
     have the resized widths and groups; resizing the reparameterised model gives the same model."""
-    m, x, r = family_resized("fastvit_sa12", 0.5)
-    rep = _reparameterized(r)
-    assert check_consistency(rep) == []
+    m, x, r, rep = _halved_and_reparameterized("fastvit_sa12")
     with torch.no_grad():
         y = r(x)
-        torch.testing.assert_close(rep(x), y, rtol=1e-4, atol=1e-5)
     blocks = [mod for mod in rep.modules() if hasattr(mod, "reparameterize")]
     assert len(blocks) > 10 and all(isinstance(b.reparam_conv, nn.Conv2d) for b in blocks)
     mixer = rep.stages[1].blocks[0].token_mixer
@@ -1133,12 +1141,9 @@ def test_timm_ghostnetv3_reparameterize_after_resizing():
     left, and a stale one is reported."""
     from timm.models.ghostnet import GhostModuleV3
 
-    m, x, r = family_resized("ghostnetv3", 0.5)
-    rep = _reparameterized(r)
-    assert check_consistency(rep) == []
+    m, x, r, rep = _halved_and_reparameterized("ghostnetv3")
     with torch.no_grad():
         y = r(x)
-        torch.testing.assert_close(rep(x), y, rtol=1e-4, atol=1e-5)
     ghosts = [g for g in rep.modules() if isinstance(g, GhostModuleV3)]
     assert len(ghosts) == 6 and all(g.infer_mode for g in ghosts)
     g = rep.blocks[1][0].ghost1  # 48 channels (24 primary) at k=2, halved
@@ -1174,3 +1179,30 @@ def test_timm_mobilevit_and_ghostnetv3_splits_refused(case):
     assert check_consistency(m)
     with pytest.raises(UnknownModuleError, match=message):
         sync_module_attributes(m, old_shapes=old)
+
+
+def test_register_derived_width_syncs_and_checks_one_attribute():
+    """Guards ``register_derived_width``: the handler sets the attribute to the derived width (and
+    leaves it when nothing is derived), and the check reports a stale value with its source."""
+    from fusion.modules import core
+
+    class Stores(nn.Module):
+        def __init__(self, width: int):
+            super().__init__()
+            self.norm = nn.LayerNorm(width)
+            self.dim = width
+
+    sync = core.register_derived_width(Stores, attr="dim", width=lambda m: m.norm.normalized_shape[0],
+                                       source="its norm normalises", doc="Stores.dim: its norm's width.")
+    try:
+        m = Stores(8)
+        m.norm = nn.LayerNorm(4)
+        assert core.check_consistency(m) == ["<root>: dim=8 but its norm normalises 4"]
+        sync(m, "", None)
+        assert m.dim == 4 and core.check_consistency(m) == [] and sync.__doc__ == "Stores.dim: its norm's width."
+        none = core.register_derived_width(Stores, attr="dim", width=lambda m: None, source="-", doc="-")
+        m.dim = 9
+        none(m, "", None)
+        assert m.dim == 9 and core.check_consistency(m) == []
+    finally:
+        core.unregister_attribute_sync(Stores)

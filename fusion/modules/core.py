@@ -24,7 +24,7 @@ __all__ = [
     "SyncHandler", "UnknownModuleError", "UnknownTensorError", "check_consistency", "check_scale", "config_rebuilds",
     "divide_heads", "handler_for", "is_int", "is_tensor", "lookup", "module_check", "out_width", "path_label",
     "register_attribute_sync", "register_attribute_sync_by", "register_config_fallback", "register_config_sync",
-    "register_width_free", "replace_tensor", "sync_config_by_shapes", "sync_module_attributes",
+    "register_derived_width", "register_width_free", "replace_tensor", "sync_config_by_shapes", "sync_module_attributes",
     "unregister_attribute_sync",
 ]
 
@@ -184,6 +184,38 @@ def register_attribute_sync_by(match: Callable[[nn.Module], bool], *, managed_at
         return fn
 
     return deco
+
+
+def register_derived_width(*module_types: type | str, attr: str, width: Callable[[nn.Module], int | None],
+                           source: str, doc: str) -> SyncFn:
+    """Register the handler and the check of module types whose one stored width attribute ``attr``
+    is what ``width(module)`` derives from its tensors (None: nothing to derive, left as it is).
+
+    Args:
+        *module_types: classes or dotted names, as for :func:`register_attribute_sync`.
+        attr: the attribute (e.g. ``"num_features"``, ``"embed_dim"``).
+        width: derives the width from the module's current tensors and children.
+        source: what the derived width is, for the check's message (``"<attr>=<old> but <source>
+            <width>"``, e.g. ``"its final layernorm normalises"``).
+        doc: the handler's docstring (what the attribute is in the library).
+
+    Returns:
+        The registered handler.
+    """
+
+    def check_fn(m: nn.Module) -> Iterator[str]:
+        w = width(m)
+        if w is not None and getattr(m, attr) != w:
+            yield f"{attr}={getattr(m, attr)} but {source} {w}"
+
+    def sync(m: nn.Module, path: str, ctx: "SyncContext") -> None:
+        w = width(m)
+        if w is not None:
+            setattr(m, attr, w)
+
+    sync.__doc__ = doc
+    register_attribute_sync(*module_types, check=module_check(check_fn))(sync)
+    return sync
 
 
 def register_width_free(*module_types: type | str) -> None:

@@ -47,7 +47,7 @@ from torch import nn
 from .core import (
     AttributeSyncError, SyncContext, UnknownModuleError, check_scale, config_rebuilds, handler_for, is_int, is_tensor,
     module_check, out_width, path_label, register_attribute_sync, register_attribute_sync_by, register_config_fallback,
-    register_config_sync, register_width_free, sync_config_by_shapes,
+    register_config_sync, register_derived_width, register_width_free, sync_config_by_shapes,
 )
 
 __all__: list[str] = []  # nothing to import: the handlers are registered on import
@@ -295,20 +295,11 @@ def _swin_stages(m: nn.Module) -> list[nn.Module]:
     return [mod for mod in m.modules() if type(mod).__name__ in ("SwinStage", "Swinv2Stage")]
 
 
-@module_check
-def _check_swin_model(m: nn.Module) -> Iterator[str]:
-    width = _norm_width(m.layernorm)
-    if width is not None and m.num_features != width:
-        yield f"num_features={m.num_features} but its final layernorm normalises {width} features"
-
-
-@register_attribute_sync(*(f"{prefix}Model" for prefix in _SWIN), check=_check_swin_model)
-def _sync_swin_model(m: nn.Module, path: str, ctx: SyncContext) -> None:
-    """``SwinModel``/``Swinv2Model.num_features``: the last stage's width (that of the final
-    ``layernorm``, which the pooler and the classifier read)."""
-    width = _norm_width(m.layernorm)
-    if width is not None:
-        m.num_features = width
+register_derived_width(
+    *(f"{prefix}Model" for prefix in _SWIN), attr="num_features", width=lambda m: _norm_width(m.layernorm),
+    source="its final layernorm normalises",
+    doc="``SwinModel``/``Swinv2Model.num_features``: the last stage's width (that of the final ``layernorm``, "
+        "which the pooler and the classifier read).")
 
 
 def _swin_backbone_widths(m: nn.Module) -> list[int | None]:
@@ -332,19 +323,9 @@ def _sync_swin_backbone(m: nn.Module, path: str, ctx: SyncContext) -> None:
         m.num_features = widths
 
 
-@module_check
-def _check_swinv2_stage(m: nn.Module) -> Iterator[str]:
-    width = _swin_stage_width(m)
-    if width is not None and m.dim != width:
-        yield f"dim={m.dim} but its blocks run at width {width}"
-
-
-@register_attribute_sync("transformers.models.swinv2.modeling_swinv2.Swinv2Stage", check=_check_swinv2_stage)
-def _sync_swinv2_stage(m: nn.Module, path: str, ctx: SyncContext) -> None:
-    """``Swinv2Stage.dim``: the width its blocks run at (stored, read by no forward)."""
-    width = _swin_stage_width(m)
-    if width is not None:
-        m.dim = width
+register_derived_width("transformers.models.swinv2.modeling_swinv2.Swinv2Stage", attr="dim", width=_swin_stage_width,
+                       source="its blocks run at width",
+                       doc="``Swinv2Stage.dim``: the width its blocks run at (stored, read by no forward).")
 
 
 @module_check
@@ -372,35 +353,17 @@ def _sync_swinv2_patch_merging(m: nn.Module, path: str, ctx: SyncContext) -> Non
 _CLIP_LIKE = ("transformers.models.clip.modeling_clip.CLIP", "transformers.models.siglip.modeling_siglip.Siglip")
 
 
-@module_check
-def _check_clip_encoder_layer(m: nn.Module) -> Iterator[str]:
-    width = _norm_width(m.layer_norm1)
-    if width is not None and m.embed_dim != width:
-        yield f"embed_dim={m.embed_dim} but layer_norm1 normalises {width} features"
+register_derived_width(
+    *(f"{prefix}EncoderLayer" for prefix in _CLIP_LIKE), attr="embed_dim", width=lambda m: _norm_width(m.layer_norm1),
+    source="layer_norm1 normalises",
+    doc="``CLIPEncoderLayer``/``SiglipEncoderLayer.embed_dim``: the residual width (``layer_norm1``'s).")
 
 
-@register_attribute_sync(*(f"{prefix}EncoderLayer" for prefix in _CLIP_LIKE), check=_check_clip_encoder_layer)
-def _sync_clip_encoder_layer(m: nn.Module, path: str, ctx: SyncContext) -> None:
-    """``CLIPEncoderLayer``/``SiglipEncoderLayer.embed_dim``: the residual width (``layer_norm1``'s)."""
-    width = _norm_width(m.layer_norm1)
-    if width is not None:
-        m.embed_dim = width
-
-
-@module_check
-def _check_clip_vision_embeddings(m: nn.Module) -> Iterator[str]:
-    width = out_width(m.patch_embedding)
-    if width is not None and m.embed_dim != width:
-        yield f"embed_dim={m.embed_dim} but patch_embedding outputs {width} features"
-
-
-@register_attribute_sync(*(f"{prefix}VisionEmbeddings" for prefix in _CLIP_LIKE), check=_check_clip_vision_embeddings)
-def _sync_clip_vision_embeddings(m: nn.Module, path: str, ctx: SyncContext) -> None:
-    """``CLIPVisionEmbeddings``/``SiglipVisionEmbeddings.embed_dim``: the patch embedding's width
-    (that of the class and position embeddings too)."""
-    width = out_width(m.patch_embedding)
-    if width is not None:
-        m.embed_dim = width
+register_derived_width(
+    *(f"{prefix}VisionEmbeddings" for prefix in _CLIP_LIKE), attr="embed_dim",
+    width=lambda m: out_width(m.patch_embedding), source="patch_embedding outputs",
+    doc="``CLIPVisionEmbeddings``/``SiglipVisionEmbeddings.embed_dim``: the patch embedding's width (that of the "
+        "class and position embeddings too).")
 
 
 def _clip_model_widths(m: nn.Module) -> dict[str, int]:

@@ -36,7 +36,7 @@ from . import torch_modules as _torch_modules  # noqa: F401  (registers nn.Layer
 from .core import (
     AttributeSyncError, GroupsNotDivisibleError, HeadsNotDivisibleError, SyncContext, UnknownModuleError, check_scale,
     divide_heads, is_int, is_tensor, lookup, module_check, out_width, path_label, register_attribute_sync,
-    register_attribute_sync_by, register_width_free,
+    register_attribute_sync_by, register_derived_width, register_width_free,
 )
 
 __all__: list[str] = []  # nothing to import: the handlers are registered on import
@@ -640,21 +640,11 @@ def _dla_root_dim(m: nn.Module) -> int | None:
     return None
 
 
-@module_check
-def _check_dla_tree(m: nn.Module) -> Iterator[str]:
-    width = _dla_root_dim(m)
-    if width is not None and m.root_dim != width:
-        yield f"root_dim={m.root_dim} but the root that aggregates this tree reads {width} channels"
-
-
-@register_attribute_sync("timm.models.dla.DlaTree", check=_check_dla_tree)
-def _sync_dla_tree(m: nn.Module, path: str, ctx: SyncContext) -> None:
-    """DLA ``DlaTree.root_dim`` (a constructor value, not read by the forward): the input width of
-    the root that aggregates this tree (its own root, or that of its last subtree less the width
-    this tree adds to it)."""
-    width = _dla_root_dim(m)
-    if width is not None:
-        m.root_dim = width
+register_derived_width("timm.models.dla.DlaTree", attr="root_dim", width=_dla_root_dim,
+                       source="the root that aggregates this tree reads channels:",
+                       doc="DLA ``DlaTree.root_dim`` (a constructor value, not read by the forward): the input width "
+                           "of the root that aggregates this tree (its own root, or that of its last subtree less the "
+                           "width this tree adds to it).")
 
 
 @module_check
