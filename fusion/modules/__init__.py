@@ -35,12 +35,12 @@ from . import hf_modules, timm_modules, torch_modules  # noqa: F401  (registers 
 from .core import (
     AttributeSyncError, AttributeSyncWarning, GroupsNotDivisibleError, HeadsNotDivisibleError, SyncContext, SyncHandler,
     UnknownModuleError, UnknownTensorError, check_consistency, lookup, register_attribute_sync, register_config_sync,
-    register_width_free, replace_tensor, sync_module_attributes, unregister_attribute_sync,
+    register_derived_width, register_width_free, replace_tensor, sync_module_attributes, unregister_attribute_sync,
 )
 
 __all__ = [
     "AttributeSyncError", "AttributeSyncWarning", "GroupsNotDivisibleError", "HeadsNotDivisibleError", "SyncContext",
     "SyncHandler", "UnknownModuleError", "UnknownTensorError", "check_consistency", "lookup",
-    "register_attribute_sync", "register_config_sync", "register_width_free", "replace_tensor",
+    "register_attribute_sync", "register_config_sync", "register_derived_width", "register_width_free", "replace_tensor",
     "sync_module_attributes", "unregister_attribute_sync",
 ]
