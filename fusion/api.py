@@ -41,7 +41,7 @@ from .checks import (ModelError, check_alpha, check_calibration, check_device, c
 from .engine import apply_maps, check_heads, head_tensors
 from .refine import REFINEMENTS, run_refinement
 from .repair import REPAIRS, RepairContext, has_batchnorm, run_repair
-from .resize import _template, check_width, resized_graph
+from .resize import _template, check_width, module_widths, resized_graph
 from .zipped import CutError, fit_cut, forward_flops, parameter_total, resolve_cut, zip_model
 
 __all__ = ["FusionReport", "Alignment", "align", "fuse", "ModelError"]
@@ -428,6 +428,7 @@ def align(
     target_graph = None
     if width is not None:
         # the fused architecture: the first model resized (its features are only a template)
+        width = module_widths(models[0], graphs[0], width)
         target = _template(models[0], width, graphs[0])
         target_graph = resized_graph(graphs[0], width)
     elif target is not None:

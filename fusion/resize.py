@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from alignment import discover
-from alignment.errors import FusionError, SpaceMismatchError
+from alignment.errors import FusionError, FusionWarning, SpaceMismatchError
 from alignment.graph import Graph
 from alignment.leaves import select_leaf
 from alignment.maps import correct_query_key, plan_maps
@@ -28,7 +29,8 @@ from alignment.structure import Blocks, Cat, Fixed, Heads, Leaf, Node, Walk, pla
 
 from .engine import apply_maps
 
-__all__ = ["WidthError", "WidthSpec", "check_width", "resized_graph", "selection_indices", "resize", "resize_like"]
+__all__ = ["WidthError", "WidthSpec", "check_width", "module_widths", "resized_graph", "selection_indices", "resize",
+           "resize_like"]
 
 WidthSpec = float | int | Mapping[str, float | int]
 
@@ -176,6 +178,48 @@ def _apply_selection(model: nn.Module, graph: Graph, plans: dict[str, torch.Tens
 
 
 @plain_precision
+def module_widths(model: nn.Module, graph: Graph, width: WidthSpec) -> WidthSpec:
+    """``width`` with the widths the model's modules impose on spaces that ``width`` alone would
+    give another: an ``nn.MultiheadAttention`` projects queries, keys and values to its
+    ``embed_dim``, the width of its query input, so the spaces of its projection rows take the
+    (resized) width of that input; where it differs from what ``width`` gives them, a
+    :class:`~alignment.errors.FusionWarning` names the module and the spaces (e.g. the pooling head
+    of a SigLIP vision model, whose query input is the model's output and keeps its width).
+
+    Returns:
+        ``width`` itself when nothing is imposed, else a per-space dict (``"*"``: ``width``).
+    """
+    target = None
+    imposed: dict[str, int] = {}
+    for path, m in model.named_modules():
+        if not isinstance(m, nn.MultiheadAttention):
+            continue
+        prefix = f"{path}." if path else ""
+        rows = ["in_proj_weight"] if m.in_proj_weight is not None else ["q_proj_weight", "k_proj_weight",
+                                                                        "v_proj_weight"]
+        source = prefix + rows[0]
+        if source not in graph.shapes:
+            continue
+        target = target if target is not None else resized_graph(graph, width)
+        into = next((s.name for s in graph.spaces
+                     if any(x.tensor == source and x.axis == 1 and x.role == "in" for x in s.members)), None)
+        need = target[into].width if into is not None else int(graph.shapes[source][1])
+        spaces = [s.name for s in graph.spaces
+                  if any(x.tensor in {prefix + r for r in rows} and x.axis == 0 for x in s.members)]
+        moved = {n: target[n].width for n in spaces if target[n].width != need}
+        if moved:
+            imposed.update({n: need for n in moved})
+            warnings.warn(f"nn.MultiheadAttention {path or '<root>'!r} projects queries, keys and values to its "
+                          f"embed_dim, the width of its query input ({need}): space(s) "
+                          f"{', '.join(repr(n) for n in moved)} take width {need} instead of "
+                          f"{', '.join(str(w) for w in moved.values())}", FusionWarning, stacklevel=3)
+    if not imposed:
+        return width
+    spec = dict(width) if isinstance(width, Mapping) else {"*": width}
+    spec.update(imposed)
+    return spec
+
+
 def resize(
     model: nn.Module,
     width: WidthSpec = 0.5,
@@ -192,7 +236,9 @@ def resize(
     statistics change with uneven repeats (a :class:`alignment.errors.FusionWarning` says so; a norm
     without an affine weight is not detected). Attention heads keep their count: a factor rounds
     head_dim, an absolute width must split into the heads. Attention logits keep their scale when
-    head_dim changes (see :func:`alignment.maps.correct_query_key`).
+    head_dim changes (see :func:`alignment.maps.correct_query_key`). Widths a module imposes (an
+    ``nn.MultiheadAttention``'s projections have its query input's width) win, with a warning (see
+    :func:`module_widths`).
 
     Module attributes (``in_features``, ``num_features``, attention head sizes, timm ``embed_dim``,
     HF config widths...) are updated so the copy runs; an unknown module whose attributes store a
@@ -214,6 +260,7 @@ def resize(
             raise WidthError("resize needs example_input (or a graph from alignment.discover)")
         graph = discover(model, example_input)
     check_graph_fits(model, graph)
+    width = module_widths(model, graph, width)
     target = resized_graph(graph, width)
     _warn_uneven_norms(model, graph, target)
     return _apply_selection(model, graph, _selection(graph, target, scores))

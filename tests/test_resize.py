@@ -491,20 +491,45 @@ def test_hf_clip_and_siglip_fuse_with_their_permuted_copies(name):
     assert rel_err(y, _hf_out(fused, x)) < 1e-5
 
 
-def test_hf_attention_embed_dim_of_unknown_meaning_and_siglip_pooling_narrower_than_its_output_are_refused():
-    """Guards the refusals: an attention ``embed_dim`` that is neither its q projection's input width
-    nor its width is UnknownModuleError naming it (not guessed); a SigLIP vision tower halved as a
-    whole would narrow its pooling head's nn.MultiheadAttention below its fixed (output) width,
-    which that module cannot hold: refused naming head.attention (keep its spaces: see the
-    siglip_vision case above)."""
-    from fusion.modules import AttributeSyncError, UnknownModuleError
+def test_hf_attention_embed_dim_of_unknown_meaning_is_refused():
+    """Guards the refusal: an attention ``embed_dim`` that is neither its q projection's input width
+    nor its width is UnknownModuleError naming it (not guessed)."""
+    from fusion.modules import UnknownModuleError
 
     model, _ = _hf_build("clip")
     model.vision_model.encoder.layers[0].self_attn.embed_dim = 64  # neither 32 (in) nor 32 (out)
     x = torch.randn(8, 1, 32, 32)
     with pytest.raises(UnknownModuleError, match=r"self_attn'.*embed_dim=64 is neither the input width \(32\)"):
         _halve(model, x)
-    siglip, _ = _hf_build("siglip_vision")
-    with pytest.raises(AttributeSyncError, match=r"head\.attention.*MultiheadAttention.*width of its query input.*"
-                                                 r"head\.attention\.in_proj_weight"):
-        _halve(siglip, x)
+
+
+@pytest.mark.parametrize("how", ["fuse", "resize"])
+def test_a_multihead_attention_keeps_the_width_of_its_query_input(how, tmp_path):
+    """Guards: an nn.MultiheadAttention projects q, k and v to its embed_dim, the width of its query
+    input: a SigLIP vision tower halved as a whole (its pooling head's query input is the model's
+    output, kept at 32) keeps the head's q/k/v spaces at 32 with a warning naming the module, and
+    the result runs, is consistent and computes what the model built from its files computes
+    (before: AttributeSyncError, or a width dict naming the head's spaces by hand). The rest is
+    halved as asked."""
+    import fusion
+    from alignment.errors import FusionWarning
+    from fusion import io as fio
+    from fusion.resize import resize
+
+    siglip, arch = _hf_build("siglip_vision")
+    x = torch.randn(8, 1, 32, 32)
+    with pytest.warns(FusionWarning, match=r"MultiheadAttention 'head\.attention' .* query input \(32\): "
+                                           r"space\(s\) 'head\.attention\.in_proj_weight#0', "
+                                           r"'head\.attention\.in_proj_weight#2' take width 32 instead of 16, 16"):
+        half = _halve(siglip, x) if how == "fuse" else resize(siglip, 0.5, x)
+    # (the encoder's attention narrower than hidden_size is what its config cannot describe: warned)
+    assert [p for p in check_consistency(half) if ".config:" not in p] == []
+    tower = getattr(half, "vision_model", half)
+    head = tower.head
+    assert (head.attention.embed_dim, head.attention.in_proj_weight.shape) == (32, (96, 32))
+    assert tower.encoder.layers[0].mlp.fc1.out_features == 32  # (64 halved)
+    with warnings.catch_warnings():  # (the config cannot describe attention narrower than hidden_size: warned)
+        warnings.simplefilter("ignore")
+        fio.save_model(half, tmp_path / "m", arch, 5, widths=fio.resized_widths(half, arch, 5))
+        rebuilt, _ = fio.load_model_file(tmp_path / "m")
+    assert rel_err(_hf_out(half, x), _hf_out(rebuilt, x)) < 1e-5
