@@ -37,6 +37,7 @@ maps, the weights and the data) and changes ``ctx.fused`` in place.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Sequence
@@ -587,6 +588,7 @@ def refine_lstsq(ctx: RepairContext, *, inputs: Literal["sequential", "merged"] 
         fmods = dict(fused.named_modules())
         smods = [dict(m.named_modules()) for m in sources]
         few: list[str] = []  # layers fitted on fewer rows than inputs
+        unstratified: list[str] = []  # layers whose positions could not be drawn per image
         details: list[dict[str, Any]] = []
         largest = (0, "")
         with contextlib.ExitStack() as stack:
@@ -659,7 +661,12 @@ def refine_lstsq(ctx: RepairContext, *, inputs: Literal["sequential", "merged"] 
                     Y = _feature_rows(layer, Y)
                     Xr = _in_rows(layer, module, X, patches.taps if patches is not None else None)
                     if positions_per_image is not None and layer.kind != "norm":
-                        keep = _sample_rows(Xr.shape[1], len(x), positions_per_image, gen, dev)
+                        grid = tuple(X.shape[:-1]) if layer.kind == "linear" else (len(x), Xr.shape[1] // len(x))
+                        keep = _sample_rows(grid, len(x), positions_per_image, gen, dev)
+                        if isinstance(keep, str):
+                            if layer.path not in unstratified:
+                                unstratified.append(layer.path)
+                            keep = _uniform_rows(Xr.shape[1], len(x) * positions_per_image, gen, dev)
                         if keep is not None:
                             Xr, Y = Xr[:, keep], Y[keep]
                     gram.add(Xr, _group_rows(Y, groups))
@@ -683,6 +690,11 @@ def refine_lstsq(ctx: RepairContext, *, inputs: Literal["sequential", "merged"] 
                 details.append({"layer": layer.path, "rows": gram.rows, "inputs": gram.xx.shape[1],
                                 "loss_before": sol.loss_before, "loss_after": sol.loss_after,
                                 "seconds": time.perf_counter() - t1})
+    if unstratified:
+        ctx.notes.append(f"refinement 'lstsq': positions_per_image={positions_per_image}: the inputs of "
+                         f"{len(unstratified)} layer(s) have no axis of the batch's images, so their rows were drawn "
+                         f"at random without regard to images: " + ", ".join(unstratified[:6])
+                         + (" ..." if len(unstratified) > 6 else ""))
     if few:
         ctx.notes.append(f"refinement 'lstsq' fitted {len(few)} layer(s) on fewer calibration rows than inputs "
                          f"(underdetermined: the fit reproduces the calibration data but may generalise poorly; give "
@@ -737,14 +749,30 @@ class _OutputMerge:
         return out
 
 
-def _sample_rows(rows: int, images: int, k: int, gen: torch.Generator, dev: torch.device) -> torch.Tensor | None:
-    """Row indices keeping ``k`` random positions of every image (rows ordered image-major); None
-    when an image has no more than ``k`` positions."""
+def _sample_rows(grid: tuple[int, ...], images: int, k: int, gen: torch.Generator,
+                 dev: torch.device) -> torch.Tensor | None | str:
+    """Row indices keeping ``k`` random positions of every image, the rows being the entries of a
+    tensor of shape ``grid`` in row-major order whose first axis of size ``images`` indexes the
+    images (image-major rows, or a sequence-first ``(tokens, images)`` grid); None when an image
+    has no more than ``k`` positions; ``"no image axis"`` when no axis of ``grid`` has the batch's
+    size (the caller draws rows without regard to images and reports it)."""
+    rows = math.prod(grid)
+    axis = next((a for a, n in enumerate(grid) if n == images), None)
+    if axis is None:
+        return "no image axis"
     per = rows // images
     if per <= k:
         return None
+    order = torch.arange(rows).reshape(grid).movedim(axis, 0).reshape(images, per)
     pos = torch.stack([torch.randperm(per, generator=gen)[:k] for _ in range(images)])
-    return (torch.arange(images)[:, None] * per + pos).reshape(-1).to(dev)
+    return order.gather(1, pos).reshape(-1).to(dev)
+
+
+def _uniform_rows(rows: int, count: int, gen: torch.Generator, dev: torch.device) -> torch.Tensor | None:
+    """``count`` random row indices (all rows, None, when there are no more than that)."""
+    if rows <= count:
+        return None
+    return torch.randperm(rows, generator=gen)[:count].sort().values.to(dev)
 
 
 def _merge_matrices(ctx: RepairContext, layer: _Layer, module: nn.Module, dev: torch.device, merged_inputs: bool):

@@ -684,3 +684,38 @@ def test_layers_fitted_on_fewer_rows_than_inputs_are_reported(tiny):
         many = fusion.fuse([model, other], _calibration(x, 4 * d), method="permute", repair="none", refine="lstsq",
                            refine_options={"max_gram_gib": 2e-5})
     assert not any("fewer calibration rows" in f for f in many.fusion_report.fallbacks)
+
+
+def test_positions_per_image_are_drawn_per_image_on_sequence_first_inputs():
+    """Guards: rows of a sequence-first ``(tokens, images)`` input (a Linear after a transpose) are
+    drawn k per image, as for image-major rows (before: k * images rows at the image-major offsets,
+    which on a sequence-first grid give some images more rows than others); where no axis has the
+    batch's size, rows are drawn without regard to images and the fusion report says so."""
+    from fusion.refine import _sample_rows
+
+    gen = torch.Generator().manual_seed(0)
+    keep = _sample_rows((5, 3), 3, 2, gen, torch.device("cpu"))  # 5 tokens x 3 images, row r is image r % 3
+    assert len(set(keep.tolist())) == 6 and sorted((keep % 3).tolist()) == [0, 0, 1, 1, 2, 2]
+    image_major = _sample_rows((3, 5), 3, 2, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert sorted((image_major // 5).tolist()) == [0, 0, 1, 1, 2, 2]
+    assert _sample_rows((15,), 3, 2, gen, torch.device("cpu")) == "no image axis"
+
+    class Flat(nn.Module):  # a Linear on (images * tokens, features): no axis of the batch's size
+        def __init__(self):
+            super().__init__()
+            self.embed, self.fc, self.head = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.fc(self.embed(x).reshape(-1, 8)))
+            return self.head(h.reshape(x.shape[0], -1, 8).mean(1))
+
+    torch.manual_seed(0)
+    a, b = Flat().eval(), Flat().eval()
+    cal = torch.randn(16, 6, 4, generator=torch.Generator().manual_seed(1))
+    with pytest.warns(FallbackWarning, match="no axis of the batch's images"):
+        fused = fusion.fuse([a, b], cal, method="permute", repair="none", refine="lstsq",
+                            refine_options={"positions_per_image": 2})
+    notes = " ".join(fused.fusion_report.fallbacks)
+    assert "positions_per_image=2" in notes and "fc" in notes
+    rows = {e["layer"]: e["rows"] for e in fused.fusion_report.refinement["layers"]}
+    assert rows["fc"] == 16 * 2
