@@ -1206,3 +1206,15 @@ def test_register_derived_width_syncs_and_checks_one_attribute():
         assert m.dim == 9 and core.check_consistency(m) == []
     finally:
         core.unregister_attribute_sync(Stores)
+
+
+def test_unknown_module_names_the_module_its_type_and_the_attributes():
+    """Guards ``fusion.modules.core.unknown_module``: the refusal a handler raises names the module's
+    path and dotted type before the reason, and lists the offending attributes."""
+    from fusion.modules import core
+
+    err = core.unknown_module("blocks.0", nn.Linear(2, 3), ["width"], "its split cannot be expressed")
+    assert isinstance(err, core.UnknownModuleError) and err.modules == [("blocks.0", nn.Linear, ["width"])]
+    assert str(err).startswith("module 'blocks.0' of type torch.nn.modules.linear.Linear: its split cannot")
+    assert core.qualname(nn.Linear) == "torch.nn.modules.linear.Linear"
+    assert "<root>" in str(core.unknown_module("", nn.Linear(2, 3), ["width"], "why"))

@@ -22,10 +22,10 @@ from alignment.errors import FusionError, FusionWarning
 __all__ = [
     "AttributeSyncError", "AttributeSyncWarning", "GroupsNotDivisibleError", "HeadsNotDivisibleError", "SyncContext",
     "SyncHandler", "UnknownModuleError", "UnknownTensorError", "check_consistency", "check_scale", "config_rebuilds",
-    "divide_heads", "handler_for", "is_int", "is_tensor", "lookup", "module_check", "out_width", "path_label",
+    "divide_heads", "handler_for", "is_int", "is_tensor", "lookup", "module_check", "out_width", "path_label", "qualname",
     "register_attribute_sync", "register_attribute_sync_by", "register_config_fallback", "register_config_sync",
     "register_derived_width", "register_width_free", "replace_tensor", "sync_config_by_shapes", "sync_module_attributes",
-    "unregister_attribute_sync",
+    "unknown_module", "unregister_attribute_sync",
 ]
 
 SyncFn = Callable[[nn.Module, str, "SyncContext"], None]
@@ -270,7 +270,7 @@ def lookup(cls: type) -> tuple[SyncHandler | None, type | None]:
     for klass in cls.__mro__:
         if klass is nn.Module or klass is object:
             break
-        entry = _REGISTRY.get(klass) or _REGISTRY.get(_qualname(klass))
+        entry = _REGISTRY.get(klass) or _REGISTRY.get(qualname(klass))
         if entry is not None:
             return entry, klass
     return None, None
@@ -296,8 +296,16 @@ def handler_for(module: nn.Module) -> tuple[SyncHandler | None, type | None]:
 # --------------------------------------------------------------------------- shared helpers
 
 
-def _qualname(cls: type) -> str:
+def qualname(cls: type) -> str:
+    """``"module.ClassName"`` of a class: the dotted name handlers are registered under."""
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def unknown_module(path: str, module: nn.Module, attrs: list[str], why: str) -> UnknownModuleError:
+    """The :class:`UnknownModuleError` of a handler that cannot derive ``attrs`` of ``module`` (at
+    ``path``): its message names the module and its type, then says ``why``."""
+    return UnknownModuleError(f"module {path_label(path)!r} of type {qualname(type(module))}: {why}",
+                              [(path, type(module), attrs)])
 
 
 def path_label(path: str) -> str:
@@ -521,7 +529,7 @@ def _detect_unknown(modules: list[tuple[str, nn.Module]], changed: Mapping[str, 
         others = ", ".join(f"{path_label(p)} ({c.__name__})" for p, c, _ in offenders[1:])
         more = f" (and {len(offenders) - 1} more: {others})" if others else ""
         raise UnknownModuleError(
-            f"module {path_label(path)!r} of type {_qualname(cls)} has tensors whose shapes changed and int "
+            f"module {path_label(path)!r} of type {qualname(cls)} has tensors whose shapes changed and int "
             f"attribute(s) {attrs} equal to an old width (or an old per-head size); its attributes cannot be "
             f"synced automatically{more}. "
             f"Register a handler: `@register_attribute_sync({cls.__name__})` on `def fn(module, path, ctx): ...` "

@@ -45,9 +45,9 @@ import torch
 from torch import nn
 
 from .core import (
-    AttributeSyncError, SyncContext, UnknownModuleError, check_scale, config_rebuilds, handler_for, is_int, is_tensor,
-    module_check, out_width, path_label, register_attribute_sync, register_attribute_sync_by, register_config_fallback,
-    register_config_sync, register_derived_width, register_width_free, sync_config_by_shapes,
+    AttributeSyncError, SyncContext, check_scale, config_rebuilds, handler_for, is_int, is_tensor, module_check,
+    out_width, path_label, register_attribute_sync, register_attribute_sync_by, register_config_fallback,
+    register_config_sync, register_derived_width, register_width_free, sync_config_by_shapes, unknown_module,
 )
 
 __all__: list[str] = []  # nothing to import: the handlers are registered on import
@@ -217,13 +217,11 @@ def _sync_attention_embed_dim(m: nn.Module, path: str, ctx: SyncContext, q: nn.L
     elif m.embed_dim == old_width:
         m.embed_dim = int(q.out_features)
     elif (old_width, old_in) != (q.out_features, q.in_features):
-        raise UnknownModuleError(
-            f"module {path_label(path)!r} of type {type(m).__module__}.{type(m).__qualname__}: embed_dim="
-            f"{m.embed_dim} is neither the input width ({old_in}) nor the width ({old_width}) its q projection had, "
-            f"so what it measures is unknown and it cannot be synced; register a handler for this type "
-            f"(`@register_attribute_sync`) that recomputes it from the module's tensors",
-            [(path, type(m), ["embed_dim"])],
-        )
+        raise unknown_module(
+            path, m, ["embed_dim"],
+            f"embed_dim={m.embed_dim} is neither the input width ({old_in}) nor the width ({old_width}) its q "
+            f"projection had, so what it measures is unknown and it cannot be synced; register a handler for this "
+            f"type (`@register_attribute_sync`) that recomputes it from the module's tensors")
 
 
 def _hf_attention_modules(owner: nn.Module) -> list[nn.Module]:

@@ -35,8 +35,8 @@ from alignment.runner import model_dtype
 from . import torch_modules as _torch_modules  # noqa: F401  (registers nn.LayerNorm, whose handler is reused below)
 from .core import (
     AttributeSyncError, GroupsNotDivisibleError, HeadsNotDivisibleError, SyncContext, UnknownModuleError, check_scale,
-    divide_heads, is_int, is_tensor, lookup, module_check, out_width, path_label, register_attribute_sync,
-    register_attribute_sync_by, register_derived_width, register_width_free,
+    divide_heads, is_int, is_tensor, lookup, module_check, out_width, path_label, qualname, register_attribute_sync,
+    register_attribute_sync_by, register_derived_width, register_width_free, unknown_module,
 )
 
 __all__: list[str] = []  # nothing to import: the handlers are registered on import
@@ -523,13 +523,11 @@ def _sync_timm_model(m: nn.Module, path: str, ctx: SyncContext) -> None:
     stale = [k for k in unknown if getattr(m, k) in _changed_sizes(m, path, ctx)]
     if stale:
         why = f": {errors[-1]}" if errors else ""
-        raise UnknownModuleError(
-            f"module {path_label(path)!r} of type {type(m).__module__}.{type(m).__qualname__}: {' and '.join(stale)} "
-            f"cannot be derived: the model does not run on the meta device at its new widths{why} (a module whose "
-            f"attributes were not synced, or code that needs values). Register a handler for the offending type "
-            f"with `@register_attribute_sync(...)` (from fusion.modules)",
-            [(path, type(m), stale)],
-        )
+        raise unknown_module(
+            path, m, stale,
+            f"{' and '.join(stale)} cannot be derived: the model does not run on the meta device at its new "
+            f"widths{why} (a module whose attributes were not synced, or code that needs values). Register a handler "
+            f"for the offending type with `@register_attribute_sync(...)` (from fusion.modules)")
     if trace is not None:
         m.num_features = trace["num_features"]
         for entry in _feature_info(m):
@@ -568,11 +566,6 @@ def _old_rows(ctx: SyncContext, path: str, sub: str, m: nn.Module) -> int | None
     return int(conv.weight.shape[0])
 
 
-def _refuse(path: str, m: nn.Module, attrs: list[str], why: str) -> UnknownModuleError:
-    return UnknownModuleError(f"module {path_label(path)!r} of type {type(m).__module__}.{type(m).__qualname__}: "
-                              f"{why}", [(path, type(m), attrs)])
-
-
 def _timm_model_and(extra: Callable[[nn.Module, str, SyncContext], None]) -> Callable:
     """The handler of timm models by their attributes (:func:`_sync_timm_model`), then ``extra``
     for the model's own width attributes."""
@@ -604,7 +597,7 @@ def _sync_cross_stage(m: nn.Module, path: str, ctx: SyncContext) -> None:
     half = _conv_in(m.blocks, getattr(m, "conv_transition_b", None)) if len(m.blocks) or \
         getattr(m, "conv_transition_b", None) is not None else None
     if exp % 2 or (half is not None and exp != 2 * half):
-        raise _refuse(path, m, ["expand_chs"],
+        raise unknown_module(path, m, ["expand_chs"],
                       f"splits conv_exp's {exp} output channels into two equal halves (expand_chs // 2), but its "
                       f"blocks read {half}: the two halves were given different widths, which this split cannot "
                       f"express; give both spaces of the split the same width")
@@ -660,7 +653,7 @@ def _sync_dla_bottle2neck(m: nn.Module, path: str, ctx: SyncContext) -> None:
     ``width`` is what its scale convs read, and the pieces must stay equal (refused otherwise)."""
     width, total = int(m.convs[0].in_channels), int(m.conv1.out_channels)
     if width * m.scale != total:
-        raise _refuse(path, m, ["width"], f"splits conv1's {total} output channels into {m.scale} pieces of "
+        raise unknown_module(path, m, ["width"], f"splits conv1's {total} output channels into {m.scale} pieces of "
                                           f"`width` channels, but its scale convs read {width}: the pieces were "
                                           f"given different widths, which this split cannot express")
     m.width = width
@@ -673,15 +666,38 @@ def _ghost_widths(m: nn.Module) -> tuple[int, int]:
     return primary, primary + _conv_out(m.cheap_operation)
 
 
+def _ghost_out_fits(out_chs: int, primary: int, total: int) -> bool:
+    """Whether a ghost module of ``primary`` primary and ``total`` channels can have been built for
+    ``out_chs`` (timm builds ``ceil(out_chs / ratio)`` primary channels, ``ratio`` channels each, and
+    keeps the first ``out_chs``)."""
+    ratio = total // primary if primary and total % primary == 0 else 1
+    return total - ratio < out_chs <= total
+
+
+def _ghost_out_chs_messages(m: nn.Module, primary: int, total: int, short: int | None) -> Iterator[str]:
+    """What is stale in a ghost module's ``out_chs``: the width of its gate (``short_conv``, which
+    multiplies ``out_chs`` channels) when it has one, else the channels it computes."""
+    if short is not None and m.out_chs != short:
+        yield f"out_chs={m.out_chs} but short_conv outputs {short} channels"
+    elif short is None and not _ghost_out_fits(m.out_chs, primary, total):
+        yield f"out_chs={m.out_chs} but the module computes {total} channels ({primary} primary)"
+
+
+def _sync_ghost_out_chs(m: nn.Module, path: str, primary: int, total: int, short: int | None) -> None:
+    """A ghost module's ``out_chs`` from its gate's width (a gate wider than its channels refused),
+    else, when the old value no longer fits its channels, all of them."""
+    if short is not None:
+        if short > total:
+            raise unknown_module(path, m, ["out_chs"], f"gates {short} channels (short_conv) but computes only {total}")
+        m.out_chs = short
+    elif not _ghost_out_fits(m.out_chs, primary, total):
+        m.out_chs = total
+
+
 @module_check
 def _check_ghost_module(m: nn.Module) -> Iterator[str]:
     primary, total = _ghost_widths(m)
-    short = _conv_out(getattr(m, "short_conv", None))
-    ratio = total // primary if primary and total % primary == 0 else 1
-    if short is not None and m.out_chs != short:  # V2: the gate multiplies out_chs channels
-        yield f"out_chs={m.out_chs} but short_conv outputs {short} channels"
-    elif not total - ratio < m.out_chs <= total:  # as built: ceil(out_chs / ratio) primary channels
-        yield f"out_chs={m.out_chs} but the module computes {total} channels ({primary} primary)"
+    yield from _ghost_out_chs_messages(m, primary, total, _conv_out(getattr(m, "short_conv", None)))
 
 
 @register_attribute_sync("timm.models.ghostnet.GhostModule", "timm.models.ghostnet.GhostModuleV2",
@@ -695,21 +711,14 @@ def _sync_ghost_module(m: nn.Module, path: str, ctx: SyncContext) -> None:
     all of them (the layout a width change keeps)."""
     primary, total = _ghost_widths(m)
     short = _conv_out(getattr(m, "short_conv", None))
-    if short is not None:
-        if short > total:
-            raise _refuse(path, m, ["out_chs"], f"gates {short} channels (short_conv) but computes only {total}")
-        m.out_chs = short
-        return
-    if ctx.old_shapes is None:
-        ratio = total // primary if primary and total % primary == 0 else 1
-        if not total - ratio < m.out_chs <= total:
-            m.out_chs = total
+    if short is not None or ctx.old_shapes is None:
+        _sync_ghost_out_chs(m, path, primary, total, short)
         return
     old = _old_rows(ctx, path, "primary_conv.0", m) + _old_rows(ctx, path, "cheap_operation.0", m)
     if m.out_chs >= old:
         m.out_chs = total
     elif total != old:
-        raise _refuse(path, m, ["out_chs"], f"keeps the first out_chs={m.out_chs} of its {old} channels; how many "
+        raise unknown_module(path, m, ["out_chs"], f"keeps the first out_chs={m.out_chs} of its {old} channels; how many "
                                             f"of its {total} new channels to keep cannot be derived")
 
 
@@ -768,12 +777,8 @@ def _check_ghost_module_v3(m: nn.Module) -> Iterator[str]:
             yield f"in_channels={m.in_channels} but its primary branch outputs {primary} channels"
         if m.groups != groups:
             yield f"groups={m.groups} but its cheap conv has groups={groups}"
-        short = _conv_out(m.short_conv) if m.mode == "shortcut" else None
-        ratio = total // primary if primary and total % primary == 0 else 1
-        if short is not None and m.out_chs != short:  # the gate multiplies out_chs channels
-            yield f"out_chs={m.out_chs} but short_conv outputs {short} channels"
-        elif short is None and not total - ratio < m.out_chs <= total:
-            yield f"out_chs={m.out_chs} but the module outputs {total} channels ({primary} primary)"
+        yield from _ghost_out_chs_messages(m, primary, total,
+                                           _conv_out(m.short_conv) if m.mode == "shortcut" else None)
     if (stale := _stale_id_tensor(m)) is not None:
         yield f"id_tensor {stale} (cached identity kernel) does not fit in_channels={m.in_channels}"
 
@@ -791,15 +796,7 @@ def _sync_ghost_module_v3(m: nn.Module, path: str, ctx: SyncContext) -> None:
     if widths is not None:
         primary, total, groups = widths
         m.in_channels, m.groups = primary, groups
-        short = _conv_out(m.short_conv) if m.mode == "shortcut" else None
-        if short is not None:
-            if short > total:
-                raise _refuse(path, m, ["out_chs"], f"gates {short} channels (short_conv) but computes only {total}")
-            m.out_chs = short
-        else:
-            ratio = total // primary if primary and total % primary == 0 else 1
-            if not total - ratio < m.out_chs <= total:
-                m.out_chs = total
+        _sync_ghost_out_chs(m, path, primary, total, _conv_out(m.short_conv) if m.mode == "shortcut" else None)
     if _stale_id_tensor(m) is not None:
         del m.id_tensor
 
@@ -895,7 +892,7 @@ _REPARAM_BLOCKS = {
 def _reparam_widths(m: nn.Module) -> dict[str, int] | None:
     """The width attributes of a reparameterisable block from the branch that holds its conv (or,
     with no conv branch, its identity BatchNorm: a depthwise or ungrouped block stays so)."""
-    in_attr, out_attr, branches = _REPARAM_BLOCKS[_qualname(type(m))]
+    in_attr, out_attr, branches = _REPARAM_BLOCKS[qualname(type(m))]
     for name in branches:
         branch = getattr(m, name, None)
         if not isinstance(branch, nn.Module):
@@ -918,15 +915,11 @@ def _reparam_widths(m: nn.Module) -> dict[str, int] | None:
     return {}
 
 
-def _qualname(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
 @module_check
 def _check_reparam_block(m: nn.Module) -> Iterator[str]:
     widths = _reparam_widths(m)
     if widths is None:
-        in_attr = _REPARAM_BLOCKS[_qualname(type(m))][0]
+        in_attr = _REPARAM_BLOCKS[qualname(type(m))][0]
         yield f"groups={m.groups} of a block with no conv branch is neither 1 nor {in_attr}={getattr(m, in_attr)}"
     for k, v in (widths or {}).items():
         if getattr(m, k) != v:
@@ -940,7 +933,7 @@ def _sync_reparam_block(m: nn.Module, path: str, ctx: SyncContext) -> None:
     ``reparameterize()``, not by the forward) are those of the conv of their branches."""
     widths = _reparam_widths(m)
     if widths is None:
-        raise _refuse(path, m, ["groups"], f"groups={m.groups} of a block with no conv branch is neither 1 nor its "
+        raise unknown_module(path, m, ["groups"], f"groups={m.groups} of a block with no conv branch is neither 1 nor its "
                                            f"width: its new groups cannot be derived")
     for k, v in widths.items():
         setattr(m, k, v)
@@ -974,7 +967,7 @@ def _sync_linear_self_attention(m: nn.Module, path: str, ctx: SyncContext) -> No
     refused."""
     qkv, kv = _linear_self_attention_widths(m)
     if qkv != 1 + 2 * kv:
-        raise _refuse(path, m, ["embed_dim"],
+        raise unknown_module(path, m, ["embed_dim"],
                       f"splits qkv_proj's {qkv} output channels into a 1-channel query and a key and a value of "
                       f"embed_dim channels each, but out_proj reads {kv}: the split was given other widths, which "
                       f"it cannot express; give the key/value space one width and keep the query's single channel")
