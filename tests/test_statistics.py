@@ -508,3 +508,24 @@ def test_statistics_merge_refuses_what_is_no_statistics():
     stats = collect([a], discover_all([a], x), x)
     with pytest.raises(InvalidOptionError, match="Statistics.merge takes another Statistics.*got NoneType"):
         stats.merge(None)
+
+
+def test_subsampled_tokens_of_a_token_major_tensor_are_whole_tokens():
+    """Guards the gather of ``positions_per_image`` on (images, tokens, features) tensors read
+    feature-first (a transposed view, gathered in memory order since it was ten times slower the
+    other way): with every token of an image equal, any k tokens per image give the same mean and
+    covariance as all of them, with images x k samples (a gather along the wrong axis, or one
+    that mixes features of different tokens, does not)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.GELU(), torch.nn.Linear(12, 3)).eval()
+    g = discover(model, torch.randn(2, 5, 6))
+    base = torch.randn(20, 1, 6, generator=torch.Generator().manual_seed(1))
+    cal = base.expand(20, 5, 6).contiguous()
+    full = collect([model], [g], cal, precision="float64")
+    sub = collect([model], [g], cal, precision="float64", positions_per_image=2)
+    assert sub.points and set(sub.points) == set(full.points)
+    for name in full.points:
+        for p, q in zip(full.points[name], sub.points[name]):
+            assert (p.count, q.count) == (20 * 5, 20 * 2)
+            torch.testing.assert_close(q.mean(), p.mean(), rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(q.covariance(), p.covariance(), rtol=1e-10, atol=1e-10)
