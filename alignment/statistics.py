@@ -592,7 +592,9 @@ def collect(
 
     Returns:
         :class:`Statistics` with per-space, per-point running sums. A tensor read at two points of a
-        space (e.g. a module's output and the next module's input) is multiplied out once. Where
+        space (e.g. a module's output and the next module's input) is multiplied out once, and an
+        eval-mode BatchNorm's output whose input was read at another point of the space is neither
+        copied nor multiplied: its sums are that point's, scaled per feature (exact). Where
         collection reads other points than asked (an explicit ``points`` policy that finds none
         of a space, points that not every model has, a point with no axis of the batch's images
         where ``positions_per_image`` cannot draw positions per image), :attr:`Statistics.notes`
@@ -670,11 +672,13 @@ def collect(
     def before(i: int) -> None:
         buffers[i].clear()
         calls.clear()
-        reader.seen.clear()
+        reader.clear()
 
     def on_batch(x, outs) -> None:
         for name, pts in stats.points.items():
             done: dict[tuple, tuple] = {}
+            sums: dict[int, tuple] = {}
+            affine = []
             for k, ps in enumerate(pts):
                 got = [buffers[i].get((name, k)) for i in range(len(runs))]
                 if any(f is None for f in got):
@@ -682,13 +686,25 @@ def collect(
                         f"observation point {k} of space {name!r} did not fire in every model (or its "
                         f"module gave no tensor of the traced rank and feature size); the forward pass "
                         f"differs from the traced one")
+                if any(isinstance(f, _Affine) for f in got):
+                    affine.append((k, ps, got))
+                    continue
                 # the same tensor read at two points of the space: one product, added twice
                 key = tuple(id(f) for f in got)
                 if key not in done:
                     # the reader's copies are centred already, on shifts it took from the first batch
                     shift = torch.cat([reader.shifts[(name, k, i)] for i in range(len(runs))]).double()
                     done[key] = ps.products(got, shift=shift)
+                sums[k] = done[key]
                 ps.add(done[key])
+            for k, ps, got in affine:
+                src = {f.point if isinstance(f, _Affine) else None for f in got}
+                if len(src) == 1 and None not in src:  # every model's: an image of one read point's sums
+                    ps.add(_affine_sums(sums[src.pop()], got, ps.offsets()))
+                else:  # some models' only: their features made from the point they are an image of
+                    raw = [f.of(buffers[i][(name, f.point)], reader.shifts[(name, f.point, i)]) if isinstance(f, _Affine)
+                           else f + reader.shifts[(name, k, i)].to(f)[:, None] for i, f in enumerate(got)]
+                    ps.add(ps.products(raw))
         reader.batch += 1
 
     try:
@@ -761,6 +777,55 @@ class _Reader:
         self.notes: dict[str, None] = {}  # points where positions could not be subsampled per image
         self.seen: dict[tuple, tuple] = {}
         self.shifts: dict[tuple[str, int, int], torch.Tensor] = {}
+        self.origin: dict[tuple, tuple[str, int]] = {}  # a read tensor's key -> the (space, point) reading it first
+        self.derived: dict[tuple, tuple] = {}  # an affine image's key -> (tensor ref, version, space, _Affine)
+
+    def clear(self) -> None:
+        """Forget the tensors of the last forward pass."""
+        self.seen.clear()
+        self.origin.clear()
+        self.derived.clear()
+
+    @staticmethod
+    def _key(t: torch.Tensor, o: Observation) -> tuple:
+        return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.storage_offset(), o.dim, o.start, o.stop)
+
+    @staticmethod
+    def _current(hit: tuple | None, t: torch.Tensor) -> bool:
+        # the same storage, still alive (so not reused) and not modified since
+        return hit is not None and hit[0]() is not None and hit[1] == t._version
+
+    def affine(self, t: torch.Tensor, o: Observation, where: tuple[str, int, int], module: nn.Module,
+               args: tuple) -> "_Affine | None":
+        """An :class:`_Affine` marker when ``t``'s features at ``o`` are a per-feature affine
+        image of features this forward pass read at another point of the same space: the output
+        of an eval-mode BatchNorm (running statistics, no fused activation) whose input was read
+        there, or that output read again at a later point (a Sequential ending in the norm).
+        None: read ``t`` itself."""
+        key = self._key(t, o)
+        hit = self.derived.get(key)
+        if self._current(hit, t):
+            return hit[3] if hit[2] == where[0] else None
+        if o.io != "output" or not _eval_batchnorm(module) or not args or not isinstance(args[0], torch.Tensor):
+            return None
+        x = args[0]
+        dim = o.dim if t.dim() == o.ndim or o.ndim == 0 else o.dim - o.ndim + t.dim()
+        key_in = self._key(x, o)
+        src = self.origin.get(key_in)
+        if (dim != 1 or x.shape != t.shape or src is None or src[0] != where[0]
+                or not self._current(self.seen.get(key_in), x)):
+            return None
+        with torch.no_grad():
+            var = module.running_var.detach().double()
+            scale = (var + module.eps).rsqrt()
+            if module.weight is not None:
+                scale = scale * module.weight.detach().double()
+            offset = -module.running_mean.detach().double() * scale
+            if module.bias is not None:
+                offset = offset + module.bias.detach().double()
+        mark = _Affine(src[1], scale[o.start:o.stop], offset[o.start:o.stop])
+        self.derived[key] = (weakref.ref(t), t._version, where[0], mark)
+        return mark
 
     def _images_first(self, v: torch.Tensor, o: Observation, where: tuple[str, int, int], shape: tuple) -> torch.Tensor:
         """``v`` (features first) with its image axis second, so that positions are drawn per
@@ -779,12 +844,12 @@ class _Reader:
         return v.reshape(v.shape[0], -1)
 
     def __call__(self, t: torch.Tensor, o: Observation, where: tuple[str, int, int]) -> torch.Tensor:
-        key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.storage_offset(), o.dim, o.start, o.stop)
+        key = self._key(t, o)
         hit = self.seen.get(key)
-        # the same storage, still alive (so not reused) and not modified since: the same features
-        if hit is not None and hit[0]() is not None and hit[1] == t._version:
+        if self._current(hit, t):  # the same features
             self.shifts.setdefault(where, hit[3])  # the same tensor: the same first-batch mean
             return hit[2]
+        self.origin[key] = where[:2]
         src, version, name = weakref.ref(t), t._version, where[0]
         dim = o.dim if t.dim() == o.ndim or o.ndim == 0 else o.dim - o.ndim + t.dim()
         v = t.detach().movedim(dim, 0)[o.start:o.stop]
@@ -834,12 +899,16 @@ def _install(module: nn.Module, items: list[tuple[str, int, Observation]], buf: 
     handles = []
     key = id(module)
 
+    def take(t, o, where, mod, args):
+        mark = read.affine(t, o, where, mod, args)
+        buf[where[:2]] = mark if mark is not None else read(t, o, where)
+
     def pre(mod, args):
         call = calls.get(key, 0)
         for name, k, o in ins:
             t = o.read(args) if o.call == call else None
             if t is not None:
-                buf[(name, k)] = read(t, o, (name, k, model))
+                take(t, o, (name, k, model), mod, args)
         if not outs:
             calls[key] = call + 1
 
@@ -848,7 +917,7 @@ def _install(module: nn.Module, items: list[tuple[str, int, Observation]], buf: 
         for name, k, o in outs:
             t = o.read(out) if o.call == call else None
             if t is not None:
-                buf[(name, k)] = read(t, o, (name, k, model))
+                take(t, o, (name, k, model), mod, args)
         calls[key] = call + 1
 
     if ins:
@@ -856,3 +925,39 @@ def _install(module: nn.Module, items: list[tuple[str, int, Observation]], buf: 
     if outs:
         handles.append(module.register_forward_hook(post))
     return handles
+
+
+def _eval_batchnorm(module: nn.Module) -> bool:
+    """A BatchNorm whose forward is torch's own (not one with a fused activation, such as timm's
+    BatchNormAct2d), in eval mode with running statistics: a per-feature affine map."""
+    bn = nn.modules.batchnorm._BatchNorm
+    return (isinstance(module, bn) and type(module).forward is bn.forward and not module.training
+            and module.running_mean is not None and module.running_var is not None)
+
+
+@dataclass(frozen=True)
+class _Affine:
+    """Features that are ``scale * f + offset`` per feature, ``f`` the features the same forward
+    pass read at point ``point`` of the same space (float64 ``scale`` and ``offset``)."""
+
+    point: int
+    scale: torch.Tensor
+    offset: torch.Tensor
+
+    def of(self, centred: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """These features (not centred) from the point's centred copy and its shift."""
+        scale = self.scale.to(centred)[:, None]
+        return torch.addcmul((self.scale * shift.double() + self.offset).to(centred)[:, None], centred, scale)
+
+
+def _affine_sums(sums: tuple, marks: Sequence[_Affine], offsets: list[int]) -> tuple:
+    """One batch's sums (:meth:`PointStats.products`) of per-feature affine images ``a f + b`` of
+    features whose sums are ``sums``: centred on ``a shift + b`` they are ``a (f - shift)``, so every
+    sum scales (``s1`` by ``a``, squares by ``a^2``, the block of models i, j by ``a_i a_j^T``), in
+    float64, without reading the features again."""
+    count, shift, s1, sq, blocks = sums
+    a = torch.cat([m.scale for m in marks]).to(shift.device)
+    b = torch.cat([m.offset for m in marks]).to(shift.device)
+    o = offsets
+    scaled = {(i, j): blk.double() * a[o[i]:o[i + 1], None] * a[None, o[j]:o[j + 1]] for (i, j), blk in blocks.items()}
+    return count, a * shift + b, a * s1.double(), a * a * sq.double(), scaled
