@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import sys
 import time
 import warnings
 import weakref
@@ -799,8 +800,8 @@ class _Reader:
                args: tuple) -> "_Affine | None":
         """An :class:`_Affine` marker when ``t``'s features at ``o`` are a per-feature affine
         image of features this forward pass read at another point of the same space: the output
-        of an eval-mode BatchNorm (running statistics, no fused activation) whose input was read
-        there, or that output read again at a later point (a Sequential ending in the norm).
+        of an eval-mode BatchNorm without activation (:func:`_eval_batchnorm`) whose input was
+        read there, or that output read again at a later point (a Sequential ending in the norm).
         None: read ``t`` itself."""
         key = self._key(t, o)
         hit = self.derived.get(key)
@@ -928,11 +929,18 @@ def _install(module: nn.Module, items: list[tuple[str, int, Observation]], buf: 
 
 
 def _eval_batchnorm(module: nn.Module) -> bool:
-    """A BatchNorm whose forward is torch's own (not one with a fused activation, such as timm's
-    BatchNormAct2d), in eval mode with running statistics: a per-feature affine map."""
+    """A per-feature affine map: a BatchNorm in eval mode with running statistics whose forward is
+    torch's own, or timm's BatchNormAct2d whose activation and dropout are identities (with an
+    activation it is not affine)."""
     bn = nn.modules.batchnorm._BatchNorm
-    return (isinstance(module, bn) and type(module).forward is bn.forward and not module.training
-            and module.running_mean is not None and module.running_var is not None)
+    if not isinstance(module, bn) or module.training or module.running_mean is None or module.running_var is None:
+        return False
+    forward = type(module).forward
+    if forward is bn.forward:
+        return True
+    timm_norm = sys.modules.get("timm.layers.norm_act")  # (loaded wherever a model holds one)
+    return (timm_norm is not None and forward is getattr(getattr(timm_norm, "BatchNormAct2d", None), "forward", None)
+            and all(isinstance(getattr(module, a, None), nn.Identity) for a in ("act", "drop")))
 
 
 @dataclass(frozen=True)

@@ -606,3 +606,43 @@ def test_a_batchnorm_derived_in_one_model_and_read_in_another_gives_their_joint_
     graphs = [discover(a, x), discover(b, x)]
     stats = collect([a, b], graphs, cal, precision="float64")
     assert _direct_statistics_check([a, b], cal, stats, graphs) > 40
+
+
+def test_timm_batchnorm_act_is_derived_only_without_activation(monkeypatch):
+    """Guards: timm's BatchNormAct2d is affine only when its activation and dropout are identities
+    (EfficientNet's projection norms): that output is derived from its input's sums, one with an
+    activation is read; both give the statistics of the features a hook reads."""
+    from timm.layers.norm_act import BatchNormAct2d
+
+    from alignment.statistics import _Reader
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.bn1 = BatchNormAct2d(8, act_layer=torch.nn.ReLU)
+            self.conv2 = torch.nn.Conv2d(8, 6, 3, padding=1)
+            self.bn2 = BatchNormAct2d(6, apply_act=False)
+            self.head = torch.nn.Linear(6, 4)
+
+        def forward(self, x):
+            return self.head(self.bn2(self.conv2(self.bn1(self.conv1(x)))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    models = []
+    for _ in range(2):
+        m = Net()
+        for bn in (m.bn1, m.bn2):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.2, 3)
+        models.append(m.eval())
+    x = torch.randn(2, 3, 6, 6)
+    graphs = [discover(m, x) for m in models]
+    cal = torch.randn(10, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    read = []
+    real = _Reader.__call__
+    monkeypatch.setattr(_Reader, "__call__", lambda self, t, o, where: read.append(o.module) or real(self, t, o, where))
+    stats = collect(models, graphs, cal, precision="float64")
+    monkeypatch.setattr(_Reader, "__call__", real)
+    assert "bn2" not in read and "conv2" in read and "bn1" in read
+    assert _direct_statistics_check(models, cal, stats, graphs) >= 4
