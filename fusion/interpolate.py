@@ -87,18 +87,27 @@ def interpolation_curve(
 
     Returns:
         ``{"method", "repair", "refine", "alphas", "accuracy", "loss", "barrier_accuracy", "barrier_loss",
-        "endpoints", "seconds"}``. The barriers are the largest drop of the curve below the straight
-        line between its endpoints (accuracy) and the largest rise above it (loss). The endpoints are
-        the curve's values at alpha 0 and 1 when ``alphas`` contains them, otherwise the source
-        models evaluated as they are.
+        "endpoints", "seconds"}``. ``endpoints``: the accuracy and loss of the two source models
+        evaluated as they are. The barriers are the largest drop of the curve below the straight
+        line between the sources (accuracy) and the largest rise above it (loss). The curve's own
+        ends need not be the sources: a repair refits the norms there, and ``zip`` and ``merge``
+        merge units inside each model, so their curves start and end at compressed models, whose
+        loss against the sources counts in the barrier.
     """
     build = _check(models, repair, alphas, refine, repair_options, refine_options)
     _refuse_build_keywords(options)
     models = _distinct(models)
     t0 = time.perf_counter()
     al = align(models, calibration, method=method, device=device, progress=progress, **options)
+    sources = _sources(models, data, device)
     return _curve(al, models, calibration, data, alphas, method, repair, device, time.perf_counter() - t0, progress,
-                  **build)
+                  sources=sources, **build)
+
+
+def _sources(models: Sequence[nn.Module], data: Any, device: str | torch.device | None) -> dict[str, list[float]]:
+    """The accuracy and loss of each source model as it is (the barriers' straight line)."""
+    res = [evaluate_loss_and_accuracy(m, data, device=device) for m in models]
+    return {"accuracy": [float(r["accuracy"]) for r in res], "loss": [float(r["loss"]) for r in res]}
 
 
 def _distinct(models: Sequence[nn.Module]) -> list[nn.Module]:
@@ -170,9 +179,11 @@ def _alphas(alphas: Sequence[float] | None) -> list[float]:
 def _curve(al: Alignment, models: Sequence[nn.Module], calibration: Any, data: Any,
            alphas: Sequence[float] | None, method: str, repair: str,
            device: str | torch.device | None, align_seconds: float, progress: bool = False, refine: str = "none",
-           repair_options: dict[str, Any] | None = None, refine_options: dict[str, Any] | None = None) -> dict[str, Any]:
+           repair_options: dict[str, Any] | None = None, refine_options: dict[str, Any] | None = None,
+           sources: dict[str, list[float]] | None = None) -> dict[str, Any]:
     """The curve of an existing alignment (``seconds`` includes ``align_seconds``); every point is
-    built with ``refine`` and the options."""
+    built with ``refine`` and the options; barriers against ``sources`` (:func:`_sources`;
+    evaluated here when None)."""
     alphas = _alphas(alphas)
     t0 = time.perf_counter()
     accs: list[float] = []
@@ -190,16 +201,9 @@ def _curve(al: Alignment, models: Sequence[nn.Module], calibration: Any, data: A
         accs.append(float(res["accuracy"]))
         losses.append(float(res["loss"]))
         del fused
-    end_acc, end_loss = [], []
-    for i, end in enumerate((0.0, 1.0)):
-        if end in alphas:
-            j = alphas.index(end)
-            end_acc.append(accs[j])
-            end_loss.append(losses[j])
-        else:
-            res = evaluate_loss_and_accuracy(models[i], data, device=device)
-            end_acc.append(float(res["accuracy"]))
-            end_loss.append(float(res["loss"]))
+    if sources is None:
+        sources = _sources(models, data, device)
+    end_acc, end_loss = list(sources["accuracy"]), list(sources["loss"])
     b_acc, b_loss = _barriers(alphas, accs, losses, end_acc, end_loss)
     return {
         "method": method,
@@ -294,7 +298,8 @@ def interpolation_report(
 
     Returns:
         The list of curve dicts, methods outer, repairs inner. Each method is aligned once and its
-        alignment shared by its repairs (each curve's ``seconds`` counts the alignment).
+        alignment shared by its repairs (each curve's ``seconds`` counts the alignment); the source
+        models are evaluated once, and every curve's barriers are against them.
     """
     methods, repairs = list(methods), list(repairs)
     if not methods or not repairs:
@@ -306,13 +311,15 @@ def interpolation_report(
     if out is not None:
         check_output_folder(out, (JSON_NAME, PLOT_NAME), overwrite)
     models = _distinct(models)
+    sources = _sources(models, data, device)  # (once: every curve's barriers are against them)
     curves = []
     for m in methods:  # one alignment per method, shared by its repairs
         t0 = time.perf_counter()
         al = align(models, calibration, method=m, device=device, progress=progress, **per_method[m])
         dt = time.perf_counter() - t0
         for r in repairs:
-            curves.append(_curve(al, models, calibration, data, alphas, m, r, device, dt, progress, **build))
+            curves.append(_curve(al, models, calibration, data, alphas, m, r, device, dt, progress, sources=sources,
+                                 **build))
     if out is not None:
         write_files(out, {JSON_NAME: (json.dumps(_json_safe(curves), indent=1) + "\n").encode(),
                           PLOT_NAME: _plot_png(curves)})

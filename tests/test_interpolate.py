@@ -242,3 +242,28 @@ def test_a_curve_takes_refine_and_repair_options_and_refuses_fuse_weights():
     curves = interpolation_report(models, cal, data, methods=("permute",), repairs=("none",), alphas=[0.5],
                                   refine="lstsq", refine_options={"ridge": 1e-3})
     assert curves[0]["refine"] == "lstsq" and curves[0]["loss"] == pytest.approx(c["loss"])
+
+
+def test_barriers_are_against_the_sources_even_where_the_curve_ends_elsewhere(monkeypatch):
+    """Guards: the barrier line joins the two source models as they are, also when the curve's own
+    ends are other models (zip merges units inside each model, so alpha 0 is a compressed model A;
+    before, the barrier was taken against those compressed ends and hid their loss). A report
+    evaluates the sources once for all its curves."""
+    import fusion.interpolate as fi
+
+    models, x = _pair("cnn")
+    data = _data(x.shape, n=48)
+    src = [evaluate_loss_and_accuracy(m, data) for m in models]
+    c = interpolation_curve(models, data, data, method="zip", repair="none", alphas=[0.0, 0.5, 1.0])
+    assert c["endpoints"]["accuracy"] == [r["accuracy"] for r in src]
+    assert c["endpoints"]["loss"] == pytest.approx([r["loss"] for r in src], abs=1e-6)
+    line_loss = [(1 - a) * src[0]["loss"] + a * src[1]["loss"] for a in c["alphas"]]
+    assert c["barrier_loss"] == pytest.approx(max(v - w for v, w in zip(c["loss"], line_loss)), abs=1e-6)
+    assert c["loss"][0] != pytest.approx(src[0]["loss"], abs=1e-4)  # the curve starts at another model
+
+    calls = []
+    real = fi._sources
+    monkeypatch.setattr(fi, "_sources", lambda *a, **k: calls.append(1) or real(*a, **k))
+    curves = interpolation_report(models, data, data, methods=("average", "permute"), repairs=("none",),
+                                  alphas=[0.0, 1.0])
+    assert len(calls) == 1 and all(k["endpoints"] == curves[0]["endpoints"] for k in curves)
