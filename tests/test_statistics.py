@@ -646,3 +646,34 @@ def test_timm_batchnorm_act_is_derived_only_without_activation(monkeypatch):
     monkeypatch.setattr(_Reader, "__call__", real)
     assert "bn2" not in read and "conv2" in read and "bn1" in read
     assert _direct_statistics_check(models, cal, stats, graphs) >= 4
+
+
+def test_float32_statistics_of_long_batches_stay_within_1e6_of_float64():
+    """Guards the 1e-6 bound where a batch holds tens of thousands of samples per unit (a ResNet
+    stem: 256 images x 196 positions) and a method reads each model against an anchor (no model's
+    product with itself: the squared sums come from row norms). One float32 norm over the whole
+    row drifted by up to 5e-5 relative (half the ReLU outputs are 0: centred, one value repeated,
+    whose rounding errors add up instead of cancelling; a trained stem's variances were 6e-6 off
+    in Frobenius norm); now runs of 1024 samples are summed in float64."""
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        m = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(16, 4)).eval()
+        with torch.no_grad():
+            m[0].bias.zero_()
+        models.append(m)
+    x = torch.randn(2, 1, 160, 160)
+    graphs = [discover(m, x) for m in models]
+    data = torch.randn(4, 1, 160, 160, generator=torch.Generator().manual_seed(1))  # 102,400 positions
+    s64 = collect(models, graphs, data, precision="float64", points="outputs", pairs=[(0, 1)])
+    s32 = collect(models, graphs, data, points="outputs", pairs=[(0, 1)])
+    checked = 0
+    for space, pts in s64.points.items():
+        for p, q in zip(pts, s32.points[space]):
+            if p.count < 50_000:
+                continue
+            for u, v in ((p.sq, q.sq), (p.variance(), q.variance()), (p.covariance(), q.covariance())):
+                assert float((u - v).norm()) <= 1e-6 * float(u.norm()), space
+            checked += 1
+    assert checked
