@@ -677,3 +677,24 @@ def test_float32_statistics_of_long_batches_stay_within_1e6_of_float64():
                 assert float((u - v).norm()) <= 1e-6 * float(u.norm()), space
             checked += 1
     assert checked
+
+
+@pytest.mark.parametrize("layout", ["channel-major", "token-major", "strided"])
+def test_squared_sums_of_every_layout_stay_within_1e6(layout):
+    """Guards the per-feature squared sums (``sq`` where a model's product with itself is not
+    collected) on each layout the reader copies into: rows contiguous, a token-major copy (``f.T``
+    contiguous, read by column sums of runs of rows) and any other (``vecdot``); 70,000 samples
+    with half of them one repeated centred value (a ReLU's zeros), against float64 (one float32
+    norm per row: 5e-5 off)."""
+    from alignment.statistics import _row_squares
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.relu(torch.randn(70_000, 24, generator=g))
+    x = x - x.mean(0)
+    f = {"channel-major": x.t().contiguous(), "token-major": x.t(),
+         "strided": torch.cat([x, x], 1).t()[::2]}[layout]
+    assert f.shape == (24, 70_000)
+    want = (f.double() ** 2).sum(1)
+    got = _row_squares(f)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
