@@ -46,12 +46,13 @@ def many_models(zoo: str, n: int) -> list[torch.nn.Module]:
     return out[:n]
 
 
-def run_job(label, models, cal, test, method, repair, repeats, device):
+def run_job(label, models, cal, test, method, repair, repeats, device, positions_per_image=None):
     rows = []
     for _ in range(repeats):
         floor = floor_seconds(models, cal, device)
         t = time.perf_counter()
-        fused = fusion.fuse(models, cal, method=method, repair=repair, device=device)
+        fused = fusion.fuse(models, cal, method=method, repair=repair, device=device,
+                            positions_per_image=positions_per_image)
         total = time.perf_counter() - t
         # a repair that reads the fused model's activations needs one more pass: the job's own floor
         extra = floor_seconds([fused], cal, device) if repair != "none" else 0.0
@@ -61,6 +62,8 @@ def run_job(label, models, cal, test, method, repair, repeats, device):
     acc = 100 * accuracy(fused, test, device=device) if test is not None else float("nan")
     cells = " | ".join(f"{sec.get(k, 0.0):.2f}" for k in STAGES)
     spread = f"{min(r[0] for r in rows):.2f}-{max(r[0] for r in rows):.2f}"
+    if positions_per_image is not None:
+        label += f" (positions_per_image={positions_per_image})"
     return (f"| {label} | {len(models)} | {method} + {repair} | {floor:.2f} | {cells} | {total:.2f} | "
             f"**{ratio:.2f}x** ({spread}) | {job_floor:.2f} | {total / job_floor:.2f}x | {acc:.2f} |")
 
@@ -71,7 +74,8 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/speed.md")
     ap.add_argument("--calibration-size", type=int, default=2000)
     ap.add_argument("--jobs", default=";".join(JOBS),
-                    help="';'-separated 'a,b[,...]:method:repair' jobs (zoo names)")
+                    help="';'-separated 'a,b[,...]:method:repair[:K]' jobs (zoo names; K: statistics on K "
+                         "random positions or tokens per image)")
     ap.add_argument("--many", type=int, default=8, help="also fuse this many ResNet-18s (0: skip)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
@@ -95,17 +99,19 @@ def main() -> None:
         "|---|---:|---|---:|" + "---:|" * len(STAGES) + "---:|---:|---:|---:|---:|",
     ]
     for job in [j for j in args.jobs.split(";") if j.strip()]:
-        names, method, repair = job.split(":")
+        names, method, repair, *ppi = job.split(":")
         models = [load_model(n, args.zoo)[0] for n in names.split(",")]
-        lines.append(run_job(names.replace(",", " + "), models, cal, test, method, repair, args.repeats, args.device))
+        lines.append(run_job(names.replace(",", " + "), models, cal, test, method, repair, args.repeats, args.device,
+                             int(ppi[0]) if ppi else None))
         print(lines[-1], flush=True)
     if args.many:
         models = many_models(args.zoo, args.many)
         lines.append(run_job(f"r18w32 x {args.many} (s0, s1 and permuted copies)", models, cal, test, "permute",
                              "reset_bn", args.repeats, args.device))
         print(lines[-1], flush=True)
+    jobs = f" --jobs '{args.jobs}'" if args.jobs != ";".join(JOBS) else ""
     lines += footer(f"python benchmarks/speed.py --calibration-size {args.calibration_size} --many {args.many} "
-                    f"--repeats {args.repeats} --device {args.device}",
+                    f"--repeats {args.repeats} --device {args.device}{jobs}",
                     f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else "")
     write_results(lines, args.out)
 

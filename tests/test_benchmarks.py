@@ -68,3 +68,30 @@ def test_architecture_benchmark_prepares_weights_and_batchnorm_statistics():
     assert abs(model[0].weight.std().item() - 27 ** -0.5) < 0.02
     assert torch.equal(model[0].bias, bias)
     assert not torch.equal(model[1].running_var, torch.ones(64))
+
+
+def test_speed_benchmark_job_passes_its_positions_per_image_to_fuse(monkeypatch):
+    """Property: a speed job's fourth field (``a,b:method:repair:K``) is the fusion's
+    ``positions_per_image`` (a subsampled job must time the subsampled statistics) and is named in
+    its row; without it, statistics read every position."""
+    import torch
+
+    import fusion
+    from tests.tiny_models import build
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # (its results_file helper)
+    speed = _script("speed")
+    seen = []
+    real = fusion.fuse
+
+    def spy(*args, **kw):
+        seen.append(kw.get("positions_per_image"))
+        return real(*args, **kw)
+    monkeypatch.setattr(speed.fusion, "fuse", spy)
+    a, x = build("cnn", seed=0)
+    b, _ = build("cnn", seed=1)
+    cal = torch.randn(8, *x.shape[1:], generator=torch.Generator().manual_seed(0))
+    row = speed.run_job("a + b", [a, b], cal, None, "permute", "none", 1, "cpu", 2)
+    assert seen == [2] and "(positions_per_image=2)" in row
+    speed.run_job("a + b", [a, b], cal, None, "permute", "none", 1, "cpu")
+    assert seen == [2, None]
