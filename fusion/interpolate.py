@@ -100,8 +100,7 @@ def interpolation_curve(
     t0 = time.perf_counter()
     al = align(models, calibration, method=method, device=device, progress=progress, **options)
     sources = _sources(models, data, device)
-    return _curve(al, models, calibration, data, alphas, method, repair, device, time.perf_counter() - t0, progress,
-                  sources=sources, **build)
+    return _curve(al, sources, data, alphas, method, repair, device, time.perf_counter() - t0, progress, **build)
 
 
 def _sources(models: Sequence[nn.Module], data: Any, device: str | torch.device | None) -> dict[str, list[float]]:
@@ -176,14 +175,12 @@ def _alphas(alphas: Sequence[float] | None) -> list[float]:
     return out
 
 
-def _curve(al: Alignment, models: Sequence[nn.Module], calibration: Any, data: Any,
+def _curve(al: Alignment, sources: dict[str, list[float]], data: Any,
            alphas: Sequence[float] | None, method: str, repair: str,
            device: str | torch.device | None, align_seconds: float, progress: bool = False, refine: str = "none",
-           repair_options: dict[str, Any] | None = None, refine_options: dict[str, Any] | None = None,
-           sources: dict[str, list[float]] | None = None) -> dict[str, Any]:
+           repair_options: dict[str, Any] | None = None, refine_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """The curve of an existing alignment (``seconds`` includes ``align_seconds``); every point is
-    built with ``refine`` and the options; barriers against ``sources`` (:func:`_sources`;
-    evaluated here when None)."""
+    built with ``refine`` and the options; barriers against ``sources`` (:func:`_sources`)."""
     alphas = _alphas(alphas)
     t0 = time.perf_counter()
     accs: list[float] = []
@@ -201,8 +198,6 @@ def _curve(al: Alignment, models: Sequence[nn.Module], calibration: Any, data: A
         accs.append(float(res["accuracy"]))
         losses.append(float(res["loss"]))
         del fused
-    if sources is None:
-        sources = _sources(models, data, device)
     end_acc, end_loss = list(sources["accuracy"]), list(sources["loss"])
     b_acc, b_loss = _barriers(alphas, accs, losses, end_acc, end_loss)
     return {
@@ -318,8 +313,7 @@ def interpolation_report(
         al = align(models, calibration, method=m, device=device, progress=progress, **per_method[m])
         dt = time.perf_counter() - t0
         for r in repairs:
-            curves.append(_curve(al, models, calibration, data, alphas, m, r, device, dt, progress, sources=sources,
-                                 **build))
+            curves.append(_curve(al, sources, data, alphas, m, r, device, dt, progress, **build))
     if out is not None:
         write_files(out, {JSON_NAME: (json.dumps(_json_safe(curves), indent=1) + "\n").encode(),
                           PLOT_NAME: _plot_png(curves)})
