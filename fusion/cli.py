@@ -141,12 +141,10 @@ def import_modules(names: Sequence[str]) -> None:
                                    f"myplugins or mypackage.plugins (not a file path or module:function)")
         try:
             importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name and (name == exc.name or name.startswith(exc.name + ".")):
+        except ImportError as exc:  # (a module it imports that is missing: importing it failed)
+            if isinstance(exc, ModuleNotFoundError) and exc.name and (name == exc.name or name.startswith(exc.name + ".")):
                 raise OptionValueError(f"--import {name}: no module named {exc.name!r} (is its folder on the Python "
                                        f"path? e.g. PYTHONPATH=. for a module in the current folder)") from None
-            raise OptionValueError(f"--import {name}: importing it failed: {exc}") from exc
-        except ImportError as exc:
             raise OptionValueError(f"--import {name}: importing it failed: {exc}") from exc
         except FusionError as exc:
             raise OptionValueError(f"--import {name}: {' '.join(str(exc).split())}") from exc

@@ -662,11 +662,9 @@ def refine_lstsq(ctx: RepairContext, *, inputs: Literal["sequential", "merged"] 
                     Xr = _in_rows(layer, module, X, patches.taps if patches is not None else None)
                     if positions_per_image is not None and layer.kind != "norm":
                         grid = tuple(X.shape[:-1]) if layer.kind == "linear" else (len(x), Xr.shape[1] // len(x))
-                        keep = _sample_rows(grid, len(x), positions_per_image, gen, dev)
-                        if isinstance(keep, str):
-                            if layer.path not in unstratified:
-                                unstratified.append(layer.path)
-                            keep = _uniform_rows(Xr.shape[1], len(x) * positions_per_image, gen, dev)
+                        keep, per_image = _sample_rows(grid, len(x), positions_per_image, gen, dev)
+                        if not per_image and layer.path not in unstratified:
+                            unstratified.append(layer.path)
                         if keep is not None:
                             Xr, Y = Xr[:, keep], Y[keep]
                     gram.add(Xr, _group_rows(Y, groups))
@@ -750,29 +748,25 @@ class _OutputMerge:
 
 
 def _sample_rows(grid: tuple[int, ...], images: int, k: int, gen: torch.Generator,
-                 dev: torch.device) -> torch.Tensor | None | str:
+                 dev: torch.device) -> tuple[torch.Tensor | None, bool]:
     """Row indices keeping ``k`` random positions of every image, the rows being the entries of a
     tensor of shape ``grid`` in row-major order whose first axis of size ``images`` indexes the
-    images (image-major rows, or a sequence-first ``(tokens, images)`` grid); None when an image
-    has no more than ``k`` positions; ``"no image axis"`` when no axis of ``grid`` has the batch's
-    size (the caller draws rows without regard to images and reports it)."""
+    images (image-major rows, or a sequence-first ``(tokens, images)`` grid), and whether they were
+    drawn per image. Where no axis of ``grid`` has the batch's size, ``images * k`` rows are drawn
+    without regard to images (False: the caller reports it). The indices are None when every row is
+    kept (no image has more than ``k`` positions, or there are no more rows than would be drawn)."""
     rows = math.prod(grid)
     axis = next((a for a, n in enumerate(grid) if n == images), None)
     if axis is None:
-        return "no image axis"
+        if rows <= images * k:
+            return None, False
+        return torch.randperm(rows, generator=gen)[:images * k].sort().values.to(dev), False
     per = rows // images
     if per <= k:
-        return None
+        return None, True
     order = torch.arange(rows).reshape(grid).movedim(axis, 0).reshape(images, per)
     pos = torch.stack([torch.randperm(per, generator=gen)[:k] for _ in range(images)])
-    return order.gather(1, pos).reshape(-1).to(dev)
-
-
-def _uniform_rows(rows: int, count: int, gen: torch.Generator, dev: torch.device) -> torch.Tensor | None:
-    """``count`` random row indices (all rows, None, when there are no more than that)."""
-    if rows <= count:
-        return None
-    return torch.randperm(rows, generator=gen)[:count].sort().values.to(dev)
+    return order.gather(1, pos).reshape(-1).to(dev), True
 
 
 def _merge_matrices(ctx: RepairContext, layer: _Layer, module: nn.Module, dev: torch.device, merged_inputs: bool):

@@ -694,11 +694,12 @@ def test_positions_per_image_are_drawn_per_image_on_sequence_first_inputs():
     from fusion.refine import _sample_rows
 
     gen = torch.Generator().manual_seed(0)
-    keep = _sample_rows((5, 3), 3, 2, gen, torch.device("cpu"))  # 5 tokens x 3 images, row r is image r % 3
-    assert len(set(keep.tolist())) == 6 and sorted((keep % 3).tolist()) == [0, 0, 1, 1, 2, 2]
-    image_major = _sample_rows((3, 5), 3, 2, torch.Generator().manual_seed(0), torch.device("cpu"))
+    keep, per_image = _sample_rows((5, 3), 3, 2, gen, torch.device("cpu"))  # 5 tokens x 3 images: row r is image r % 3
+    assert per_image and len(set(keep.tolist())) == 6 and sorted((keep % 3).tolist()) == [0, 0, 1, 1, 2, 2]
+    image_major, _ = _sample_rows((3, 5), 3, 2, torch.Generator().manual_seed(0), torch.device("cpu"))
     assert sorted((image_major // 5).tolist()) == [0, 0, 1, 1, 2, 2]
-    assert _sample_rows((15,), 3, 2, gen, torch.device("cpu")) == "no image axis"
+    flat, per_image = _sample_rows((15,), 3, 2, gen, torch.device("cpu"))
+    assert not per_image and len(set(flat.tolist())) == 6 and flat.max() < 15
 
     class Flat(nn.Module):  # a Linear on (images * tokens, features): no axis of the batch's size
         def __init__(self):
