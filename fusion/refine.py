@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Sequence
 
@@ -266,6 +267,17 @@ def _plan_layers(fused: nn.Module, tape, batchnorm: str, norms: bool,
     reproduces is not folded (the convolution is fitted to its own outputs, listed too)."""
     modules = dict(fused.named_modules())
     layers, skipped, seen = [], [], set()
+    owners: dict[int, list[str]] = defaultdict(list)  # a parameter -> the modules holding it
+    for path, mod in modules.items():
+        for prm in mod._parameters.values():
+            if prm is not None:
+                owners[id(prm)].append(path)
+
+    def sharing(path: str) -> list[str]:
+        """The modules outside ``path`` that hold one of its parameters (tied weights)."""
+        inside = (path + ".") if path else ""
+        return sorted({o for prm in modules[path].parameters() for o in owners[id(prm)]
+                       if o != path and not o.startswith(inside)})
 
     for k, c in enumerate(tape.calls):
         m = modules.get(c.path)
@@ -282,6 +294,10 @@ def _plan_layers(fused: nn.Module, tape, batchnorm: str, norms: bool,
         if tape.count(c.path) > 1:
             skipped.append(f"{c.path} (called {tape.count(c.path)} times per forward pass: shared weights)")
             continue
+        tied = sharing(c.path)
+        if tied:  # one fit per module would overwrite the other's in the shared tensor
+            skipped.append(f"{c.path} (shares parameters with {', '.join(tied[:3])}: tied weights, kept as mapped)")
+            continue
         how = rules.get(c.path)
         if how is None:
             what = {"linear": "F.linear of its weights", "conv": "a zero-, copy- or TensorFlow-'same'-padded "
@@ -295,7 +311,7 @@ def _plan_layers(fused: nn.Module, tape, batchnorm: str, norms: bool,
             if len(after) == 1 and isinstance(modules.get(tape.calls[after[0]].path), _BN):
                 path = tape.calls[after[0]].path
                 norm = modules[path]
-                if norm.track_running_stats and norm.affine and tape.count(path) == 1:
+                if norm.track_running_stats and norm.affine and tape.count(path) == 1 and not sharing(path):
                     if rules.get(path) is None:
                         skipped.append(f"{path} ({type(norm).__name__}: its forward is not its normalisation followed "
                                        f"by its submodules: not folded, {c.path} fitted to its own outputs)")

@@ -720,3 +720,35 @@ def test_positions_per_image_are_drawn_per_image_on_sequence_first_inputs():
     assert "positions_per_image=2" in notes and "fc" in notes
     rows = {e["layer"]: e["rows"] for e in fused.fusion_report.refinement["layers"]}
     assert rows["fc"] == 16 * 2
+
+
+class _Tied(nn.Module):
+    """Two Linear layers sharing one weight (weight tying), between untied ones."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.l1, self.l2, self.l3, self.out = nn.Linear(64, 16), nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 5)
+        self.l3.weight = self.l2.weight
+
+    def forward(self, x):
+        return self.out(torch.relu(self.l3(torch.relu(self.l2(torch.relu(self.l1(x.flatten(1))))))))
+
+
+def test_layers_with_tied_weights_keep_their_mapped_weights_and_are_reported():
+    """Guards: two modules that share a weight are left as mapped and reported (before: each was
+    fitted on its own and written into the shared tensor, the second fit undoing the first, so the
+    refined l2 was several times worse than the one-shot one while the report claimed a better fit);
+    the untied layers are still refitted."""
+    x = torch.randn(200, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    al = fusion.align([_Tied(0).eval(), _Tied(1).eval()], x, method="permute")
+    plain = al.build()
+    with pytest.warns(FallbackWarning, match="tied weights"):
+        refined = al.build(refine="lstsq")
+    assert refined.l3.weight is refined.l2.weight
+    assert torch.equal(refined.l2.weight, plain.l2.weight)
+    skipped = refined.fusion_report.refinement["skipped"]
+    assert any(s.startswith("l2 (shares parameters with l3") for s in skipped)
+    assert any(s.startswith("l3 (shares parameters with l2") for s in skipped)
+    fitted = {e["layer"] for e in refined.fusion_report.refinement["layers"]}
+    assert {"l1", "out"} <= fitted and not {"l2", "l3"} & fitted
