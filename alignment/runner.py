@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .errors import CalibrationError
+from .errors import CalibrationError, FusionError
 
 __all__ = ["DEFAULT_BATCH_SIZE", "batch_input", "batches", "first_batch", "check_data", "dropped_note",
            "loader_samples", "model_device", "model_dtype", "modes", "one_pair", "runnable", "stream", "all_finite",
@@ -347,6 +347,7 @@ def stream(
             total = min(total, max_batches)
         it = tqdm(it, desc=desc, total=total, leave=False)
     samples = 0
+    first: list[int] | None = None  # the shape of the first batch the models ran on
     with modes(models, train), torch.no_grad():
         for b, x in enumerate(it):
             if max_batches is not None and b >= max_batches:
@@ -362,7 +363,19 @@ def stream(
             for i, m in enumerate(models):
                 if before_model is not None:
                     before_model(i)
-                outs.append(m(x))
+                if first is None:
+                    outs.append(m(x))
+                    continue
+                try:
+                    outs.append(m(x))
+                except FusionError:
+                    raise
+                except Exception as exc:  # (the first batch ran: this one is what changed)
+                    raise CalibrationError(
+                        f"model {i} failed on calibration batch {b} of shape {list(x.shape)} (the first batch, of "
+                        f"shape {first}, ran): {type(exc).__name__}: {' '.join(str(exc).split())[:300]}; give every "
+                        f"batch the input the models take") from exc
+            first = first if first is not None else list(x.shape)
             if on_batch is not None:
                 on_batch(x, outs)
             samples += len(x)

@@ -497,6 +497,18 @@ def test_a_later_calibration_batch_of_another_dtype_is_named():
         fusion.fuse([a, b], [_cal(x), _cal(x).double()])
 
 
+def test_a_later_calibration_batch_the_models_cannot_take_is_named():
+    """Guards: a later batch the models fail on (3 channels for 1-channel models, after a first batch
+    that ran) is a CalibrationError naming the model, the batch and both shapes, for the statistics
+    pass and a BatchNorm reset alike (before: torch's raw RuntimeError from the first convolution)."""
+    a, b, x = _models()
+    bad = torch.cat([_cal(x)] * 3, 1)
+    for method, repair in (("permute", "none"), ("weight_matching", "reset_bn")):  # (no statistics pass)
+        with pytest.raises(CalibrationError, match=rf"model 0 failed on calibration batch 1 of shape \[{len(bad)}, 3, "
+                                                   r".*RuntimeError: .*channels"):
+            fusion.fuse([a, b], [_cal(x), bad], method=method, repair=repair)
+
+
 def test_alpha_as_an_array_or_tensor_of_any_float_dtype():
     """Guards: alpha given as a numpy float32 array, a torch tensor or a numpy scalar is read as the
     numbers it holds (before: float32 arrays and tensors were refused as 'not finite numbers')."""
