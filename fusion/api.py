@@ -16,7 +16,7 @@ the rest; :func:`fuse` is both. Every argument is checked before the expensive w
 from __future__ import annotations
 
 import dataclasses
-
+import itertools
 import math
 import time
 import warnings
@@ -388,6 +388,10 @@ def align(
         raise ModelError(f"target must be a model (torch.nn.Module) of the fused widths, got {type(target).__name__}; "
                          f"for a width factor use width=")
     if target is not None:
+        if any(t.is_meta for t in itertools.chain(target.parameters(), target.buffers())):
+            raise ModelError("target has tensors on the meta device (no values): the fused model is a copy of the "
+                             "target, whose tensors the fusion does not write (fixed tables, BatchNorm counters) "
+                             "keep their values; build it on a real device")
         dtypes = [{t.dtype for t in m.parameters() if t.is_floating_point()} for m in (models[0], target)]
         if dtypes[1] and dtypes[0] and dtypes[1] != dtypes[0]:
             raise ModelError(f"target is {'/'.join(sorted(str(d) for d in dtypes[1]))} but the models are "
@@ -432,7 +436,8 @@ def align(
         target = _template(models[0], width, graphs[0])
         target_graph = resized_graph(graphs[0], width)
     elif target is not None:
-        target_graph = graphs[0] if same_structure(target, models[0]) else discover(target, ex)
+        target_graph = (graphs[0] if same_structure(target, models[0]) else
+                        discover(target, ex.to(model_device(target)) if isinstance(ex, torch.Tensor) else ex))
     cuts = {}
     if zip_until is not None:
         cuts[_cut_key(zip_until)] = resolve_cut(zip_until, models[0], graphs[0], ex)

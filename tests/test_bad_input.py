@@ -259,6 +259,8 @@ CASES = [
      "first batch holds one sample"),
     ("a target in another dtype", lambda a, b, x: fusion.fuse([a, b], _cal(x), target=copy.deepcopy(a).double()),
      ModelError, "target is torch.float64 but the models are torch.float32"),
+    ("a target on the meta device", lambda a, b, x: fusion.fuse([a, b], _cal(x), target=copy.deepcopy(a).to("meta")),
+     ModelError, "target has tensors on the meta device"),
     ("permute wider than every model", lambda a, b, x: fusion.fuse([a, b], _cal(x), method="permute", width=2.0),
      SpaceMismatchError, "permute matches units one-to-one"),
     ("curve weights that are not numbers", lambda a, b, x: _curve([a, b], _cal(x), [], alphas=["a"]),

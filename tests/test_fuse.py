@@ -523,3 +523,26 @@ def test_separate_heads_keep_the_models_class_names():
     fused = fusion.fuse([a, b], torch.randn(16, *x.shape[1:]), heads="separate", repair="none")
     assert [fused.config.id2label[k] for k in range(20)] == [f"a{k}" for k in range(10)] + [f"b{k}" for k in range(10)]
     assert fused.config.label2id["b3"] == 13 and a.config.id2label[0] == "a0" and len(b.config.id2label) == 10
+
+
+@pytest.mark.gpu
+def test_a_target_on_the_gpu_gets_the_fused_weights_of_cpu_models():
+    """Guards: a target of other widths on another device than the models is discovered on its own
+    device (before: it ran on the models' example input, an error blaming the input); the fused
+    model lives where the target does and equals the fusion into the same target on the CPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from torch import nn
+
+    def cnn(seed, w):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Conv2d(1, w, 3, padding=1), nn.ReLU(), nn.Conv2d(w, w, 3, padding=1), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(w, 5)).eval()
+
+    x = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    a, b, narrow = cnn(0, 8), cnn(1, 8), cnn(2, 4)
+    cpu = fusion.fuse([a, b], x, method="ot", target=narrow, repair="none")
+    gpu = fusion.fuse([a, b], x, method="ot", target=narrow.cuda(), repair="none")
+    assert next(gpu.parameters()).is_cuda
+    with torch.no_grad():
+        assert rel_err(cpu(x), gpu(x.cuda()).cpu()) < 1e-5
