@@ -319,6 +319,12 @@ def repair(
     dev = torch.device(device) if device is not None else model_device(fused)
     norms = [(p, m) for p, m in fused.named_modules() if isinstance(m, _BN + _LN) and getattr(m, "weight", None) is not None]
     if not norms:
+        msg = ("repair 'repair': the fused model has no norm layer with an affine weight (BatchNorm, LayerNorm, "
+               "GroupNorm) whose outputs it could rescale, so nothing was repaired")
+        if notes is not None:
+            notes.append(msg)
+        else:
+            warnings.warn(msg, FallbackWarning, stacklevel=2)
         return fused
     g0 = graphs[0]
     layers = [(p, _channel_dim(m, g0, p)) for p, m in norms if not isinstance(m, _BN)]

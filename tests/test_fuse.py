@@ -420,6 +420,25 @@ def test_a_bn_reset_with_no_batchnorm_to_reset_is_reported(tiny):
     assert fused.fusion_report.fallbacks == []
 
 
+def test_a_repair_with_no_norm_layer_to_rescale_is_reported():
+    """Guards: repair='repair' on models without norm layers changes nothing, and the fusion report
+    lists that and warns (before: reported as repaired, silently)."""
+    from torch import nn
+
+    from alignment.errors import FallbackWarning
+
+    def mlp(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(0))
+    plain = fusion.fuse([mlp(0), mlp(1)], x, repair="none")
+    with pytest.warns(FallbackWarning, match="repair 'repair': the fused model has no norm layer"):
+        repaired = fusion.fuse([mlp(0), mlp(1)], x, repair="repair")
+    assert any("nothing was repaired" in f for f in repaired.fusion_report.fallbacks)
+    assert all(torch.equal(u, v) for u, v in zip(plain.state_dict().values(), repaired.state_dict().values()))
+
+
 def test_an_ambient_autocast_or_inference_mode_does_not_change_the_fusion(tiny):
     """Guards: fuse (statistics, least-squares Grams, apply) under the caller's torch.autocast
     (bfloat16) or torch.inference_mode, with calibration data made in inference mode, gives the
