@@ -35,15 +35,17 @@ class ModelError(FusionError, ValueError, TypeError):
     meta weights, a forward pass that cannot take the calibration batch)."""
 
 
-def model_list(models: Any) -> list[nn.Module]:
+def model_list(models: Any, call: str = "fuse") -> list[nn.Module]:
     """The models as a list, after checking it is a non-empty list of ``nn.Module`` (the cheap part of
-    :func:`check_models`, which looks at every tensor).
+    :func:`check_models`, which looks at every tensor); ``call`` names the function in the message.
 
     Raises:
         ModelError: naming the item at fault.
     """
     if isinstance(models, nn.Module) or not isinstance(models, (list, tuple)):
-        raise ModelError("fuse takes a list of models (nn.Module), e.g. fuse([a, b], calibration)")
+        container = isinstance(models, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
+        got = f"a {type(models).__name__}" + (" (a container module is taken as one model)" if container else "")
+        raise ModelError(f"{call} takes a list of models (nn.Module), got {got}, e.g. {call}([a, b], ...)")
     if not models:
         raise ModelError("fuse needs at least one model")
     for i, m in enumerate(models):

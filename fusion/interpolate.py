@@ -24,6 +24,7 @@ from alignment.methods import CALL_KEYWORDS, METHODS
 from alignment.runner import plain_precision
 
 from .api import Alignment, ModelError, align
+from .checks import model_list
 from .experiments.evaluate import evaluate_loss_and_accuracy
 from .io import check_output_folder, write_files
 from .refine import REFINEMENTS
@@ -140,7 +141,7 @@ def _check(models: Sequence[nn.Module], repair: str, alphas: Sequence[float] | N
            repair_options: dict[str, Any] | None = None, refine_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Check a curve's arguments; returns the keywords of every point's :meth:`Alignment.build`
     besides the weights and the repair."""
-    if len(models) != 2:
+    if len(model_list(models, "interpolation_curve")) != 2:
         raise ModelError(f"an interpolation curve is between two models, got {len(models)}")
     REPAIRS.validate(repair, dict(repair_options or {}))
     REFINEMENTS.validate(refine, dict(refine_options or {}))

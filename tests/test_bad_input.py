@@ -263,6 +263,10 @@ CASES = [
      ModelError, "target has tensors on the meta device"),
     ("permute wider than every model", lambda a, b, x: fusion.fuse([a, b], _cal(x), method="permute", width=2.0),
      SpaceMismatchError, "permute matches units one-to-one"),
+    ("a curve of one Sequential", lambda a, b, x: _curve(nn.Sequential(a, b), _cal(x), []), ModelError,
+     r"interpolation_curve takes a list of models \(nn.Module\), got a Sequential \(a container module"),
+    ("a curve of a generator", lambda a, b, x: _curve((m for m in (a, b)), _cal(x), []), ModelError,
+     "interpolation_curve takes a list of models .*got a generator"),
     ("curve weights that are not numbers", lambda a, b, x: _curve([a, b], _cal(x), [], alphas=["a"]),
      InvalidOptionError, r"alphas must be numbers in \[0, 1\]"),
     # read as two batches: a dtype error naming "batch 1", or a raw conv error for float labels, mid-statistics
