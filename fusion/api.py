@@ -595,7 +595,9 @@ def fuse(
     al = align(models, calibration, method=method, target=target, seed=seed, device=device,
                example_input=example_input, progress=progress, width=width, points=points,
                positions_per_image=positions_per_image, budget=budget, heads=heads, zip_until=zip_until, **options)
-    fused = al.build(weights, repair=repair, refine=refine, repair_options=repair_options,
-                     refine_options=refine_options, progress=progress, heads=heads, zip_until=zip_until)
+    with warnings.catch_warnings():  # (warned above, before the work)
+        warnings.filterwarnings("ignore", r"alpha=.* sums to ", FusionWarning)
+        fused = al.build(weights, repair=repair, refine=refine, repair_options=repair_options,
+                         refine_options=refine_options, progress=progress, heads=heads, zip_until=zip_until)
     fused.fusion_report.seconds["total"] = time.perf_counter() - t_all
     return fused
