@@ -26,7 +26,7 @@ from torch import nn
 
 from .errors import CalibrationError, FallbackWarning, FusionError, InvalidOptionError, SpaceMismatchError
 from .graph import Graph, Observation, Space, module_of
-from .runner import first_batch, model_device, modes, plain_precision, runnable, stream
+from .runner import all_finite, first_batch, model_device, modes, plain_precision, runnable, stream
 from .structure import BlockGram
 
 __all__ = ["POINT_POLICIES", "observation_points", "PointStats", "Statistics", "StatisticsMismatchError", "collect",
@@ -735,6 +735,23 @@ def collect(
     for msg in reader.notes:
         stats.notes.append(msg)
         warnings.warn(msg, FallbackWarning, stacklevel=3)
+    overflowed = [name for name, pts in stats.points.items()
+                  if not all(all_finite(t) for p in pts for t in (p.s1, p.sq, *p.blocks.values()))]
+    if overflowed:
+        where = ", ".join(map(repr, overflowed[:4])) + (f" and {len(overflowed) - 4} more" if len(overflowed) > 4 else "")
+        if precision != "float64":  # (float32 squares overflow above about 1.8e19)
+            msg = (f"the float32 products of {len(overflowed)} space(s) overflowed ({where}: activations above about "
+                   f"1e19): the statistics were collected again in float64")
+            warnings.warn(msg, FallbackWarning, stacklevel=3)
+            again = collect(models, graphs, data, spaces=spaces, device=device, max_batches=max_batches,
+                            progress=progress, points=points, pairs=pairs, precision="float64",
+                            positions_per_image=positions_per_image, seed=seed, check=False)
+            again.notes.insert(0, msg)
+            again.seconds = time.perf_counter() - t0
+            return again
+        raise CalibrationError(f"the activation statistics of space(s) {where} are not finite: the models' activations "
+                               f"there are infinite or NaN on the calibration data (an overflow); check the models' "
+                               f"weights and the scale of the data")
     stats.seconds = time.perf_counter() - t0
     return stats
 

@@ -698,3 +698,35 @@ def test_squared_sums_of_every_layout_stay_within_1e6(layout):
     got = _row_squares(f)
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
+def _bias_free(seed: int, scale: float = 1.0) -> torch.nn.Module:
+    from torch import nn
+
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, bias=False),
+                      nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).eval()
+    with torch.no_grad():
+        m[0].weight.mul_(scale)
+    return m
+
+
+def test_float32_products_that_overflow_are_collected_again_in_float64():
+    """Guards: activations above about 1e19 overflow float32 squares; the statistics are then
+    collected again in float64 and that is reported and warned, so correlations (scale-free) equal
+    those of the unscaled data (before: silently wrong, off by 1); activations that are not finite in
+    the models themselves are a CalibrationError naming the spaces."""
+    from alignment.errors import CalibrationError, FallbackWarning
+
+    models = [_bias_free(0), _bias_free(1)]
+    x = torch.randn(20, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    graphs = [discover(m, x[:2]) for m in models]
+    ref = collect(models, graphs, x)
+    with pytest.warns(FallbackWarning, match=r"float32 products of 2 space\(s\) overflowed"):
+        big = collect(models, graphs, x * 1e22)
+    assert any("collected again in float64" in n for n in big.notes)
+    for name in ref.points:
+        assert (big.correlation(name) - ref.correlation(name)).abs().max() < 1e-5
+    broken = [_bias_free(0, scale=1e30), _bias_free(1, scale=1e30)]  # inf after the first conv, in any dtype
+    with pytest.raises(CalibrationError, match="statistics of space.* are not finite"), pytest.warns(FallbackWarning):
+        collect(broken, graphs, x * 1e22)
