@@ -733,6 +733,14 @@ def test_an_unconverged_sinkhorn_plan_is_reported_once_per_space():
             transport_plan(torch.rand(12, 12, generator=g), "sinkhorn", reg=1e-3, num_iter=5, note=ctx.note,
                            where="space 'x'")
     assert len(ctx.notes) == 1
+    # a regularisation so small that the log-domain plan overflows: reported, and no numpy warning
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        transport_plan(torch.rand(12, 12, generator=g), "sinkhorn", reg=1e-12, num_iter=50, note=ctx.note,
+                       where="space 'y'")
+    assert [type(w.message).__name__ for w in caught] == ["FallbackWarning"]
 
 
 def test_an_ot_anchor_without_the_fused_width_is_reported():
