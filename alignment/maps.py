@@ -507,8 +507,11 @@ def fuse_tensors(
         names: tensors to fuse (default: every tensor of the first graph).
 
     Returns:
-        Fused tensors (float tensors in the first model's dtype and device; integer buffers copied
-        from the first model).
+        Fused tensors (float tensors in the first model's dtype and device). An integer or boolean
+        tensor is copied from the first model where no space indexes it (counters, index tables),
+        else carried through the maps like a float one: every fused entry must then be the one
+        value its members hold (a permuted mask, or members that agree), else
+        :class:`SpaceMismatchError` (such values cannot be averaged).
     """
     if len(tensors) != len(graphs) or not tensors:
         raise SpaceMismatchError(f"fuse_tensors got {len(tensors)} tensor dict(s) and {len(graphs)} graph(s): give one "
@@ -522,7 +525,8 @@ def fuse_tensors(
     for name in names:
         t0 = tensors[0][name]
         if not t0.is_floating_point():
-            out[name] = t0.clone()
+            spaced = any(sp is not None for pcs in graphs[0].layout(name) for *_, sp in pcs)
+            out[name] = _fuse_discrete(name, tensors, graphs, roles, maps, alpha) if spaced else t0.clone()
             continue
         total = None
         for i, (tens, g) in enumerate(zip(tensors, graphs)):
@@ -532,6 +536,33 @@ def fuse_tensors(
             total = t if total is None else total + t.to(total.device)
         out[name] = total.to(device=t0.device, dtype=t0.dtype)
     return out
+
+
+def _fuse_discrete(name: str, tensors, graphs, roles, maps: dict[str, SpaceMap], alpha: Sequence[float]) -> torch.Tensor:
+    """An integer or boolean tensor on space axes, fused: each fused entry is the weighted mean of
+    its members' values, which must all be one value (its weighted variance zero)."""
+    t0 = tensors[0][name]
+    total = weight = squares = None
+    for i, (tens, g) in enumerate(zip(tensors, graphs)):
+        if name not in tens or name not in g.shapes:
+            raise SpaceMismatchError(f"model {i} has no tensor {name!r}; models must be of one family")
+        v = tens[name].double()
+        parts = [map_tensor(u, g, name, roles[i], maps, i, alpha[i]) for u in (v, torch.ones_like(v), v * v)]
+        if total is None:
+            total, weight, squares = parts
+        else:
+            total, weight, squares = total + parts[0], weight + parts[1], squares + parts[2]
+    lone = weight.abs() < 1e-12
+    mean = total / weight.masked_fill(lone, 1.0)
+    spread = (squares / weight.masked_fill(lone, 1.0) - mean * mean).abs()
+    bad = lone | (spread > 1e-9 * mean.abs().clamp_min(1.0) ** 2) | ((mean - mean.round()).abs() > 1e-6)
+    if bool(bad.any()):
+        at = [int(k) for k in bad.nonzero()[0]]
+        raise SpaceMismatchError(
+            f"tensor {name!r} ({t0.dtype}) is indexed by fused units whose members hold different values (first at "
+            f"index {at}): integer and boolean values cannot be averaged; fuse models that agree on it (or make it a "
+            f"float buffer)")
+    return mean.round().to(device=t0.device, dtype=t0.dtype)
 
 
 def query_key_spaces(graph: Graph) -> list[str]:
