@@ -43,7 +43,7 @@ from .errors import SpaceMismatchError
 __all__ = [
     "Leaf", "Fixed", "Cat", "Heads", "Blocks", "Node", "tree_size", "tree_keys", "from_tuple",
     "LeafProblem", "GramView", "BlockGram", "Walk", "submatrix", "gram_diagonal", "RowPlan", "dense_plan",
-    "plan_argmax", "plans_equal", "check_structures",
+    "plan_argmax", "plans_equal", "check_structures", "space_blocks",
 ]
 
 
@@ -413,11 +413,21 @@ def _head_costs(gv: GramView, rows: list[torch.Tensor], cols: list[torch.Tensor]
     return {(p, q): _transport_cost(C[rs[p]:rs[p + 1], cs[q]:cs[q + 1]]) for p, q in pairs}
 
 
-def _check_blocks(space: str, ttree: Blocks, st: Blocks, i: int) -> None:
+def space_blocks(tree: Blocks, graph) -> bool:
+    """Whether the features within every block of ``tree`` are themselves the features of a space
+    of ``graph`` (bilinear pooling's channels x channels), so that they follow its plan and width."""
+    inner = tree.parts[0]
+    return isinstance(inner, Leaf) and inner.key in graph and all(p == inner for p in tree.parts)
+
+
+def _check_blocks(space: str, ttree: Blocks, st: Blocks, i: int, target=None) -> None:
     """Model ``i``'s blocks fit the target's: the block counts may differ (they follow the width of
     the space indexing them), the features within a block (a grouped conv's group width, a flatten's
-    positions) may not."""
+    positions) may not, unless they are a space of the ``target`` graph (:func:`space_blocks`)."""
     d, di = tree_size(ttree.parts[0]), tree_size(st.parts[0])
+    if target is not None and space_blocks(ttree, target) and isinstance(st.parts[0], Leaf) \
+            and st.parts[0].key == ttree.parts[0].key:
+        return
     if di != d:
         raise SpaceMismatchError(f"space {space!r}: blocks of {di} features in model {i} but {d} in the target "
                                  f"(per-block widths of grouped convs, and the positions a flatten lays out per "
@@ -448,7 +458,7 @@ def _check_tree(space: str, ttree: Node, st: Node, i: int, target, graph) -> Non
                                      f"{ttree.count}; heads are kept when widths change (head_dim changes), so "
                                      f"head counts must agree")
     elif isinstance(ttree, Blocks):
-        _check_blocks(space, ttree, st, i)
+        _check_blocks(space, ttree, st, i, target)
         for who, tree, g in (("the target", ttree, target), (f"model {i}", st, graph)):
             if tree.key in g and tree.count != g[tree.key].width:
                 raise SpaceMismatchError(f"space {space!r}: {who} has {tree.count} blocks indexed by space "
@@ -682,11 +692,15 @@ class Walk:
     def _blocks(self, space, ttree: Blocks, strees):
         # blocks indexed by another feature space (a depthwise conv's channels, a flatten's channels x
         # positions): fused block c takes model block c' as that space's plan takes feature c', at any
-        # widths (the outer plan is n x n_i), and the features within a block keep their place
+        # widths (the outer plan is n x n_i); the features within a block keep their place, unless
+        # they are a feature space themselves (bilinear pooling's channels x channels): then fused
+        # entry (c, e) takes (c', e') as both plans take theirs
         for i, st in enumerate(strees):
-            _check_blocks(space, ttree, st, i)
+            _check_blocks(space, ttree, st, i, self.target)
         d = tree_size(ttree.parts[0])
         outer = self.solve(ttree.key)
+        if space_blocks(ttree, self.target):
+            return [torch.kron(dense_plan(o), dense_plan(p)) for o, p in zip(outer, self.solve(ttree.parts[0].key))]
         out = []
         for i, st in enumerate(strees):
             T = dense_plan(outer[i])

@@ -25,7 +25,7 @@ from alignment.leaves import select_leaf
 from alignment.maps import correct_query_key, plan_maps
 from alignment.permute import check_graph_fits
 from alignment.runner import plain_precision
-from alignment.structure import Blocks, Cat, Fixed, Heads, Leaf, Node, Walk, plan_argmax, tree_size
+from alignment.structure import Blocks, Cat, Fixed, Heads, Leaf, Node, Walk, plan_argmax, space_blocks, tree_size
 
 from .engine import apply_maps
 
@@ -104,8 +104,11 @@ def resized_graph(graph: Graph, width: WidthSpec) -> Graph:
         if isinstance(t, Cat):
             return Cat(tuple(resize_tree(p, None, factor) for p in t.parts))
         if isinstance(t, Blocks):
-            # blocks follow the width of the space indexing them; per-block widths are kept
+            # blocks follow the width of the space indexing them; per-block widths are kept, unless
+            # the features within a block are a space (bilinear pooling): then they follow it too
             count = tree_size(tree_of(t.key)) if t.key in graph else t.count
+            if space_blocks(t, graph):
+                return Blocks(t.key, count, (tree_of(t.parts[0].key),) * count)
             return Blocks(t.key, count, tuple(t.parts[i % t.count] for i in range(count)))
         d = tree_size(t.parts[0])
         if factor is None and name is not None:
