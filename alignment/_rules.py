@@ -194,10 +194,15 @@ def _conv(tr, node, a, transposed=False):
         tr.A.unify(x, cdim, w, w_in)
         cout = w[w_out] if not transposed else w[w_out]
     else:
+        # weight (Cout, Cin/g, k...): its in-axis is shared by all groups, its out-axis holds every
+        # output channel; transposed, (Cin, Cout/g, k...): the other way round
+        if transposed:
+            tr.A.unify(x, cdim, w, w_in)
+            cin = x[cdim]
         cin_p = tr.A.collapse(cin) if not cin.plain else cin
         outer, parts = tr.C.factor(cin_p.cls, groups)
-        if tr.C.size[tr.C.find(parts[0])] > 1:
-            # weight's in-axis is shared by all groups: the same inner permutation in each group
+        if not transposed and tr.C.size[tr.C.find(parts[0])] > 1:
+            # the same inner permutation in each group
             for p in parts[1:]:
                 tr.C.union(parts[0], p)
             tr.C.union(parts[0], w[w_in].cls)
@@ -205,14 +210,15 @@ def _conv(tr, node, a, transposed=False):
         if n_out == groups:
             cout = Dim(n_out, outer)
         else:
+            inner = [tr.C.new(n_out // groups) for _ in range(groups)]
+            if transposed:  # the same inner permutation in each output group
+                for p in inner:
+                    tr.C.union(p, w[w_out].cls)
             flat = tr.C.new(n_out)
-            tr.C.struct[flat] = Struct(outer, [tr.C.new(n_out // groups) for _ in range(groups)])
+            tr.C.struct[flat] = Struct(outer, inner)
             cout = Dim(n_out, flat)
         if not transposed:
             tr.C.union(w[0].cls, cout.cls)
-        else:
-            # transposed grouped weight: (Cin, Cout/g, k...): out inner shared by groups
-            tr.A.fix_dim(w[1], "grouped transposed conv")
     if a.get("bias") is not None:
         tr.C.union(tr.dims(a["bias"])[0].cls, cout.cls)
     out = []

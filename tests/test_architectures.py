@@ -871,3 +871,33 @@ def test_bilinear_pooling_permutes_both_channel_axes_and_compresses():
     assert halves[0].head.in_features == 9 and check_consistency(halves[0]) == []
     small, small_copy = _outputs(halves, x)
     assert rel_err(small_copy, small) < 1e-5
+
+
+class _Up(nn.Module):
+    """A transposed convolution (an upsampling decoder's) between two convolutions."""
+
+    def __init__(self, cin: int, cout: int, groups: int):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.up = nn.Conv2d(3, cin, 3, padding=1), nn.ConvTranspose2d(cin, cout, 2, stride=2, groups=groups)
+        self.b, self.head = nn.Conv2d(cout, 8, 1), nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.b(torch.relu(self.up(torch.relu(self.a(x)))))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("cin,cout,groups", [(16, 16, 4), (8, 16, 4), (16, 8, 2), (16, 16, 16), (16, 32, 16)])
+def test_grouped_transposed_convolutions_permute_and_compress(cin, cout, groups):
+    """Guards: a grouped ConvTranspose2d (weight: every input channel x output channels per group)
+    is followed: its permuted copy and the fusion with it compute the model's function, and it
+    compresses to a consistent model (before: discovery stopped with an internal error, "unifying
+    axes of different sizes")."""
+    from fusion.modules import check_consistency
+
+    model = _Up(cin, cout, groups).eval()
+    x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    graph = discover(model, x[:2])
+    copy_ = permute(model, graph, graph.random_permutations(seed=1))
+    _assert_same_function(model, copy_, fusion.fuse([model, copy_], x, method="permute", repair="none"), x)
+    half = fusion.fuse([model], x, method="magnitude", width=0.5, repair="none")
+    assert check_consistency(half) == [] and _outputs([half], x)[0].shape == (16, 5)
