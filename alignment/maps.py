@@ -522,7 +522,10 @@ def fuse_tensors(
     roles = [axis_roles(g) for g in graphs]
     names = list(names) if names is not None else list(graphs[0].shapes)
     out: dict[str, torch.Tensor] = {}
+    twins = _aliases(names, tensors[0], graphs[0])
     for name in names:
+        if twins.get(name, name) != name:
+            continue  # another name of a tensor fused under its first name (below)
         t0 = tensors[0][name]
         if not t0.is_floating_point():
             spaced = any(sp is not None for pcs in graphs[0].layout(name) for *_, sp in pcs)
@@ -535,6 +538,27 @@ def fuse_tensors(
             t = map_tensor(tens[name], g, name, roles[i], maps, i, alpha[i])
             total = t if total is None else total + t.to(total.device)
         out[name] = total.to(device=t0.device, dtype=t0.dtype)
+    for name, first in twins.items():
+        out[name] = out[first]
+    return out
+
+
+def _aliases(names: Sequence[str], tensors: dict[str, torch.Tensor], graph: Graph) -> dict[str, str]:
+    """Names of one tensor (a module registered under two names) -> the name it is fused under: the
+    one whose axes the graph puts in spaces (discovery traces one name and keeps the others fixed),
+    else the first."""
+    groups: dict[tuple, list[str]] = {}
+    for n in names:
+        t = tensors.get(n)
+        if t is not None and t.numel():
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+            groups.setdefault(key, []).append(n)
+    out: dict[str, str] = {}
+    for group in groups.values():
+        if len(group) > 1:
+            spaced = [n for n in group if any(sp is not None for pcs in graph.layout(n) for *_, sp in pcs)]
+            first = spaced[0] if spaced else group[0]
+            out.update({n: first for n in group})
     return out
 
 

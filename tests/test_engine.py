@@ -171,3 +171,36 @@ def test_a_boolean_buffer_on_a_space_is_carried_through_the_maps():
     other.mask.fill_(True)
     with pytest.raises(SpaceMismatchError, match=r"tensor 'mask' \(torch.bool\) is indexed by fused units whose members"):
         fusion.fuse([model, other], x, method="permute", repair="none")
+
+
+class _SharedTwice(nn.Module):
+    """One Linear registered under two names and called twice."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.a, self.b, self.head = nn.Linear(12, 16), nn.Linear(16, 16), nn.Linear(16, 5)
+        self.c = self.b
+
+    def forward(self, x):
+        return self.head(torch.relu(self.c(torch.relu(self.b(torch.relu(self.a(x)))))))
+
+
+def test_a_module_under_two_names_is_fused_once_under_both():
+    """Guards: every name of a shared module's tensors gets the fused tensor (before: the name the
+    trace did not read was copied unmapped, so any width change failed with a shape mismatch and a
+    permuted copy was right only by the order the names were written in); the module stays shared."""
+    import fusion
+    from fusion.modules import check_consistency
+
+    x = torch.randn(64, 12, generator=torch.Generator().manual_seed(1))
+    model, other = _SharedTwice(0).eval(), _SharedTwice(1).eval()
+    graph = discover(model, x[:2])
+    copy = permute(model, graph, graph.random_permutations(seed=1))
+    assert copy.b is copy.c and not torch.equal(copy.b.weight, model.b.weight)
+    with torch.no_grad():
+        assert rel_err(copy(x), model(x)) < 1e-5
+    for fused in (fusion.fuse([model], x, method="magnitude", width=0.5, repair="none"),
+                  fusion.fuse([model, other], x, method="permute", width=0.5, repair="none")):
+        assert fused.b is fused.c and tuple(fused.b.weight.shape) == (8, 8) and check_consistency(fused) == []
+        assert fused(x).shape == (64, 5)
