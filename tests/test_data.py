@@ -399,6 +399,10 @@ def test_input_format_from_timm_and_transformers(tmp_path: Path) -> None:
                              stem_width=8)
     fmt = input_format(grey)  # the ImageNet config does not describe a 1-channel model
     assert fmt.channels == 1 and fmt.missing() == ["image_size", "mean", "std"] and "ignored" in fmt.source
+    # TResNet's stem folds 4 x 4 pixels into channels first: its first conv takes 48, its images have 3
+    tresnet = timm.create_model("tresnet_m", pretrained=False, num_classes=3)
+    fmt = input_format(tresnet)
+    assert (fmt.channels, fmt.image_size) == (3, (224, 224)) and "ignored" not in fmt.source
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=32, patch_size=8,
                             embed_dim=16, depth=1, num_heads=2)
     assert input_format(vit).image_size == (32, 32) and input_format(vit).mean == pytest.approx((0.5,) * 3)

@@ -858,8 +858,8 @@ def _processor_config(config: Any) -> dict[str, Any]:
 def input_format(model: nn.Module) -> InputFormat:
     """Reads the input format a model declares.
 
-    * channels: ``config.num_channels`` of a transformers model, else the input
-      channels of the first ``Conv2d``;
+    * channels: ``config.num_channels`` of a transformers model, else the ``in_chans`` a
+      timm model records, else the input channels of the first ``Conv2d``;
     * timm: ``pretrained_cfg`` (``input_size``, ``mean``, ``std``), used only when its
       channel count is the model's (a model built with other ``in_chans`` was not
       trained on what the config describes), and the fixed ``patch_embed.img_size`` of
@@ -880,7 +880,11 @@ def input_format(model: nn.Module) -> InputFormat:
                   or getattr(getattr(m, "config", None), "model_type", None) is not None), model)
     config = getattr(model, "config", None)
     conv = _first_conv(model)
-    channels = getattr(config, "num_channels", None) or (conv.in_channels if conv is not None else None)
+    declared = vars(model).get("in_chans")  # (timm models record theirs: a stem may first fold pixels into channels)
+    channels = (getattr(config, "num_channels", None)
+                or (int(declared) if isinstance(declared, int) and not isinstance(declared, bool) and declared > 0
+                    else None)
+                or (conv.in_channels if conv is not None else None))
     size = mean = std = None
     sources = []
     cfg = getattr(model, "pretrained_cfg", None)
