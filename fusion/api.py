@@ -37,7 +37,7 @@ from alignment.statistics import POINT_POLICIES, Statistics, collect
 from alignment.structure import dense_plan
 
 from .checks import (ModelError, check_alpha, check_calibration, check_device, check_finite_model, check_finite_plans,
-                     check_models, check_seed, model_list)
+                     check_models, check_runs, check_seed, model_list)
 from .engine import apply_maps, check_heads, head_tensors
 from .refine import REFINEMENTS, run_refinement
 from .repair import REPAIRS, RepairContext, has_batchnorm, run_repair
@@ -204,6 +204,8 @@ class Alignment:
         fused = apply_maps(self.models, self.graphs, maps, alpha=weights, target=self.target, heads=heads)
         report.seconds["apply"] = time.perf_counter() - t
         check_finite_model(fused, "applying the maps")
+        if self.example is not None:
+            check_runs(fused, self.example, "applying the maps")
         report.heads = heads
         if heads == "separate":
             report.head_sizes = [int(g.shapes[head_tensors(g)[0]][0]) for g in self.graphs]
@@ -434,6 +436,7 @@ def align(
         # the fused architecture: the first model resized (its features are only a template)
         width = module_widths(models[0], graphs[0], width)
         target = _template(models[0], width, graphs[0])
+        check_runs(target, ex, "resizing to the fused widths")  # (before any pass over the data)
         target_graph = resized_graph(graphs[0], width)
     elif target is not None:
         target_graph = (graphs[0] if same_structure(target, models[0]) else

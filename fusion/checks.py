@@ -18,12 +18,12 @@ from torch import nn
 
 from alignment.errors import CalibrationError, FusionError, InvalidOptionError
 from alignment.runner import (all_finite, batch_input, check_data, dropped_note, first_batch, has_nan, loader_samples,
-                              model_dtype, modes)
+                              model_device, model_dtype, modes)
 from alignment.statistics import check_inputs
 from alignment.structure import RowPlan
 
 __all__ = ["ModelError", "NonFiniteError", "model_list", "check_models", "check_alpha", "check_calibration", "check_device",
-           "check_seed", "check_finite_plans", "check_finite_model"]
+           "check_seed", "check_finite_plans", "check_finite_model", "check_runs"]
 
 
 class NonFiniteError(FusionError, ArithmeticError):
@@ -309,3 +309,30 @@ def check_finite_model(model: nn.Module, stage: str) -> None:
         if t.is_floating_point() and _broken(t, buffer):
             raise NonFiniteError(f"after {stage}, the fused tensor {name!r} holds non-finite values; the fused model "
                                  f"would be broken (try another method, a ridge, or more calibration data)")
+
+
+def check_runs(model: nn.Module, example: Any, stage: str) -> None:
+    """Run ``model`` once on ``example`` (the input discovery ran on: a tensor, a tuple of positional
+    inputs or a dict of keyword inputs), in eval mode without gradients (every module's flag
+    restored), so that a fused model that cannot run is an error here, not the caller's.
+
+    Raises:
+        ModelError: the model fails, naming the error and the usual cause (a forward that fixes a
+            width fusion changed: a literal split size, a reshape to constant channels).
+    """
+    dev = model_device(model)
+    move = lambda v: v.to(dev) if isinstance(v, torch.Tensor) else v  # noqa: E731
+    if isinstance(example, dict):
+        args, kwargs = (), {k: move(v) for k, v in example.items()}
+    else:
+        args, kwargs = tuple(move(v) for v in (example if isinstance(example, (tuple, list)) else (example,))), {}
+    try:
+        with modes([model]), torch.no_grad():
+            model(*args, **kwargs)
+    except FusionError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure: the model would be returned broken
+        raise ModelError(f"the fused model does not run on the example input after {stage} ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:300]}); its forward may fix a width that fusion changed (a "
+                         f"literal split size, a reshape to constant channels): fuse at the models' widths there, or "
+                         f"let the forward read widths from its tensors") from exc

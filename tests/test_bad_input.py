@@ -57,6 +57,33 @@ def _gen(x):
     return (x for x in [_cal(x)])
 
 
+class Maxout(nn.Module):
+    """Max over channel pairs: the pair size is a literal of the forward, the pair count follows C."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.head = nn.Conv2d(1, 16, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = self.a(x)
+        h = h.view(h.shape[0], h.shape[1] // 2, 2, *h.shape[2:]).amax(2)
+        return self.head(torch.relu(self.b(h)).mean((2, 3)))
+
+
+class LiteralSplit(nn.Module):
+    """A forward that splits channels at literal sizes."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.head = nn.Conv2d(1, 12, 3, padding=1), nn.Conv2d(6, 6, 1), nn.Linear(6, 5)
+
+    def forward(self, x):
+        u, v = self.a(x).split([6, 6], 1)
+        return self.head(torch.relu(self.b(u * v)).mean((2, 3)))
+
+
 class WithLSTM(nn.Module):
     def __init__(self):
         super().__init__()
@@ -153,6 +180,12 @@ def _with_nan(t):
 
 # (id, call(a, b, x) -> None, exception type, regex the message must match)
 CASES = [
+    ("a width the forward cannot run at (maxout)", lambda a, b, x: fusion.fuse([Maxout()], torch.randn(8, 1, 8, 8),
+                                                                               method="magnitude", width=0.5),
+     ModelError, r"does not run on the example input after resizing.*expected input\[2, 4, 8, 8\] to have 8"),
+    ("a forward splitting at literal sizes", lambda a, b, x: fusion.fuse([LiteralSplit()], torch.randn(8, 1, 8, 8),
+                                                                         method="magnitude", width=0.5),
+     ModelError, r"does not run on the example input after resizing.*split_sizes=\[6, 6\]"),
     ("no models", lambda a, b, x: fusion.fuse([], _cal(x)), ModelError, "at least one model"),
     ("a model, not a list", lambda a, b, x: fusion.fuse(a, _cal(x)), ModelError, "list of models"),
     ("a state dict", lambda a, b, x: fusion.fuse([a.state_dict(), b], _cal(x)), ModelError, "model 0 is a"),
