@@ -280,6 +280,13 @@ def build_model(arch: Mapping[str, Any] | ModelSpec, num_classes: int | None) ->
     """
     library, name, kwargs = _check_arch(arch)
     head = {} if num_classes is None else {"num_classes": int(num_classes)}
+    key = "num_classes" if library == "timm" else "num_labels"
+    if key in kwargs:  # (the class count is the checkpoint's: kwargs may repeat it, not contradict it)
+        if head and kwargs[key] != head["num_classes"]:
+            raise UnknownArchitectureError(
+                f"arch {name!r} kwargs name {key}={kwargs[key]!r} but the model has {head['num_classes']} classes; "
+                f"remove {key} from the kwargs (the class count comes from the weights)")
+        head = {}
     if library == "timm":
         import timm
 
@@ -357,10 +364,12 @@ def _declared_format(arch: Mapping[str, Any] | ModelSpec):
 
     try:
         with torch.device("meta"):
-            model = build_model(arch, 2)
-    except Exception:  # noqa: BLE001 - a constructor that needs real values (e.g. .item()): build it for real
-        model = build_model(arch, 2)
-    return input_format(model)
+            model = build_model(arch, None)
+    except UnknownArchitectureError:
+        raise
+    except Exception:  # noqa: BLE001 - a constructor that needs real values (e.g. .item()): built for real below
+        model = None
+    return input_format(model if model is not None else build_model(arch, None))
 
 
 def space_widths(model: nn.Module, example: torch.Tensor) -> dict[str, int]:

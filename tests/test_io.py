@@ -93,6 +93,22 @@ def test_build_model_errors() -> None:
         build_model({"name": "resnet18"}, 10)
 
 
+def test_a_class_count_in_the_kwargs_may_repeat_the_models_not_contradict_it() -> None:
+    """Guards: kwargs naming the class count (``num_labels``, ``num_classes``) build when they agree
+    with it or no count is given, and a contradiction is an UnknownArchitectureError naming it;
+    example_input of such a spec works (before: a bare KeyError from the duplicated keyword)."""
+    hf = {"library": "transformers", "name": "MobileNetV1ForImageClassification",
+          "kwargs": {"num_labels": 5, "depth_multiplier": 0.25, "image_size": 32}}
+    assert build_model(hf, 5).config.num_labels == 5 and build_model(hf, None).config.num_labels == 5
+    with pytest.raises(UnknownArchitectureError, match=r"num_labels=5 but the model has 3 classes"):
+        build_model(hf, 3)
+    assert tuple(fio.example_input(hf).shape) == (2, 3, 32, 32)
+    timm_spec = {**TINY_RESNET, "kwargs": {**TINY_RESNET["kwargs"], "num_classes": 7}}
+    assert build_model(timm_spec, 7).num_classes == 7
+    with pytest.raises(UnknownArchitectureError, match=r"num_classes=7 but the model has 10 classes"):
+        build_model(timm_spec, 10)
+
+
 # --------------------------------------------------------------------------- save_model / load_model_file
 
 
