@@ -534,6 +534,30 @@ def test_hf_configs_describe_the_fused_model_after_separate_heads():
     assert not config_rebuilds(fused, fused.config) and not sync_config_by_shapes(fused, fused.config)
 
 
+def test_a_config_field_equal_to_a_width_by_chance_does_not_stop_the_config_sync():
+    """Guards: a transformers model with no config handler (ViTMSN) whose ``image_size`` equals its
+    ``hidden_size`` (32) compresses to a config that rebuilds it: ``hidden_size`` follows the
+    weights, ``image_size`` stays (before: changing both at once failed to build, so nothing was
+    synced and the config described the old widths)."""
+    import warnings
+
+    import transformers
+
+    import fusion
+    from fusion.modules import AttributeSyncWarning
+    from fusion.modules.core import config_rebuilds
+
+    cfg = transformers.ViTMSNConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                                    num_attention_heads=2, intermediate_size=64, num_labels=5)
+    torch.manual_seed(0)
+    model = transformers.ViTMSNForImageClassification(cfg).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AttributeSyncWarning)
+        half = fusion.fuse([model], torch.randn(16, 3, 32, 32), method="magnitude", width=0.5)
+    assert (half.config.hidden_size, half.config.image_size) == (16, 32) and config_rebuilds(half, half.config)
+    assert check_consistency(half) == []
+
+
 # --------------------------------------------------------------------------- transformers attention by attributes
 
 

@@ -631,8 +631,8 @@ def sync_config_by_shapes(owner: nn.Module, config: Any, path: str = "",
     ``path``: ``owner``'s path in it) to one new size everywhere gives an ``old -> new`` map; the
     config's top-level int fields and int lists holding an old size get the new one, and the result
     is kept only if the model built from it (on the meta device) has ``owner``'s tensor shapes (and
-    heads: :func:`config_rebuilds`). A field whose change is not needed for that (an ``image_size``
-    equal to a width by chance) is changed back. Returns whether the config now rebuilds ``owner`` (True, untouched, when it did
+    heads: :func:`config_rebuilds`). A field whose change is not needed for that, or whose change
+    alone stops the build (an ``image_size`` equal to a width by chance), is changed back. Returns whether the config now rebuilds ``owner`` (True, untouched, when it did
     already); on False the config is unchanged.
     """
     if config_rebuilds(owner, config):
@@ -656,7 +656,16 @@ def sync_config_by_shapes(owner: nn.Module, config: Any, path: str = "",
     for key, value in fields.items():
         setattr(trial, key, value)
     if not config_rebuilds(owner, trial):
-        return False
+        # a field equal to a width by chance may itself break the build (an image_size whose position
+        # table then has other rows): try every change but one
+        for key in list(fields):
+            setattr(trial, key, getattr(config, key))
+            if config_rebuilds(owner, trial):
+                del fields[key]
+                break
+            setattr(trial, key, fields[key])
+        else:
+            return False
     for key in list(fields):  # keep only the changes the shapes need
         setattr(trial, key, getattr(config, key))
         if config_rebuilds(owner, trial):
