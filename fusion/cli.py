@@ -910,8 +910,10 @@ def _run_fusion(models, method, alphas, out, repair, target_spec, width, calibra
     mods = [m for m, _ in resolved]
     entries = [e for _, e in resolved]
     alpha = _alpha_of(alphas or (), len(mods))
-    # even with --overwrite, the output must not replace what the job reads
-    check_inputs_kept(out, _input_paths([*models, *([target_spec] if target_spec else [])], entries, checkpoints),
+    target, t_entry = resolve_model(target_spec, zoo_dir) if target_spec is not None else (None, None)
+    # even with --overwrite, the output must not replace what the job reads (the target's files too)
+    check_inputs_kept(out, _input_paths([*models, *([target_spec] if target_spec else [])],
+                                        [*entries, *([t_entry] if target_spec else [])], checkpoints),
                       extra=library_form_paths(out))
     known = [list(e.classes) for e in entries if e is not None and e.classes]
     if heads == "merged" and len(known) == len(entries) > 1 and any(c != known[0] for c in known):
@@ -920,10 +922,7 @@ def _run_fusion(models, method, alphas, out, repair, target_spec, width, calibra
         raise HeadsError(f"the models were trained on different classes ({'; '.join(map(str, known))}): merging their "
                          f"classifiers would average unrelated outputs; pass --heads separate (each model keeps its "
                          f"own head)")
-    target, arch_source = None, (mods[0], entries[0])
-    if target_spec is not None:
-        target, t_entry = resolve_model(target_spec, zoo_dir)
-        arch_source = (target, t_entry)
+    arch_source = (target, t_entry) if target_spec is not None else (mods[0], entries[0])
     arch, n_classes, classes = _arch_of(*arch_source)
     if do_eval:  # the test split is found before the work (a missing one failed after fusing and saving)
         data.load("test", mods[0], None, remap=False)

@@ -557,6 +557,12 @@ def test_the_output_never_replaces_an_input_even_with_overwrite(tmp_path):
         assert "would replace the input" in _one_error_line(res)
     assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in before} == before
     assert not (tmp_path / "in" / "m0.timm.json").exists()
+    # the target is an input too, named by its stem (no file of that name: it used to be missed)
+    res = CliRunner().invoke(main, ["fuse", str(b), str(b), "--target", str(a.with_suffix("")), "--method", "ot",
+                                    "--out", str(a.with_suffix("")), "--overwrite",
+                                    "--data", "tests.data_spec_helpers:noise28", "--calibration-size", "8"])
+    assert "would replace the input" in _one_error_line(res)
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in before} == before
 
 
 def test_overwriting_an_output_removes_the_library_forms_of_the_model_it_replaces(tmp_path):
