@@ -1152,10 +1152,12 @@ def interpolate(models, out, overwrite, methods, repairs, steps, calibration_siz
     from alignment.methods import METHODS
 
     from .interpolate import JSON_NAME, PLOT_NAME, _method_options, default_alphas, interpolation_report
-    from .io import check_output_folder
+    from .checks import check_device
+    from .io import check_inputs_kept, check_output_folder
     from .repair import REPAIRS
 
     check_output_folder(out, (JSON_NAME, PLOT_NAME), overwrite)  # before any work
+    check_device(device)
     data = _data_of(kw)
     method_opts = method_options(options)
     _import_user_modules(models, data.spec)  # (what they register is known to the checks below)
@@ -1177,6 +1179,8 @@ def interpolate(models, out, overwrite, methods, repairs, steps, calibration_siz
     _refuse_zipped(models, resolved, "cannot be interpolated")
     mods = [m for m, _ in resolved]
     entries = [e for _, e in resolved]
+    check_inputs_kept(out, _input_paths(models, entries, checkpoints), what="the curves",
+                      extra=[Path(out) / JSON_NAME, Path(out) / PLOT_NAME])
     if all(e is not None for e in entries) and list(entries[0].classes) != list(entries[1].classes):
         click.echo(f"warning: the models' classes differ ({entries[0].classes} vs {entries[1].classes}); "
                    "evaluating on the first model's", err=True)

@@ -652,24 +652,25 @@ def check_output(path: str | os.PathLike[str], overwrite: bool = False, sidecar:
 
 
 def check_inputs_kept(path: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str]],
-                      extra: Iterable[Path] = ()) -> None:
-    """Check, before any work, that writing a model to ``path`` (its weights, sidecar and the
-    ``extra`` paths) replaces none of ``inputs`` (files or folders the job reads: source models,
-    checkpoints), even with ``overwrite``.
+                      extra: Iterable[Path] = (), what: str = "the model") -> None:
+    """Check, before any work, that writing ``what`` to ``path`` and the ``extra`` paths replaces
+    none of ``inputs`` (files or folders the job reads: source models, checkpoints), even with
+    ``overwrite``. ``what="the model"`` writes its weights and sidecar at ``path``; anything else
+    (e.g. ``"the curves"``) only the ``extra`` paths.
 
     Raises:
         OutputNotWritableError: an output is an input, a folder output would hold one, or an output
             lies inside an input folder (a transformers model folder: its own weights).
     """
-    outs = [p.resolve() for p in (*model_paths(path), *map(Path, extra))]
+    outs = [p.resolve() for p in (*(model_paths(path) if what == "the model" else ()), *map(Path, extra))]
     for i in inputs:
         i = Path(i).resolve()
         for o in outs:
             if o == i or o in i.parents:
-                raise OutputNotWritableError(f"writing the model to {path} would replace the input {i}; choose "
+                raise OutputNotWritableError(f"writing {what} to {path} would replace the input {i}; choose "
                                              f"another output path")
             if i.is_dir() and i in o.parents:
-                raise OutputNotWritableError(f"writing the model to {path} would write into the input folder {i}; "
+                raise OutputNotWritableError(f"writing {what} to {path} would write into the input folder {i}; "
                                              f"choose an output path outside it")
 
 

@@ -666,6 +666,20 @@ def test_the_output_never_lands_inside_an_input_folder_or_on_a_zoo_manifest(tmp_
     assert (zoo / "manifest.json").read_bytes() == manifest
 
 
+def test_interpolation_curves_are_not_written_into_an_input_model_folder(tmp_path):
+    """Guards: ``interpolate --out`` naming an input transformers folder is refused before any work,
+    with --overwrite too (before: interpolation.json and .png were written into the model's folder)."""
+    import hashlib
+
+    model = _hf_folder(tmp_path / "hf")
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "hf").iterdir()}
+    res = CliRunner().invoke(main, ["interpolate", model, model, "--out", model, "--overwrite", "--steps", "2",
+                                    "--methods", "permute", "--repairs", "none",
+                                    "--data", "tests.data_spec_helpers:noise28", "--calibration-size", "8"])
+    assert "writing the curves to" in _one_error_line(res, alone=False) and "would write into the input folder" in res.output
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "hf").iterdir()} == before
+
+
 def test_timm_json_models_compress_and_fuse(tmp_path):
     """Guards: a ``<stem>.timm.json`` model (the timm form the CLI writes) is accepted by compress and
     fuse as by eval (before: 'cannot tell how to rebuild ResNet'); the result is saved with its
@@ -697,6 +711,9 @@ def test_cli_input_errors_are_one_line(tmp_path):
     assert res.exit_code == 2 and "cannot load this model folder" in _one_error_line(res, alone=False)
     res = CliRunner().invoke(main, ["eval", _hf_folder(tmp_path / "hf"), "--device", "cuda:7"])
     assert res.exit_code == 2 and "cuda:7" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(main, ["interpolate", str(tmp_path / "hf"), str(tmp_path / "hf"), "--out",
+                                    str(tmp_path / "curves"), "--device", "foo"])
+    assert res.exit_code == 2 and "'foo'" in _one_error_line(res)
     res = CliRunner().invoke(main, ["compress", str(tmp_path / "hf"), "--width", "0.5", "--out", str(tmp_path / "o"),
                                     "--option", "seed=1", "--data", "tests.data_spec_helpers:noise28"])
     assert res.exit_code == 2 and "'seed' is no method option" in res.output
