@@ -756,13 +756,14 @@ def collect(
     return stats
 
 
-def check_inputs(models: Sequence[nn.Module], sample: torch.Tensor) -> list[int | None]:
+def check_inputs(models: Sequence[nn.Module], sample: torch.Tensor, what: str = "calibration") -> list[int | None]:
     """Run every model on ``sample`` (each on its own device, in eval mode, without gradients; modes
     restored) and return the size of each one's output along its last axis (None where the output
     is no tensor with axes; a ``logits`` attribute or the first of a tuple is read).
 
     Raises:
-        CalibrationError: naming the first model that cannot take the sample, its shape and why.
+        CalibrationError: naming the first model that cannot take the sample, its shape and why
+            (``what`` names the data: ``"calibration"``, ``"test"``).
     """
     sizes = []
     for i, m in enumerate(models):
@@ -772,7 +773,7 @@ def check_inputs(models: Sequence[nn.Module], sample: torch.Tensor) -> list[int 
                 out = m(sample.to(dev))
         except Exception as exc:  # the model cannot take this input: say which and with what shape
             first = (str(exc).splitlines() or [""])[0][:200]
-            raise CalibrationError(f"model {i} ({type(m).__name__}) fails on calibration inputs of shape "
+            raise CalibrationError(f"model {i} ({type(m).__name__}) fails on {what} inputs of shape "
                                    f"{tuple(sample.shape)} ({type(exc).__name__}: {first}); give inputs the model "
                                    f"accepts") from None
         out = getattr(out, "logits", out)

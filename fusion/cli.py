@@ -232,13 +232,30 @@ def resolve_model(spec: str, zoo: str | None = None, checkpoint: str | None = No
 
         from .io import CheckpointCorruptError, transformers_progress
 
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # (its load report of keys that do not fit: said below, in one line)
         try:
             with transformers_progress(_progress()):
-                model = transformers.AutoModelForImageClassification.from_pretrained(str(path), local_files_only=True)
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:  # a broken folder: say which and why
+                model, info = transformers.AutoModelForImageClassification.from_pretrained(
+                    str(path), local_files_only=True, output_loading_info=True)
+        except Exception as exc:  # noqa: BLE001 - a broken folder (truncated weights too): say which and why
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointCorruptError(f"{spec}: transformers cannot load this model folder ({first[:300]}); "
                                          f"check its config.json and weights") from None
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        # weights that do not fit the config would be left at their random initialisation, silently
+        off = [(what, [str(k[0] if isinstance(k, tuple) else k) for k in info.get(key) or ()])
+               for what, key in (("missing", "missing_keys"), ("unexpected", "unexpected_keys"),
+                                 ("of another shape", "mismatched_keys"))]
+        off = [(what, keys) for what, keys in off if keys]
+        if off:
+            said = "; ".join(f"{len(keys)} {what} ({', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''})"
+                             for what, keys in off)
+            raise CheckpointCorruptError(f"{spec}: its weights do not fit its config.json: {said}; those tensors would "
+                                         f"be random, so the folder is refused (save the model with save_pretrained)")
         return model.eval(), None
     if path.name.endswith(".timm.json"):
         return _load_timm_json(path)
@@ -601,7 +618,18 @@ class _DataOptions:
         from .experiments.data import first_examples
 
         data = self.load("test", model, list(classes) if classes else None, remap=True)
-        return _InModelDtype.wrap(first_examples(data, limit) if limit is not None else data, model)
+        data = _InModelDtype.wrap(first_examples(data, limit) if limit is not None else data, model)
+        _check_takes(model, data)
+        return data
+
+
+def _check_takes(model, data) -> None:
+    """Run ``model`` on two test samples, so that data it cannot take is a CalibrationError naming
+    the shape before any evaluation (or fusion)."""
+    from alignment.runner import first_batch
+    from alignment.statistics import check_inputs
+
+    check_inputs([model], first_batch(data)[:2], what="test")
 
 
 def _function_parameters(target: str) -> set[str]:
@@ -660,7 +688,7 @@ def _report_heads(name: str, model, head_classes, data, limit, device) -> None:
 
     union = sorted({c for cl in head_classes for c in cl})
     test = data.load("test", model, union, remap=False)
-    test = first_examples(test, limit) if limit is not None else test
+    test = _InModelDtype.wrap(first_examples(test, limit) if limit is not None else test, model)
     r = heads_accuracy(model, head_classes, test, device=device, progress=_progress())
     tasks = ", ".join(f"head {i} {100 * a:.2f}%" for i, a in enumerate(r["per_task"]))
     click.echo(f"{name}: per-task accuracy {tasks} (mean {100 * r['task_mean']:.2f}%); "
@@ -924,8 +952,8 @@ def _run_fusion(models, method, alphas, out, repair, target_spec, width, calibra
                          f"own head)")
     arch_source = (target, t_entry) if target_spec is not None else (mods[0], entries[0])
     arch, n_classes, classes = _arch_of(*arch_source)
-    if do_eval:  # the test split is found before the work (a missing one failed after fusing and saving)
-        data.load("test", mods[0], None, remap=False)
+    if do_eval:  # the test split is found and taken by the models before the work (not after saving)
+        _check_takes(mods[0], _InModelDtype.wrap(data.load("test", mods[0], None, remap=False), mods[0]))
     calibration = data.calibration(mods[0], entries, calibration_size, calibration_seed)
     fused = fuse_fn(mods, calibration, method=method, repair=repair, alpha=alpha, seed=seed, device=device,
                     target=target, width=width, progress=_progress(), refine=refine,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-__all__ = ["split_tensors", "loader", "formatted", "not_a_dataset", "noise28", "two_resnets"]
+__all__ = ["split_tensors", "loader", "formatted", "not_a_dataset", "noise28", "rgb_test28", "two_resnets"]
 
 
 def split_tensors(split: str = "train") -> TensorDataset:
@@ -39,6 +39,12 @@ def noise28(split: str = "train") -> TensorDataset:
     """Forty random 1x28x28 images (a different draw per split), labels 0..9."""
     g = torch.Generator().manual_seed(0 if split == "train" else 1)
     return TensorDataset(torch.randn(40, 1, 28, 28, generator=g), torch.arange(40) % 10)
+
+
+def rgb_test28(split: str = "train") -> TensorDataset:
+    """:func:`noise28`, but the test split's images have 3 channels (for 1-channel models)."""
+    x, y = noise28(split).tensors
+    return TensorDataset(x.expand(-1, 3, -1, -1).contiguous() if split == "test" else x, y)
 
 
 def two_resnets():

@@ -666,6 +666,32 @@ def test_the_output_never_lands_inside_an_input_folder_or_on_a_zoo_manifest(tmp_
     assert (zoo / "manifest.json").read_bytes() == manifest
 
 
+def test_test_data_the_model_cannot_take_is_one_error_line_before_any_work(tmp_path):
+    """Guards: test images the models cannot take (3 channels for 1-channel models) are a one-line
+    error naming the shape, for eval and for fuse --eval before the fusion (before: a traceback,
+    from fuse only after the fused model was saved)."""
+    a, b = _saved_pair(tmp_path)
+    spec = ["--data", "tests.data_spec_helpers:rgb_test28"]
+    res = CliRunner().invoke(main, ["eval", str(a), *spec])
+    assert "fails on test inputs of shape (2, 3, 28, 28)" in _one_error_line(res)
+    res = CliRunner().invoke(main, ["fuse", str(a), str(b), "--out", str(tmp_path / "f"), "--eval",
+                                    "--calibration-size", "8", *spec])
+    assert "fails on test inputs" in _one_error_line(res) and not list(tmp_path.glob("f*"))
+
+
+def test_bfloat16_models_with_separate_heads_are_evaluated_per_head(tmp_path):
+    """Guards: per-head evaluation casts the test images to a bfloat16 model's dtype, as plain
+    evaluation does (before: a dtype traceback after the fused model was saved)."""
+    from fusion.io import save_model
+    from tests.data_spec_helpers import two_resnets
+
+    paths = [save_model(m.to(torch.bfloat16), tmp_path / f"m{k}", arch, 10) for k, (m, arch) in enumerate(two_resnets())]
+    res = CliRunner().invoke(main, ["fuse", *map(str, paths), "--heads", "separate", "--out", str(tmp_path / "f"),
+                                    "--eval", "--calibration-size", "8", "--data", "tests.data_spec_helpers:noise28"])
+    assert res.exit_code == 0, res.output
+    assert "per-task accuracy head 0" in res.output and "joint accuracy" in res.output
+
+
 def test_interpolation_curves_are_not_written_into_an_input_model_folder(tmp_path):
     """Guards: ``interpolate --out`` naming an input transformers folder is refused before any work,
     with --overwrite too (before: interpolation.json and .png were written into the model's folder)."""
