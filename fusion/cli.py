@@ -626,10 +626,18 @@ class _DataOptions:
 def _check_takes(model, data) -> None:
     """Run ``model`` on two test samples, so that data it cannot take is a CalibrationError naming
     the shape before any evaluation (or fusion)."""
+    from alignment.errors import CalibrationError
     from alignment.runner import first_batch
     from alignment.statistics import check_inputs
 
-    check_inputs([model], first_batch(data)[:2], what="test")
+    from .experiments.evaluate import _refuse_uint8
+
+    x = first_batch(data)[:2]
+    try:
+        check_inputs([model], x, what="test")
+    except CalibrationError as exc:
+        _refuse_uint8(x, model, exc)  # (uint8 images: say how to convert them)
+        raise
 
 
 def _function_parameters(target: str) -> set[str]:
