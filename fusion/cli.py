@@ -141,13 +141,14 @@ def import_modules(names: Sequence[str]) -> None:
                                    f"myplugins or mypackage.plugins (not a file path or module:function)")
         try:
             importlib.import_module(name)
-        except ImportError as exc:  # (a module it imports that is missing: importing it failed)
+        except FusionError as exc:
+            raise OptionValueError(f"--import {name}: {' '.join(str(exc).split())}") from exc
+        except Exception as exc:  # noqa: BLE001 - any failure of the user's module (a missing import, a bug)
             if isinstance(exc, ModuleNotFoundError) and exc.name and (name == exc.name or name.startswith(exc.name + ".")):
                 raise OptionValueError(f"--import {name}: no module named {exc.name!r} (is its folder on the Python "
                                        f"path? e.g. PYTHONPATH=. for a module in the current folder)") from None
-            raise OptionValueError(f"--import {name}: importing it failed: {exc}") from exc
-        except FusionError as exc:
-            raise OptionValueError(f"--import {name}: {' '.join(str(exc).split())}") from exc
+            raise OptionValueError(f"--import {name}: importing it failed: {type(exc).__name__}: "
+                                   f"{' '.join(str(exc).split())[:300]}") from exc
 
 
 def _import_spec_module(spec: str):
@@ -281,8 +282,24 @@ def _load_timm_json(path: Path):
     kwargs = {k: v for k, v in args.items() if k not in ("model_name", "num_classes", "pretrained")}
     stem = path.name[: -len(".timm.json")]
     spec = ModelSpec(name=stem, library="timm", arch_name=str(args["model_name"]), kwargs=kwargs, num_classes=n,
-                     classes=list(range(n)), weights=path.with_name(stem + ".safetensors"))
+                     classes=_sidecar_classes(path.with_name(stem + ".json"), n),
+                     weights=path.with_name(stem + ".safetensors"))
     return model, spec
+
+
+def _sidecar_classes(sidecar: Path, n: int) -> list[int]:
+    """The dataset labels of a model's ``n`` outputs from the toolkit's sidecar next to its library
+    form (a model trained on classes 5-9 is not one of classes 0-4); ``0..n-1`` without one."""
+    try:
+        classes = json.loads(sidecar.read_text()).get("classes") if sidecar.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        classes = None
+    if isinstance(classes, list) and len(classes) == n and all(isinstance(c, int) for c in classes):
+        return list(classes)
+    if sidecar.is_file():
+        _warn(f"{sidecar} gives no classes for the {n} outputs of {sidecar.stem}.timm.json: its outputs are taken "
+              f"as classes 0..{n - 1}")
+    return list(range(n))
 
 
 def _load_timm(name: str, checkpoint: str | None, kwargs: dict | None, num_classes: int | None):

@@ -725,6 +725,22 @@ def test_timm_json_models_compress_and_fuse(tmp_path):
         assert e.exit_code == 0, e.output
 
 
+def test_a_timm_json_model_has_the_classes_its_sidecar_records(tmp_path):
+    """Guards: a ``<stem>.timm.json`` next to the toolkit's sidecar gets the sidecar's classes (a
+    model of classes 5-14 was taken as one of 0-9: evaluated on other labels, merged with models of
+    other classes without the different-classes error)."""
+    from fusion.cli import resolve_model
+    from fusion.io import save_library_forms, save_model
+    from tests.data_spec_helpers import two_resnets
+
+    model, arch = two_resnets()[0]
+    save_model(model, tmp_path / "m", arch, 10, classes=range(5, 15))
+    assert save_library_forms(model, tmp_path / "m", arch, 10) == [tmp_path / "m.timm.json"]
+    assert list(resolve_model(str(tmp_path / "m.timm.json"))[1].classes) == list(range(5, 15))
+    (tmp_path / "m.json").unlink()  # no sidecar: outputs are classes 0..9
+    assert list(resolve_model(str(tmp_path / "m.timm.json"))[1].classes) == list(range(10))
+
+
 def test_cli_input_errors_are_one_line(tmp_path):
     """Guards: a transformers folder that cannot load, an eval device that is not there, an
     ``--option`` naming the command's own keyword (seed), and eval of a function giving two models
@@ -1004,6 +1020,19 @@ def test_import_of_a_module_that_cannot_be_imported_is_one_line_naming_it(tmp_pa
     line = _one_error_line(CliRunner().invoke(main, ["--import", "plugins/mine.py", "methods"]))
     assert "'plugins/mine.py' is not a module name" in line
     assert not list(tmp_path.iterdir())
+
+
+
+def test_import_of_a_module_that_fails_is_one_line_naming_the_error(tmp_path, monkeypatch):
+    """Guards: an --import module whose import raises (a bug: RuntimeError; a SyntaxError) ends as
+    one line naming it and the error (before: a traceback, exit 1)."""
+    (tmp_path / "raising_plugin.py").write_text("raise RuntimeError('plugin broken')\n")
+    (tmp_path / "unparsable_plugin.py").write_text("def f(:\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    line = _one_error_line(CliRunner().invoke(main, ["--import", "raising_plugin", "methods"]))
+    assert "--import raising_plugin: importing it failed: RuntimeError: plugin broken" in line
+    line = _one_error_line(CliRunner().invoke(main, ["--import", "unparsable_plugin", "methods"]))
+    assert "--import unparsable_plugin: importing it failed: SyntaxError" in line
 
 
 @pytest.mark.parametrize("where", ["models", "data"])
