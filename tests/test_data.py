@@ -349,6 +349,11 @@ def test_image_folder_errors(tmp_path: Path) -> None:
         load_dataset_spec(str(tmp_path), "train", mean=0.5)
     with pytest.raises(DataOptionError, match="split"):
         load_dataset_spec(str(tmp_path), "validation")
+    # a file that is no image: an error naming it when it is read (before: PIL's traceback)
+    (tmp_path / "train" / "a" / "broken.png").write_bytes(b"not a png")
+    data = load_dataset_spec(str(tmp_path), "train", image_size=(4, 4), mean=(0.5,), std=(0.5,), channels=1)
+    with pytest.raises(DataFormatError, match=r"broken.png cannot be read as an image"):
+        [data[i] for i in range(len(data))]
 
 
 def test_module_function_spec_gets_split_and_format() -> None:
@@ -449,6 +454,21 @@ def test_torchvision_spec_reads_a_torchvision_dataset(tmp_path: Path, no_default
         assert torch.equal(x, x_ref) and y == int(y_ref)
     with pytest.raises(DatasetNotFoundError, match="--data-root"):
         load_dataset_spec("torchvision:FashionMNIST", "train", root=tmp_path / "empty")
+    # a dataset that takes no folder (FakeData: its first argument is a size): built without one
+    fake = load_dataset_spec("torchvision:FakeData", "test", image_size=(8, 8), mean=(0.5,), std=(0.5,), channels=1)
+    assert fake[0][0].shape == (1, 8, 8)
+
+
+def raising(split: str = "train"):
+    """A data function with a bug."""
+    raise RuntimeError("user function failed")
+
+
+def test_a_data_function_that_raises_is_a_data_error_naming_it() -> None:
+    """Guards: a module:function data spec whose function raises is a DataFormatError naming the spec
+    and the error (before: the function's traceback)."""
+    with pytest.raises(DataFormatError, match=r"tests.test_data:raising\(split=...\) raised RuntimeError: user function"):
+        load_dataset_spec("tests.test_data:raising", "train")
 
 
 # ---------------------------------------------------------------------------

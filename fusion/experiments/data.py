@@ -1097,9 +1097,20 @@ def _load_folder(folder: Path, split: str, formatter: _ImageFormatter) -> Datase
             f"({_class_folders(split_dir)} vs {_class_folders(train_dir)}); labels would not agree."
         )
     try:
-        return ImageFolder(str(split_dir), transform=formatter)
+        return ImageFolder(str(split_dir), transform=formatter, loader=_read_image)
     except (FileNotFoundError, RuntimeError) as exc:
         raise DatasetNotFoundError(f"No images found in {split_dir}: {exc}") from exc
+
+
+def _read_image(path: str):
+    """An image file as a PIL image (RGB), or a :class:`DataFormatError` naming a file that is none."""
+    from torchvision.datasets.folder import default_loader
+
+    try:
+        return default_loader(path)
+    except OSError as exc:  # (PIL's UnidentifiedImageError, a truncated file)
+        raise DataFormatError(f"{path} cannot be read as an image ({type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())[:200]}); remove or replace it") from exc
 
 
 def _load_torchvision(name: str, split: str, root: Path, formatter: _ImageFormatter, download: bool) -> Dataset:
@@ -1119,9 +1130,13 @@ def _load_torchvision(name: str, split: str, root: Path, formatter: _ImageFormat
     else:
         attempts = [{}]
     error: Exception | None = None
+    where = {"root": str(root)} if "root" in params else {}  # (FakeData takes no folder)
     for extra in attempts:
         try:
-            return cls(str(root), **kwargs, **extra)
+            return cls(**where, **kwargs, **extra)
+        except TypeError as exc:  # a constructor that needs other arguments
+            raise DataOptionError(f"torchvision:{name} cannot be built from a folder and a transform ({exc}); give it "
+                                  f"as a module:function that builds it") from exc
         except ValueError as exc:  # e.g. a split name this dataset does not have
             error = exc
         except (RuntimeError, FileNotFoundError) as exc:
@@ -1181,7 +1196,13 @@ def _call_data_function(target: str, values: Mapping[str, Any]) -> tuple[Dataset
     if not callable(function):
         raise _unknown_spec(target, f"module {module_name!r} has no function {function_name!r}")
     given = {k: v for k, v in values.items() if k in inspect.signature(function).parameters}
-    result = function(**given)
+    try:
+        result = function(**given)
+    except FusionError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's function failed: say which, and how
+        raise DataFormatError(f"{target}({', '.join(f'{k}=...' for k in given)}) raised {type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())[:300]}") from exc
     if not isinstance(result, (Dataset, DataLoader)):
         raise DataFormatError(
             f"{target} returned {type(result).__name__}; it must return a torch Dataset or DataLoader."
