@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import warnings
 from typing import Any, Mapping
 
@@ -23,14 +24,14 @@ from alignment.errors import FusionError, FusionWarning, SpaceMismatchError
 from alignment.graph import Graph
 from alignment.leaves import select_leaf
 from alignment.maps import correct_query_key, plan_maps
-from alignment.permute import check_graph_fits
+from alignment.permute import check_graph_fits, model_tensors
 from alignment.runner import plain_precision
 from alignment.structure import Blocks, Cat, Fixed, Heads, Leaf, Node, Walk, plan_argmax, space_blocks, tree_size
 
 from .engine import apply_maps
 
 __all__ = ["WidthError", "WidthSpec", "check_width", "module_widths", "resized_graph", "selection_indices", "resize",
-           "resize_like"]
+           "resize_like", "check_memory"]
 
 WidthSpec = float | int | Mapping[str, float | int]
 
@@ -272,7 +273,38 @@ def resize(
 def _template(model: nn.Module, width: WidthSpec, graph: Graph) -> nn.Module:
     """A model of ``model``'s family at new widths, as a template for weights written later (a
     fusion's target, a checkpoint's architecture): :func:`resize` without its function check."""
-    return _apply_selection(model, graph, _selection(graph, resized_graph(graph, width), None))
+    target = resized_graph(graph, width)
+    check_memory(model, graph, target)
+    return _apply_selection(model, graph, _selection(graph, target, None))
+
+
+def check_memory(model: nn.Module, graph: Graph, target: Graph) -> int:
+    """The bytes ``model``'s tensors take at ``target``'s widths (its resized graph); a width that
+    would not fit in this machine's memory is refused before anything is allocated.
+
+    Raises:
+        WidthError: the resized tensors alone would take more than the machine's memory.
+    """
+    tensors = model_tensors(model)
+    total = 0
+    for name, shape in graph.shapes.items():
+        t = tensors.get(name)
+        if t is None:
+            continue
+        size = 1
+        for ax, pieces in enumerate(graph.layout(name)):
+            covered = sum(stop - start for start, stop, _ in pieces)
+            size *= sum(target[sp].width if sp is not None else stop - start for start, stop, sp in pieces) \
+                + (shape[ax] - covered)
+        total += size * t.element_size()
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # (not a POSIX system: not checked)
+        return total
+    if total > memory:
+        raise WidthError(f"at these widths the model's tensors alone would take {total / 2 ** 30:.3g} GiB, more than "
+                         f"this machine's {memory / 2 ** 30:.3g} GiB of memory; give a smaller width")
+    return total
 
 
 _NORMS = (nn.LayerNorm, nn.GroupNorm, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))

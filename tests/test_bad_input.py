@@ -180,6 +180,8 @@ def _with_nan(t):
 
 # (id, call(a, b, x) -> None, exception type, regex the message must match)
 CASES = [
+    ("a width beyond the machine's memory", lambda a, b, x: fusion.fuse([a, b], _cal(x), width=1e6), WidthError,
+     r"tensors alone would take .* GiB, more than this machine's"),
     ("a width the forward cannot run at (maxout)", lambda a, b, x: fusion.fuse([Maxout()], torch.randn(8, 1, 8, 8),
                                                                                method="magnitude", width=0.5),
      ModelError, r"does not run on the example input after resizing.*expected input\[2, 4, 8, 8\] to have 8"),
@@ -575,3 +577,15 @@ def test_one_pair_of_flat_inputs_and_soft_labels_is_refused_before_work(no_pass)
                                                r"\[\(x, y\)\]"):
         fusion.fuse([a, b], (flat, torch.full((16, 10), 0.1)))
     assert check_calibration((flat, torch.randn(16, 1, 8, 8)), [a, b]).shape == (16, 64)
+
+
+def test_the_memory_of_a_resized_model_is_its_tensors_bytes(tiny):
+    """Guards: check_memory counts the bytes of every tensor at the new widths (at the same widths:
+    the model's own; halving every space of a CNN: between a quarter and a half of them)."""
+    from fusion.resize import check_memory, resized_graph
+
+    model, x = tiny("timm_resnet18")
+    graph = fusion.api.discover(model, x)
+    own = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert check_memory(model, graph, resized_graph(graph, 1.0)) == own
+    assert own / 4 < check_memory(model, graph, resized_graph(graph, 0.5)) < own / 2
