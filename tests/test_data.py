@@ -104,6 +104,7 @@ def test_env_var_and_torchvision_layout(tmp_path: Path, no_default_data: Path, m
 
 def test_missing_data_error_lists_places_and_fixes(tmp_path: Path, no_default_data: Path) -> None:
     nowhere = tmp_path / "nowhere"
+    nowhere.mkdir()  # (a folder without the files: the next places are tried)
     with pytest.raises(DatasetNotFoundError) as info:
         load_fashion_mnist("test", root=nowhere)
     message = str(info.value)
@@ -111,6 +112,13 @@ def test_missing_data_error_lists_places_and_fixes(tmp_path: Path, no_default_da
     assert str(nowhere) in message and str(no_default_data) in message
     assert "apt-get install dataset-fashion-mnist" in message
     assert "FUSION_DATA_DIR" in message and "download=True" in message
+
+
+def test_a_data_folder_that_does_not_exist_is_refused(tmp_path: Path) -> None:
+    """Guards: a root that does not exist (a typo) is an error naming it, even where other places
+    hold the data (before: the Debian copy was read silently); with download it is where to download."""
+    with pytest.raises(DatasetNotFoundError, match=r"the data folder .*typo does not exist"):
+        load_fashion_mnist("test", root=tmp_path / "typo")
 
 
 def test_corrupt_idx_raises(tmp_path: Path, no_default_data: Path) -> None:

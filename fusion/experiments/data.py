@@ -245,13 +245,16 @@ def find_fashion_mnist(
 
     Raises:
         DataOptionError: If ``split`` is not ``"train"`` or ``"test"``.
-        DatasetNotFoundError: If the files are nowhere; the message lists the places
-            tried and how to install the data.
+        DatasetNotFoundError: If ``root`` does not exist (without ``download``), or the files
+            are nowhere; the message lists the places tried and how to install the data.
     """
     _check_split(split)
     tried: list[str] = []
     candidates: list[tuple[str, Path]] = []
     if root is not None:
+        if not download and not Path(root).expanduser().exists():  # (a typo would quietly read other data)
+            raise DatasetNotFoundError(f"the data folder {root} does not exist; give the folder that holds the "
+                                       f"Fashion-MNIST files (or download=True / --download to download into it)")
         candidates.append(("root argument", Path(root).expanduser()))
     env = os.environ.get(DATA_DIR_ENV)
     if env:
