@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import click
 import torch
 
-from alignment.errors import FusionError
+from alignment.errors import CalibrationError, FusionError
 
 __all__ = [
     "main",
@@ -627,8 +627,12 @@ class _DataOptions:
         from .experiments.data import calibration_subset, first_examples
 
         train = self.load("train", model, _classes_union(entries), remap=False)
-        if isinstance(train, DataLoader):  # a user's loader: its own order decides
-            return _InModelDtype.wrap(first_examples(train, size), model)
+        if isinstance(train, DataLoader):  # a user's loader: its own order decides (labels not needed)
+            head = first_examples(train, size, labels=False)
+            if len(head) < size:  # (as a dataset's: not silently fewer)
+                raise CalibrationError(f"calibration size {size} exceeds the {len(head)} examples the --data loader "
+                                       f"gives; ask for at most {len(head)} (--calibration-size)")
+            return _InModelDtype.wrap(head, model)
         return _InModelDtype.wrap(calibration_subset(train, size, seed=seed), model)
 
     def test(self, model, classes: Sequence[int] | None, limit: int | None):
@@ -643,7 +647,6 @@ class _DataOptions:
 def _check_takes(model, data) -> None:
     """Run ``model`` on two test samples, so that data it cannot take is a CalibrationError naming
     the shape before any evaluation (or fusion)."""
-    from alignment.errors import CalibrationError
     from alignment.runner import first_batch
     from alignment.statistics import check_inputs
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-__all__ = ["split_tensors", "loader", "formatted", "not_a_dataset", "noise28", "rgb_test28", "two_resnets"]
+__all__ = ["split_tensors", "loader", "formatted", "not_a_dataset", "noise28", "rgb_test28", "inputs_loader",
+           "two_resnets"]
 
 
 def split_tensors(split: str = "train") -> TensorDataset:
@@ -45,6 +46,11 @@ def rgb_test28(split: str = "train") -> TensorDataset:
     """:func:`noise28`, but the test split's images have 3 channels (for 1-channel models)."""
     x, y = noise28(split).tensors
     return TensorDataset(x.expand(-1, 3, -1, -1).contiguous() if split == "test" else x, y)
+
+
+def inputs_loader(split: str = "train") -> DataLoader:
+    """A DataLoader of the images of :func:`noise28` alone (no labels), in batches of eight."""
+    return DataLoader(noise28(split).tensors[0], batch_size=8)
 
 
 def two_resnets():

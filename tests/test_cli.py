@@ -692,6 +692,19 @@ def test_bfloat16_models_with_separate_heads_are_evaluated_per_head(tmp_path):
     assert "per-task accuracy head 0" in res.output and "joint accuracy" in res.output
 
 
+def test_a_loader_of_unlabeled_images_calibrates_and_a_calibration_size_beyond_it_is_refused(tmp_path):
+    """Guards: a --data DataLoader of images alone calibrates a fusion (before: refused because
+    'evaluation needs labels', with nothing evaluated), and a --calibration-size above what it gives
+    is one error line, as for a dataset (before: silently fewer)."""
+    res = CliRunner().invoke(main, ["--quiet", "fuse", "tests.data_spec_helpers:two_resnets", "--out",
+                                    str(tmp_path / "f"), "--data", "tests.data_spec_helpers:inputs_loader",
+                                    "--calibration-size", "16"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(main, ["fuse", "tests.data_spec_helpers:two_resnets", "--out", str(tmp_path / "g"),
+                                    "--data", "tests.data_spec_helpers:inputs_loader", "--calibration-size", "100"])
+    assert "calibration size 100 exceeds the 40 examples the --data loader gives" in _one_error_line(res)
+
+
 def test_interpolation_curves_are_not_written_into_an_input_model_folder(tmp_path):
     """Guards: ``interpolate --out`` naming an input transformers folder is refused before any work,
     with --overwrite too (before: interpolation.json and .png were written into the model's folder)."""

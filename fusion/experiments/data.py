@@ -692,17 +692,19 @@ def calibration_subset(
     return TensorDataset(tensors[0][index].clone(), tensors[1][index].clone())
 
 
-def first_examples(data: Dataset | DataLoader, n: int) -> Dataset:
+def first_examples(data: Dataset | DataLoader, n: int, labels: bool = True) -> Dataset:
     """The first ``n`` examples of a dataset or a ``DataLoader`` (all of them if fewer).
 
     Args:
         data: A map-style dataset, or a ``DataLoader`` whose batches are (inputs, labels)
             pairs or dicts with ``pixel_values`` and ``labels``.
         n: How many examples to keep (positive).
+        labels: Whether the examples need labels (evaluation); without (calibration), a
+            loader's batches may also be input tensors alone, and only inputs are kept.
 
     Returns:
         A ``Subset`` of a dataset; the examples of a loader (in its order) gathered in
-        a ``TensorDataset``.
+        a ``TensorDataset`` (of inputs and labels, or of inputs alone).
 
     Raises:
         DataOptionError: If ``n`` is not positive.
@@ -712,17 +714,22 @@ def first_examples(data: Dataset | DataLoader, n: int) -> Dataset:
         raise DataOptionError(f"the number of examples must be positive, got {n}.")
     if not isinstance(data, DataLoader):
         return Subset(data, range(min(n, len(data))))  # type: ignore[arg-type]
+    from alignment.runner import batch_input
+
     xs, ys, seen = [], [], 0
     for batch in data:
-        x, y = _split_batch(batch)
+        if labels:
+            x, y = _split_batch(batch)
+            ys.append(torch.as_tensor(y).to(torch.int64))
+        else:
+            x = batch_input(batch)
         xs.append(torch.as_tensor(x))
-        ys.append(torch.as_tensor(y).to(torch.int64))
-        seen += len(ys[-1])
+        seen += len(xs[-1])
         if seen >= n:
             break
     if not xs:
         raise DataFormatError("The DataLoader yielded no batches.")
-    return TensorDataset(torch.cat(xs)[:n], torch.cat(ys)[:n])
+    return TensorDataset(torch.cat(xs)[:n], torch.cat(ys)[:n]) if labels else TensorDataset(torch.cat(xs)[:n])
 
 
 def make_loader(
