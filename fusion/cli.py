@@ -264,6 +264,12 @@ def resolve_model(spec: str, zoo: str | None = None, checkpoint: str | None = No
         return load_model_file(path)
     if path.is_dir():
         raise CheckpointNotFoundError(f"{spec} is a folder without config.json, not a transformers model folder")
+    if path.is_file() and path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        from .io import UnknownArchitectureError
+
+        raise UnknownArchitectureError(f"{spec} is a torch checkpoint: it holds weights, not the architecture; give it "
+                                       f"as timm:NAME --checkpoint {spec} (with --num-classes/--kwargs as needed), or "
+                                       f"save the model with fusion.io.save_model")
     if not path.exists() and (os.sep in spec or "/" in spec or path.suffix in (".hf", ".pt", ".pth", ".bin")):
         raise CheckpointNotFoundError(f"{spec}: no such model file or folder (a saved model is a .safetensors file "
                                       f"with its .json sidecar, or their stem; a transformers model a folder with "

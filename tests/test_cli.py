@@ -769,6 +769,9 @@ def test_cli_input_errors_are_one_line(tmp_path):
     res = CliRunner().invoke(main, ["interpolate", str(tmp_path / "hf"), str(tmp_path / "hf"), "--out",
                                     str(tmp_path / "curves"), "--device", "foo"])
     assert res.exit_code == 2 and "'foo'" in _one_error_line(res)
+    torch.save({"w": torch.zeros(2)}, tmp_path / "sd.pt")  # weights without an architecture (was: "no model zoo")
+    res = CliRunner().invoke(main, ["eval", str(tmp_path / "sd.pt")])
+    assert "is a torch checkpoint" in _one_error_line(res) and "timm:NAME --checkpoint" in res.output
     res = CliRunner().invoke(main, ["compress", str(tmp_path / "hf"), "--width", "0.5", "--out", str(tmp_path / "o"),
                                     "--option", "seed=1", "--data", "tests.data_spec_helpers:noise28"])
     assert res.exit_code == 2 and "'seed' is no method option" in res.output
