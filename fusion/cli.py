@@ -1027,8 +1027,9 @@ def _run_fusion(models, method, alphas, out, repair, target_spec, width, calibra
     click.echo(report.summary())
     click.echo(f"wrote {path} (+ {path.with_suffix('.json').name}" + "".join(f", {p.name}" for p in forms) + ")")
     if library_form and not forms and arch.get("library") in ("timm", "transformers"):
-        click.echo(f"no {arch['library']} form: its {'config' if arch['library'] == 'transformers' else 'constructor'} "
-                   f"cannot express the fused widths; load it with `fusion.io.load_model_file` (the sidecar)")
+        why = ("its config cannot describe the fused widths" if arch["library"] == "transformers" else
+               "the source's create_model arguments do not build the fused widths (new ones are not derived)")
+        click.echo(f"no {arch['library']} form: {why}; load it with `fusion.io.load_model_file` (the sidecar)")
     if do_eval:
         if head_classes is not None:
             _report_heads("fused", fused, head_classes, data, test_limit, device)
