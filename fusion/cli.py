@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import click
 import torch
 
-from alignment.errors import CalibrationError, FusionError
+from alignment.errors import CalibrationError, FusionError, FusionWarning
 
 __all__ = [
     "main",
@@ -107,11 +107,25 @@ class _FusionGroup(click.Group):
     """Turns any FusionError of a command (or of its option callbacks) into one line and exit 2."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        import warnings
+
+        shown = warnings.showwarning
+
+        def one_line(message, category, filename, lineno, file=None, line=None):
+            # the toolkit's own warnings (fallbacks, data used other than asked): one line, as errors are
+            if issubclass(category, FusionWarning):
+                click.echo(f"warning: {' '.join(str(message).split())}", err=True)
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = one_line
         try:
             return super().invoke(ctx)
         except FusionError as exc:
             lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
             raise _OneLineError(" ".join(lines) or type(exc).__name__) from exc
+        finally:
+            warnings.showwarning = shown
 
 
 # ---------------------------------------------------------------------------

@@ -702,7 +702,7 @@ def test_a_loader_of_unlabeled_images_calibrates_and_a_calibration_size_beyond_i
     assert res.exit_code == 0, res.output
     res = CliRunner().invoke(main, ["fuse", "tests.data_spec_helpers:two_resnets", "--out", str(tmp_path / "g"),
                                     "--data", "tests.data_spec_helpers:inputs_loader", "--calibration-size", "100"])
-    assert "calibration size 100 exceeds the 40 examples the --data loader gives" in _one_error_line(res)
+    assert "calibration size 100 exceeds the 40 examples the --data loader gives" in _one_error_line(res, alone=False)
 
 
 def test_interpolation_curves_are_not_written_into_an_input_model_folder(tmp_path):
@@ -875,7 +875,8 @@ def test_dict_and_uint8_module_function_data_evaluate(tmp_path):
                                         "--std", "0.25", "--limit", "10"])
         assert res.exit_code == 0, res.output
         assert _correct(res.output, path)[1] == 10
-    line = _one_error_line(CliRunner().invoke(main, ["--quiet", "eval", path, "--data", "tests.test_data:uint8_loader"]))
+    line = _one_error_line(CliRunner().invoke(main, ["--quiet", "eval", path, "--data", "tests.test_data:uint8_loader"]),
+                           alone=False)  # (after the warning that a loader's classes are not selected)
     assert "uint8 images" in line and "x.float() / 255" in line
 
 
@@ -1134,3 +1135,34 @@ def test_interpolate_takes_registered_methods_and_repairs(tmp_path, cli_plugin, 
     assert {(c["method"], c["repair"]) for c in curves} == {("cli_test_perm", "none"),
                                                             ("cli_test_perm", "cli_test_repair")}
     assert ("repair", 1.0) in cli_plugin().CALLS
+
+
+def test_the_toolkits_warnings_are_one_line_on_the_command_line(monkeypatch):
+    """Guards: a FusionWarning (a fallback, data used other than asked) raised while a command runs
+    prints as one ``warning: ...`` line on stderr, not Python's two-line format with the source
+    line; other warnings keep Python's format, and the hook is removed after the command."""
+    import warnings
+
+    import click
+
+    from alignment.errors import FallbackWarning
+    from fusion.cli import _FusionGroup
+
+    @click.group(cls=_FusionGroup)
+    def group():
+        pass
+
+    @group.command()
+    def warn():
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn("space 'x' was\n  read elsewhere", FallbackWarning)
+            warnings.warn("plain", UserWarning)
+
+    others = []
+    monkeypatch.setattr(warnings, "showwarning", lambda message, *a, **k: others.append(str(message)))
+    before = warnings.showwarning
+    res = CliRunner().invoke(group, ["warn"])
+    assert res.exit_code == 0, res.output
+    assert res.stderr == "warning: space 'x' was read elsewhere\n"
+    assert others == ["plain"] and warnings.showwarning is before
