@@ -638,8 +638,11 @@ def check_output(path: str | os.PathLike[str], overwrite: bool = False, sidecar:
             folder stands where an output file is to be written.
     """
     if str(path).endswith(("/", os.sep)) or Path(path).is_dir():
-        raise OutputNotWritableError(f"{path} names a folder; give a file path for the model, e.g. "
-                                     f"{Path(path) / 'fused.safetensors'}")
+        folder = Path(path)
+        # (a model folder is an input: the example is beside it, not in it)
+        example = (folder.with_name(folder.name + "-fused.safetensors") if (folder / "config.json").exists()
+                   else folder / "fused.safetensors")
+        raise OutputNotWritableError(f"{path} names a folder; give a file path for the model, e.g. {example}")
     weights, side = model_paths(path)
     outputs = [weights, *([side] if sidecar else []), *map(Path, extra)]
     for p in outputs:

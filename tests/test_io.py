@@ -264,6 +264,11 @@ def test_existing_outputs_are_kept_unless_overwrite(tmp_path: Path) -> None:
         with pytest.raises(fio.OutputNotWritableError, match="names a folder.*fused.safetensors"):
             save_model(model, out, TINY_RESNET, 3)
     assert not list(tmp_path.glob("runs.*")) and not (tmp_path / "new").exists()
+    # a transformers model folder (an input): the suggested path is beside it, not inside it
+    (tmp_path / "hfmodel").mkdir()
+    (tmp_path / "hfmodel" / "config.json").write_text("{}")
+    with pytest.raises(fio.OutputNotWritableError, match=r"e\.g\. .*hfmodel-fused\.safetensors$"):
+        save_model(model, tmp_path / "hfmodel", TINY_RESNET, 3)
 
 
 def test_sidecar_of_other_weights_is_refused_and_modes_are_normal(tmp_path: Path) -> None:
