@@ -24,7 +24,7 @@ from .graph import FixedAxis, Graph, Member, Observation, Space, in_parametrizat
 from .permute import copy_model, model_tensors, reset_caches
 from .runner import model_device, plain_precision
 
-__all__ = ["discover", "discover_all", "same_structure"]
+__all__ = ["discover", "discover_all", "same_structure", "example_args"]
 
 
 @plain_precision
@@ -49,7 +49,7 @@ def discover(model: nn.Module, example_input: Any, *, strict: bool = False) -> G
     """
     if not isinstance(model, nn.Module):
         raise DiscoveryError(f"discover needs a torch.nn.Module, got {type(model).__name__}")
-    args, kwargs = _as_args(example_input)
+    args, kwargs = example_args(example_input)
     # export a copy: tracing runs the forward, which may fill caches (timm's attention-bias caches)
     # or otherwise touch module state; the user's model must stay exactly as it was
     traced = copy_model(model)
@@ -152,7 +152,9 @@ def discover_all(models: Sequence[nn.Module], example_input: Any) -> list[Graph]
     return graphs
 
 
-def _as_args(example_input: Any) -> tuple[tuple, dict]:
+def example_args(example_input: Any) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` a model is called with for an example input: a dict gives keyword inputs,
+    a tuple or list positional inputs, anything else the one positional input."""
     if isinstance(example_input, dict):
         return (), dict(example_input)
     if isinstance(example_input, (tuple, list)):

@@ -18,7 +18,7 @@ For a permutation these give ``M_i = alpha_i P_i`` and ``U_i = P_i^T``.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -528,19 +528,30 @@ def fuse_tensors(
             continue  # another name of a tensor fused under its first name (below)
         t0 = tensors[0][name]
         if not t0.is_floating_point():
-            spaced = any(sp is not None for pcs in graphs[0].layout(name) for *_, sp in pcs)
+            spaced = _in_spaces(graphs[0], name)
             out[name] = _fuse_discrete(name, tensors, graphs, roles, maps, alpha) if spaced else t0.clone()
             continue
-        total = None
-        for i, (tens, g) in enumerate(zip(tensors, graphs)):
-            if name not in tens or name not in g.shapes:
-                raise SpaceMismatchError(f"model {i} has no tensor {name!r}; models must be of one family")
-            t = map_tensor(tens[name], g, name, roles[i], maps, i, alpha[i])
-            total = t if total is None else total + t.to(total.device)
-        out[name] = total.to(device=t0.device, dtype=t0.dtype)
+        out[name] = _mapped_sum(name, tensors, graphs, roles, maps, alpha).to(device=t0.device, dtype=t0.dtype)
     for name, first in twins.items():
         out[name] = out[first]
     return out
+
+
+def _in_spaces(graph: Graph, name: str) -> bool:
+    """Whether some axis of tensor ``name`` holds a space."""
+    return any(sp is not None for pcs in graph.layout(name) for *_, sp in pcs)
+
+
+def _mapped_sum(name: str, tensors, graphs, roles, maps: dict[str, SpaceMap], alpha: Sequence[float],
+                of: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """``sum_i map_tensor(of(t_i))`` over the models' tensors ``name`` (float64; ``of``: identity)."""
+    total = None
+    for i, (tens, g) in enumerate(zip(tensors, graphs)):
+        if name not in tens or name not in g.shapes:
+            raise SpaceMismatchError(f"model {i} has no tensor {name!r}; models must be of one family")
+        t = map_tensor(tens[name] if of is None else of(tens[name]), g, name, roles[i], maps, i, alpha[i])
+        total = t if total is None else total + t.to(total.device)
+    return total
 
 
 def _aliases(names: Sequence[str], tensors: dict[str, torch.Tensor], graph: Graph) -> dict[str, str]:
@@ -556,7 +567,7 @@ def _aliases(names: Sequence[str], tensors: dict[str, torch.Tensor], graph: Grap
     out: dict[str, str] = {}
     for group in groups.values():
         if len(group) > 1:
-            spaced = [n for n in group if any(sp is not None for pcs in graph.layout(n) for *_, sp in pcs)]
+            spaced = [n for n in group if _in_spaces(graph, n)]
             first = spaced[0] if spaced else group[0]
             out.update({n: first for n in group})
     return out
@@ -566,16 +577,9 @@ def _fuse_discrete(name: str, tensors, graphs, roles, maps: dict[str, SpaceMap],
     """An integer or boolean tensor on space axes, fused: each fused entry is the weighted mean of
     its members' values, which must all be one value (its weighted variance zero)."""
     t0 = tensors[0][name]
-    total = weight = squares = None
-    for i, (tens, g) in enumerate(zip(tensors, graphs)):
-        if name not in tens or name not in g.shapes:
-            raise SpaceMismatchError(f"model {i} has no tensor {name!r}; models must be of one family")
-        v = tens[name].double()
-        parts = [map_tensor(u, g, name, roles[i], maps, i, alpha[i]) for u in (v, torch.ones_like(v), v * v)]
-        if total is None:
-            total, weight, squares = parts
-        else:
-            total, weight, squares = total + parts[0], weight + parts[1], squares + parts[2]
+    total, weight, squares = (_mapped_sum(name, tensors, graphs, roles, maps, alpha, of)
+                              for of in (torch.Tensor.double, lambda t: torch.ones_like(t, dtype=torch.float64),
+                                         lambda t: t.double() ** 2))
     lone = weight.abs() < 1e-12
     mean = total / weight.masked_fill(lone, 1.0)
     spread = (squares / weight.masked_fill(lone, 1.0) - mean * mean).abs()

@@ -363,15 +363,14 @@ def stream(
             for i, m in enumerate(models):
                 if before_model is not None:
                     before_model(i)
-                if first is None:
-                    outs.append(m(x))
-                    continue
                 try:
                     outs.append(m(x))
                 except FusionError:
                     raise
-                except Exception as exc:  # (the first batch ran: this one is what changed)
-                    raise CalibrationError(
+                except Exception as exc:
+                    if first is None:  # (the first batch is checked before the passes, with its own message)
+                        raise
+                    raise CalibrationError(  # the first batch ran: this one is what changed
                         f"model {i} failed on calibration batch {b} of shape {list(x.shape)} (the first batch, of "
                         f"shape {first}, ran): {type(exc).__name__}: {' '.join(str(exc).split())[:300]}; give every "
                         f"batch the input the models take") from exc

@@ -204,8 +204,9 @@ class Alignment:
         fused = apply_maps(self.models, self.graphs, maps, alpha=weights, target=self.target, heads=heads)
         report.seconds["apply"] = time.perf_counter() - t
         check_finite_model(fused, "applying the maps")
-        if self.example is not None:
-            check_runs(fused, self.example, "applying the maps")
+        if heads == "separate" and self.example is not None:
+            # (other fused architectures ran already: the models' in discovery, a width's template in align)
+            check_runs(fused, self.example, "giving each model its own classifier")
         report.heads = heads
         if heads == "separate":
             report.head_sizes = [int(g.shapes[head_tensors(g)[0]][0]) for g in self.graphs]

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from alignment.discover import example_args
 from alignment.errors import CalibrationError, FusionError, InvalidOptionError
 from alignment.runner import (all_finite, batch_input, check_data, dropped_note, first_batch, has_nan, loader_samples,
                               model_device, model_dtype, modes)
@@ -322,10 +323,8 @@ def check_runs(model: nn.Module, example: Any, stage: str) -> None:
     """
     dev = model_device(model)
     move = lambda v: v.to(dev) if isinstance(v, torch.Tensor) else v  # noqa: E731
-    if isinstance(example, dict):
-        args, kwargs = (), {k: move(v) for k, v in example.items()}
-    else:
-        args, kwargs = tuple(move(v) for v in (example if isinstance(example, (tuple, list)) else (example,))), {}
+    args, kwargs = example_args(example)
+    args, kwargs = tuple(map(move, args)), {k: move(v) for k, v in kwargs.items()}
     try:
         with modes([model]), torch.no_grad():
             model(*args, **kwargs)

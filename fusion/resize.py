@@ -24,6 +24,7 @@ from alignment.errors import FusionError, FusionWarning, SpaceMismatchError
 from alignment.graph import Graph
 from alignment.leaves import select_leaf
 from alignment.maps import correct_query_key, plan_maps
+from alignment.partial import parameter_count
 from alignment.permute import check_graph_fits, model_tensors
 from alignment.runner import plain_precision
 from alignment.structure import Blocks, Cat, Fixed, Heads, Leaf, Node, Walk, plan_argmax, space_blocks, tree_size
@@ -286,17 +287,9 @@ def check_memory(model: nn.Module, graph: Graph, target: Graph) -> int:
         WidthError: the resized tensors alone would take more than the machine's memory.
     """
     tensors = model_tensors(model)
-    total = 0
-    for name, shape in graph.shapes.items():
-        t = tensors.get(name)
-        if t is None:
-            continue
-        size = 1
-        for ax, pieces in enumerate(graph.layout(name)):
-            covered = sum(stop - start for start, stop, _ in pieces)
-            size *= sum(target[sp].width if sp is not None else stop - start for start, stop, sp in pieces) \
-                + (shape[ax] - covered)
-        total += size * t.element_size()
+    # (the elements at the new widths, each weighted by its tensor's element size)
+    total = parameter_count(graph, {s.name: s.width for s in target.spaces},
+                            uses={n: tensors[n].element_size() for n in graph.shapes if n in tensors})
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):  # (not a POSIX system: not checked)

@@ -536,3 +536,15 @@ def test_forward_order_follows_the_forward_pass_not_the_registration():
     written = [s.producers[0] for s in graph.forward_order()]
     assert written == ["a", "b", "c"], written
     assert [s.producers[0] for s in graph.spaces] != written
+
+
+def test_example_args_are_how_an_example_input_is_passed():
+    """Guards: a dict example gives keyword inputs, a tuple or list positional ones, a tensor the
+    one positional input (discovery and the fused-model run check call models so)."""
+    from alignment.discover import example_args
+
+    x = torch.zeros(2, 3)
+    assert example_args({"pixel_values": x}) == ((), {"pixel_values": x})
+    assert example_args((x, x)) == ((x, x), {}) and example_args([x]) == ((x,), {})
+    args, kwargs = example_args(x)
+    assert len(args) == 1 and args[0] is x and kwargs == {}
