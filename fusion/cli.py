@@ -1042,7 +1042,8 @@ def _run_fusion(models, method, alphas, out, repair, target_spec, width, calibra
     click.echo(f"wrote {path} (+ {path.with_suffix('.json').name}" + "".join(f", {p.name}" for p in forms) + ")")
     if library_form and not forms and arch.get("library") in ("timm", "transformers"):
         why = ("its config cannot describe the fused widths" if arch["library"] == "transformers" else
-               "the source's create_model arguments do not build the fused widths (new ones are not derived)")
+               "no create_model arguments build the fused widths (the source's, with its size "
+               "arguments changed to the new widths, were tried)")
         click.echo(f"no {arch['library']} form: {why}; load it with `fusion.io.load_model_file` (the sidecar)")
     if do_eval:
         if head_classes is not None:

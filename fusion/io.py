@@ -71,6 +71,7 @@ __all__ = [
     "save_library_forms",
     "library_form_paths",
     "load_timm_json",
+    "timm_kwargs",
     "load_model_file",
 ]
 
@@ -1165,7 +1166,11 @@ def save_library_forms(model: nn.Module, path: str | os.PathLike[str], arch: Map
         return [folder]
     if library != "timm":
         return []
-    spec = {"model_name": name, "pretrained": False, "num_classes": int(num_classes), **_jsonable(kwargs, "arch.kwargs")}
+    derived = timm_kwargs(model, arch, num_classes)
+    if derived is None:
+        return []
+    spec = {"model_name": name, "pretrained": False, "num_classes": int(num_classes),
+            **_jsonable({**kwargs, **derived}, "arch.kwargs")}
     try:
         problems = _mismatch_report(_timm_model(spec), model.state_dict())
     except Exception:  # the constructor rejects these arguments: no timm form
@@ -1177,6 +1182,72 @@ def save_library_forms(model: nn.Module, path: str | os.PathLike[str], arch: Map
     _refuse_existing(out, overwrite)
     _commit([(out, (json.dumps(spec, indent=1, sort_keys=True) + "\n").encode())])
     return [out]
+
+
+def timm_kwargs(model: nn.Module, arch: Mapping[str, Any] | ModelSpec, num_classes: int) -> dict[str, Any] | None:
+    """The ``timm.create_model`` keyword arguments, beyond ``arch``'s own, that build ``model`` (a
+    fused or resized model of the timm architecture ``arch``): ``{}`` when ``arch`` builds it as it
+    is, None when no change of its size arguments does.
+
+    The sizes that changed from ``arch``'s model to ``model`` (one new size for each old one) are
+    written into the arguments that hold them (:func:`fusion.modules.core.derive_size_fields`):
+    int arguments and int lists (``channels``, ``stem_width``, ``embed_dim``, ``dims``) and ratios
+    of two sizes (``mlp_ratio``). The arguments are those of the model class's constructor as
+    ``create_model`` calls it (so a ViT variant's ``embed_dim`` set by its name, and defaults such
+    as a ResNet's ``channels``, count too); a change is kept only when the model it builds (on the
+    meta device) has ``model``'s tensor shapes and attention heads.
+
+    Raises:
+        UnknownArchitectureError: ``arch`` is no timm spec the constructor accepts.
+    """
+    from .modules.core import changed_sizes, derive_size_fields
+
+    library, name, kwargs = _check_arch(arch)
+    if library != "timm":
+        raise UnknownArchitectureError(f"timm_kwargs needs a timm arch, got library {library!r}")
+    base = {"library": "timm", "name": name, "kwargs": kwargs}
+    with torch.device("meta"):
+        source = build_model(base, num_classes)
+    values = {**_constructor_arguments(lambda: build_model(base, num_classes), type(source)), **kwargs}
+    values.pop("num_classes", None)
+    sizes = changed_sizes({k: tuple(t.shape) for k, t in source.state_dict().items()},
+                          {k: tuple(t.shape) for k, t in model.state_dict().items()})
+
+    def build(changes: Mapping[str, Any]) -> nn.Module:
+        return build_model({"library": "timm", "name": name, "kwargs": {**kwargs, **changes}}, num_classes)
+
+    derived = derive_size_fields(model, values, sizes, build)
+    return None if derived is None else {k: list(v) if isinstance(v, tuple) else v for k, v in derived.items()}
+
+
+def _constructor_arguments(build: Any, cls: type) -> dict[str, Any]:
+    """The arguments (defaults included) of the first ``cls.__init__`` call that ``build()`` makes,
+    built on the meta device; read with a profile hook (no class is patched); ``{}`` when another
+    profiler is active (its hook is left alone) or ``cls.__init__`` is not Python code."""
+    import sys
+
+    code = getattr(getattr(cls.__init__, "__wrapped__", cls.__init__), "__code__", None)
+    if code is None or sys.getprofile() is not None:
+        return {}
+    n = code.co_argcount + code.co_kwonlyargcount
+    names = code.co_varnames[:n]
+    varkw = code.co_varnames[n + bool(code.co_flags & 0x04)] if code.co_flags & 0x08 else None
+    got: dict[str, Any] = {}
+
+    def hook(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code is code and not got:
+            local = frame.f_locals
+            got.update({k: local[k] for k in names[1:] if k in local})
+            if varkw and isinstance(local.get(varkw), dict):
+                got.update(local[varkw])
+
+    sys.setprofile(hook)
+    try:
+        with torch.device("meta"):
+            build()
+    finally:
+        sys.setprofile(None)
+    return got
 
 
 def library_form_paths(path: str | os.PathLike[str]) -> list[Path]:

@@ -406,6 +406,42 @@ def test_fused_timm_resnet_loads_with_timm_alone(tmp_path: Path) -> None:
     assert fio.save_library_forms(half, tmp_path / "half", arch, 10) == []
 
 
+def test_a_resized_timm_model_gets_create_model_arguments_that_rebuild_it(tmp_path: Path) -> None:
+    """Guards: a compressed or widened timm model gets a ``.timm.json`` whose arguments carry the new
+    widths (before: no timm form for any width change): a ViT halved by a factor gets ``embed_dim``
+    (also where only the model name sets it, read from the constructor call), one whose MLPs alone
+    narrow gets ``mlp_ratio``, a deep-stem ResNet gets ``stem_width`` and ``channels`` while
+    ``base_width`` and ``output_stride`` (equal to widths by chance) are left alone; each loads with
+    the model's logits. A plain ResNet stem (64 wide whatever the arguments) has no form."""
+    import alignment
+    from fusion.resize import resize
+
+    x = torch.randn(2, 1, 28, 28)
+    vit = {"library": "timm", "name": "vit_tiny_patch16_224",
+           "kwargs": {"depth": 2, "img_size": 28, "in_chans": 1, "patch_size": 7}}  # embed_dim 192: the name's
+    model = build_model(vit, 10)
+    graph = alignment.discover(model, x)
+    mlp = {s.name: 96 if s.width == 768 else s.width for s in graph.spaces}
+    deep = {"library": "timm", "name": "resnet18",
+            "kwargs": {"in_chans": 1, "stem_type": "deep", "stem_width": 16, "channels": [16, 32, 64, 128]}}
+    cases = [(vit, model, 0.5, {"embed_dim": 96}), (vit, model, 2.0, {"embed_dim": 384}),
+             (vit, model, mlp, {"mlp_ratio": 0.5}),
+             (deep, build_model(deep, 10), 0.5, {"stem_width": 8, "channels": [8, 16, 32, 64]})]
+    for k, (arch, source, width, want) in enumerate(cases):
+        resized = resize(source, width, x)
+        assert fio.timm_kwargs(resized, arch, 10) == want
+        save_model(resized, tmp_path / f"m{k}", arch, 10, widths=fio.resized_widths(resized, arch, 10))
+        written = fio.save_library_forms(resized, tmp_path / f"m{k}", arch, 10)
+        assert written == [tmp_path / f"m{k}.timm.json"]
+        spec = json.loads(written[0].read_text())
+        assert spec == {"model_name": arch["name"], "pretrained": False, "num_classes": 10, **arch["kwargs"], **want}
+        with torch.no_grad():
+            torch.testing.assert_close(fio.load_timm_json(written[0])(x), resized(x))
+    assert fio.timm_kwargs(model, vit, 10) == {}  # the source's own arguments build it
+    plain = {"library": "timm", "name": "resnet18", "kwargs": {"in_chans": 1}}
+    assert fio.timm_kwargs(resize(build_model(plain, 10), 0.5, x), plain, 10) is None
+
+
 def test_torch_checkpoints_load_with_the_same_checks_as_safetensors(tmp_path: Path) -> None:
     """Guards: a .pt state dict (bare or under 'model' / 'state_dict') loads; a pickled whole model, a
     truncated file and a list are CheckpointCorruptError naming what to save instead; a mismatch

@@ -21,7 +21,8 @@ from alignment.errors import FusionError, FusionWarning
 
 __all__ = [
     "AttributeSyncError", "AttributeSyncWarning", "GroupsNotDivisibleError", "HeadsNotDivisibleError", "SyncContext",
-    "SyncHandler", "UnknownModuleError", "UnknownTensorError", "check_consistency", "check_scale", "config_rebuilds",
+    "SyncHandler", "UnknownModuleError", "UnknownTensorError", "builds_like", "changed_sizes", "check_consistency",
+    "check_scale", "config_rebuilds", "derive_size_fields",
     "divide_heads", "handler_for", "is_int", "is_tensor", "lookup", "module_check", "out_width", "path_label", "qualname",
     "register_attribute_sync", "register_attribute_sync_by", "register_config_fallback", "register_config_sync",
     "register_derived_width", "register_width_free", "replace_tensor", "sync_config_by_shapes", "sync_module_attributes",
@@ -595,31 +596,101 @@ def config_rebuilds(owner: nn.Module, config: Any) -> bool:
     modules with ``owner``'s numbers of heads, per-head sizes and softmax scales (equal shapes can
     hold other heads); built on the meta device: no memory, no initialisation cost. False when the
     constructor fails."""
+    return builds_like(owner, lambda: type(owner)(config))
+
+
+def builds_like(owner: nn.Module, build: Callable[[], nn.Module]) -> bool:
+    """Whether ``build()``, run on the meta device (no memory, no initialisation cost), gives a model
+    with the tensor names and shapes ``owner`` has and modules with ``owner``'s numbers of heads,
+    per-head sizes and softmax scales (equal shapes can hold other heads). False when ``build``
+    raises."""
     try:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            built = type(owner)(config)
-    except Exception:  # any constructor failure means: this config does not describe the model
+            built = build()
+    except Exception:  # any constructor failure means: these arguments do not describe the model
         return False
     have = {k: tuple(v.shape) for k, v in owner.state_dict().items() if is_tensor(v)}
     got = {k: tuple(v.shape) for k, v in built.state_dict().items() if is_tensor(v)}
     return have == got and _same_head_attrs(_head_attrs(owner), _head_attrs(built))
 
 
-def _size_fields(config: Any, sizes: Mapping[int, int]) -> dict[str, Any]:
-    """The config's top-level int fields (and lists/tuples of ints) with an old size of ``sizes``,
-    and their values with every such size replaced by its new one."""
+def changed_sizes(old_shapes: Mapping[str, Iterable[int]], new_shapes: Mapping[str, Iterable[int]]) -> dict[int, int]:
+    """``{old size: new size}`` for every size that changed to one new size in every tensor of both
+    ``{name: shape}`` maps (tensors of one rank; a size that became two different ones is left out)."""
+    seen: dict[int, set[int]] = {}
+    for key, new in new_shapes.items():
+        old = old_shapes.get(key)
+        if old is not None and len(tuple(old)) == len(tuple(new)):
+            for o, n in zip(old, new):
+                seen.setdefault(int(o), set()).add(int(n))
+    return {o: next(iter(n)) for o, n in seen.items() if len(n) == 1 and o not in n}
+
+
+def _size_fields(values: Mapping[str, Any], sizes: Mapping[int, int]) -> dict[str, Any]:
+    """The int fields (and lists/tuples of ints) of ``values`` holding an old size of ``sizes``, with
+    every such size replaced by its new one; and the float fields that are the ratio of a changed size
+    to another size or int field (an MLP's ``mlp_ratio``: hidden over embedding width), with the
+    ratio of the new sizes where that is one value."""
     out: dict[str, Any] = {}
-    labels = getattr(config, "num_labels", None)  # (a property over id2label in transformers)
-    if is_int(labels) and labels in sizes:
-        out["num_labels"] = sizes[labels]
-    for key, value in vars(config).items():
+    bases = sorted({*sizes, *(v for v in values.values() if is_int(v) and v > 0)})
+    for key, value in values.items():
         if is_int(value) and value in sizes:
             out[key] = sizes[value]
         elif (isinstance(value, (list, tuple)) and value and all(is_int(v) for v in value)
               and any(v in sizes for v in value)):
             out[key] = type(value)(sizes.get(v, v) for v in value)
+        elif isinstance(value, float) and value > 0 and math.isfinite(value):
+            ratios = {sizes[b] / sizes.get(a, a) for a in bases for b in sizes
+                      if math.isclose(a * value, b, rel_tol=1e-9) and sizes[b] / sizes.get(a, a) != value}
+            if len(ratios) == 1:
+                out[key] = ratios.pop()
     return out
+
+
+def derive_size_fields(owner: nn.Module, values: Mapping[str, Any], sizes: Mapping[int, int],
+                       build: Callable[[Mapping[str, Any]], nn.Module]) -> dict[str, Any] | None:
+    """The changes of a constructor's arguments (``values``: a config's fields, a timm model's
+    keyword arguments) that describe ``owner``'s new widths: ``{field: new value}`` for which
+    ``build(changes)`` gives ``owner``'s tensor shapes and heads (:func:`builds_like`), or None where
+    no change of the size fields does; ``{}`` when ``build({})`` already does.
+
+    The size fields (see :func:`_size_fields`: ints and int lists holding an old size of ``sizes``,
+    ratios of two sizes) whose change alone the constructor rejects are left out (an argument equal
+    to a width by chance: a ResNet's ``base_width``), the rest changed at once; where that does not
+    rebuild, every change but one is tried (an ``image_size`` equal to a width, whose position table
+    would then have other rows). A change not needed to rebuild is then left out.
+    """
+    def rebuilds(changes: Mapping[str, Any]) -> bool:
+        return builds_like(owner, lambda: build(changes))
+
+    def accepted(key: str, value: Any) -> bool:
+        try:
+            with torch.device("meta"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                build({key: value})
+        except Exception:  # the constructor rejects this change on its own
+            return False
+        return True
+
+    if rebuilds({}):
+        return {}
+    fields = {k: v for k, v in _size_fields(values, sizes).items() if accepted(k, v)}
+    if not fields:
+        return None
+    if not rebuilds(fields):
+        for key in list(fields):
+            but = {k: v for k, v in fields.items() if k != key}
+            if rebuilds(but):
+                fields = but
+                break
+        else:
+            return None
+    for key in list(fields):  # keep only the changes the shapes need
+        but = {k: v for k, v in fields.items() if k != key}
+        if rebuilds(but):
+            fields = but
+    return fields
 
 
 def sync_config_by_shapes(owner: nn.Module, config: Any, path: str = "",
@@ -629,49 +700,34 @@ def sync_config_by_shapes(owner: nn.Module, config: Any, path: str = "",
 
     Every size that changed from ``old_shapes`` (``{dotted tensor name in the whole model: shape}``,
     ``path``: ``owner``'s path in it) to one new size everywhere gives an ``old -> new`` map; the
-    config's top-level int fields and int lists holding an old size get the new one, and the result
-    is kept only if the model built from it (on the meta device) has ``owner``'s tensor shapes (and
-    heads: :func:`config_rebuilds`). A field whose change is not needed for that, or whose change
-    alone stops the build (an ``image_size`` equal to a width by chance), is changed back. Returns whether the config now rebuilds ``owner`` (True, untouched, when it did
-    already); on False the config is unchanged.
+    config's size fields (:func:`derive_size_fields`: top-level int fields and int lists holding an
+    old size, ratios of two sizes) get the new sizes, and the result is kept only if the model built
+    from it (on the meta device) has ``owner``'s tensor shapes (and heads: :func:`config_rebuilds`).
+    Returns whether the config now rebuilds ``owner`` (True, untouched, when it did already); on
+    False the config is unchanged.
     """
+    import copy
+
+    def build(changes: Mapping[str, Any]) -> nn.Module:
+        trial = copy.deepcopy(config)
+        for key, value in changes.items():
+            setattr(trial, key, value)
+        return type(owner)(trial)
+
     if config_rebuilds(owner, config):
         return True
     if not old_shapes:
         return False
     prefix = path + "." if path else ""
-    seen: dict[int, set[int]] = {}
-    for key, t in owner.state_dict().items():
-        old = old_shapes.get(prefix + key)
-        if is_tensor(t) and old is not None and len(old) == t.dim():
-            for o, n in zip(old, t.shape):
-                seen.setdefault(int(o), set()).add(int(n))
-    sizes = {o: next(iter(n)) for o, n in seen.items() if len(n) == 1 and o not in n}
-    fields = _size_fields(config, sizes)
-    if not fields:
+    new = {k: tuple(t.shape) for k, t in owner.state_dict().items() if is_tensor(t)}
+    sizes = changed_sizes({k: old_shapes[prefix + k] for k in new if prefix + k in old_shapes}, new)
+    values = dict(vars(config))
+    labels = getattr(config, "num_labels", None)  # (a property over id2label in transformers)
+    if is_int(labels):
+        values["num_labels"] = labels
+    fields = derive_size_fields(owner, values, sizes, build)
+    if fields is None:
         return False
-    import copy
-
-    trial = copy.deepcopy(config)
-    for key, value in fields.items():
-        setattr(trial, key, value)
-    if not config_rebuilds(owner, trial):
-        # a field equal to a width by chance may itself break the build (an image_size whose position
-        # table then has other rows): try every change but one
-        for key in list(fields):
-            setattr(trial, key, getattr(config, key))
-            if config_rebuilds(owner, trial):
-                del fields[key]
-                break
-            setattr(trial, key, fields[key])
-        else:
-            return False
-    for key in list(fields):  # keep only the changes the shapes need
-        setattr(trial, key, getattr(config, key))
-        if config_rebuilds(owner, trial):
-            del fields[key]
-        else:
-            setattr(trial, key, fields[key])
     for key, value in fields.items():
         setattr(config, key, value)
     return True
