@@ -749,7 +749,15 @@ class Walk:
                 cols.append(cols_i)
             sub = self._walk(space, ttree.parts[h], subs, sub_idx)
             for i, c in enumerate(cols):
-                plans[i][h * d:(h + 1) * d, c] = dense_plan(sub[i])
+                block = dense_plan(sub[i])
+                if tuple(block.shape) != (d, len(c)):
+                    keys = ", ".join(tree_keys(ttree.parts[h]))
+                    raise SpaceMismatchError(
+                        f"space {space!r}: fused head {h} is {d} wide but the plan of its dims ({keys}) is "
+                        f"{block.shape[0]} x {block.shape[1]}: the dims within a head are also a space of another "
+                        f"width (heads laid out dims-major, or a head count kept where it is read as a width); "
+                        f"give these spaces one width")
+                plans[i][h * d:(h + 1) * d, c] = block
         return plans
 
     def _is_heads(self, key: str) -> bool:

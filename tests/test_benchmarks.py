@@ -95,3 +95,20 @@ def test_speed_benchmark_job_passes_its_positions_per_image_to_fuse(monkeypatch)
     assert seen == [2] and "(positions_per_image=2)" in row
     speed.run_job("a + b", [a, b], cal, None, "permute", "none", 1, "cpu")
     assert seen == [2, None]
+
+
+def test_resize_survey_reports_a_resized_model_a_refusal_and_a_bug(tmp_path, monkeypatch):
+    """Property: the compression table marks a model that resizes as passing with the timm arguments
+    that rebuild it, a model the toolkit refuses with its FusionError, and any other exception as a
+    failure (exit status 1), without stopping the other rows."""
+    survey = _script("resize_survey")
+    tiny = {"img_size": 32, "patch_size": 8, "depth": 1}
+    monkeypatch.setattr(survey, "MODELS", [("vit_tiny_patch16_224", tiny), ("nest_tiny", {"img_size": 32}),
+                                           "no_such_model"])
+    out = tmp_path / "survey.md"
+    assert survey.main(["--out", str(out)]) == 1
+    rows = {line.split(" | ")[0][2:]: line for line in out.read_text().splitlines() if line.startswith("| ")}
+    assert " | pass | " in rows["vit_tiny_patch16_224"] and "{'embed_dim': 96}" in rows["vit_tiny_patch16_224"]
+    assert "refused: SpaceMismatchError" in rows["nest_tiny"]
+    assert "**RuntimeError**" in rows["no_such_model"]
+    assert "1 of 3 resize; 1 refused with a FusionError; 1 other failures." in out.read_text()

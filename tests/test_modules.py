@@ -13,6 +13,7 @@ from torch import nn
 from fusion.modules import (
     GroupsNotDivisibleError,
     HeadsNotDivisibleError,
+    AttributeSyncWarning,
     UnknownModuleError,
     UnknownTensorError,
     check_consistency,
@@ -429,16 +430,37 @@ def _custom_model(cls=Scale):
 _CUSTOM_AXES = {"0.weight": [0], "0.bias": [0], "1.weight": [0], "2.weight": [1]}
 
 
-def test_unknown_module_error():
+class Count(nn.Module):
+    """Stores its width under a name that says nothing of widths (``n``): it cannot be inferred."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.n = dim
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * self.weight.view(1, self.n)
+
+
+def test_unknown_module_widths_are_set_from_its_tensors_or_refused():
+    """Guards: a module with no handler whose width-named attribute (``Scale.dim``) held a width that
+    changed gets the new width of its own tensor (before: refused), warned with the module type and
+    attribute; ``kernel`` (no width name) is left as it is, and the model runs. An attribute whose
+    name says nothing of widths (``Count.n``) is refused with ``UnknownModuleError`` naming the
+    module, its type and the attribute; without old shapes nothing is detected (the model stays
+    broken)."""
     m = _custom_model()
+    old = resize_widths(m, lambda n, t: _CUSTOM_AXES.get(n, []))
+    with pytest.warns(AttributeSyncWarning, match=r"Scale\.dim \(16->8\)"):
+        sync_module_attributes(m, old_shapes=old)
+    assert (m[1].dim, m[1].kernel) == (8, 3) and m(torch.randn(3, 4)).shape == (3, 2)
+    m = _custom_model(Count)
     old = resize_widths(m, lambda n, t: _CUSTOM_AXES.get(n, []))
     with pytest.raises(UnknownModuleError) as exc:
         sync_module_attributes(m, old_shapes=old)
     msg = str(exc.value)
-    assert "'1'" in msg and "Scale" in msg and "register_attribute_sync" in msg and "dim" in msg
-    assert "kernel" not in msg
+    assert "'1'" in msg and "Count" in msg and "register_attribute_sync" in msg and "['n']" in msg
     assert exc.value.modules[0][0] == "1"
-    # without old shapes there is no detection (and the model stays broken)
     sync_module_attributes(m)
     with pytest.raises(RuntimeError):
         m(torch.randn(3, 4))
@@ -453,11 +475,14 @@ def test_unknown_module_not_reported_when_unchanged():
     assert m[2].out_features == 3 and m[1].dim == 16
 
 
-def test_unknown_subclass_attribute_is_reported():
+def test_an_unknown_subclass_attribute_is_set_from_its_tensors():
+    """Guards: an attribute a subclass of a known type adds (``WideLinear.hidden``, its out width) is
+    not managed by the base type's handler: it is set from the module's new sizes and warned."""
     m = nn.Sequential(nn.Linear(4, 16), WideLinear(16, 16))
     old = resize_widths(m, lambda n, t: {"0.weight": [0], "0.bias": [0], "1.weight": [0, 1], "1.bias": [0]}.get(n, []))
-    with pytest.raises(UnknownModuleError, match="hidden"):
+    with pytest.warns(AttributeSyncWarning, match=r"WideLinear\.hidden"):
         sync_module_attributes(m, old_shapes=old)
+    assert m[1].hidden == m[1].out_features == 8
 
 
 def test_registered_handler_is_used():
@@ -674,15 +699,23 @@ class StaleHeadsAttention(nn.Module):
         return nn.functional.scaled_dot_product_attention(q, k, v).transpose(-2, -3).flatten(-2)
 
 
-def test_unknown_attention_with_stale_head_dim_is_refused():
-    """Guards: a module of an unknown type whose per-head size (``head_dim`` 8, equal to no old width)
-    would be left stale by a width change (its ``num_heads * head_dim`` was the old width 16) is
-    refused with ``UnknownModuleError`` instead of silently running another number of heads."""
+def test_an_unknown_attention_gets_the_head_dim_of_its_new_width():
+    """Guards: a module of an unknown type whose per-head size (``head_dim`` 8, equal to no old width:
+    only ``num_heads * head_dim`` was the old width 16) would be left stale by a width change gets
+    ``new width / heads`` (heads keep their count), so it computes what the same attention built at
+    width 8 with the resized weights computes (before: refused); a softmax ``scale`` of the old
+    ``head_dim ** -0.5`` follows it."""
+    torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(4, 16), StaleHeadsAttention(16, 2), nn.Linear(16, 2))
+    m[1].scale = 8 ** -0.5
     old = resize_widths(m, _halve_sizes({16}))
-    with pytest.raises(UnknownModuleError, match="head_dim") as exc:
+    with pytest.warns(AttributeSyncWarning, match=r"StaleHeadsAttention\.head_dim \(8->4\)"):
         sync_module_attributes(m, old_shapes=old)
-    assert exc.value.modules[0][:2] == ("1", StaleHeadsAttention) and "head_dim" in exc.value.modules[0][2]
+    assert (m[1].num_heads, m[1].head_dim) == (2, 4) and m[1].scale == 4 ** -0.5
+    built = StaleHeadsAttention(8, 2)
+    built.load_state_dict(m[1].state_dict())
+    x = torch.randn(3, 5, 8)
+    torch.testing.assert_close(m[1](x), built(x))
 
 
 # --------------------------------------------------------------------------- timm models by their attributes

@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 
 from alignment import discover
 from fusion.modules import check_consistency
@@ -533,3 +534,36 @@ def test_a_multihead_attention_keeps_the_width_of_its_query_input(how, tmp_path)
         fio.save_model(half, tmp_path / "m", arch, 5, widths=fio.resized_widths(half, arch, 5))
         rebuilt, _ = fio.load_model_file(tmp_path / "m")
     assert rel_err(_hf_out(half, x), _hf_out(rebuilt, x)) < 1e-5
+
+
+class DimsMajorAttention(nn.Module):
+    """Attention whose output lays the channels out dims-major (channel = dim * heads + head, as timm
+    NesT's ``permute(0, 2, 3, 4, 1)``), so the dims within a head are a space of their own."""
+
+    def __init__(self, dim: int = 16, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj, self.head = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), nn.Linear(dim, 3)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        out = nn.functional.scaled_dot_product_attention(q, k, v)  # b, heads, n, d
+        return self.head(self.proj(out.permute(0, 2, 3, 1).reshape(b, n, c)).mean(1))
+
+
+def test_heads_laid_out_dims_major_are_refused_at_other_widths_not_a_crash():
+    """Guards: an attention whose output is laid out dims-major (NesT) keeps a head count where its
+    dims are read as a width; resizing it is a ``SpaceMismatchError`` naming the space (before: a
+    raw ``RuntimeError`` from a tensor assignment inside the structure walk), while permuting it
+    keeps its function."""
+    import alignment
+    from alignment.errors import SpaceMismatchError
+
+    torch.manual_seed(0)
+    model, x = DimsMajorAttention().eval(), torch.randn(4, 5, 16)
+    graph = alignment.discover(model, x)
+    permuted = alignment.permute(model, graph, graph.random_permutations(seed=1))
+    torch.testing.assert_close(permuted(x), model(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(SpaceMismatchError, match="qkv#2"):
+        resize(model, 0.5, x)

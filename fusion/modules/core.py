@@ -486,6 +486,50 @@ def _stale_head_sizes(mod: nn.Module, sizes: set[int]) -> set[str]:
             and any(h * v * r in sizes for h in heads for r in (1, 2, 3))}
 
 
+def _is_width_name(name: str) -> bool:
+    return bool(_WIDTH_NAME.search(name)) and not _NOT_WIDTH_NAME.search(name)
+
+
+def _infer_attributes(mod: nn.Module, path: str, names: set[str], ctx: SyncContext) -> tuple[dict[str, Any], set[str]]:
+    """New values of the attributes ``names`` of a module that no handler syncs, from the sizes its
+    own tensors (and its descendants') changed between (:func:`changed_sizes`, each old size to one
+    new size): a width-named int or int tuple holding an old size gets the new one; a per-head size
+    (``head_dim``) whose product with the module's head count (times 1, 2 or 3: q, kv, qkv) was a
+    width gets the new width over the same product and the new head count, and a softmax scale
+    equal to the old ``head_dim ** -0.5`` the new one. A head count keeps its value unless it is
+    itself a size that changed (a head axis that talking heads mix is a space of its own). Returns
+    ``(values, names that cannot be inferred)``: a name that is no width (``kernel``, ``window``),
+    an old size that became several."""
+    prefix = path + "." if path else ""
+    new = {k: tuple(t.shape) for k, t in mod.state_dict().items() if is_tensor(t)}
+    old = ctx.old_shapes or {}
+    sizes = changed_sizes({k: old[prefix + k] for k in new if prefix + k in old}, new)
+    attrs = vars(mod)
+    # head counts first: a head axis that is itself a space (talking heads mix them) changes its count
+    heads = {k: (v, sizes.get(v, v) if k in names else v) for k in _HEADS_ATTRS if is_int(v := attrs.get(k)) and v > 0}
+    values: dict[str, Any] = {k: n for k, (v, n) in heads.items() if n != v}
+    left = {k for k, (v, n) in heads.items() if k in names and v not in sizes}
+    for k in sorted(names - set(heads), key=lambda k: k in _HEAD_SIZE_ATTRS):
+        v = attrs[k]
+        if k in _HEAD_SIZE_ATTRS and is_int(v):
+            got = {sizes[h * v * r] // (n * r) for h, n in heads.values() for r in (1, 2, 3)
+                   if h * v * r in sizes and sizes[h * v * r] % (n * r) == 0}
+            if len(got) == 1:
+                values[k] = got.pop()
+                for scale in _SCALE_ATTRS:
+                    if isinstance(attrs.get(scale), float) and math.isclose(attrs[scale], v ** -0.5, rel_tol=1e-6):
+                        values[scale] = values[k] ** -0.5
+                continue
+        elif (k == "shape" or _is_width_name(k)) and is_int(v) and v in sizes:
+            values[k] = sizes[v]
+            continue
+        elif (k == "shape" or _is_width_name(k)) and isinstance(v, (tuple, list)) and any(i in sizes for i in v):
+            values[k] = type(v)(sizes.get(i, i) for i in v)
+            continue
+        left.add(k)
+    return values, left
+
+
 def _changed_modules(modules: list[tuple[str, nn.Module]], old_shapes: Mapping[str, torch.Size]) -> dict[str, set[int]]:
     """``{module path: old sizes that changed}`` for every module owning a tensor whose shape changed
     (all old sizes when the number of dims changed)."""
@@ -500,8 +544,12 @@ def _changed_modules(modules: list[tuple[str, nn.Module]], old_shapes: Mapping[s
     return changed
 
 
-def _detect_unknown(modules: list[tuple[str, nn.Module]], changed: Mapping[str, set[int]]) -> None:
+def _detect_unknown(modules: list[tuple[str, nn.Module]], changed: Mapping[str, set[int]], ctx: SyncContext) -> None:
+    """Find the modules with no handler for an attribute that held a width that changed; set each such
+    attribute from the sizes of the module's own tensors (:func:`_infer_attributes`, warned), and
+    raise :class:`UnknownModuleError` for those that cannot be inferred."""
     offenders: list[tuple[str, type, list[str]]] = []
+    inferred: dict[tuple[str, str], list[str]] = {}
     for path, mod in modules:
         own = changed.get(path, set())
         prefix = path + "." if path else ""
@@ -523,8 +571,25 @@ def _detect_unknown(modules: list[tuple[str, nn.Module]], changed: Mapping[str, 
             and (v in own or (v in below and _WIDTH_NAME.search(k) and not _NOT_WIDTH_NAME.search(k)))
         }
         bad |= _stale_head_sizes(mod, own | below) - managed
-        if bad:
-            offenders.append((path, type(mod), sorted(bad)))
+        shapes = {k for k, v in vars(mod).items()  # int tuples holding a width of the module's own tensors
+                  if k not in managed and isinstance(v, (tuple, list)) and v and all(is_int(i) for i in v)
+                  and any(i in own for i in v) and (k == "shape" or _is_width_name(k))}
+        if not bad and not shapes:
+            continue
+        values, left = _infer_attributes(mod, path, bad | shapes, ctx)
+        left -= shapes  # (an int tuple is set where it can be, never refused: it was not checked before)
+        if left:
+            offenders.append((path, type(mod), sorted(left)))
+            continue
+        for k, v in values.items():
+            if k not in _SCALE_ATTRS:
+                inferred.setdefault((type(mod).__name__, k), []).append(f"{vars(mod)[k]}->{v}")
+            setattr(mod, k, v)
+    if inferred and not offenders:
+        listed = [f"{cls}.{k} ({', '.join(sorted(set(v)))})" for (cls, k), v in inferred.items()]
+        ctx.warn("attributes of modules with no handler were set from the new sizes of their tensors: "
+                 + "; ".join(listed[:8]) + (f" and {len(listed) - 8} more" if len(listed) > 8 else "")
+                 + " (register a handler with fusion.modules.register_attribute_sync to set them yourself)")
     if offenders:
         path, cls, attrs = offenders[0]
         others = ", ".join(f"{path_label(p)} ({c.__name__})" for p, c, _ in offenders[1:])
@@ -778,7 +843,7 @@ def sync_module_attributes(model: nn.Module, num_heads: Mapping[str, int] | None
     affected: set[str] | None = None
     if old_shapes is not None:
         changed = _changed_modules(modules, old_shapes)
-        _detect_unknown(modules, changed)
+        _detect_unknown(modules, changed, ctx)
         affected = set()
         for module_path in [*num_heads, *changed]:  # a module and all its ancestors
             parts = module_path.split(".") if module_path else []

@@ -400,7 +400,7 @@ def _channels(t: Any, nhwc: bool) -> int | None:
 def _input_sizes(m: nn.Module) -> Iterator[tuple[int, int]]:
     """(channels, size) of the square inputs to try on ``m``: its ``in_chans`` (else its first conv's
     input channels) at the size its ``pretrained_cfg`` declares (224 without one), then at its
-    ``img_size`` (a model built for other images)."""
+    ``img_size`` or its first submodule's (a model built for other images)."""
     chans = vars(m).get("in_chans")
     if not is_int(chans) or chans <= 0:
         conv = next((c for c in m.modules() if isinstance(c, _ConvNd)), None)
@@ -410,7 +410,8 @@ def _input_sizes(m: nn.Module) -> Iterator[tuple[int, int]]:
     cfg = getattr(m, "pretrained_cfg", None) or getattr(m, "default_cfg", None) or {}
     size = cfg.get("input_size") if isinstance(cfg, dict) else None
     sizes = [int(size[-1]) if isinstance(size, (tuple, list)) and size else 224]
-    img = getattr(m, "img_size", None) or getattr(getattr(m, "patch_embed", None), "img_size", None)
+    # (the model's, else its patch embedding's, wherever that is: a Mixer's ``stem``)
+    img = next((v for mod in m.modules() if (v := vars(mod).get("img_size")) is not None), None)
     img = img[-1] if isinstance(img, (tuple, list)) and img else img
     if is_int(img) and img > 0 and img not in sizes:
         sizes.append(img)
