@@ -237,7 +237,7 @@ def _probe(model: nn.Module, tape, x: torch.Tensor) -> dict[str, dict[str, Any] 
     try:
         for m in paths:
             handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
-            handles.append(m.register_forward_hook(post, with_kwargs=True))
+            handles.append(m.register_forward_hook(post, with_kwargs=True, prepend=True))
         with torch.no_grad():
             model(x)
     finally:

@@ -252,7 +252,7 @@ def output_stats(model: nn.Module | Sequence[nn.Module], layers: list[tuple[str,
             def hook(mod, args, out, path=path, dim=dim, acc=acc):
                 _accumulate(acc.setdefault(path, [0, 0.0, 0.0]), out, dim)
 
-            hooks.append(mods[path].register_forward_hook(hook))
+            hooks.append(mods[path].register_forward_hook(hook, prepend=True))  # (the norm's own output)
     try:
         stream(models, data, device=device, max_batches=max_batches, progress=progress, desc="norm statistics")
     finally:

@@ -140,7 +140,7 @@ def _hooks(model: nn.Module, pre, post) -> Iterator[None]:
     try:
         for m in _paths(model):
             handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
-            handles.append(m.register_forward_hook(post, with_kwargs=True))
+            handles.append(m.register_forward_hook(post, with_kwargs=True, prepend=True))
         yield
     finally:
         for h in handles:

@@ -718,6 +718,36 @@ def test_an_unknown_attention_gets_the_head_dim_of_its_new_width():
     torch.testing.assert_close(m[1](x), built(x))
 
 
+class ScaleOnlyAttention(nn.Module):
+    """Stores its softmax scale and head count but no per-head size (timm Swin's WindowAttention)."""
+
+    def __init__(self, dim: int = 16, num_heads: int = 2):
+        super().__init__()
+        self.num_heads, self.scale = num_heads, (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(-1)
+        return (attn @ v).transpose(1, 2).flatten(-2)
+
+
+def test_an_unknown_attention_storing_only_its_scale_gets_the_scale_of_its_new_head_dim():
+    """Guards: a softmax scale ``head_dim ** -0.5`` stored without a ``head_dim`` (timm Swin) follows
+    the new head dim (heads keep their count), so the resized module computes what one built at the
+    new width computes (before: the old scale stayed, and widening Swin by 2 was off by 7%)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 16), ScaleOnlyAttention(16, 2), nn.Linear(16, 2))
+    old = resize_widths(m, _halve_sizes({16, 48}))
+    with pytest.warns(AttributeSyncWarning, match=r"ScaleOnlyAttention"):
+        sync_module_attributes(m, old_shapes=old)
+    assert m[1].num_heads == 2 and m[1].scale == 4 ** -0.5
+    built = ScaleOnlyAttention(8, 2)
+    built.load_state_dict(m[1].state_dict())
+    x = torch.randn(3, 5, 8)
+    torch.testing.assert_close(m[1](x), built(x))
+
+
 # --------------------------------------------------------------------------- timm models by their attributes
 
 _TIMM_CNNS = ["mobilenetv3_small_050", "efficientnet_b0", "regnetx_002", "resnext26ts"]

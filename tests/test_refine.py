@@ -752,3 +752,33 @@ def test_layers_with_tied_weights_keep_their_mapped_weights_and_are_reported():
     assert any(s.startswith("l3 (shares parameters with l2") for s in skipped)
     fitted = {e["layer"] for e in refined.fusion_report.refinement["layers"]}
     assert {"l1", "out"} <= fitted and not {"l2", "l3"} & fitted
+
+
+class _HookedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l0, self.ln, self.l1, self.fc = nn.Linear(12, 16), nn.LayerNorm(16), nn.Linear(16, 16), nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.l1(self.ln(self.l0(x)))))
+
+
+def test_a_users_output_hooks_run_once_under_refinement_and_repair():
+    """Guards: forward hooks of the user's that change a layer's output (a LayerNorm's and the
+    classifier's) run once in the passes of REPAIR and of least-squares refinement: a model fused with
+    its permuted copy is the model again (before: replayed outputs went through the hook twice, and
+    the refit classifier learnt the hooked output as its target, rel. errors 1.0 and 2.0)."""
+    import alignment
+    import fusion
+
+    torch.manual_seed(0)
+    m = _HookedNet().eval()
+    m.ln.register_forward_hook(lambda mod, inp, out: out * 2.0 + 0.1)
+    m.fc.register_forward_hook(lambda mod, inp, out: out * 3.0)
+    x = torch.randn(48, 12)
+    g = alignment.discover(m, x[:2])
+    p = alignment.permute(m, g, g.random_permutations(seed=1))
+    with torch.no_grad():
+        for repair, refine in (("repair", "none"), ("none", "lstsq"), ("repair", "lstsq")):
+            fused = fusion.fuse([m, p], x, method="permute", repair=repair, refine=refine)
+            assert ((fused(x) - m(x)).norm() / m(x).norm()).item() < 1e-4, (repair, refine)

@@ -486,6 +486,26 @@ def _stale_head_sizes(mod: nn.Module, sizes: set[int]) -> set[str]:
             and any(h * v * r in sizes for h in heads for r in (1, 2, 3))}
 
 
+def _scale_head_dim(scale: Any) -> int | None:
+    """The per-head size ``d`` of a softmax scale ``d ** -0.5`` (None: no such scale)."""
+    if not isinstance(scale, float) or scale <= 0:
+        return None
+    d = round(scale ** -2)
+    return d if d > 0 and math.isclose(scale, d ** -0.5, rel_tol=1e-6) else None
+
+
+def _stale_scales(mod: nn.Module, sizes: set[int]) -> set[str]:
+    """Softmax scales ``d ** -0.5`` of ``mod`` with no per-head size attribute beside them (the
+    ``head_dim`` that :func:`_stale_head_sizes` finds sets its scale) whose ``d``, times one of its
+    head counts (times 1, 2 or 3), gives an old size in ``sizes``."""
+    attrs = vars(mod)
+    if any(is_int(attrs.get(k)) for k in _HEAD_SIZE_ATTRS):
+        return set()
+    heads = [v for k in _HEADS_ATTRS if is_int(v := attrs.get(k)) and v > 0]
+    return {k for k in _SCALE_ATTRS if (d := _scale_head_dim(attrs.get(k))) is not None
+            and any(h * d * r in sizes for h in heads for r in (1, 2, 3))}
+
+
 def _is_width_name(name: str) -> bool:
     return bool(_WIDTH_NAME.search(name)) and not _NOT_WIDTH_NAME.search(name)
 
@@ -496,7 +516,7 @@ def _infer_attributes(mod: nn.Module, path: str, names: set[str], ctx: SyncConte
     new size): a width-named int or int tuple holding an old size gets the new one; a per-head size
     (``head_dim``) whose product with the module's head count (times 1, 2 or 3: q, kv, qkv) was a
     width gets the new width over the same product and the new head count, and a softmax scale
-    equal to the old ``head_dim ** -0.5`` the new one. A head count keeps its value unless it is
+    equal to the old ``head_dim ** -0.5`` (stored with or without ``head_dim``) the new one. A head count keeps its value unless it is
     itself a size that changed (a head axis that talking heads mix is a space of its own). Returns
     ``(values, names that cannot be inferred)``: a name that is no width (``kernel``, ``window``),
     an old size that became several."""
@@ -519,6 +539,12 @@ def _infer_attributes(mod: nn.Module, path: str, names: set[str], ctx: SyncConte
                 for scale in _SCALE_ATTRS:
                     if isinstance(attrs.get(scale), float) and math.isclose(attrs[scale], v ** -0.5, rel_tol=1e-6):
                         values[scale] = values[k] ** -0.5
+                continue
+        elif k in _SCALE_ATTRS and (d := _scale_head_dim(v)) is not None:
+            got = {sizes[h * d * r] // (n * r) for h, n in heads.values() for r in (1, 2, 3)
+                   if h * d * r in sizes and sizes[h * d * r] % (n * r) == 0}
+            if len(got) == 1:
+                values[k] = got.pop() ** -0.5
                 continue
         elif (k == "shape" or _is_width_name(k)) and is_int(v) and v in sizes:
             values[k] = sizes[v]
@@ -571,6 +597,7 @@ def _detect_unknown(modules: list[tuple[str, nn.Module]], changed: Mapping[str, 
             and (v in own or (v in below and _WIDTH_NAME.search(k) and not _NOT_WIDTH_NAME.search(k)))
         }
         bad |= _stale_head_sizes(mod, own | below) - managed
+        bad |= _stale_scales(mod, own | below) - managed
         shapes = {k for k, v in vars(mod).items()  # int tuples holding a width of the module's own tensors
                   if k not in managed and isinstance(v, (tuple, list)) and v and all(is_int(i) for i in v)
                   and any(i in own for i in v) and (k == "shape" or _is_width_name(k))}
@@ -582,8 +609,9 @@ def _detect_unknown(modules: list[tuple[str, nn.Module]], changed: Mapping[str, 
             offenders.append((path, type(mod), sorted(left)))
             continue
         for k, v in values.items():
-            if k not in _SCALE_ATTRS:
-                inferred.setdefault((type(mod).__name__, k), []).append(f"{vars(mod)[k]}->{v}")
+            was = vars(mod)[k]
+            inferred.setdefault((type(mod).__name__, k), []).append(
+                f"{was:.4g}->{v:.4g}" if isinstance(v, float) else f"{was}->{v}")
             setattr(mod, k, v)
     if inferred and not offenders:
         listed = [f"{cls}.{k} ({', '.join(sorted(set(v)))})" for (cls, k), v in inferred.items()]
