@@ -14,6 +14,7 @@ import numbers
 from typing import Any, Sequence
 
 import torch
+import torch.nn.utils.prune  # noqa: F401  (torch.nn.utils.prune.BasePruningMethod in check_models)
 from torch import nn
 
 from alignment.discover import example_args
@@ -68,10 +69,23 @@ def check_models(models: Any) -> list[nn.Module]:
             raise ModelError(f"model {i} is compiled (torch.compile); fusion traces and hooks the eager module: pass "
                              f"model._orig_mod (the same weights) and compile the fused model afterwards")
         for path, sub in m.named_modules():
+            where = f"model {i}: module {path or '<root>'!r}"
             if any(type(h).__name__ == "WeightNorm" for h in sub._forward_pre_hooks.values()):
-                raise ModelError(f"model {i}: module {path!r} uses the deprecated torch.nn.utils.weight_norm, whose "
+                raise ModelError(f"{where} uses the deprecated torch.nn.utils.weight_norm, whose "
                                  f"models cannot be copied once run; use torch.nn.utils.parametrizations.weight_norm "
                                  f"(or torch.nn.utils.remove_weight_norm)")
+            pruned = [h._tensor_name for h in sub._forward_pre_hooks.values()
+                      if isinstance(h, torch.nn.utils.prune.BasePruningMethod)]
+            if pruned:  # (weight_orig and weight_mask would be fused apart: the mask averaged into fractions)
+                raise ModelError(f"{where} is pruned with torch.nn.utils.prune ({pruned[0]}_orig times "
+                                 f"{pruned[0]}_mask); make the pruning permanent first: "
+                                 f"torch.nn.utils.prune.remove(module, {pruned[0]!r})")
+            if getattr(sub, "_compiled_call_impl", None) is not None:
+                raise ModelError(f"{where} is compiled in place (module.compile()); fusion traces and hooks the eager "
+                                 f"module: pass an uncompiled copy and compile the fused model afterwards")
+            if isinstance(sub, torch.nn.modules.lazy.LazyModuleMixin) and sub.has_uninitialized_params():
+                raise ModelError(f"{where} ({type(sub).__name__}) has uninitialized parameters; run the model once "
+                                 f"on an example input to materialise them")
         for name, t, buffer in _tensors(m):
             if t.is_meta:
                 raise ModelError(f"model {i}: tensor {name!r} is on the meta device (no values); load real weights "

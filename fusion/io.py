@@ -438,8 +438,18 @@ def state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
 
     Returns:
         Name-to-tensor mapping of independent CPU tensors.
+
+    Raises:
+        CheckpointError: an entry of the state dict is no tensor (a module's ``get_extra_state``
+            returning a dict), which safetensors cannot store.
     """
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    state = model.state_dict()
+    other = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if other:
+        raise CheckpointError(f"state dict entry {other[0]!r} is a {type(state[other[0]]).__name__}, not a tensor "
+                              f"(a module's get_extra_state?); safetensors stores tensors only: keep that state "
+                              f"yourself, or return a tensor from get_extra_state")
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
 
 
 def save_weights(model: nn.Module, path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None,

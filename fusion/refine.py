@@ -282,8 +282,13 @@ def _plan_layers(fused: nn.Module, tape, batchnorm: str, norms: bool,
     for k, c in enumerate(tape.calls):
         m = modules.get(c.path)
         # a layer owns a `weight` (embeddings, tokens and other loose parameters are not layers)
-        if m is None or c.path in seen or not (isinstance(getattr(m, "weight", None), nn.Parameter)
-                                               or weight_norm_dim(m) is not None):
+        if m is None or c.path in seen:
+            continue
+        if not (isinstance(getattr(m, "weight", None), nn.Parameter) or weight_norm_dim(m) is not None):
+            if isinstance(getattr(m, "weight", None), torch.Tensor) and c.path not in seen:
+                seen.add(c.path)  # a weight computed from others (a parametrisation): no fit writes it
+                skipped.append(f"{c.path} ({type(m).__name__}: its weight is computed from other tensors "
+                               f"(a parametrisation other than weight norm), kept as mapped)")
             continue
         seen.add(c.path)
         kind = _refinable(m, norms)

@@ -589,3 +589,67 @@ def test_the_memory_of_a_resized_model_is_its_tensors_bytes(tiny):
     own = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     assert check_memory(model, graph, resized_graph(graph, 1.0)) == own
     assert own / 4 < check_memory(model, graph, resized_graph(graph, 0.5)) < own / 2
+
+
+def _small_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 3)).eval()
+
+
+def test_pruned_compiled_and_lazy_models_are_refused_before_any_work():
+    """Guards: a model pruned with torch.nn.utils.prune (before: weight_orig and weight_mask fused apart,
+    the mask averaged into fractions, 9.7% off), one compiled in place with ``module.compile()`` (before:
+    a misleading 'observation point did not fire' or a raw TypeError under refinement) and one with
+    uninitialised lazy parameters (before: a raw ValueError) are each a ModelError naming the module
+    and what to do."""
+    x = torch.randn(16, 6)
+    pruned = _small_net()
+    torch.nn.utils.prune.l1_unstructured(pruned[2], "weight", amount=0.5)
+    with pytest.raises(ModelError, match=r"module '2' is pruned .*prune.remove\(module, 'weight'\)"):
+        fusion.fuse([pruned, _small_net()], x)
+    compiled = _small_net()
+    compiled[2].compile(backend="eager")
+    with pytest.raises(ModelError, match=r"module '2' is compiled in place"):
+        fusion.fuse([compiled, _small_net()], x, refine="lstsq")
+    lazy = nn.Sequential(nn.LazyLinear(12), nn.ReLU(), nn.Linear(12, 3))
+    with pytest.raises(ModelError, match=r"module '0' \(LazyLinear\) has uninitialized parameters"):
+        fusion.fuse([lazy], x, width=0.5)
+
+
+def test_a_state_dict_entry_that_is_no_tensor_is_refused_by_name_when_saving(tmp_path):
+    """Guards: ``fusion.io.save_weights`` on a module whose ``get_extra_state`` returns a dict raises
+    ``CheckpointError`` naming the entry (before: a raw AttributeError), and writes nothing."""
+    from fusion.io import CheckpointError, save_weights
+
+    class Extra(nn.Linear):
+        def get_extra_state(self):
+            return {"note": 1}
+
+        def set_extra_state(self, state):
+            pass
+
+    with pytest.raises(CheckpointError, match=r"'0._extra_state' is a dict"):
+        save_weights(nn.Sequential(Extra(2, 2)), tmp_path / "m.safetensors")
+    assert not list(tmp_path.iterdir())
+
+
+def test_refinement_reports_a_layer_whose_weight_a_parametrisation_computes():
+    """Guards: a layer whose weight is computed by a parametrisation (not weight norm) keeps its mapped
+    weights and is listed in ``report.refinement['skipped']`` (before: left out silently)."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    models = []
+    for seed in (0, 1):
+        m = _small_net()
+        torch.manual_seed(seed)
+        for p in m.parameters():
+            p.data.normal_()
+        parametrize.register_parametrization(m[2], "weight", Doubled())
+        models.append(m)
+    fused = fusion.fuse(models, torch.randn(32, 6), refine="lstsq")
+    skipped = fused.fusion_report.refinement["skipped"]
+    assert any(s.startswith("2 (") and "parametrisation" in s for s in skipped), skipped
