@@ -300,11 +300,11 @@ def weight_gram(graphs: Sequence[Graph], target: Graph, tensors: Sequence[dict[s
         for rows in unit_weight_rows(graphs, tensors, name, maps, note, local):
             for i, Ri in enumerate(rows):
                 for j in range(i, len(rows)):
-                    if anchor is not None and anchor not in (i, j):
-                        continue
                     if anchor is not None and i == j:
                         # leaf solvers matching against the anchor need only each unit's norm here
                         G[off[i]:off[i + 1], off[i]:off[i + 1]].diagonal().add_((Ri * Ri).sum(1))
+                        continue
+                    if anchor is not None and anchor not in (i, j):
                         continue
                     B = Ri @ rows[j].t()
                     G[off[i]:off[i + 1], off[j]:off[j + 1]] += B

@@ -587,12 +587,14 @@ def correlation_merge(ctx: MatchContext, *, cost: Literal["correlation", "weight
     group. With one model this is compression by merging redundant features.
 
     Options:
-        cost: ``"correlation"`` (activations) or ``"weights"`` (cosine of weight vectors).
+        cost: ``"correlation"`` (activations) or ``"weights"`` (cosine of weight vectors; a space's
+            weights depend on its neighbours' plans, so the spaces are solved in up to 5 passes of
+            coordinate descent, until no plan changes, as ``ot`` with ``cost="weights"``).
     """
     if cost == "weights":
         def gram_of(plans_of):
             return weight_gram(ctx.graphs, ctx.target, ctx.tensors(), plans_of, "correlation", ctx.note)
-        return _solve(ctx, merge_leaf, gram_of)
+        return _solve(ctx, merge_leaf, gram_of, sweeps=5)
     return _solve(ctx, merge_leaf, lambda plans_of: _activation_gram(ctx, "correlation", plans_of))
 
 
