@@ -35,12 +35,12 @@ def activation_gram(stats, kind: str | Callable[[str], str] = "correlation",
         kind: ``"correlation"`` (pooled correlation; compares directions) or ``"distance"``
             (second moments, covariance plus the outer product of the means: Euclidean distances
             between activations); may be a function of the space name.
-        dead_gram: for ``"correlation"``, ``dead_gram(space, units)``: a Gram over those pooled
-            units that tells apart the units the data cannot (e.g. the :func:`weight_gram`'s):
-            units constant on the calibration data, and units tied by their correlations (one
-            within ``TIE`` of 1 with two units of one model, or with another unit of its own, as
-            ReLU units active on the same few entries of a fixed coordinate table are); without
-            it, such units are alike.
+        dead_gram: ``dead_gram(space, units)``: a Gram over those pooled units that tells apart
+            the units the data cannot (e.g. the :func:`weight_gram`'s): units constant on the
+            calibration data (for ``"distance"``: silent ones, :func:`_separate_silent`), and for
+            ``"correlation"`` units tied by their correlations (one within ``TIE`` of 1 with two
+            units of one model, or with another unit of its own, as ReLU units active on the same
+            few entries of a fixed coordinate table are); without it, such units are alike.
     """
     def gram(name: str) -> GramView:
         k = kind(name) if callable(kind) else kind
@@ -80,8 +80,37 @@ def activation_gram(stats, kind: str | Callable[[str], str] = "correlation",
                 G.diag.add_(mu * mu)
             else:
                 G = stats.covariance(name) + torch.outer(mu, mu)
+            if dead_gram is not None:
+                _separate_silent(G, lambda units: dead_gram(name, units))
         return GramView(G.to(dtype=torch.float64, device="cpu"), stats.offsets(name), k)
     return gram
+
+
+SILENT = 1e-10
+"""A unit whose second moment is below this fraction of the largest in its space is silent on the
+calibration data (a dead ReLU): for distances, every silent unit is at distance 0 from the others."""
+
+
+def _separate_silent(G: torch.Tensor | BlockGram, weights: Callable[[torch.Tensor], GramView]) -> None:
+    """Tell apart, in place, the units of a second-moment Gram (distance geometry) that are silent on
+    the calibration data: they get ``eps * cos`` (``cos``: their weight cosines, ``eps`` a millionth
+    of the live units' mean second moment), so that the distance between two silent units is ``2 eps
+    (1 - cos)`` (ordered by their weights, not paired at random) and still far below the distance
+    of a silent unit to a live one."""
+    d = (G.diag if isinstance(G, BlockGram) else G.diagonal()).double()
+    top = float(d.max()) if len(d) else 0.0
+    if top <= 0:
+        return
+    silent = (d <= SILENT * top).nonzero().flatten()
+    if len(silent) < 2:
+        return
+    live = d[d > SILENT * top]
+    eps = 1e-6 * float(live.mean())
+    idx = torch.arange(len(silent))
+    cos = 1.0 - gram_cost(idx, weights(silent).G.double(), idx, "correlation")
+    cos.diagonal().fill_(1.0)
+    dtype = (G.diag if isinstance(G, BlockGram) else G).dtype
+    _index_update(G, silent, (eps * cos.clamp(-1, 1)).to(dtype), add=True)
 
 
 def _index_update(G: torch.Tensor | BlockGram, units: torch.Tensor, values: torch.Tensor, add: bool = False) -> None:
