@@ -37,7 +37,7 @@ from alignment.statistics import POINT_POLICIES, Statistics, collect
 from alignment.structure import dense_plan
 
 from .checks import (ModelError, check_alpha, check_calibration, check_device, check_finite_model, check_finite_plans,
-                     check_models, check_runs, check_seed, model_list)
+                     check_models, check_runs, check_seed, model_list, option_dict)
 from .engine import apply_maps, check_heads, head_tensors
 from .refine import REFINEMENTS, run_refinement
 from .repair import REPAIRS, RepairContext, has_batchnorm, run_repair
@@ -181,8 +181,8 @@ class Alignment:
         else ``"merged"``)."""
         heads = heads if heads is not None else (self.heads or "merged")
         check_heads(heads)
-        repair_options = REPAIRS.validate(repair, dict(repair_options or {}))
-        refine_options = REFINEMENTS.validate(refine, dict(refine_options or {}))
+        repair_options = REPAIRS.validate(repair, option_dict(repair_options, "repair_options"))
+        refine_options = REFINEMENTS.validate(refine, option_dict(refine_options, "refine_options"))
         if self.calibration is None:
             _check_data_free(repair, refine, self.models[0])
         else:
@@ -587,8 +587,8 @@ def fuse(
     _warn_unnormalised(weights)
     check_heads(heads)
     METHODS.validate(method, options, models=len(models))
-    REPAIRS.validate(repair, dict(repair_options or {}))
-    REFINEMENTS.validate(refine, dict(refine_options or {}))
+    REPAIRS.validate(repair, option_dict(repair_options, "repair_options"))
+    REFINEMENTS.validate(refine, option_dict(refine_options, "refine_options"))
     if calibration is None:
         _check_data_free(repair, refine, models[0] if models else None)
     else:

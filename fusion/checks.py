@@ -25,7 +25,7 @@ from alignment.statistics import check_inputs
 from alignment.structure import RowPlan
 
 __all__ = ["ModelError", "NonFiniteError", "model_list", "check_models", "check_alpha", "check_calibration", "check_device",
-           "check_seed", "check_finite_plans", "check_finite_model", "check_runs"]
+           "check_seed", "check_finite_plans", "check_finite_model", "check_runs", "option_dict"]
 
 
 class NonFiniteError(FusionError, ArithmeticError):
@@ -54,6 +54,23 @@ def model_list(models: Any, call: str = "fuse") -> list[nn.Module]:
         if not isinstance(m, nn.Module):
             raise ModelError(f"model {i} is a {type(m).__name__}, not an nn.Module; load the weights into a model first")
     return list(models)
+
+
+def option_dict(options: Any, what: str) -> dict[str, Any]:
+    """``options`` (``repair_options``, ``refine_options``: None or a mapping of option names to values)
+    as a new dict.
+
+    Raises:
+        InvalidOptionError: ``options`` is neither None nor a mapping with string keys.
+    """
+    from collections.abc import Mapping
+
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
+        raise InvalidOptionError(f"{what} must be a dict of option names to values (e.g. {{'eps': 1e-4}}), "
+                                 f"got {type(options).__name__} {options!r:.60}")
+    return dict(options)
 
 
 def check_models(models: Any) -> list[nn.Module]:

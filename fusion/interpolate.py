@@ -24,7 +24,7 @@ from alignment.methods import CALL_KEYWORDS, METHODS
 from alignment.runner import plain_precision
 
 from .api import Alignment, ModelError, align
-from .checks import model_list
+from .checks import model_list, option_dict
 from .experiments.evaluate import evaluate_loss_and_accuracy
 from .io import check_output_folder, write_files
 from .refine import REFINEMENTS
@@ -143,8 +143,8 @@ def _check(models: Sequence[nn.Module], repair: str, alphas: Sequence[float] | N
     besides the weights and the repair."""
     if len(model_list(models, "interpolation_curve")) != 2:
         raise ModelError(f"an interpolation curve is between two models, got {len(models)}")
-    REPAIRS.validate(repair, dict(repair_options or {}))
-    REFINEMENTS.validate(refine, dict(refine_options or {}))
+    REPAIRS.validate(repair, option_dict(repair_options, "repair_options"))
+    REFINEMENTS.validate(refine, option_dict(refine_options, "refine_options"))
     _alphas(alphas)
     return {"refine": refine, "repair_options": repair_options, "refine_options": refine_options}
 

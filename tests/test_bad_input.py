@@ -653,3 +653,18 @@ def test_refinement_reports_a_layer_whose_weight_a_parametrisation_computes():
     fused = fusion.fuse(models, torch.randn(32, 6), refine="lstsq")
     skipped = fused.fusion_report.refinement["skipped"]
     assert any(s.startswith("2 (") and "parametrisation" in s for s in skipped), skipped
+
+
+def test_repair_and_refine_options_that_are_no_dict_are_an_invalid_option_error():
+    """Guards: ``repair_options`` / ``refine_options`` that are not a dict (a number, a "key=value"
+    string) raise ``InvalidOptionError`` naming the argument, in ``fuse``, ``Alignment.build`` and
+    ``interpolation_curve`` (before: a plain TypeError or ValueError from ``dict()``)."""
+    m, x = build("mlp", 0)
+    for kwargs in ({"repair_options": 3}, {"repair_options": "eps=1"}, {"refine_options": 3}):
+        name = next(iter(kwargs))
+        with pytest.raises(InvalidOptionError, match=name):
+            fusion.fuse([m, m], x, **kwargs)
+        with pytest.raises(InvalidOptionError, match=name):
+            fusion.align([m, m], x).build(**kwargs)
+        with pytest.raises(InvalidOptionError, match=name):
+            _curve([m, m], x, x, torch.zeros(len(x), dtype=torch.long), **kwargs)
