@@ -1305,3 +1305,30 @@ def test_unknown_module_names_the_module_its_type_and_the_attributes():
     assert str(err).startswith("module 'blocks.0' of type torch.nn.modules.linear.Linear: its split cannot")
     assert core.qualname(nn.Linear) == "torch.nn.modules.linear.Linear"
     assert "<root>" in str(core.unknown_module("", nn.Linear(2, 3), ["width"], "why"))
+
+
+def test_changed_sizes_and_derive_size_fields():
+    """Guards the shared search behind HF config sync and ``fusion.io.timm_kwargs``: ``changed_sizes``
+    maps each old size to its one new size (a size that became two, or stayed, is left out);
+    ``derive_size_fields`` changes the int, int-list and ratio fields holding them, leaves out a field
+    whose change alone the constructor rejects (``base``, equal to a width by chance) and one the
+    shapes do not need (``spare``), and gives None when no change rebuilds the model."""
+    from fusion.modules.core import changed_sizes, derive_size_fields
+
+    old = {"a": (16, 4), "b": (16, 64), "c": (8, 3), "d": (8,)}
+    new = {"a": (8, 4), "b": (8, 32), "c": (4, 3), "d": (6,)}
+    assert changed_sizes(old, new) == {16: 8, 64: 32}
+
+    class Net(nn.Module):
+        def __init__(self, width=16, ratio=4.0, base=16, spare=64):
+            super().__init__()
+            if base != 16:
+                raise ValueError("base must be 16")
+            self.fc1, self.fc2 = nn.Linear(3, width), nn.Linear(width, int(width * ratio))
+
+    owner = Net(8, 2.0)  # width 16 -> 8, hidden 64 -> 16: the ratio changes too
+    values = {"width": 16, "ratio": 4.0, "base": 16, "spare": 64}
+    sizes = {16: 8, 64: 16}
+    assert derive_size_fields(owner, values, sizes, lambda ch: Net(**{**values, **ch})) == {"width": 8, "ratio": 2.0}
+    assert derive_size_fields(Net(16), values, sizes, lambda ch: Net(**{**values, **ch})) == {}
+    assert derive_size_fields(nn.Linear(2, 2), values, sizes, lambda ch: Net(**{**values, **ch})) is None

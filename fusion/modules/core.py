@@ -516,8 +516,9 @@ def _infer_attributes(mod: nn.Module, path: str, names: set[str], ctx: SyncConte
     new size): a width-named int or int tuple holding an old size gets the new one; a per-head size
     (``head_dim``) whose product with the module's head count (times 1, 2 or 3: q, kv, qkv) was a
     width gets the new width over the same product and the new head count, and a softmax scale
-    equal to the old ``head_dim ** -0.5`` (stored with or without ``head_dim``) the new one. A head count keeps its value unless it is
-    itself a size that changed (a head axis that talking heads mix is a space of its own). Returns
+    equal to the old ``head_dim ** -0.5`` (stored with or without ``head_dim``) the new one. A head
+    count keeps its value unless it is itself a size that changed (a head axis that talking heads
+    mix is a space of its own). Returns
     ``(values, names that cannot be inferred)``: a name that is no width (``kernel``, ``window``),
     an old size that became several."""
     prefix = path + "." if path else ""
