@@ -97,7 +97,8 @@ def _separate_silent(G: torch.Tensor | BlockGram, weights: Callable[[torch.Tenso
     of the live units' mean second moment), so that the distance between two silent units is ``2 eps
     (1 - cos)`` (ordered by their weights, not paired at random) and still far below the distance
     of a silent unit to a live one."""
-    d = (G.diag if isinstance(G, BlockGram) else G.diagonal()).double()
+    diag = G.diag if isinstance(G, BlockGram) else G.diagonal()
+    d = diag.double()
     top = float(d.max()) if len(d) else 0.0
     if top <= 0:
         return
@@ -109,8 +110,7 @@ def _separate_silent(G: torch.Tensor | BlockGram, weights: Callable[[torch.Tenso
     idx = torch.arange(len(silent))
     cos = 1.0 - gram_cost(idx, weights(silent).G.double(), idx, "correlation")
     cos.diagonal().fill_(1.0)
-    dtype = (G.diag if isinstance(G, BlockGram) else G).dtype
-    _index_update(G, silent, (eps * cos.clamp(-1, 1)).to(dtype), add=True)
+    _index_update(G, silent, (eps * cos.clamp(-1, 1)).to(diag.dtype), add=True)
 
 
 def _index_update(G: torch.Tensor | BlockGram, units: torch.Tensor, values: torch.Tensor, add: bool = False) -> None:

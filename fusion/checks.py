@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.utils.prune  # noqa: F401  (torch.nn.utils.prune.BasePruningMethod in check_models)
@@ -63,8 +63,6 @@ def option_dict(options: Any, what: str) -> dict[str, Any]:
     Raises:
         InvalidOptionError: ``options`` is neither None nor a mapping with string keys.
     """
-    from collections.abc import Mapping
-
     if options is None:
         return {}
     if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):

@@ -1215,17 +1215,15 @@ def timm_kwargs(model: nn.Module, arch: Mapping[str, Any] | ModelSpec, num_class
     library, name, kwargs = _check_arch(arch)
     if library != "timm":
         raise UnknownArchitectureError(f"timm_kwargs needs a timm arch, got library {library!r}")
-    base = {"library": "timm", "name": name, "kwargs": kwargs}
-    with torch.device("meta"):
-        source = build_model(base, num_classes)
-    values = {**_constructor_arguments(lambda: build_model(base, num_classes), type(source)), **kwargs}
-    values.pop("num_classes", None)
-    sizes = changed_sizes({k: tuple(t.shape) for k, t in source.state_dict().items()},
-                          {k: tuple(t.shape) for k, t in model.state_dict().items()})
-
     def build(changes: Mapping[str, Any]) -> nn.Module:
         return build_model({"library": "timm", "name": name, "kwargs": {**kwargs, **changes}}, num_classes)
 
+    with torch.device("meta"):
+        source = build({})
+    values = {**_constructor_arguments(lambda: build({}), type(source)), **kwargs}
+    values.pop("num_classes", None)
+    sizes = changed_sizes({k: tuple(t.shape) for k, t in source.state_dict().items()},
+                          {k: tuple(t.shape) for k, t in model.state_dict().items()})
     derived = derive_size_fields(model, values, sizes, build)
     return None if derived is None else {k: list(v) if isinstance(v, tuple) else v for k, v in derived.items()}
 

@@ -284,13 +284,12 @@ def _plan_layers(fused: nn.Module, tape, batchnorm: str, norms: bool,
         # a layer owns a `weight` (embeddings, tokens and other loose parameters are not layers)
         if m is None or c.path in seen:
             continue
+        seen.add(c.path)
         if not (isinstance(getattr(m, "weight", None), nn.Parameter) or weight_norm_dim(m) is not None):
-            if isinstance(getattr(m, "weight", None), torch.Tensor) and c.path not in seen:
-                seen.add(c.path)  # a weight computed from others (a parametrisation): no fit writes it
+            if isinstance(getattr(m, "weight", None), torch.Tensor):  # computed from others: no fit writes it
                 skipped.append(f"{c.path} ({type(m).__name__}: its weight is computed from other tensors "
                                f"(a parametrisation other than weight norm), kept as mapped)")
             continue
-        seen.add(c.path)
         kind = _refinable(m, norms)
         if kind is None:
             if not isinstance(m, (_BN, nn.LayerNorm, nn.GroupNorm)):

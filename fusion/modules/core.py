@@ -506,6 +506,15 @@ def _stale_scales(mod: nn.Module, sizes: set[int]) -> set[str]:
             and any(h * d * r in sizes for h in heads for r in (1, 2, 3))}
 
 
+def _new_head_size(d: int, heads: Iterable[tuple[int, int]], sizes: Mapping[int, int]) -> int | None:
+    """The new per-head size of an old one ``d`` whose product with a head count (old, new in
+    ``heads``) times 1, 2 or 3 (q, kv, qkv) was a width of ``sizes``: the new width over the new
+    product, where that is one whole number (else None)."""
+    got = {sizes[h * d * r] // (n * r) for h, n in heads for r in (1, 2, 3)
+           if h * d * r in sizes and sizes[h * d * r] % (n * r) == 0}
+    return got.pop() if len(got) == 1 else None
+
+
 def _is_width_name(name: str) -> bool:
     return bool(_WIDTH_NAME.search(name)) and not _NOT_WIDTH_NAME.search(name)
 
@@ -533,19 +542,15 @@ def _infer_attributes(mod: nn.Module, path: str, names: set[str], ctx: SyncConte
     for k in sorted(names - set(heads), key=lambda k: k in _HEAD_SIZE_ATTRS):
         v = attrs[k]
         if k in _HEAD_SIZE_ATTRS and is_int(v):
-            got = {sizes[h * v * r] // (n * r) for h, n in heads.values() for r in (1, 2, 3)
-                   if h * v * r in sizes and sizes[h * v * r] % (n * r) == 0}
-            if len(got) == 1:
-                values[k] = got.pop()
+            if (new := _new_head_size(v, heads.values(), sizes)) is not None:
+                values[k] = new
                 for scale in _SCALE_ATTRS:
                     if isinstance(attrs.get(scale), float) and math.isclose(attrs[scale], v ** -0.5, rel_tol=1e-6):
-                        values[scale] = values[k] ** -0.5
+                        values[scale] = new ** -0.5
                 continue
         elif k in _SCALE_ATTRS and (d := _scale_head_dim(v)) is not None:
-            got = {sizes[h * d * r] // (n * r) for h, n in heads.values() for r in (1, 2, 3)
-                   if h * d * r in sizes and sizes[h * d * r] % (n * r) == 0}
-            if len(got) == 1:
-                values[k] = got.pop() ** -0.5
+            if (new := _new_head_size(d, heads.values(), sizes)) is not None:
+                values[k] = new ** -0.5
                 continue
         elif (k == "shape" or _is_width_name(k)) and is_int(v) and v in sizes:
             values[k] = sizes[v]
