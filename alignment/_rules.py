@@ -139,12 +139,17 @@ def _addmm(tr, node, a):
 
 @register_op_rule("aten.mm", "aten.bmm", "aten.matmul")
 def _matmul(tr, node, a):
-    return tr.matmul(tr.dims(a["self"]), tr.dims(a["mat2"] if "mat2" in a else a["other"]), node)
+    other = a["mat2"] if "mat2" in a else a["other"]
+    x = tr.dims(a["self"])
+    tr.mark_query_key(a["self"], other, x[-1])
+    return tr.matmul(x, tr.dims(other), node)
 
 
 @register_op_rule("aten.baddbmm")
 def _baddbmm(tr, node, a):
-    out = tr.matmul(tr.dims(a["batch1"]), tr.dims(a["batch2"]), node)
+    x = tr.dims(a["batch1"])
+    tr.mark_query_key(a["batch1"], a["batch2"], x[-1])
+    out = tr.matmul(x, tr.dims(a["batch2"]), node)
     return tr.elementwise(node, [a["self"]], base=out)
 
 
@@ -163,10 +168,13 @@ def _einsum(tr, node, a):
                 counts[ch] = counts.get(ch, 0) + 1
         rhs = "".join(sorted(ch for ch, n in counts.items() if n == 1))
     first: dict[str, tuple[list[Dim], int]] = {}
-    for t, dims in zip(terms, ops):
+    for t, dims, x in zip(terms, ops, a["tensors"]):
         for i, ch in enumerate(t):
             if ch not in rhs:
                 tr.mark_contracted(dims, i)
+                for u, other in zip(terms, a["tensors"]):
+                    if other is not x and ch in u:
+                        tr.mark_query_key(x, other, dims[i])
             if ch in first:
                 fx, fi = first[ch]
                 tr.A.unify(fx, fi, dims, i)
@@ -837,6 +845,7 @@ def _sdpa(tr, node, a):
         tr.A.unify(q, i, k, i, pm)
         tr.A.unify(q, i, v, i, pm)
     tr.A.unify(q, n - 1, k, n - 1, pm)  # contraction of queries with keys
+    tr.mark_query_key(a["query"], a["key"], q[-1])
     tr.A.unify(k, n - 2, v, n - 2, pm)  # keys and values share the key positions
     mask = a.get("attn_mask")
     if mask is not None and tr.is_tensor(mask):

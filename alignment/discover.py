@@ -179,6 +179,8 @@ class _Tracer:
         self.activation_classes: set[int] = set()
         self.dim_owner: dict[int, tuple[str, int]] = {}  # id(Dim) of a parameter axis -> (tensor, axis)
         self.contracted: set[tuple[str, int]] = set()
+        self.data_nodes: set[torch.fx.Node] = set()  # nodes computed from the model's inputs
+        self.query_key: list[Dim] = []  # axes two input-dependent tensors are contracted over
         self.first_use: dict[str, None] = {}  # state tensors in the order the forward first uses them
         self.unused: dict[str, None] = {}  # state tensors the traced forward never reads
 
@@ -347,6 +349,12 @@ class _Tracer:
         if owner is not None:
             self.contracted.add(owner)
 
+    def mark_query_key(self, x: Any, y: Any, d: Dim) -> None:
+        """Record that axis ``d`` is summed between tensors ``x`` and ``y`` (fx nodes) that both depend
+        on the model's inputs: features contracted against features, as queries against keys."""
+        if x in self.data_nodes and y in self.data_nodes:
+            self.query_key.append(d)
+
     def require_fixed(self, d: Dim, node: torch.fx.Node, why: str) -> None:
         """Record that axis ``d`` must turn out fixed, or the op cannot be followed."""
         if d.size > 1:
@@ -382,6 +390,8 @@ class _Tracer:
             if node.op == "placeholder":
                 self._placeholder(node, specs.get(node.name), state_names)
             elif node.op == "call_function":
+                if any(a in self.data_nodes for a in node.all_input_nodes):
+                    self.data_nodes.add(node)
                 for a in self.tensor_args(node):
                     t = self.tensor_of.get(a.name) if a.op == "placeholder" else None
                     if t is not None:
@@ -418,7 +428,9 @@ class _Tracer:
             self.info[node] = self.fresh_like_val(val, "constant")
         elif isinstance(val, torch.Tensor):
             self.info[node] = self.fresh_like_val(val, "model input")
+            self.data_nodes.add(node)
         else:
+            self.data_nodes.add(node)
             self.info[node] = self.fresh_like_val(val, "model input") if isinstance(val, (list, tuple)) else None
 
     def _call(self, node) -> None:
@@ -736,10 +748,28 @@ class _Tracer:
             h = C.find(st.outer)
             return ("heads", names.get(h, f"_c{h}"), C.size[h], [tree(p) for p in st.parts])
 
+        # the feature ranges two input-dependent tensors are contracted over (queries . keys)
+        contracted = {C.find(c) for d in self.query_key for c in d.classes()}
+
+        def query_key_ranges(c: int, off: int) -> list[tuple[int, int]]:
+            r = C.find(c)
+            if r in contracted and not C.is_fixed(r):
+                return [(off, off + C.size[r])]
+            st = None if C.is_fixed(r) else C.struct.get(r)
+            out: list[tuple[int, int]] = []
+            for p in st.parts if st is not None else ():
+                for a, b in query_key_ranges(p, off):
+                    if out and out[-1][1] == a:
+                        a = out.pop()[0]
+                    out.append((a, b))
+                off += C.size[C.find(p)]
+            return out
+
         observations = self._observations(names)
         spaces: list[Space] = []
         for r in feature_roots:
-            s = Space(name=names[r], width=C.size[r], members=members[r], observations=observations.get(r, []))
+            s = Space(name=names[r], width=C.size[r], members=members[r], observations=observations.get(r, []),
+                      query_key=tuple(query_key_ranges(r, 0)))
             if r in heads_of:
                 h = heads_of[r]
                 s.heads, s.num_heads = names[h], C.size[h]

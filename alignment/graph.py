@@ -138,6 +138,10 @@ class Space:
         producers: modules whose weights write these features (output axes of weight matrices),
             in execution order.
         consumers: modules whose weights read these features (input axes), in execution order.
+        query_key: ``(start, stop)`` ranges of the features that two tensors computed from the
+            inputs are contracted over (attention queries against keys, with one head or many):
+            their product, not each side, is what fusion keeps (see
+            :func:`alignment.maps.correct_query_key`).
     """
 
     name: str
@@ -152,6 +156,7 @@ class Space:
     tree: Node | tuple = field(default=(), repr=False)
     producers: list[str] = field(default_factory=list, repr=False)
     consumers: list[str] = field(default_factory=list, repr=False)
+    query_key: tuple = ()
 
     @property
     def alignable(self) -> bool:

@@ -594,20 +594,17 @@ def _fuse_discrete(name: str, tensors, graphs, roles, maps: dict[str, SpaceMap],
 
 
 def query_key_spaces(graph: Graph) -> list[str]:
-    """Attention spaces contracted against themselves (query . key): heads-structured spaces none of
-    whose members consumes the features (no ``in`` role), neither directly nor through the spaces of
-    their structure tree. A grouped conv's input space is structured in groups like heads, but the
-    conv consumes it through its dims-within-group axis (an ``inner`` space with an ``in`` member):
-    it is an ordinary feature space, and rescaling its maps would change the function."""
-    out = []
-    for s in graph.spaces:
-        if not (s.members and isinstance(s.tree, Heads) and all(m.role == "out" for m in s.members)):
-            continue
-        inner = {k for k in tree_keys(s.tree)[1:] if k != s.tree.key and k in graph}
-        if any(m.role == "in" for k in inner for m in graph[k].members):
-            continue
-        out.append(s.name)
-    return out
+    """Spaces holding attention queries and keys: features that two tensors computed from the
+    inputs are contracted over (``q @ k.T``, ``scaled_dot_product_attention``, an einsum), with one
+    head or many, as discovery traced them (``Space.query_key``). A space that a weight also reads
+    (an ``in`` member: linear attention that ties queries, keys and values into one space, as
+    EfficientViT's) is left out: rescaling its features would change what that weight reads."""
+    return [s.name for s in graph.spaces if s.query_key and all(m.role == "out" for m in s.members)]
+
+
+def _query_key_index(space) -> torch.Tensor:
+    """Indices of a space's features in its query-key ranges."""
+    return torch.cat([torch.arange(a, b) for a, b in space.query_key])
 
 
 def correct_query_key(maps: dict[str, SpaceMap], graphs: Sequence[Graph], alpha: Sequence[float]) -> dict[str, SpaceMap]:
@@ -617,7 +614,9 @@ def correct_query_key(maps: dict[str, SpaceMap], graphs: Sequence[Graph], alpha:
     only for permutations. In general ``q_i . k_i ~ q*^T U_i^T U_i k*``, and the logit scale
     ``head_dim**-0.5`` changes with the fused head_dim; both are folded into the merge maps:
     ``M_i <- D^(1/2) M_i`` with ``D = sum_i alpha_i sqrt(d / d_i) U_i^T U_i`` (``d_i``, ``d``: source
-    and fused head dims; ``D`` is block-diagonal over heads). Permutations give ``D = I`` (no change).
+    and fused head dims; ``D`` is block-diagonal over heads). Only the features in the space's
+    query-key ranges are rescaled (a head laid out as ``[q, k, v]`` keeps its values' maps); the
+    fused ones are those whose unmerge columns read them. Permutations give ``D = I`` (no change).
     Heads are kept, so the head count comes from the first graph. Returns new maps.
     """
     out = dict(maps)
@@ -625,32 +624,54 @@ def correct_query_key(maps: dict[str, SpaceMap], graphs: Sequence[Graph], alpha:
         if name not in maps:
             continue
         sm = maps[name]
-        nh = graphs[0][name].tree.count
-        d = sm.width / nh
-        # each model's weight in D: alpha_i sqrt(d / d_i)
-        weights = [float(a) * math.sqrt(d / (graphs[i][name].width / nh)) for i, a in enumerate(alpha)]
-        if _identity_correction(sm, weights):
+        sources = [_query_key_index(g[name]) for g in graphs]
+        # fused query-key features: those some model's unmerge map reads from its query-key rows
+        read = torch.zeros(sm.width, dtype=torch.bool)
+        for i, rows in enumerate(sources):
+            read |= _reads(sm, i, rows)
+        fused = read.nonzero().flatten()
+        # each model's weight in D: alpha_i sqrt(d / d_i) (head dims are in a fixed ratio to the
+        # number of query-key features, which the head count divides)
+        weights = [float(a) * math.sqrt(len(fused) / len(rows)) for a, rows in zip(alpha, sources)]
+        if _identity_correction(sm, weights, fused):
             continue
-        D = torch.zeros(sm.width, sm.width, dtype=torch.float64)
+        D = torch.zeros(len(fused), len(fused), dtype=torch.float64)
         for U, w in zip(sm.unmerge, weights):
-            U = U.double().cpu()
+            U = U.double().cpu()[:, fused]
             D += w * (U.t() @ U)
-        if torch.allclose(D, torch.eye(sm.width, dtype=torch.float64), atol=1e-12):
+        if torch.allclose(D, torch.eye(len(fused), dtype=torch.float64), atol=1e-12):
             continue
         evals, evecs = torch.linalg.eigh((D + D.t()) / 2)
         root = evecs @ torch.diag(evals.clamp_min(0).sqrt()) @ evecs.t()
-        out[name] = SpaceMap([root @ M.double().cpu() for M in sm.merge], list(sm.unmerge))
+        merge = []
+        for M in sm.merge:
+            M = M.double().cpu().clone()
+            M[fused] = root @ M[fused]
+            merge.append(M)
+        out[name] = SpaceMap(merge, list(sm.unmerge))
     return out
 
 
-def _identity_correction(sm: SpaceMap, weights: Sequence[float]) -> bool:
-    """Whether ``D = sum_i weights_i U_i^T U_i`` is the identity (to 1e-12), known from the maps'
-    gather forms without building ``D``: when every ``U_i^T`` is a gather onto distinct features
-    (permutations, selections), ``D`` is diagonal. False when that cannot be told this way."""
-    diag = torch.zeros(sm.width, dtype=torch.float64)
+def _identity_correction(sm: SpaceMap, weights: Sequence[float], fused: torch.Tensor) -> bool:
+    """Whether ``D = sum_i weights_i U_i^T U_i`` is the identity (to 1e-12) on the ``fused``
+    features, known from the maps' gather forms without building ``D``: when every ``U_i^T`` is a
+    gather onto distinct features (permutations, selections), ``D`` is diagonal. False when that
+    cannot be told this way."""
+    diag = torch.zeros(len(fused), dtype=torch.float64)
     for i, w in enumerate(weights):
         g = sm.gather(i, merge=False)
-        if g is None or len(torch.unique(g[0])) != len(g[0]):
+        if g is None or len(torch.unique(g[0][fused])) != len(fused):
             return False
-        diag += w * g[1].double().cpu() ** 2
+        diag += w * g[1][fused].double().cpu() ** 2
     return bool(((diag - 1.0).abs() <= 1e-12).all())
+
+
+def _reads(sm: SpaceMap, i: int, rows: torch.Tensor) -> torch.Tensor:
+    """Which fused features model ``i``'s unmerge map reads from its features ``rows`` (a mask)."""
+    e = sm.entries(i, merge=False)
+    if e is not None:  # U_i^T by its entries: (fused, source, value)
+        hit = torch.isin(e[1].cpu(), rows) & (e[2].cpu() != 0)
+        out = torch.zeros(sm.width, dtype=torch.bool)
+        out[e[0].cpu()[hit]] = True
+        return out
+    return (sm.unmerge[i].detach().cpu()[rows] != 0).any(0)

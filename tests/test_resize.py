@@ -567,3 +567,53 @@ def test_heads_laid_out_dims_major_are_refused_at_other_widths_not_a_crash():
     torch.testing.assert_close(permuted(x), model(x), rtol=1e-4, atol=1e-5)
     with pytest.raises(SpaceMismatchError, match="qkv#2"):
         resize(model, 0.5, x)
+
+
+class _HeadMajorAttention(nn.Module):
+    """Attention whose qkv rows are laid out head by head, ``[q, k, v]`` within each head (timm
+    MaxViT's ``AttentionCl``), between two linear layers; the logits are made large so that a wrong
+    logit scale shows."""
+
+    def __init__(self, dim: int = 16, heads: int = 2):
+        super().__init__()
+        self.inp = nn.Linear(8, dim)
+        self.attn = __import__("timm.models.maxxvit", fromlist=["AttentionCl"]).AttentionCl(dim, dim_head=dim // heads)
+        self.out = nn.Linear(dim, 3)
+        with torch.no_grad():
+            self.attn.qkv.weight.mul_(4.0)
+
+    def forward(self, x):
+        return self.out(self.attn(self.inp(x)).mean(1))
+
+
+def _one_head_vit():
+    model = tiny_models.randomize(tiny_models.timm_vit(embed_dim=32, heads=1).eval())
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.qkv.weight.mul_(4.0)
+    return model, torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("case", ["one head", "heads laid out [q, k, v]"])
+def test_widening_attention_keeps_the_logits_of_one_head_and_of_head_major_qkv(case):
+    """Guards: the query-key logit correction finds a one-head attention (no heads axis to see: it
+    was left out, and widening a one-head ViT by 2 was 13% off) and rescales only the queries and
+    keys of a head laid out ``[q, k, v]`` (its values were rescaled too: MaxViT widened by 2 was
+    20% off). Discovery marks exactly the query and key features (``Space.query_key``)."""
+    from alignment.maps import query_key_spaces
+
+    if case == "one head":
+        model, x = _one_head_vit()
+        graph = discover(model, x)
+        assert query_key_spaces(graph) == ["blocks.0.attn.qkv#0", "blocks.1.attn.qkv#0"]
+        assert graph["blocks.0.attn.qkv#0"].query_key == ((0, 32),)
+        assert graph["blocks.0.attn.qkv#2"].query_key == ()  # the values
+    else:
+        torch.manual_seed(0)
+        model, x = _HeadMajorAttention().eval(), torch.randn(4, 5, 8)
+        graph = discover(model, x)
+        assert query_key_spaces(graph) == ["attn.qkv"]
+        assert graph["attn.qkv"].query_key == ((0, 16), (24, 40))  # per head of 24: q 8, k 8, v 8
+    wide = resize(model, 2.0, x)
+    with torch.no_grad():
+        assert rel_err(logits(model(x)), logits(wide(x))) < 1e-5

@@ -463,12 +463,16 @@ def test_query_key_correction_is_known_to_be_the_identity_only_for_one_to_one_ma
     from alignment.maps import _identity_correction
 
     p, q = torch.tensor([2, 0, 3, 1]), torch.tensor([1, 2, 0, 3])
-    assert _identity_correction(permutation_map([p, q], [0.5, 0.5]), [0.5, 0.5])
-    assert not _identity_correction(permutation_map([p, q], [0.5, 0.5]), [0.5, 0.3])
+    every = torch.arange(4)
+    assert _identity_correction(permutation_map([p, q], [0.5, 0.5]), [0.5, 0.5], every)
+    assert not _identity_correction(permutation_map([p, q], [0.5, 0.5]), [0.5, 0.3], every)
     rep = plan_maps([permutation_plan(torch.tensor([0, 1, 1, 2]), 3)], [1.0])
-    assert not _identity_correction(rep, [1.0])
+    assert not _identity_correction(rep, [1.0], every)
     U = rep.unmerge[0]
     assert not torch.allclose(U.t() @ U, torch.eye(4, dtype=torch.float64))
+    # only the query-key features count: the repeated unit (fused 1 and 2) outside them is no matter
+    assert _identity_correction(rep, [1.0], torch.tensor([0, 3]))
+    assert not _identity_correction(rep, [1.0], torch.tensor([0, 1]))
 
 
 def test_ties_are_found_from_the_near_pairs():
