@@ -225,6 +225,7 @@ class Alignment:
         report.seconds["refine"] = time.perf_counter() - t
         if cut is not None:
             t = time.perf_counter()
+            frozen = [n for n, m in ctx.fused.named_modules() if any(m is f for f in ctx.frozen)]
             unmerge = None if cut.at_input else [U.to(model_device(self.models[0])) for U in maps[cut.space].unmerge]
             ctx.fused = zip_model(self.models, ctx.fused.to(model_device(self.models[0])), unmerge, cut, self.example,
                                   heads=heads, alpha=weights)
@@ -233,10 +234,13 @@ class Alignment:
             report.zip = _zip_report(ctx.fused, self.models, cut, self.example)
             if self.device is not None:
                 ctx.fused = ctx.fused.to(self.device)
+            # the trunk is a copy: the norms refinement froze are found in it by name
+            trunk = dict(ctx.fused.trunk.named_modules()) if ctx.fused.trunk is not None else {}
+            ctx.frozen = [trunk[n] for n in frozen if n in trunk]
             fit = refine == "lstsq" and not cut.at_input
             if fit:
                 # each branch will get its own model's features back (fitted below): its norms keep their statistics
-                ctx.frozen = [m for m in ctx.fused.branches.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+                ctx.frozen += [m for m in ctx.fused.branches.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
             report.seconds["zip"] = time.perf_counter() - t
         t = time.perf_counter()
         run_repair(repair, ctx, **repair_options)

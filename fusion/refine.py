@@ -16,11 +16,12 @@ maps, the weights and the data) and changes ``ctx.fused`` in place.
   which needs no pass of the fused model. A convolution followed by a BatchNorm is fitted to the
   sources' post-BN outputs with the norm folded in (``batchnorm="fold"``), after which the norm's
   running statistics are the refitted conv's measured statistics (population variances) and its
-  affine undoes them; a later BatchNorm reset (the default repair) re-estimates them the way torch
-  does, averaging each batch's unbiased variance, which moves them by about 1/(positions per batch)
-  (zoo r18 pair, permute + lstsq: 89.80 without the reset, 89.83 with it); or to the pre-BN
-  outputs with the norm's statistics set
-  from the Gram (``batchnorm="stats"``). Passes never recompute a finished part of the model
+  affine undoes them, so the pair computes the fitted ``z + b``: a later BatchNorm reset (the
+  default repair) leaves these norms as they are (``RepairContext.frozen``). Re-estimating them the
+  way torch does, averaging each batch's unbiased variance, would break that pair by about
+  1/(positions per batch): a model fused with its permuted copy moved by up to 6% where feature
+  maps are 1x1. Or (``batchnorm="stats"``) it is fitted to the pre-BN outputs with the norm's
+  statistics set from the Gram, estimates that a later reset re-estimates. Passes never recompute a finished part of the model
   (:mod:`fusion.replay`), so refining every layer costs about one forward pass of each model plus
   the Grams and solves.
 
@@ -705,6 +706,10 @@ def refine_lstsq(ctx: RepairContext, *, inputs: Literal["sequential", "merged"] 
                     ctx.notes.append(f"refinement 'lstsq': {layer.path}: {sol.fallback_groups} group(s) solved by "
                                      f"the pseudo-inverse (Gram not positive definite)")
                 _write(layer, module, bn, fold, sol, gram, full)
+                if fold:
+                    # its statistics are now part of the fitted affine (BN(z) = z + b), not an estimate:
+                    # a later BatchNorm reset leaves it as it is
+                    ctx.frozen.append(bn)
                 details.append({"layer": layer.path, "rows": gram.rows, "inputs": gram.xx.shape[1],
                                 "loss_before": sol.loss_before, "loss_after": sol.loss_after,
                                 "seconds": time.perf_counter() - t1})

@@ -135,8 +135,14 @@ def _auto(ctx: RepairContext) -> None:
 def _reset(ctx: RepairContext) -> None:
     """Recompute BatchNorm running statistics on the calibration data."""
     if not has_batchnorm(ctx.fused, ctx.frozen):
-        ctx.notes.append("repair 'reset_bn': the fused model has no BatchNorm layer with running statistics to "
-                         "reset, so nothing was repaired; repair='repair' rescales LayerNorm/GroupNorm outputs")
+        ctx.details["repaired"] = "none"
+        if has_batchnorm(ctx.fused):
+            ctx.notes.append("repair 'reset_bn': every BatchNorm layer's statistics are final (folded into a layer "
+                             "by refine='lstsq', or kept by a zipped branch refitted to its own model), so nothing "
+                             "was reset")
+        else:
+            ctx.notes.append("repair 'reset_bn': the fused model has no BatchNorm layer with running statistics to "
+                             "reset, so nothing was repaired; repair='repair' rescales LayerNorm/GroupNorm outputs")
         return
     reset_bn(ctx.fused, ctx.data, ctx.device, progress=ctx.progress, keep=ctx.frozen, notes=ctx.notes)
 

@@ -782,3 +782,30 @@ def test_a_users_output_hooks_run_once_under_refinement_and_repair():
         for repair, refine in (("repair", "none"), ("none", "lstsq"), ("repair", "lstsq")):
             fused = fusion.fuse([m, p], x, method="permute", repair=repair, refine=refine)
             assert ((fused(x) - m(x)).norm() / m(x).norm()).item() < 1e-4, (repair, refine)
+
+
+def test_a_reset_after_refinement_keeps_the_folded_norms_of_a_self_fusion_exact(tiny):
+    """Guards: a BatchNorm folded by refinement computes the fitted ``z + b`` with its statistics as
+    part of the affine, so the default repair (a reset) leaves it alone: a model fused with its
+    permuted copy, refined and reset, is still the model (before, the reset re-estimated the folded
+    variances per batch of 8, and the 1x1 maps of layer4 moved the logits by several percent). With
+    ``batchnorm="stats"`` the statistics are estimates, and the reset does re-estimate them."""
+    model, x = tiny("timm_resnet18")
+    graph = discover(model, x)
+    other = permute(model, graph, graph.random_permutations(seed=1))
+    cal = [_calibration(x, 8, seed=s) for s in range(6)]
+    held_out = _calibration(x, 16, seed=11)
+    fused = fusion.fuse([model, other], cal, method="permute", repair="reset_bn", refine="lstsq")
+    refined = fusion.fuse([model, other], cal, method="permute", repair="none", refine="lstsq")
+    # every norm follows a refitted conv: none is left to reset, and the report says so
+    assert fused.fusion_report.repaired == "none"
+    assert any("statistics are final" in f for f in fused.fusion_report.fallbacks)
+    with torch.no_grad():
+        # (48 rows for layer4's 1152 inputs: the float32 Grams leave the refit itself 5e-4 off)
+        assert rel_err(logits(fused(held_out)), logits(refined(held_out))) < 1e-6
+        assert rel_err(logits(fused(held_out)), logits(model(held_out))) < 2e-3
+    stats = fusion.fuse([model, other], cal, method="permute", repair="reset_bn", refine="lstsq",
+                        refine_options={"batchnorm": "stats"})
+    kept = fusion.fuse([model, other], cal, method="permute", repair="none", refine="lstsq",
+                       refine_options={"batchnorm": "stats"})
+    assert not torch.allclose(stats.layer4[0].bn1.running_var, kept.layer4[0].bn1.running_var)
