@@ -787,7 +787,8 @@ class _Tracer:
             )
         modules = list(dict.fromkeys(module_of(t) for t in self.first_use))
         graph = Graph(spaces=spaces, fixed=fixed, shapes=shapes, notes=list(C.notes),
-                      model_class=type(self.model).__name__, modules=modules)
+                      model_class=type(self.model).__name__, modules=modules,
+                      buffers=[t for t in shapes if self.tensor_kind.get(t) == "buffer"])
         return graph
 
     def _observations(self, names: dict[int, str]) -> dict[int, list[Observation]]:

@@ -182,6 +182,8 @@ class Graph:
         model_class: class name of the discovered model.
         modules: paths of the modules whose parameters or buffers the forward pass uses, in the
             order it first uses them (the topology: a stage can walk the network layer by layer).
+        buffers: the tensors of ``shapes`` that are buffers, not parameters (running statistics:
+            a parameter budget does not count them).
     """
 
     spaces: list[Space]
@@ -190,6 +192,7 @@ class Graph:
     notes: list[str] = field(default_factory=list)
     model_class: str = ""
     modules: list[str] = field(default_factory=list)
+    buffers: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._by_name = {s.name: s for s in self.spaces}

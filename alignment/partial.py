@@ -80,12 +80,16 @@ def _axis_sizes(graph: Graph, widths: dict[str, int]) -> dict[str, list[list[tup
     return out
 
 
-def parameter_count(graph: Graph, widths: dict[str, int], uses: dict[str, int] | None = None) -> int:
-    """Parameters and buffers of ``graph``'s model with each space at ``widths[space]`` (default: its
-    width); with ``uses`` (tensor -> multiply-adds per element and image, e.g. output positions of a
-    convolution), the multiply-adds of one forward pass instead."""
+def parameter_count(graph: Graph, widths: dict[str, int], uses: dict[str, int] | None = None,
+                    buffers: bool = False) -> int:
+    """Parameters of ``graph``'s model with each space at ``widths[space]`` (default: its width),
+    buffers too with ``buffers``; with ``uses`` (tensor -> weight per element, e.g. multiply-adds
+    per image: a convolution's output positions), the weighted sum instead."""
     total = 0
+    skip = set() if buffers else set(graph.buffers)
     for t, axes in _axis_sizes(graph, widths).items():
+        if t in skip:
+            continue
         n = 1
         for pieces in axes:
             n *= sum(size if sp is None else widths.get(sp, graph[sp].width) for size, sp in pieces)
@@ -133,7 +137,10 @@ def partial_plans(graph: Graph, plans: Sequence[dict[str, torch.Tensor]], qualit
         raise InvalidOptionError("a FLOPs budget needs the tensors' uses per image (tensor_uses)")
     uses = uses if measure == "flops" else None
     widths = {s.name: s.width for s in graph.spaces}
-    base = parameter_count(graph, widths, uses)
+    # a parameter budget counts parameters; multiply-adds count the norms' buffers too (each is
+    # applied at every position)
+    buffers = measure == "flops"
+    base = parameter_count(graph, widths, uses, buffers)
     allowance = (budget - 1.0) * base
     eligible, fixed = [], []
     for s in graph.spaces:
@@ -145,6 +152,8 @@ def partial_plans(graph: Graph, plans: Sequence[dict[str, torch.Tensor]], qualit
             fixed.append(s.name)
     axes_of: dict[str, list] = {s: [] for s in eligible}
     for t, axes in _axis_sizes(graph, widths).items():
+        if t in graph.buffers and not buffers:
+            continue
         touched = {sp for pieces in axes for _, sp in pieces if sp is not None}
         for s in touched & set(axes_of):
             axes_of[s].append((t, axes))
@@ -186,7 +195,7 @@ def partial_plans(graph: Graph, plans: Sequence[dict[str, torch.Tensor]], qualit
                     rows[r, c] = T[k, c]
             new_plans[i][s] = torch.cat([T[keep], rows], 0)
     return PartialPlan(new_plans, widths, {s: len(ks) for s, ks in chosen.items() if ks},
-                       (parameter_count(graph, widths, uses), base), fixed)
+                       (parameter_count(graph, widths, uses, buffers), base), fixed)
 
 
 def tensor_uses(model: torch.nn.Module, graph: Graph, example_input: torch.Tensor) -> dict[str, int]:

@@ -601,7 +601,8 @@ def collect(
         precision: dtype of each batch's products (``"float32"``, the default, or ``"float64"``);
             batches are always summed in float64. Features of float64 models stay float64.
         positions_per_image: keep at most this many spatial positions (or tokens) per image at each
-            point, drawn at random (the same for every model); None keeps all. The image axis is the
+            point, drawn at random for each image (the same for every model and every point of a
+            space); None keeps all. The image axis is the
             first axis of the batch's size (sequence-first tensors too).
         seed: seed of that draw.
         check: first run every model on two samples of the first batch (:func:`check_inputs`), so
@@ -893,17 +894,20 @@ class _Reader:
         if self.positions is not None and v.dim() >= 2:
             v = self._images_first(v, o, where, tuple(t.shape))
         if self.positions is not None and v.dim() > 2:
-            # the same positions for every model and point of a space: drawn from (seed, batch, space)
+            # each image its own positions, the same for every model and point of a space: drawn
+            # from (seed, batch, space)
             per = v.shape[2:].numel()
             if per > self.positions:
                 gen = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{self.batch}:{name}".encode()))
-                idx = torch.randperm(per, generator=gen)[: self.positions].to(v.device)
+                idx = torch.rand(v.shape[1], per, generator=gen).argsort(1)[:, : self.positions].to(v.device)
                 # gathered in the tensor's memory order (a token-major (images, tokens, features)
                 # tensor read feature-first is a transposed view: a gather in that order reads
                 # scattered memory, about ten times slower), then viewed feature-first again
                 v = v.reshape(v.shape[0], v.shape[1], per)
                 order = sorted(range(3), key=lambda d: -v.stride(d))
-                v = v.permute(order).index_select(order.index(2), idx).permute([order.index(d) for d in range(3)])
+                shape = [v.shape[d] if d != 2 else self.positions for d in order]
+                index = idx.view(1, v.shape[1], self.positions).permute(order).expand(shape)
+                v = v.permute(order).gather(order.index(2), index).permute([order.index(d) for d in range(3)])
         # the copy keeps the layout a (width, samples) view of the tensor has, else channel-major
         try:
             g = v.view(v.shape[0], -1)

@@ -143,7 +143,7 @@ def resized_graph(graph: Graph, width: WidthSpec) -> Graph:
             if s.num_heads is not None and isinstance(t, (Heads, Blocks)) else {}
         spaces.append(dataclasses.replace(s, width=tree_size(t), tree=t, **blocks))
     return Graph(spaces=spaces, fixed=list(graph.fixed), shapes=dict(graph.shapes), notes=list(graph.notes),
-                 model_class=graph.model_class, modules=list(graph.modules))
+                 model_class=graph.model_class, modules=list(graph.modules), buffers=list(graph.buffers))
 
 
 def _selection(graph: Graph, target: Graph, scores: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
@@ -289,7 +289,7 @@ def check_memory(model: nn.Module, graph: Graph, target: Graph) -> int:
     tensors = model_tensors(model)
     # (the elements at the new widths, each weighted by its tensor's element size)
     total = parameter_count(graph, {s.name: s.width for s in target.spaces},
-                            uses={n: tensors[n].element_size() for n in graph.shapes if n in tensors})
+                            uses={n: tensors[n].element_size() for n in graph.shapes if n in tensors}, buffers=True)
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):  # (not a POSIX system: not checked)

@@ -730,3 +730,42 @@ def test_float32_products_that_overflow_are_collected_again_in_float64():
     broken = [_bias_free(0, scale=1e30), _bias_free(1, scale=1e30)]  # inf after the first conv, in any dtype
     with pytest.raises(CalibrationError, match="statistics of space.* are not finite"), pytest.warns(FallbackWarning):
         collect(broken, graphs, x * 1e22)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "tokens (N, P, F)", "sequence-first (P, N, F)"])
+def test_positions_per_image_are_drawn_for_each_image_and_read_exactly(layout):
+    """Guards: ``positions_per_image`` draws each image's own positions (one set of positions was
+    shared by every image of a batch), the same ones in every model and point of a space, and the
+    gather reads each image's features at its positions in every memory layout."""
+    from alignment.graph import Observation
+    from alignment.statistics import _Reader
+
+    n, f, p, k = 6, 3, 16, 4
+    # value = 1000 * image + 10 * position + feature
+    base = (1000.0 * torch.arange(n)[:, None, None] + 10.0 * torch.arange(p)[None, :, None]
+            + torch.arange(f)[None, None, :])  # (N, P, F)
+    if layout == "NCHW":
+        t, dim = base.permute(0, 2, 1).reshape(n, f, 4, 4).contiguous(), 1
+    elif layout.startswith("tokens"):
+        t, dim = base.contiguous(), 2
+    else:
+        t, dim = base.transpose(0, 1).contiguous(), 2
+    obs = Observation(module="m", io="output", dim=dim, start=0, stop=f, call=0, ndim=t.dim(), shape=tuple(t.shape))
+
+    def read(tensor):
+        r = _Reader(torch.float64, k, seed=0)
+        r.batch_size = n
+        out = r(tensor, obs, ("space", 0, 0))
+        return out + r.shifts[("space", 0, 0)][:, None]  # the raw values (the reader centres them)
+
+    vals = read(t).view(f, n, k)
+    image = torch.div(vals, 1000, rounding_mode="floor")
+    pos = torch.div(vals - 1000 * image, 10, rounding_mode="floor")
+    feat = vals - 1000 * image - 10 * pos
+    assert torch.equal(image, torch.arange(n, dtype=vals.dtype).view(1, n, 1).expand(f, n, k))
+    assert torch.equal(feat, torch.arange(f, dtype=vals.dtype).view(f, 1, 1).expand(f, n, k))
+    assert torch.equal(pos, pos[:1].expand(f, n, k))  # every feature of an image at the same positions
+    drawn = [frozenset(pos[0, i].tolist()) for i in range(n)]
+    assert all(len(d) == k for d in drawn)
+    assert len(set(drawn)) > 1  # images draw their own positions
+    assert torch.equal(read(t.clone()), read(t))  # another model's tensor: the same positions
