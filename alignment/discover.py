@@ -91,6 +91,18 @@ def same_structure(a: nn.Module, b: nn.Module) -> bool:
 
 _SKIP = object()
 
+# ops that move or copy a tensor's entries without computing new values: a query or key read
+# through them is still its layer's output
+_MOVES = frozenset({
+    "aten.view", "aten.reshape", "aten._unsafe_view", "aten.permute", "aten.transpose", "aten.t", "aten.unbind",
+    "aten.split", "aten.split_with_sizes", "aten.chunk", "aten.slice", "aten.select", "aten.contiguous",
+    "aten.clone", "aten.expand", "aten.unsqueeze", "aten.squeeze", "aten.alias", "aten._to_copy", "aten.to",
+    "aten.detach", "aten.dropout", "aten.flatten", "aten.unflatten", "aten.movedim", "aten.narrow", "getitem",
+})
+# ops that compute features as a weighted sum of their input features (a weight among the inputs)
+_LAYERS = frozenset({"aten.linear", "aten.addmm", "aten.mm", "aten.matmul", "aten.bmm", "aten.conv1d", "aten.conv2d",
+                     "aten.conv3d", "aten.convolution", "aten.einsum"})
+
 
 def _setting(value: Any, depth: int = 0) -> Any:
     """A comparable token for a module attribute that shapes the forward pass, or ``_SKIP`` for
@@ -352,8 +364,29 @@ class _Tracer:
     def mark_query_key(self, x: Any, y: Any, d: Dim) -> None:
         """Record that axis ``d`` is summed between tensors ``x`` and ``y`` (fx nodes) that both depend
         on the model's inputs: features contracted against features, as queries against keys."""
-        if x in self.data_nodes and y in self.data_nodes:
+        if x in self.data_nodes and y in self.data_nodes and self._layer_output(x) and self._layer_output(y):
             self.query_key.append(d)
+
+    def _layer_output(self, node: Any) -> bool:
+        """Whether ``node`` is a layer's output (a weight times the inputs), moved, split or scaled by
+        a constant only. A query-key product is bilinear in the two layers' outputs; one that goes
+        through a softmax first (channel attention's ``softmax(k^T v) @ q^T``), a ReLU (linear
+        attention) or a normalisation is not, and rescaling its features would change it."""
+        while isinstance(node, torch.fx.Node) and node.op == "call_function":
+            name = self.opname(node)
+            args = [a for a in node.all_input_nodes if a in self.data_nodes]
+            if name in _LAYERS:
+                return len(args) < len(node.all_input_nodes)  # a weight among the inputs
+            if len(args) != 1:
+                return False
+            if name in ("aten.mul", "aten.div"):
+                other = [a for a in node.all_input_nodes if a is not args[0]]
+                if any(not isinstance(a.meta.get("val"), torch.Tensor) or a.meta["val"].numel() != 1 for a in other):
+                    return False
+            elif name not in _MOVES:
+                return False
+            node = args[0]
+        return False
 
     def require_fixed(self, d: Dim, node: torch.fx.Node, why: str) -> None:
         """Record that axis ``d`` must turn out fixed, or the op cannot be followed."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import pytest
+import timm
 import torch
 from torch import nn
 
@@ -594,15 +595,24 @@ def _one_head_vit():
     return model, torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("case", ["one head", "heads laid out [q, k, v]"])
+@pytest.mark.parametrize("case", ["one head", "heads laid out [q, k, v]", "cross-covariance attention"])
 def test_widening_attention_keeps_the_logits_of_one_head_and_of_head_major_qkv(case):
     """Guards: the query-key logit correction finds a one-head attention (no heads axis to see: it
     was left out, and widening a one-head ViT by 2 was 13% off) and rescales only the queries and
     keys of a head laid out ``[q, k, v]`` (its values were rescaled too: MaxViT widened by 2 was
-    20% off). Discovery marks exactly the query and key features (``Space.query_key``)."""
+    20% off). Discovery marks exactly the query and key features (``Space.query_key``), and only
+    where the logits are bilinear in two layers' outputs: XCiT's attention over features of
+    normalised queries and keys has none (they were rescaled: widened by 2, 2% off)."""
     from alignment.maps import query_key_spaces
 
-    if case == "one head":
+    if case == "cross-covariance attention":
+        torch.manual_seed(0)
+        model = timm.create_model("xcit_nano_12_p16_224", pretrained=False, num_classes=10, img_size=32, depth=2,
+                                  in_chans=1).eval()
+        x = torch.randn(4, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+        # its class-attention blocks are ordinary query-key attention; its XCA blocks are not
+        assert query_key_spaces(discover(model, x)) == ["cls_attn_blocks.0.attn.q", "cls_attn_blocks.1.attn.q"]
+    elif case == "one head":
         model, x = _one_head_vit()
         graph = discover(model, x)
         assert query_key_spaces(graph) == ["blocks.0.attn.qkv#0", "blocks.1.attn.qkv#0"]
