@@ -16,11 +16,13 @@ maps, the weights and the data) and changes ``ctx.fused`` in place.
   which needs no pass of the fused model. A convolution followed by a BatchNorm is fitted to the
   sources' post-BN outputs with the norm folded in (``batchnorm="fold"``), after which the norm's
   running statistics are the refitted conv's measured statistics (population variances) and its
-  affine undoes them, so the pair computes the fitted ``z + b``: a later BatchNorm reset (the
-  default repair) leaves these norms as they are (``RepairContext.frozen``). Re-estimating them the
+  affine undoes them, so the pair computes the fitted ``z + b``. Fitted on the fused model's own
+  inputs (the default), those are the fused model's statistics, and a later BatchNorm reset (the
+  default repair) leaves these norms as they are (``RepairContext.frozen``): re-estimating them the
   way torch does, averaging each batch's unbiased variance, would break that pair by about
-  1/(positions per batch): a model fused with its permuted copy moved by up to 6% where feature
-  maps are 1x1. Or (``batchnorm="stats"``) it is fitted to the pre-BN outputs with the norm's
+  1/(positions per batch) (a model fused with its permuted copy moved by up to 6% where feature
+  maps are 1x1). With ``inputs="merged"`` the reset does re-estimate them, re-standardising the
+  fused model's own outputs to the merged statistics. Or (``batchnorm="stats"``) it is fitted to the pre-BN outputs with the norm's
   statistics set from the Gram, estimates that a later reset re-estimates. Passes never recompute a finished part of the model
   (:mod:`fusion.replay`), so refining every layer costs about one forward pass of each model plus
   the Grams and solves.
@@ -706,9 +708,12 @@ def refine_lstsq(ctx: RepairContext, *, inputs: Literal["sequential", "merged"] 
                     ctx.notes.append(f"refinement 'lstsq': {layer.path}: {sol.fallback_groups} group(s) solved by "
                                      f"the pseudo-inverse (Gram not positive definite)")
                 _write(layer, module, bn, fold, sol, gram, full)
-                if fold:
-                    # its statistics are now part of the fitted affine (BN(z) = z + b), not an estimate:
-                    # a later BatchNorm reset leaves it as it is
+                if fold and inputs == "sequential":
+                    # fitted on the fused model's own inputs, its statistics are that model's and part
+                    # of the fitted affine (BN(z) = z + b): a later BatchNorm reset leaves it as it is
+                    # (fitted on the merged sources' inputs, a reset re-standardises the fused model's
+                    # own outputs to the merged statistics, as REPAIR does: 88.83 against 87.68
+                    # frozen on the zoo's r18 pair)
                     ctx.frozen.append(bn)
                 details.append({"layer": layer.path, "rows": gram.rows, "inputs": gram.xx.shape[1],
                                 "loss_before": sol.loss_before, "loss_after": sol.loss_after,

@@ -791,7 +791,8 @@ def test_a_reset_after_refinement_keeps_the_folded_norms_of_a_self_fusion_exact(
     part of the affine, so the default repair (a reset) leaves it alone: a model fused with its
     permuted copy, refined and reset, is still the model (before, the reset re-estimated the folded
     variances per batch of 8, and the 1x1 maps of layer4 moved the logits by several percent). With
-    ``batchnorm="stats"`` the statistics are estimates, and the reset does re-estimate them."""
+    ``batchnorm="stats"`` the statistics are estimates, and with ``inputs="merged"`` the merged
+    sources' statistics: the reset does re-estimate those."""
     model, x = tiny("timm_resnet18")
     graph = discover(model, x)
     other = permute(model, graph, graph.random_permutations(seed=1))
@@ -806,8 +807,11 @@ def test_a_reset_after_refinement_keeps_the_folded_norms_of_a_self_fusion_exact(
         # (48 rows for layer4's 1152 inputs: the float32 Grams leave the refit itself 5e-4 off)
         assert rel_err(logits(fused(held_out)), logits(refined(held_out))) < 1e-6
         assert rel_err(logits(fused(held_out)), logits(model(held_out))) < 2e-3
-    stats = fusion.fuse([model, other], cal, method="permute", repair="reset_bn", refine="lstsq",
-                        refine_options={"batchnorm": "stats"})
-    kept = fusion.fuse([model, other], cal, method="permute", repair="none", refine="lstsq",
-                       refine_options={"batchnorm": "stats"})
-    assert not torch.allclose(stats.layer4[0].bn1.running_var, kept.layer4[0].bn1.running_var)
+    for options in ({"batchnorm": "stats"}, {"inputs": "merged"}):
+        # estimates from the Gram, or statistics of the merged sources' inputs: the reset re-estimates
+        reset = fusion.fuse([model, other], cal, method="permute", repair="reset_bn", refine="lstsq",
+                            refine_options=options)
+        kept = fusion.fuse([model, other], cal, method="permute", repair="none", refine="lstsq",
+                           refine_options=options)
+        assert reset.fusion_report.repaired == "reset_bn", options
+        assert not torch.allclose(reset.layer4[0].bn1.running_var, kept.layer4[0].bn1.running_var), options
