@@ -782,11 +782,11 @@ class _Tracer:
             return ("heads", names.get(h, f"_c{h}"), C.size[h], [tree(p) for p in st.parts])
 
         # the feature ranges two input-dependent tensors are contracted over (queries . keys)
-        contracted = {C.find(c) for d in self.query_key for c in d.classes()}
+        qk_classes = {C.find(c) for d in self.query_key for c in d.classes()}
 
         def query_key_ranges(c: int, off: int) -> list[tuple[int, int]]:
             r = C.find(c)
-            if r in contracted and not C.is_fixed(r):
+            if r in qk_classes and not C.is_fixed(r):
                 return [(off, off + C.size[r])]
             st = None if C.is_fixed(r) else C.struct.get(r)
             out: list[tuple[int, int]] = []

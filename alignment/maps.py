@@ -24,7 +24,7 @@ import torch
 
 from .errors import InvalidOptionError, PermutationError, SpaceMismatchError
 from .graph import Graph
-from .structure import Heads, RowPlan, dense_plan, tree_keys
+from .structure import RowPlan, dense_plan
 
 __all__ = [
     "SpaceMap", "permutation_plan", "as_plan", "plan_maps", "permutation_map", "selection_map", "axis_roles",
@@ -617,7 +617,7 @@ def correct_query_key(maps: dict[str, SpaceMap], graphs: Sequence[Graph], alpha:
     and fused head dims; ``D`` is block-diagonal over heads). Only the features in the space's
     query-key ranges are rescaled (a head laid out as ``[q, k, v]`` keeps its values' maps); the
     fused ones are those whose unmerge columns read them. Permutations give ``D = I`` (no change).
-    Heads are kept, so the head count comes from the first graph. Returns new maps.
+    Returns new maps.
     """
     out = dict(maps)
     for name in query_key_spaces(graphs[0]):

@@ -72,11 +72,14 @@ class PartialPlan:
     fully_matched: list[str] = field(default_factory=list)
 
 
-def _axis_sizes(graph: Graph, widths: dict[str, int]) -> dict[str, list[list[tuple[int, str | None]]]]:
-    """Per tensor and axis, its pieces as ``(fixed size or 0, space or None)``."""
+def _axis_sizes(graph: Graph, widths: dict[str, int],
+                buffers: bool = True) -> dict[str, list[list[tuple[int, str | None]]]]:
+    """Per tensor and axis, its pieces as ``(fixed size or 0, space or None)``; buffers left out
+    unless ``buffers``."""
     out = {}
     for t in graph.shapes:
-        out[t] = [[(b - a if sp is None else 0, sp) for a, b, sp in axis] for axis in graph.layout(t)]
+        if buffers or t not in graph.buffers:
+            out[t] = [[(b - a if sp is None else 0, sp) for a, b, sp in axis] for axis in graph.layout(t)]
     return out
 
 
@@ -86,10 +89,7 @@ def parameter_count(graph: Graph, widths: dict[str, int], uses: dict[str, int] |
     buffers too with ``buffers``; with ``uses`` (tensor -> weight per element, e.g. multiply-adds
     per image: a convolution's output positions), the weighted sum instead."""
     total = 0
-    skip = set() if buffers else set(graph.buffers)
-    for t, axes in _axis_sizes(graph, widths).items():
-        if t in skip:
-            continue
+    for t, axes in _axis_sizes(graph, widths, buffers).items():
         n = 1
         for pieces in axes:
             n *= sum(size if sp is None else widths.get(sp, graph[sp].width) for size, sp in pieces)
@@ -151,9 +151,7 @@ def partial_plans(graph: Graph, plans: Sequence[dict[str, torch.Tensor]], qualit
         else:
             fixed.append(s.name)
     axes_of: dict[str, list] = {s: [] for s in eligible}
-    for t, axes in _axis_sizes(graph, widths).items():
-        if t in graph.buffers and not buffers:
-            continue
+    for t, axes in _axis_sizes(graph, widths, buffers).items():
         touched = {sp for pieces in axes for _, sp in pieces if sp is not None}
         for s in touched & set(axes_of):
             axes_of[s].append((t, axes))

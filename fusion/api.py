@@ -225,7 +225,8 @@ class Alignment:
         report.seconds["refine"] = time.perf_counter() - t
         if cut is not None:
             t = time.perf_counter()
-            frozen = [n for n, m in ctx.fused.named_modules() if any(m is f for f in ctx.frozen)]
+            kept = {id(m) for m in ctx.frozen}
+            frozen = [n for n, m in ctx.fused.named_modules() if id(m) in kept]
             unmerge = None if cut.at_input else [U.to(model_device(self.models[0])) for U in maps[cut.space].unmerge]
             ctx.fused = zip_model(self.models, ctx.fused.to(model_device(self.models[0])), unmerge, cut, self.example,
                                   heads=heads, alpha=weights)

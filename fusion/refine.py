@@ -22,8 +22,9 @@ maps, the weights and the data) and changes ``ctx.fused`` in place.
   way torch does, averaging each batch's unbiased variance, would break that pair by about
   1/(positions per batch) (a model fused with its permuted copy moved by up to 6% where feature
   maps are 1x1). With ``inputs="merged"`` the reset does re-estimate them, re-standardising the
-  fused model's own outputs to the merged statistics. Or (``batchnorm="stats"``) it is fitted to the pre-BN outputs with the norm's
-  statistics set from the Gram, estimates that a later reset re-estimates. Passes never recompute a finished part of the model
+  fused model's own outputs to the merged statistics. Or (``batchnorm="stats"``) it is fitted to
+  the pre-BN outputs with the norm's statistics set from the Gram, estimates that a later reset
+  re-estimates. Passes never recompute a finished part of the model
   (:mod:`fusion.replay`), so refining every layer costs about one forward pass of each model plus
   the Grams and solves.
 
