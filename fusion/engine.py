@@ -31,7 +31,7 @@ from alignment.runner import plain_precision
 
 from .modules import replace_tensor, sync_module_attributes
 
-__all__ = ["build_model", "apply_maps", "set_weight", "check_heads", "head_tensors", "HeadsError", "HEADS"]
+__all__ = ["build_model", "apply_maps", "scales_kept", "set_weight", "check_heads", "head_tensors", "HeadsError", "HEADS"]
 
 HEADS = ("merged", "separate")
 
@@ -57,13 +57,38 @@ def head_tensors(graph: Graph) -> list[str]:
     return [t for t in graph.shapes if t in out]
 
 
-def build_model(template: nn.Module, tensors: dict[str, torch.Tensor], num_heads: dict[str, int] | None = None) -> nn.Module:
+def scales_kept(graph: Graph) -> set[str]:
+    """Paths of the modules whose softmax scale a change of width keeps: modules whose tensors write
+    features (a space's ``out`` members), none of them queries or keys (``Space.query_key``).
+
+    A query-key logit is a sum over the head's features, and its scale ``head_dim ** -0.5`` follows
+    the head size (with :func:`alignment.maps.correct_query_key`). Attention over other axes (DaViT's
+    channel attention, ``softmax(k^T v)`` summed over tokens) has logits that repeated features leave
+    as they are, so its scale stays (recomputed, widening a DaViT by 2 was up to 17% off).
+    """
+    writes: set[str] = set()
+    query_key: set[str] = set()
+    for s in graph.spaces:
+        for m in s.members:
+            if m.role != "out":
+                continue
+            parts = m.tensor.split(".")[:-1]
+            paths = {".".join(parts[:i]) for i in range(len(parts) + 1)}
+            writes |= paths
+            if s.query_key:
+                query_key |= paths
+    return writes - query_key
+
+
+def build_model(template: nn.Module, tensors: dict[str, torch.Tensor], num_heads: dict[str, int] | None = None,
+                kept_scales: Sequence[str] | set[str] = ()) -> nn.Module:
     """A copy of ``template`` holding ``tensors`` (of any widths), with module attributes synced.
 
     Args:
         template: model whose architecture (and any tensor not in ``tensors``) is copied.
         tensors: new parameters and buffers by name.
         num_heads: new head counts of attention modules (module path -> heads), if they change.
+        kept_scales: modules whose softmax scale keeps its value (:func:`scales_kept`).
     """
     new = copy_model(template)
     old = {n: tuple(t.shape) for n, t in model_tensors(new).items()}
@@ -75,7 +100,8 @@ def build_model(template: nn.Module, tensors: dict[str, torch.Tensor], num_heads
             else:
                 replace_tensor(new, name, t.to(device=cur.device, dtype=cur.dtype))
     if any(old[n] != tuple(t.shape) for n, t in tensors.items()):
-        sync_module_attributes(new, num_heads=num_heads, old_shapes={n: torch.Size(s) for n, s in old.items()})
+        sync_module_attributes(new, num_heads=num_heads, old_shapes={n: torch.Size(s) for n, s in old.items()},
+                               kept_scales=kept_scales)
     reset_caches(new)
     return new
 
@@ -153,7 +179,7 @@ def apply_maps(
                     f"fused tensor {n!r} has shape {tuple(t.shape)} but the target model has {tuple(want[n].shape)}; "
                     f"the maps' widths must match the target's spaces"
                 )
-    new = build_model(template, fused, num_heads=num_heads)
+    new = build_model(template, fused, num_heads=num_heads, kept_scales=scales_kept(graphs[0]))
     if heads == "separate":
         _join_label_names(new, models)
     # the first model's train/eval flag per module (a frozen BatchNorm in a training model stays so)

@@ -595,15 +595,19 @@ def _one_head_vit():
     return model, torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("case", ["one head", "heads laid out [q, k, v]", "cross-covariance attention"])
+@pytest.mark.parametrize("case", ["one head", "heads laid out [q, k, v]", "cross-covariance attention",
+                                  "channel attention"])
 def test_widening_attention_keeps_the_logits_of_one_head_and_of_head_major_qkv(case):
     """Guards: the query-key logit correction finds a one-head attention (no heads axis to see: it
     was left out, and widening a one-head ViT by 2 was 13% off) and rescales only the queries and
     keys of a head laid out ``[q, k, v]`` (its values were rescaled too: MaxViT widened by 2 was
     20% off). Discovery marks exactly the query and key features (``Space.query_key``), and only
     where the logits are bilinear in two layers' outputs: XCiT's attention over features of
-    normalised queries and keys has none (they were rescaled: widened by 2, 2% off)."""
+    normalised queries and keys has none (they were rescaled: widened by 2, 2% off). DaViT's channel
+    attention (``softmax(k^T v)``) keeps its softmax scale (``fusion.engine.scales_kept``): it was
+    recomputed from the new head size as for queries and keys (widened by 2, 0.9% off here)."""
     from alignment.maps import query_key_spaces
+    from fusion.engine import scales_kept
 
     if case == "cross-covariance attention":
         torch.manual_seed(0)
@@ -612,6 +616,21 @@ def test_widening_attention_keeps_the_logits_of_one_head_and_of_head_major_qkv(c
         x = torch.randn(4, 1, 32, 32, generator=torch.Generator().manual_seed(1))
         # its class-attention blocks are ordinary query-key attention; its XCA blocks are not
         assert query_key_spaces(discover(model, x)) == ["cls_attn_blocks.0.attn.q", "cls_attn_blocks.1.attn.q"]
+    elif case == "channel attention":
+        torch.manual_seed(0)
+        model = timm.create_model("davit_tiny", pretrained=False, num_classes=10, in_chans=1, depths=(1, 1),
+                                  embed_dims=(16, 32), num_heads=(1, 2)).eval()
+        with torch.no_grad():
+            for block in model.stages:
+                for attn in (block.blocks[0][0].attn, block.blocks[0][1].attn):
+                    attn.qkv.weight.mul_(4.0)
+        x = torch.randn(4, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+        graph = discover(model, x)
+        # window attention (blocks.0.0) is query-key; channel attention (blocks.0.1) is not
+        assert query_key_spaces(graph) == ["stages.0.blocks.0.0.attn.qkv#0", "stages.1.blocks.0.0.attn.qkv#0"]
+        kept = scales_kept(graph)
+        assert {"stages.0.blocks.0.1.attn", "stages.1.blocks.0.1.attn"} <= kept
+        assert not kept & {"stages.0.blocks.0.0.attn", "stages.1.blocks.0.0.attn"}
     elif case == "one head":
         model, x = _one_head_vit()
         graph = discover(model, x)

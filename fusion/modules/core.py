@@ -396,13 +396,17 @@ def out_width(module: nn.Module) -> int | None:
 
 @dataclass
 class SyncContext:
-    """State shared by the handlers of one :func:`sync_module_attributes` call."""
+    """State shared by the handlers of one :func:`sync_module_attributes` call.
+
+    ``kept_scales``: paths of modules whose softmax scale keeps its value whatever their new head
+    size (see :func:`sync_module_attributes`)."""
 
     model: nn.Module
     num_heads: Mapping[str, int] = field(default_factory=dict)
     old_shapes: Mapping[str, torch.Size] | None = None
     warnings: list[str] = field(default_factory=list)
     used_heads: set[str] = field(default_factory=set)
+    kept_scales: frozenset[str] = frozenset()
 
     def heads(self, path: str, default: int) -> int:
         """New number of heads of the attention module at ``path`` (``default``: keep).
@@ -425,7 +429,8 @@ class SyncContext:
 
         Sets ``m.<heads>`` (see :meth:`heads`), each attribute in ``head_dim`` that ``m`` has, and its
         softmax scale ``m.<scale>`` if it has one: ``head_dim**-0.5`` if the old scale was the default,
-        else kept (with a warning when the head dim changed).
+        else kept (with a warning when the head dim changed); kept as well for a module of
+        :attr:`kept_scales` (its attention logits are no product of queries and keys).
 
         Raises:
             HeadsNotDivisibleError: the number of heads does not divide ``width`` (``what``, in the message).
@@ -437,7 +442,7 @@ class SyncContext:
         for attr in head_dim:
             if hasattr(m, attr):
                 setattr(m, attr, d)
-        if scale is not None and hasattr(m, scale):
+        if scale is not None and hasattr(m, scale) and path not in self.kept_scales:
             setattr(m, scale, self._rescaled(path, getattr(m, scale), old_head_dim, d, scale))
         return n, d
 
@@ -525,7 +530,8 @@ def _infer_attributes(mod: nn.Module, path: str, names: set[str], ctx: SyncConte
     new size): a width-named int or int tuple holding an old size gets the new one; a per-head size
     (``head_dim``) whose product with the module's head count (times 1, 2 or 3: q, kv, qkv) was a
     width gets the new width over the same product and the new head count, and a softmax scale
-    equal to the old ``head_dim ** -0.5`` (stored with or without ``head_dim``) the new one. A head
+    equal to the old ``head_dim ** -0.5`` (stored with or without ``head_dim``) the new one, unless
+    the module is one of ``ctx.kept_scales``. A head
     count keeps its value unless it is itself a size that changed (a head axis that talking heads
     mix is a space of its own). Returns
     ``(values, names that cannot be inferred)``: a name that is no width (``kernel``, ``window``),
@@ -545,10 +551,13 @@ def _infer_attributes(mod: nn.Module, path: str, names: set[str], ctx: SyncConte
             if (new := _new_head_size(v, heads.values(), sizes)) is not None:
                 values[k] = new
                 for scale in _SCALE_ATTRS:
-                    if isinstance(attrs.get(scale), float) and math.isclose(attrs[scale], v ** -0.5, rel_tol=1e-6):
+                    if (isinstance(attrs.get(scale), float) and path not in ctx.kept_scales
+                            and math.isclose(attrs[scale], v ** -0.5, rel_tol=1e-6)):
                         values[scale] = new ** -0.5
                 continue
         elif k in _SCALE_ATTRS and (d := _scale_head_dim(v)) is not None:
+            if path in ctx.kept_scales:
+                continue  # (no product of queries and keys: the scale is no function of the head size)
             if (new := _new_head_size(d, heads.values(), sizes)) is not None:
                 values[k] = new ** -0.5
                 continue
@@ -833,7 +842,8 @@ def sync_config_by_shapes(owner: nn.Module, config: Any, path: str = "",
 
 
 def sync_module_attributes(model: nn.Module, num_heads: Mapping[str, int] | None = None,
-                           old_shapes: Mapping[str, torch.Size] | None = None) -> nn.Module:
+                           old_shapes: Mapping[str, torch.Size] | None = None,
+                           kept_scales: Iterable[str] = ()) -> nn.Module:
     """Update, in place, every width-describing module attribute from the current tensor shapes.
 
     Also updates Hugging Face ``config`` objects (ViT/DeiT: ``hidden_size``,
@@ -861,6 +871,11 @@ def sync_module_attributes(model: nn.Module, num_heads: Mapping[str, int] | None
             :func:`register_attribute_sync`).  When ``None`` every known module
             is re-derived (handlers are idempotent) and no unknown-module
             detection is done.
+        kept_scales: paths of attention modules whose softmax scale keeps
+            its value when their per-head size changes: attention whose logits
+            are no product of queries and keys (DaViT's channel attention,
+            ``softmax(k^T v)``, whose logits widening by repeated features
+            leaves as they are; see :func:`fusion.engine.scales_kept`).
 
     Returns:
         ``model``.
@@ -872,7 +887,7 @@ def sync_module_attributes(model: nn.Module, num_heads: Mapping[str, int] | None
         ValueError: ``num_heads`` names no attention module, or a value is not a positive int.
     """
     num_heads = dict(num_heads or {})
-    ctx = SyncContext(model=model, num_heads=num_heads, old_shapes=old_shapes)
+    ctx = SyncContext(model=model, num_heads=num_heads, old_shapes=old_shapes, kept_scales=frozenset(kept_scales))
     modules = list(model.named_modules())
     affected: set[str] | None = None
     if old_shapes is not None:
