@@ -821,7 +821,8 @@ class _Tracer:
         modules = list(dict.fromkeys(module_of(t) for t in self.first_use))
         graph = Graph(spaces=spaces, fixed=fixed, shapes=shapes, notes=list(C.notes),
                       model_class=type(self.model).__name__, modules=modules,
-                      buffers=[t for t in shapes if self.tensor_kind.get(t) == "buffer"])
+                      buffers=[t for t in shapes if self.tensor_kind.get(t) == "buffer"],
+                      aliases={k: v for k, v in self.aliases.items() if k in modules})
         return graph
 
     def _observations(self, names: dict[int, str]) -> dict[int, list[Observation]]:
@@ -834,6 +835,7 @@ class _Tracer:
         alias: dict[str, str] = {}
         for name, mod in self.model.named_modules(remove_duplicate=False):
             alias[name] = first_name.setdefault(id(mod), name)
+        self.aliases = {k: v for k, v in alias.items() if k != v}
         for node in self.ep.graph.nodes:
             if node.op != "call_function":
                 continue

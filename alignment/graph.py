@@ -184,6 +184,9 @@ class Graph:
             order it first uses them (the topology: a stage can walk the network layer by layer).
         buffers: the tensors of ``shapes`` that are buffers, not parameters (running statistics:
             a parameter budget does not count them).
+        aliases: for a module reachable under several names (``self.c = self.b``), each name its
+            tensors go by -> the name its observations (hooks) use, its first in
+            ``named_modules()``; see :meth:`hook_path`.
     """
 
     spaces: list[Space]
@@ -193,6 +196,13 @@ class Graph:
     model_class: str = ""
     modules: list[str] = field(default_factory=list)
     buffers: list[str] = field(default_factory=list)
+    aliases: dict[str, str] = field(default_factory=dict)
+
+    def hook_path(self, path: str) -> str:
+        """The name under which the observations of the module ``path`` (a tensor's module, as
+        :func:`module_of` gives it) are recorded: itself, unless the module is shared under several
+        names (:attr:`aliases`)."""
+        return self.aliases.get(path, path)
 
     def __post_init__(self) -> None:
         self._by_name = {s.name: s for s in self.spaces}

@@ -68,14 +68,15 @@ def _policy_points(space: Space, graph: Graph, policy: str) -> tuple[list[Observ
     if policy == "auto":
         has_bn = any(m.tensor.endswith("running_mean") for m in space.members)
         policy = "outputs" if has_bn else "consumers"
-    consumers = {module_of(m.tensor) for m in space.members if m.role == "in"}
-    producers = {module_of(m.tensor) for m in space.members
+    # (observations name a module shared under several names by its first: graph.hook_path)
+    consumers = {graph.hook_path(module_of(m.tensor)) for m in space.members if m.role == "in"}
+    producers = {graph.hook_path(module_of(m.tensor)) for m in space.members
                  if m.role == "out" and len(graph.shapes[m.tensor]) >= 2 and m.axis == 0}
     obs = []
     if policy == "consumers":
         obs = [o for o in space.observations if o.io == "input" and o.module in consumers]
     elif policy == "normalized":
-        norms = {module_of(m.tensor) for m in space.members
+        norms = {graph.hook_path(module_of(m.tensor)) for m in space.members
                  if m.tensor.endswith(".weight") and len(graph.shapes[m.tensor]) == 1}
         obs = [o for o in space.observations if (o.io == "input" and o.module in consumers)
                or (o.io == "output" and o.module in norms)]

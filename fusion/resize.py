@@ -143,7 +143,8 @@ def resized_graph(graph: Graph, width: WidthSpec) -> Graph:
             if s.num_heads is not None and isinstance(t, (Heads, Blocks)) else {}
         spaces.append(dataclasses.replace(s, width=tree_size(t), tree=t, **blocks))
     return Graph(spaces=spaces, fixed=list(graph.fixed), shapes=dict(graph.shapes), notes=list(graph.notes),
-                 model_class=graph.model_class, modules=list(graph.modules), buffers=list(graph.buffers))
+                 model_class=graph.model_class, modules=list(graph.modules), buffers=list(graph.buffers),
+                 aliases=dict(graph.aliases))
 
 
 def _selection(graph: Graph, target: Graph, scores: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:

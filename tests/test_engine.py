@@ -204,3 +204,24 @@ def test_a_module_under_two_names_is_fused_once_under_both():
                   fusion.fuse([model, other], x, method="permute", width=0.5, repair="none")):
         assert fused.b is fused.c and tuple(fused.b.weight.shape) == (8, 8) and check_consistency(fused) == []
         assert fused(x).shape == (64, 5)
+
+
+@pytest.mark.parametrize("policy, want", [
+    ("consumers", [("b", "input", 0), ("b", "input", 1), ("head", "input", 0)]),
+    ("producers", [("a", "output", 0), ("b", "output", 0), ("b", "output", 1)]),
+])
+def test_a_module_under_two_names_is_observed_at_every_call(policy, want):
+    """Guards: the observation policies find a shared module's calls although its tensors go by
+    another of its names (``c.weight``) than its hooks (``b``, its first name): the consumers policy
+    read only the classifier's input, the producers policy only ``a``'s output, for every method."""
+    from alignment.statistics import collect, observation_points
+
+    x = torch.randn(64, 12, generator=torch.Generator().manual_seed(1))
+    model = _SharedTwice(0).eval()
+    graph = discover(model, x[:2])
+    assert graph.hook_path("c") == "b" and graph.hook_path("a") == "a"
+    (space,) = graph.spaces
+    assert [(o.module, o.io, o.call) for o in observation_points(space, graph, policy)] == want
+    # and each point is collected: three points, each over the 64 samples
+    stats = collect([model], [graph], x, points=policy)
+    assert [p.count for p in stats.points[space.name]] == [64, 64, 64]
