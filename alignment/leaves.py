@@ -232,8 +232,14 @@ def ot_leaf(leaf: LeafProblem, solver: str = "emd", reg: float = 0.01, iteration
     # unit over several fused units of which only one matches it
     covered = max(leaf.sizes) >= n
     where = f"space {leaf.space!r}"
+    # exact ties: an anchor that averages two units is as near to one as to the other (in either
+    # geometry), and the exact solvers break ties by index, so that a model with its units
+    # relabelled compressed otherwise; the more central unit is preferred instead
+    tie = _centrality(G) if leaf.anchor is None and solver != "sinkhorn" else None
 
-    def plan(C: torch.Tensor) -> torch.Tensor:
+    def plan(C: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        if tie is not None:
+            C = C - (TIE_BREAK * float(C.abs().max())) * tie[c][None, :]
         m = C.shape[1]
         if solver == "hungarian" or m >= n or not covered:
             return transport_plan(C, solver, reg, note=leaf.note, where=where, rows=True)
@@ -256,11 +262,11 @@ def ot_leaf(leaf: LeafProblem, solver: str = "emd", reg: float = 0.01, iteration
             elif it > 0 and leave_one_out:
                 # Gauss-Seidel: against the others' newest plans
                 current = new + plans[len(new):]
-                new.append(plan(gram_cost(_others_mean(current, leaf.alpha, i), G, c, leaf.geometry)))
+                new.append(plan(gram_cost(_others_mean(current, leaf.alpha, i), G, c, leaf.geometry), c))
                 costs.append(None)
             else:
                 C = gram_cost(A, G, c, leaf.geometry)
-                new.append(plan(C))
+                new.append(plan(C, c))
                 costs.append(C if leaf.geometry == "correlation" else None)
         done = plans and all(_plans_close(x, y) for x, y in zip(new, plans))
         plans = new
@@ -268,6 +274,19 @@ def ot_leaf(leaf: LeafProblem, solver: str = "emd", reg: float = 0.01, iteration
             break
         A = torch.cat(plan_maps(plans, leaf.alpha).merge, dim=1)
     return plans, _score(plans, A, G, cols, skip=fixed, costs=costs)
+
+
+TIE_BREAK = 1e-9
+"""Costs within this fraction of the largest cost are ties, broken by :func:`_centrality`."""
+
+
+def _centrality(G: torch.Tensor) -> torch.Tensor:
+    """Each pooled unit's sum of squared cosines with every pooled unit, over the largest (in
+    [0, 1]): a property of the unit that no relabelling changes, to break exact ties of cost by."""
+    inv = 1.0 / gram_diagonal(G, torch.arange(G.shape[0])).double().clamp_min(1e-300)
+    # sum_k G_jk^2 / (G_jj G_kk), in row chunks (no second matrix of the Gram's size)
+    c = torch.cat([G[i:i + 1024].double().square() @ inv for i in range(0, G.shape[0], 1024)]) * inv
+    return c / c.max().clamp_min(1e-300)
 
 
 def _plans_close(a, b) -> bool:
