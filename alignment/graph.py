@@ -198,6 +198,30 @@ class Graph:
     buffers: list[str] = field(default_factory=list)
     aliases: dict[str, str] = field(default_factory=dict)
 
+    def head_axes(self) -> set[str]:
+        """The feature spaces that index attention heads: those a tensor connects to a heads space,
+        of the heads' count, and so on (talking heads: CaiT's ``proj_l`` and ``proj_w`` mix the heads
+        of the logits and of the attention weights, and the values' heads are blocks indexed by
+        ``proj_w``). A width factor keeps them, as it keeps every head count, and blocks they index
+        change their per-head width as heads do."""
+        if getattr(self, "_head_axes", None) is not None:
+            return set(self._head_axes)
+        heads = {s.name: s.width for s in self.spaces if s.kind == "heads"}
+        kept: set[str] = set()
+        grew = bool(heads)
+        while grew:
+            grew = False
+            for t in self.shapes:
+                axes = {n for ranges in self.layout(t) for *_, n in ranges if n is not None}
+                counts = {heads[n] for n in axes if n in heads} | {self[n].width for n in axes if n in kept}
+                for n in axes - kept - set(heads):
+                    s = self[n]
+                    if s.kind == "features" and isinstance(s.tree, Leaf) and s.width in counts:
+                        kept.add(n)
+                        grew = True
+        self._head_axes = frozenset(kept)
+        return kept
+
     def hook_path(self, path: str) -> str:
         """The name under which the observations of the module ``path`` (a tensor's module, as
         :func:`module_of` gives it) are recorded: itself, unless the module is shared under several

@@ -420,15 +420,17 @@ def space_blocks(tree: Blocks, graph) -> bool:
     return isinstance(inner, Leaf) and inner.key in graph and all(p == inner for p in tree.parts)
 
 
-def _check_blocks(space: str, ttree: Blocks, st: Blocks, i: int, target=None) -> None:
+def _check_blocks(space: str, ttree: Blocks, st: Blocks, i: int, target=None, graph=None) -> None:
     """Model ``i``'s blocks fit the target's: the block counts may differ (they follow the width of
     the space indexing them), the features within a block (a grouped conv's group width, a flatten's
-    positions) may not, unless they are a space of the ``target`` graph (:func:`space_blocks`)."""
+    positions) may not, unless they are a space of the ``target`` graph (:func:`space_blocks`) or
+    the blocks are heads (indexed by a head axis of model ``i``'s ``graph``, see
+    :meth:`alignment.graph.Graph.head_axes`: their dims are matched as heads' are)."""
     d, di = tree_size(ttree.parts[0]), tree_size(st.parts[0])
     if target is not None and space_blocks(ttree, target) and isinstance(st.parts[0], Leaf) \
             and st.parts[0].key == ttree.parts[0].key:
         return
-    if di != d:
+    if di != d and not (graph is not None and ttree.key in graph.head_axes()):
         raise SpaceMismatchError(f"space {space!r}: blocks of {di} features in model {i} but {d} in the target "
                                  f"(per-block widths of grouped convs, and the positions a flatten lays out per "
                                  f"channel, must not change)")
@@ -458,7 +460,7 @@ def _check_tree(space: str, ttree: Node, st: Node, i: int, target, graph) -> Non
                                      f"{ttree.count}; heads are kept when widths change (head_dim changes), so "
                                      f"head counts must agree")
     elif isinstance(ttree, Blocks):
-        _check_blocks(space, ttree, st, i, target)
+        _check_blocks(space, ttree, st, i, target, graph)
         for who, tree, g in (("the target", ttree, target), (f"model {i}", st, graph)):
             if tree.key in g and tree.count != g[tree.key].width:
                 raise SpaceMismatchError(f"space {space!r}: {who} has {tree.count} blocks indexed by space "
@@ -670,7 +672,7 @@ class Walk:
         if isinstance(ttree, Cat):
             return self._cat(space, ttree, strees, idx)
         if isinstance(ttree, Blocks):
-            return self._blocks(space, ttree, strees)
+            return self._blocks(space, ttree, strees, idx)
         return self._heads_walk(space, ttree, strees, idx)
 
     def _cat(self, space, ttree: Cat, strees, idx):
@@ -689,18 +691,25 @@ class Walk:
             per_seg.append(self._walk(space, sub, subs, sub_idx))
         return [torch.block_diag(*[dense_plan(p[i]) for p in per_seg]) for i in range(len(strees))]
 
-    def _blocks(self, space, ttree: Blocks, strees):
+    def _blocks(self, space, ttree: Blocks, strees, idx):
         # blocks indexed by another feature space (a depthwise conv's channels, a flatten's channels x
         # positions): fused block c takes model block c' as that space's plan takes feature c', at any
         # widths (the outer plan is n x n_i); the features within a block keep their place, unless
         # they are a feature space themselves (bilinear pooling's channels x channels): then fused
         # entry (c, e) takes (c', e') as both plans take theirs
         for i, st in enumerate(strees):
-            _check_blocks(space, ttree, st, i, self.target)
+            _check_blocks(space, ttree, st, i, self.target, self.graphs[i])
         d = tree_size(ttree.parts[0])
         outer = self.solve(ttree.key)
         if space_blocks(ttree, self.target):
             return [torch.kron(dense_plan(o), dense_plan(p)) for o, p in zip(outer, self.solve(ttree.parts[0].key))]
+        if any(tree_size(st.parts[0]) != d for st in strees):
+            # heads (values whose heads a head axis indexes: talking heads) of another head width
+            # (_check_blocks allowed no other blocks): the head assignment is that axis's plan, the
+            # dims within heads are matched as heads' are
+            return self._heads_walk(space, Heads(ttree.key, ttree.count, ttree.parts),
+                                    [Heads(st.key, st.count, st.parts) for st in strees], idx,
+                                    [dense_plan(o) for o in outer])
         out = []
         for i, st in enumerate(strees):
             T = dense_plan(outer[i])
@@ -712,14 +721,15 @@ class Walk:
             out.append(torch.kron(T, torch.eye(d, dtype=torch.float64)))
         return out
 
-    def _heads_walk(self, space, ttree: Heads, strees, idx):
+    def _heads_walk(self, space, ttree: Heads, strees, idx, H: list[torch.Tensor] | None = None):
+        # H: per model, the head assignment (default: the plan of the heads space ``ttree.key``)
         nh = ttree.count
         for i, st in enumerate(strees):
             if st.count != nh:
                 raise SpaceMismatchError(
                     f"space {space!r}: model {i} has {st.count} heads where the target has {nh}; heads are "
                     f"kept when widths change (head_dim changes), so head counts must agree")
-        H = self._heads(ttree.key)
+        H = self._heads(ttree.key) if H is None else H
         n = tree_size(ttree)
         d = n // nh
         sizes = [tree_size(st.parts[0]) for st in strees]

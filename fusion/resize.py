@@ -79,13 +79,20 @@ def _leaf_width(key: str, n: int, width: WidthSpec) -> int:
 def resized_graph(graph: Graph, width: WidthSpec) -> Graph:
     """The graph of ``graph``'s model at new widths (structure kept; members as in ``graph``).
 
-    Heads keep their count and change head_dim; blocks indexed by a resized space (depthwise convs,
-    a flatten's channels x positions) follow its width, one block per feature, and keep their
-    per-block width; concatenation segments and leaves resize by the same rule.
+    Heads keep their count and change head_dim (a factor also keeps the spaces that index heads,
+    :meth:`alignment.graph.Graph.head_axes`); blocks indexed by a resized space (depthwise convs, a flatten's channels x
+    positions) follow its width, one block per feature, and keep their per-block width;
+    concatenation segments and leaves resize by the same rule.
     """
     check_width(width, graph)
     sizes: dict[str, int] = {}
     new_trees: dict[str, Node] = {}
+    # (head axes named in a width dict with an int take that width)
+    axes = graph.head_axes()
+    for name in axes:
+        spec = width.get(name, width.get("*", 1.0)) if isinstance(width, Mapping) else width
+        if isinstance(spec, float):
+            sizes[name] = graph[name].width
 
     def leaf(key: str, n: int, factor: float | None) -> int:
         if key not in sizes:
@@ -111,7 +118,15 @@ def resized_graph(graph: Graph, width: WidthSpec) -> Graph:
             count = tree_size(tree_of(t.key)) if t.key in graph else t.count
             if space_blocks(t, graph):
                 return Blocks(t.key, count, (tree_of(t.parts[0].key),) * count)
+            if t.key in axes and count == t.count:
+                # values in heads that a head axis indexes (talking heads): their dims are head dims
+                factor = head_factor(t, name, factor)
+                return Blocks(t.key, count, tuple(resize_tree(p, None, factor) for p in t.parts))
             return Blocks(t.key, count, tuple(t.parts[i % t.count] for i in range(count)))
+        factor = head_factor(t, name, factor)
+        return Heads(t.key, t.count, tuple(resize_tree(p, None, factor) for p in t.parts))
+
+    def head_factor(t: Heads | Blocks, name: str | None, factor: float | None) -> float | None:
         d = tree_size(t.parts[0])
         if factor is None and name is not None:
             spec = width.get(name, width.get("*", 1.0)) if isinstance(width, Mapping) else width
@@ -125,7 +140,7 @@ def resized_graph(graph: Graph, width: WidthSpec) -> Graph:
                                      f"{t.count} heads; give a multiple of {t.count} (or a factor, which rounds "
                                      f"head_dim)")
             factor = per_head / d
-        return Heads(t.key, t.count, tuple(resize_tree(p, None, factor) for p in t.parts))
+        return factor
 
     spaces = []
     order = sorted(graph.spaces, key=lambda s: 0 if s.kind == "features" and not isinstance(s.tree, Heads)

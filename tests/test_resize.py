@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -646,3 +647,27 @@ def test_widening_attention_keeps_the_logits_of_one_head_and_of_head_major_qkv(c
     wide = resize(model, 2.0, x)
     with torch.no_grad():
         assert rel_err(logits(model(x)), logits(wide(x))) < 1e-5
+
+
+def test_talking_heads_keep_their_count_and_values_their_head_width():
+    """Guards: CaiT's talking heads (``proj_l``, ``proj_w``: linear maps over the heads of the
+    logits and of the attention) index heads, so a width factor keeps them, as it keeps every head
+    count, and the values, blocks indexed by ``proj_w``, change their per-head width as the queries
+    and keys do. Before, the factor halved the head axes (4 -> 2 heads for the logits, 4 for the
+    queries) and the model was refused ("num_heads equal to an old width")."""
+    torch.manual_seed(0)
+    model = timm.create_model("cait_xxs24_224", pretrained=False, num_classes=10, img_size=32, patch_size=8, depth=2,
+                              depth_token_only=1, embed_dim=64, num_heads=4, in_chans=1).eval()
+    x = torch.randn(4, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    graph = discover(model, x)
+    assert graph.head_axes() == {f"blocks.{i}.attn.{p}" for i in (0, 1) for p in ("proj_l", "proj_w")}
+    wide = resize(model, 2.0, x)  # widening repeats features: the function is kept
+    with torch.no_grad():
+        assert rel_err(logits(model(x)), logits(wide(x))) < 1e-5
+    half = resize(model, 0.5, x)
+    attn = half.blocks[0].attn
+    assert attn.num_heads == 4 and tuple(attn.proj_l.weight.shape) == (4, 4)
+    assert tuple(attn.qkv.weight.shape) == (96, 32) and tuple(attn.proj.weight.shape) == (32, 32)
+    assert math.isclose(attn.scale, 8 ** -0.5)
+    with torch.no_grad():
+        assert torch.isfinite(half(x)).all()
