@@ -283,9 +283,11 @@ TIE_BREAK = 1e-9
 def _centrality(G: torch.Tensor) -> torch.Tensor:
     """Each pooled unit's sum of squared cosines with every pooled unit, over the largest (in
     [0, 1]): a property of the unit that no relabelling changes, to break exact ties of cost by."""
-    inv = 1.0 / gram_diagonal(G, torch.arange(G.shape[0])).double().clamp_min(1e-300)
-    # sum_k G_jk^2 / (G_jj G_kk), in row chunks (no second matrix of the Gram's size)
-    c = torch.cat([G[i:i + 1024].double().square() @ inv for i in range(0, G.shape[0], 1024)]) * inv
+    r = gram_diagonal(G, torch.arange(G.shape[0])).double().clamp_min(1e-300).rsqrt()
+    # sum_k (G_jk / sqrt(G_jj G_kk))^2, each cosine clamped to [-1, 1] (a unit silent on the data has
+    # a zero diagonal), in row chunks: no second matrix of the Gram's size
+    c = torch.cat([(G[i:i + 1024].double() * r[i:i + 1024, None] * r[None, :]).clamp_(-1, 1).square_().sum(1)
+                   for i in range(0, G.shape[0], 1024)])
     return c / c.max().clamp_min(1e-300)
 
 

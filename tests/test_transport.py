@@ -800,3 +800,24 @@ def test_ot_options_that_would_do_nothing_are_refused_before_any_work(monkeypatc
     for options in ({}, {"cost": "weights", "sweeps": 2}, {"solver": "sinkhorn", "reg": 0.5},
                     {"cost": "weights", "solver": "sinkhorn", "reg": 0.1, "sweeps": 3}, {"cost": "distance"}):
         assert METHODS.validate("ot", options)["sweeps"] == options.get("sweeps", 5)
+
+
+def test_compression_ties_are_broken_without_non_finite_costs_on_silent_units():
+    """Guards: the tie-break of compression (each unit's squared cosines with the others) stays
+    finite where a unit's second moment is zero beside non-zero products with the others (a unit
+    silent on the data, whose products are rounding; here large, so that dividing by the zero
+    overflowed: 42 non-finite costs were replaced, a fallback in the report), and of two units
+    that copy each other one is kept."""
+    from alignment.leaves import ot_leaf
+
+    torch.manual_seed(0)
+    X = 1e3 * torch.randn(200, 6, dtype=torch.float64)  # (large activations: 1 / G_33 times G_j3^2 overflowed)
+    X = torch.cat([X, X[:, :2]], 1)  # units 6, 7 copy units 0, 1
+    G = X.T @ X
+    G[3, 3] = 0.0  # a silent unit (its products with the others are rounding)
+    notes: list[str] = []
+    leaf = LeafProblem(space="s", key="s", n=6, sizes=[8], alpha=[1.0], G=G, geometry="distance", note=notes.append)
+    (plan,), _ = ot_leaf(leaf, solver="hungarian")
+    kept = sorted(dense_plan(plan).nonzero()[:, 1].tolist())
+    assert notes == [] and len(kept) == 6
+    assert not ({0, 6} <= set(kept)) and not ({1, 7} <= set(kept))  # one of each copied pair
