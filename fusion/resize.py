@@ -87,6 +87,10 @@ def resized_graph(graph: Graph, width: WidthSpec) -> Graph:
     check_width(width, graph)
     sizes: dict[str, int] = {}
     new_trees: dict[str, Node] = {}
+    # heads whose query and key dims are fixed (rotary embeddings pair them with a frequency table)
+    # keep the values' head dims too under a factor: one head size reshapes queries, keys and values
+    fixed_heads = {s.tree.key for s in graph.spaces
+                   if isinstance(s.tree, Heads) and all(isinstance(p, Fixed) for p in s.tree.parts)}
     # (head axes named in a width dict with an int take that width)
     axes = graph.head_axes()
     for name in axes:
@@ -130,7 +134,9 @@ def resized_graph(graph: Graph, width: WidthSpec) -> Graph:
         d = tree_size(t.parts[0])
         if factor is None and name is not None:
             spec = width.get(name, width.get("*", 1.0)) if isinstance(width, Mapping) else width
-            if isinstance(spec, float):
+            if isinstance(spec, float) and t.key in fixed_heads:
+                per_head = float(d)
+            elif isinstance(spec, float):
                 # a factor scales head_dim (rounded): heads keep their count
                 per_head = float(max(1, int(round(d * spec))))
             else:

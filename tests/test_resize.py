@@ -671,3 +671,26 @@ def test_talking_heads_keep_their_count_and_values_their_head_width():
     assert math.isclose(attn.scale, 8 ** -0.5)
     with torch.no_grad():
         assert torch.isfinite(half(x)).all()
+
+
+def test_rotary_attention_keeps_its_head_size_under_a_width_factor():
+    """Guards: rotary embeddings pair each head's query and key dims with a frequency table (fixed
+    dims), and one head size reshapes queries, keys and values, so a width factor keeps the values'
+    head size too and changes the residual and MLP widths around the attention (a timm ViT with
+    rotary embeddings, an ``Eva`` model, was refused: "attention width 512 is not divisible by
+    num_heads=6", the values halved or doubled beside fixed queries and keys)."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_rope_224", pretrained=False, num_classes=10, depth=2,
+                              img_size=32, patch_size=8).eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.qkv.weight.mul_(4.0)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    wide = resize(model, 2.0, x)
+    assert tuple(wide.blocks[0].attn.qkv.weight.shape) == (1152, 768) and wide.embed_dim == 768
+    with torch.no_grad():
+        assert rel_err(logits(model(x)), logits(wide(x))) < 1e-5
+    half = resize(model, 0.5, x)
+    assert tuple(half.blocks[0].attn.qkv.weight.shape) == (1152, 192) and half.num_features == 192
+    with torch.no_grad():
+        assert torch.isfinite(half(x)).all()

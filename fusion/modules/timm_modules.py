@@ -1,6 +1,6 @@
 """Attribute handlers for timm modules, registered on import (by dotted class name: timm is not imported).
 
-Covered: Attention, AttentionRope, AttentionPoolLatent, VisionTransformer, ResNet, ConvNeXt,
+Covered: Attention, AttentionRope, AttentionPoolLatent, VisionTransformer and Eva (its ViT attributes), ResNet, ConvNeXt,
 every other timm model of the 0.9+ convention by its attributes (EfficientNet, MobileNetV3/V4,
 RegNet, ByobNet, ...: ``num_features``, ``head_hidden_size`` and ``feature_info`` from a run on
 the meta device), ClassifierHead, NormMlpClassifierHead, ClNormMlpClassifierHead, RmsNorm*/SimpleNorm* (as
@@ -245,6 +245,7 @@ def _check_timm_vit(m: nn.Module) -> Iterator[str]:
             yield f"feature_info[{entry['module']!r}].num_chs={entry.get('num_chs')} but embed_dim={m.embed_dim}"
 
 
+@register_attribute_sync("timm.models.eva.Eva", check=_check_timm_vit)  # (EVA-02, ViTs with rotary embeddings)
 @register_attribute_sync("timm.models.vision_transformer.VisionTransformer", check=_check_timm_vit)
 def _sync_timm_vit(m: nn.Module, path: str, ctx: SyncContext) -> None:
     dim = _vit_embed_dim(m)
