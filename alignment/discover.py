@@ -822,8 +822,15 @@ class _Tracer:
         graph = Graph(spaces=spaces, fixed=fixed, shapes=shapes, notes=list(C.notes),
                       model_class=type(self.model).__name__, modules=modules,
                       buffers=[t for t in shapes if self.tensor_kind.get(t) == "buffer"],
-                      aliases={k: v for k, v in self.aliases.items() if k in modules})
+                      aliases={k: v for k, v in self._first_names().items() if k != v and k in modules})
         return graph
+
+    def _first_names(self) -> dict[str, str]:
+        """Every name of every module -> the module's first name in ``named_modules()`` (a module
+        reachable under several names is hooked and named by its first)."""
+        first_name: dict[int, str] = {}
+        return {name: first_name.setdefault(id(mod), name)
+                for name, mod in self.model.named_modules(remove_duplicate=False)}
 
     def _observations(self, names: dict[int, str]) -> dict[int, list[Observation]]:
         """Hook points: tensors that leave (outputs) or enter (inputs) a module call."""
@@ -831,11 +838,7 @@ class _Tracer:
         scope_path: dict[str, str] = {}
         # a module reachable under several names (``self.mlp2 = self.mlp3 = mlp``) is hooked and
         # counted as one object: every call is named by its first name, in execution order
-        first_name: dict[int, str] = {}
-        alias: dict[str, str] = {}
-        for name, mod in self.model.named_modules(remove_duplicate=False):
-            alias[name] = first_name.setdefault(id(mod), name)
-        self.aliases = {k: v for k, v in alias.items() if k != v}
+        alias = self._first_names()
         for node in self.ep.graph.nodes:
             if node.op != "call_function":
                 continue

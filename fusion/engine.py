@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from alignment.errors import FusionError, InvalidOptionError, SpaceMismatchError
-from alignment.graph import Graph
+from alignment.graph import Graph, module_of
 from alignment.maps import SpaceMap, axis_roles, fuse_tensors, map_tensor
 from alignment.permute import (
     copy_model, effective_weights, model_tensors, reset_caches, weight_norm_dim, weight_norms,
@@ -72,8 +72,8 @@ def scales_kept(graph: Graph) -> set[str]:
         for m in s.members:
             if m.role != "out":
                 continue
-            parts = m.tensor.split(".")[:-1]
-            paths = {".".join(parts[:i]) for i in range(len(parts) + 1)}
+            parts = module_of(m.tensor).split(".")
+            paths = {".".join(parts[:i]) for i in range(len(parts) + 1)}  # the module and its ancestors
             writes |= paths
             if s.query_key:
                 query_key |= paths

@@ -70,9 +70,13 @@ def check_width(width: WidthSpec, graph: Graph | None = None) -> WidthSpec:
     return _factor_or_width(width, "every space")
 
 
+def _spec_of(key: str, width: WidthSpec) -> float | int:
+    """What ``width`` asks for space ``key``: its own entry, else ``"*"``'s, else the same width."""
+    return width.get(key, width.get("*", 1.0)) if isinstance(width, Mapping) else width
+
+
 def _leaf_width(key: str, n: int, width: WidthSpec) -> int:
-    spec = width.get(key, width.get("*", 1.0)) if isinstance(width, Mapping) else width
-    spec = _factor_or_width(spec, f"space {key!r}")
+    spec = _factor_or_width(_spec_of(key, width), f"space {key!r}")
     return max(1, int(round(n * spec))) if isinstance(spec, float) else int(spec)
 
 
@@ -94,8 +98,7 @@ def resized_graph(graph: Graph, width: WidthSpec) -> Graph:
     # (head axes named in a width dict with an int take that width)
     axes = graph.head_axes()
     for name in axes:
-        spec = width.get(name, width.get("*", 1.0)) if isinstance(width, Mapping) else width
-        if isinstance(spec, float):
+        if isinstance(_spec_of(name, width), float):
             sizes[name] = graph[name].width
 
     def leaf(key: str, n: int, factor: float | None) -> int:
@@ -133,7 +136,7 @@ def resized_graph(graph: Graph, width: WidthSpec) -> Graph:
     def head_factor(t: Heads | Blocks, name: str | None, factor: float | None) -> float | None:
         d = tree_size(t.parts[0])
         if factor is None and name is not None:
-            spec = width.get(name, width.get("*", 1.0)) if isinstance(width, Mapping) else width
+            spec = _spec_of(name, width)
             if isinstance(spec, float) and t.key in fixed_heads:
                 per_head = float(d)
             elif isinstance(spec, float):
