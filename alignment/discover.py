@@ -192,7 +192,8 @@ class _Tracer:
         self.dim_owner: dict[int, tuple[str, int]] = {}  # id(Dim) of a parameter axis -> (tensor, axis)
         self.contracted: set[tuple[str, int]] = set()
         self.data_nodes: set[torch.fx.Node] = set()  # nodes computed from the model's inputs
-        self.query_key: list[Dim] = []  # axes two input-dependent tensors are contracted over
+        self.query_key: list[Dim] = []  # axes two layer outputs are contracted over (queries . keys)
+        self.attention: list[Dim] = []  # axes any two input-dependent tensors are contracted over
         self.first_use: dict[str, None] = {}  # state tensors in the order the forward first uses them
         self.unused: dict[str, None] = {}  # state tensors the traced forward never reads
 
@@ -363,9 +364,13 @@ class _Tracer:
 
     def mark_query_key(self, x: Any, y: Any, d: Dim) -> None:
         """Record that axis ``d`` is summed between tensors ``x`` and ``y`` (fx nodes) that both depend
-        on the model's inputs: features contracted against features, as queries against keys."""
-        if x in self.data_nodes and y in self.data_nodes and self._layer_output(x) and self._layer_output(y):
-            self.query_key.append(d)
+        on the model's inputs: features contracted against features, as queries against keys (every
+        such axis is attention, :attr:`attention`; a product of two layers' outputs is also a
+        query-key product, :attr:`query_key`)."""
+        if x in self.data_nodes and y in self.data_nodes:
+            self.attention.append(d)
+            if self._layer_output(x) and self._layer_output(y):
+                self.query_key.append(d)
 
     def _layer_output(self, node: Any) -> bool:
         """Whether ``node`` is a layer's output (a weight times the inputs), moved, split or scaled by
@@ -749,6 +754,12 @@ class _Tracer:
         for r in feature_roots:
             if r not in inner_of and r not in head_roots:
                 names[r] = unique(first[r][2])
+        # a feature space whose blocks two input-dependent tensors are contracted over indexes
+        # attention heads (Swin V2: its position-bias MLP writes one value per head, and cosine
+        # attention contracts the normalised queries and keys within each head)
+        attention = {C.find(c) for d in self.attention for c in d.classes()}
+        head_features = {h for r, h in heads_of.items() if h not in head_roots and h in members
+                         and any(C.find(p) in attention for p in C.struct[r].parts if not C.is_fixed(p))}
         # heads and inner spaces are named after the space they structure; loop for nesting
         pending = [r for r in feature_roots if r not in names] + sorted(head_roots - set(members))
         while pending:
@@ -802,7 +813,7 @@ class _Tracer:
         spaces: list[Space] = []
         for r in feature_roots:
             s = Space(name=names[r], width=C.size[r], members=members[r], observations=observations.get(r, []),
-                      query_key=tuple(query_key_ranges(r, 0)))
+                      query_key=tuple(query_key_ranges(r, 0)), indexes_heads=r in head_features)
             if r in heads_of:
                 h = heads_of[r]
                 s.heads, s.num_heads = names[h], C.size[h]

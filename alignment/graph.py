@@ -142,6 +142,10 @@ class Space:
             inputs are contracted over (attention queries against keys, with one head or many):
             their product, not each side, is what fusion keeps (see
             :func:`alignment.maps.correct_query_key`).
+        indexes_heads: a feature space (a layer writes it) that indexes attention heads: the blocks
+            of a space whose features two input-dependent tensors are contracted over (Swin V2's
+            cosine attention, whose heads its position-bias MLP writes one value each). A width
+            factor keeps its count, as it keeps every head count (:meth:`Graph.head_axes`).
     """
 
     name: str
@@ -157,6 +161,7 @@ class Space:
     producers: list[str] = field(default_factory=list, repr=False)
     consumers: list[str] = field(default_factory=list, repr=False)
     query_key: tuple = ()
+    indexes_heads: bool = False
 
     @property
     def alignable(self) -> bool:
@@ -199,7 +204,8 @@ class Graph:
     aliases: dict[str, str] = field(default_factory=dict)
 
     def head_axes(self) -> set[str]:
-        """The feature spaces that index attention heads: those a tensor connects to a heads space,
+        """The feature spaces that index attention heads: those discovery found so
+        (:attr:`Space.indexes_heads`), those a tensor connects to a heads space,
         of the heads' count, and so on (talking heads: CaiT's ``proj_l`` and ``proj_w`` mix the heads
         of the logits and of the attention weights, and the values' heads are blocks indexed by
         ``proj_w``). A width factor keeps them, as it keeps every head count, and blocks they index
@@ -207,8 +213,8 @@ class Graph:
         if getattr(self, "_head_axes", None) is not None:
             return set(self._head_axes)
         heads = {s.name: s.width for s in self.spaces if s.kind == "heads"}
-        kept: set[str] = set()
-        grew = bool(heads)
+        kept = {s.name for s in self.spaces if s.indexes_heads}
+        grew = bool(heads) or bool(kept)
         while grew:
             grew = False
             for t in self.shapes:

@@ -29,7 +29,8 @@ MODELS = [
     "fastvit_t8", "edgenext_xx_small", "mobilevit_xxs", "vit_relpos_small_patch16_224", "poolformer_s12", "mixer_s16_224", "resmlp_12_224", "gmlp_ti16_224", "sequencer2d_s",
     "convnext_atto", "efficientnet_b0", "mobilenetv3_small_050", "regnetx_002", "resnext26ts",
     "levit_128s", "coat_lite_tiny", "focalnet_tiny_srf", "efficientformer_l1", "volo_d1_224",
-    "eva02_tiny_patch14_224", "cait_xxs24_224", "nest_tiny",
+    "eva02_tiny_patch14_224", "cait_xxs24_224", "nest_tiny", "swinv2_tiny_window8_256", "swinv2_cr_tiny_ns_224",
+    "convit_tiny",
 ]
 
 

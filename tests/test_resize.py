@@ -294,7 +294,7 @@ def _hf_build(name: str, seed: int = 0) -> tuple[torch.nn.Module, dict]:
 
     model_cls, config_cls, kwargs = {
         "swin": ("SwinForImageClassification", "SwinConfig", dict(_SWIN, num_labels=5)),
-        # (4 heads: halved to 2; a single head's logit_scale axis, of size 1, is no space of its graph)
+        # (4 heads, which a width factor keeps: halving gives 4 heads of size 2)
         "swinv2": ("Swinv2ForImageClassification", "Swinv2Config", dict(_SWIN, num_heads=[4, 4], num_labels=5)),
         "clip": ("CLIPForImageClassification", "CLIPConfig", dict(vision_config=_VISION, num_labels=5)),
         "clip_vision": ("CLIPVisionModel", "CLIPVisionConfig", dict(_VISION)),
@@ -342,12 +342,12 @@ def _check_swin(half, model):
 
 
 def _check_swinv2(half, model):
-    # Swin V2's heads are indexed by logit_scale (a space a width narrows): half the heads go, whole
+    # Swin V2's heads are indexed by logit_scale's space (a head axis): the factor keeps their count
     stages = half.swinv2.encoder.layers
     assert [s.dim for s in stages] == [8, 16] and stages[0].downsample.dim == 8 and half.swinv2.num_features == 16
-    assert _attention_layout(half) == [(2, 4, 8), (2, 8, 16)]
-    assert [s.blocks[0].attention.self.logit_scale.shape[0] for s in stages] == [2, 2]
-    assert half.config.embed_dim == 8 and list(half.config.num_heads) == [2, 2]
+    assert _attention_layout(half) == [(4, 2, 8), (4, 4, 16)]
+    assert [s.blocks[0].attention.self.logit_scale.shape[0] for s in stages] == [4, 4]
+    assert half.config.embed_dim == 8 and list(half.config.num_heads) == [4, 4]
 
 
 def _check_clip(half, model):
@@ -694,3 +694,60 @@ def test_rotary_attention_keeps_its_head_size_under_a_width_factor():
     assert tuple(half.blocks[0].attn.qkv.weight.shape) == (1152, 192) and half.num_features == 192
     with torch.no_grad():
         assert torch.isfinite(half(x)).all()
+
+
+def _per_head_written(family: str) -> nn.Module:
+    """Attention whose heads a layer writes one value each (random init, 32x32 inputs): two-stage
+    Swin V2 models with 2 then 4 heads (cosine attention; a position-bias MLP), a two-block timm ViT
+    with an MLP of relative positions, a ConViT (gated positional attention)."""
+    kw = dict(embed_dim=16, depths=(1, 1), num_heads=(2, 4), window_size=4, num_classes=5, img_size=32)
+    if family == "torchvision swin v2":
+        from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
+
+        return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=[4, 4],
+                               num_classes=5, block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2)
+    if family == "timm vit relpos":
+        return timm.create_model("vit_relpos_small_patch16_224", pretrained=False, num_classes=5, img_size=32,
+                                 patch_size=8, embed_dim=32, num_heads=4, depth=2)
+    if family == "timm convit":
+        return timm.create_model("convit_tiny", pretrained=False, num_classes=5, img_size=32, patch_size=8,
+                                 embed_dim=32, num_heads=4, depth=3, local_up_to_layer=2)
+    name = {"timm swin v2": "swinv2_tiny_window8_256", "timm swin v2 cr": "swinv2_cr_tiny_ns_224"}[family]
+    return timm.create_model(name, pretrained=False, **kw)
+
+
+def _head_counts(model: nn.Module) -> list[int]:
+    """Every ``num_heads`` attribute of ``model``'s modules."""
+    return [m.num_heads for m in model.modules() if isinstance(getattr(m, "num_heads", None), int)]
+
+
+_PER_HEAD = ["timm swin v2", "timm swin v2 cr", "torchvision swin v2", "timm vit relpos", "timm convit"]
+
+
+@pytest.mark.parametrize("family", _PER_HEAD)
+def test_heads_a_layer_writes_values_for_keep_their_count_under_a_width_factor(family):
+    """Guards: a layer that writes one value per attention head (Swin V2's position-bias MLP into
+    its ``logit_scale``'s space, a relative-position MLP's bias, ConViT's positional projection)
+    makes the heads a feature space, and discovery marks it as indexing heads (two input-dependent
+    tensors are contracted within its blocks); a width factor keeps that count and changes the
+    head size, as for any attention. Before, the factor applied to the heads: widening Swin V2 by
+    2 doubled its heads, halving it was refused (timm) or gave a model whose forward failed
+    (torchvision: "shape '[8, 64, 3, 2, 24]' is invalid"), the relative-position ViT was refused at
+    any factor, and a ConViT widened by 2 changed its function (5e-4: the gated layers doubled their
+    heads, the others kept theirs)."""
+    torch.manual_seed(0)
+    model = _per_head_written(family).eval()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    heads = _head_counts(model)
+    assert heads and len(set(heads)) <= 2
+    for factor in (2.0, 0.5):
+        resized = resize(model, factor, x)
+        assert _head_counts(resized) == heads and check_consistency(resized) == []
+        with torch.no_grad():
+            out = logits(resized(x))
+        if factor == 2.0:
+            assert rel_err(logits(model(x)), out) < 1e-5
+        assert torch.isfinite(out).all()
+    qkv = [m for name, m in resized.named_modules() if name.endswith("attn.qkv")]
+    if family.startswith(("timm swin", "torchvision")):
+        assert [q.weight.shape[0] for q in qkv] == [24, 48]  # 3 x 8 and 3 x 16: head sizes 4 halved to 2

@@ -188,7 +188,7 @@ def _sync_hf_attention(m: nn.Module, path: str, ctx: SyncContext) -> None:
         raise AttributeSyncError(f"{path_label(path)}: its per-head tensors hold different numbers of heads "
                                  f"{per_head}; resize the space of its heads as one")
     if per_head and path not in ctx.num_heads:
-        # heads removed whole (Swin V2's logit_scale indexes them: a space that a width can narrow)
+        # heads removed whole (a width given to the space of Swin V2's logit_scale, which indexes them)
         setattr(m, heads, next(iter(per_head.values())))
     n, _ = ctx.set_heads(m, path, width, heads, _HEAD_DIMS, _scale_attr(m))
     if per_head and n != next(iter(per_head.values())):
