@@ -344,7 +344,7 @@ def check_finite_model(model: nn.Module, stage: str) -> None:
 def check_runs(model: nn.Module, example: Any, stage: str) -> None:
     """Run ``model`` once on ``example`` (the input discovery ran on: a tensor, a tuple of positional
     inputs or a dict of keyword inputs), in eval mode without gradients (every module's flag
-    restored), so that a fused model that cannot run is an error here, not the caller's.
+    restored), so that a fused or resized model that cannot run is an error here, not the caller's.
 
     Raises:
         ModelError: the model fails, naming the error and the usual cause (a forward that fixes a
@@ -360,7 +360,7 @@ def check_runs(model: nn.Module, example: Any, stage: str) -> None:
     except FusionError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure: the model would be returned broken
-        raise ModelError(f"the fused model does not run on the example input after {stage} ({type(exc).__name__}: "
+        raise ModelError(f"the model built does not run on the example input after {stage} ({type(exc).__name__}: "
                          f"{' '.join(str(exc).split())[:300]}); its forward may fix a width that fusion changed (a "
                          f"literal split size, a reshape to constant channels): fuse at the models' widths there, or "
                          f"let the forward read widths from its tensors") from exc

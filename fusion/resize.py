@@ -29,6 +29,7 @@ from alignment.permute import check_graph_fits, model_tensors
 from alignment.runner import plain_precision
 from alignment.structure import Blocks, Cat, Fixed, Heads, Leaf, Node, Walk, plan_argmax, space_blocks, tree_size
 
+from .checks import check_runs
 from .engine import apply_maps
 
 __all__ = ["WidthError", "WidthSpec", "check_width", "module_widths", "resized_graph", "selection_indices", "resize",
@@ -283,6 +284,10 @@ def resize(
 
     Returns:
         The resized model (same class, new widths).
+
+    Raises:
+        ModelError: the resized model does not run on ``example_input`` (its forward fixes a width
+            that resizing changed: a literal split size, a reshape to constant channels).
     """
     check_width(width)
     if graph is None:
@@ -293,7 +298,10 @@ def resize(
     width = module_widths(model, graph, width)
     target = resized_graph(graph, width)
     _warn_uneven_norms(model, graph, target)
-    return _apply_selection(model, graph, _selection(graph, target, scores))
+    resized = _apply_selection(model, graph, _selection(graph, target, scores))
+    if example_input is not None:
+        check_runs(resized, example_input, "resizing")  # (a forward fixing a width: an error here, not the caller's)
+    return resized
 
 
 def _template(model: nn.Module, width: WidthSpec, graph: Graph) -> nn.Module:

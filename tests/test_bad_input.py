@@ -188,6 +188,8 @@ CASES = [
     ("a forward splitting at literal sizes", lambda a, b, x: fusion.fuse([LiteralSplit()], torch.randn(8, 1, 8, 8),
                                                                          method="magnitude", width=0.5),
      ModelError, r"does not run on the example input after resizing.*split_sizes=\[6, 6\]"),
+    ("resize to a width the forward cannot run at", lambda a, b, x: resize(LiteralSplit(), 0.5, torch.randn(8, 1, 8, 8)),
+     ModelError, r"does not run on the example input after resizing.*split_sizes=\[6, 6\]"),
     ("no models", lambda a, b, x: fusion.fuse([], _cal(x)), ModelError, "at least one model"),
     ("a model, not a list", lambda a, b, x: fusion.fuse(a, _cal(x)), ModelError, "list of models"),
     ("a state dict", lambda a, b, x: fusion.fuse([a.state_dict(), b], _cal(x)), ModelError, "model 0 is a"),
