@@ -751,3 +751,25 @@ def test_heads_a_layer_writes_values_for_keep_their_count_under_a_width_factor(f
     qkv = [m for name, m in resized.named_modules() if name.endswith("attn.qkv")]
     if family.startswith(("timm swin", "torchvision")):
         assert [q.weight.shape[0] for q in qkv] == [24, 48]  # 3 x 8 and 3 x 16: head sizes 4 halved to 2
+
+
+def test_split_sizes_of_a_submodule_axis_follow_its_new_width():
+    """Guards: a module with no handler whose forward splits its submodule's output at stored sizes
+    (FocalNet's ``FocalModulation.input_split``: ``[dim, dim, focal_level + 1]`` over ``f``'s
+    output) gets split sizes that sum to that output's new width, the widths among them replaced and
+    the rest kept (it was refused: "split_sizes=[96, 96, 3]" at any factor); widening by 2 keeps the
+    function."""
+    torch.manual_seed(0)
+    from timm.models.focalnet import FocalNet
+
+    model = FocalNet(num_classes=5, embed_dim=16, depths=(1, 1), focal_levels=(2, 2), focal_windows=(3, 3)).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    splits = lambda m: [list(f.input_split) for f in m.modules() if hasattr(f, "input_split")]  # noqa: E731
+    assert splits(model) == [[16, 16, 3], [32, 32, 3]]
+    with pytest.warns(match=r"FocalModulation\.input_split"):
+        wide = resize(model, 2.0, x)
+    assert splits(wide) == [[32, 32, 3], [64, 64, 3]] and check_consistency(wide) == []
+    with torch.no_grad():
+        assert rel_err(logits(model(x)), logits(wide(x))) < 1e-5
+    half = resize(model, 0.5, x)
+    assert splits(half) == [[8, 8, 3], [16, 16, 3]]

@@ -473,6 +473,7 @@ class SyncContext:
 # --------------------------------------------------------------------------- unknown modules
 
 _WIDTH_NAME = re.compile(r"(dim|feature|channel|chs|width|hidden|size|planes|heads|embed)", re.I)
+_SPLIT_NAME = re.compile(r"split", re.I)  # (split sizes: a list of widths, whatever it splits)
 _NOT_WIDTH_NAME = re.compile(
     r"(patch|kernel|img|image|window|grid|stride|batch|seq|len|vocab|class|label|pool|stage|depth)", re.I)
 # attention attributes: a number of heads, and a per-head size (a width divided by the heads: it
@@ -527,7 +528,9 @@ def _is_width_name(name: str) -> bool:
 def _infer_attributes(mod: nn.Module, path: str, names: set[str], ctx: SyncContext) -> tuple[dict[str, Any], set[str]]:
     """New values of the attributes ``names`` of a module that no handler syncs, from the sizes its
     own tensors (and its descendants') changed between (:func:`changed_sizes`, each old size to one
-    new size): a width-named int or int tuple holding an old size gets the new one; a per-head size
+    new size): a width-named int or int tuple holding an old size gets the new one; split sizes
+    (a list named ``*split*``) summing to an old size get each width among them replaced, when
+    they then sum to that size's new value; a per-head size
     (``head_dim``) whose product with the module's head count (times 1, 2 or 3: q, kv, qkv) was a
     width gets the new width over the same product and the new head count, and a softmax scale
     equal to the old ``head_dim ** -0.5`` (stored with or without ``head_dim``) the new one, unless
@@ -567,6 +570,12 @@ def _infer_attributes(mod: nn.Module, path: str, names: set[str], ctx: SyncConte
         elif (k == "shape" or _is_width_name(k)) and isinstance(v, (tuple, list)) and any(i in sizes for i in v):
             values[k] = type(v)(sizes.get(i, i) for i in v)
             continue
+        elif _SPLIT_NAME.search(k) and isinstance(v, (tuple, list)) and sum(v) in sizes:
+            # split sizes: each old width its new one, summing to the split axis's new size
+            split = type(v)(sizes.get(i, i) for i in v)
+            if sum(split) == sizes[sum(v)]:
+                values[k] = split
+                continue
         left.add(k)
     return values, left
 
@@ -613,9 +622,12 @@ def _detect_unknown(modules: list[tuple[str, nn.Module]], changed: Mapping[str, 
         }
         bad |= _stale_head_sizes(mod, own | below) - managed
         bad |= _stale_scales(mod, own | below) - managed
-        shapes = {k for k, v in vars(mod).items()  # int tuples holding a width of the module's own tensors
+        # int tuples holding a width of the module's own tensors (shapes, widths), and split sizes of
+        # an axis of its own or its submodules' tensors (FocalNet's ``input_split``, of its ``f``)
+        shapes = {k for k, v in vars(mod).items()
                   if k not in managed and isinstance(v, (tuple, list)) and v and all(is_int(i) for i in v)
-                  and any(i in own for i in v) and (k == "shape" or _is_width_name(k))}
+                  and ((any(i in own for i in v) and (k == "shape" or _is_width_name(k)))
+                       or (_SPLIT_NAME.search(k) and sum(v) in own | below))}
         if not bad and not shapes:
             continue
         values, left = _infer_attributes(mod, path, bad | shapes, ctx)
