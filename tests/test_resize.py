@@ -773,3 +773,40 @@ def test_split_sizes_of_a_submodule_axis_follow_its_new_width():
         assert rel_err(logits(model(x)), logits(wide(x))) < 1e-5
     half = resize(model, 0.5, x)
     assert splits(half) == [[8, 8, 3], [16, 16, 3]]
+
+
+def _key_value_attention(family: str) -> tuple[nn.Module, torch.Tensor]:
+    """Narrow random LeViT (linear and conv forms: attention with and without downsampling) and
+    EfficientFormer (its last stage's attention) models and an input batch."""
+    from timm.models.efficientformer import EfficientFormer
+    from timm.models.levit import Levit
+
+    if family == "efficientformer":
+        model = EfficientFormer(depths=(1, 1, 1, 2), embed_dims=(16, 16, 24, 32), num_vit=1, num_classes=5)
+    else:
+        model = Levit(embed_dim=(32, 48), key_dim=8, depth=(1, 1), num_heads=(2, 3), num_classes=5,
+                      use_conv=family == "levit conv")
+    # (224 x 224: their attention biases are sized for it)
+    return model.eval(), torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("family", ["levit", "levit conv", "efficientformer"])
+def test_key_and_value_head_sizes_follow_a_width_factor(family):
+    """Guards: LeViT and EfficientFormer attention split each head at ``key_dim`` query and key dims
+    and ``val_dim`` value dims (stored attributes): a width factor keeps the heads and gives both
+    new per-head sizes, from the module's tensors, and the softmax scale follows ``key_dim``; the
+    models were refused at any factor ("split_sizes=[16, 16, 32]"). Widening by 2 keeps the function:
+    LeViT's queries and keys pass an inference BatchNorm after their Linear, a per-feature affine
+    map that keeps their product a query-key product (logits corrected for the new scale)."""
+    torch.manual_seed(0)
+    model, x = _key_value_attention(family)
+    attns = lambda m: [(a.num_heads, a.key_dim, a.val_dim, round(a.scale ** -2)) for a in m.modules()  # noqa: E731
+                       if hasattr(a, "key_dim") and hasattr(a, "val_dim")]
+    before = attns(model)
+    assert before
+    wide = resize(model, 2.0, x)
+    assert attns(wide) == [(h, 2 * k, 2 * v, 2 * k) for h, k, v, _ in before] and check_consistency(wide) == []
+    with torch.no_grad():
+        assert rel_err(logits(model(x)), logits(wide(x))) < 1e-5
+    half = resize(model, 0.5, x)
+    assert attns(half) == [(h, k // 2, v // 2, k // 2) for h, k, v, _ in before] and check_consistency(half) == []

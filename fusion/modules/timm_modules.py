@@ -11,7 +11,8 @@ these models is updated too. Families whose blocks store widths: CSPNet CrossSta
 DlaTree, DlaBottle2neck), GhostNet (GhostModule, GhostModuleV2, GhostModuleV3 and
 GhostBottleneckV3), ReXNet LinearBottleneck, Xception (Pre)XceptionModule, TResNet, FastViT
 (MobileOneBlock, ReparamLargeKernelConv, RepMixer, RepConditionalPosEnc, Attention), BlurPool2d,
-MobileViT (MobileVitBlock, MobileVitV2Block: width-free; MobileViTv2 LinearSelfAttention).
+MobileViT (MobileVitBlock, MobileVitV2Block: width-free; MobileViTv2 LinearSelfAttention), LeViT
+Attention / AttentionDownsample and EfficientFormer Attention (``key_dim`` / ``val_dim`` per head).
 
 Attribute names in the installed timm (1.0.31) that these handlers rely on:
 ``timm.layers.Attention`` has ``num_heads``, ``head_dim``, ``attn_dim`` (used in the output
@@ -192,6 +193,62 @@ def _sync_timm_attention(m: nn.Module, path: str, ctx: SyncContext) -> None:
             m.num_kv_groups = heads // kv_heads
         if hasattr(m, "kv_dim"):
             m.kv_dim = kv_dim
+
+
+def _rows(m: nn.Module | None, axis: int = 0) -> int | None:
+    """Axis ``axis`` of the first weight of ``m`` (a Linear, a conv, LeViT's Linear/ConvNorm or a
+    Sequential ending in one)."""
+    if m is None:
+        return None
+    w = next((t for k, t in m.state_dict().items() if k.endswith("weight") and t.dim() >= 2), None)
+    return None if w is None else int(w.shape[axis])
+
+
+def _key_value_dims(m: nn.Module) -> tuple[int, int] | None:
+    """``(key_dim, val_dim)`` per head of LeViT / EfficientFormer attention, from its tensors: the
+    output projection reads ``heads * val_dim`` features; ``qkv`` writes ``heads * (2 key_dim +
+    val_dim)``, or ``q`` writes ``heads * key_dim`` (attention that downsamples)."""
+    heads, val_in = m.num_heads, _rows(getattr(m, "proj", None), 1)
+    if val_in is None or val_in % heads:
+        return None
+    val = val_in // heads
+    if getattr(m, "qkv", None) is not None:
+        key2 = (_rows(m.qkv) or 0) - heads * val
+        return (key2 // (2 * heads), val) if key2 > 0 and key2 % (2 * heads) == 0 else None
+    q = _rows(getattr(m, "q", None))
+    return (q // heads, val) if q is not None and q % heads == 0 else None
+
+
+@module_check
+def _check_key_value_attention(m: nn.Module) -> Iterator[str]:
+    dims = _key_value_dims(m)
+    if dims is None:
+        yield f"its tensors do not split into {m.num_heads} heads of keys, queries and values"
+    elif dims != (m.key_dim, m.val_dim):
+        yield f"key_dim, val_dim = {m.key_dim}, {m.val_dim} but its tensors hold {dims[0]}, {dims[1]} per head"
+    elif (m.key_attn_dim, m.val_attn_dim) != (m.num_heads * m.key_dim, m.num_heads * m.val_dim):
+        yield f"key_attn_dim, val_attn_dim = {m.key_attn_dim}, {m.val_attn_dim} are not num_heads x key_dim, val_dim"
+
+
+@register_attribute_sync("timm.models.levit.Attention", "timm.models.levit.AttentionDownsample",
+                         "timm.models.efficientformer.Attention", check=_check_key_value_attention)
+def _sync_key_value_attention(m: nn.Module, path: str, ctx: SyncContext) -> None:
+    """LeViT and EfficientFormer attention: per head, ``key_dim`` query and key dims and
+    ``val_dim`` value dims (its forward splits each head at them); heads keep their count, the
+    softmax scale follows ``key_dim`` (unless kept, see :attr:`SyncContext.kept_scales`)."""
+    heads = ctx.heads(path, m.num_heads)
+    m.num_heads = heads
+    dims = _key_value_dims(m)
+    if dims is None:
+        raise HeadsNotDivisibleError(f"{path_label(path)}: its q/k/v and output widths do not split into {heads} "
+                                     f"heads (key_dim per head for queries and keys, val_dim for values)")
+    key, val = dims
+    if path not in ctx.kept_scales:
+        m.scale = ctx._rescaled(path, m.scale, m.key_dim, key, "scale")
+    m.key_dim, m.val_dim = key, val
+    m.key_attn_dim, m.val_attn_dim = heads * key, heads * val
+    if hasattr(m, "attn_ratio"):
+        m.attn_ratio = val / key
 
 
 @module_check
