@@ -12,7 +12,7 @@ DlaTree, DlaBottle2neck), GhostNet (GhostModule, GhostModuleV2, GhostModuleV3 an
 GhostBottleneckV3), ReXNet LinearBottleneck, Xception (Pre)XceptionModule, TResNet, FastViT
 (MobileOneBlock, ReparamLargeKernelConv, RepMixer, RepConditionalPosEnc, Attention), BlurPool2d,
 MobileViT (MobileVitBlock, MobileVitV2Block: width-free; MobileViTv2 LinearSelfAttention), LeViT
-Attention / AttentionDownsample and EfficientFormer Attention (``key_dim`` / ``val_dim`` per head).
+Attention / AttentionDownsample, EfficientFormer and TinyViT Attention (``key_dim`` / ``val_dim`` per head).
 
 Attribute names in the installed timm (1.0.31) that these handlers rely on:
 ``timm.layers.Attention`` has ``num_heads``, ``head_dim``, ``attn_dim`` (used in the output
@@ -226,14 +226,17 @@ def _check_key_value_attention(m: nn.Module) -> Iterator[str]:
         yield f"its tensors do not split into {m.num_heads} heads of keys, queries and values"
     elif dims != (m.key_dim, m.val_dim):
         yield f"key_dim, val_dim = {m.key_dim}, {m.val_dim} but its tensors hold {dims[0]}, {dims[1]} per head"
-    elif (m.key_attn_dim, m.val_attn_dim) != (m.num_heads * m.key_dim, m.num_heads * m.val_dim):
-        yield f"key_attn_dim, val_attn_dim = {m.key_attn_dim}, {m.val_attn_dim} are not num_heads x key_dim, val_dim"
+    else:
+        for attr, per_head in (("key_attn_dim", m.key_dim), ("val_attn_dim", m.val_dim), ("out_dim", m.val_dim)):
+            if hasattr(m, attr) and getattr(m, attr) != m.num_heads * per_head:
+                yield f"{attr}={getattr(m, attr)} is not num_heads x {per_head}"
 
 
 @register_attribute_sync("timm.models.levit.Attention", "timm.models.levit.AttentionDownsample",
-                         "timm.models.efficientformer.Attention", check=_check_key_value_attention)
+                         "timm.models.efficientformer.Attention", "timm.models.tiny_vit.Attention",
+                         check=_check_key_value_attention)
 def _sync_key_value_attention(m: nn.Module, path: str, ctx: SyncContext) -> None:
-    """LeViT and EfficientFormer attention: per head, ``key_dim`` query and key dims and
+    """LeViT, EfficientFormer and TinyViT attention: per head, ``key_dim`` query and key dims and
     ``val_dim`` value dims (its forward splits each head at them); heads keep their count, the
     softmax scale follows ``key_dim`` (unless kept, see :attr:`SyncContext.kept_scales`)."""
     heads = ctx.heads(path, m.num_heads)
@@ -246,7 +249,9 @@ def _sync_key_value_attention(m: nn.Module, path: str, ctx: SyncContext) -> None
     if path not in ctx.kept_scales:
         m.scale = ctx._rescaled(path, m.scale, m.key_dim, key, "scale")
     m.key_dim, m.val_dim = key, val
-    m.key_attn_dim, m.val_attn_dim = heads * key, heads * val
+    for attr, per_head in (("key_attn_dim", key), ("val_attn_dim", val), ("out_dim", val)):
+        if hasattr(m, attr):
+            setattr(m, attr, heads * per_head)
     if hasattr(m, "attn_ratio"):
         m.attn_ratio = val / key
 
