@@ -777,12 +777,16 @@ def test_split_sizes_of_a_submodule_axis_follow_its_new_width():
 
 def _key_value_attention(family: str) -> tuple[nn.Module, torch.Tensor]:
     """Narrow random LeViT (linear and conv forms: attention with and without downsampling),
-    EfficientFormer (its last stage's attention) and TinyViT models and an input batch."""
+    EfficientFormer (its last stage's attention), TinyViT and EfficientViT (MSRA, one projection
+    per head) models and an input batch."""
     from timm.models.efficientformer import EfficientFormer
     from timm.models.levit import Levit
 
     if family == "efficientformer":
         model = EfficientFormer(depths=(1, 1, 1, 2), embed_dims=(16, 16, 24, 32), num_vit=1, num_classes=5)
+    elif family == "efficientvit":
+        model = timm.create_model("efficientvit_m0", pretrained=False, num_classes=5, embed_dim=(16, 32, 48),
+                                  depth=(1, 1, 1), num_heads=(2, 2, 3), key_dim=(8, 8, 8))
     elif family == "tiny vit":
         model = timm.create_model("tiny_vit_5m_224", pretrained=False, num_classes=5, embed_dims=(16, 32, 48, 64),
                                   depths=(1, 1, 1, 1), num_heads=(1, 2, 3, 4))
@@ -793,10 +797,11 @@ def _key_value_attention(family: str) -> tuple[nn.Module, torch.Tensor]:
     return model.eval(), torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("family", ["levit", "levit conv", "efficientformer", "tiny vit"])
+@pytest.mark.parametrize("family", ["levit", "levit conv", "efficientformer", "tiny vit", "efficientvit"])
 def test_key_and_value_head_sizes_follow_a_width_factor(family):
-    """Guards: LeViT, EfficientFormer and TinyViT attention split each head at ``key_dim`` query and key dims
-    and ``val_dim`` value dims (stored attributes): a width factor keeps the heads and gives both
+    """Guards: LeViT, EfficientFormer, TinyViT and EfficientViT (MSRA) attention split each head at
+    ``key_dim`` query and key dims and ``val_dim`` value dims (stored attributes): a width factor
+    keeps the heads and gives both
     new per-head sizes, from the module's tensors, and the softmax scale follows ``key_dim``; the
     models were refused at any factor ("split_sizes=[16, 16, 32]"). Widening by 2 keeps the function:
     LeViT's queries and keys pass an inference BatchNorm after their Linear, a per-feature affine

@@ -12,7 +12,8 @@ DlaTree, DlaBottle2neck), GhostNet (GhostModule, GhostModuleV2, GhostModuleV3 an
 GhostBottleneckV3), ReXNet LinearBottleneck, Xception (Pre)XceptionModule, TResNet, FastViT
 (MobileOneBlock, ReparamLargeKernelConv, RepMixer, RepConditionalPosEnc, Attention), BlurPool2d,
 MobileViT (MobileVitBlock, MobileVitV2Block: width-free; MobileViTv2 LinearSelfAttention), LeViT
-Attention / AttentionDownsample, EfficientFormer and TinyViT Attention (``key_dim`` / ``val_dim`` per head).
+Attention / AttentionDownsample, EfficientFormer and TinyViT Attention, EfficientViT (MSRA)
+CascadedGroupAttention (``key_dim`` / ``val_dim`` per head).
 
 Attribute names in the installed timm (1.0.31) that these handlers rely on:
 ``timm.layers.Attention`` has ``num_heads``, ``head_dim``, ``attn_dim`` (used in the output
@@ -205,9 +206,10 @@ def _rows(m: nn.Module | None, axis: int = 0) -> int | None:
 
 
 def _key_value_dims(m: nn.Module) -> tuple[int, int] | None:
-    """``(key_dim, val_dim)`` per head of LeViT / EfficientFormer attention, from its tensors: the
-    output projection reads ``heads * val_dim`` features; ``qkv`` writes ``heads * (2 key_dim +
-    val_dim)``, or ``q`` writes ``heads * key_dim`` (attention that downsamples)."""
+    """``(key_dim, val_dim)`` per head of LeViT-style attention, from its tensors: the output
+    projection reads ``heads * val_dim`` features; ``qkv`` writes ``heads * (2 key_dim + val_dim)``,
+    each of ``qkvs`` ``2 key_dim + val_dim`` (EfficientViT's cascaded heads), or ``q`` writes
+    ``heads * key_dim`` (attention that downsamples)."""
     heads, val_in = m.num_heads, _rows(getattr(m, "proj", None), 1)
     if val_in is None or val_in % heads:
         return None
@@ -215,6 +217,9 @@ def _key_value_dims(m: nn.Module) -> tuple[int, int] | None:
     if getattr(m, "qkv", None) is not None:
         key2 = (_rows(m.qkv) or 0) - heads * val
         return (key2 // (2 * heads), val) if key2 > 0 and key2 % (2 * heads) == 0 else None
+    if isinstance(getattr(m, "qkvs", None), nn.ModuleList) and len(m.qkvs):  # one projection per head
+        key2 = (_rows(m.qkvs[0]) or 0) - val
+        return (key2 // 2, val) if key2 > 0 and key2 % 2 == 0 else None
     q = _rows(getattr(m, "q", None))
     return (q // heads, val) if q is not None and q % heads == 0 else None
 
@@ -234,11 +239,12 @@ def _check_key_value_attention(m: nn.Module) -> Iterator[str]:
 
 @register_attribute_sync("timm.models.levit.Attention", "timm.models.levit.AttentionDownsample",
                          "timm.models.efficientformer.Attention", "timm.models.tiny_vit.Attention",
-                         check=_check_key_value_attention)
+                         "timm.models.efficientvit_msra.CascadedGroupAttention", check=_check_key_value_attention)
 def _sync_key_value_attention(m: nn.Module, path: str, ctx: SyncContext) -> None:
-    """LeViT, EfficientFormer and TinyViT attention: per head, ``key_dim`` query and key dims and
-    ``val_dim`` value dims (its forward splits each head at them); heads keep their count, the
-    softmax scale follows ``key_dim`` (unless kept, see :attr:`SyncContext.kept_scales`)."""
+    """LeViT, EfficientFormer, TinyViT and EfficientViT (MSRA) attention: per head, ``key_dim``
+    query and key dims and ``val_dim`` value dims (its forward splits each head at them); heads
+    keep their count, the softmax scale follows ``key_dim`` (unless kept, see
+    :attr:`SyncContext.kept_scales`)."""
     heads = ctx.heads(path, m.num_heads)
     m.num_heads = heads
     dims = _key_value_dims(m)
