@@ -30,7 +30,7 @@ MODELS = [
     "convnext_atto", "efficientnet_b0", "mobilenetv3_small_050", "regnetx_002", "resnext26ts",
     "levit_128s", "coat_lite_tiny", "focalnet_tiny_srf", "efficientformer_l1", "volo_d1_224",
     "eva02_tiny_patch14_224", "cait_xxs24_224", "nest_tiny", "swinv2_tiny_window8_256", "swinv2_cr_tiny_ns_224",
-    "convit_tiny", "tiny_vit_5m_224", "efficientvit_m0",
+    "convit_tiny", "tiny_vit_5m_224", "efficientvit_m0", "efficientformerv2_s0",
 ]
 
 

@@ -777,13 +777,16 @@ def test_split_sizes_of_a_submodule_axis_follow_its_new_width():
 
 def _key_value_attention(family: str) -> tuple[nn.Module, torch.Tensor]:
     """Narrow random LeViT (linear and conv forms: attention with and without downsampling),
-    EfficientFormer (its last stage's attention), TinyViT and EfficientViT (MSRA, one projection
-    per head) models and an input batch."""
+    EfficientFormer (its last stage's attention), EfficientFormerV2 (talking heads; attention that
+    downsamples), TinyViT and EfficientViT (MSRA, one projection per head) models and an input batch."""
     from timm.models.efficientformer import EfficientFormer
     from timm.models.levit import Levit
 
     if family == "efficientformer":
         model = EfficientFormer(depths=(1, 1, 1, 2), embed_dims=(16, 16, 24, 32), num_vit=1, num_classes=5)
+    elif family == "efficientformer v2":
+        model = timm.create_model("efficientformerv2_s0", pretrained=False, num_classes=5, depths=(1, 1, 2, 2),
+                                  embed_dims=(16, 24, 32, 48), num_vit=1)
     elif family == "efficientvit":
         model = timm.create_model("efficientvit_m0", pretrained=False, num_classes=5, embed_dim=(16, 32, 48),
                                   depth=(1, 1, 1), num_heads=(2, 2, 3), key_dim=(8, 8, 8))
@@ -797,9 +800,10 @@ def _key_value_attention(family: str) -> tuple[nn.Module, torch.Tensor]:
     return model.eval(), torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("family", ["levit", "levit conv", "efficientformer", "tiny vit", "efficientvit"])
+@pytest.mark.parametrize("family", ["levit", "levit conv", "efficientformer", "efficientformer v2", "tiny vit",
+                                    "efficientvit"])
 def test_key_and_value_head_sizes_follow_a_width_factor(family):
-    """Guards: LeViT, EfficientFormer, TinyViT and EfficientViT (MSRA) attention split each head at
+    """Guards: LeViT, EfficientFormer(V2), TinyViT and EfficientViT (MSRA) attention split each head at
     ``key_dim`` query and key dims and ``val_dim`` value dims (stored attributes): a width factor
     keeps the heads and gives both
     new per-head sizes, from the module's tensors, and the softmax scale follows ``key_dim``; the
@@ -808,8 +812,8 @@ def test_key_and_value_head_sizes_follow_a_width_factor(family):
     map that keeps their product a query-key product (logits corrected for the new scale)."""
     torch.manual_seed(0)
     model, x = _key_value_attention(family)
-    attns = lambda m: [(a.num_heads, a.key_dim, a.val_dim, round(a.scale ** -2)) for a in m.modules()  # noqa: E731
-                       if hasattr(a, "key_dim") and hasattr(a, "val_dim")]
+    attns = lambda m: [(a.num_heads, a.key_dim, getattr(a, "val_dim", getattr(a, "d", None)),  # noqa: E731
+                        round(a.scale ** -2)) for a in m.modules() if hasattr(a, "key_dim") and hasattr(a, "scale")]
     before = attns(model)
     assert before
     wide = resize(model, 2.0, x)

@@ -13,7 +13,7 @@ GhostBottleneckV3), ReXNet LinearBottleneck, Xception (Pre)XceptionModule, TResN
 (MobileOneBlock, ReparamLargeKernelConv, RepMixer, RepConditionalPosEnc, Attention), BlurPool2d,
 MobileViT (MobileVitBlock, MobileVitV2Block: width-free; MobileViTv2 LinearSelfAttention), LeViT
 Attention / AttentionDownsample, EfficientFormer and TinyViT Attention, EfficientViT (MSRA)
-CascadedGroupAttention (``key_dim`` / ``val_dim`` per head).
+CascadedGroupAttention, EfficientFormerV2 Attention2d(Downsample) (``key_dim`` / ``val_dim`` per head).
 
 Attribute names in the installed timm (1.0.31) that these handlers rely on:
 ``timm.layers.Attention`` has ``num_heads``, ``head_dim``, ``attn_dim`` (used in the output
@@ -197,19 +197,25 @@ def _sync_timm_attention(m: nn.Module, path: str, ctx: SyncContext) -> None:
 
 
 def _rows(m: nn.Module | None, axis: int = 0) -> int | None:
-    """Axis ``axis`` of the first weight of ``m`` (a Linear, a conv, LeViT's Linear/ConvNorm or a
-    Sequential ending in one)."""
+    """Axis ``axis`` of a weight of ``m`` (a Linear, a conv, LeViT's Linear/ConvNorm, a Sequential
+    or EfficientFormerV2's LocalGlobalQuery): the first weight's input (``axis=1``), the last
+    weight's output (``axis=0``)."""
     if m is None:
         return None
-    w = next((t for k, t in m.state_dict().items() if k.endswith("weight") and t.dim() >= 2), None)
-    return None if w is None else int(w.shape[axis])
+    ws = [t for k, t in m.state_dict().items() if k.endswith("weight") and t.dim() >= 2]
+    return None if not ws else int((ws[-1] if axis == 0 else ws[0]).shape[axis])
+
+
+def _val_attr(m: nn.Module) -> str:
+    """The attribute holding the value dims per head (``val_dim``; EfficientFormerV2: ``d``)."""
+    return "val_dim" if hasattr(m, "val_dim") else "d"
 
 
 def _key_value_dims(m: nn.Module) -> tuple[int, int] | None:
     """``(key_dim, val_dim)`` per head of LeViT-style attention, from its tensors: the output
     projection reads ``heads * val_dim`` features; ``qkv`` writes ``heads * (2 key_dim + val_dim)``,
     each of ``qkvs`` ``2 key_dim + val_dim`` (EfficientViT's cascaded heads), or ``q`` writes
-    ``heads * key_dim`` (attention that downsamples)."""
+    ``heads * key_dim`` (separate projections; attention that downsamples)."""
     heads, val_in = m.num_heads, _rows(getattr(m, "proj", None), 1)
     if val_in is None or val_in % heads:
         return None
@@ -224,26 +230,41 @@ def _key_value_dims(m: nn.Module) -> tuple[int, int] | None:
     return (q // heads, val) if q is not None and q % heads == 0 else None
 
 
+def _key_value_totals(m: nn.Module, key: int, val: int) -> dict[str, int]:
+    """The all-heads widths such attention stores, for per-head sizes ``key`` and ``val``:
+    ``key_attn_dim``, ``val_attn_dim`` / ``dh`` (values), and ``out_dim``: TinyViT's values width,
+    or (EfficientFormerV2's downsampling attention) the output projection's width."""
+    h = m.num_heads
+    out = {a: h * (key if a == "key_attn_dim" else val)
+           for a in ("key_attn_dim", "val_attn_dim", "dh") if hasattr(m, a)}
+    if hasattr(m, "out_dim"):
+        out["out_dim"] = h * val if hasattr(m, "val_dim") else _rows(m.proj, 0)
+    return out
+
+
 @module_check
 def _check_key_value_attention(m: nn.Module) -> Iterator[str]:
     dims = _key_value_dims(m)
+    held = (m.key_dim, getattr(m, _val_attr(m)))
     if dims is None:
         yield f"its tensors do not split into {m.num_heads} heads of keys, queries and values"
-    elif dims != (m.key_dim, m.val_dim):
-        yield f"key_dim, val_dim = {m.key_dim}, {m.val_dim} but its tensors hold {dims[0]}, {dims[1]} per head"
+    elif dims != held:
+        yield f"key_dim, {_val_attr(m)} = {held[0]}, {held[1]} but its tensors hold {dims[0]}, {dims[1]} per head"
     else:
-        for attr, per_head in (("key_attn_dim", m.key_dim), ("val_attn_dim", m.val_dim), ("out_dim", m.val_dim)):
-            if hasattr(m, attr) and getattr(m, attr) != m.num_heads * per_head:
-                yield f"{attr}={getattr(m, attr)} is not num_heads x {per_head}"
+        for attr, want in _key_value_totals(m, *dims).items():
+            if getattr(m, attr) != want:
+                yield f"{attr}={getattr(m, attr)} but its tensors give {want}"
 
 
 @register_attribute_sync("timm.models.levit.Attention", "timm.models.levit.AttentionDownsample",
                          "timm.models.efficientformer.Attention", "timm.models.tiny_vit.Attention",
-                         "timm.models.efficientvit_msra.CascadedGroupAttention", check=_check_key_value_attention)
+                         "timm.models.efficientvit_msra.CascadedGroupAttention",
+                         "timm.models.efficientformer_v2.Attention2d",
+                         "timm.models.efficientformer_v2.Attention2dDownsample", check=_check_key_value_attention)
 def _sync_key_value_attention(m: nn.Module, path: str, ctx: SyncContext) -> None:
-    """LeViT, EfficientFormer, TinyViT and EfficientViT (MSRA) attention: per head, ``key_dim``
-    query and key dims and ``val_dim`` value dims (its forward splits each head at them); heads
-    keep their count, the softmax scale follows ``key_dim`` (unless kept, see
+    """LeViT, EfficientFormer(V2), TinyViT and EfficientViT (MSRA) attention: per head, ``key_dim``
+    query and key dims and ``val_dim`` (``d``) value dims (its forward splits or reshapes each head
+    at them); heads keep their count, the softmax scale follows ``key_dim`` (unless kept, see
     :attr:`SyncContext.kept_scales`)."""
     heads = ctx.heads(path, m.num_heads)
     m.num_heads = heads
@@ -254,10 +275,10 @@ def _sync_key_value_attention(m: nn.Module, path: str, ctx: SyncContext) -> None
     key, val = dims
     if path not in ctx.kept_scales:
         m.scale = ctx._rescaled(path, m.scale, m.key_dim, key, "scale")
-    m.key_dim, m.val_dim = key, val
-    for attr, per_head in (("key_attn_dim", key), ("val_attn_dim", val), ("out_dim", val)):
-        if hasattr(m, attr):
-            setattr(m, attr, heads * per_head)
+    for attr, v in _key_value_totals(m, key, val).items():
+        setattr(m, attr, v)
+    m.key_dim = key
+    setattr(m, _val_attr(m), val)
     if hasattr(m, "attn_ratio"):
         m.attn_ratio = val / key
 
