@@ -375,10 +375,12 @@ class _Tracer:
                 self.query_key.append(d)
 
     def _layer_output(self, node: Any) -> bool:
-        """Whether ``node`` is a layer's output (a weight times the inputs), moved, split or scaled by
-        a constant only. A query-key product is bilinear in the two layers' outputs; one that goes
-        through a softmax first (channel attention's ``softmax(k^T v) @ q^T``), a ReLU (linear
-        attention) or a normalisation is not, and rescaling its features would change it."""
+        """Whether ``node`` is a layer's output (a weight times the inputs), moved, split, scaled by
+        a constant or passed through an inference BatchNorm (a per-feature affine map whose tensors
+        the maps rescale with the layer's) only. A query-key product is bilinear in the two layers'
+        outputs; one that goes through a softmax first (channel attention's ``softmax(k^T v) @
+        q^T``), a ReLU (linear attention) or a normalisation over the features is not, and rescaling
+        its features would change it."""
         while isinstance(node, torch.fx.Node) and node.op == "call_function":
             name = self.opname(node)
             args = [a for a in node.all_input_nodes if a in self.data_nodes]
