@@ -227,6 +227,29 @@ class Classes:
                     blocks.append(self.concat(cur))
                     cur = []
             return self.new(outer_size, "positional blocks"), blocks
+        o = self.find(st.outer)
+        if self.size[o] % outer_size == 0 and len(st.parts) == self.size[o]:
+            # blocks of whole outer units (an im2col's channels x taps viewed as heads x channels x
+            # taps, as VOLO's outlook attention does): the outer units split into the blocks,
+            # each block keeps its units' inner parts
+            per = self.size[o] // outer_size
+            heads, units = self.factor(o, outer_size)
+            blocks = []
+            for i in range(outer_size):
+                b = self.new(inner)
+                self.struct[b] = Struct(units[i], list(st.parts[i * per:(i + 1) * per]))
+                blocks.append(b)
+            return heads, blocks
+        if outer_size % self.size[o] == 0 and len(st.parts) == self.size[o]:
+            # the inverse (col2im of heads x channels x taps back to channels x taps): blocks whose
+            # parts are all blocks of ``q`` units; the units are the heads' units, in order
+            q = outer_size // self.size[o]
+            subs = [self.struct.get(self.find(p)) for p in st.parts]
+            if all(b is not None and b.outer is not None and self.size[self.find(b.outer)] == q and len(b.parts) == q
+                   for b in subs):
+                units = self.new(outer_size)
+                self.struct[units] = Struct(o, [b.outer for b in subs])
+                return units, [p for b in subs for p in b.parts]
         # heads of another size: refuse to guess, keep the axis fixed (sound, noted)
         self.notes.append(f"an axis of {n} features was reshaped into blocks of incompatible sizes; kept fixed")
         self.fix(r, "incompatible reshape")

@@ -94,8 +94,11 @@ def resized_graph(graph: Graph, width: WidthSpec) -> Graph:
     new_trees: dict[str, Node] = {}
     # heads whose query and key dims are fixed (rotary embeddings pair them with a frequency table)
     # keep the values' head dims too under a factor: one head size reshapes queries, keys and values
+    # (queries and keys: one space written twice, two row ranges of a qkv weight or two projections;
+    # VOLO's outlook weights, fixed taps written once, are no such pair)
     fixed_heads = {s.tree.key for s in graph.spaces
-                   if isinstance(s.tree, Heads) and all(isinstance(p, Fixed) for p in s.tree.parts)}
+                   if isinstance(s.tree, Heads) and all(isinstance(p, Fixed) for p in s.tree.parts)
+                   and _written_twice(s, graph)}
     # (head axes named in a width dict with an int take that width)
     axes = graph.head_axes()
     for name in axes:
@@ -170,6 +173,14 @@ def resized_graph(graph: Graph, width: WidthSpec) -> Graph:
     return Graph(spaces=spaces, fixed=list(graph.fixed), shapes=dict(graph.shapes), notes=list(graph.notes),
                  model_class=graph.model_class, modules=list(graph.modules), buffers=list(graph.buffers),
                  aliases=dict(graph.aliases))
+
+
+def _written_twice(space, graph: Graph) -> bool:
+    """Whether two weight row ranges write ``space`` (queries and keys of one qkv weight, or of
+    two projections)."""
+    rows = [(m.tensor, m.start) for m in space.members
+            if m.role == "out" and m.axis == 0 and len(graph.shapes.get(m.tensor, ())) >= 2]
+    return len(set(rows)) >= 2
 
 
 def _selection(graph: Graph, target: Graph, scores: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:

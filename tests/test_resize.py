@@ -822,3 +822,33 @@ def test_key_and_value_head_sizes_follow_a_width_factor(family):
         assert rel_err(logits(model(x)), logits(wide(x))) < 1e-5
     half = resize(model, 0.5, x)
     assert attns(half) == [(h, k // 2, v // 2, k // 2) for h, k, v, _ in before] and check_consistency(half) == []
+
+
+def test_outlook_attention_follows_its_unfolded_channels_in_heads():
+    """Guards: VOLO's outlook attention views an im2col of its values (channels x taps) as heads x
+    channels x taps and folds the result back to channels x taps; discovery follows both views (the
+    channels split into the heads, each keeping its taps, and back), where it kept the values fixed
+    ("incompatible reshape") and every width factor was refused. Its attention weights (fixed taps
+    per head, written once) are no rotary query-key pair: the values' head size follows the factor.
+    A permuted copy fuses back exactly and widening by 2 keeps the function."""
+    import fusion
+    from alignment import permute
+    from timm.models.volo import VOLO
+
+    torch.manual_seed(0)
+    model = VOLO(layers=(1, 1, 1, 1), embed_dims=(32, 64, 64, 64), num_heads=(2, 4, 4, 4), num_classes=5).eval()
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    graph = discover(model, x)
+    assert not [f for f in graph.fixed if f.tensor.startswith("network.0.0.attn.v.")]
+    with torch.no_grad():
+        ref = logits(model(x))
+    copy = permute(model, graph, graph.random_permutations(seed=3))
+    fused = fusion.fuse([model, copy], x, method="permute", repair="none")
+    wide = resize(model, 2.0, x, graph=graph)
+    outlook = lambda m: [(a.num_heads, a.v.out_features) for a in m.modules()  # noqa: E731
+                         if type(a).__name__ == "OutlookAttention"]
+    assert outlook(wide) == [(2, 64)] and check_consistency(wide) == []
+    with torch.no_grad():
+        assert rel_err(ref, logits(fused(x))) < 1e-5
+        assert rel_err(ref, logits(wide(x))) < 1e-5
+    assert outlook(resize(model, 0.5, x, graph=graph)) == [(2, 16)]
