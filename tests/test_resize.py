@@ -800,8 +800,9 @@ def _key_value_attention(family: str) -> tuple[nn.Module, torch.Tensor]:
     return model.eval(), torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("family", ["levit", "levit conv", "efficientformer", "efficientformer v2", "tiny vit",
-                                    "efficientvit"])
+@pytest.mark.parametrize("family", ["levit", "levit conv", "efficientformer", "tiny vit",
+                                    *(pytest.param(f, marks=pytest.mark.slow) for f in ("efficientformer v2",
+                                                                                         "efficientvit"))])
 def test_key_and_value_head_sizes_follow_a_width_factor(family):
     """Guards: LeViT, EfficientFormer(V2), TinyViT and EfficientViT (MSRA) attention split each head at
     ``key_dim`` query and key dims and ``val_dim`` value dims (stored attributes): a width factor
