@@ -99,8 +99,6 @@ _MOVES = frozenset({
     "aten.clone", "aten.expand", "aten.unsqueeze", "aten.squeeze", "aten.alias", "aten._to_copy", "aten.to",
     "aten.detach", "aten.dropout", "aten.flatten", "aten.unflatten", "aten.movedim", "aten.narrow", "getitem",
 })
-# BatchNorm with running statistics: a per-feature affine map (training=False for aten.batch_norm)
-_INFERENCE_NORMS = frozenset({"aten.batch_norm", "aten._native_batch_norm_legit_no_training"})
 # ops that compute features as a weighted sum of their input features (a weight among the inputs)
 _LAYERS = frozenset({"aten.linear", "aten.addmm", "aten.mm", "aten.matmul", "aten.bmm", "aten.conv1d", "aten.conv2d",
                      "aten.conv3d", "aten.convolution", "aten.einsum"})
@@ -386,8 +384,9 @@ class _Tracer:
             args = [a for a in node.all_input_nodes if a in self.data_nodes]
             if name in _LAYERS:
                 return len(args) < len(node.all_input_nodes)  # a weight among the inputs
-            if (name in ("aten.reshape_as", "aten.view_as")
-                    or name in _INFERENCE_NORMS and not (name == "aten.batch_norm" and node.args[5] is not False)):
+            inference_norm = name == "aten._native_batch_norm_legit_no_training" or (
+                name == "aten.batch_norm" and len(node.args) > 5 and node.args[5] is False)  # (training=False)
+            if inference_norm or name in ("aten.reshape_as", "aten.view_as"):
                 # a shape taken from another tensor moves the first; an inference BatchNorm is a
                 # per-feature affine map of its layer's output, so the product stays bilinear in
                 # the features (LeViT's Linear + BatchNorm projections)
