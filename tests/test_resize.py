@@ -853,3 +853,30 @@ def test_outlook_attention_follows_its_unfolded_channels_in_heads():
         assert rel_err(ref, logits(fused(x))) < 1e-5
         assert rel_err(ref, logits(wide(x))) < 1e-5
     assert outlook(resize(model, 0.5, x, graph=graph)) == [(2, 16)]
+
+
+def test_transformers_levit_attention_follows_a_width_factor():
+    """Guards: transformers LeViT attention (``LevitAttention``, ``LevitAttentionSubsample``) splits
+    each head at ``key_dim`` and ``attention_ratio * key_dim``; a width factor keeps the heads and
+    halves both, its scale following ``key_dim``. Without a handler the resized model failed on the
+    example input ("split_sizes=[8, 8, 16]"), which resize now refuses with a ModelError; widening
+    by 2 keeps the function."""
+    import transformers as T
+    from fusion.modules import AttributeSyncWarning
+
+    cfg = T.LevitConfig(image_size=64, hidden_sizes=[32, 48], num_attention_heads=[2, 3], depths=[1, 1],
+                        key_dim=[8, 8], drop_path_rate=0, down_ops=[["Subsample", 8, 2, 4, 2, 2]], num_labels=5)
+    torch.manual_seed(0)
+    model = T.LevitForImageClassification(cfg).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    attns = lambda m: [(a.num_attention_heads, a.key_dim, a.attention_ratio, round(a.scale ** -2))  # noqa: E731
+                       for a in m.modules() if type(a).__name__.startswith("LevitAttention")]
+    assert attns(model) == [(2, 8, 2, 8), (2, 8, 4, 8), (3, 8, 2, 8)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AttributeSyncWarning)  # (its config has no handler: warned, no .hf form)
+        wide, half = resize(model, 2.0, x), resize(model, 0.5, x)
+    assert attns(wide) == [(2, 16, 2, 16), (2, 16, 4, 16), (3, 16, 2, 16)] and check_consistency(wide) == []
+    assert attns(half) == [(2, 4, 2, 4), (2, 4, 4, 4), (3, 4, 2, 4)] and check_consistency(half) == []
+    with torch.no_grad():
+        assert rel_err(model(x).logits, wide(x).logits) < 1e-5
+        assert torch.isfinite(half(x).logits).all()

@@ -17,7 +17,9 @@ bias tables); Swin / Swin V2 (``SwinModel.num_features``, ``SwinBackbone.num_fea
 ``num_heads``, ``mlp_ratio``, ``hidden_size``); CLIP / SigLIP (``embed_dim`` of the encoder layers
 and vision embeddings, ``CLIPModel``'s projection widths, the ``clip_vision_model`` /
 ``siglip_vision_model`` config: ``hidden_size``, ``intermediate_size``, ``num_attention_heads``,
-``projection_dim``, and the composite ``clip``/``siglip`` configs through their towers). A config
+``projection_dim``, and the composite ``clip``/``siglip`` configs through their towers); LeViT
+attention (``LevitAttention``, ``LevitAttentionSubsample``: ``key_dim``, ``attention_ratio``,
+``out_dim_projection``, ``out_dim_keys_values``, ``scale``; its config has no handler). A config
 that cannot describe the resized widths (Swin stage widths that do not double, CLIP attention
 narrower than ``hidden_size``, Swin V2's position-bias MLP, fixed at 512 units by transformers) is
 left with an :class:`AttributeSyncWarning` naming what it cannot express: the model itself reads
@@ -344,6 +346,61 @@ def _sync_swinv2_patch_merging(m: nn.Module, path: str, ctx: SyncContext) -> Non
             f"{path_label(path)}: Swinv2PatchMerging concatenates the C features of 4 pixels, but its reduction "
             f"reads {n} features, not a multiple of 4; resize the stage's space, not the merged features")
     m.dim = n // 4
+
+
+# --------------------------------------------------------------------------- LeViT
+
+_LEVIT = "transformers.models.levit.modeling_levit."
+
+
+def _levit_dims(m: nn.Module) -> tuple[int, int] | None:
+    """``(key_dim, value dims)`` per head of transformers LeViT attention, from its tensors: the
+    projection reads ``heads * value`` features; ``queries_keys_values`` writes ``heads * (2
+    key_dim + value)``, or ``queries`` ``heads * key_dim`` (attention that subsamples)."""
+    h = m.num_attention_heads
+    val_in = int(m.projection.linear.weight.shape[1])
+    if val_in % h:
+        return None
+    val = val_in // h
+    if hasattr(m, "queries_keys_values"):
+        key2 = int(m.queries_keys_values.linear.weight.shape[0]) - val_in
+        return (key2 // (2 * h), val) if key2 > 0 and key2 % (2 * h) == 0 else None
+    q = int(m.queries.linear.weight.shape[0])
+    return (q // h, val) if q % h == 0 else None
+
+
+@module_check
+def _check_levit_attention(m: nn.Module) -> Iterator[str]:
+    dims = _levit_dims(m)
+    if dims is None:
+        yield f"its tensors do not split into {m.num_attention_heads} heads of queries, keys and values"
+        return
+    key, val = dims
+    if m.key_dim != key or m.attention_ratio * key != val:
+        yield f"key_dim={m.key_dim}, attention_ratio={m.attention_ratio} but its tensors hold {key}, {val} per head"
+    if m.out_dim_projection != m.num_attention_heads * val:
+        yield f"out_dim_projection={m.out_dim_projection} but the projection reads {m.num_attention_heads * val}"
+
+
+@register_attribute_sync(f"{_LEVIT}LevitAttention", f"{_LEVIT}LevitAttentionSubsample", check=_check_levit_attention)
+def _sync_levit_attention(m: nn.Module, path: str, ctx: SyncContext) -> None:
+    """transformers ``LevitAttention`` / ``LevitAttentionSubsample``: per head, ``key_dim`` query
+    and key dims and ``attention_ratio * key_dim`` value dims (its forward splits each head at
+    them); heads keep their count, the softmax scale follows ``key_dim``. A width whose value dims
+    are no integer multiple of the key dims has no ``attention_ratio`` and is refused."""
+    m.num_attention_heads = ctx.heads(path, m.num_attention_heads)
+    dims = _levit_dims(m)
+    if dims is None or dims[1] % dims[0]:
+        raise AttributeSyncError(f"{path_label(path)}: its q/k/v and projection widths do not split into "
+                                 f"{m.num_attention_heads} heads of key_dim query and key dims and an integer "
+                                 f"attention_ratio times key_dim value dims; keep its attention spaces' ratio")
+    key, val = dims
+    if path not in ctx.kept_scales:
+        m.scale = ctx._rescaled(path, m.scale, m.key_dim, key, "scale")
+    h = m.num_attention_heads
+    m.key_dim, m.attention_ratio = key, val // key
+    m.out_dim_projection = h * val
+    m.out_dim_keys_values = h * (val + (2 if hasattr(m, "queries_keys_values") else 1) * key)
 
 
 # --------------------------------------------------------------------------- CLIP, SigLIP
