@@ -855,13 +855,16 @@ def test_outlook_attention_follows_its_unfolded_channels_in_heads():
     assert outlook(resize(model, 0.5, x, graph=graph)) == [(2, 16)]
 
 
-def test_transformers_levit_attention_follows_a_width_factor():
+def test_transformers_levit_attention_follows_a_width_factor(tmp_path):
     """Guards: transformers LeViT attention (``LevitAttention``, ``LevitAttentionSubsample``) splits
     each head at ``key_dim`` and ``attention_ratio * key_dim``; a width factor keeps the heads and
     halves both, its scale following ``key_dim``. Without a handler the resized model failed on the
     example input ("split_sizes=[8, 8, 16]"), which resize now refuses with a ModelError; widening
-    by 2 keeps the function."""
+    by 2 keeps the function. Its config follows (``hidden_sizes``, ``key_dim``, the subsampling key
+    dims in ``down_ops``; the source's untouched), so the .hf folder fusion.io writes reloads with
+    transformers into the same model."""
     import transformers as T
+    from fusion import io as fio
     from fusion.modules import AttributeSyncWarning
 
     cfg = T.LevitConfig(image_size=64, hidden_sizes=[32, 48], num_attention_heads=[2, 3], depths=[1, 1],
@@ -873,10 +876,21 @@ def test_transformers_levit_attention_follows_a_width_factor():
                        for a in m.modules() if type(a).__name__.startswith("LevitAttention")]
     assert attns(model) == [(2, 8, 2, 8), (2, 8, 4, 8), (3, 8, 2, 8)]
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", AttributeSyncWarning)  # (its config has no handler: warned, no .hf form)
+        warnings.simplefilter("error", AttributeSyncWarning)
         wide, half = resize(model, 2.0, x), resize(model, 0.5, x)
     assert attns(wide) == [(2, 16, 2, 16), (2, 16, 4, 16), (3, 16, 2, 16)] and check_consistency(wide) == []
     assert attns(half) == [(2, 4, 2, 4), (2, 4, 4, 4), (3, 4, 2, 4)] and check_consistency(half) == []
+    assert (half.config.hidden_sizes, half.config.key_dim, half.config.down_ops[0][1]) == ([16, 24], [4, 4], 4)
+    assert (model.config.hidden_sizes, model.config.key_dim, model.config.down_ops[0][1]) == ([32, 48], [8, 8], 8)
     with torch.no_grad():
         assert rel_err(model(x).logits, wide(x).logits) < 1e-5
         assert torch.isfinite(half(x).logits).all()
+    fields = ("image_size", "hidden_sizes", "num_attention_heads", "depths", "key_dim", "drop_path_rate", "down_ops")
+    arch = {"library": "transformers", "name": "LevitForImageClassification",
+            "kwargs": {k: v for k, v in cfg.to_dict().items() if k in fields}}
+    written = fio.save_library_forms(half, tmp_path / "m", arch, 5)
+    assert written == [tmp_path / "m.hf"]
+    with fio.transformers_progress(False):
+        rebuilt = T.LevitForImageClassification.from_pretrained(str(written[0])).eval()
+    with torch.no_grad():
+        assert rel_err(half(x).logits, rebuilt(x).logits) < 1e-5

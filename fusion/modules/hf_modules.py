@@ -19,7 +19,8 @@ and vision embeddings, ``CLIPModel``'s projection widths, the ``clip_vision_mode
 ``siglip_vision_model`` config: ``hidden_size``, ``intermediate_size``, ``num_attention_heads``,
 ``projection_dim``, and the composite ``clip``/``siglip`` configs through their towers); LeViT
 attention (``LevitAttention``, ``LevitAttentionSubsample``: ``key_dim``, ``attention_ratio``,
-``out_dim_projection``, ``out_dim_keys_values``, ``scale``; its config has no handler). A config
+``out_dim_projection``, ``out_dim_keys_values``, ``scale``; the ``levit`` config: ``hidden_sizes``,
+``key_dim`` and the subsampling attention's key dims in ``down_ops``). A config
 that cannot describe the resized widths (Swin stage widths that do not double, CLIP attention
 narrower than ``hidden_size``, Swin V2's position-bias MLP, fixed at 512 units by transformers) is
 left with an :class:`AttributeSyncWarning` naming what it cannot express: the model itself reads
@@ -401,6 +402,42 @@ def _sync_levit_attention(m: nn.Module, path: str, ctx: SyncContext) -> None:
     m.key_dim, m.attention_ratio = key, val // key
     m.out_dim_projection = h * val
     m.out_dim_keys_values = h * (val + (2 if hasattr(m, "queries_keys_values") else 1) * key)
+
+
+def _levit_summary(owner: nn.Module) -> dict[str, list[int]]:
+    """Per stage, the width and attention ``key_dim`` of a transformers LeViT; per subsampling
+    attention (in order), its ``key_dim``."""
+    out: dict[str, list[int]] = {"hidden_sizes": [], "key_dim": [], "down": []}
+    for mod in owner.modules():
+        name = type(mod).__name__
+        if name == "LevitStage":
+            attn = next((a for a in mod.modules() if type(a).__name__ == "LevitAttention"), None)
+            if attn is not None:
+                out["hidden_sizes"].append(int(attn.projection.linear.weight.shape[0]))
+                out["key_dim"].append(int(attn.key_dim))
+        elif name == "LevitAttentionSubsample":
+            out["down"].append(int(mod.key_dim))
+    return out
+
+
+@register_config_sync("levit")
+def _sync_levit_config(owner: nn.Module, path: str, config: Any, ctx: SyncContext) -> None:
+    """transformers LeViT config: ``hidden_sizes`` and ``key_dim`` per stage, and the key dims of
+    its subsampling attention (``down_ops[i][1]``), from the modules; head counts, attention and
+    MLP ratios are kept (a width factor keeps them). What it cannot describe is warned and no
+    ``.hf`` form is written."""
+    s = _levit_summary(owner)
+    if len(s["hidden_sizes"]) == len(config.hidden_sizes):
+        _set_config(config, "hidden_sizes", [int(w) for w in s["hidden_sizes"]])
+    if len(s["key_dim"]) == len(config.key_dim):
+        _set_config(config, "key_dim", [int(k) for k in s["key_dim"]])
+    subsample = [op for op in config.down_ops if op and op[0] == "Subsample"]
+    if len(subsample) == len(s["down"]):
+        for op, key in zip(subsample, s["down"]):
+            op[1] = key
+    if not config_rebuilds(owner, config):
+        _warn_once(ctx, f"{path_label(path)}.config (model_type='levit'): {_rebuild_mismatch(owner, config)}; "
+                        f"{_NOT_REBUILT}")
 
 
 # --------------------------------------------------------------------------- CLIP, SigLIP
