@@ -1332,3 +1332,39 @@ def test_changed_sizes_and_derive_size_fields():
     assert derive_size_fields(owner, values, sizes, lambda ch: Net(**{**values, **ch})) == {"width": 8, "ratio": 2.0}
     assert derive_size_fields(Net(16), values, sizes, lambda ch: Net(**{**values, **ch})) == {}
     assert derive_size_fields(nn.Linear(2, 2), values, sizes, lambda ch: Net(**{**values, **ch})) is None
+
+
+def test_per_head_key_value_splits_the_widths_of_levit_style_attention():
+    """Guards: the shared split of LeViT-style attention widths into per-head key and value dims
+    (timm's LeViT / EfficientFormer / TinyViT / EfficientViT handler and transformers' LeViT one):
+    4 heads of 16 key dims and 32 value dims write 4 * (16 + 16 + 32) = 256 fused rows, or 64 query
+    rows, and their projection reads 128 values; widths that do not split give None."""
+    from fusion.modules.core import per_head_key_value
+
+    assert per_head_key_value(4, 128, qkv=256) == (16, 32)
+    assert per_head_key_value(4, 128, q=64) == (16, 32)
+    assert per_head_key_value(4, 130, qkv=258) is None  # values not a multiple of the heads
+    assert per_head_key_value(4, 128, qkv=132) is None  # 4 key rows: no query and key dims per head
+    assert per_head_key_value(4, 128, qkv=128) is None  # no keys at all
+    assert per_head_key_value(4, None, q=64) is None
+
+
+def test_sync_context_rescale_keeps_kept_and_custom_scales():
+    """Guards: ``SyncContext.rescale`` (used by ``set_heads`` and the per-head attention handlers)
+    gives a default scale the new head size's, keeps the scale of a module whose logits are no
+    query-key product (``kept_scales``), and keeps a custom scale with a warning naming it."""
+    from fusion.modules.core import SyncContext
+
+    attn = nn.Module()
+    ctx = SyncContext(model=attn, kept_scales=frozenset({"kept"}))
+    attn.scale = 16 ** -0.5
+    ctx.rescale(attn, "a", 16, 4)
+    assert attn.scale == pytest.approx(0.5)
+    attn.scale = 16 ** -0.5
+    ctx.rescale(attn, "kept", 16, 4)
+    assert attn.scale == pytest.approx(0.25)
+    attn.scale = 0.1
+    with pytest.warns(AttributeSyncWarning, match=r"a: scale=0.1 is not head_dim\*\*-0.5"):
+        ctx.rescale(attn, "a", 16, 4)
+    assert attn.scale == 0.1
+    ctx.rescale(nn.Module(), "a", 16, 4)  # (no scale attribute: nothing to set)

@@ -23,7 +23,8 @@ __all__ = [
     "AttributeSyncError", "AttributeSyncWarning", "GroupsNotDivisibleError", "HeadsNotDivisibleError", "SyncContext",
     "SyncHandler", "UnknownModuleError", "UnknownTensorError", "builds_like", "changed_sizes", "check_consistency",
     "check_scale", "config_rebuilds", "derive_size_fields",
-    "divide_heads", "handler_for", "is_int", "is_tensor", "lookup", "module_check", "out_width", "path_label", "qualname",
+    "divide_heads", "handler_for", "is_int", "is_tensor", "lookup", "module_check", "out_width", "path_label",
+    "per_head_key_value", "qualname",
     "register_attribute_sync", "register_attribute_sync_by", "register_config_fallback", "register_config_sync",
     "register_derived_width", "register_width_free", "replace_tensor", "sync_config_by_shapes", "sync_module_attributes",
     "unknown_module", "unregister_attribute_sync",
@@ -342,6 +343,21 @@ def divide_heads(width: int, heads: int, path: str, what: str = "attention width
     return width // heads
 
 
+def per_head_key_value(heads: int, values: int | None, qkv: int | None = None,
+                       q: int | None = None) -> tuple[int, int] | None:
+    """``(key_dim, value dims)`` per head of attention whose heads hold ``key_dim`` query and key
+    dims and their own value dims (LeViT-style), from its widths: ``values``, every head's values
+    (what the output projection reads); ``qkv``, the rows writing every head's queries, keys and
+    values, or else ``q``, those writing its queries only. None when the widths do not split so."""
+    if values is None or heads <= 0 or values % heads:
+        return None
+    val = values // heads
+    if qkv is not None:
+        keys = qkv - values
+        return (keys // (2 * heads), val) if keys > 0 and keys % (2 * heads) == 0 else None
+    return (q // heads, val) if q is not None and q % heads == 0 else None
+
+
 def check_scale(attr: str, scale: Any, head_dim: int) -> Iterator[str]:
     """Yield a message if the softmax scale ``attr`` is a float other than ``head_dim**-0.5``."""
     if isinstance(scale, float) and head_dim > 0 and not math.isclose(scale, head_dim ** -0.5, rel_tol=1e-6):
@@ -442,9 +458,17 @@ class SyncContext:
         for attr in head_dim:
             if hasattr(m, attr):
                 setattr(m, attr, d)
-        if scale is not None and hasattr(m, scale) and path not in self.kept_scales:
-            setattr(m, scale, self._rescaled(path, getattr(m, scale), old_head_dim, d, scale))
+        if scale is not None:
+            self.rescale(m, path, old_head_dim, d, scale)
         return n, d
+
+    def rescale(self, m: nn.Module, path: str, old_head_dim: Any, head_dim: int, attr: str = "scale") -> None:
+        """Set the softmax scale ``m.<attr>`` of the attention module at ``path`` for its new
+        ``head_dim``: ``head_dim**-0.5`` if it was the default for ``old_head_dim``, else kept (with a
+        warning when the head dim changed); kept as well for a module of :attr:`kept_scales` or
+        without such an attribute."""
+        if hasattr(m, attr) and path not in self.kept_scales:
+            setattr(m, attr, self._rescaled(path, getattr(m, attr), old_head_dim, head_dim, attr))
 
     def _rescaled(self, path: str, old_scale: Any, old_head_dim: Any, head_dim: int, attr: str) -> Any:
         if old_scale is None:

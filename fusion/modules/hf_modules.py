@@ -49,8 +49,9 @@ from torch import nn
 
 from .core import (
     AttributeSyncError, SyncContext, check_scale, config_rebuilds, handler_for, is_int, is_tensor, module_check,
-    out_width, path_label, register_attribute_sync, register_attribute_sync_by, register_config_fallback,
-    register_config_sync, register_derived_width, register_width_free, sync_config_by_shapes, unknown_module,
+    out_width, path_label, per_head_key_value, register_attribute_sync, register_attribute_sync_by,
+    register_config_fallback, register_config_sync, register_derived_width, register_width_free, sync_config_by_shapes,
+    unknown_module,
 )
 
 __all__: list[str] = []  # nothing to import: the handlers are registered on import
@@ -358,16 +359,10 @@ def _levit_dims(m: nn.Module) -> tuple[int, int] | None:
     """``(key_dim, value dims)`` per head of transformers LeViT attention, from its tensors: the
     projection reads ``heads * value`` features; ``queries_keys_values`` writes ``heads * (2
     key_dim + value)``, or ``queries`` ``heads * key_dim`` (attention that subsamples)."""
-    h = m.num_attention_heads
-    val_in = int(m.projection.linear.weight.shape[1])
-    if val_in % h:
-        return None
-    val = val_in // h
+    h, values = m.num_attention_heads, int(m.projection.linear.weight.shape[1])
     if hasattr(m, "queries_keys_values"):
-        key2 = int(m.queries_keys_values.linear.weight.shape[0]) - val_in
-        return (key2 // (2 * h), val) if key2 > 0 and key2 % (2 * h) == 0 else None
-    q = int(m.queries.linear.weight.shape[0])
-    return (q // h, val) if q % h == 0 else None
+        return per_head_key_value(h, values, qkv=int(m.queries_keys_values.linear.weight.shape[0]))
+    return per_head_key_value(h, values, q=int(m.queries.linear.weight.shape[0]))
 
 
 @module_check
@@ -396,8 +391,7 @@ def _sync_levit_attention(m: nn.Module, path: str, ctx: SyncContext) -> None:
                                  f"{m.num_attention_heads} heads of key_dim query and key dims and an integer "
                                  f"attention_ratio times key_dim value dims; keep its attention spaces' ratio")
     key, val = dims
-    if path not in ctx.kept_scales:
-        m.scale = ctx._rescaled(path, m.scale, m.key_dim, key, "scale")
+    ctx.rescale(m, path, m.key_dim, key)
     h = m.num_attention_heads
     m.key_dim, m.attention_ratio = key, val // key
     m.out_dim_projection = h * val

@@ -37,8 +37,8 @@ from alignment.runner import model_dtype
 from . import torch_modules as _torch_modules  # noqa: F401  (registers nn.LayerNorm, whose handler is reused below)
 from .core import (
     AttributeSyncError, GroupsNotDivisibleError, HeadsNotDivisibleError, SyncContext, UnknownModuleError, check_scale,
-    divide_heads, is_int, is_tensor, lookup, module_check, out_width, path_label, qualname, register_attribute_sync,
-    register_attribute_sync_by, register_derived_width, register_width_free, unknown_module,
+    divide_heads, is_int, is_tensor, lookup, module_check, out_width, path_label, per_head_key_value, qualname,
+    register_attribute_sync, register_attribute_sync_by, register_derived_width, register_width_free, unknown_module,
 )
 
 __all__: list[str] = []  # nothing to import: the handlers are registered on import
@@ -216,18 +216,12 @@ def _key_value_dims(m: nn.Module) -> tuple[int, int] | None:
     projection reads ``heads * val_dim`` features; ``qkv`` writes ``heads * (2 key_dim + val_dim)``,
     each of ``qkvs`` ``2 key_dim + val_dim`` (EfficientViT's cascaded heads), or ``q`` writes
     ``heads * key_dim`` (separate projections; attention that downsamples)."""
-    heads, val_in = m.num_heads, _rows(getattr(m, "proj", None), 1)
-    if val_in is None or val_in % heads:
-        return None
-    val = val_in // heads
+    heads, values = m.num_heads, _rows(getattr(m, "proj", None), 1)
     if getattr(m, "qkv", None) is not None:
-        key2 = (_rows(m.qkv) or 0) - heads * val
-        return (key2 // (2 * heads), val) if key2 > 0 and key2 % (2 * heads) == 0 else None
+        return per_head_key_value(heads, values, qkv=_rows(m.qkv) or 0)
     if isinstance(getattr(m, "qkvs", None), nn.ModuleList) and len(m.qkvs):  # one projection per head
-        key2 = (_rows(m.qkvs[0]) or 0) - val
-        return (key2 // 2, val) if key2 > 0 and key2 % 2 == 0 else None
-    q = _rows(getattr(m, "q", None))
-    return (q // heads, val) if q is not None and q % heads == 0 else None
+        return per_head_key_value(heads, values, qkv=heads * (_rows(m.qkvs[0]) or 0))
+    return per_head_key_value(heads, values, q=_rows(getattr(m, "q", None)))
 
 
 def _key_value_totals(m: nn.Module, key: int, val: int) -> dict[str, int]:
@@ -273,8 +267,7 @@ def _sync_key_value_attention(m: nn.Module, path: str, ctx: SyncContext) -> None
         raise HeadsNotDivisibleError(f"{path_label(path)}: its q/k/v and output widths do not split into {heads} "
                                      f"heads (key_dim per head for queries and keys, val_dim for values)")
     key, val = dims
-    if path not in ctx.kept_scales:
-        m.scale = ctx._rescaled(path, m.scale, m.key_dim, key, "scale")
+    ctx.rescale(m, path, m.key_dim, key)
     for attr, v in _key_value_totals(m, key, val).items():
         setattr(m, attr, v)
     m.key_dim = key
